@@ -1,0 +1,287 @@
+"""Training: tasks to tensors, the teacher-forced loop, validation, checkpoints, early stopping and resume.
+
+A run directory holds everything needed to export or resume::
+
+    runs/NAME/
+      run.json                 # task, model and training configuration, data description
+      source.tokenizer.json    # the tokenizers, saved once and never retrained on resume
+      target.tokenizer.json
+      last.pt                  # model + optimiser + RNG state, for --resume
+      best.pt                  # best validation exact match so far
+      metrics.json             # test-split metrics of best.pt, written at the end
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from export.data import Pair, Splits, load_tsv, make_dates, make_numbers
+from export.model import BOS, EOS, PAD, ModelConfig, Seq2Seq
+from service.runtime.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    """How to train one model. Defaults suit the small bundled tasks on a CPU."""
+
+    task: str                        # 'dates', 'numbers' or 'tsv:PATH'
+    out: Path
+    seed: int = 13
+    tokenizer: str = ""              # '' = 'char' for bundled tasks, 'sentencepiece' for TSV corpora
+    vocab_size: int = 8000           # for 'sentencepiece' and 'word' tokenizers
+    batch_size: int = 128
+    learning_rate: float = 3e-3
+    max_steps: int = 20000
+    max_minutes: float = 30.0        # wall-clock budget; training stops at the first of steps/minutes
+    eval_every: int = 250            # steps between validations
+    patience: int = 8                # validations without improvement before stopping
+    target_exact_match: float = 1.01 # stop as soon as validation exact match reaches this (>1 = never)
+    valid_limit: int = 2000          # validation examples decoded at each evaluation
+    max_pairs: int | None = None     # cap on TSV pairs read
+    data_options: dict = field(default_factory=dict)   # keyword arguments of the task's generator
+    model: dict = field(default_factory=dict)          # ModelConfig fields other than vocabulary sizes
+    threads: int = 0                 # torch intra-op threads (0 = torch's default)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        return data
+
+
+# --------------------------------------------------------------------------------------------------- data
+def load_task(task: str, seed: int, data_options: dict | None = None, max_pairs: int | None = None) -> Splits:
+    """The train/valid/test splits of a bundled task or a user's TSV corpus (``tsv:PATH``)."""
+    options = dict(data_options or {})
+    if task == "dates":
+        return make_dates(seed=seed, **options)
+    if task == "numbers":
+        return make_numbers(seed=seed, **options)
+    if task.startswith("tsv:"):
+        return load_tsv(Path(task[4:]), seed=seed, max_pairs=max_pairs, **options)
+    raise ValueError(f"unknown task {task!r}: use 'dates', 'numbers' or 'tsv:PATH' (a source<TAB>target file)")
+
+
+def encode_pairs(pairs: list[Pair], source: Tokenizer, target: Tokenizer) -> list[tuple[list[int], list[int]]]:
+    """Token ids per pair: source ends with eos; target is the bare ids (bos/eos added when batching)."""
+    return [(source.encode(p.source) + [EOS], target.encode(p.target)) for p in pairs]
+
+
+def make_batch(items: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, ...]:
+    """Pad a list of (source, target) id lists into ``source, lengths, target_in, target_out`` tensors."""
+    batch = len(items)
+    src_len = max(len(s) for s, _ in items)
+    tgt_len = max(len(t) for _, t in items) + 1
+    source = torch.full((batch, src_len), PAD, dtype=torch.long)
+    target_in = torch.full((batch, tgt_len), PAD, dtype=torch.long)
+    target_out = torch.full((batch, tgt_len), PAD, dtype=torch.long)
+    lengths = torch.empty(batch, dtype=torch.long)
+    for row, (s, t) in enumerate(items):
+        source[row, : len(s)] = torch.tensor(s)
+        lengths[row] = len(s)
+        target_in[row, : len(t) + 1] = torch.tensor([BOS] + t)
+        target_out[row, : len(t) + 1] = torch.tensor(t + [EOS])
+    return source, lengths, target_in, target_out
+
+
+def batches(items: list, batch_size: int, rng: random.Random) -> Iterator[list]:
+    """Endless shuffled batches; examples of similar source length are grouped to cut padding."""
+    while True:
+        order = list(range(len(items)))
+        rng.shuffle(order)
+        chunk = batch_size * 32
+        for start in range(0, len(order), chunk):
+            block = sorted(order[start : start + chunk], key=lambda i: len(items[i][0]))
+            group = [block[i : i + batch_size] for i in range(0, len(block), batch_size)]
+            rng.shuffle(group)
+            for indices in group:
+                yield [items[i] for i in indices]
+
+
+# --------------------------------------------------------------------------------------------------- decode
+@torch.no_grad()
+def greedy_ids(model: Seq2Seq, items: list[list[int]], *, batch_size: int = 256) -> list[list[int]]:
+    """Greedy outputs (eos excluded) for source id lists, batched, in the input order."""
+    model.eval()
+    results: list[list[int]] = [[] for _ in items]
+    order = sorted(range(len(items)), key=lambda i: len(items[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        source, lengths, _, _ = make_batch([(items[i], []) for i in chunk])
+        outputs, _ = model.greedy(source, lengths)
+        for index, tokens in zip(chunk, outputs):
+            results[index] = tokens
+    return results
+
+
+def evaluate(model: Seq2Seq, pairs: list[Pair], source: Tokenizer, target: Tokenizer, limit: int | None = None) -> dict:
+    """Exact match, BLEU and chrF (sacrebleu) of greedy decoding on ``pairs``."""
+    import sacrebleu
+
+    pairs = pairs[:limit] if limit else pairs
+    hypotheses = [target.decode(ids) for ids in greedy_ids(model, [source.encode(p.source) + [EOS] for p in pairs])]
+    references = [p.target for p in pairs]
+    exact = sum(h == r for h, r in zip(hypotheses, references)) / max(len(pairs), 1)
+    return {
+        "exact_match": round(exact, 5),
+        "bleu": round(sacrebleu.corpus_bleu(hypotheses, [references]).score, 3),
+        "chrf": round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 3),
+        "examples": len(pairs),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- training
+def _tokenizers(config: TrainConfig, splits: Splits, out: Path, resume: bool) -> tuple[Tokenizer, Tokenizer]:
+    kind = config.tokenizer or ("sentencepiece" if config.task.startswith("tsv:") else "char")
+    paths = out / "source.tokenizer.json", out / "target.tokenizer.json"
+    if resume and all(p.exists() for p in paths):
+        return load_tokenizer(kind, paths[0]), load_tokenizer(kind, paths[1])
+    vocab = None if kind == "char" else config.vocab_size
+    source = train_tokenizer(kind, [p.source for p in splits.train], vocab_size=vocab)
+    target = train_tokenizer(kind, [p.target for p in splits.train], vocab_size=vocab)
+    source.save(paths[0])
+    target.save(paths[1])
+    return source, target
+
+
+def _model_config(config: TrainConfig, source: Tokenizer, target: Tokenizer, encoded: list) -> ModelConfig:
+    longest_source = max(len(s) for s, _ in encoded)
+    longest_target = max(len(t) for _, t in encoded) + 1
+    options = dict(config.model)
+    # Leave headroom over the longest training example for slightly longer real inputs.
+    options.setdefault("max_source_len", int(math.ceil(longest_source * 1.25)) + 2)
+    options.setdefault("max_target_len", int(math.ceil(longest_target * 1.25)) + 2)
+    return ModelConfig(source_vocab=source.vocab_size, target_vocab=target.vocab_size, **options)
+
+
+def _save(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> tuple[Seq2Seq, dict]:
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    model = Seq2Seq(ModelConfig(**payload["model_config"]))
+    model.load_state_dict(payload["model"])
+    model.eval()
+    return model, payload
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) a model into ``config.out``; returns the summary also written to run.json."""
+    from tqdm import tqdm
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    splits = load_task(config.task, config.seed, config.data_options, config.max_pairs)
+    source_tok, target_tok = _tokenizers(config, splits, out, resume)
+    train_items = encode_pairs(splits.train, source_tok, target_tok)
+    model_config = _model_config(config, source_tok, target_tok, train_items)
+    model = Seq2Seq(model_config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    loss_fn = nn.NLLLoss(ignore_index=PAD, reduction="sum")
+
+    step, best, stale, elapsed_before = 0, -1.0, 0, 0.0
+    history: list[dict] = []
+    rng = random.Random(config.seed)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if resume and last_path.exists():
+        payload = torch.load(last_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        step, best, stale = payload["step"], payload["best"], payload["stale"]
+        elapsed_before, history = payload["elapsed"], payload["history"]
+        rng.setstate(payload["python_rng"])
+        torch.set_rng_state(payload["torch_rng"])
+
+    def checkpoint(path: Path) -> None:
+        _save(path, {
+            "model": model.state_dict(), "model_config": model_config.to_dict(), "optimizer": optimizer.state_dict(),
+            "step": step, "best": best, "stale": stale, "elapsed": elapsed_before + time.monotonic() - start,
+            "history": history, "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+            "train_config": config.to_dict(),
+        })
+
+    start = time.monotonic()
+    deadline = start + config.max_minutes * 60.0 - elapsed_before
+    stream = batches(train_items, config.batch_size, rng)
+    # Skip the batches a resumed run already consumed so it continues the same data order.
+    for _ in range(step):
+        next(stream)
+    bar = tqdm(total=config.max_steps, initial=step, disable=not progress, desc=out.name, unit="step",
+               dynamic_ncols=True)
+    tokens_since, clock = 0, time.monotonic()
+    stop_reason = "max_steps"
+    while step < config.max_steps:
+        model.train()
+        source, lengths, target_in, target_out = (t.to(device) for t in make_batch(next(stream)))
+        log_probs = model(source, lengths, target_in)
+        n_tokens = int((target_out != PAD).sum())
+        loss = loss_fn(log_probs.reshape(-1, log_probs.shape[-1]), target_out.reshape(-1)) / n_tokens
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        tokens_since += n_tokens
+        bar.update(1)
+        if step % 20 == 0:
+            now = time.monotonic()
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_since / (now - clock):.0f}", best=f"{best:.4f}")
+            tokens_since, clock = 0, now
+        if step % config.eval_every == 0 or step == config.max_steps or time.monotonic() > deadline:
+            metrics = evaluate(model, splits.valid, source_tok, target_tok, limit=config.valid_limit)
+            history.append({"step": step, "seconds": round(elapsed_before + time.monotonic() - start, 1),
+                            "loss": round(loss.item(), 4), **metrics})
+            bar.write(f"step {step}: valid exact match {metrics['exact_match']:.4f}, chrF {metrics['chrf']:.1f}")
+            if metrics["exact_match"] > best:
+                best, stale = metrics["exact_match"], 0
+                checkpoint(best_path)
+            else:
+                stale += 1
+            checkpoint(last_path)
+            if best >= config.target_exact_match:
+                stop_reason = "target_reached"
+                break
+            if stale >= config.patience:
+                stop_reason = "early_stopping"
+                break
+            if time.monotonic() > deadline:
+                stop_reason = "time_budget"
+                break
+    bar.close()
+    if not best_path.exists():
+        checkpoint(best_path)
+    best_model, _ = load_checkpoint(best_path)
+    test_metrics = evaluate(best_model, splits.test, source_tok, target_tok)
+    summary = {
+        "train_config": config.to_dict(),
+        "model_config": model_config.to_dict(),
+        "data": splits.description,
+        "tokenizer": source_tok.kind,
+        "training": {"steps": step, "seconds": round(elapsed_before + time.monotonic() - start, 1),
+                     "stop_reason": stop_reason, "best_valid_exact_match": best, "history": history},
+        "metrics": {"test": test_metrics},
+    }
+    (out / "run.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    return summary
+
+
+def train_config_from_dict(data: dict) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in data.items() if k in known})

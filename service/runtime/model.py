@@ -1,0 +1,251 @@
+"""Load one model version from the repository into onnxruntime and expose it as the engine's step model.
+
+Nothing here knows the architecture: the memory and state tensor names come from ``model.json``
+(see docs/model-format.md), and every tensor has the batch on its first axis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.errors import ModelLoadError
+from service.runtime.tokenizers import BOS, EOS, PAD, UNK, Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+PROVIDERS = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One recurrent state tensor: its step input, its step output and the encoder output that initialises it."""
+
+    input: str
+    output: str
+    init: str
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The parts of ``model.json`` the server uses; ``raw`` keeps the whole document for ``GetModel``."""
+
+    name: str
+    version: int
+    max_source_tokens: int
+    max_target_tokens: int
+    top_k: int
+    memory_names: tuple[str, ...]
+    states: tuple[StateSpec, ...]
+    encoder_file: str
+    decoder_file: str
+    source_tokenizer: dict
+    target_tokenizer: dict
+    task: dict = field(default_factory=dict)
+    architecture: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "model.json") -> "ModelConfig":
+        try:
+            if data.get("format") != FORMAT_VERSION:
+                raise ModelLoadError(f"{where}: format {data.get('format')!r} is not supported (expected {FORMAT_VERSION})")
+            specials = data["special_tokens"]
+            expected = {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK}
+            if {k: specials.get(k) for k in expected} != expected:
+                raise ModelLoadError(f"{where}: special token ids {specials} differ from {expected}")
+            limits, decoder = data["limits"], data["decoder"]
+            return cls(
+                name=str(data["name"]),
+                version=int(data["version"]),
+                max_source_tokens=int(limits["max_source_tokens"]),
+                max_target_tokens=int(limits["max_target_tokens"]),
+                top_k=int(limits["top_k"]),
+                memory_names=tuple(decoder["memory"]),
+                states=tuple(StateSpec(s["input"], s["output"], s["init"]) for s in decoder["state"]),
+                encoder_file=str(data["encoder"]["file"]),
+                decoder_file=str(decoder["file"]),
+                source_tokenizer=dict(data["tokenizers"]["source"]),
+                target_tokenizer=dict(data["tokenizers"]["target"]),
+                task=dict(data.get("task", {})),
+                architecture=dict(data.get("architecture", {})),
+                metrics=dict(data.get("metrics", {})),
+                raw=data,
+            )
+        except ModelLoadError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"{where}: missing or malformed field: {exc!r}") from exc
+
+
+@dataclass(frozen=True)
+class EncoderOutput:
+    memory: dict[str, np.ndarray]
+    state: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    topk_log_probs: np.ndarray
+    topk_ids: np.ndarray
+    attention: np.ndarray
+    state: dict[str, np.ndarray]
+
+
+def choose_providers(provider: str) -> list[str]:
+    """The onnxruntime providers to ask for, for a setting of 'auto', 'cpu' or 'cuda'.
+
+    onnxruntime-gpu lists CUDAExecutionProvider even on machines without a GPU, so the list says what may
+    work, not what will: the session that is created reports the provider that really runs.
+    """
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider {provider!r} is not one of {PROVIDERS}")
+    if provider == "cpu" or "CUDAExecutionProvider" not in ort.get_available_providers():
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _create_session(ort: Any, path: Path, options: Any, providers: list[str]) -> Any:
+    """Create a session; without a usable GPU, the CUDA provider's failure is expected, so keep it quiet."""
+    if providers[0] == "CPUExecutionProvider":
+        return ort.InferenceSession(str(path), options, providers=providers)
+    ort.set_default_logger_severity(4)
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    finally:
+        ort.set_default_logger_severity(3)
+
+
+class OnnxStepModel:
+    """The engine's ``StepModel`` on two onnxruntime sessions (encoder, one decoder step)."""
+
+    def __init__(self, config: ModelConfig, directory: Path, *, providers: list[str],
+                 intra_op_threads: int = 0, inter_op_threads: int = 1, require_cuda: bool = False) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = inter_op_threads
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.config = config
+        self.top_k = config.top_k
+        self.eos_id = EOS
+        self.bos_id = BOS
+        self.memory_names = config.memory_names
+        self.state_names = tuple(s.input for s in config.states)
+        try:
+            self._encoder = _create_session(ort, directory / config.encoder_file, options, providers)
+            self._decoder = _create_session(ort, directory / config.decoder_file, options, providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for corrupt or missing graphs
+            raise ModelLoadError(f"{directory}: cannot load ONNX graphs: {exc}") from exc
+        self.provider = self._decoder.get_providers()[0]
+        if require_cuda and self.provider != "CUDAExecutionProvider":
+            raise ModelLoadError(f"{directory}: provider 'cuda' was asked for but onnxruntime runs on {self.provider}")
+        self._init_names = [s.init for s in config.states]
+        self._encoder_outputs = list(config.memory_names) + self._init_names
+        self._decoder_outputs = ["topk_log_probs", "topk_ids", "attention"] + [s.output for s in config.states]
+        self._check_signatures()
+
+    def _check_signatures(self) -> None:
+        encoder_in = {i.name for i in self._encoder.get_inputs()}
+        encoder_out = {o.name for o in self._encoder.get_outputs()}
+        decoder_in = {i.name for i in self._decoder.get_inputs()}
+        decoder_out = {o.name for o in self._decoder.get_outputs()}
+        wanted = [
+            ("encoder inputs", {"source_ids", "source_lengths"} - encoder_in),
+            ("encoder outputs", set(self._encoder_outputs) - encoder_out),
+            ("decoder inputs", ({"tokens", "source_lengths"} | set(self.memory_names) | set(self.state_names)) - decoder_in),
+            ("decoder outputs", set(self._decoder_outputs) - decoder_out),
+        ]
+        for what, missing in wanted:
+            if missing:
+                raise ModelLoadError(f"model.json names {what} the graph lacks: {sorted(missing)}")
+
+    def encode(self, source_ids: np.ndarray, source_lengths: np.ndarray) -> EncoderOutput:
+        outputs = self._encoder.run(self._encoder_outputs, {"source_ids": source_ids, "source_lengths": source_lengths})
+        n_memory = len(self.memory_names)
+        memory = dict(zip(self.memory_names, outputs[:n_memory]))
+        state = dict(zip(self.state_names, outputs[n_memory:]))
+        return EncoderOutput(memory=memory, state=state)
+
+    def step(self, tokens: np.ndarray, source_lengths: np.ndarray, memory: dict[str, np.ndarray],
+             state: dict[str, np.ndarray]) -> StepOutput:
+        feeds = {"tokens": tokens, "source_lengths": source_lengths, **memory, **state}
+        outputs = self._decoder.run(self._decoder_outputs, feeds)
+        new_state = dict(zip(self.state_names, outputs[3:]))
+        return StepOutput(topk_log_probs=outputs[0], topk_ids=outputs[1], attention=outputs[2], state=new_state)
+
+
+@dataclass
+class LoadedModel:
+    """A model version ready to serve: its configuration, tokenizers and step model."""
+
+    config: ModelConfig
+    directory: Path
+    source_tokenizer: Tokenizer
+    target_tokenizer: Tokenizer
+    step_model: OnnxStepModel
+    load_seconds: float = 0.0
+
+    @property
+    def provider(self) -> str:
+        return self.step_model.provider
+
+    def warm_up(self) -> None:
+        """Run the encoder and a few decoder steps at two shapes so the first real request is not slow."""
+        for batch, length in ((1, 4), (4, min(16, self.config.max_source_tokens))):
+            ids = np.full((batch, length), UNK, dtype=np.int64)
+            ids[:, -1] = EOS
+            lengths = np.full((batch,), length, dtype=np.int64)
+            encoded = self.step_model.encode(ids, lengths)
+            tokens = np.full((batch,), BOS, dtype=np.int64)
+            state = encoded.state
+            for _ in range(2):
+                out = self.step_model.step(tokens, lengths, encoded.memory, state)
+                tokens, state = out.topk_ids[:, 0].astype(np.int64), out.state
+
+
+def read_config(directory: Path) -> ModelConfig:
+    path = directory / "model.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"{directory}: model.json is missing") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: unreadable: {exc}") from exc
+    return ModelConfig.from_json(data, where=str(path))
+
+
+def load_model(directory: Path, *, provider: str = "auto", intra_op_threads: int = 0,
+               inter_op_threads: int = 1) -> LoadedModel:
+    """Load the model version in ``directory`` (``models/NAME/VERSION``); raises ModelLoadError with the cause."""
+    started = time.monotonic()
+    directory = Path(directory)
+    config = read_config(directory)
+    try:
+        source = load_tokenizer(config.source_tokenizer["type"], directory / config.source_tokenizer["file"])
+        target = load_tokenizer(config.target_tokenizer["type"], directory / config.target_tokenizer["file"])
+    except (KeyError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{directory}: cannot load tokenizers: {exc}") from exc
+    vocab = config.raw.get("architecture", {})
+    for side, tok in (("source", source), ("target", target)):
+        expected = vocab.get(f"{side}_vocab")
+        if expected is not None and int(expected) != tok.vocab_size:
+            raise ModelLoadError(
+                f"{directory}: {side} tokenizer has {tok.vocab_size} tokens but the model was trained with {expected}")
+    step_model = OnnxStepModel(config, directory, providers=choose_providers(provider),
+                               intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
+                               require_cuda=provider == "cuda")
+    return LoadedModel(config=config, directory=directory, source_tokenizer=source, target_tokenizer=target,
+                       step_model=step_model, load_seconds=time.monotonic() - started)

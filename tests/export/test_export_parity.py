@@ -1,0 +1,67 @@
+"""ONNX export of every attention type and option: op types, dynamic shapes, parity with PyTorch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.model import ModelConfig, Seq2Seq
+from export.onnx_export import ALLOWED_OPS, PARITY_TOLERANCE, export_graphs, op_types, verify
+from service.runtime.model import OnnxStepModel, read_config
+
+from tests.export.test_model import CONFIGS
+
+
+def write_version(directory: Path, model: Seq2Seq, **export_options) -> dict:
+    """The graphs plus the parts of model.json the runtime reads (tokenizers are not needed here)."""
+    encoder, decoder, decoder_section = export_graphs(model, **export_options)
+    directory.mkdir(parents=True)
+    (directory / "encoder.onnx").write_bytes(encoder)
+    (directory / "decoder.onnx").write_bytes(decoder)
+    c = model.config
+    document = {
+        "format": 1, "name": "probe", "version": 1,
+        "special_tokens": {"pad": 0, "bos": 1, "eos": 2, "unk": 3},
+        "tokenizers": {"source": {"type": "char", "file": "-"}, "target": {"type": "char", "file": "-"}},
+        "limits": {"max_source_tokens": c.max_source_len, "max_target_tokens": c.max_target_len, "top_k": c.top_k},
+        "encoder": {"file": "encoder.onnx"}, "decoder": decoder_section,
+    }
+    (directory / "model.json").write_text(json.dumps(document))
+    return {"encoder": op_types(encoder), "decoder": op_types(decoder)}
+
+
+@pytest.mark.parametrize("options", CONFIGS, ids=lambda o: f"{o['attention']}-{o['style']}-{o['encoder']}")
+def test_export_matches_pytorch_at_other_shapes(options: dict, tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = Seq2Seq(ModelConfig(source_vocab=25, target_vocab=18, hidden=16, embedding=8, top_k=6,
+                                max_source_len=30, max_target_len=12, **options)).eval()
+    ops = write_version(tmp_path / "v", model)
+    assert set(ops["encoder"]) | set(ops["decoder"]) <= ALLOWED_OPS
+    assert "TopK" in ops["decoder"]
+    rng = np.random.default_rng(0)
+    sources = [[int(t) for t in rng.integers(4, 25, size=n)] + [2] for n in rng.integers(0, 29, size=60)]
+    parity = verify(model, tmp_path / "v", sources, max_source_len=30)
+    assert parity["max_abs_log_prob"] <= PARITY_TOLERANCE
+    assert parity["max_abs_attention"] <= PARITY_TOLERANCE
+    assert parity["greedy_identical"] and parity["greedy_examples"] == 60
+
+
+def test_full_log_probs_option_adds_the_whole_distribution(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    model = Seq2Seq(ModelConfig(source_vocab=12, target_vocab=9, hidden=8, embedding=4, top_k=3)).eval()
+    write_version(tmp_path / "v", model, full_log_probs=True)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "v" / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    assert "log_probs" in [o.name for o in session.get_outputs()]
+    step_model = OnnxStepModel(read_config(tmp_path / "v"), tmp_path / "v", providers=["CPUExecutionProvider"])
+    encoded = step_model.encode(np.array([[5, 6, 2]]), np.array([3]))
+    feeds = {"tokens": np.array([1]), "source_lengths": np.array([3]), **encoded.memory, **encoded.state}
+    full = session.run(["log_probs", "topk_log_probs"], feeds)
+    assert full[0].shape == (1, 9)
+    assert np.exp(full[0]).sum() == pytest.approx(1.0, abs=1e-5)
+    assert np.allclose(np.sort(full[0][0])[::-1][:3], full[1][0], atol=1e-6)
