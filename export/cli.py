@@ -42,6 +42,7 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="stop once validation exact match reaches this")
     p.add_argument("--max-pairs", type=int, default=None, help="read at most this many TSV pairs")
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -57,7 +58,7 @@ def train_main(argv: list[str]) -> int:
                          vocab_size=args.vocab_size, batch_size=args.batch_size, learning_rate=args.learning_rate,
                          max_steps=args.max_steps, max_minutes=args.max_minutes, eval_every=args.eval_every,
                          patience=args.patience, target_exact_match=args.target_exact_match,
-                         max_pairs=args.max_pairs, model=model)
+                         max_pairs=args.max_pairs, threads=args.threads, model=model)
     try:
         summary = train(config, resume=args.resume, progress=not args.quiet)
     except ValueError as exc:  # bad options and malformed corpora carry a message meant for the user

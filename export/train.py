@@ -49,7 +49,9 @@ class TrainConfig:
     max_pairs: int | None = None     # cap on TSV pairs read
     data_options: dict = field(default_factory=dict)   # keyword arguments of the task's generator
     model: dict = field(default_factory=dict)          # ModelConfig fields other than vocabulary sizes
-    threads: int = 0                 # torch intra-op threads (0 = torch's default)
+    # torch intra-op threads. One by default: these models are too small to gain from more, and an OpenMP
+    # pool that shares its cores with another busy process (a server, a test client) slows down ~40x.
+    threads: int = 1
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -159,6 +161,8 @@ def _model_config(config: TrainConfig, source: Tokenizer, target: Tokenizer, enc
     # Leave headroom over the longest training example for slightly longer real inputs.
     options.setdefault("max_source_len", int(math.ceil(longest_source * 1.25)) + 2)
     options.setdefault("max_target_len", int(math.ceil(longest_target * 1.25)) + 2)
+    # A tiny target vocabulary (digits and '-' for dates) cannot offer more candidates than it has tokens.
+    options["top_k"] = min(int(options.get("top_k", 16)), target.vocab_size)
     return ModelConfig(source_vocab=source.vocab_size, target_vocab=target.vocab_size, **options)
 
 
@@ -182,7 +186,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    if config.threads:
+    if config.threads > 0:
         torch.set_num_threads(config.threads)
     random.seed(config.seed)
     torch.manual_seed(config.seed)

@@ -1,0 +1,357 @@
+"""The dataplane: text in, text out, shared by every transport (native gRPC, KServe v2, offline client).
+
+It validates user values (with client-facing messages that name the limit), tokenizes, submits ONE
+engine request per text (so texts batch with everyone else's), awaits them and detokenizes. It knows
+nothing of gRPC: deadlines are `time.monotonic()` seconds, errors are `service.errors` exceptions,
+results are the small records below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.engine.records import DecodeOptions, FinishReason, Hypothesis, TranslationRequest, TranslationResult
+from service.engine.scheduler import RequestHandle
+from service.errors import InvalidRequest
+from service.models import ModelDescription, ModelManager, ServedVersion
+from service.runtime.tokenizers import EOS, EOS_PIECE, UNK, Tokenizer
+from service.settings import Settings
+
+OnResolved = Callable[[str, str], None]
+"""Called with (model name, version) as soon as a call's model is resolved (e.g. for metric labels)."""
+
+
+@dataclass(frozen=True)
+class TranslateOptions:
+    """Decoding options as a client sends them; 0 / 0.0 means "the default" (see DecodeOptions in the proto).
+
+    `beam_size` 0 or 1 = greedy; `num_hypotheses` 0 = 1; `max_length` 0 = the server's default (the
+    model's max_target_tokens unless --default-max-length lowers it); `length_penalty` alpha >= 0.
+    """
+
+    beam_size: int = 0
+    num_hypotheses: int = 0
+    max_length: int = 0
+    length_penalty: float = 0.0
+    return_attention: bool = False
+    replace_unknowns: bool = False
+
+
+@dataclass(frozen=True)
+class TranslatedHypothesis:
+    """One hypothesis as text.
+
+    `source_tokens`: the source pieces plus '</s>'; `target_tokens`: the generated pieces, '</s>'
+    included when it ended by eos (unknowns replaced when asked); `attention`: float32
+    [len(target_tokens), len(source_tokens)] when return_attention, else None; `score`: the ranking
+    score (log_prob, length-normalised when length_penalty > 0); `log_prob`: natural log.
+    """
+
+    text: str
+    score: float
+    log_prob: float
+    finish_reason: FinishReason
+    source_tokens: tuple[str, ...]
+    target_tokens: tuple[str, ...]
+    attention: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class TextTranslation:
+    """The hypotheses of one input text, best first."""
+
+    hypotheses: list[TranslatedHypothesis]
+
+    @property
+    def best(self) -> TranslatedHypothesis:
+        return self.hypotheses[0]
+
+
+@dataclass(frozen=True)
+class TranslateOutcome:
+    """A whole Translate call: the model version that served it and one TextTranslation per text, in order."""
+
+    model: str
+    version: str
+    translations: list[TextTranslation]
+
+
+@dataclass(frozen=True)
+class StreamUpdate:
+    """One message of a streamed translation.
+
+    Token updates (greedy only): `token` the new piece, `text` the text of every token so far, `index`
+    the token's 0-based position, `final` False. The last update: `final` True, `hypotheses` the result
+    (exactly what translate() gives for the text), `text` the best hypothesis' text, `index` the number
+    of token updates before it. The eos token is never sent as a token update.
+    """
+
+    model: str
+    version: str
+    token: str
+    text: str
+    index: int
+    final: bool
+    hypotheses: list[TranslatedHypothesis] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _PreparedText:
+    source_ids: np.ndarray
+    source_tokens: tuple[str, ...]
+
+
+class Dataplane:
+    """Validates, tokenizes, decodes through the engine and detokenizes. One per server process."""
+
+    def __init__(self, manager: ModelManager, settings: Settings) -> None:
+        self.manager = manager
+        self.settings = settings
+
+    # ----- model metadata ---------------------------------------------------------------------------
+
+    def list_models(self) -> list[ModelDescription]:
+        return self.manager.describe_all()
+
+    def get_model(self, name: str, version: str) -> ModelDescription:
+        return self.manager.describe(name, version)
+
+    @property
+    def default_model(self) -> str:
+        return self.manager.default_model
+
+    # ----- translation ------------------------------------------------------------------------------
+
+    async def translate(
+        self,
+        model: str,
+        version: str,
+        texts: Sequence[str],
+        options: TranslateOptions,
+        deadline: float | None = None,
+        *,
+        on_resolved: OnResolved | None = None,
+    ) -> TranslateOutcome:
+        """Translate every text with model `model` ('' = default) version `version` ('' = latest).
+
+        `deadline`: time.monotonic() seconds, None = none. Raises InvalidRequest, ModelNotFound,
+        Overloaded, DeadlineExceeded, Unavailable, EngineFailure. If one text fails the call fails with
+        that error and the other texts are cancelled; cancelling the awaiting task cancels them all.
+        """
+        arrival = time.monotonic()
+        served = self.manager.resolve(model, version)
+        if on_resolved is not None:
+            on_resolved(served.name, str(served.version))
+        self._check_texts(texts)
+        decode = self._decode_options(served, options)
+        prepared = [self._prepare(served, index, text) for index, text in enumerate(texts)]
+        handles: list[RequestHandle] = []
+        try:
+            for text in prepared:
+                handles.append(
+                    served.scheduler.submit(
+                        TranslationRequest(text.source_ids, decode, deadline=deadline, stream=False, arrival=arrival)
+                    )
+                )
+            results = await asyncio.gather(*(handle.result() for handle in handles))
+        except BaseException:
+            for handle in handles:  # idempotent; a resolved handle ignores it
+                handle.cancel()
+            raise
+        translations = [
+            TextTranslation(self._hypotheses(served, text, result, options.replace_unknowns))
+            for text, result in zip(prepared, results, strict=True)
+        ]
+        return TranslateOutcome(served.name, str(served.version), translations)
+
+    async def translate_stream(
+        self,
+        model: str,
+        version: str,
+        text: str,
+        options: TranslateOptions,
+        deadline: float | None = None,
+        *,
+        on_resolved: OnResolved | None = None,
+    ) -> AsyncIterator[StreamUpdate]:
+        """Translate ONE text, yielding token updates as they are decoded (greedy) and a final update.
+
+        Validation happens at the first iteration. Same errors as translate(); closing the iterator or
+        cancelling the iterating task cancels the engine request.
+        """
+        arrival = time.monotonic()
+        served = self.manager.resolve(model, version)
+        if on_resolved is not None:
+            on_resolved(served.name, str(served.version))
+        self._check_texts([text])
+        decode = self._decode_options(served, options)
+        prepared = self._prepare(served, 0, text)
+        name, number = served.name, str(served.version)
+        handle = served.scheduler.submit(
+            TranslationRequest(prepared.source_ids, decode, deadline=deadline, stream=decode.greedy, arrival=arrival)
+        )
+        try:
+            index = 0
+            if decode.greedy:
+                tokenizer = served.model.target_tokenizer
+                token_ids: list[int] = []
+                alignment: list[int] = []
+                async for event in handle.tokens():
+                    if event.token_id == EOS:
+                        continue
+                    token_ids.append(event.token_id)
+                    alignment.append(event.alignment)
+                    pieces, text_so_far = self._render(
+                        tokenizer, token_ids, alignment, prepared.source_tokens, options.replace_unknowns
+                    )
+                    yield StreamUpdate(name, number, pieces[-1], text_so_far, index, final=False)
+                    index += 1
+            result = await handle.result()
+            hypotheses = self._hypotheses(served, prepared, result, options.replace_unknowns)
+            yield StreamUpdate(name, number, "", hypotheses[0].text if hypotheses else "", index, True, hypotheses)
+        finally:
+            handle.cancel()  # no-op once resolved; otherwise the client went away mid-stream
+
+    # ----- validation and conversion ----------------------------------------------------------------
+
+    def _check_texts(self, texts: Sequence[str]) -> None:
+        if len(texts) == 0:
+            raise InvalidRequest("texts is empty: send at least one text")
+        limit = self.settings.max_texts_per_request
+        if len(texts) > limit:
+            raise InvalidRequest(f"{len(texts)} texts in one request, the maximum is {limit}")
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InvalidRequest(f"texts[{index}] is not text")
+            if not text.strip():
+                raise InvalidRequest(f"texts[{index}] is empty or only whitespace")
+            size = len(text.encode("utf-8"))
+            if size > self.settings.max_text_bytes:
+                raise InvalidRequest(
+                    f"texts[{index}] is {size} bytes of UTF-8, the maximum is {self.settings.max_text_bytes}"
+                )
+
+    def _decode_options(self, served: ServedVersion, options: TranslateOptions) -> DecodeOptions:
+        config = served.model.config
+        widest = min(self.settings.max_beam_size, config.top_k)
+        beam = max(int(options.beam_size), 1)
+        if beam > widest:
+            raise InvalidRequest(
+                f"beam_size {beam} exceeds the maximum {widest} for model {served.label} (the smaller of the "
+                f"server's max_beam_size {self.settings.max_beam_size} and the model's top_k {config.top_k})"
+            )
+        hypotheses = max(int(options.num_hypotheses), 1)
+        if hypotheses > beam:
+            raise InvalidRequest(
+                f"num_hypotheses {hypotheses} exceeds beam_size {beam}: a beam of {beam} returns at most {beam} hypotheses"
+            )
+        longest = config.max_target_tokens
+        max_length = int(options.max_length)
+        if max_length == 0:
+            configured = self.settings.default_max_length
+            max_length = min(configured, longest) if configured > 0 else longest
+        elif max_length > longest:
+            raise InvalidRequest(
+                f"max_length {max_length} exceeds the maximum {longest} for model {served.label} (its max_target_tokens)"
+            )
+        penalty = float(options.length_penalty)
+        if not math.isfinite(penalty) or penalty < 0.0:
+            raise InvalidRequest(f"length_penalty {penalty} must be a finite number >= 0")
+        return DecodeOptions(
+            beam_size=beam,
+            num_hypotheses=hypotheses,
+            max_length=max_length,
+            length_penalty=penalty,
+            return_attention=bool(options.return_attention),
+        )
+
+    def _prepare(self, served: ServedVersion, index: int, text: str) -> _PreparedText:
+        tokenizer = served.model.source_tokenizer
+        ids = tokenizer.encode(text)
+        limit = served.model.config.max_source_tokens
+        if len(ids) + 1 > limit:
+            raise InvalidRequest(
+                f"texts[{index}] has {len(ids) + 1} source tokens (</s> included), more than the "
+                f"{limit} model {served.label} accepts"
+            )
+        pieces = tuple(tokenizer.id_to_piece(token_id) for token_id in ids) + (EOS_PIECE,)
+        return _PreparedText(np.array([*ids, EOS], dtype=np.int64), pieces)
+
+    def _hypotheses(
+        self, served: ServedVersion, text: _PreparedText, result: TranslationResult, replace_unknowns: bool
+    ) -> list[TranslatedHypothesis]:
+        return [self._hypothesis(served, text, hypothesis, replace_unknowns) for hypothesis in result.hypotheses]
+
+    def _hypothesis(
+        self, served: ServedVersion, text: _PreparedText, hypothesis: Hypothesis, replace_unknowns: bool
+    ) -> TranslatedHypothesis:
+        pieces, rendered = self._render(
+            served.model.target_tokenizer, hypothesis.token_ids, hypothesis.alignment, text.source_tokens, replace_unknowns
+        )
+        attention = hypothesis.attention
+        if attention is not None:
+            attention = np.asarray(attention, dtype=np.float32)
+        return TranslatedHypothesis(
+            text=rendered,
+            score=float(hypothesis.score),
+            log_prob=float(hypothesis.log_prob),
+            finish_reason=hypothesis.finish_reason,
+            source_tokens=text.source_tokens,
+            target_tokens=tuple(pieces),
+            attention=attention,
+        )
+
+    @classmethod
+    def _render(
+        cls,
+        tokenizer: Tokenizer,
+        token_ids: Sequence[int],
+        alignment: Sequence[int],
+        source_tokens: Sequence[str],
+        replace_unknowns: bool,
+    ) -> tuple[list[str], str]:
+        """The target pieces and the detokenized text of `token_ids`.
+
+        With `replace_unknowns`, each UNK is replaced (in pieces and text) by the source piece it
+        attends to most; an UNK aligned with the source's '</s>' stays unknown.
+        """
+        pieces = [tokenizer.id_to_piece(int(token_id)) for token_id in token_ids]
+        text = tokenizer.decode(token_ids)
+        if not replace_unknowns or UNK not in token_ids:
+            return pieces, text
+        last_source = len(source_tokens) - 1  # the '</s>' position
+        replacements: list[str] = []
+        for position, token_id in enumerate(token_ids):
+            if token_id != UNK:
+                continue
+            aligned = alignment[position] if position < len(alignment) else last_source
+            if 0 <= aligned < last_source:
+                pieces[position] = source_tokens[aligned]
+            replacements.append(pieces[position])
+        return pieces, cls._replace_in_text(tokenizer, token_ids, text, replacements)
+
+    @staticmethod
+    def _replace_in_text(tokenizer: Tokenizer, token_ids: Sequence[int], text: str, replacements: list[str]) -> str:
+        """Put `replacements` in place of the unknown-token surfaces of `text`, in order.
+
+        The surface is whatever the tokenizer decodes UNK to ('<unk>', ' ⁇ ', ...). When the known
+        tokens alone already spell that surface, occurrences cannot be told apart and the text is
+        left as decoded (the target pieces still carry the replacements).
+        """
+        surface = tokenizer.decode([UNK]).strip()
+        known_text = tokenizer.decode([token_id for token_id in token_ids if token_id != UNK])
+        parts = text.split(surface)
+        if not surface or surface in known_text or len(parts) != len(replacements) + 1:
+            return text
+        # Sentencepiece marks word starts with U+2581; in running text that is the space already there.
+        words = [replacement.replace("\u2581", "") or replacement for replacement in replacements]
+        rebuilt = parts[0]
+        for word, part in zip(words, parts[1:]):
+            rebuilt += word + part
+        return rebuilt

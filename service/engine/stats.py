@@ -1,0 +1,88 @@
+"""Plain numbers the scheduler records, and the protocol of whoever turns them into metrics.
+
+The loop fills these records and hands them to a `StatsRecorder` on the event-loop thread after each
+iteration; the recorder (e.g. a Prometheus one, elsewhere) must be cheap and must not block. Nothing
+here imports a metrics library, so the hot loop never touches one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from service.engine.records import FinishReason
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One scheduler iteration that ran the encoder, the decoder step, or both.
+
+    `rows`: decoder rows in the step (0 when only the encoder ran); `requests`: requests in the step;
+    `step_seconds` / `encode_seconds`: wall time of the decoder / encoder call (0.0 when not run);
+    `encoder_batch`: sources encoded this iteration; `admitted`: requests that entered the batch;
+    `padded_source_len`: the step's memory length (longest source in the batch), tokens;
+    `tokens_generated`: tokens produced by the step, one per row (beam rows included);
+    `retired`: requests that finished (or failed) in this iteration.
+    """
+
+    rows: int
+    requests: int
+    step_seconds: float
+    encode_seconds: float
+    encoder_batch: int
+    admitted: int
+    padded_source_len: int
+    tokens_generated: int
+    retired: int
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """One request that finished with a result (finish reason eos or length).
+
+    Times are seconds from the request's arrival: `queue_wait_s` until it entered the batch,
+    `first_token_s` until its first decoder step finished, `total_s` until the result was delivered.
+    `mean_inter_token_s`: mean seconds between its consecutive decoder steps (None after one step).
+    `generated_tokens`: decoder steps it ran; `source_tokens`: its source length, eos included;
+    `finish_reason`: the best hypothesis' reason; `beam_size`: its beam width.
+    """
+
+    queue_wait_s: float
+    first_token_s: float
+    mean_inter_token_s: float | None
+    total_s: float
+    generated_tokens: int
+    source_tokens: int
+    finish_reason: FinishReason
+    beam_size: int
+
+
+class StatsRecorder(Protocol):
+    """Receives the engine's numbers; called on the event-loop thread, so every method must be quick."""
+
+    def on_step(self, stats: StepStats) -> None:
+        """After each iteration that ran the encoder or the decoder."""
+        ...
+
+    def on_request_done(self, stats: RequestStats) -> None:
+        """When a request finishes with a result."""
+        ...
+
+    def on_request_failed(self, reason: FinishReason) -> None:
+        """When an accepted request ends without a result: CANCELLED, DEADLINE, or ERROR (the model
+        failed, or the engine stopped first). Requests refused by `submit()` are not reported here; they
+        raise to the caller."""
+        ...
+
+
+class NullRecorder:
+    """A recorder that drops everything (the default)."""
+
+    def on_step(self, stats: StepStats) -> None:
+        pass
+
+    def on_request_done(self, stats: RequestStats) -> None:
+        pass
+
+    def on_request_failed(self, reason: FinishReason) -> None:
+        pass

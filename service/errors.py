@@ -1,0 +1,105 @@
+"""The errors attnserve raises, and the one place that decides which status each one gets.
+
+Every failure a caller can see is an `AttnServeError` subclass whose class attribute `code` names a gRPC
+status code as a string ('INVALID_ARGUMENT', ...). The transport layer turns it into
+`grpc.StatusCode[error.code]` with one table; nothing below the transport imports grpc, and nothing
+else decides statuses. Anything that is not an `AttnServeError` is a bug and becomes INTERNAL there.
+
+Messages are for the client: they say what was wrong and, where there is one, the limit, e.g.
+"beam_size 9 exceeds the maximum 8 for model dates".
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class AttnServeError(Exception):
+    """Base of every error attnserve reports to a client; `code` is the gRPC status code's name."""
+
+    code: ClassVar[str] = "INTERNAL"
+
+    @property
+    def message(self) -> str:
+        """The text for the client (the exception's first argument, or the class name when there is none)."""
+        return str(self.args[0]) if self.args else type(self).__name__
+
+
+class InvalidRequest(AttnServeError):
+    """The request can never succeed as sent: a bad value, an empty text, a beam wider than allowed, ..."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class ModelNotFound(AttnServeError):
+    """The request names a model or version the server does not serve."""
+
+    code = "NOT_FOUND"
+
+
+class Overloaded(AttnServeError):
+    """The model's queue is full; the client may retry later (fail fast rather than queue without bound)."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceeded(AttnServeError):
+    """The request's deadline passed before it finished; it was removed from the batch."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class RequestCancelled(AttnServeError):
+    """The request was cancelled (by the client or by its caller) before it finished."""
+
+    code = "CANCELLED"
+
+
+class Unavailable(AttnServeError):
+    """The server or the model is not accepting work now: starting, draining or stopped."""
+
+    code = "UNAVAILABLE"
+
+
+class Unauthenticated(AttnServeError):
+    """The call lacks valid credentials."""
+
+    code = "UNAUTHENTICATED"
+
+
+class EngineFailure(AttnServeError):
+    """The model raised while encoding or decoding this request (the message carries the cause)."""
+
+    code = "INTERNAL"
+
+
+class ModelLoadError(AttnServeError):
+    """A model version in the repository cannot be loaded: missing or malformed files, wrong format.
+
+    FAILED_PRECONDITION rather than INTERNAL: the server works, but the repository is not in the state
+    the operation needs, and retrying will not help until someone fixes the files.
+    """
+
+    code = "FAILED_PRECONDITION"
+
+
+ALL_ERRORS: tuple[type[AttnServeError], ...] = (
+    AttnServeError,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    DeadlineExceeded,
+    RequestCancelled,
+    Unavailable,
+    Unauthenticated,
+    EngineFailure,
+    ModelLoadError,
+)
+"""Every error class, so the transport can check at start-up that its status table covers each `code`."""
+
+
+def status_code_name(error: BaseException) -> str:
+    """The gRPC status code name for any exception: the error's `code`, or 'INTERNAL' for anything else."""
+    if isinstance(error, AttnServeError):
+        return error.code
+    return "INTERNAL"

@@ -1,0 +1,180 @@
+"""The ONE table from attnserve errors to gRPC status codes, and the interceptor that applies it.
+
+Servicers never call `context.abort` for domain errors: they let `service.errors.AttnServeError`
+propagate, and `RpcInterceptor` turns it into its status (the error's message becomes the details).
+Anything else is a bug: it is logged with its traceback and answered INTERNAL without internals.
+The same interceptor reports every finished RPC (method, status, seconds, model) to the metrics, so
+per-RPC accounting also lives in one place.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from service.errors import ALL_ERRORS, AttnServeError
+from service.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_CODE: dict[str, grpc.StatusCode] = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "CANCELLED": grpc.StatusCode.CANCELLED,
+    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
+    "UNAUTHENTICATED": grpc.StatusCode.UNAUTHENTICATED,
+    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
+    "INTERNAL": grpc.StatusCode.INTERNAL,
+}
+"""AttnServeError.code -> the status sent to the client. Every class in service.errors.ALL_ERRORS has a row."""
+
+
+def check_status_table() -> None:
+    """Raise RuntimeError at start-up if an error class has a code the table lacks."""
+    missing = sorted({error.code for error in ALL_ERRORS} - STATUS_BY_CODE.keys())
+    if missing:
+        raise RuntimeError(f"service/grpc_api/errors.py STATUS_BY_CODE has no row for {missing}")
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and details a client gets for `error`."""
+    if isinstance(error, AttnServeError):
+        return STATUS_BY_CODE.get(error.code, grpc.StatusCode.INTERNAL), error.message
+    return grpc.StatusCode.INTERNAL, f"internal server error ({type(error).__name__}); see the server log"
+
+
+@dataclass
+class CallLabels:
+    """The model a call resolved to, for its metric labels; '' until (unless) it resolves one."""
+
+    model: str = ""
+    version: str = ""
+
+
+_current_call: contextvars.ContextVar[CallLabels | None] = contextvars.ContextVar("attnserve_call", default=None)
+
+
+def note_model(model: str, version: str) -> None:
+    """Record the model version serving the current RPC (a servicer calls it once it has resolved one)."""
+    labels = _current_call.get()
+    if labels is not None:
+        labels.model, labels.version = model, version
+
+
+def _status_name(context: aio.ServicerContext, fallback: str) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        for status in grpc.StatusCode:
+            if status.value[0] == code:
+                return status.name
+    return fallback
+
+
+class RpcInterceptor(aio.ServerInterceptor):
+    """Maps exceptions to statuses with STATUS_BY_CODE and reports each finished RPC to the metrics.
+
+    Wraps unary-unary and unary-stream handlers (every attnserve and health method); streaming-request
+    methods (reflection) pass through untouched.
+    """
+
+    def __init__(self, metrics: ServerMetrics | None = None) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            behavior = handler.unary_stream
+            wrapped = (
+                self._wrap_stream(method, behavior)
+                if inspect.isasyncgenfunction(behavior)
+                else self._wrap_unary(method, behavior)  # a coroutine writing with context.write()
+            )
+            return grpc.unary_stream_rpc_method_handler(
+                wrapped,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _wrap_unary(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def unary(request: Any, context: aio.ServicerContext) -> Any:
+            labels = CallLabels()
+            _current_call.set(labels)
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                return await behavior(request, context)
+            except BaseException as error:
+                code, abort = self._classify(error, context, method)
+                if abort is not None:
+                    await context.abort(*abort)  # raises AbortError, which grpc turns into the status
+                raise
+            finally:
+                self._observe(method, code, started, labels)
+
+        return unary
+
+    def _wrap_stream(self, method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            labels = CallLabels()
+            _current_call.set(labels)
+            started = time.perf_counter()
+            code = "OK"
+            responses = behavior(request, context)
+            try:
+                async for response in responses:
+                    yield response
+            except BaseException as error:
+                code, abort = self._classify(error, context, method)
+                if abort is not None:
+                    await context.abort(*abort)
+                raise
+            finally:
+                await responses.aclose()
+                self._observe(method, code, started, labels)
+
+        return stream
+
+    @staticmethod
+    def _classify(error: BaseException, context: aio.ServicerContext, method: str) -> tuple[str, tuple[grpc.StatusCode, str] | None]:
+        """The status name to record for `error`, and the (status, details) to abort with, or None when
+        the error must propagate as it is (cancellation, or an abort the handler did itself)."""
+        if isinstance(error, aio.AbortError):
+            return _status_name(context, "UNKNOWN"), None
+        if not isinstance(error, Exception):
+            # asyncio.CancelledError (the client went away, or the server is stopping), GeneratorExit:
+            # there is nobody to send a status to.
+            return "CANCELLED", None
+        status, details = status_for(error)
+        if not isinstance(error, AttnServeError):
+            log.error("%s failed with an unexpected error", method, exc_info=error)
+        return status.name, (status, details)
+
+    def _observe(self, method: str, code: str, started: float, labels: CallLabels) -> None:
+        if self._metrics is not None:
+            self._metrics.observe_rpc(method, code, time.perf_counter() - started, labels.model, labels.version)

@@ -1,0 +1,263 @@
+"""Prometheus metrics of the server, on their own registry and their own HTTP port (`/metrics`).
+
+Two producers feed them, neither of which touches prometheus-client in its hot path:
+- the engine's scheduler hands plain `StepStats` / `RequestStats` records to a `ModelStatsRecorder`
+  (one per model version, its label children resolved once), which turns them into metrics;
+- the transport reports every finished RPC through `ServerMetrics.observe_rpc`.
+Queue depths are read from the schedulers at scrape time, so they are exact even when idle.
+
+Labels come only from a bounded set: model, version, method, code, reason. Never a request id or
+any other client-chosen text (an unknown model name is reported as model="").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from service.engine.records import FinishReason
+from service.engine.stats import RequestStats, StepStats
+
+log = logging.getLogger(__name__)
+
+# Whole requests: from sub-millisecond (cached tiny models) to a minute (long beams under load).
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# One encoder call / decoder step, or the gap between two tokens: 100 microseconds to a second.
+STEP_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# Batch sizes (sources or hypotheses): powers of two up to well past the default budgets.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+# Tokens per request (source or generated).
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+MODEL_LABELS = ("model", "version")
+
+
+class QueueDepth(Protocol):
+    """What the scrape-time collector reads from a scheduler (both are plain len() reads)."""
+
+    @property
+    def waiting(self) -> int: ...
+
+    @property
+    def running(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class _QueueSource:
+    model: str
+    version: str
+    scheduler: QueueDepth
+
+
+class _QueueCollector(Collector):
+    """Reports each scheduler's waiting and running requests when /metrics is scraped.
+
+    Runs on the HTTP server's thread; `waiting` and `running` are single len() calls, which are atomic
+    under the GIL, so no lock with the event loop is needed.
+    """
+
+    def __init__(self) -> None:
+        self._sources: dict[tuple[str, str], _QueueSource] = {}
+        self._lock = threading.Lock()
+
+    def add(self, model: str, version: str, scheduler: QueueDepth) -> None:
+        with self._lock:
+            self._sources[(model, version)] = _QueueSource(model, version, scheduler)
+
+    def remove(self, model: str, version: str) -> None:
+        with self._lock:
+            self._sources.pop((model, version), None)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        waiting = GaugeMetricFamily(
+            "attnserve_requests_waiting", "Texts queued for a model version, not yet in its batch.", labels=MODEL_LABELS
+        )
+        running = GaugeMetricFamily(
+            "attnserve_requests_running", "Texts being decoded in a model version's batch.", labels=MODEL_LABELS
+        )
+        with self._lock:
+            sources = list(self._sources.values())
+        for source in sources:
+            waiting.add_metric([source.model, source.version], source.scheduler.waiting)
+            running.add_metric([source.model, source.version], source.scheduler.running)
+        yield waiting
+        yield running
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # Names only, so registering does not call collect() before any scheduler exists.
+        yield GaugeMetricFamily("attnserve_requests_waiting", "", labels=MODEL_LABELS)
+        yield GaugeMetricFamily("attnserve_requests_running", "", labels=MODEL_LABELS)
+
+
+class ServerMetrics:
+    """Every metric family of one server process, on a private CollectorRegistry.
+
+    Create one per process (tests create several; each has its own registry, so they never clash).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        # Transport: one observation per finished RPC.
+        self.requests = Counter(
+            "attnserve_requests", "RPCs finished, by method and gRPC status code.",
+            ("model", "version", "method", "code"), registry=r,
+        )
+        self.request_duration = Histogram(
+            "attnserve_request_duration_seconds", "Wall time of an RPC, from the handler's start to its last message.",
+            ("model", "version", "method"), buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        # Engine, per text (one engine request).
+        self.queue_wait = Histogram(
+            "attnserve_queue_wait_seconds", "Seconds a text waited in the queue before joining the batch.",
+            MODEL_LABELS, buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "attnserve_time_to_first_token_seconds", "Seconds from a text's arrival to its first decoded token.",
+            MODEL_LABELS, buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "attnserve_inter_token_latency_seconds",
+            "Mean seconds between consecutive decoder steps of one text (one observation per text of 2+ tokens).",
+            MODEL_LABELS, buckets=STEP_BUCKETS_S, registry=r,
+        )
+        self.engine_request_duration = Histogram(
+            "attnserve_engine_request_duration_seconds", "Seconds from a text's arrival to its result (queue included).",
+            MODEL_LABELS, buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.generated_tokens = Counter(
+            "attnserve_generated_tokens", "Decoder steps run for finished texts (tokens of the longest hypothesis).",
+            MODEL_LABELS, registry=r,
+        )
+        self.source_tokens = Counter(
+            "attnserve_source_tokens", "Source tokens (</s> included) of finished texts.", MODEL_LABELS, registry=r,
+        )
+        self.finished = Counter(
+            "attnserve_finished_requests",
+            "Texts that left the engine, by reason: eos or length (the best hypothesis' reason), or cancelled, "
+            "deadline, error.",
+            ("model", "version", "reason"), registry=r,
+        )
+        # Engine, per iteration.
+        self.decoder_batch = Histogram(
+            "attnserve_decoder_batch_hypotheses", "Hypotheses (decoder rows) in one decoder step.",
+            MODEL_LABELS, buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.decoder_step_duration = Histogram(
+            "attnserve_decoder_step_duration_seconds", "Wall time of one decoder step call.",
+            MODEL_LABELS, buckets=STEP_BUCKETS_S, registry=r,
+        )
+        self.encoder_batch = Histogram(
+            "attnserve_encoder_batch_sources", "Sources encoded in one encoder call.",
+            MODEL_LABELS, buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.encoder_duration = Histogram(
+            "attnserve_encoder_duration_seconds", "Wall time of one encoder call.",
+            MODEL_LABELS, buckets=STEP_BUCKETS_S, registry=r,
+        )
+        self.decoder_steps = Counter(
+            "attnserve_decoder_steps", "Decoder steps run.", MODEL_LABELS, registry=r,
+        )
+        # Models.
+        self.model_load = Gauge(
+            "attnserve_model_load_seconds", "Seconds it took to load a model version (before warm-up).",
+            MODEL_LABELS, registry=r,
+        )
+        self.model_info = Info(
+            "attnserve_model", "A loaded model version and the onnxruntime execution provider it runs on.",
+            MODEL_LABELS, registry=r,
+        )
+        self._queues = _QueueCollector()
+        r.register(self._queues)
+        self._http_server: object | None = None
+
+    # ----- producers --------------------------------------------------------------------------------
+
+    def observe_rpc(self, method: str, code: str, seconds: float, model: str = "", version: str = "") -> None:
+        """One finished RPC: `method` e.g. 'Translate', `code` a gRPC status name ('OK', 'NOT_FOUND'),
+        `seconds` its wall time; model/version as resolved by the server ('' when it never resolved one)."""
+        self.requests.labels(model, version, method, code).inc()
+        self.request_duration.labels(model, version, method).observe(seconds)
+
+    def model_loaded(self, model: str, version: str, provider: str, load_seconds: float) -> None:
+        """A model version finished loading on `provider` (e.g. 'CPUExecutionProvider') in `load_seconds`."""
+        self.model_load.labels(model, version).set(load_seconds)
+        self.model_info.labels(model, version).info({"provider": provider})
+
+    def recorder(self, model: str, version: str) -> ModelStatsRecorder:
+        """The StatsRecorder for one model version's scheduler."""
+        return ModelStatsRecorder(self, model, version)
+
+    def watch_queue(self, model: str, version: str, scheduler: QueueDepth) -> None:
+        """Report `scheduler.waiting` / `.running` under these labels at every scrape."""
+        self._queues.add(model, version, scheduler)
+
+    def unwatch_queue(self, model: str, version: str) -> None:
+        self._queues.remove(model, version)
+
+    # ----- exposition -------------------------------------------------------------------------------
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        """Serve /metrics over HTTP on host:port from a daemon thread (prometheus-client's server)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http_server = server
+        log.info("metrics on http://%s:%d/metrics", host, port)
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint, if serving."""
+        server, self._http_server = self._http_server, None
+        if server is not None:
+            server.shutdown()  # type: ignore[attr-defined]
+            server.server_close()  # type: ignore[attr-defined]
+
+
+class ModelStatsRecorder:
+    """The engine's StatsRecorder for one model version: plain stats in, Prometheus metrics out.
+
+    Label children are resolved once here, so each callback is a handful of float additions.
+    Called on the event-loop thread after each scheduler iteration.
+    """
+
+    def __init__(self, metrics: ServerMetrics, model: str, version: str) -> None:
+        labels = (model, version)
+        self._queue_wait = metrics.queue_wait.labels(*labels)
+        self._first_token = metrics.time_to_first_token.labels(*labels)
+        self._inter_token = metrics.inter_token_latency.labels(*labels)
+        self._duration = metrics.engine_request_duration.labels(*labels)
+        self._generated = metrics.generated_tokens.labels(*labels)
+        self._source = metrics.source_tokens.labels(*labels)
+        self._finished = {reason: metrics.finished.labels(model, version, reason.value) for reason in FinishReason}
+        self._decoder_batch = metrics.decoder_batch.labels(*labels)
+        self._decoder_step = metrics.decoder_step_duration.labels(*labels)
+        self._decoder_steps = metrics.decoder_steps.labels(*labels)
+        self._encoder_batch = metrics.encoder_batch.labels(*labels)
+        self._encoder_duration = metrics.encoder_duration.labels(*labels)
+
+    def on_step(self, stats: StepStats) -> None:
+        if stats.encoder_batch > 0:
+            self._encoder_batch.observe(stats.encoder_batch)
+            self._encoder_duration.observe(stats.encode_seconds)
+        if stats.rows > 0:
+            self._decoder_batch.observe(stats.rows)
+            self._decoder_step.observe(stats.step_seconds)
+            self._decoder_steps.inc()
+
+    def on_request_done(self, stats: RequestStats) -> None:
+        self._queue_wait.observe(stats.queue_wait_s)
+        self._first_token.observe(stats.first_token_s)
+        if stats.mean_inter_token_s is not None:
+            self._inter_token.observe(stats.mean_inter_token_s)
+        self._duration.observe(stats.total_s)
+        self._generated.inc(stats.generated_tokens)
+        self._source.inc(stats.source_tokens)
+        self._finished[stats.finish_reason].inc()
+
+    def on_request_failed(self, reason: FinishReason) -> None:
+        self._finished[reason].inc()

@@ -1,0 +1,110 @@
+"""`attnserve serve`: load the model repository and serve it over gRPC until SIGTERM/SIGINT.
+
+On SIGTERM or SIGINT the server drains (health NOT_SERVING, new calls UNAVAILABLE, in-flight calls
+get drain_grace_seconds to finish) and exits with status 0. Exit status 1: no model could be served or
+the port is taken; 2: bad settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from service.dataplane import Dataplane
+from service.errors import AttnServeError
+from service.grpc_api.server import GrpcServer, PortInUse
+from service.metrics import ServerMetrics
+from service.models import ModelManager
+from service.settings import Settings, SettingsError
+
+log = logging.getLogger("attnserve.server")
+
+
+def configure_logging(level: str) -> None:
+    """Plain single-line logs on stderr at `level`, quiet third-party loggers."""
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+async def serve(
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[int], None] | None = None,
+) -> int:
+    """Run the server until `stop` is set, then drain; returns the exit status.
+
+    Without `stop`, one is created and set by SIGTERM/SIGINT (main thread only). `on_ready(port)` is
+    called once the port is bound and the models are SERVING.
+    """
+    metrics = ServerMetrics()
+    manager = ModelManager(settings, metrics)
+    try:
+        await manager.start()
+    except AttnServeError as error:
+        log.error("cannot start: %s", error.message)
+        await manager.stop(0.0)
+        return 1
+    dataplane = Dataplane(manager, settings)
+    server = GrpcServer(settings, manager, dataplane, metrics)
+    try:
+        port = await server.start()
+    except PortInUse as error:
+        log.error("cannot start: %s", error)
+        await manager.stop(0.0)
+        return 1
+    if settings.metrics_port:
+        try:
+            metrics.serve(settings.metrics_port, host=settings.metrics_address)
+        except OSError as error:
+            log.error("cannot serve metrics on port %d: %s", settings.metrics_port, error)
+            await server.drain(0.0)
+            return 1
+
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    if stop is None:
+        stop = asyncio.Event()
+        for signal_number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signal_number, stop.set)
+            handled.append(signal_number)
+    models = ", ".join(f"{served.name} v{served.version} ({served.model.provider})" for served in manager.served_versions())
+    metrics_text = f", metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else ""
+    log.info(
+        "attnserve listening on %s:%d (default model %s) serving %s%s",
+        settings.host, port, manager.default_model, models, metrics_text,
+    )
+    if on_ready is not None:
+        on_ready(port)
+    try:
+        await stop.wait()
+        log.info("shutting down: draining for up to %.1f s", settings.drain_grace_seconds)
+        await server.drain(settings.drain_grace_seconds)
+    finally:
+        for signal_number in handled:
+            loop.remove_signal_handler(signal_number)
+        metrics.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`attnserve serve [flags]`; returns the process exit status."""
+    try:
+        settings = Settings.from_sources(argv, os.environ)
+    except SettingsError as error:
+        print(f"attnserve serve: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,713 @@
+"""The scheduler on the fake model: admission, retirement, budgets, failures, policies, streaming, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import numpy as np
+import pytest
+
+from service.engine import (
+    BatchingPolicy,
+    EngineLimits,
+    FinishReason,
+    Scheduler,
+    TranslationResult,
+)
+from service.errors import (
+    AttnServeError,
+    DeadlineExceeded,
+    EngineFailure,
+    InvalidRequest,
+    Overloaded,
+    RequestCancelled,
+    Unavailable,
+)
+
+from .fakes import (
+    EOS,
+    FakeStepModel,
+    RecordingRecorder,
+    StepGate,
+    make_request,
+    outcome,
+    running,
+    same_hypotheses,
+    source,
+)
+
+NO_EOS = (3, 4, 5, 6, 7)  # the fake can only stop by max_length: request lengths are exact
+
+
+def rows_per_step(model: FakeStepModel) -> list[int]:
+    return [call.rows for call in model.step_calls]
+
+
+# ----- continuous batching -----
+
+
+def test_a_request_joins_a_running_batch_and_a_short_one_retires_first():
+    gate = StepGate()
+    model = FakeStepModel(support=NO_EOS, gate=gate)
+
+    async def main():
+        async with running(model) as scheduler:
+            long = scheduler.submit(make_request(source(3, 4, 5), max_length=6))
+            await gate.until_blocked()  # the long request's first step is in flight
+            short = scheduler.submit(make_request(source(9), max_length=2))
+            assert scheduler.waiting == 1 and scheduler.running == 1
+            gate.open()
+            return await long.result(), await short.result()
+
+    long, short = asyncio.run(main())
+    assert rows_per_step(model) == [1, 2, 2, 1, 1, 1]  # joined at step 2, left after its 2 tokens
+    assert model.encode_batches == [1, 1]
+    assert len(long.best.token_ids) == 6 and long.best.finish_reason is FinishReason.LENGTH
+    assert len(short.best.token_ids) == 2 and short.generated_tokens == 2
+    memory = [call.memory_id for call in model.step_calls]
+    assert memory[0] != memory[1] and memory[1] == memory[2] and memory[2] != memory[3]  # rebuilt on changes only
+
+
+def test_retirement_of_the_longest_source_trims_the_padding():
+    model = FakeStepModel(support=NO_EOS)
+
+    async def main():
+        async with running(model) as scheduler:
+            wide = scheduler.submit(make_request(source(*range(3, 12)), max_length=2))
+            narrow = scheduler.submit(make_request(source(4, 5), max_length=4))
+            await wide.result()
+            await narrow.result()
+
+    asyncio.run(main())
+    assert model.encode_batches == [2]  # one encoder call for both
+    assert rows_per_step(model) == [2, 2, 1, 1]
+    assert [call.padded_len for call in model.step_calls] == [10, 10, 3, 3]
+
+
+def test_beam_reordering_never_rebuilds_memory():
+    model = FakeStepModel(support=NO_EOS)
+
+    async def main():
+        async with running(model) as scheduler:
+            await scheduler.submit(make_request(source(3, 4, 5), beam=4, hypotheses=2, max_length=6)).result()
+
+    asyncio.run(main())
+    assert rows_per_step(model) == [4] * 6
+    assert len({call.memory_id for call in model.step_calls}) == 1
+
+
+def test_budgets_bound_every_step_and_admission_is_first_come_first_served():
+    limits = EngineLimits(max_active_hypotheses=4, max_padded_source_tokens=24)
+    model = FakeStepModel(support=NO_EOS)
+    lengths = [3, 8, 2, 6, 5, 1, 4]
+
+    async def main():
+        async with running(model, limits=limits) as scheduler:
+            handles = [
+                scheduler.submit(make_request(source(*([5] * (n - 1))), beam=1 + i % 3, max_length=3 + i))
+                for i, n in enumerate(lengths)
+            ]
+            return [(handle.request, await handle.result()) for handle in handles]
+
+    finished = asyncio.run(main())
+    assert all(isinstance(result, TranslationResult) for _, result in finished)
+    for call in model.step_calls:
+        assert call.rows <= 4 and call.rows * call.padded_len <= 24
+    assert max(rows_per_step(model)) == 4  # the budget was used, not just respected
+    admitted_at = [request.arrival + result.queue_wait_s for request, result in finished]
+    assert admitted_at == sorted(admitted_at)  # FIFO: nobody overtakes an earlier request
+    assert len(set(admitted_at)) > 1  # and the budget made some wait
+
+
+# ----- cancellation and deadlines -----
+
+
+def test_cancel_frees_rows_at_the_next_step():
+    gate = StepGate()
+    model = FakeStepModel(support=NO_EOS, gate=gate)
+    recorder = RecordingRecorder()
+
+    async def main():
+        async with running(model, recorder=recorder) as scheduler:
+            beam = scheduler.submit(make_request(source(3, 4), beam=4, max_length=5))
+            greedy = scheduler.submit(make_request(source(5), max_length=5))
+            await gate.until_blocked()  # step 0 (5 rows) is in flight
+            greedy.cancel()
+            greedy.cancel()  # idempotent
+            assert greedy.done  # answered at once, not after the step
+            with pytest.raises(RequestCancelled):
+                await greedy.result()
+            gate.open()
+            result = await beam.result()
+            greedy.cancel()  # after resolution: no effect
+            return result
+
+    result = asyncio.run(main())
+    assert rows_per_step(model) == [5, 4, 4, 4, 4]
+    assert isinstance(result, TranslationResult)
+    assert recorder.failed == [FinishReason.CANCELLED] and len(recorder.done) == 1
+
+
+def test_cancelling_the_awaiting_task_cancels_the_request():
+    gate = StepGate()
+    model = FakeStepModel(support=NO_EOS, gate=gate)
+
+    async def main():
+        async with running(model) as scheduler:
+            handle = scheduler.submit(make_request(source(3), max_length=50))
+            waiter = asyncio.create_task(handle.result())
+            await gate.until_blocked()
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            assert handle.done
+            with pytest.raises(RequestCancelled):
+                await handle.result()
+            gate.open()
+            await scheduler.submit(make_request(source(4), max_length=2)).result()
+
+    asyncio.run(main())
+    assert rows_per_step(model) == [1, 1, 1]  # the cancelled request stepped once; the next took two
+
+
+def test_a_cancelled_waiting_request_is_never_encoded():
+    gate = StepGate()
+    model = FakeStepModel(support=NO_EOS, gate=gate)
+
+    async def main():
+        async with running(model, limits=EngineLimits(max_active_hypotheses=1)) as scheduler:
+            first = scheduler.submit(make_request(source(3), max_length=3))
+            await gate.until_blocked()
+            queued = scheduler.submit(make_request(source(4), max_length=3))
+            queued.cancel()
+            gate.open()
+            await first.result()
+            return await outcome(queued)
+
+    assert isinstance(asyncio.run(main()), RequestCancelled)
+    assert model.encode_batches == [1]
+
+
+def test_an_expired_request_leaves_within_one_step_and_others_continue():
+    gate = StepGate()
+    model = FakeStepModel(support=NO_EOS, gate=gate)
+    recorder = RecordingRecorder()
+
+    async def main():
+        async with running(model, recorder=recorder) as scheduler:
+            deadline = time.monotonic() + 0.3
+            steady = scheduler.submit(make_request(source(4), max_length=4))
+            doomed = scheduler.submit(make_request(source(5, 6), max_length=50, deadline=deadline))
+            await gate.until_blocked()  # step 0 holds both
+            while (left := deadline - time.monotonic()) > 0:
+                await asyncio.sleep(left)
+            gate.open()
+            return await outcome(steady), await outcome(doomed)
+
+    steady, doomed = asyncio.run(main())
+    assert isinstance(steady, TranslationResult)
+    assert isinstance(doomed, DeadlineExceeded) and "deadline" in str(doomed)
+    assert rows_per_step(model) == [2, 1, 1, 1]
+    assert recorder.failed == [FinishReason.DEADLINE]
+
+
+def test_a_request_already_past_its_deadline_is_not_encoded():
+    model = FakeStepModel(support=NO_EOS)
+
+    async def main():
+        async with running(model) as scheduler:
+            late = scheduler.submit(make_request(source(4), deadline=time.monotonic() - 1.0))
+            return await outcome(late)
+
+    assert isinstance(asyncio.run(main()), DeadlineExceeded)
+    assert model.encode_batches == [] and model.step_calls == []
+
+
+# ----- admission errors -----
+
+
+def test_a_full_queue_fails_fast_while_others_continue():
+    gate = StepGate()
+    model = FakeStepModel(support=NO_EOS, gate=gate)
+
+    async def main():
+        async with running(model, limits=EngineLimits(max_waiting_requests=2)) as scheduler:
+            running_one = scheduler.submit(make_request(source(3), max_length=3))
+            await gate.until_blocked()
+            queued = [scheduler.submit(make_request(source(4), max_length=2)) for _ in range(2)]
+            with pytest.raises(Overloaded) as refused:
+                scheduler.submit(make_request(source(5)))
+            assert refused.value.code == "RESOURCE_EXHAUSTED"
+            assert "2 requests waiting" in str(refused.value) and "limit is 2" in str(refused.value)
+            gate.open()
+            results = [await handle.result() for handle in [running_one, *queued]]
+            later = await scheduler.submit(make_request(source(6), max_length=2)).result()  # room again
+            return results, later
+
+    results, later = asyncio.run(main())
+    assert all(isinstance(result, TranslationResult) for result in [*results, later])
+
+
+def test_requests_that_can_never_fit_are_invalid():
+    model = FakeStepModel(top_k=8)
+    limits = EngineLimits(max_active_hypotheses=6, max_padded_source_tokens=30)
+
+    async def main():
+        scheduler = Scheduler(model, limits=limits, name="dates", version="3")
+        with pytest.raises(Unavailable):
+            scheduler.submit(make_request(source(3)))  # not started
+        await scheduler.start()
+        with pytest.raises(InvalidRequest) as wide:
+            scheduler.submit(make_request(source(3), beam=9, max_length=4))
+        assert str(wide.value) == "beam_size 9 exceeds the maximum 8 for model dates version 3"
+        with pytest.raises(InvalidRequest) as rows:
+            scheduler.submit(make_request(source(3), beam=7, max_length=4))
+        assert "6 hypotheses" in str(rows.value)
+        with pytest.raises(InvalidRequest) as padded:
+            scheduler.submit(make_request(source(*([4] * 19)), beam=2))
+        assert "40 padded source tokens" in str(padded.value) and "limit 30" in str(padded.value)
+        assert padded.value.code == "INVALID_ARGUMENT"
+        await scheduler.stop(grace_s=1.0)
+        with pytest.raises(Unavailable):
+            scheduler.submit(make_request(source(3)))
+
+    asyncio.run(main())
+    assert model.encode_batches == []
+
+
+# ----- model failures -----
+
+
+def test_a_failing_step_fails_only_its_requests():
+    model = FakeStepModel(support=NO_EOS, fail_steps={1})
+    recorder = RecordingRecorder()
+
+    async def main():
+        async with running(model, limits=EngineLimits(max_active_hypotheses=2), recorder=recorder) as scheduler:
+            stepping = scheduler.submit(make_request(source(3), max_length=5))
+            waiting = scheduler.submit(make_request(source(4), beam=2, max_length=3))  # no room: waits
+            failed, survivor = await outcome(stepping), await outcome(waiting)
+            later = await outcome(scheduler.submit(make_request(source(5), max_length=2)))
+            return failed, survivor, later
+
+    failed, survivor, later = asyncio.run(main())
+    assert isinstance(failed, EngineFailure) and failed.code == "INTERNAL"
+    assert "injected step failure on call 1" in str(failed)
+    assert isinstance(survivor, TranslationResult) and isinstance(later, TranslationResult)
+    assert rows_per_step(model) == [1, 1, 2, 2, 2, 1, 1]
+    assert recorder.failed == [FinishReason.ERROR] and len(recorder.done) == 2
+
+
+def test_a_failing_encoder_fails_only_the_admitted_requests():
+    gate = StepGate()
+    model = FakeStepModel(support=NO_EOS, fail_encodes={1}, gate=gate)
+
+    async def main():
+        async with running(model) as scheduler:
+            active = scheduler.submit(make_request(source(3), max_length=4))
+            await gate.until_blocked()
+            newcomers = [scheduler.submit(make_request(source(4, 4), max_length=2)) for _ in range(2)]
+            gate.open()
+            results = [await outcome(handle) for handle in [active, *newcomers]]
+            results.append(await outcome(scheduler.submit(make_request(source(5), max_length=2))))
+            return results
+
+    active, first, second, later = asyncio.run(main())
+    assert isinstance(active, TranslationResult) and isinstance(later, TranslationResult)
+    assert isinstance(first, EngineFailure) and isinstance(second, EngineFailure)
+    assert "injected encoder failure" in str(first)
+    assert model.encode_batches == [1, 2, 1]
+    assert rows_per_step(model) == [1, 1, 1, 1, 1, 1]  # the failed pair never took rows
+
+
+class MalformedStepModel(FakeStepModel):
+    """Returns one row too few on its second step."""
+
+    def step(self, tokens, source_lengths, memory, state):
+        output = super().step(tokens, source_lengths, memory, state)
+        if len(self.step_calls) == 2:
+            return type(output)(output.topk_log_probs[:-1], output.topk_ids[:-1], output.attention, output.state)
+        return output
+
+
+def test_a_malformed_step_output_is_an_engine_failure():
+    model = MalformedStepModel(support=NO_EOS)
+
+    async def main():
+        async with running(model) as scheduler:
+            broken = scheduler.submit(make_request(source(3), beam=2, max_length=4))
+            failed = await outcome(broken)
+            later = await outcome(scheduler.submit(make_request(source(4), max_length=2)))
+            return failed, later
+
+    failed, later = asyncio.run(main())
+    assert isinstance(failed, EngineFailure) and "topk_log_probs" in str(failed)
+    assert isinstance(later, TranslationResult)
+
+
+def test_a_bug_in_the_loop_fails_the_touched_requests_and_the_loop_goes_on(monkeypatch):
+    model = FakeStepModel(support=NO_EOS)
+
+    async def main():
+        async with running(model) as scheduler:
+            original = scheduler._deliver
+            calls = {"n": 0}
+
+            def flaky(outcome_):
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    raise KeyError("simulated bookkeeping bug")
+                original(outcome_)
+
+            monkeypatch.setattr(scheduler, "_deliver", flaky)
+            hit = scheduler.submit(make_request(source(3), max_length=5))
+            failed = await outcome(hit)
+            later = await outcome(scheduler.submit(make_request(source(4), max_length=2)))
+            return failed, later, scheduler.running
+
+    failed, later, still_running = asyncio.run(main())
+    assert isinstance(failed, EngineFailure) and "simulated bookkeeping bug" in str(failed)
+    assert isinstance(later, TranslationResult) and still_running == 0
+
+
+def test_if_the_loop_itself_dies_every_handle_is_still_answered(monkeypatch):
+    gate = StepGate()
+    model = FakeStepModel(support=NO_EOS, gate=gate)
+
+    async def main():
+        scheduler = Scheduler(model, limits=EngineLimits(max_active_hypotheses=1), name="fragile")
+        await scheduler.start()
+        active = scheduler.submit(make_request(source(3), max_length=3))
+        queued = scheduler.submit(make_request(source(4), max_length=3))
+        await gate.until_blocked()
+
+        def broken(now):
+            raise RuntimeError("queue bookkeeping broke")
+
+        monkeypatch.setattr(scheduler, "_purge_waiting", broken)  # runs outside the per-iteration guard
+        gate.open()
+        results = await outcome(active), await outcome(queued)
+        with pytest.raises(Unavailable):
+            scheduler.submit(make_request(source(5)))
+        await scheduler.stop(grace_s=1.0)
+        return results
+
+    active, queued = asyncio.run(main())
+    assert isinstance(active, EngineFailure) and isinstance(queued, EngineFailure)
+    assert "queue bookkeeping broke" in str(queued)
+
+
+# ----- every request answered exactly once -----
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_request_is_resolved_exactly_once_under_a_random_mix(seed):
+    rng = random.Random(seed)
+    model = FakeStepModel(
+        seed=seed, eos_bias=-0.5, fail_steps={rng.randrange(3, 30)}, fail_encodes={rng.randrange(1, 8)}
+    )
+    limits = EngineLimits(max_active_hypotheses=10, max_padded_source_tokens=90, max_waiting_requests=12)
+    recorder = RecordingRecorder()
+    policy = rng.choice(list(BatchingPolicy))
+
+    async def main():
+        scheduler = Scheduler(model, limits=limits, policy=policy, recorder=recorder, name="mix")
+        await scheduler.start()
+        handles, refused = [], 0
+        for _ in range(70):
+            roll = rng.random()
+            if roll < 0.55:
+                request = make_request(
+                    source(*[rng.randrange(3, 30) for _ in range(rng.randrange(0, 12))]),
+                    beam=rng.choice([1, 1, 2, 3, 4]),
+                    max_length=rng.randrange(1, 10),
+                    alpha=rng.choice([0.0, 0.7]),
+                    attention=rng.random() < 0.3,
+                    stream=rng.random() < 0.3,
+                    deadline=time.monotonic() + rng.uniform(0.0, 0.05) if rng.random() < 0.2 else None,
+                )
+                try:
+                    handles.append(scheduler.submit(request))
+                except Overloaded:
+                    refused += 1
+            elif roll < 0.7 and handles:
+                rng.choice(handles).cancel()
+            else:
+                await asyncio.sleep(rng.choice([0.0, 0.0, 0.001]))
+        await scheduler.stop(grace_s=rng.choice([0.0, 0.005, 5.0]))
+        assert all(handle.done for handle in handles)
+        with pytest.raises(Unavailable):
+            scheduler.submit(make_request(source(3)))
+        outcomes = [await outcome(handle) for handle in handles]
+        for handle in handles:
+            if handle.request.stream:
+                events = []
+                try:
+                    async for event in handle.tokens():
+                        events.append(event)
+                except AttnServeError:
+                    pass
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    results = [o for o in outcomes if isinstance(o, TranslationResult)]
+    errors = [o for o in outcomes if isinstance(o, AttnServeError)]
+    assert len(results) + len(errors) == len(outcomes)
+    assert len(recorder.done) == len(results)  # one report per request: resolved once, never twice
+    assert len(recorder.done) + len(recorder.failed) == len(outcomes)
+    for result in results:
+        assert 1 <= len(result.hypotheses)
+        assert result.queue_wait_s <= result.first_token_s <= result.total_s
+    for call in model.step_calls:
+        assert call.rows <= limits.max_active_hypotheses
+        assert call.rows * call.padded_len <= limits.max_padded_source_tokens
+
+
+def test_stop_lets_queued_and_active_requests_finish_within_the_grace_period():
+    model = FakeStepModel(support=NO_EOS)
+
+    async def main():
+        scheduler = Scheduler(model, limits=EngineLimits(max_active_hypotheses=1))
+        await scheduler.start()
+        handles = [scheduler.submit(make_request(source(3 + i), max_length=3)) for i in range(3)]
+        stopping = asyncio.create_task(scheduler.stop(grace_s=30.0))
+        await asyncio.sleep(0)
+        with pytest.raises(Unavailable):
+            scheduler.submit(make_request(source(3)))
+        await stopping
+        return [await outcome(handle) for handle in handles]
+
+    assert all(isinstance(o, TranslationResult) for o in asyncio.run(main()))
+
+
+def test_stop_fails_what_is_left_after_the_grace_period():
+    gate = StepGate()
+    model = FakeStepModel(support=NO_EOS, gate=gate)
+    recorder = RecordingRecorder()
+
+    async def main():
+        scheduler = Scheduler(model, limits=EngineLimits(max_active_hypotheses=1), recorder=recorder)
+        await scheduler.start()
+        stuck = scheduler.submit(make_request(source(3), max_length=3, stream=True))
+        queued = scheduler.submit(make_request(source(4), max_length=3))
+        await gate.until_blocked()
+        try:
+            await scheduler.stop(grace_s=0.05)
+        finally:
+            gate.open()  # let the held step finish on the worker thread
+        with pytest.raises(Unavailable):
+            async for _ in stuck.tokens():
+                pass
+        return await outcome(stuck), await outcome(queued)
+
+    stuck, queued = asyncio.run(main())
+    assert isinstance(stuck, Unavailable) and isinstance(queued, Unavailable)
+    assert stuck.code == "UNAVAILABLE" and "stopped" in str(stuck)
+    assert recorder.failed == [FinishReason.ERROR, FinishReason.ERROR]
+
+
+# ----- batch invariance -----
+
+
+MIXED = [
+    dict(source_ids=source(3, 8, 21), max_length=9, alpha=0.5, attention=True),
+    dict(source_ids=source(11), beam=3, hypotheses=3, max_length=6),
+    dict(source_ids=source(6, 6, 6, 6, 1, 30, 4), beam=2, hypotheses=2, max_length=7, alpha=1.0, attention=True),
+    dict(source_ids=source(9, 2), max_length=4, stream=True),
+    dict(source_ids=source(17, 5, 5, 5), beam=4, hypotheses=1, max_length=8, alpha=0.2),
+]
+
+
+def decode(requests: list[dict], *, policy=BatchingPolicy.CONTINUOUS, stagger: bool = False) -> list[TranslationResult]:
+    gate = StepGate() if stagger else None
+    model = FakeStepModel(seed=7, eos_bias=-0.5, gate=gate)
+
+    async def main():
+        async with running(model, policy=policy) as scheduler:
+            handles = []
+            for index, spec in enumerate(requests):
+                handles.append(scheduler.submit(make_request(**spec)))
+                if stagger and index == 1:  # the rest join while the first two are mid-decode
+                    await gate.until_blocked()
+                    gate.allow(2)
+                    await gate.until_blocked()
+            if gate is not None:
+                gate.open()
+            return [await handle.result() for handle in handles]
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("policy", "stagger"),
+    [
+        (BatchingPolicy.CONTINUOUS, False),
+        (BatchingPolicy.CONTINUOUS, True),
+        (BatchingPolicy.REQUEST, False),
+        (BatchingPolicy.NONE, False),
+    ],
+)
+def test_results_do_not_depend_on_the_rest_of_the_batch(policy, stagger):
+    alone = [decode([spec])[0] for spec in MIXED]
+    together = decode(MIXED, policy=policy, stagger=stagger)
+    for single, batched in zip(alone, together):
+        assert same_hypotheses(single.hypotheses, batched.hypotheses)
+
+
+# ----- the request and none policies -----
+
+
+def test_request_policy_runs_a_batch_to_completion_before_admitting():
+    gate = StepGate()
+    model = FakeStepModel(support=NO_EOS, gate=gate)
+    limits = EngineLimits(batch_size=2, batch_delay_s=0.2)
+
+    async def main():
+        async with running(model, limits=limits, policy=BatchingPolicy.REQUEST) as scheduler:
+            first = scheduler.submit(make_request(source(3), max_length=3))
+            second = scheduler.submit(make_request(source(4), max_length=3))  # batch full: starts at once
+            await gate.until_blocked()
+            late = scheduler.submit(make_request(source(5), max_length=2))
+            gate.open()
+            return [await handle.result() for handle in (first, second, late)]
+
+    first, second, late = asyncio.run(main())
+    assert rows_per_step(model) == [2, 2, 2, 1, 1]  # the late request waited for the whole batch
+    assert model.encode_batches == [2, 1]
+    assert first.queue_wait_s < 0.2  # a full batch does not wait for the delay
+    assert late.queue_wait_s >= 0.2  # alone, it waited batch_delay_s for company
+
+
+def test_request_policy_gathers_arrivals_within_the_delay():
+    model = FakeStepModel(support=NO_EOS)
+    limits = EngineLimits(batch_size=8, batch_delay_s=0.3)
+
+    async def main():
+        async with running(model, limits=limits, policy=BatchingPolicy.REQUEST) as scheduler:
+            early = scheduler.submit(make_request(source(3), max_length=2))
+            await asyncio.sleep(0.01)
+            later = scheduler.submit(make_request(source(4), max_length=2))
+            return await early.result(), await later.result()
+
+    asyncio.run(main())
+    assert model.encode_batches == [2]
+
+
+def test_none_policy_decodes_one_request_at_a_time():
+    model = FakeStepModel(support=NO_EOS)
+
+    async def main():
+        async with running(model, policy=BatchingPolicy.NONE) as scheduler:
+            handles = [scheduler.submit(make_request(source(3 + i), beam=2, max_length=2 + i)) for i in range(3)]
+            return [await handle.result() for handle in handles]
+
+    asyncio.run(main())
+    assert max(rows_per_step(model)) == 2
+    assert rows_per_step(model) == [2] * (2 + 3 + 4)
+    assert model.encode_batches == [1, 1, 1]
+
+
+# ----- streaming -----
+
+
+def test_greedy_streaming_delivers_each_token_as_it_is_decoded():
+    gate = StepGate()
+    model = FakeStepModel(seed=2, support=NO_EOS, gate=gate)
+
+    async def main():
+        async with running(model) as scheduler:
+            handle = scheduler.submit(make_request(source(3, 9), max_length=4, stream=True, attention=True))
+            tokens = handle.tokens()
+            gate.allow(1)
+            first = await anext(tokens)
+            assert first.position == 0 and not handle.done  # delivered before the request finished
+            gate.open()
+            rest = [event async for event in tokens]
+            return [first, *rest], await handle.result()
+
+    events, result = asyncio.run(main())
+    best = result.best
+    assert [event.token_id for event in events] == best.token_ids
+    assert [event.position for event in events] == [0, 1, 2, 3]
+    assert [event.alignment for event in events] == best.alignment
+    assert sum(event.log_prob for event in events) == pytest.approx(best.log_prob)
+    np.testing.assert_array_equal(np.stack([event.attention for event in events]), best.attention)
+
+
+def test_streaming_includes_the_eos_token():
+    model = FakeStepModel(seed=4, eos_bias=3.0)
+
+    async def main():
+        async with running(model) as scheduler:
+            handle = scheduler.submit(make_request(source(3), max_length=6, stream=True))
+            return [event async for event in handle.tokens()], await handle.result()
+
+    events, result = asyncio.run(main())
+    assert events[-1].token_id == EOS and result.best.finish_reason is FinishReason.EOS
+    assert [event.token_id for event in events] == result.best.token_ids
+
+
+def test_beam_streaming_yields_nothing_then_ends():
+    model = FakeStepModel(seed=2)
+
+    async def main():
+        async with running(model) as scheduler:
+            handle = scheduler.submit(make_request(source(3, 9), beam=3, hypotheses=2, max_length=4, stream=True))
+            events = [event async for event in handle.tokens()]
+            return events, await handle.result()
+
+    events, result = asyncio.run(main())
+    assert events == [] and len(result.hypotheses) == 2
+
+
+def test_streaming_raises_the_failure_and_tokens_needs_stream():
+    model = FakeStepModel(support=NO_EOS, fail_steps={2})
+
+    async def main():
+        async with running(model) as scheduler:
+            plain = scheduler.submit(make_request(source(4), max_length=2))
+            with pytest.raises(ValueError):
+                plain.tokens()
+            streamed = scheduler.submit(make_request(source(3), max_length=6, stream=True))
+            tokens = streamed.tokens()
+            with pytest.raises(RuntimeError):
+                streamed.tokens()  # one consumer only
+            received = []
+            with pytest.raises(EngineFailure):
+                async for event in tokens:
+                    received.append(event.token_id)
+            return received
+
+    assert len(asyncio.run(main())) == 2  # tokens of the two good steps arrived before the failure
+
+
+# ----- stats -----
+
+
+def test_stats_records_are_filled_per_step_and_per_request():
+    model = FakeStepModel(support=NO_EOS)
+    recorder = RecordingRecorder()
+
+    async def main():
+        async with running(model, recorder=recorder) as scheduler:
+            beam = scheduler.submit(make_request(source(3, 4, 5), beam=3, max_length=3))
+            greedy = scheduler.submit(make_request(source(6), max_length=2))
+            return await beam.result(), await greedy.result()
+
+    beam, greedy = asyncio.run(main())
+    steps = recorder.steps
+    assert [s.rows for s in steps] == [4, 4, 3]
+    assert [s.tokens_generated for s in steps] == [4, 4, 3]
+    assert [s.requests for s in steps] == [2, 2, 1]
+    assert [s.admitted for s in steps] == [2, 0, 0] and steps[0].encoder_batch == 2
+    assert steps[0].encode_seconds > 0 and all(s.step_seconds > 0 for s in steps)
+    assert [s.padded_source_len for s in steps] == [4, 4, 4]
+    assert [s.retired for s in steps] == [0, 1, 1]
+    by_beam = {stats.beam_size: stats for stats in recorder.done}
+    assert by_beam[3].generated_tokens == 3 and by_beam[3].source_tokens == 4
+    assert by_beam[1].generated_tokens == 2 and by_beam[1].finish_reason is FinishReason.LENGTH
+    assert by_beam[3].mean_inter_token_s is not None and by_beam[3].mean_inter_token_s >= 0
+    for result in (beam, greedy):
+        assert 0 <= result.queue_wait_s <= result.first_token_s <= result.total_s

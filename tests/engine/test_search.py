@@ -1,0 +1,277 @@
+"""Greedy and beam search: bookkeeping on hand-made step outputs, and exactness against exhaustive search."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import numpy as np
+import pytest
+
+from service.engine import DecodeOptions, FinishReason, length_penalty, normalised_score
+from service.engine.beam import BeamSearch, GreedySearch, new_search
+
+from .fakes import (
+    EOS,
+    FakeStepModel,
+    exhaustive_search,
+    greedy_reference,
+    make_request,
+    running,
+    source,
+    teacher_forced,
+)
+
+NEG = -math.inf
+
+
+def step_arrays(rows: list[list[tuple[int, float]]], source_len: int = 3, focus: int = 0):
+    """Hand-made step outputs: per row, (token, log prob) candidates in descending order."""
+    ids = np.array([[token for token, _ in row] for row in rows], dtype=np.int64)
+    log_probs = np.array([[lp for _, lp in row] for row in rows], dtype=np.float32)
+    attention = np.zeros((len(rows), source_len), dtype=np.float32)
+    attention[:, focus] = 1.0
+    return log_probs, ids, attention
+
+
+def test_length_penalty_is_gnmt():
+    assert length_penalty(7, 0.0) == 1.0
+    assert length_penalty(1, 1.0) == pytest.approx(1.0)
+    assert length_penalty(7, 1.0) == pytest.approx(2.0)
+    assert length_penalty(7, 0.5) == pytest.approx(math.sqrt(2.0))
+    assert normalised_score(-3.0, 7, 1.0) == pytest.approx(-1.5)
+
+
+def test_greedy_takes_top1_until_eos_and_streams_each_token():
+    search = GreedySearch(DecodeOptions(max_length=5, return_attention=True), eos_id=EOS, stream=True)
+    first = search.advance(*step_arrays([[(4, -0.1), (EOS, -2.5)]], focus=1))
+    assert not first.done and first.parents is None and first.next_tokens.tolist() == [4]
+    assert [(e.token_id, e.position, e.alignment) for e in first.events] == [(4, 0, 1)]
+    last = search.advance(*step_arrays([[(EOS, -0.25), (4, -1.5)]], focus=2))
+    assert last.done and [(e.token_id, e.position) for e in last.events] == [(EOS, 1)]
+    (hypothesis,) = search.hypotheses()
+    assert hypothesis.token_ids == [4, EOS]
+    assert hypothesis.finish_reason is FinishReason.EOS
+    assert hypothesis.log_prob == pytest.approx(-0.35)
+    assert hypothesis.alignment == [1, 2]
+    assert hypothesis.attention.shape == (2, 3)
+
+
+def test_greedy_stops_at_max_length():
+    search = GreedySearch(DecodeOptions(max_length=2), eos_id=EOS)
+    assert not search.advance(*step_arrays([[(5, -0.5)]])).done
+    assert search.advance(*step_arrays([[(6, -0.5)]])).done
+    (hypothesis,) = search.hypotheses()
+    assert hypothesis.token_ids == [5, 6] and hypothesis.finish_reason is FinishReason.LENGTH
+    assert hypothesis.attention is None
+
+
+def test_beam_starts_from_one_live_row_and_reorders():
+    options = DecodeOptions(beam_size=2, num_hypotheses=2, max_length=2)
+    search = BeamSearch(options, eos_id=EOS)
+    # Both rows see the same (bos) input at step 0; only row 0 may contribute, so 4 and 5 both survive
+    # rather than two copies of 4.
+    first = search.advance(*step_arrays([[(4, -0.1), (5, -0.2), (EOS, -3.0)]] * 2))
+    assert first.parents.tolist() == [0, 0] and first.next_tokens.tolist() == [4, 5]
+    # Step 1: row 1 (after 5) has the better continuations, so both new rows continue row 1.
+    second = search.advance(*step_arrays([[(6, -2.0), (7, -2.1), (EOS, -2.2)], [(7, -0.3), (6, -0.4), (EOS, -3.0)]]))
+    assert second.done  # max_length 2 reached: live beams finish with reason LENGTH
+    assert second.parents.tolist() == [1, 1] and second.next_tokens.tolist() == [7, 6]
+    best, runner_up = search.hypotheses()
+    assert best.token_ids == [5, 7] and best.log_prob == pytest.approx(-0.5)
+    assert runner_up.token_ids == [5, 6] and runner_up.log_prob == pytest.approx(-0.6)
+    assert {best.finish_reason, runner_up.finish_reason} == {FinishReason.LENGTH}
+
+
+def test_beam_finishes_eos_candidates_within_twice_the_beam():
+    options = DecodeOptions(beam_size=2, num_hypotheses=2, max_length=5)
+    search = BeamSearch(options, eos_id=EOS)
+    # Step 0: eos ranks 5th of the live row's candidates (> 2 x beam): not finished.
+    search.advance(*step_arrays([[(4, -0.1), (5, -0.2), (6, -0.3), (7, -0.4), (EOS, -3.0)]] * 2))
+    assert search._finished == []
+    # Step 1: eos from row 0 ranks 3rd of all candidates (after the beam, within 2 x beam) -> finished;
+    # eos from row 1 ranks 6th (> 2 x beam) -> dropped.
+    decision = search.advance(*step_arrays([[(6, -0.1), (7, -0.15), (EOS, -0.2)], [(6, -0.5), (7, -0.6), (EOS, -0.7)]]))
+    assert not decision.done
+    assert decision.next_tokens.tolist() == [6, 7] and decision.parents.tolist() == [0, 0]
+    assert [h.token_ids for h in search._finished] == [[4, EOS]]
+
+
+def test_beam_stops_when_beam_size_hypotheses_finished():
+    options = DecodeOptions(beam_size=2, num_hypotheses=2, max_length=10)
+    search = BeamSearch(options, eos_id=EOS)
+    search.advance(*step_arrays([[(4, -0.1), (5, -0.2), (EOS, -3.0)]] * 2))
+    decision = search.advance(*step_arrays([[(EOS, -0.1), (6, -0.4), (7, -0.5)], [(EOS, -0.1), (6, -0.6), (7, -0.7)]]))
+    assert decision.done
+    hypotheses = search.hypotheses()
+    assert [h.token_ids for h in hypotheses] == [[4, EOS], [5, EOS]]
+    assert all(h.finish_reason is FinishReason.EOS for h in hypotheses)
+
+
+def test_beam_keeps_going_while_a_live_beam_beats_the_finished_ones():
+    """Low-ranked eos candidates may fill beam_size finished slots early; a better live beam must still win."""
+    options = DecodeOptions(beam_size=2, num_hypotheses=1, max_length=10)
+    search = BeamSearch(options, eos_id=EOS)
+    search.advance(*step_arrays([[(4, -0.1), (EOS, -2.0), (5, -2.1)]] * 2))
+    decision = search.advance(*step_arrays([[(6, -0.1), (EOS, -3.0), (7, -3.5)], [(EOS, -0.1), (7, -1.0), (6, -1.5)]]))
+    assert not decision.done  # three finished already, but "4 6" (sum -0.2) can still end better than -2.0
+    decision = search.advance(*step_arrays([[(EOS, -0.1), (8, -2.0), (9, -2.5)], [(EOS, -0.1), (8, -2.0), (9, -2.5)]]))
+    assert decision.done
+    [best] = search.hypotheses()
+    assert best.token_ids == [4, 6, EOS]
+    assert best.score == pytest.approx(-0.3)
+
+
+@pytest.mark.parametrize(("alpha", "winner"), [(0.0, [EOS]), (5.0, [3, EOS])])
+def test_length_penalty_changes_the_ranking(alpha, winner):
+    # [eos]: log p -0.5 (1 token); [3, eos]: -0.7 (2 tokens). Raw sum prefers the short one; with
+    # alpha 5 the penalty (7/6)^5 = 2.16 makes -0.7 / 2.16 = -0.32 beat -0.5.
+    options = DecodeOptions(beam_size=2, num_hypotheses=1, max_length=3, length_penalty=alpha)
+    search = BeamSearch(options, eos_id=EOS)
+    decision = search.advance(*step_arrays([[(EOS, -0.5), (3, -0.6), (4, -4.0)]] * 2))
+    if not decision.done:
+        decision = search.advance(
+            *step_arrays([[(EOS, -0.1), (4, -3.0), (5, -3.1)], [(EOS, -3.0), (3, -3.2), (5, -3.3)]])
+        )
+    assert decision.done
+    (best,) = search.hypotheses()
+    assert best.token_ids == winner
+    assert best.score == pytest.approx(normalised_score(best.log_prob, len(winner), alpha))
+
+
+def test_beam_stops_early_only_when_nothing_can_beat_the_finished():
+    # alpha 0: the finished [eos] (-0.5) beats every live beam (best -0.6, and sums only fall): stop now.
+    search = BeamSearch(DecodeOptions(beam_size=2, num_hypotheses=1, max_length=3), eos_id=EOS)
+    assert search.advance(*step_arrays([[(EOS, -0.5), (3, -0.6), (4, -4.0)]] * 2)).done
+    # With two hypotheses wanted, the second place is still open: continue.
+    search = BeamSearch(DecodeOptions(beam_size=2, num_hypotheses=2, max_length=3), eos_id=EOS)
+    assert not search.advance(*step_arrays([[(EOS, -0.5), (3, -0.6), (4, -4.0)]] * 2)).done
+
+
+def test_beam_ignores_impossible_candidates():
+    options = DecodeOptions(beam_size=3, num_hypotheses=3, max_length=1)
+    search = BeamSearch(options, eos_id=EOS)
+    decision = search.advance(*step_arrays([[(4, -0.1), (EOS, -1.0), (5, NEG), (6, NEG)]] * 3))
+    assert decision.done
+    hypotheses = search.hypotheses()
+    assert [h.token_ids for h in hypotheses] == [[4], [EOS]]  # -inf candidates never become hypotheses
+    assert all(math.isfinite(h.score) for h in hypotheses)
+
+
+def test_new_search_picks_greedy_for_beam_one():
+    assert isinstance(new_search(DecodeOptions(beam_size=1), eos_id=EOS), GreedySearch)
+    assert isinstance(new_search(DecodeOptions(beam_size=3), eos_id=EOS), BeamSearch)
+
+
+def test_decode_options_reject_broken_invariants():
+    with pytest.raises(ValueError):
+        DecodeOptions(beam_size=0)
+    with pytest.raises(ValueError):
+        DecodeOptions(beam_size=2, num_hypotheses=3)
+    with pytest.raises(ValueError):
+        DecodeOptions(max_length=0)
+    with pytest.raises(ValueError):
+        DecodeOptions(length_penalty=-0.1)
+
+
+# ----- through the scheduler, on the fake model -----
+
+SUPPORT = (EOS, 3, 4, 5, 6)  # four ordinary tokens and eos
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
+@pytest.mark.parametrize("words", [(5, 9, 12), (7,), (20, 3, 3, 8)])
+def test_beam_equals_exhaustive_search(alpha, words):
+    # 4 tokens + eos, max_length 3: at most 16 live prefixes, so a 16-wide beam never prunes one that
+    # could still win, and its 16-best must be exactly the exhaustive 16-best.
+    model = FakeStepModel(vocab_size=16, top_k=16, support=SUPPORT, eos_bias=-0.5, seed=3)
+    src = source(*words)
+    expected = exhaustive_search(model, src, max_length=3, alpha=alpha)[:16]
+
+    async def main():
+        async with running(model) as scheduler:
+            handle = scheduler.submit(
+                make_request(src, beam=16, hypotheses=16, max_length=3, alpha=alpha, attention=True)
+            )
+            return await handle.result()
+
+    result = asyncio.run(main())
+    got = result.hypotheses
+    assert [h.token_ids for h in got] == [list(s.tokens) for s in expected]
+    for hypothesis, reference in zip(got, expected):
+        assert hypothesis.log_prob == pytest.approx(reference.log_prob, abs=1e-9)
+        assert hypothesis.score == pytest.approx(reference.score, abs=1e-9)
+        assert hypothesis.finish_reason.value == reference.reason
+        assert hypothesis.alignment == list(reference.alignment)
+        np.testing.assert_allclose(hypothesis.attention, reference.attention, atol=1e-7)
+    assert [h.score for h in got] == sorted((h.score for h in got), reverse=True)
+
+
+def test_length_penalty_changes_the_best_translation_end_to_end():
+    model = FakeStepModel(vocab_size=16, top_k=16, support=SUPPORT, eos_bias=-1.0, seed=3)
+    src = source(5, 9, 12)
+    best_raw = exhaustive_search(model, src, max_length=3, alpha=0.0)[0]
+    best_long = exhaustive_search(model, src, max_length=3, alpha=4.0)[0]
+    assert best_raw.tokens != best_long.tokens  # the fixture has to make the penalty matter
+
+    async def main():
+        async with running(model) as scheduler:
+            raw = scheduler.submit(make_request(src, beam=16, max_length=3, alpha=0.0))
+            long = scheduler.submit(make_request(src, beam=16, max_length=3, alpha=4.0))
+            return await raw.result(), await long.result()
+
+    raw, long = asyncio.run(main())
+    assert raw.best.token_ids == list(best_raw.tokens)
+    assert long.best.token_ids == list(best_long.tokens)
+    assert len(long.best.token_ids) > len(raw.best.token_ids)
+
+
+def test_beam_n_best_is_sorted_and_scored_by_the_model():
+    model = FakeStepModel(seed=11, eos_bias=-1.0)
+    src = source(4, 17, 2, 9, 30)
+
+    async def main():
+        async with running(model) as scheduler:
+            return await scheduler.submit(
+                make_request(src, beam=5, hypotheses=5, max_length=7, alpha=0.8, attention=True)
+            ).result()
+
+    result = asyncio.run(main())
+    assert len(result.hypotheses) == 5
+    scores = [h.score for h in result.hypotheses]
+    assert scores == sorted(scores, reverse=True)
+    assert len({tuple(h.token_ids) for h in result.hypotheses}) == 5
+    for hypothesis in result.hypotheses:
+        # Re-score each hypothesis by feeding its tokens to the model: the beam's bookkeeping (parents,
+        # state reordering) must reproduce exactly the model's own probabilities.
+        log_probs, alignment, attention = teacher_forced(model, src, hypothesis.token_ids)
+        assert hypothesis.log_prob == pytest.approx(sum(log_probs), abs=1e-6)
+        assert hypothesis.score == pytest.approx(hypothesis.log_prob / ((5 + len(hypothesis.token_ids)) / 6) ** 0.8)
+        assert hypothesis.alignment == alignment
+        np.testing.assert_array_equal(hypothesis.attention, attention)
+        ended_by_eos = hypothesis.token_ids[-1] == EOS
+        assert hypothesis.finish_reason is (FinishReason.EOS if ended_by_eos else FinishReason.LENGTH)
+        assert EOS not in hypothesis.token_ids[:-1]
+        assert ended_by_eos or len(hypothesis.token_ids) == 7
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_matches_direct_decoding(seed):
+    model = FakeStepModel(seed=seed, eos_bias=-0.5)
+    sources = [source(3, 8, 21), source(11), source(6, 6, 6, 6, 1, 30)]
+    expected = [greedy_reference(model, src, max_length=9, alpha=0.5) for src in sources]
+
+    async def main():
+        async with running(model) as scheduler:
+            handles = [scheduler.submit(make_request(src, max_length=9, alpha=0.5, attention=True)) for src in sources]
+            return [await handle.result() for handle in handles]
+
+    for result, reference in zip(asyncio.run(main()), expected):
+        (hypothesis,) = result.hypotheses
+        assert hypothesis.token_ids == list(reference.tokens)
+        assert hypothesis.log_prob == reference.log_prob
+        assert hypothesis.score == reference.score
+        assert hypothesis.finish_reason.value == reference.reason
+        assert hypothesis.alignment == list(reference.alignment)
+        np.testing.assert_array_equal(hypothesis.attention, reference.attention)
+        assert result.generated_tokens == len(hypothesis.token_ids)

@@ -1,0 +1,139 @@
+"""Run a real attnserve server (the same `service.server.serve`) on a free loopback port, for tests.
+
+In-process: the server's event loop runs on a background thread, so tests use the ordinary
+synchronous grpc client. Out-of-process: `start_subprocess` runs `python -m service.cli serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.server import serve
+from service.settings import Settings
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def make_settings(repository: Path, **overrides: object) -> Settings:
+    """Settings for a loopback test server with free gRPC and metrics ports."""
+    values: dict[str, object] = dict(
+        model_repository=repository,
+        host="127.0.0.1",
+        port=free_port(),
+        metrics_port=free_port(),
+        provider="cpu",
+        intra_op_threads=1,
+        drain_grace_seconds=10.0,
+        log_level="WARNING",
+    )
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+class ServerThread:
+    """`serve(settings)` on its own event loop in a daemon thread; `stop()` drains it like SIGTERM."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.exit_code: int | None = None
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="attnserve-test-server", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.settings.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
+
+    def start(self, timeout_s: float = 60.0) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise RuntimeError(f"the test server did not start within {timeout_s} s (error: {self._error!r})")
+        if self._error is not None or self.exit_code is not None:
+            raise RuntimeError(f"the test server failed to start: exit {self.exit_code}, error {self._error!r}")
+        return self
+
+    def request_stop(self) -> None:
+        """Begin draining (as SIGTERM would) without waiting."""
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+
+    def stop(self, timeout_s: float = 60.0) -> int | None:
+        """Drain, wait for the server to finish, and return its exit status."""
+        if self._thread.is_alive():
+            self.request_stop()
+            self._thread.join(timeout_s)
+        return self.exit_code
+
+    def _run(self) -> None:
+        async def main() -> int:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            return await serve(self.settings, stop=self._stop, on_ready=lambda _port: self._ready.set())
+
+        try:
+            self.exit_code = asyncio.run(main())
+        except BaseException as error:  # surfaced by start()
+            self._error = error
+        finally:
+            self._ready.set()
+
+
+def with_settings(settings: Settings, **changes: object) -> Settings:
+    return dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
+
+
+def wait_until_serving(address: str, timeout_s: float = 60.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll the health service until the whole server reports SERVING."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the server exited with status {process.returncode} before serving")
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError(f"no SERVING health from {address} within {timeout_s} s")
+
+
+def start_subprocess(repository: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    """`attnserve serve` (through the real CLI dispatch) as a child process; stdout+stderr piped."""
+    environment = dict(os.environ, PYTHONUNBUFFERED="1")
+    command = [
+        sys.executable, "-m", "service.cli", "serve",
+        "--model-repository", str(repository),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--metrics-port", "0",
+        "--provider", "cpu",
+        *extra,
+    ]
+    return subprocess.Popen(command, cwd=PROJECT_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -1,0 +1,103 @@
+"""Settings: flags over ATTNSERVE_* variables over defaults, and bounds with messages that echo the value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.settings import Settings, SettingsError, build_parser
+
+
+def test_defaults_without_flags_or_environment() -> None:
+    settings = Settings.from_sources([], {})
+    assert settings == Settings()
+    assert settings.port == 50051
+    assert settings.metrics_port == 8002
+    assert settings.model_repository == Path("models")
+    assert settings.batching == "continuous"
+
+
+def test_environment_overrides_default() -> None:
+    settings = Settings.from_sources(
+        [],
+        {
+            "ATTNSERVE_PORT": "50099",
+            "ATTNSERVE_MODEL_REPOSITORY": "/srv/models",
+            "ATTNSERVE_BATCHING": "Request",
+            "ATTNSERVE_DRAIN_GRACE_SECONDS": "2.5",
+            "ATTNSERVE_LOG_LEVEL": "debug",
+        },
+    )
+    assert settings.port == 50099
+    assert settings.model_repository == Path("/srv/models")
+    assert settings.batching == "request"
+    assert settings.drain_grace_seconds == 2.5
+    assert settings.log_level == "DEBUG"
+
+
+def test_flag_wins_over_environment() -> None:
+    settings = Settings.from_sources(
+        ["--port", "50100", "--metrics-port=0", "--provider", "cpu"],
+        {"ATTNSERVE_PORT": "50099", "ATTNSERVE_METRICS_PORT": "9000", "ATTNSERVE_MAX_BEAM_SIZE": "4"},
+    )
+    assert settings.port == 50100
+    assert settings.metrics_port == 0
+    assert settings.provider == "cpu"
+    assert settings.max_beam_size == 4  # only in the environment, so the environment applies
+
+
+def test_unrelated_environment_is_ignored() -> None:
+    assert Settings.from_sources([], {"PORT": "1", "ATTNSERVE": "x", "HOME": "/root"}) == Settings()
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        ([], {"ATTNSERVE_PORT": "70000"}, "ATTNSERVE_PORT=70000: port must be 1..65535"),
+        (["--port", "0"], {}, "--port=0: port must be 1..65535"),
+        ([], {"ATTNSERVE_PORT": "http"}, "ATTNSERVE_PORT=http: port must be an integer"),
+        (["--batching", "dynamic"], {}, "--batching=dynamic: batching must be one of continuous, request, none"),
+        ([], {"ATTNSERVE_PROVIDER": "tpu"}, "ATTNSERVE_PROVIDER=tpu: provider must be one of auto, cpu, cuda"),
+        (["--max-beam-size", "0"], {}, "--max-beam-size=0: max_beam_size must be 1..4096"),
+        (["--drain-grace-seconds", "-1"], {}, "--drain-grace-seconds=-1: drain_grace_seconds must be 0.0..3600.0"),
+        (["--batch-delay-ms", "inf"], {}, "--batch-delay-ms=inf: batch_delay_ms must be a finite number"),
+        ([], {"ATTNSERVE_LOG_LEVEL": "loud"}, "log_level must be one of DEBUG, INFO"),
+        (["--max-receive-message-bytes", "10"], {}, "--max-receive-message-bytes=10: max_receive_message_bytes must be 1024.."),
+        (["--default-model", "../etc"], {}, "default_model must be a model name"),
+    ],
+)
+def test_bad_values_name_their_source_value_and_bound(argv: list[str], environ: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_sources(argv, environ)
+    assert message in str(raised.value)
+
+
+def test_bad_environment_value_is_not_checked_when_a_flag_overrides_it() -> None:
+    assert Settings.from_sources(["--port", "50200"], {"ATTNSERVE_PORT": "70000"}).port == 50200
+
+
+def test_direct_construction_is_validated_too() -> None:
+    with pytest.raises(SettingsError, match=r"port=0: port must be 1\.\.65535"):
+        Settings(port=0)
+    with pytest.raises(SettingsError, match="metrics_port=7000 and port=7000 must differ"):
+        Settings(port=7000, metrics_port=7000)
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(AttributeError):
+        settings.port = 1  # type: ignore[misc]
+
+
+def test_unknown_flag_exits_with_usage_error() -> None:
+    with pytest.raises(SystemExit) as raised:
+        Settings.from_sources(["--no-such-flag"], {})
+    assert raised.value.code == 2
+
+
+def test_every_field_has_a_flag_with_help_naming_its_environment_variable() -> None:
+    help_text = " ".join(build_parser().format_help().split())
+    for name in Settings.__dataclass_fields__:
+        assert f"--{name.replace('_', '-')}" in help_text
+        assert f"ATTNSERVE_{name.upper()}" in help_text.replace("ATTNSERVE_ ", "ATTNSERVE_")
