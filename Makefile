@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODELS ?= models
 
-.PHONY: install models test serve protos clean
+.PHONY: install models test serve protos clean ci
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ models: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# What CI runs (.ci/run): the test suite, then every further check the issues ask CI to make.
+ci: test
 
 serve: $(STAMP) models
 	$(BIN)/attnserve serve --model-repository $(MODELS)
