@@ -85,17 +85,21 @@ def export_graphs(model: Seq2Seq, *, full_log_probs: bool = False) -> tuple[byte
     first_real_token = UNK + 1
     source = torch.tensor([[first_real_token] * 4 + [EOS], [first_real_token] * 2 + [EOS, PAD, PAD]], dtype=torch.long)
     lengths = torch.tensor([5, 3], dtype=torch.long)
+    # The exporter restores each wrapper's train/eval mode when it is done, and that mode propagates to the
+    # model inside: wrappers built in the default training mode would switch dropout back on afterwards.
+    encoder_graph = EncoderGraph(model).eval()
+    decoder_graph = DecoderStepGraph(model, full_log_probs=full_log_probs).eval()
     encoder_bytes = _export_graph(
-        EncoderGraph(model), (source, lengths), ["source_ids", "source_lengths"], memory_names + state_init,
+        encoder_graph, (source, lengths), ["source_ids", "source_lengths"], memory_names + state_init,
         {"source_ids": {0: "batch", 1: "source_len"}, "source_lengths": {0: "batch"},
          **{n: {0: "batch", 1: "source_len"} for n in memory_names}, **{n: {0: "batch"} for n in state_init}},
     )
     with torch.no_grad():
-        encoded = EncoderGraph(model)(source, lengths)
+        encoded = encoder_graph(source, lengths)
     tokens = torch.tensor([BOS, BOS], dtype=torch.long)
     outputs = ["topk_log_probs", "topk_ids", "attention"] + state_out + (["log_probs"] if full_log_probs else [])
     decoder_bytes = _export_graph(
-        DecoderStepGraph(model, full_log_probs=full_log_probs), (tokens, lengths, *encoded),
+        decoder_graph, (tokens, lengths, *encoded),
         ["tokens", "source_lengths"] + memory_names + state_in, outputs,
         {"tokens": {0: "rows"}, "source_lengths": {0: "rows"},
          **{n: {0: "rows", 1: "source_len"} for n in memory_names}, **{n: {0: "rows"} for n in state_in},
@@ -183,6 +187,7 @@ def step_parity(model: Seq2Seq, step_model: OnnxStepModel, sources: list[list[in
 
 def verify(model: Seq2Seq, directory: Path, test_sources: list[list[int]], max_source_len: int) -> dict:
     """Parity of the exported graphs in ``directory`` against ``model`` (raises ExportError when off)."""
+    model.eval()
     config = read_config(directory)
     step_model = OnnxStepModel(config, directory, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(7)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -44,6 +45,7 @@ class TrainConfig:
     max_minutes: float = 30.0        # wall-clock budget; training stops at the first of steps/minutes
     eval_every: int = 250            # steps between validations
     patience: int = 8                # validations without improvement before stopping
+    lr_patience: int = 2             # validations without improvement before the learning rate is halved
     target_exact_match: float = 1.01 # stop as soon as validation exact match reaches this (>1 = never)
     valid_limit: int = 2000          # validation examples decoded at each evaluation
     max_pairs: int | None = None     # cap on TSV pairs read
@@ -198,6 +200,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     model_config = _model_config(config, source_tok, target_tok, train_items)
     model = Seq2Seq(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    # Halving the rate when validation stalls turns the noisy plateau of a constant rate into convergence.
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
+                                                         patience=config.lr_patience, min_lr=1e-5)
     loss_fn = nn.NLLLoss(ignore_index=PAD, reduction="sum")
 
     step, best, stale, elapsed_before = 0, -1.0, 0, 0.0
@@ -208,6 +213,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         payload = torch.load(last_path, map_location="cpu", weights_only=False)
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
+        plateau.load_state_dict(payload["plateau"])
         step, best, stale = payload["step"], payload["best"], payload["stale"]
         elapsed_before, history = payload["elapsed"], payload["history"]
         rng.setstate(payload["python_rng"])
@@ -216,7 +222,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     def checkpoint(path: Path) -> None:
         _save(path, {
             "model": model.state_dict(), "model_config": model_config.to_dict(), "optimizer": optimizer.state_dict(),
-            "step": step, "best": best, "stale": stale, "elapsed": elapsed_before + time.monotonic() - start,
+            "plateau": plateau.state_dict(), "step": step, "best": best, "stale": stale,
+            "elapsed": elapsed_before + time.monotonic() - start,
             "history": history, "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
             "train_config": config.to_dict(),
         })
@@ -227,8 +234,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     # Skip the batches a resumed run already consumed so it continues the same data order.
     for _ in range(step):
         next(stream)
+    # Redraw at most every 10 s when the output is a log file rather than a terminal.
     bar = tqdm(total=config.max_steps, initial=step, disable=not progress, desc=out.name, unit="step",
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
     tokens_since, clock = 0, time.monotonic()
     stop_reason = "max_steps"
     while step < config.max_steps:
@@ -251,8 +259,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         if step % config.eval_every == 0 or step == config.max_steps or time.monotonic() > deadline:
             metrics = evaluate(model, splits.valid, source_tok, target_tok, limit=config.valid_limit)
             history.append({"step": step, "seconds": round(elapsed_before + time.monotonic() - start, 1),
-                            "loss": round(loss.item(), 4), **metrics})
+                            "loss": round(loss.item(), 4), "lr": optimizer.param_groups[0]["lr"], **metrics})
             bar.write(f"step {step}: valid exact match {metrics['exact_match']:.4f}, chrF {metrics['chrf']:.1f}")
+            plateau.step(metrics["exact_match"])
             if metrics["exact_match"] > best:
                 best, stale = metrics["exact_match"], 0
                 checkpoint(best_path)

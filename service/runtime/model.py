@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import ModelLoadError
+from service.runtime.step import EncoderOutput, StepOutput
 from service.runtime.tokenizers import BOS, EOS, PAD, UNK, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -84,20 +85,6 @@ class ModelConfig:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(f"{where}: missing or malformed field: {exc!r}") from exc
-
-
-@dataclass(frozen=True)
-class EncoderOutput:
-    memory: dict[str, np.ndarray]
-    state: dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    topk_log_probs: np.ndarray
-    topk_ids: np.ndarray
-    attention: np.ndarray
-    state: dict[str, np.ndarray]
 
 
 def choose_providers(provider: str) -> list[str]:

@@ -65,3 +65,14 @@ def test_full_log_probs_option_adds_the_whole_distribution(tmp_path: Path) -> No
     assert full[0].shape == (1, 9)
     assert np.exp(full[0]).sum() == pytest.approx(1.0, abs=1e-5)
     assert np.allclose(np.sort(full[0][0])[::-1][:3], full[1][0], atol=1e-6)
+
+
+def test_export_leaves_a_dropout_model_in_eval_mode_and_in_parity(tmp_path: Path) -> None:
+    """The exporter restores its wrappers' mode afterwards; dropout must not come back on in the reference."""
+    torch.manual_seed(5)
+    model = Seq2Seq(ModelConfig(source_vocab=20, target_vocab=12, hidden=16, embedding=8, top_k=4, dropout=0.5,
+                                attention="general", style="luong")).eval()
+    write_version(tmp_path / "v", model)
+    assert not any(module.training for module in model.modules())
+    sources = [[5, 6, 7, 2], [8, 2], [9, 10, 11, 12, 13, 2]]
+    assert verify(model, tmp_path / "v", sources, max_source_len=model.config.max_source_len)["greedy_identical"]

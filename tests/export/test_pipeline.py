@@ -107,3 +107,20 @@ def test_user_corpus_trains_with_sentencepiece_and_exports(tmp_path: Path) -> No
     result = export_run(tmp_path / "run", tmp_path / "models", "toy", progress=lambda *_: None)
     assert result.model_json["tokenizers"]["source"]["type"] == "sentencepiece"
     assert load_model(result.directory, provider="cpu").source_tokenizer.vocab_size <= 40
+
+
+def test_int8_export_records_the_accuracy_change_and_serves(tiny_repository: Path, tmp_path: Path) -> None:
+    from export.onnx_export import export_run
+
+    result = export_run(tiny_repository.parent / "runs" / "dates", tmp_path / "models", "dates",
+                        quantize="int8", progress=lambda *_: None)
+    quantization = result.model_json["quantization"]
+    assert {"test_exact_match_fp32", "test_exact_match_int8", "change"} <= set(quantization)
+    assert quantization["change"] == pytest.approx(
+        quantization["test_exact_match_int8"] - quantization["test_exact_match_fp32"], abs=1e-5)
+    # Quantized graphs use integer matrix products, and still load and decode through the same runtime.
+    ops = set(result.model_json["onnx"]["op_types"]["decoder"])
+    assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+    loaded = load_model(result.directory, provider="cpu")
+    [decoded] = ort_greedy(loaded.step_model, [loaded.source_tokenizer.encode("1 mars 1909") + [EOS]], 12)
+    assert all(0 <= token < loaded.target_tokenizer.vocab_size for token in decoded)
