@@ -114,11 +114,20 @@ def _create_session(ort: Any, path: Path, options: Any, providers: list[str]) ->
 
 
 class OnnxStepModel:
-    """The engine's ``StepModel`` on two onnxruntime sessions (encoder, one decoder step)."""
+    """The engine's ``StepModel`` on two onnxruntime sessions (encoder, one decoder step).
+
+    With IO binding (on by default with the CUDA provider) the decoder's memory tensors, the largest inputs
+    of a step ([rows, source_len, hidden] each), are copied to the device once per batch composition and
+    reused by every step until the engine builds new memory arrays (a request joined or left); only the
+    small per-row tensors (tokens, lengths, state) travel each step.
+    """
 
     def __init__(self, config: ModelConfig, directory: Path, *, providers: list[str],
-                 intra_op_threads: int = 0, inter_op_threads: int = 1, require_cuda: bool = False) -> None:
+                 intra_op_threads: int = 0, inter_op_threads: int = 1, require_cuda: bool = False,
+                 io_binding: bool | None = None) -> None:
         import onnxruntime as ort
+
+        self._ort = ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
@@ -143,6 +152,13 @@ class OnnxStepModel:
         self._encoder_outputs = list(config.memory_names) + self._init_names
         self._decoder_outputs = ["topk_log_probs", "topk_ids", "attention"] + [s.output for s in config.states]
         self._check_signatures()
+        on_gpu = self.provider == "CUDAExecutionProvider"
+        self.io_binding = on_gpu if io_binding is None else io_binding
+        self._device = "cuda" if on_gpu else "cpu"
+        # The memory arrays last uploaded (kept referenced, so their ids cannot be reused) and their copies.
+        self._bound_memory: dict[str, np.ndarray] = {}
+        self._device_memory: dict[str, Any] = {}
+        self.memory_uploads = 0
 
     def _check_signatures(self) -> None:
         encoder_in = {i.name for i in self._encoder.get_inputs()}
@@ -168,10 +184,34 @@ class OnnxStepModel:
 
     def step(self, tokens: np.ndarray, source_lengths: np.ndarray, memory: dict[str, np.ndarray],
              state: dict[str, np.ndarray]) -> StepOutput:
-        feeds = {"tokens": tokens, "source_lengths": source_lengths, **memory, **state}
-        outputs = self._decoder.run(self._decoder_outputs, feeds)
+        if self.io_binding:
+            outputs = self._step_with_binding(tokens, source_lengths, memory, state)
+        else:
+            feeds = {"tokens": tokens, "source_lengths": source_lengths, **memory, **state}
+            outputs = self._decoder.run(self._decoder_outputs, feeds)
         new_state = dict(zip(self.state_names, outputs[3:]))
         return StepOutput(topk_log_probs=outputs[0], topk_ids=outputs[1], attention=outputs[2], state=new_state)
+
+    def _step_with_binding(self, tokens: np.ndarray, source_lengths: np.ndarray, memory: dict[str, np.ndarray],
+                           state: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if any(self._bound_memory.get(name) is not array for name, array in memory.items()):
+            self._device_memory = {
+                name: self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self._device, 0)
+                for name, array in memory.items()
+            }
+            self._bound_memory = dict(memory)
+            self.memory_uploads += 1
+        binding = self._decoder.io_binding()
+        binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens))
+        binding.bind_cpu_input("source_lengths", np.ascontiguousarray(source_lengths))
+        for name, value in self._device_memory.items():
+            binding.bind_ortvalue_input(name, value)
+        for name, array in state.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in self._decoder_outputs:
+            binding.bind_output(name, "cpu")
+        self._decoder.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
 
 @dataclass
@@ -215,7 +255,7 @@ def read_config(directory: Path) -> ModelConfig:
 
 
 def load_model(directory: Path, *, provider: str = "auto", intra_op_threads: int = 0,
-               inter_op_threads: int = 1) -> LoadedModel:
+               inter_op_threads: int = 1, io_binding: bool | None = None) -> LoadedModel:
     """Load the model version in ``directory`` (``models/NAME/VERSION``); raises ModelLoadError with the cause."""
     started = time.monotonic()
     directory = Path(directory)
@@ -233,6 +273,6 @@ def load_model(directory: Path, *, provider: str = "auto", intra_op_threads: int
                 f"{directory}: {side} tokenizer has {tok.vocab_size} tokens but the model was trained with {expected}")
     step_model = OnnxStepModel(config, directory, providers=choose_providers(provider),
                                intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
-                               require_cuda=provider == "cuda")
+                               require_cuda=provider == "cuda", io_binding=io_binding)
     return LoadedModel(config=config, directory=directory, source_tokenizer=source, target_tokenizer=target,
                        step_model=step_model, load_seconds=time.monotonic() - started)
