@@ -40,7 +40,7 @@ DEFAULT_MODELS = (
         model={"attention": "additive", "style": "bahdanau", "encoder": "gru", "decoder": "gru",
                "embedding": 64, "hidden": 128, "top_k": 16},
         training={"batch_size": 128, "learning_rate": 3e-3, "eval_every": 200, "target_exact_match": 0.998,
-                  "max_minutes": 3.0, "patience": 10},
+                  "max_minutes": 6.0, "patience": 10},
         bar=0.995,
     ),
     ZooEntry(
@@ -52,7 +52,7 @@ DEFAULT_MODELS = (
                "embedding": 64, "hidden": 128, "top_k": 16, "dropout": 0.25},
         # Split by number, 10% each for valid and test: the test numbers were never seen in either language.
         training={"batch_size": 64, "learning_rate": 3e-3, "eval_every": 100, "target_exact_match": 0.995,
-                  "max_minutes": 6.0, "patience": 12, "lr_patience": 2,
+                  "max_minutes": 12.0, "patience": 12, "lr_patience": 2,
                   "data_options": {"max_number": 999, "valid_fraction": 0.1, "test_fraction": 0.1}},
         bar=0.99,
     ),
