@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODELS ?= models
 
-.PHONY: install models test serve protos clean ci
+.PHONY: install models test serve protos clean ci interop loadtest loadtest-smoke bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,20 +15,92 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The KServe v2 interop tests (tests/service/test_kserve.py) drive the server with NVIDIA's tritonclient,
+# which requires protobuf < 7 while the server requires protobuf >= 7.35 (grpcio-reflection/-health 1.85):
+# the client gets its own virtualenv, and the tests run it as a subprocess.
+INTEROP_VENV := .venv-interop
+INTEROP_STAMP := $(INTEROP_VENV)/.installed
+
+$(INTEROP_STAMP): tests/interop/requirements.txt
+	$(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/pip install --quiet -r tests/interop/requirements.txt
+	touch $(INTEROP_STAMP)
+
+interop: $(INTEROP_STAMP)
+
 protos: $(STAMP)
 	$(BIN)/python -m service.protogen
 
 models: $(STAMP)
 	$(BIN)/attnserve build-models --repository $(MODELS)
 
-test: $(STAMP)
+test: $(STAMP) $(INTEROP_STAMP)
 	$(BIN)/python -m pytest -q
 
+# Load tests and benchmarks (docs/benchmarks.md). `make loadtest LOADTEST_HOST=host:port` targets a running
+# server; without LOADTEST_HOST one is started on $(MODELS). Locust's CSV stats and HTML report go to
+# reports/loadtest; the run fails when the failure ratio or the p99 latency (ms, 0 = unchecked) is over.
+LOADTEST_HOST ?=
+LOADTEST_USERS ?= 16
+LOADTEST_SPAWN_RATE ?= 4
+LOADTEST_RUN_TIME ?= 30s
+LOADTEST_MAX_FAIL_RATIO ?= 0.01
+LOADTEST_MAX_P99_MS ?= 0
+BENCH_ARGS ?=
+
+loadtest: $(STAMP) $(if $(LOADTEST_HOST),,models)
+	$(BIN)/python -m loadtests.loadtest $(if $(LOADTEST_HOST),--host $(LOADTEST_HOST),--repository $(MODELS)) \
+		--users $(LOADTEST_USERS) --spawn-rate $(LOADTEST_SPAWN_RATE) --run-time $(LOADTEST_RUN_TIME) \
+		--max-fail-ratio $(LOADTEST_MAX_FAIL_RATIO) --max-p99-ms $(LOADTEST_MAX_P99_MS) --out reports/loadtest
+
+# CI's smoke: tiny models (built once into build/smoke), a live server, 8 users for 20 s, no failure allowed.
+loadtest-smoke: $(STAMP)
+	$(BIN)/python -m loadtests.loadtest --smoke --out reports/loadtest-smoke
+
+# The side-by-side benchmark: every contender, every workload (about 25 minutes on 2 cores; the phrasebook
+# model is trained once into build/bench). Report: reports/bench/bench.{json,md}, throughput.png, latency.png.
+bench: $(STAMP) models
+	$(BIN)/attnserve bench --repository $(MODELS) $(BENCH_ARGS)
+
+# The benchmark's quick mode on the smoke models (about 2 minutes): dates and numbers, levels 1 and 8.
+bench-quick: $(STAMP)
+	$(BIN)/python -m loadtests.smoke
+	$(BIN)/attnserve bench --quick --repository build/smoke/models --runs build/smoke/runs \
+		--cache-dir build/bench-quick --out reports/bench-quick $(BENCH_ARGS)
+
+# Reliability runs that print their figures (docs/reliability.md); not part of ci. `make overload`: about
+# 10x the measured capacity for 30 s, then recovery (about 2 minutes). `make soak`: Locust at 80% of the
+# measured capacity for SOAK_MINUTES. Both fail on a lost call or on memory growth of 10% or more.
+OVERLOAD_ARGS ?=
+SOAK_MINUTES ?= 10
+SOAK_ARGS ?=
+.PHONY: overload soak
+overload: $(STAMP) models
+	$(BIN)/python -m reliability.overload --repository $(MODELS) --out reports/overload $(OVERLOAD_ARGS)
+
+soak: $(STAMP) models
+	$(BIN)/python -m reliability.soak --repository $(MODELS) --minutes $(SOAK_MINUTES) --out reports/soak $(SOAK_ARGS)
+
+# Deployment (docs/deploy.md). Prometheus and promtool come from Debian's `prometheus` package, installed only
+# when missing (CI runs as root; elsewhere run it with sudo or install the package yourself).
+.PHONY: prometheus-tools deploy-check monitor
+prometheus-tools:
+	@if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then :; else \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; fi
+
+# Every static deployment check: kustomize renders, kubernetes-validate, CRD schemas, promtool, hadolint.
+deploy-check: $(STAMP) prometheus-tools
+	$(BIN)/python -m deploy.tool check
+
+# A real Prometheus on 127.0.0.1:9090 scraping `make serve` (localhost:8002) with the alerting rules.
+monitor: $(STAMP) prometheus-tools
+	$(BIN)/python -m deploy.tool monitor
+
 # What CI runs (.ci/run): the test suite, then every further check the issues ask CI to make.
-ci: test
+ci: prometheus-tools test deploy-check loadtest-smoke bench-quick
 
 serve: $(STAMP) models
 	$(BIN)/attnserve serve --model-repository $(MODELS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(INTEROP_VENV) build *.egg-info

@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "build-models": ("export.cli", "build_models_main", "train and export the default model repository"),
     "serve": ("service.server", "main", "serve a model repository over gRPC"),
     "translate": ("service.client", "main", "translate with a running server or a local model version"),
+    "bench": ("loadtests.bench", "main", "benchmark the serving contenders side by side (see docs/benchmarks.md)"),
 }
 
 

@@ -53,9 +53,39 @@ def build_parser() -> argparse.ArgumentParser:
                              "texts, IMAGE-1.png, IMAGE-2.png, ...")
     parser.add_argument("--json", action="store_true", help="print the whole response as JSON")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="deadline of the call (default 30)")
+    parser.add_argument("--tls", action="store_true",
+                        help="connect with TLS, trusting the system's certificate authorities (implied by --tls-ca-file)")
+    parser.add_argument("--tls-ca-file", type=Path, metavar="PEM",
+                        default=_env_path("ATTNSERVE_TLS_CA_FILE"),
+                        help="trust the server certificates this CA signed [env ATTNSERVE_TLS_CA_FILE]")
+    parser.add_argument("--tls-cert-file", type=Path, metavar="PEM", default=_env_path("ATTNSERVE_TLS_CLIENT_CERT_FILE"),
+                        help="client certificate for mutual TLS [env ATTNSERVE_TLS_CLIENT_CERT_FILE]")
+    parser.add_argument("--tls-key-file", type=Path, metavar="PEM", default=_env_path("ATTNSERVE_TLS_CLIENT_KEY_FILE"),
+                        help="private key of --tls-cert-file [env ATTNSERVE_TLS_CLIENT_KEY_FILE]")
+    parser.add_argument("--tls-server-name", default="", metavar="NAME",
+                        help="name to check the server certificate against (default: the host of --server)")
+    parser.add_argument("--token-file", type=Path, metavar="PATH",
+                        help="file whose first line is the bearer token to send (default: the ATTNSERVE_TOKEN "
+                             "environment variable, if set)")
     parser.add_argument("--provider", default="cpu", choices=("auto", "cpu", "cuda"),
                         help="onnxruntime execution provider for --offline (default cpu)")
     return parser
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name, "").strip()
+    return Path(value) if value else None
+
+
+def _token(arguments: argparse.Namespace) -> str | None:
+    """The bearer token: the first line of --token-file, else ATTNSERVE_TOKEN, else none."""
+    if arguments.token_file is not None:
+        try:
+            lines = arguments.token_file.read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            raise TranslateFailed("INVALID_ARGUMENT", f"--token-file {arguments.token_file}: {error.strerror}") from None
+        return lines[0].strip() if lines and lines[0].strip() else None
+    return os.environ.get("ATTNSERVE_TOKEN", "").strip() or None
 
 
 def _request(arguments: argparse.Namespace) -> pb.TranslateRequest:
@@ -90,24 +120,39 @@ def _translate_remote(arguments: argparse.Namespace, request: pb.TranslateReques
     import grpc
 
     from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
+    from service.grpc_api.security import SecurityConfigError, open_channel, token_metadata
 
-    with grpc.insecure_channel(arguments.server) as channel:
+    metadata = token_metadata(_token(arguments))
+    try:
+        channel = open_channel(
+            arguments.server,
+            tls=arguments.tls,
+            ca_file=arguments.tls_ca_file,
+            cert_file=arguments.tls_cert_file,
+            key_file=arguments.tls_key_file,
+            server_name=arguments.tls_server_name,
+        )
+    except SecurityConfigError as error:
+        raise TranslateFailed("INVALID_ARGUMENT", str(error)) from None
+    with channel:
         stub = pb_grpc.TranslatorStub(channel)
         try:
             if not arguments.stream:
-                return stub.Translate(request, timeout=arguments.timeout), False
-            return _stream(stub, request, arguments)
+                return stub.Translate(request, timeout=arguments.timeout, metadata=metadata), False
+            return _stream(stub, request, arguments, metadata)
         except grpc.RpcError as error:
             raise TranslateFailed(error.code().name, error.details() or "") from None
 
 
-def _stream(stub: object, request: pb.TranslateRequest, arguments: argparse.Namespace) -> tuple[pb.TranslateResponse, bool]:
+def _stream(
+    stub: object, request: pb.TranslateRequest, arguments: argparse.Namespace, metadata: tuple[tuple[str, str], ...] = ()
+) -> tuple[pb.TranslateResponse, bool]:
     """Print tokens as they arrive (unless --json); return the final message as a response, and whether
     any token was printed (a beam search streams none)."""
     final: pb.TranslateStreamResponse | None = None
     printed = False
     shown = ""
-    for message in stub.TranslateStream(request, timeout=arguments.timeout):  # type: ignore[attr-defined]
+    for message in stub.TranslateStream(request, timeout=arguments.timeout, metadata=metadata):  # type: ignore[attr-defined]
         if message.final:
             final = message
         elif not arguments.json:

@@ -126,6 +126,14 @@ class Dataplane:
     def default_model(self) -> str:
         return self.manager.default_model
 
+    def server_ready(self) -> bool:
+        """Every model of the repository has a loaded version, and the server is not draining (ModelManager.all_loaded)."""
+        return self.manager.all_loaded
+
+    def model_ready(self, name: str, version: str) -> bool:
+        """Model `name` version `version` ('' = latest loaded) accepts requests now (see ModelManager.is_ready)."""
+        return self.manager.is_ready(name, version)
+
     # ----- translation ------------------------------------------------------------------------------
 
     async def translate(
@@ -149,16 +157,18 @@ class Dataplane:
         if on_resolved is not None:
             on_resolved(served.name, str(served.version))
         self._check_texts(texts)
+        served.scheduler.check_room(len(texts))  # before tokenizing: refusing under overload must be cheap
         decode = self._decode_options(served, options)
         prepared = [self._prepare(served, index, text) for index, text in enumerate(texts)]
         handles: list[RequestHandle] = []
         try:
-            for text in prepared:
-                handles.append(
-                    served.scheduler.submit(
-                        TranslationRequest(text.source_ids, decode, deadline=deadline, stream=False, arrival=arrival)
-                    )
-                )
+            # All texts or none: a call refused for a full queue leaves nothing behind in it.
+            handles = served.scheduler.submit_all(
+                [
+                    TranslationRequest(text.source_ids, decode, deadline=deadline, stream=False, arrival=arrival)
+                    for text in prepared
+                ]
+            )
             results = await asyncio.gather(*(handle.result() for handle in handles))
         except BaseException:
             for handle in handles:  # idempotent; a resolved handle ignores it
@@ -190,6 +200,7 @@ class Dataplane:
         if on_resolved is not None:
             on_resolved(served.name, str(served.version))
         self._check_texts([text])
+        served.scheduler.check_room(1)
         decode = self._decode_options(served, options)
         prepared = self._prepare(served, 0, text)
         name, number = served.name, str(served.version)

@@ -54,6 +54,7 @@ class _QueueSource:
     model: str
     version: str
     scheduler: QueueDepth
+    waiting_limit: int | None = None
 
 
 class _QueueCollector(Collector):
@@ -67,9 +68,9 @@ class _QueueCollector(Collector):
         self._sources: dict[tuple[str, str], _QueueSource] = {}
         self._lock = threading.Lock()
 
-    def add(self, model: str, version: str, scheduler: QueueDepth) -> None:
+    def add(self, model: str, version: str, scheduler: QueueDepth, waiting_limit: int | None = None) -> None:
         with self._lock:
-            self._sources[(model, version)] = _QueueSource(model, version, scheduler)
+            self._sources[(model, version)] = _QueueSource(model, version, scheduler, waiting_limit)
 
     def remove(self, model: str, version: str) -> None:
         with self._lock:
@@ -82,18 +83,27 @@ class _QueueCollector(Collector):
         running = GaugeMetricFamily(
             "attnserve_requests_running", "Texts being decoded in a model version's batch.", labels=MODEL_LABELS
         )
+        waiting_limit = GaugeMetricFamily(
+            "attnserve_requests_waiting_limit",
+            "Most texts that may wait for a model version; beyond it new ones are refused (RESOURCE_EXHAUSTED).",
+            labels=MODEL_LABELS,
+        )
         with self._lock:
             sources = list(self._sources.values())
         for source in sources:
             waiting.add_metric([source.model, source.version], source.scheduler.waiting)
             running.add_metric([source.model, source.version], source.scheduler.running)
+            if source.waiting_limit is not None:
+                waiting_limit.add_metric([source.model, source.version], source.waiting_limit)
         yield waiting
         yield running
+        yield waiting_limit
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         # Names only, so registering does not call collect() before any scheduler exists.
         yield GaugeMetricFamily("attnserve_requests_waiting", "", labels=MODEL_LABELS)
         yield GaugeMetricFamily("attnserve_requests_running", "", labels=MODEL_LABELS)
+        yield GaugeMetricFamily("attnserve_requests_waiting_limit", "", labels=MODEL_LABELS)
 
 
 class ServerMetrics:
@@ -174,6 +184,18 @@ class ServerMetrics:
             "attnserve_model", "A loaded model version and the onnxruntime execution provider it runs on.",
             MODEL_LABELS, registry=r,
         )
+        self.model_load_failures = Counter(
+            "attnserve_model_load_failures",
+            "Attempts to load a model version that failed (corrupt or missing files, mismatched tokenizer, "
+            "failed warm-up); such a version is never served.",
+            MODEL_LABELS, registry=r,
+        )
+        self.model_retirements = Counter(
+            "attnserve_model_version_retirements",
+            "Model versions taken out of service while the server runs (replaced by a newer version, or "
+            "removed from the repository); each drains its requests first.",
+            ("model",), registry=r,
+        )
         self._queues = _QueueCollector()
         r.register(self._queues)
         self._http_server: object | None = None
@@ -191,13 +213,27 @@ class ServerMetrics:
         self.model_load.labels(model, version).set(load_seconds)
         self.model_info.labels(model, version).info({"provider": provider})
 
+    def model_load_failed(self, model: str, version: str) -> None:
+        """An attempt to load a model version failed (the version is not served)."""
+        self.model_load_failures.labels(model, version).inc()
+
+    def model_unloaded(self, model: str, version: str) -> None:
+        """A model version was retired: it no longer appears as loaded."""
+        self.model_retirements.labels(model).inc()
+        for family in (self.model_load, self.model_info):
+            try:
+                family.remove(model, version)
+            except KeyError:  # never reported as loaded
+                pass
+
     def recorder(self, model: str, version: str) -> ModelStatsRecorder:
         """The StatsRecorder for one model version's scheduler."""
         return ModelStatsRecorder(self, model, version)
 
-    def watch_queue(self, model: str, version: str, scheduler: QueueDepth) -> None:
-        """Report `scheduler.waiting` / `.running` under these labels at every scrape."""
-        self._queues.add(model, version, scheduler)
+    def watch_queue(self, model: str, version: str, scheduler: QueueDepth, waiting_limit: int | None = None) -> None:
+        """Report `scheduler.waiting` / `.running` under these labels at every scrape, and `waiting_limit`
+        (the queue's capacity, max_waiting_requests) when given, so alerts can compare the two."""
+        self._queues.add(model, version, scheduler, waiting_limit)
 
     def unwatch_queue(self, model: str, version: str) -> None:
         self._queues.remove(model, version)

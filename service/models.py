@@ -1,9 +1,19 @@
 """The model manager: which model versions the server serves, and looking one up by name and version.
 
-At start it discovers the repository once, loads the newest `settings.loaded_versions` versions of
-every model (0 = all), warms each up and starts one engine Scheduler per version. After that, every
-lookup works on the in-memory tables only: a client-supplied name is checked against the strict
-model-name pattern first and is never turned into a path.
+At start it discovers the repository, loads the newest `settings.loaded_versions` versions of every
+model (0 = all) that load, warms each up and starts one engine Scheduler per version. Lookups work on
+the in-memory tables only: a client-supplied name is checked against the strict model-name pattern
+first and is never turned into a path.
+
+Hot reload: every `settings.repository_poll_seconds` the repository is scanned again (a directory
+listing, off the request path) and the served versions are reconciled with it. A new version is
+loaded and warmed up while the current one keeps serving, then switched to in one step on the event
+loop (new requests go to it; requests already queued on the old one finish there), and the old version
+is retired: it drains, then its engine stops. A version that fails to load (corrupt or missing file,
+mismatched tokenizer, failed warm-up) is logged, counted in `attnserve_model_load_failures_total` and
+never served; the versions already serving go on. It is tried again only when its files change. When
+the newest versions are removed from disk, the newest remaining one is loaded (a rollback); the last
+served version of a model is never dropped because its files disappeared.
 
 Loading and warm-up are blocking onnxruntime calls; they run in a worker thread so the event loop
 (and the health service) stays responsive while a large repository loads.
@@ -12,9 +22,11 @@ Loading and warm-up are blocking onnxruntime calls; they run in a worker thread 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+import os
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,11 +85,54 @@ class ModelDescription:
     load_seconds: float
 
 
+class ModelEventKind(enum.Enum):
+    """What happened to a model version."""
+
+    LOADED = "loaded"
+    """Loaded, warmed up and serving (at start or by a repository scan)."""
+    RETIRED = "retired"
+    """Taken out of service by a repository scan (replaced or removed); it drains its requests."""
+    FAILED = "failed"
+    """A load attempt failed; the version is not served."""
+
+
+@dataclass(frozen=True)
+class ModelEvent:
+    """A change in what the manager serves, given to listeners on the event-loop thread.
+    `detail`: why a load failed ('' otherwise)."""
+
+    kind: ModelEventKind
+    name: str
+    version: int
+    detail: str = ""
+
+
+Fingerprint = tuple[tuple[str, int, int], ...]
+"""A version directory's files as (name, size in bytes, mtime in ns): a failed version is retried when it changes."""
+
+
+def _fingerprint(directory: Path) -> Fingerprint:
+    try:
+        entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+    except OSError:
+        return ()
+    files: list[tuple[str, int, int]] = []
+    for entry in entries:
+        try:
+            status = entry.stat()
+        except OSError:
+            continue
+        files.append((entry.name, status.st_size, status.st_mtime_ns))
+    return tuple(files)
+
+
 @dataclass
 class _ModelEntry:
     versions_on_disk: tuple[int, ...]
     served: dict[int, ServedVersion] = field(default_factory=dict)
     failures: dict[int, str] = field(default_factory=dict)  # version -> why it did not load
+    failed_fingerprints: dict[int, Fingerprint] = field(default_factory=dict)  # version -> its files when it failed
+    vanished_warned: bool = False  # told the log that no version on disk loads, but one is still served
 
 
 class ModelManager:
@@ -101,6 +156,10 @@ class ModelManager:
         self._default = ""
         self._draining = False
         self._started = False
+        self._listeners: list[Callable[[ModelEvent], None]] = []
+        self._scan_lock = asyncio.Lock()
+        self._scan_task: asyncio.Task[None] | None = None
+        self._retiring: dict[asyncio.Task[None], ServedVersion] = {}
 
     # ----- life cycle -------------------------------------------------------------------------------
 
@@ -124,21 +183,26 @@ class ModelManager:
         if not found:
             wanted = f" named {sorted(self._only)}" if self._only else ""
             raise ModelLoadError(f"no models{wanted} in the model repository {root} (expected NAME/VERSION/model.json)")
-        keep = self.settings.loaded_versions
         for name, versions in sorted(found.items()):
             entry = _ModelEntry(versions_on_disk=tuple(versions))
             self._models[name] = entry
-            for version in (versions if keep == 0 else versions[-keep:]):
-                await self._load(name, version, entry)
+            await self._reconcile(name, entry)
         if not any(entry.served for entry in self._models.values()):
             failures = "; ".join(
                 f"{name} version {version}: {why}" for name, entry in self._models.items() for version, why in entry.failures.items()
             )
             raise ModelLoadError(f"no model version could be loaded from {root}: {failures}")
         self._default = self._choose_default()
+        if self.settings.repository_poll_seconds > 0:
+            self._scan_task = asyncio.get_running_loop().create_task(self._scan_loop(), name="repository scan")
 
-    async def _load(self, name: str, version: int, entry: _ModelEntry) -> None:
+    async def _load(self, name: str, version: int, entry: _ModelEntry, fingerprint: Fingerprint | None = None) -> bool:
+        """Load, warm up and start one version; True when it serves. A failure is recorded in `entry`
+        (with the directory's fingerprint, so it is retried only when the files change), logged,
+        counted and reported to the listeners."""
         directory = version_directory(self.settings.model_repository, name, version)
+        if fingerprint is None:
+            fingerprint = await asyncio.to_thread(_fingerprint, directory)
         started = time.monotonic()
         try:
             model = await asyncio.to_thread(
@@ -155,13 +219,13 @@ class ModelManager:
                 )
             await asyncio.to_thread(model.warm_up)
         except ModelLoadError as error:
-            entry.failures[version] = error.message
             log.error("model %s version %s is not served: %s", name, version, error.message)
-            return
+            self._record_failure(name, version, entry, error.message, fingerprint)
+            return False
         except Exception as error:  # onnxruntime or tokenizer errors during warm-up: same outcome, plus a trace
-            entry.failures[version] = f"{type(error).__name__}: {error}"
             log.exception("model %s version %s is not served: loading or warm-up failed", name, version)
-            return
+            self._record_failure(name, version, entry, f"{type(error).__name__}: {error}", fingerprint)
+            return False
         recorder = self.metrics.recorder(name, str(version)) if self.metrics is not None else None
         scheduler = Scheduler(
             model.step_model,
@@ -181,11 +245,126 @@ class ModelManager:
         entry.served[version] = ServedVersion(name, version, model, scheduler)
         if self.metrics is not None:
             self.metrics.model_loaded(name, str(version), model.provider, model.load_seconds)
-            self.metrics.watch_queue(name, str(version), scheduler)
+            self.metrics.watch_queue(name, str(version), scheduler, waiting_limit=scheduler.limits.max_waiting_requests)
         log.info(
             "loaded model %s version %s on %s in %.2f s (ready after %.2f s with warm-up)",
             name, version, model.provider, model.load_seconds, time.monotonic() - started,
         )
+        entry.failures.pop(version, None)
+        entry.failed_fingerprints.pop(version, None)
+        self._emit(ModelEvent(ModelEventKind.LOADED, name, version))
+        return True
+
+    def _record_failure(self, name: str, version: int, entry: _ModelEntry, why: str, fingerprint: Fingerprint) -> None:
+        entry.failures[version] = why
+        entry.failed_fingerprints[version] = fingerprint
+        if self.metrics is not None:
+            self.metrics.model_load_failed(name, str(version))
+        self._emit(ModelEvent(ModelEventKind.FAILED, name, version, why))
+
+    # ----- hot reload -------------------------------------------------------------------------------
+
+    def add_listener(self, listener: Callable[[ModelEvent], None]) -> None:
+        """Call `listener(event)` on the event-loop thread whenever a version loads, fails or retires
+        (e.g. the health service marks a model that appeared SERVING). It must not block."""
+        self._listeners.append(listener)
+
+    def _emit(self, event: ModelEvent) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not stop a reload half-way
+                log.exception("model event listener failed on %s", event)
+
+    async def refresh(self) -> None:
+        """Scan the repository now and reconcile what is served with it (the periodic scan calls this).
+
+        For every model on disk: keep serving the newest `loaded_versions` versions that load (0 = all),
+        loading and warming up new ones before switching to them, and retire (drain, then stop) the
+        versions no longer wanted. New model names are loaded too. Does nothing while draining."""
+        async with self._scan_lock:
+            if self._draining:
+                return
+            found = await asyncio.to_thread(discover, self.settings.model_repository)
+            if self._only is not None:
+                found = {name: versions for name, versions in found.items() if name in self._only}
+            for name in sorted(set(found) | set(self._models)):
+                if self._draining:
+                    return
+                versions = tuple(found.get(name, ()))
+                entry = self._models.get(name)
+                if entry is None:
+                    log.info("model %s appeared in the repository with versions %s", name, list(versions))
+                    entry = _ModelEntry(versions_on_disk=versions)
+                    await self._reconcile(name, entry)
+                    self._models[name] = entry  # only now: until it loaded, the name was simply unknown
+                    continue
+                entry.versions_on_disk = versions
+                await self._reconcile(name, entry)
+
+    async def _reconcile(self, name: str, entry: _ModelEntry) -> None:
+        """Serve the newest `loaded_versions` versions of `entry.versions_on_disk` that load; retire the rest."""
+        keep = self.settings.loaded_versions
+        for version in list(entry.failures):
+            if version not in entry.versions_on_disk:  # removed from disk: its failure is history
+                entry.failures.pop(version, None)
+                entry.failed_fingerprints.pop(version, None)
+        wanted: list[int] = []
+        for version in sorted(entry.versions_on_disk, reverse=True):
+            if keep and len(wanted) >= keep:
+                break
+            if version in entry.served:
+                wanted.append(version)
+                continue
+            if self._draining:
+                return
+            directory = version_directory(self.settings.model_repository, name, version)
+            fingerprint = await asyncio.to_thread(_fingerprint, directory)
+            if version in entry.failures and entry.failed_fingerprints.get(version) == fingerprint:
+                continue  # still the files that failed; an older version serves instead
+            if await self._load(name, version, entry, fingerprint):
+                wanted.append(version)
+        stale = sorted(version for version in entry.served if version not in wanted)
+        if not wanted:
+            if stale and not entry.vanished_warned:
+                log.warning(
+                    "model %s: no version on disk loads any more; still serving version(s) %s from memory",
+                    name, ", ".join(str(version) for version in stale),
+                )
+                entry.vanished_warned = True
+            return
+        entry.vanished_warned = False
+        for version in stale:
+            self._retire(entry, entry.served[version])
+
+    def _retire(self, entry: _ModelEntry, served: ServedVersion) -> None:
+        """Take a version out of the lookup tables now (new requests go to the others) and drain it in
+        the background: its queued and running requests finish, then its engine stops."""
+        del entry.served[served.version]
+        log.info(
+            "model %s: retiring version %s (serving %s); %d requests in it finish first",
+            served.name, served.version, sorted(entry.served), served.scheduler.waiting + served.scheduler.running,
+        )
+        task = asyncio.get_running_loop().create_task(self._drain_retired(served), name=f"retire {served.label}")
+        self._retiring[task] = served
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
+        self._emit(ModelEvent(ModelEventKind.RETIRED, served.name, served.version))
+
+    async def _drain_retired(self, served: ServedVersion) -> None:
+        await served.scheduler.stop(self.settings.drain_grace_seconds)
+        if self.metrics is not None:
+            self.metrics.unwatch_queue(served.name, str(served.version))
+            self.metrics.model_unloaded(served.name, str(served.version))
+        log.info("model %s: version %s drained and stopped", served.name, served.version)
+
+    async def _scan_loop(self) -> None:
+        interval = self.settings.repository_poll_seconds
+        while not self._draining:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except Exception:  # e.g. the repository is on a volume that went away; try again next time
+                log.exception("scanning the model repository failed; trying again in %.1f s", interval)
 
     def _choose_default(self) -> str:
         configured = self.settings.default_model
@@ -204,8 +383,13 @@ class ModelManager:
     async def stop(self, grace_s: float) -> None:
         """Drain every scheduler (in-flight requests get up to `grace_s` seconds), then stop them."""
         self.begin_draining()
+        if self._scan_task is not None:
+            self._scan_task.cancel()  # a load in progress is abandoned: its version was never served
+            await asyncio.gather(self._scan_task, return_exceptions=True)
         served = [version for entry in self._models.values() for version in entry.served.values()]
+        served += list(self._retiring.values())  # still draining after a reload: same grace, same end
         await asyncio.gather(*(version.scheduler.stop(grace_s) for version in served))
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         if self.metrics is not None:
             for version in served:
                 self.metrics.unwatch_queue(version.name, str(version.version))
@@ -230,6 +414,27 @@ class ModelManager:
     @property
     def draining(self) -> bool:
         return self._draining
+
+    @property
+    def all_loaded(self) -> bool:
+        """True once start() has finished and every model of the repository has a loaded version, until
+        draining begins; False while starting, while some model has no version that loaded, and while
+        draining. (A version that failed while another version of its model serves does not count.)"""
+        return (
+            bool(self._default)  # set last in start()
+            and not self._draining
+            and all(entry.served for entry in self._models.values())
+        )
+
+    def is_ready(self, name: str, version: str) -> bool:
+        """Whether model `name` version `version` ('' = latest loaded) would accept a request now: False
+        for an unknown, unloaded or failed one and while draining. A malformed name or version raises
+        InvalidRequest (as resolve() does)."""
+        try:
+            self.resolve(name, version)
+        except (ModelNotFound, ModelLoadError, Unavailable):
+            return False
+        return True
 
     def served_versions(self) -> list[ServedVersion]:
         """Every loaded version, by name then version."""

@@ -1,8 +1,9 @@
 """`attnserve serve`: load the model repository and serve it over gRPC until SIGTERM/SIGINT.
 
 On SIGTERM or SIGINT the server drains (health NOT_SERVING, new calls UNAVAILABLE, in-flight calls
-get drain_grace_seconds to finish) and exits with status 0. Exit status 1: no model could be served or
-the port is taken; 2: bad settings.
+get drain_grace_seconds to finish) and exits with status 0. SIGHUP scans the model repository at once
+(as the periodic scan does every repository_poll_seconds). Exit status 1: no model could be served or
+the port is taken; 2: bad settings, or a TLS or token file that does not load.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 
 from service.dataplane import Dataplane
 from service.errors import AttnServeError
+from service.grpc_api.security import SecurityConfigError
 from service.grpc_api.server import GrpcServer, PortInUse
 from service.metrics import ServerMetrics
 from service.models import ModelManager
@@ -47,14 +49,19 @@ async def serve(
     """
     metrics = ServerMetrics()
     manager = ModelManager(settings, metrics)
+    dataplane = Dataplane(manager, settings)
+    try:
+        # Before loading any model: a TLS or token file that does not load fails the start at once.
+        server = GrpcServer(settings, manager, dataplane, metrics)
+    except SecurityConfigError as error:
+        log.error("cannot start: %s", error)
+        return 2
     try:
         await manager.start()
     except AttnServeError as error:
         log.error("cannot start: %s", error.message)
         await manager.stop(0.0)
         return 1
-    dataplane = Dataplane(manager, settings)
-    server = GrpcServer(settings, manager, dataplane, metrics)
     try:
         port = await server.start()
     except PortInUse as error:
@@ -76,6 +83,21 @@ async def serve(
         for signal_number in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signal_number, stop.set)
             handled.append(signal_number)
+        rescans: set[asyncio.Task[None]] = set()
+
+        def rescanned(task: asyncio.Task[None]) -> None:
+            rescans.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("the repository scan asked for by SIGHUP failed", exc_info=task.exception())
+
+        def rescan() -> None:
+            log.info("SIGHUP: scanning the model repository")
+            task = loop.create_task(manager.refresh())
+            rescans.add(task)
+            task.add_done_callback(rescanned)
+
+        loop.add_signal_handler(signal.SIGHUP, rescan)
+        handled.append(signal.SIGHUP)
     models = ", ".join(f"{served.name} v{served.version} ({served.model.provider})" for served in manager.served_versions())
     metrics_text = f", metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else ""
     log.info(

@@ -2,7 +2,7 @@
 
 Every field can be set by a command-line flag (`--model-repository`, `--port`, ...) or by an
 `ATTNSERVE_<FIELD>` environment variable (`ATTNSERVE_PORT=50052`); a flag wins over the environment,
-which wins over the default. Values are checked against their bounds when the object is built, and
+which wins over the default. Secrets (`auth_tokens`) come from the environment only and are never shown. Values are checked against their bounds when the object is built, and
 a bad value's message names where it came from, the value and the bound:
 `ATTNSERVE_PORT=70000: port must be 1..65535`.
 """
@@ -41,6 +41,16 @@ def _choice(default: str, choices: tuple[str, ...]) -> Any:
     return field(default=default, metadata={"choices": choices})
 
 
+def _optional_path() -> Any:
+    """A file setting that may be left unset (None; an empty flag or variable also means unset)."""
+    return field(default=None, metadata={"kind": Path, "optional": True})
+
+
+def _secret() -> Any:
+    """Text set only from the environment (never a flag: the process table shows flags) and never shown."""
+    return field(default="", repr=False, metadata={"environment_only": True, "secret": True})
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything `attnserve serve` can be told, with its unit and bounds."""
@@ -52,7 +62,7 @@ class Settings:
     """Address the gRPC server and the metrics endpoint listen on, e.g. `0.0.0.0`, `127.0.0.1`, `[::]`."""
 
     port: int = _bounded(50051, minimum=1, maximum=65535)
-    """TCP port of the gRPC server (Translator, Health and Reflection services)."""
+    """TCP port of the gRPC server (Translator, KServe v2 GRPCInferenceService, Health and Reflection services)."""
 
     metrics_port: int = _bounded(8002, minimum=0, maximum=65535)
     """TCP port of the Prometheus endpoint (`/metrics`); 0 turns it off."""
@@ -115,12 +125,48 @@ class Settings:
     log_level: str = _choice("INFO", LOG_LEVELS)
     """Python logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
 
+    repository_poll_seconds: float = _bounded(5.0, minimum=0.0, maximum=86400.0)
+    """Seconds between scans of the model repository for new, changed or removed versions (hot reload:
+    a new version is loaded, warmed up and switched to while the old one drains); 0 = scan only at start."""
+
+    tls_cert_file: Path | None = _optional_path()
+    """PEM certificate chain the gRPC port presents; with tls_key_file set too, the port speaks TLS only.
+    Unset = plaintext."""
+
+    tls_key_file: Path | None = _optional_path()
+    """PEM private key of tls_cert_file."""
+
+    tls_client_ca_file: Path | None = _optional_path()
+    """PEM CA certificates; when set, every client must present a certificate they signed (mutual TLS).
+    Needs tls_cert_file and tls_key_file."""
+
+    auth_tokens_file: Path | None = _optional_path()
+    """File of accepted bearer tokens, one per line ('#' starts a comment; re-read when it changes).
+    With tokens configured, every call but health checks needs the metadata `authorization: Bearer TOKEN`."""
+
+    auth_tokens: str = _secret()
+    """Accepted bearer tokens, comma-separated, from the ATTNSERVE_AUTH_TOKENS environment variable only
+    (there is no flag, so tokens never appear in the process table); added to those of auth_tokens_file."""
+
+    reflection: bool = True
+    """Serve gRPC server reflection (lets grpcurl and similar tools list the API): true or false."""
+
+    max_concurrent_streams: int = _bounded(0, minimum=0, maximum=2**31 - 1)
+    """Most calls one client connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS);
+    0 = no limit. Calls beyond it are refused before they reach the server (UNAVAILABLE, REFUSED_STREAM:
+    nothing was done, so they are safe to retry), so one client cannot hold more than this many."""
+
+    max_connection_age_seconds: float = _bounded(0.0, minimum=0.0, maximum=86400.0)
+    """Seconds after which the server asks a client connection to close (HTTP/2 GOAWAY; calls in flight
+    get drain_grace_seconds to finish), so clients balancing with `dns:///` re-resolve and find new
+    replicas; 0 = connections never age out."""
+
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):
             value = getattr(self, setting.name)
             problem = _field_problem(setting, value)
             if problem is not None:
-                raise SettingsError(f"{setting.name}={_show(value)}: {problem}")
+                raise SettingsError(f"{setting.name}={_show(value, setting)}: {problem}")
         problem = _cross_field_problem(self)
         if problem is not None:
             raise SettingsError(problem)
@@ -148,7 +194,7 @@ class Settings:
             value = _convert(setting, raw, origin)
             problem = _field_problem(setting, value)
             if problem is not None:
-                raise SettingsError(f"{origin}={_show(raw)}: {problem}")
+                raise SettingsError(f"{origin}={_show(raw, setting)}: {problem}")
             values[setting.name] = value
         return cls(**values)
 
@@ -165,13 +211,23 @@ class Settings:
 
 def build_parser(prog: str = "attnserve serve") -> argparse.ArgumentParser:
     """The flags of `attnserve serve`: one per setting, each defaulting to None (= not given)."""
+    docs = _field_docs()
+    environment_only = [setting for setting in dataclasses.fields(Settings) if setting.metadata.get("environment_only")]
+    epilog = " ".join(
+        f"{ENV_PREFIX}{setting.name.upper()} (environment only): {docs.get(setting.name, '')}"
+        for setting in environment_only
+    )
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Serve the models of a model repository over gRPC. Every flag can also be set with "
         f"an {ENV_PREFIX}<FLAG_NAME> environment variable (flags win).",
+        epilog=epilog.replace("%", "%%") or None,
+        # No prefixes: `--auth-tokens SECRET` must fail, not quietly become --auth-tokens-file=SECRET.
+        allow_abbrev=False,
     )
-    docs = _field_docs()
     for setting in dataclasses.fields(Settings):
+        if setting.metadata.get("environment_only"):
+            continue
         help_text = docs.get(setting.name, "")
         help_text = f"{help_text} [env {ENV_PREFIX}{setting.name.upper()}; default: {_show(setting.default)}]"
         help_text = help_text.replace("%", "%%")
@@ -188,16 +244,30 @@ def _metavar(setting: dataclasses.Field[Any]) -> str:
     if choices:
         return "{" + ",".join(choices) + "}"
     kind = _kind(setting)
-    return {int: "N", float: "X", Path: "PATH"}.get(kind, "TEXT")
+    return {int: "N", float: "X", Path: "PATH", bool: "{true,false}"}.get(kind, "TEXT")
 
 
 def _kind(setting: dataclasses.Field[Any]) -> type:
-    # Annotations are strings under `from __future__ import annotations`; the default's type is exact.
+    # Annotations are strings under `from __future__ import annotations`; the default's type is exact,
+    # except for optional fields (default None), which name their kind in the metadata.
+    declared = setting.metadata.get("kind")
+    if declared is not None:
+        return declared
     return Path if isinstance(setting.default, Path) else type(setting.default)
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, setting: dataclasses.Field[Any] | None = None) -> str:
+    if setting is not None and setting.metadata.get("secret"):
+        return "(hidden)"
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return str(value)
+
+
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
 
 
 def _convert(setting: dataclasses.Field[Any], raw: Any, origin: str) -> Any:
@@ -215,7 +285,15 @@ def _convert(setting: dataclasses.Field[Any], raw: Any, origin: str) -> Any:
     except ValueError:
         noun = "an integer" if kind is int else "a finite number"
         raise SettingsError(f"{origin}={_show(raw)}: {setting.name} must be {noun}") from None
+    if kind is bool:
+        if text.lower() in TRUE_WORDS:
+            return True
+        if text.lower() in FALSE_WORDS:
+            return False
+        raise SettingsError(f"{origin}={_show(raw)}: {setting.name} must be true or false")
     if kind is Path:
+        if not text and setting.metadata.get("optional"):
+            return None
         return Path(text)
     if setting.name == "log_level":
         return text.upper()
@@ -229,9 +307,13 @@ def _field_problem(setting: dataclasses.Field[Any], value: Any) -> str | None:
     name = setting.name
     kind = _kind(setting)
     if kind is Path:
+        if value is None and setting.metadata.get("optional"):
+            return None
         if not isinstance(value, Path) or not str(value):
-            return f"{name} must be a folder path"
+            return f"{name} must be a {'file' if setting.metadata.get('optional') else 'folder'} path"
         return None
+    if kind is bool:
+        return None if isinstance(value, bool) else f"{name} must be true or false"
     if kind in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
             return f"{name} must be {'an integer' if kind is int else 'a number'}"
@@ -256,6 +338,16 @@ def _field_problem(setting: dataclasses.Field[Any], value: Any) -> str | None:
 def _cross_field_problem(settings: Settings) -> str | None:
     if settings.metrics_port and settings.metrics_port == settings.port:
         return f"metrics_port={settings.metrics_port} and port={settings.port} must differ (or metrics_port=0 to turn metrics off)"
+    if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
+        return (
+            f"tls_cert_file={_show(settings.tls_cert_file)} and tls_key_file={_show(settings.tls_key_file)}: "
+            "set both (TLS) or neither (plaintext)"
+        )
+    if settings.tls_client_ca_file is not None and settings.tls_cert_file is None:
+        return (
+            f"tls_client_ca_file={settings.tls_client_ca_file} needs tls_cert_file and tls_key_file: "
+            "mutual TLS is TLS with client certificates"
+        )
     return None
 
 

@@ -10,8 +10,11 @@ Concurrency model (one, on purpose):
 - When there is nothing to do the loop sleeps on an asyncio.Event that `submit()` sets; it never polls.
 
 Every submitted request is resolved exactly once: with a result, or with an AttnServeError (cancelled,
-deadline, model failure, engine stopped). A failing model call fails only the requests in that call; a
-bug in the loop fails the requests it was working on, and the loop goes on.
+deadline, model failure, engine stopped). A failing encoder call fails only the requests it encoded.
+A failing decoder step with several requests in it is run again for each request's rows alone (rows
+are independent, so that gives the same numbers), so only the requests whose own rows make the model
+fail are failed: one poisoned input does not take down the requests that shared its step. A bug in
+the loop fails the requests it was working on, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.engine.batch import BatchMember, RowBatch
+from service.engine.batch import BatchMember, RowBatch, StepInputs
 from service.engine.beam import StepDecision, new_search
 from service.engine.records import (
     FinishReason,
@@ -306,6 +309,29 @@ class Scheduler:
         self._wake.set()
         return handle
 
+    def check_room(self, count: int) -> None:
+        """Raise Overloaded now unless the queue has room for `count` more requests (InvalidRequest when
+        it never will). Cheap: callers check before tokenizing, so refusing under overload costs little."""
+        if count > self.limits.max_waiting_requests:
+            raise InvalidRequest(
+                f"this call brings {count} texts but model {self._label} queues at most "
+                f"{self.limits.max_waiting_requests}; send fewer texts per call"
+            )
+        if count > self.limits.max_waiting_requests - len(self._waiting):
+            raise Overloaded(
+                f"model {self._label} has {len(self._waiting)} requests waiting and this call brings "
+                f"{count}; the limit is {self.limits.max_waiting_requests}; retry later"
+            )
+
+    def submit_all(self, requests: Sequence[TranslationRequest]) -> list[RequestHandle]:
+        """Queue several requests (one call's texts) all or none: raises Overloaded, without queueing
+        any, when the queue has no room for all of them; otherwise as `submit()` for each."""
+        if self._lifecycle is _Lifecycle.RUNNING:
+            for request in requests:
+                self._check_fits(request)
+            self.check_room(len(requests))
+        return [self.submit(request) for request in requests]
+
     async def stop(self, grace_s: float) -> None:
         """Stop admitting (submit raises Unavailable), let queued and active requests finish for up to
         `grace_s` seconds, then fail the rest with Unavailable. Every handle is resolved on return."""
@@ -572,12 +598,22 @@ class Scheduler:
 
         inputs = batch.step_inputs()
         started = time.perf_counter()
+        output: StepOutput | None
         try:
             output = self.model.step(inputs.tokens, inputs.source_lengths, inputs.memory, inputs.state)
             self._check_step_output(output, batch)
         except Exception as exc:
-            log.error("the decoder step of model %s failed for %d requests", self._label, requests, exc_info=exc)
-            outcome.failed.extend((member.key, self._model_failure("decoder step", exc)) for member in batch.clear())
+            if requests > 1:
+                log.warning(
+                    "the decoder step of model %s failed for %d requests (%s: %s); stepping each request "
+                    "alone so that only the failing ones fail", self._label, requests, type(exc).__name__, exc,
+                )
+                output = self._step_each_alone(batch, inputs, outcome)
+            else:
+                log.error("the decoder step of model %s failed for %d requests", self._label, requests, exc_info=exc)
+                outcome.failed.extend((member.key, self._model_failure("decoder step", exc)) for member in batch.clear())
+                output = None
+        if output is None:  # every request of the step failed
             step_seconds = time.perf_counter() - started
             outcome.stats = StepStats(
                 rows,
@@ -592,6 +628,7 @@ class Scheduler:
             )
             return outcome
         step_seconds = time.perf_counter() - started
+        stepped_rows = batch.rows  # fewer than `rows` when requests failed on their own and left
 
         now = time.monotonic()
         decisions: list[StepDecision] = []
@@ -624,7 +661,7 @@ class Scheduler:
             encoder_batch=len(plan.admitted),
             admitted=len(plan.admitted),
             padded_source_len=padded,
-            tokens_generated=rows,
+            tokens_generated=stepped_rows,
             retired=len(outcome.finished) + len(outcome.failed),
         )
         return outcome
@@ -650,8 +687,12 @@ class Scheduler:
         return members, states
 
     def _check_step_output(self, output: StepOutput, batch: RowBatch) -> None:
-        rows = batch.rows
         widest = max(member.rows for member in batch.members)
+        self._check_output_shapes(output, batch.rows, widest, batch.padded_source_len)
+
+    def _check_output_shapes(self, output: StepOutput, rows: int, widest: int, padded_source_len: int) -> None:
+        """Raise ValueError unless the step's outputs have `rows` rows, >= `widest` candidates per row
+        and attention over >= `padded_source_len` positions."""
         shape = output.topk_log_probs.shape
         if len(shape) != 2 or shape[0] != rows or output.topk_ids.shape != shape or shape[1] < widest:
             raise ValueError(
@@ -661,13 +702,46 @@ class Scheduler:
         if (
             output.attention.ndim != 2
             or output.attention.shape[0] != rows
-            or output.attention.shape[1] < batch.padded_source_len
+            or output.attention.shape[1] < padded_source_len
         ):
             raise ValueError(
                 f"step returned attention {output.attention.shape} for {rows} rows of "
-                f"{batch.padded_source_len} source tokens"
+                f"{padded_source_len} source tokens"
             )
         _check_tensors("step state", output.state, self.model.state_names, rows, None)
+
+    def _step_each_alone(self, batch: RowBatch, inputs: StepInputs, outcome: _IterationOutcome) -> StepOutput | None:
+        """After a decoder step of several requests failed: run it again on each request's rows alone,
+        fail (and remove from the batch) the requests whose own step fails, and return the others'
+        outputs joined in their row order, or None when none of them survived."""
+        parts: list[StepOutput] = []
+        failed: dict[int, Exception] = {}
+        for member, offset in list(batch.with_offsets()):
+            own = slice(offset, offset + member.rows)
+            try:
+                part = self.model.step(
+                    inputs.tokens[own],
+                    inputs.source_lengths[own],
+                    {name: array[own] for name, array in inputs.memory.items()},
+                    {name: array[own] for name, array in inputs.state.items()},
+                )
+                self._check_output_shapes(part, member.rows, member.rows, batch.padded_source_len)
+            except Exception as exc:
+                failed[member.key] = exc
+            else:
+                parts.append(part)
+        for key, exc in failed.items():
+            log.error("the decoder step of model %s failed for request %d on its own", self._label, key, exc_info=exc)
+        batch.remove(failed)
+        outcome.failed.extend((key, self._model_failure("decoder step", exc)) for key, exc in failed.items())
+        if not parts:
+            return None
+        return StepOutput(
+            topk_log_probs=np.concatenate([part.topk_log_probs for part in parts]),
+            topk_ids=np.concatenate([part.topk_ids for part in parts]),
+            attention=np.concatenate([part.attention for part in parts]),
+            state={name: np.concatenate([part.state[name] for part in parts]) for name in self.model.state_names},
+        )
 
     def _model_failure(self, what: str, exc: Exception) -> EngineFailure:
         return EngineFailure(f"the {what} of model {self._label} failed: {type(exc).__name__}: {exc}")

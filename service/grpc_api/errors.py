@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from service.errors import ALL_ERRORS, AttnServeError
+from service.errors import ALL_ERRORS, AttnServeError, InvalidRequest
 from service.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,32 @@ def note_model(model: str, version: str) -> None:
         labels.model, labels.version = model, version
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """Stands in for a request message that did not parse, so its call is answered INVALID_ARGUMENT
+    (grpc itself would answer UNKNOWN, as if the server had a bug)."""
+
+    error: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as error:  # DecodeError, or anything a generated parser raises on bad bytes
+            return _Undecodable(str(error) or type(error).__name__)
+
+    return deserialize
+
+
+def _check_decoded(method: str, request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidRequest(f"the {method} request is not a valid protobuf message: {request.error}")
+
+
 def _status_name(context: aio.ServicerContext, fallback: str) -> str:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
@@ -104,7 +130,7 @@ class RpcInterceptor(aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -116,7 +142,7 @@ class RpcInterceptor(aio.ServerInterceptor):
             )
             return grpc.unary_stream_rpc_method_handler(
                 wrapped,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -128,6 +154,7 @@ class RpcInterceptor(aio.ServerInterceptor):
             started = time.perf_counter()
             code = "OK"
             try:
+                _check_decoded(method, request)
                 return await behavior(request, context)
             except BaseException as error:
                 code, abort = self._classify(error, context, method)
@@ -147,6 +174,7 @@ class RpcInterceptor(aio.ServerInterceptor):
             code = "OK"
             responses = behavior(request, context)
             try:
+                _check_decoded(method, request)
                 async for response in responses:
                     yield response
             except BaseException as error:

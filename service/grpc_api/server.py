@@ -1,11 +1,13 @@
-"""Build, start and drain the gRPC server: Translator + Health + Reflection on one port.
+"""Build, start and drain the gRPC server: Translator + KServe v2 + Health + Reflection on one port.
 
-Health reports "" (the whole server), "attnserve.v1.Translator" and every model name: SERVING once
-the model has a loaded version, NOT_SERVING otherwise and for everything from the start of a drain.
+Health reports "" (the whole server), "attnserve.v1.Translator", "inference.GRPCInferenceService" (the
+KServe v2 API) and every model name: SERVING once the model has a loaded version, NOT_SERVING otherwise
+and for everything from the start of a drain.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -17,10 +19,13 @@ from grpc_reflection.v1alpha import reflection
 from service.dataplane import Dataplane
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
+from service.gen.inference import grpc_service_pb2_grpc as kserve_pb_grpc
 from service.grpc_api.errors import RpcInterceptor, check_status_table
+from service.grpc_api.kserve import KSERVE_SERVICE, KServeServicer
+from service.grpc_api.security import BearerTokens, TokenAuthInterceptor, server_credentials
 from service.grpc_api.servicer import TranslatorServicer
 from service.metrics import ServerMetrics
-from service.models import ModelManager
+from service.models import ModelEvent, ModelEventKind, ModelManager
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,6 +39,26 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 class PortInUse(RuntimeError):
     """The gRPC port could not be bound."""
+
+
+def _connection_age_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel options that close client connections after settings.max_connection_age_seconds (none when 0).
+
+    Why: a client balancing with `dns:///` + round_robin resolves the replicas only when it connects, so
+    without an age limit it never sees replicas added later (autoscaling, rollouts)."""
+    if settings.max_connection_age_seconds <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.drain_grace_seconds * 1000)),
+    ]
+
+
+def _stream_limit_options(settings: Settings) -> list[tuple[str, int]]:
+    """The per-connection call limit (none when settings.max_concurrent_streams is 0)."""
+    if settings.max_concurrent_streams <= 0:
+        return []
+    return [("grpc.max_concurrent_streams", settings.max_concurrent_streams)]
 
 
 class GrpcServer:
@@ -53,27 +78,44 @@ class GrpcServer:
         self.settings = settings
         self.manager = manager
         self.health = HealthServicer()
+        # Both raise SecurityConfigError (a missing, unreadable or empty file) before anything binds.
+        self._credentials = server_credentials(settings)
+        self._tokens = BearerTokens.from_settings(settings)
+        interceptors: list[aio.ServerInterceptor] = [RpcInterceptor(metrics)]
+        if self._tokens is not None:
+            # After RpcInterceptor, so refused calls are counted (code UNAUTHENTICATED) like any other.
+            interceptors.append(TokenAuthInterceptor(self._tokens))
         self._server = aio.server(
-            interceptors=[RpcInterceptor(metrics)],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
                 ("grpc.max_send_message_length", settings.max_send_message_bytes),
+                *_stream_limit_options(settings),
                 # Without this, Linux lets a second server bind the same port and silently share traffic.
                 ("grpc.so_reuseport", 0),
+                *_connection_age_options(settings),
             ],
         )
         pb_grpc.add_TranslatorServicer_to_server(TranslatorServicer(dataplane), self._server)
+        kserve_pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dataplane), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection((TRANSLATOR_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server)
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (TRANSLATOR_SERVICE, KSERVE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server
+            )
         self.port = 0
         self._draining = False
+        self._health_updates: set[asyncio.Task[None]] = set()
 
     async def start(self) -> int:
         """Bind settings.host:port, start serving and mark the loaded models SERVING; returns the port.
 
         Raises PortInUse when the address cannot be bound."""
         try:
-            self.port = self._server.add_insecure_port(self.settings.grpc_address)
+            if self._credentials is not None:
+                self.port = self._server.add_secure_port(self.settings.grpc_address, self._credentials)
+            else:
+                self.port = self._server.add_insecure_port(self.settings.grpc_address)
         except RuntimeError as error:
             raise PortInUse(f"cannot listen on {self.settings.grpc_address}: {error}") from error
         if self.port == 0:
@@ -83,8 +125,23 @@ class GrpcServer:
         for name in self.manager.all_model_names:
             await self.health.set(name, SERVING if name in loaded else NOT_SERVING)
         await self.health.set(TRANSLATOR_SERVICE, SERVING)
+        await self.health.set(KSERVE_SERVICE, SERVING)
         await self.health.set("", SERVING)
+        self.manager.add_listener(self._on_model_event)
+        if self._tokens is not None and self._credentials is None:
+            log.warning(
+                "bearer tokens are required but the port is plaintext: tokens cross the network readable "
+                "unless a proxy or mesh encrypts it (set tls_cert_file and tls_key_file)"
+            )
         return self.port
+
+    def _on_model_event(self, event: ModelEvent) -> None:
+        """A model that appears in the repository while serving becomes SERVING once it loads."""
+        if event.kind is not ModelEventKind.LOADED or self._draining:
+            return
+        update = asyncio.get_running_loop().create_task(self.health.set(event.name, SERVING))
+        self._health_updates.add(update)
+        update.add_done_callback(self._health_updates.discard)
 
     async def drain(self, grace_s: float) -> None:
         """Graceful stop: health NOT_SERVING for everything and new translations refused (UNAVAILABLE)

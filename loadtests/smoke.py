@@ -1,0 +1,53 @@
+"""Tiny trained models for smoke runs (CI's Locust smoke and `attnserve bench --quick`), built once.
+
+    python -m loadtests.smoke            # -> build/smoke/models (repository) and build/smoke/runs (runs)
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from loadtests.servers import PROJECT_ROOT
+
+SMOKE_ROOT = PROJECT_ROOT / "build" / "smoke"
+
+SMOKE_MODELS = {
+    # Small enough to train in seconds on two cores; the smoke test needs real graphs, not accuracy.
+    "dates": dict(task="dates", data={"n_train": 3000, "n_valid": 200, "n_test": 200},
+                  model={"attention": "additive", "style": "bahdanau", "hidden": 32, "embedding": 16, "top_k": 8}),
+    "numbers": dict(task="numbers", data={"max_number": 999},
+                    model={"attention": "general", "style": "luong", "hidden": 32, "embedding": 16, "top_k": 8}),
+}
+
+
+def build_smoke_repository(root: Path, steps: int = 150, log=print) -> Path:
+    """Tiny trained `dates` and `numbers` models in `root/models` (training runs in `root/runs`), built once."""
+    from export.onnx_export import export_run
+    from export.train import TrainConfig, train
+    from service.runtime.repository import discover
+
+    repository = root / "models"
+    present = discover(repository)
+    for name, spec in SMOKE_MODELS.items():
+        if present.get(name) and (root / "runs" / name / "best.pt").is_file():
+            continue
+        shutil.rmtree(repository / name, ignore_errors=True)
+        log(f"building the smoke model {name} ({steps} steps)")
+        config = TrainConfig(task=spec["task"], out=root / "runs" / name, max_steps=steps, eval_every=steps,
+                             batch_size=64, learning_rate=5e-3, data_options=spec["data"], model=spec["model"],
+                             valid_limit=100)
+        train(config, progress=False)
+        export_run(root / "runs" / name, repository, name, progress=lambda *_: None)
+    return repository
+
+
+def main(argv: list[str] | None = None) -> int:
+    root = Path(argv[0]) if argv else SMOKE_ROOT
+    print(build_smoke_repository(root))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
