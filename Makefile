@@ -76,10 +76,10 @@ SOAK_MINUTES ?= 10
 SOAK_ARGS ?=
 .PHONY: overload soak
 overload: $(STAMP) models
-	$(BIN)/python -m reliability.overload --repository $(MODELS) --out reports/overload $(OVERLOAD_ARGS)
+	$(BIN)/python -m loadtests.reliability.overload --repository $(MODELS) --out reports/overload $(OVERLOAD_ARGS)
 
 soak: $(STAMP) models
-	$(BIN)/python -m reliability.soak --repository $(MODELS) --minutes $(SOAK_MINUTES) --out reports/soak $(SOAK_ARGS)
+	$(BIN)/python -m loadtests.reliability.soak --repository $(MODELS) --minutes $(SOAK_MINUTES) --out reports/soak $(SOAK_ARGS)
 
 # Deployment (docs/deploy.md). Prometheus and promtool come from Debian's `prometheus` package, installed only
 # when missing (CI runs as root; elsewhere run it with sudo or install the package yourself).

@@ -16,7 +16,7 @@ from loadtests.servers import ServerProcess, attnserve_server
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def repository_or_smoke(repository: Path) -> Path:

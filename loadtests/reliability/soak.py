@@ -2,12 +2,12 @@
 with Locust, and print its figures: calls, failures (there must be none), latency minute by minute, and
 the server's memory.
 
-    python -m reliability.soak                            # models/ (or the tiny smoke models), 10 minutes
-    python -m reliability.soak --minutes 60 --load 0.8 --users 16
+    python -m loadtests.reliability.soak                            # models/ (or the tiny smoke models), 10 minutes
+    python -m loadtests.reliability.soak --minutes 60 --load 0.8 --users 16
 
 The run starts `attnserve serve` on a loopback port, measures the capacity with the project's Locust
 users running flat out (loadtests/locustfile.py), then soaks at `--load` x that rate with the same users
-paced (reliability/soak_locustfile.py). It exits 1 when a call failed, the server's RSS grew 10% or more
+paced (loadtests/reliability/soak_locustfile.py). It exits 1 when a call failed, the server's RSS grew 10% or more
 from the first minute to the last, or the last minute's p99 latency is over twice the first's.
 Figures taken while other work runs on the machine are noisy.
 """
@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from reliability.common import PROJECT_ROOT, MemorySampler, mib, print_table, repository_or_smoke, start_server
+from loadtests.reliability.common import PROJECT_ROOT, MemorySampler, mib, print_table, repository_or_smoke, start_server
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def locust(host: str, out: Path, name: str, users: int, seconds: float, workload
            calls_per_second: float = 0.0) -> int:
     """Run Locust headless; its CSVs go to out/NAME_*.csv. Returns its exit status."""
     command = [
-        sys.executable, "-m", "locust", "-f", str(PROJECT_ROOT / "reliability" / "soak_locustfile.py"),
+        sys.executable, "-m", "locust", "-f", str(PROJECT_ROOT / "loadtests" / "reliability" / "soak_locustfile.py"),
         "--headless", "--host", host, "--users", str(users), "--spawn-rate", str(max(users / 4, 1)),
         "--run-time", f"{int(math.ceil(seconds))}s", "--stop-timeout", "30",
         "--csv", str(out / name), "--csv-full-history", "--only-summary", "--loglevel", "WARNING",
@@ -105,7 +105,7 @@ def per_minute(history_csv: Path, memory: MemorySampler, started_wall: float, st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m reliability.soak", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m loadtests.reliability.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repository", type=Path, default=Path("models"))
     parser.add_argument("--out", type=Path, default=Path("reports/soak"), help="Locust CSVs and the server log")
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the soak")

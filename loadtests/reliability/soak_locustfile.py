@@ -1,7 +1,7 @@
 """Locust users for `make soak`: the project's load-test users (loadtests/locustfile.py: the same call mix,
 workload and thresholds) held to a fixed total rate, so a soak runs at a chosen share of capacity.
 
-    python -m locust -f reliability/soak_locustfile.py --headless --host 127.0.0.1:50051 -u 16 -r 4 \\
+    python -m locust -f loadtests/reliability/soak_locustfile.py --headless --host 127.0.0.1:50051 -u 16 -r 4 \\
         -t 10m --calls-per-second 40 --max-fail-ratio 0
 
 Run it from the project root (`python -m locust` puts it on the import path).

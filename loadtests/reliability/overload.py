@@ -1,7 +1,7 @@
 """`make overload`: offer a real server far more load than it can take, and print what happened.
 
-    python -m reliability.overload                        # models/ (or the tiny smoke models), 10x
-    python -m reliability.overload --factor 10 --spike-seconds 60 --queue 64
+    python -m loadtests.reliability.overload                        # models/ (or the tiny smoke models), 10x
+    python -m loadtests.reliability.overload --factor 10 --spike-seconds 60 --queue 64
 
 The run starts `attnserve serve` on a loopback port and drives it from client processes (asyncio gRPC):
 1. warm-up, then baseline: closed loop, `--concurrency` callers: the capacity (calls/s) and latency;
@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from reliability.common import (
+from loadtests.reliability.common import (
     MemorySampler,
     mib,
     ms,
@@ -190,7 +190,7 @@ def recovery_seconds(calls: list[Call], start: float, target_p99: float) -> floa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m reliability.overload", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m loadtests.reliability.overload", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repository", type=Path, default=Path("models"))
     parser.add_argument("--out", type=Path, default=Path("reports/overload"), help="server log folder")
     parser.add_argument("--factor", type=float, default=10.0, help="spike load as a multiple of the capacity")

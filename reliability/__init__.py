@@ -1,1 +1,0 @@
-"""Reliability runs that print figures: `make overload` (reliability.overload) and `make soak` (reliability.soak)."""
