@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"training steps of the phrasebook model (default {PhrasebookRecipe.train_steps})")
     parser.add_argument("--max-active-hypotheses", type=int, default=512,
                         help="decoder rows per step for every attnserve contender (default 512: 128 clients x beam 4)")
+    parser.add_argument("--report", type=Path, default=None, metavar="BENCH_JSON",
+                        help="measure nothing: write the report of an earlier run's bench.json into --out")
     parser.add_argument("--ceiling-seconds", type=float, default=None, help="seconds per engine-ceiling point (default 1.5)")
     return parser
 
@@ -573,8 +575,12 @@ def main(argv: list[str] | None = None) -> int:
     from loadtests.report import write_report
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    config = config_from_args(build_parser().parse_args(argv))
-    report = Bench(config, argv=argv).run()
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    if args.report is not None:  # re-render an earlier run's report (after a change to the report only)
+        report = json.loads(args.report.read_text(encoding="utf-8"))
+    else:
+        report = Bench(config, argv=argv).run()
     paths = write_report(report, config.out)
     targets = json.loads(paths[0].read_text(encoding="utf-8"))["targets"]
     if targets:

@@ -96,25 +96,28 @@ def profile_note(cell: dict | None) -> str:
                      f"{max(cell['p50_ms'] - 1e3 * rpc, 0):.2f} ms is gRPC transport and the client")
     overhead = loop_overhead(cell)
     if overhead is not None:
-        per_step, step = overhead
-        parts.append(f"each decoding step of a text took {1e3 * per_step:.2f} ms of which {1e3 * step:.2f} ms in the "
-                     f"decoder call: {1e3 * max(per_step - step, 0):.2f} ms per step is the scheduler loop (the hand-off "
-                     "to the worker thread and back, and per-row bookkeeping)")
+        per_step, step, encode = overhead
+        parts.append(f"each decoding step of a text took {1e3 * per_step:.2f} ms: {1e3 * step:.2f} ms in the decoder "
+                     f"call, {1e3 * encode:.2f} ms encoding the requests that joined, and "
+                     f"{1e3 * max(per_step - step - encode, 0):.2f} ms in the scheduler loop (the hand-off to the worker "
+                     "thread and back, gathering and compacting rows)")
     if cell.get("mean_decoder_rows"):
         parts.append(f"{cell['mean_decoder_rows']:.1f} rows per decoder step")
     return "; ".join(parts)
 
 
-def loop_overhead(cell: dict) -> tuple[float, float] | None:
-    """(wall seconds per decoding step of a text, seconds of the decoder call) from a server cell, or None."""
+def loop_overhead(cell: dict) -> tuple[float, float, float] | None:
+    """From a server cell's profile, per decoding step of a text: (wall seconds, seconds in the decoder call,
+    seconds of encoder calls spread over the steps), or None when the cell has no engine metrics."""
     details = cell.get("details", {})
-    engine, queue, step = details.get("mean_engine_s"), details.get("mean_queue_s"), details.get("mean_step_s")
-    tokens = details.get("mean_tokens")
-    if not all(isinstance(value, (int, float)) and math.isfinite(value) for value in (engine, queue, step, tokens)):
+    values = [details.get(key) for key in ("mean_engine_s", "mean_queue_s", "mean_step_s", "mean_tokens",
+                                           "encoder_busy", "window_s", "steps")]
+    if not all(isinstance(value, (int, float)) and math.isfinite(value) for value in values):
         return None
-    if tokens < 1:
+    engine, queue, step, tokens, encoder_busy, window, steps = values
+    if tokens < 1 or steps <= 0:
         return None
-    return (engine - queue) / tokens, step
+    return (engine - queue) / tokens, step, encoder_busy * window / steps
 
 
 def _diagnosis(cell: dict | None) -> str:
@@ -125,10 +128,17 @@ def _diagnosis(cell: dict | None) -> str:
     busy = (details.get("decoder_busy") or 0) + (details.get("encoder_busy") or 0)
     cpu = details.get("server_cpu_share") or 0
     overhead = loop_overhead(cell)
+    encoder = details.get("encoder_busy") or 0
+    if busy >= 0.75 and encoder >= 0.25 and (cell.get("mean_decoder_rows") or 0) > 4:
+        return ("The runtime is busy, and a third or more of it in the encoder: continuous batching encodes the few "
+                "requests that join at each step in a call of their own, and a recurrent encoder is inefficient on "
+                "such small batches (request-level batching encodes its whole batch at once). Admitting in groups "
+                "(encode what waits every few steps, or when free rows pass a threshold), more intra-op threads or "
+                "a GPU would close it.")
     if busy >= 0.75:
         return ("The runtime is busy most of the window: the model's arithmetic bounds it; more intra-op threads, "
                 "a GPU (--provider cuda) or int8 weights would raise it.")
-    if overhead is not None and overhead[0] > 2 * overhead[1]:
+    if overhead is not None and overhead[0] > 2 * overhead[1] + overhead[2]:
         return ("The scheduler loop, not the model, sets the pace: every decoder step is handed to the worker thread "
                 "and back through the event loop, which costs more than the step itself on a small model (and much "
                 "more while other processes compete for the cores). Running several steps per hand-off while no "
@@ -260,16 +270,23 @@ def _peak_note(report: dict, workload: str, level: int) -> str:
     cell = find(report, workload, "engine-ceiling", level)
     if not model or cell is None:
         return ""
-    step_ms = cell.get("details", {}).get("step_ms")
+    details = cell.get("details", {})
+    step_ms, encode_ms = details.get("step_ms"), details.get("encode_ms")
     rows = cell.get("mean_decoder_rows")
     flops = model.get("step_flops_per_row", math.nan) * (rows or 0)
-    if not step_ms:
+    if not step_ms or not encode_ms:
         return ""
     rate = flops / (step_ms / 1e3)
-    return (f"One decoder step of {rows:.0f} rows does {flops / 1e9:.2f} GFLOP in {step_ms:.2f} ms "
-            f"({rate / 1e9:.0f} GFLOP/s): besides its matrix products the step runs attention over the source, "
-            "log-softmax over the whole vocabulary and top-k, element-wise work the matrix-multiply peak does not "
-            "count; fusing log-softmax + top-k and a larger batch (a GPU) would close part of the gap.")
+    encoder_flops = model.get("encoder_flops_per_source", math.nan) * level
+    encoder_rate = encoder_flops / (encode_ms / 1e3)
+    share = encoder_flops / (encoder_flops + flops * model.get("mean_generated_tokens", math.nan))
+    return (f"In the engine ceiling at {level} requests, one decoder step of {rows:.0f} rows does {flops / 1e9:.2f} GFLOP "
+            f"in {step_ms:.2f} ms ({rate / 1e9:.0f} GFLOP/s), and the encoder call {encoder_flops / 1e9:.2f} GFLOP in "
+            f"{encode_ms:.1f} ms ({encoder_rate / 1e9:.0f} GFLOP/s; {100 * share:.0f}% of the FLOPs of a request). The "
+            "encoder's recurrent layers run one source position at a time, and the step adds attention over the "
+            "source, log-softmax over the whole vocabulary and top-k, element-wise work the matrix-multiply peak does "
+            "not count. More rows per step (a GPU), a self-attention encoder and a fused log-softmax + top-k would "
+            "close part of the gap.")
 
 
 def _check(target: str, figure: str, bar: str, ratio: float, threshold: float, cell: dict | None,
@@ -277,7 +294,7 @@ def _check(target: str, figure: str, bar: str, ratio: float, threshold: float, c
     if not math.isfinite(ratio):
         return TargetCheck(target, figure, bar, None, "not measured in this run")
     met = ratio >= threshold
-    note = "" if met else "; ".join(part for part in (extra or profile_note(cell), "" if extra else _diagnosis(cell)) if part)
+    note = "" if met else ". ".join(part for part in (extra or profile_note(cell), "" if extra else _diagnosis(cell)) if part)
     return TargetCheck(target, figure, bar, met, note)
 
 

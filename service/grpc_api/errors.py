@@ -152,17 +152,22 @@ class RpcInterceptor(aio.ServerInterceptor):
             labels = CallLabels()
             _current_call.set(labels)
             started = time.perf_counter()
-            code = "OK"
+            code, observed = "OK", False
             try:
                 _check_decoded(method, request)
                 return await behavior(request, context)
             except BaseException as error:
                 code, abort = self._classify(error, context, method)
                 if abort is not None:
+                    # abort() sends the status at once: count the call first, so a client that reads the
+                    # metrics right after its error sees it.
+                    self._observe(method, code, started, labels)
+                    observed = True
                     await context.abort(*abort)  # raises AbortError, which grpc turns into the status
                 raise
             finally:
-                self._observe(method, code, started, labels)
+                if not observed:
+                    self._observe(method, code, started, labels)
 
         return unary
 
@@ -171,7 +176,7 @@ class RpcInterceptor(aio.ServerInterceptor):
             labels = CallLabels()
             _current_call.set(labels)
             started = time.perf_counter()
-            code = "OK"
+            code, observed = "OK", False
             responses = behavior(request, context)
             try:
                 _check_decoded(method, request)
@@ -180,11 +185,14 @@ class RpcInterceptor(aio.ServerInterceptor):
             except BaseException as error:
                 code, abort = self._classify(error, context, method)
                 if abort is not None:
+                    self._observe(method, code, started, labels)  # before abort() sends the status
+                    observed = True
                     await context.abort(*abort)
                 raise
             finally:
                 await responses.aclose()
-                self._observe(method, code, started, labels)
+                if not observed:
+                    self._observe(method, code, started, labels)
 
         return stream
 
