@@ -9,27 +9,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from loadtests.servers import free_port, wait_until_serving  # the same helpers the load tools use
 from service.server import serve
 from service.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def make_settings(repository: Path, **overrides: object) -> Settings:
@@ -104,24 +93,6 @@ class ServerThread:
 
 def with_settings(settings: Settings, **changes: object) -> Settings:
     return dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
-
-
-def wait_until_serving(address: str, timeout_s: float = 60.0, process: subprocess.Popen[bytes] | None = None) -> None:
-    """Poll the health service until the whole server reports SERVING."""
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"the server exited with status {process.returncode} before serving")
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise RuntimeError(f"no SERVING health from {address} within {timeout_s} s")
 
 
 def start_subprocess(repository: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
