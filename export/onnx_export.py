@@ -185,7 +185,13 @@ def step_parity(model: Seq2Seq, step_model: OnnxStepModel, sources: list[list[in
     return worst
 
 
-def verify(model: Seq2Seq, directory: Path, test_sources: list[list[int]], max_source_len: int) -> dict:
+@dataclass
+class Verification:
+    parity: dict                  # the figures recorded in model.json
+    greedy: list[list[int]]       # onnxruntime's greedy outputs for the test sources (equal to PyTorch's)
+
+
+def verify(model: Seq2Seq, directory: Path, test_sources: list[list[int]], max_source_len: int) -> Verification:
     """Parity of the exported graphs in ``directory`` against ``model`` (raises ExportError when off)."""
     model.eval()
     config = read_config(directory)
@@ -208,12 +214,13 @@ def verify(model: Seq2Seq, directory: Path, test_sources: list[list[int]], max_s
     mismatches = sum(a != b for a, b in zip(torch_out, ort_out))
     if mismatches:
         raise ExportError(f"greedy outputs differ on {mismatches} of {len(test_sources)} test examples")
-    return {
+    parity = {
         "max_abs_log_prob": worst["log_probs"], "max_abs_attention": worst["attention"],
         "max_abs_state": worst["state"], "max_abs_memory": worst["memory"],
         "greedy_identical": True, "greedy_examples": len(test_sources),
         "shapes": [[b, min(max(1, s), max_source_len)] for b, s in shapes], "tolerance": PARITY_TOLERANCE,
     }
+    return Verification(parity=parity, greedy=ort_out)
 
 
 def _exact_match(predictions: list[list[int]], target: Tokenizer, references: list[str]) -> float:
@@ -290,14 +297,12 @@ def export_run(run_dir: Path, repository: Path, name: str, *, version: int | Non
         splits = load_task(train_config.task, train_config.seed, train_config.data_options, train_config.max_pairs)
         test_items = encode_pairs(splits.test, source_tok, target_tok)
         test_sources = [s for s, _ in test_items if len(s) <= c.max_source_len]
-        document["parity"] = verify(model, staging, test_sources, c.max_source_len)
+        verification = verify(model, staging, test_sources, c.max_source_len)
+        document["parity"] = verification.parity
         progress(f"parity: {document['parity']}")
         if quantize == "int8":
             references = [p.target for p, (s, _) in zip(splits.test, test_items) if len(s) <= c.max_source_len]
-            fp32 = _exact_match(ort_greedy(OnnxStepModel(read_config(staging), staging,
-                                           providers=["CPUExecutionProvider"]), test_sources, c.max_target_len),
-                                target_tok, references)
-            (staging / "model.json").write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+            fp32 = _exact_match(verification.greedy, target_tok, references)
             quantize_int8(staging)
             int8 = _exact_match(ort_greedy(OnnxStepModel(read_config(staging), staging,
                                            providers=["CPUExecutionProvider"]), test_sources, c.max_target_len),

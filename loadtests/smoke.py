@@ -1,4 +1,4 @@
-"""Tiny trained models for smoke runs (CI's Locust smoke and `attnserve bench --quick`), built once.
+"""Tiny trained models for smoke runs (CI's Locust smoke, `attnserve bench --quick`) and the tests, built once.
 
     python -m loadtests.smoke            # -> build/smoke/models (repository) and build/smoke/runs (runs)
 """
@@ -17,8 +17,11 @@ SMOKE_MODELS = {
     # Small enough to train in seconds on two cores; the smoke test needs real graphs, not accuracy.
     "dates": dict(task="dates", data={"n_train": 3000, "n_valid": 200, "n_test": 200},
                   model={"attention": "additive", "style": "bahdanau", "hidden": 32, "embedding": 16, "top_k": 8}),
+    # An LSTM decoder, Luong style: its step carries three state tensors (hidden, cell, feed), which the
+    # tests use to check that the server gathers state it knows nothing about.
     "numbers": dict(task="numbers", data={"max_number": 999},
-                    model={"attention": "general", "style": "luong", "hidden": 32, "embedding": 16, "top_k": 8}),
+                    model={"attention": "general", "style": "luong", "decoder": "lstm", "hidden": 32,
+                           "embedding": 16, "top_k": 8}),
 }
 
 

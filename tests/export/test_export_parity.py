@@ -44,7 +44,7 @@ def test_export_matches_pytorch_at_other_shapes(options: dict, tmp_path: Path) -
     assert "TopK" in ops["decoder"]
     rng = np.random.default_rng(0)
     sources = [[int(t) for t in rng.integers(4, 25, size=n)] + [2] for n in rng.integers(0, 29, size=60)]
-    parity = verify(model, tmp_path / "v", sources, max_source_len=30)
+    parity = verify(model, tmp_path / "v", sources, max_source_len=30).parity
     assert parity["max_abs_log_prob"] <= PARITY_TOLERANCE
     assert parity["max_abs_attention"] <= PARITY_TOLERANCE
     assert parity["greedy_identical"] and parity["greedy_examples"] == 60
@@ -75,4 +75,4 @@ def test_export_leaves_a_dropout_model_in_eval_mode_and_in_parity(tmp_path: Path
     write_version(tmp_path / "v", model)
     assert not any(module.training for module in model.modules())
     sources = [[5, 6, 7, 2], [8, 2], [9, 10, 11, 12, 13, 2]]
-    assert verify(model, tmp_path / "v", sources, max_source_len=model.config.max_source_len)["greedy_identical"]
+    assert verify(model, tmp_path / "v", sources, max_source_len=model.config.max_source_len).parity["greedy_identical"]

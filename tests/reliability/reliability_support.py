@@ -11,14 +11,15 @@ import os
 import shutil
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
+
+# Metric helpers live with the shared server harness; re-exported for the reliability tests.
+from tests.service.server_harness import has_sample, metric, metric_sum, scrape  # noqa: F401
 
 # ----- repositories -------------------------------------------------------------------------------------
 
@@ -81,33 +82,6 @@ def make_decoder_fail_for_long_sources(version_dir: Path, min_source_tokens: int
 
 
 # ----- metrics ------------------------------------------------------------------------------------------
-
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(url: str) -> Samples:
-    body = urllib.request.urlopen(url, timeout=10).read().decode("utf-8")
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(body)
-        for sample in family.samples
-    }
-
-
-def metric(samples: Samples, name: str, **labels: str) -> float:
-    """The value of one sample (0.0 when absent)."""
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def metric_sum(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of every sample of `name` whose labels include `labels`."""
-    wanted = set(labels.items())
-    return sum(value for (sample, sample_labels), value in samples.items() if sample == name and wanted <= sample_labels)
-
-
-def has_sample(samples: Samples, name: str, **labels: str) -> bool:
-    return (name, frozenset(labels.items())) in samples
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0, interval_s: float = 0.05, what: str = "") -> None:

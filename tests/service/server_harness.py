@@ -15,10 +15,28 @@ import threading
 from pathlib import Path
 
 from loadtests.servers import free_port, wait_until_serving  # the same helpers the load tools use
+from loadtests.servers import metric as metric_sum  # sum over the samples whose labels include the given ones
+from loadtests.servers import scrape as _scrape_page
 from service.server import serve
 from service.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str) -> Samples:
+    """Every sample of a server's /metrics page: (name, sorted labels) -> value."""
+    return _scrape_page(url, timeout_s=10.0)
+
+
+def metric(samples: Samples, name: str, **labels: str) -> float:
+    """The value of the one sample with exactly these labels (0.0 when absent)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def has_sample(samples: Samples, name: str, **labels: str) -> bool:
+    return (name, tuple(sorted(labels.items()))) in samples
 
 
 def make_settings(repository: Path, **overrides: object) -> Settings:

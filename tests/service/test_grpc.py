@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,9 +17,8 @@ import pytest
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from prometheus_client.parser import text_string_to_metric_families
 
-from server_harness import ServerThread, free_port, make_settings, start_subprocess, wait_until_serving
+from server_harness import ServerThread, free_port, make_settings, metric, scrape, start_subprocess, wait_until_serving
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 
@@ -280,30 +278,17 @@ def test_batch_invariance(stub: pb_grpc.TranslatorStub, options: dict) -> None:
 # ----- metrics ------------------------------------------------------------------------------------------
 
 
-def _scrape(url: str) -> dict[tuple[str, frozenset], float]:
-    body = urllib.request.urlopen(url, timeout=10).read().decode("utf-8")
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(body)
-        for sample in family.samples
-    }
-
-
-def _get(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
 def test_metrics_after_traffic(server: ServerThread, stub: pb_grpc.TranslatorStub) -> None:
-    before = _scrape(server.metrics_url)
+    before = scrape(server.metrics_url)
     translate(stub, DATES[:3])
     translate(stub, NUMBERS[:2], model="numbers", beam_size=2)
     status_of(lambda: translate(stub, ["x"], beam_size=99))
-    after = _scrape(server.metrics_url)
+    after = scrape(server.metrics_url)
     dates = {"model": "dates", "version": "1"}
     numbers = {"model": "numbers", "version": "1"}
 
     def grew(name: str, **labels: str) -> float:
-        return _get(after, name, **labels) - _get(before, name, **labels)
+        return metric(after, name, **labels) - metric(before, name, **labels)
 
     assert grew("attnserve_requests_total", method="Translate", code="OK", **dates) == 1
     assert grew("attnserve_requests_total", method="Translate", code="OK", **numbers) == 1
@@ -318,11 +303,11 @@ def test_metrics_after_traffic(server: ServerThread, stub: pb_grpc.TranslatorStu
     assert grew("attnserve_decoder_batch_hypotheses_count", **dates) >= 1
     assert grew("attnserve_decoder_step_duration_seconds_count", **dates) >= 1
     assert grew("attnserve_encoder_batch_sources_sum", **dates) == 3
-    assert _get(after, "attnserve_requests_waiting", **dates) == 0
-    assert _get(after, "attnserve_requests_running", **dates) == 0
-    assert _get(after, "attnserve_model_info", provider="CPUExecutionProvider", **dates) == 1
-    assert _get(after, "attnserve_model_load_seconds", **numbers) > 0
-    durations = _get(after, "attnserve_decoder_step_duration_seconds_sum", **dates)
+    assert metric(after, "attnserve_requests_waiting", **dates) == 0
+    assert metric(after, "attnserve_requests_running", **dates) == 0
+    assert metric(after, "attnserve_model_info", provider="CPUExecutionProvider", **dates) == 1
+    assert metric(after, "attnserve_model_load_seconds", **numbers) > 0
+    durations = metric(after, "attnserve_decoder_step_duration_seconds_sum", **dates)
     assert 0 < durations < 60
 
 
@@ -342,14 +327,14 @@ def test_cancelled_calls_cancel_their_engine_requests(tiny_repository: Path) -> 
                 future.cancel()
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
-                cancelled = _get(_scrape(running.metrics_url), "attnserve_finished_requests_total",
+                cancelled = metric(scrape(running.metrics_url), "attnserve_finished_requests_total",
                                  model="dates", version="1", reason="cancelled")
                 if cancelled > 0:
                     break
                 time.sleep(0.1)
             assert cancelled > 0
-            samples = _scrape(running.metrics_url)
-            assert _get(samples, "attnserve_requests_waiting", model="dates", version="1") == 0
+            samples = scrape(running.metrics_url)
+            assert metric(samples, "attnserve_requests_waiting", model="dates", version="1") == 0
             # The server still answers afterwards.
             assert translate(stub, DATES[:1]).translations[0].hypotheses[0].text
     finally:

@@ -17,7 +17,6 @@ import os
 import shutil
 import struct
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,9 +26,8 @@ import pytest
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from prometheus_client.parser import text_string_to_metric_families
 
-from server_harness import PROJECT_ROOT, ServerThread, make_settings
+from server_harness import PROJECT_ROOT, ServerThread, make_settings, metric, scrape
 from service.dataplane import Dataplane, TextTranslation, TranslatedHypothesis, TranslateOptions, TranslateOutcome
 from service.engine.records import FinishReason
 from service.errors import InvalidRequest
@@ -468,19 +466,14 @@ def test_reflection_and_health_know_the_v2_service(channel: grpc.Channel) -> Non
 
 @pytest.mark.slow
 def test_v2_calls_share_the_engine_metrics(server: ServerThread, v2: pb_grpc.GRPCInferenceServiceStub) -> None:
-    def scrape() -> dict[tuple[str, frozenset], float]:
-        body = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode("utf-8")
-        return {(s.name, frozenset(s.labels.items())): s.value for f in text_string_to_metric_families(body) for s in f.samples}
-
     labels = {"model": "numbers", "version": "1"}
-    before = scrape()
+    before = scrape(server.metrics_url)
     v2.ModelInfer(infer_request(NUMBERS, model="numbers"), timeout=60)
     status_of(lambda: v2.ModelInfer(infer_request(["x"], model="numbers", beam_size=99), timeout=30))
-    after = scrape()
+    after = scrape(server.metrics_url)
 
     def grew(name: str, **extra: str) -> float:
-        key = (name, frozenset({**labels, **extra}.items()))
-        return after.get(key, 0.0) - before.get(key, 0.0)
+        return metric(after, name, **labels, **extra) - metric(before, name, **labels, **extra)
 
     assert grew("attnserve_requests_total", method="ModelInfer", code="OK") == 1
     assert grew("attnserve_requests_total", method="ModelInfer", code="INVALID_ARGUMENT") == 1
