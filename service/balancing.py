@@ -42,6 +42,9 @@ def service_config(
         )
     return {
         "loadBalancingConfig": [{"round_robin": {}}],
+        # Client-side health checking: a replica that reports NOT_SERVING (it is draining) leaves the
+        # rotation before it closes its connections.
+        "healthCheckConfig": {"serviceName": ""},
         "methodConfig": [
             {
                 # An empty name entry matches every service and method of the server.

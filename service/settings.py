@@ -122,6 +122,11 @@ class Settings:
     drain_grace_seconds: float = _bounded(30.0, minimum=0.0, maximum=3600.0)
     """Seconds in-flight calls get to finish after SIGTERM/SIGINT before they are cancelled."""
 
+    drain_delay_seconds: float = _bounded(1.0, minimum=0.0, maximum=600.0)
+    """Seconds, at the start of a drain, between health turning NOT_SERVING (new translations get UNAVAILABLE)
+    and the server closing its connections, so that balancing clients watching health stop sending here
+    first; taken out of drain_grace_seconds."""
+
     log_level: str = _choice("INFO", LOG_LEVELS)
     """Python logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
 

@@ -154,7 +154,11 @@ class GrpcServer:
         await self.health.enter_graceful_shutdown()
         self.manager.begin_draining()
         log.info("draining: in-flight calls have %.1f s to finish", grace_s)
-        await self._server.stop(grace_s)
+        # Closing the server at once would cancel calls that reached its transport but not yet a handler
+        # (the client sees CANCELLED, which is not safe to retry). Clients with health checking take this
+        # server out of rotation as soon as it reports NOT_SERVING; meanwhile new calls get UNAVAILABLE.
+        await asyncio.sleep(min(self.settings.drain_delay_seconds, grace_s))
+        await self._server.stop(max(grace_s - (time.monotonic() - started), 0.0))
         remaining = max(grace_s - (time.monotonic() - started), 0.0)
         await self.manager.stop(remaining)
         log.info("stopped after %.2f s of draining", time.monotonic() - started)
