@@ -4,7 +4,6 @@ to normal as soon as the burst ends. (`make overload` runs the big version and p
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -84,8 +83,9 @@ def test_load_beyond_capacity_is_shed_fast_and_every_call_is_answered_once(tiny_
             for outcome in shed:  # says what was wrong and the limit
                 assert outcome.details.startswith("model dates version 1 has 4 requests waiting and this call brings 1")
                 assert outcome.details.endswith("the limit is 4; retry later")
-            # Fast: a refusal does not wait for capacity, so refusals come back sooner than results.
-            assert statistics.median(o.seconds for o in shed) < statistics.median(o.seconds for o in served)
+            # How fast refusals come back is a figure, measured and printed by `make overload` (median
+            # latency of RESOURCE_EXHAUSTED vs served calls), not asserted here: on shared cores a wall-clock
+            # comparison flips. What makes refusals fast is asserted below: they never reach the engine.
 
             # The server's own count agrees: every call answered exactly once, every admitted text
             # finished exactly once, nothing else.
