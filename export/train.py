@@ -46,7 +46,9 @@ class TrainConfig:
     eval_every: int = 250            # steps between validations
     patience: int = 8                # validations without improvement before stopping
     lr_patience: int = 2             # validations without improvement before the learning rate is halved
-    target_exact_match: float = 1.01 # stop as soon as validation exact match reaches this (>1 = never)
+    target_exact_match: float = 1.01 # stop once validation exact match reaches this (>1 = never) ...
+    target_evaluations: int = 1      # ... on this many consecutive evaluations ...
+    min_steps: int = 0               # ... and no earlier than this step
     valid_limit: int = 2000          # validation examples decoded at each evaluation
     max_pairs: int | None = None     # cap on TSV pairs read
     data_options: dict = field(default_factory=dict)   # keyword arguments of the task's generator
@@ -205,7 +207,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                                                          patience=config.lr_patience, min_lr=1e-5)
     loss_fn = nn.NLLLoss(ignore_index=PAD, reduction="sum")
 
-    step, best, stale, elapsed_before = 0, -1.0, 0, 0.0
+    step, best, stale, on_target, elapsed_before = 0, -1.0, 0, 0, 0.0
     history: list[dict] = []
     rng = random.Random(config.seed)
     last_path, best_path = out / "last.pt", out / "best.pt"
@@ -215,6 +217,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         optimizer.load_state_dict(payload["optimizer"])
         plateau.load_state_dict(payload["plateau"])
         step, best, stale = payload["step"], payload["best"], payload["stale"]
+        on_target = payload.get("on_target", 0)
         elapsed_before, history = payload["elapsed"], payload["history"]
         rng.setstate(payload["python_rng"])
         torch.set_rng_state(payload["torch_rng"])
@@ -222,7 +225,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     def checkpoint(path: Path) -> None:
         _save(path, {
             "model": model.state_dict(), "model_config": model_config.to_dict(), "optimizer": optimizer.state_dict(),
-            "plateau": plateau.state_dict(), "step": step, "best": best, "stale": stale,
+            "plateau": plateau.state_dict(), "step": step, "best": best, "stale": stale, "on_target": on_target,
             "elapsed": elapsed_before + time.monotonic() - start,
             "history": history, "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
             "train_config": config.to_dict(),
@@ -262,16 +265,21 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                             "loss": round(loss.item(), 4), "lr": optimizer.param_groups[0]["lr"], **metrics})
             bar.write(f"step {step}: valid exact match {metrics['exact_match']:.4f}, chrF {metrics['chrf']:.1f}")
             plateau.step(metrics["exact_match"])
-            if metrics["exact_match"] > best:
-                best, stale = metrics["exact_match"], 0
+            # On ties the later checkpoint wins: it has trained longer at the same validation score.
+            if metrics["exact_match"] >= best:
+                stale = 0 if metrics["exact_match"] > best else stale + 1
+                best = metrics["exact_match"]
                 checkpoint(best_path)
             else:
                 stale += 1
+            # One lucky evaluation is not convergence: the target must hold on consecutive evaluations, so
+            # that where training stops depends little on the last bits of the CPU's floating-point results.
+            on_target = on_target + 1 if metrics["exact_match"] >= config.target_exact_match else 0
             checkpoint(last_path)
-            if best >= config.target_exact_match:
+            if on_target >= config.target_evaluations and step >= config.min_steps:
                 stop_reason = "target_reached"
                 break
-            if stale >= config.patience:
+            if stale >= config.patience and step >= config.min_steps:
                 stop_reason = "early_stopping"
                 break
             if time.monotonic() > deadline:

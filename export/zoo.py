@@ -1,20 +1,35 @@
-"""The default model repository that ``make models`` builds and ``make serve`` loads.
+"""The default model repository: shipped in `models/`, served by `make serve`, rebuilt by `make models`.
 
-Each entry is a complete, deterministic recipe. A built version records the recipe's fingerprint in its
-``model.json``; rebuilding is skipped while a version with the same fingerprint exists.
+Each entry is a complete, deterministic recipe. Its stop rule is meant to give a model that meets the bar
+on any x86-64 CPU, whose floating-point paths differ in the last bits (different SIMD kernels, thread
+counts): a validation set in which one example weighs 0.05% or less, a target that must hold on several
+consecutive evaluations, and a minimum number of steps, so where training stops does not hinge on one
+lucky evaluation. The wall-clock cap is a safety net only: hitting it fails the build rather than shipping
+whatever was reached by then, so the result never depends on the machine's speed.
+
+A build is checked as users meet the model (export/acceptance.py: fresh inputs over every claimed locale
+and format, or every number, decoded by the serving stack) and lands in the repository only if it meets
+the bar; a build that misses it exits non-zero and leaves the repository as it was.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.runtime.repository import discover
 
 # Bump when a change to training or export code should rebuild the default models.
-ZOO_REVISION = 1
+ZOO_REVISION = 2
+
+#: The version number a default model is built as; a rebuild replaces it.
+DEFAULT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -24,43 +39,64 @@ class ZooEntry:
     model: dict
     description: str
     training: dict = field(default_factory=dict)
-    bar: float = 0.99            # test exact match the entry must reach
+    bar: float = 0.99            # exact match on the acceptance set the build must reach
+    acceptance_seed: int = 101   # the build's fresh draws; the tests use other seeds, training uses `seed`
 
     def fingerprint(self) -> str:
         payload = json.dumps({"revision": ZOO_REVISION, "task": self.task, "model": self.model,
                               "training": self.training}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
+    @property
+    def training_seed(self) -> int:
+        return int(self.training.get("seed", 13))
+
+    @property
+    def data_options(self) -> dict:
+        return dict(self.training.get("data_options", {}))
+
 
 DEFAULT_MODELS = (
     ZooEntry(
         name="dates",
         task="dates",
-        description="Dates written in 20+ locales -> ISO 8601; additive (Bahdanau) attention, GRU.",
+        description="Dates written in 27 locales and 134 locale x format combinations (CLDR), years 1900-2099 "
+                    "-> ISO 8601; additive (Bahdanau) attention, GRU.",
         model={"attention": "additive", "style": "bahdanau", "encoder": "gru", "decoder": "gru",
                "embedding": 64, "hidden": 128, "top_k": 16},
-        training={"batch_size": 128, "learning_rate": 3e-3, "eval_every": 200, "target_exact_match": 0.998,
-                  "max_minutes": 6.0, "patience": 10},
+        # 4,000 validation dates (0.025% each); the target must hold on 3 evaluations in a row, and training
+        # runs at least 1,500 steps (2.4 passes over the training dates), well past the 400 steps after which
+        # an earlier recipe stopped with year digits still miscopied on 1.3% of fresh dates.
+        training={"batch_size": 128, "learning_rate": 3e-3, "eval_every": 250, "target_exact_match": 0.999,
+                  "target_evaluations": 3, "min_steps": 1500, "max_steps": 12000, "valid_limit": 4000,
+                  "patience": 12, "max_minutes": 45.0,
+                  "data_options": {"n_train": 80_000, "n_valid": 4_000, "n_test": 2_000}},
         bar=0.995,
     ),
     ZooEntry(
         name="numbers",
         task="numbers",
-        description="German and French number words (0-999) -> English; general attention, Luong style with "
-                    "input feeding. Word order swaps (vierundachtzig -> eighty-four).",
+        description="German and French number words (every number 0-999) -> English; general attention, Luong "
+                    "style with input feeding. Word order swaps (vierundachtzig -> eighty-four).",
         model={"attention": "general", "style": "luong", "encoder": "gru", "decoder": "gru",
                "embedding": 64, "hidden": 128, "top_k": 16, "dropout": 0.25},
-        # Split by number, 10% each for valid and test: the test numbers were never seen in either language.
-        training={"batch_size": 64, "learning_rate": 3e-3, "eval_every": 100, "target_exact_match": 0.995,
-                  "max_minutes": 12.0, "patience": 12, "lr_patience": 2,
-                  "data_options": {"max_number": 999, "valid_fraction": 0.1, "test_fraction": 0.1}},
+        # The model claims the whole range, so it trains on every number in both languages and validates on
+        # all 2,000 pairs (0.05% each): the target is every one of them, on 3 evaluations in a row.
+        training={"batch_size": 64, "learning_rate": 3e-3, "eval_every": 100, "target_exact_match": 1.0,
+                  "target_evaluations": 3, "min_steps": 1500, "max_steps": 12000, "patience": 20,
+                  "lr_patience": 2, "max_minutes": 45.0,
+                  "data_options": {"max_number": 999, "split_by": "none"}},
         bar=0.99,
     ),
 )
 
 
+class BuildFailed(RuntimeError):
+    """A default model missed its stop rule or its bar; nothing was written to the repository."""
+
+
 def is_up_to_date(repository: Path, entry: ZooEntry) -> bool:
-    """True when some version of ``entry.name`` was built from the same recipe."""
+    """True when some version of `entry.name` was built from the same recipe."""
     versions = discover(repository).get(entry.name, [])
     for version in versions:
         try:
@@ -70,3 +106,89 @@ def is_up_to_date(repository: Path, entry: ZooEntry) -> bool:
         if document.get("build", {}).get("fingerprint") == entry.fingerprint():
             return True
     return False
+
+
+def build_machine() -> dict:
+    """What the floating-point results of a build depend on: the CPU, torch's kernel path and threads."""
+    import torch
+
+    model_name = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model_name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model_name,
+        "machine": platform.machine(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", ""),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def build(entry: ZooEntry, repository: Path, runs: Path, *, threads: int | None = None, progress=print) -> dict:
+    """Train, export and check `entry`; install it as `repository/NAME/1` only if it meets every bar.
+
+    Returns the model.json written. Raises BuildFailed (the repository untouched) when training stops
+    short of the recipe's target or the fresh-input check misses the bar.
+    """
+    from export.acceptance import acceptance_set, check
+    from export.onnx_export import export_run
+    from export.train import TrainConfig, train
+
+    repository, runs = Path(repository), Path(runs)
+    run_dir = runs / entry.name
+    options = dict(entry.training)
+    if threads is not None:
+        options["threads"] = threads
+    config = TrainConfig(task=entry.task, out=run_dir, model=dict(entry.model), **options)
+    summary = train(config, resume=False, progress=False)
+    training = summary["training"]
+    progress(f"{entry.name}: {training['stop_reason']} at step {training['steps']} after {training['seconds']:.0f}s, "
+             f"best validation exact match {training['best_valid_exact_match']:.4f}")
+    if training["stop_reason"] != "target_reached":
+        raise BuildFailed(
+            f"{entry.name}: training stopped ({training['stop_reason']}) at step {training['steps']} with validation "
+            f"exact match {training['best_valid_exact_match']:.4f}, short of the recipe's target "
+            f"{config.target_exact_match} on {config.target_evaluations} evaluations in a row; nothing was installed")
+
+    repository.mkdir(parents=True, exist_ok=True)
+    # Staged inside the repository (same file system, so the final move is a rename); the leading dot keeps
+    # a server scanning the repository away from it.
+    staging = Path(tempfile.mkdtemp(prefix=f".build-{entry.name}-", dir=repository))
+    try:
+        machine = build_machine()
+        result = export_run(run_dir, staging, entry.name, version=DEFAULT_VERSION, progress=progress, extra={
+            "build": {"fingerprint": entry.fingerprint(), "description": entry.description, "machine": machine}})
+        inputs = acceptance_set(entry.task, entry.acceptance_seed, training_seed=entry.training_seed,
+                                data_options=entry.data_options)
+        accepted = check(result.directory, inputs)
+        document = result.model_json
+        document["acceptance"] = {"bar": entry.bar, "greedy": accepted.to_dict()}
+        (result.directory / "model.json").write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        progress(f"{entry.name}: {accepted.exact_match:.4f} exact on {accepted.examples} fresh inputs "
+                 f"({accepted.errors} wrong; bar {entry.bar})")
+        if accepted.exact_match < entry.bar:
+            raise BuildFailed(
+                f"{entry.name}: {accepted.exact_match:.4f} exact match on {accepted.examples} fresh inputs "
+                f"({accepted.description}) is below the bar {entry.bar}; first errors: "
+                f"{accepted.examples_of_errors[:3]}; nothing was installed")
+        _install(result.directory, repository / entry.name / str(DEFAULT_VERSION))
+        return document
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _install(built: Path, final: Path) -> None:
+    """Put `built` at `final`, replacing what is there, with no moment at which `final` is half written."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    previous = final.with_name(f".replaced-{final.name}")
+    shutil.rmtree(previous, ignore_errors=True)
+    if final.exists():
+        final.rename(previous)
+    built.rename(final)
+    shutil.rmtree(previous, ignore_errors=True)

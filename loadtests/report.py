@@ -91,9 +91,13 @@ def profile_note(cell: dict | None) -> str:
         parts.append(f"decoder steps {100 * decoder:.0f}% and encoder {100 * (encoder or 0):.0f}% of the window (runtime)")
     rpc, engine, queue = details.get("mean_rpc_s"), details.get("mean_engine_s"), details.get("mean_queue_s")
     if rpc is not None and engine is not None:
-        parts.append(f"per call: {1e3 * rpc:.2f} ms in the server's handler, of which {1e3 * engine:.2f} ms in the "
-                     f"engine ({1e3 * (queue or 0):.2f} ms queued); client p50 {cell['p50_ms']:.2f} ms, so about "
-                     f"{max(cell['p50_ms'] - 1e3 * rpc, 0):.2f} ms is gRPC transport and the client")
+        note = (f"per call: {1e3 * rpc:.2f} ms in the server's handler, of which {1e3 * engine:.2f} ms in the "
+                f"engine ({1e3 * (queue or 0):.2f} ms queued)")
+        client_p50 = _value(cell, "p50_ms")  # NaN when the cell completed no call
+        if math.isfinite(client_p50):
+            note += (f"; client p50 {client_p50:.2f} ms, so about {max(client_p50 - 1e3 * rpc, 0):.2f} ms is gRPC "
+                     "transport and the client")
+        parts.append(note)
     overhead = loop_overhead(cell)
     if overhead is not None:
         per_step, step, encode = overhead

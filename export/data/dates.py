@@ -24,7 +24,7 @@ import random
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,9 +149,10 @@ def make_dates(
 ) -> Splits:
     """Generate the dates task: `n_train + n_valid + n_test` pairs with distinct source strings.
 
-    A draw picks a locale (or the numeric group) uniformly, then one of its formats uniformly, then a
-    day uniformly in [first_year-01-01, last_year-12-31]. Sources longer than `max_source_chars`
-    characters are skipped. Same arguments -> byte-identical splits; only `random.Random(seed)` is used.
+    A draw picks one of the kept formats of every locale (and of the numeric group) uniformly, so every
+    locale x format combination the task claims is trained on equally, then a day uniformly in
+    [first_year-01-01, last_year-12-31], so every year of the range (whose digits the model must copy)
+    is as likely as any other. Sources longer than `max_source_chars` characters are skipped. Same arguments -> byte-identical splits; only `random.Random(seed)` is used.
     Raises ValueError for bad arguments or when the formats cannot yield that many distinct sources.
     """
     for name, count in (("n_train", n_train), ("n_valid", n_valid), ("n_test", n_test)):
@@ -169,6 +170,7 @@ def make_dates(
 
     formats, dropped = select_date_formats(locales)
     groups = [code for code in (*locales, NUMERIC_GROUP) if formats[code]]
+    every_format = [fmt for code in groups for fmt in formats[code]]
 
     rng = random.Random(seed)
     first_day = datetime.date(first_year, 1, 1).toordinal()
@@ -187,8 +189,7 @@ def make_dates(
                 f"only {len(target_of) - len(ambiguous)} distinct unambiguous sources after {max_draws} draws; "
                 f"asked for {total}: widen the year range or add locales"
             )
-        group = groups[rng.randrange(len(groups))]
-        fmt = formats[group][rng.randrange(len(formats[group]))]
+        fmt = every_format[rng.randrange(len(every_format))]
         day = datetime.date.fromordinal(first_day + rng.randrange(day_span))
         source = render_date(day, fmt)
         if len(source) > max_source_chars:
@@ -230,6 +231,45 @@ def make_dates(
         "cldr_version": _cldr_version(),
     }
     return Splits(train=train, valid=valid, test=test, description=description)
+
+
+def draw_dates(
+    seed: int,
+    per_format: int,
+    *,
+    locales: Sequence[str] = DEFAULT_LOCALES,
+    first_year: int = 1900,
+    last_year: int = 2099,
+    max_source_chars: int = 60,
+    exclude: Collection[str] = (),
+) -> list[tuple[DateFormat, Pair]]:
+    """`per_format` fresh dates in every format of every locale the task claims, each with its format.
+
+    For checking a trained model as its users meet it: the days are drawn uniformly from the year range
+    with `random.Random(seed)` (use a seed no training run used), and sources in `exclude` (the training
+    splits) or longer than `max_source_chars` are drawn again, so every pair is new to the model.
+    """
+    formats, _ = select_date_formats(locales)
+    rng = random.Random(seed)
+    first_day = datetime.date(first_year, 1, 1).toordinal()
+    day_span = datetime.date(last_year, 12, 31).toordinal() - first_day + 1
+    excluded = set(exclude)
+    drawn: list[tuple[DateFormat, Pair]] = []
+    for code in (*locales, NUMERIC_GROUP):
+        for fmt in formats[code]:
+            taken, tries = 0, 0
+            while taken < per_format:
+                tries += 1
+                if tries > 100 * per_format:
+                    raise ValueError(f"could not draw {per_format} new dates in {fmt.locale} {fmt.name!r}")
+                day = datetime.date.fromordinal(first_day + rng.randrange(day_span))
+                source = render_date(day, fmt)
+                if len(source) > max_source_chars or source in excluded:
+                    continue
+                excluded.add(source)
+                drawn.append((fmt, Pair(source, day.isoformat())))
+                taken += 1
+    return drawn
 
 
 @functools.cache

@@ -37,14 +37,23 @@ def make_numbers(
     target_language: str = "en",
     valid_fraction: float = 0.05,
     test_fraction: float = 0.05,
+    split_by: str = "number",
 ) -> Splits:
     """Generate the numbers task: every number in [min_number, max_number] in every source language.
 
-    The numbers are shuffled with `random.Random(seed)`; the first `round(count * valid_fraction)` go to
-    valid, the next `round(count * test_fraction)` to test, the rest to train, and each number
-    contributes one pair per source language to its split. Same arguments -> identical splits.
-    A source string that two numbers share (none with the default languages) is dropped.
+    With `split_by="number"` the numbers are shuffled with `random.Random(seed)`; the first
+    `round(count * valid_fraction)` go to valid, the next `round(count * test_fraction)` to test, the rest
+    to train, and each number contributes one pair per source language to its split: test numbers are
+    unseen in training, which measures how the model generalises.
+    With `split_by="none"` (a model meant to know the whole range) every pair is in train, and valid and
+    test are the same pairs: they measure what the model claims, every number of the range; the fractions
+    are ignored. Same arguments -> identical splits. A source string that two numbers share (none with
+    the default languages) is dropped.
     """
+    if split_by not in ("number", "none"):
+        raise ValueError(f"split_by must be 'number' or 'none', got {split_by!r}")
+    if split_by == "none":
+        valid_fraction = test_fraction = 0.0
     check_fractions(valid_fraction, test_fraction)
     if not 0 <= min_number <= max_number:
         raise ValueError(f"need 0 <= min_number <= max_number, got {min_number}..{max_number}")
@@ -81,6 +90,8 @@ def make_numbers(
         pairs_by_split[split] = _unique_sources([pair for pair in pairs if pair.source not in ambiguous])
 
     train, valid, test = pairs_by_split["train"], pairs_by_split["valid"], pairs_by_split["test"]
+    if split_by == "none":
+        valid, test = list(train), list(train)
     description: dict[str, Any] = {
         "kind": "numbers",
         "description": "Number words (num2words) from German and French to English.",
@@ -89,7 +100,7 @@ def make_numbers(
         "seed": seed,
         "counts": {"train": len(train), "valid": len(valid), "test": len(test)},
         "numbers": [min_number, max_number],
-        "split_by": "number",
+        "split_by": split_by,
         "numbers_per_split": {split: len(values) for split, values in number_splits.items()},
         "dropped_ambiguous_sources": len(ambiguous),
         "num2words_version": _num2words_version(),

@@ -128,3 +128,17 @@ def test_write_report_files(tmp_path: Path) -> None:
     assert "## Request-level batching: tuning" in text and "## Targets" in text and "Test CPU" in text
     for name in ("throughput.png", "latency.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_cell_that_completed_no_call_is_reported_not_crashed_on(tmp_path: Path) -> None:
+    # A server cell in which no call finished (every call failed, or the window closed first) has no
+    # client latencies, but its server-side profile is still there.
+    silent = cell("dates", "continuous", 8, 0.0, 0.0, decoder_busy=0.2, encoder_busy=0.1, server_cpu_share=0.99,
+                  mean_rpc_s=0.004, mean_engine_s=0.003, mean_queue_s=0.001)
+    silent.update(p50_ms=None, p90_ms=None, p99_ms=None, ok=0, failures={"UNAVAILABLE": 12})
+    results = [silent, cell("dates", "rpc-ceiling", 8, math.nan, 1000.0)]
+    write_report(report(results, ("dates",)), tmp_path)
+    text = (tmp_path / "bench.md").read_text()
+    assert "| continuous | 8 | 0 | 0.0 | – | – | – | – | – | 0 | 12 |" in text
+    assert "4.00 ms in the server's handler, of which 3.00 ms in the engine (1.00 ms queued)" in text
+    assert "client p50" not in text

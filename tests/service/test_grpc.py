@@ -320,9 +320,13 @@ def test_cancelled_calls_cancel_their_engine_requests(tiny_repository: Path) -> 
     try:
         with grpc.insecure_channel(running.address) as channel:
             stub = pb_grpc.TranslatorStub(channel)
+            # 8 calls of 60 texts, decoded one text at a time: seconds of work even on a fast CPU.
             request = pb.TranslateRequest(texts=DATES * 12, options=pb.DecodeOptions(beam_size=8))
-            futures = [stub.Translate.future(request, timeout=60) for _ in range(4)]
-            time.sleep(0.3)
+            futures = [stub.Translate.future(request, timeout=120) for _ in range(8)]
+            deadline = time.monotonic() + 20  # a bound on the wait, not a measurement
+            while metric(scrape(running.metrics_url), "attnserve_requests_waiting", model="dates", version="1") < 1:
+                assert time.monotonic() < deadline, "no text of the calls was ever queued"
+                time.sleep(0.01)
             for future in futures:
                 future.cancel()
             deadline = time.monotonic() + 20
