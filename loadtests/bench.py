@@ -60,8 +60,13 @@ WORKLOADS: dict[str, WorkloadSpec] = {
         WorkloadSpec("phrasebook-beam4", "phrasebook", 4, "phrasebook", "phrasebook model, beam 4"),
         WorkloadSpec("phrasebook-mixed", "phrasebook", 1, "mixed",
                      "phrasebook model, greedy, mixed lengths (40% bare names, 20% one clause, 40% three clauses)"),
+        WorkloadSpec("near-free", "near-free", 1, "dates",
+                     "near-free model (dates at hidden 16: calls cost almost nothing, as on a GPU), greedy"),
     )
 }
+#: Rows and beam widths of the engine-overhead table (the core over a model whose calls cost nothing).
+OVERHEAD_ROWS = (16, 64, 256)
+OVERHEAD_BEAMS = (1, 4)
 QUICK_WORKLOADS = ("dates", "numbers")
 
 
@@ -251,7 +256,7 @@ def prepare_repository(config: BenchConfig, log: Callable[[str], None]) -> tuple
     bench_repository.mkdir(parents=True, exist_ok=True)
     runs: dict[str, Path] = {}
     wanted = {WORKLOADS[name].model for name in config.workloads}
-    for name in sorted(wanted - {"phrasebook"}):
+    for name in sorted(wanted - {"phrasebook", "near-free"}):
         source = config.repository / name
         link = bench_repository / name
         if link.is_symlink() or link.exists():
@@ -263,6 +268,10 @@ def prepare_repository(config: BenchConfig, log: Callable[[str], None]) -> tuple
                 runs[name] = run_dir
         else:
             log(f"{name}: not in {config.repository} (run 'make models'); its workloads are skipped")
+    if "near-free" in wanted:
+        from loadtests.phrasebook import ensure_near_free
+
+        ensure_near_free(config.cache_dir, bench_repository, log=log)
     if "phrasebook" in wanted:
         if config.phrasebook:
             model = ensure_phrasebook(config.cache_dir, bench_repository,
@@ -298,6 +307,7 @@ class Bench:
         self.peak: dict = {}
         self.ceilings: dict[str, list] = {}
         self.tuning: list[dict] = []
+        self.engine_overhead: list[dict] = []
         self.log_dir = config.cache_dir / "logs"
 
     # -- setup
@@ -316,6 +326,18 @@ class Bench:
         if not self.specs:
             raise SystemExit("attnserve bench: no workload has its model; run 'make models' first")
         self.log("workloads: " + ", ".join(spec.name for spec in self.specs))
+
+    # -- the engine's own cost per step (no model, no server)
+    def measure_engine_overhead(self) -> None:
+        from loadtests.engine_overhead import measure_overhead
+
+        steps = 150 if self.config.quick else 600
+        for beam in OVERHEAD_BEAMS:
+            for rows in OVERHEAD_ROWS:
+                point = measure_overhead(rows, beam, steps=steps)
+                self.engine_overhead.append(asdict(point))
+                self.log(f"engine overhead: beam {beam}, {rows} rows: {point.median_us:.0f} us per step "
+                         f"(p90 {point.p90_us:.0f} us)")
 
     # -- engine ceiling and roofline (no server running)
     def measure_offline(self) -> None:
@@ -520,6 +542,7 @@ class Bench:
         started = time.monotonic()
         self.prepare()
         machine = machine_description(self.config.provider, self.config.threads)
+        self.measure_engine_overhead()
         self.measure_offline()  # always: the ceiling and the FLOPs feed the targets and the % of peak column
         self.run_contenders()
         self.finish()
@@ -534,6 +557,7 @@ class Bench:
             "workloads": {spec.name: asdict(spec) | {"texts": len(self.texts[spec.name])} for spec in self.specs},
             "results": [_jsonable(asdict(cell)) for cell in results],
             "request_tuning": _jsonable(self.tuning),
+            "engine_overhead": _jsonable(self.engine_overhead),
             "seconds": time.monotonic() - started,
         }
 

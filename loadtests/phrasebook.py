@@ -1,4 +1,4 @@
-"""The benchmark's production-size model, `phrasebook`: generated, trained briefly, exported, and cached.
+"""The benchmark's own models, built once and cached: `phrasebook` (production size) and `near-free`.
 
 The default models (`dates`, `numbers`) are so small that the RPC path bounds them. The benchmark also needs
 a model whose cost is arithmetic, with the shape of a real translation model: hidden size 512, a
@@ -119,6 +119,56 @@ def ensure_phrasebook(
     stamp.write_text(json.dumps({"fingerprint": fingerprint, "recipe": asdict(recipe)}, indent=2) + "\n")
     log(f"phrasebook: built in {time.monotonic() - started:.0f} s")
     return PhrasebookModel(version_dir, run_dir, corpus, built_now=True)
+
+
+NEAR_FREE_NAME = "near-free"
+
+
+@dataclass(frozen=True)
+class NearFreeRecipe:
+    """The `near-free` model: the dates task at hidden size 16 for a few hundred steps. Its calls cost
+    almost nothing (what a GPU makes of the default models), so serving it measures the server itself:
+    the engine's loop and the RPC path. Accuracy is not the point (it translates some dates)."""
+
+    hidden: int = 16
+    embedding: int = 8
+    train_steps: int = 300
+    seed: int = 13
+
+    def fingerprint(self) -> str:
+        payload = json.dumps({"revision": RECIPE_REVISION, "name": NEAR_FREE_NAME, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def train_config(self, run_dir: Path) -> dict:
+        return {"task": "dates", "out": str(run_dir), "seed": self.seed, "max_steps": self.train_steps,
+                "eval_every": 1_000_000, "patience": 1000, "valid_limit": 200,
+                "data_options": {"n_train": 20_000, "n_valid": 200, "n_test": 200},
+                "model": {"hidden": self.hidden, "embedding": self.embedding, "top_k": 8}}
+
+
+def ensure_near_free(cache_dir: Path, repository: Path, recipe: NearFreeRecipe | None = None, *,
+                     log=print) -> PhrasebookModel:
+    """The near-free model in `repository/near-free/1`, built into `cache_dir/near-free/` unless a build of
+    the same recipe is there (about a minute on 2 cores)."""
+    recipe = recipe or NearFreeRecipe()
+    work = Path(cache_dir) / NEAR_FREE_NAME
+    run_dir = work / "run"
+    version_dir = Path(repository) / NEAR_FREE_NAME / "1"
+    stamp = work / "recipe.json"
+    if _built(stamp, version_dir, run_dir, recipe.fingerprint()):
+        return PhrasebookModel(version_dir, run_dir, work, built_now=False)
+    started = time.monotonic()
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(Path(repository) / NEAR_FREE_NAME, ignore_errors=True)
+    work.mkdir(parents=True)
+    log(f"near-free: training {recipe.train_steps} steps of the dates task at hidden size {recipe.hidden}")
+    _run([sys.executable, "-m", "loadtests.phrasebook", "train", json.dumps(recipe.train_config(run_dir))],
+         work / "train.log")
+    _run(_attnserve("export", str(run_dir), "--repository", str(repository), "--name", NEAR_FREE_NAME, "--version",
+                    "1"), work / "export.log")
+    stamp.write_text(json.dumps({"fingerprint": recipe.fingerprint(), "recipe": asdict(recipe)}, indent=2) + "\n")
+    log(f"near-free: built in {time.monotonic() - started:.0f} s")
+    return PhrasebookModel(version_dir, run_dir, work, built_now=True)
 
 
 def _built(stamp: Path, version_dir: Path, run_dir: Path, fingerprint: str) -> bool:

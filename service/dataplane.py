@@ -211,17 +211,25 @@ class Dataplane:
             index = 0
             if decode.greedy:
                 tokenizer = served.model.target_tokenizer
+                text = tokenizer.incremental_decoder()  # O(1) per token, not a decode of the whole prefix
                 token_ids: list[int] = []
                 alignment: list[int] = []
+                replacing = False
                 async for event in handle.tokens():
                     if event.token_id == EOS:
                         continue
                     token_ids.append(event.token_id)
                     alignment.append(event.alignment)
-                    pieces, text_so_far = self._render(
-                        tokenizer, token_ids, alignment, prepared.source_tokens, options.replace_unknowns
-                    )
-                    yield StreamUpdate(name, number, pieces[-1], text_so_far, index, final=False)
+                    text.push(event.token_id)
+                    replacing = replacing or (options.replace_unknowns and event.token_id == UNK)
+                    if replacing:  # rare: the whole text is rendered again with the replacements
+                        pieces, text_so_far = self._render(
+                            tokenizer, token_ids, alignment, prepared.source_tokens, options.replace_unknowns
+                        )
+                        piece = pieces[-1]
+                    else:
+                        piece, text_so_far = tokenizer.id_to_piece(event.token_id), text.text
+                    yield StreamUpdate(name, number, piece, text_so_far, index, final=False)
                     index += 1
             result = await handle.result()
             hypotheses = self._hypotheses(served, prepared, result, options.replace_unknowns)

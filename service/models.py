@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.engine.scheduler import BatchingPolicy, EngineLimits, Scheduler
+from service.engine import BatchingPolicy, EngineLimits, Scheduler
 from service.errors import InvalidRequest, ModelLoadError, ModelNotFound, Unavailable
 from service.metrics import ServerMetrics
 from service.runtime.model import LoadedModel, load_model
@@ -235,6 +235,7 @@ class ModelManager:
                 max_waiting_requests=self.settings.max_waiting_requests,
                 batch_size=self.settings.batch_size,
                 batch_delay_s=self.settings.batch_delay_ms / 1000.0,
+                source_bucket=self.settings.source_bucket_tokens,
             ),
             policy=BatchingPolicy(self.settings.batching),
             recorder=recorder,

@@ -90,7 +90,12 @@ class Settings:
     """Most hypotheses (decoder rows: beam width x requests) in one decoder step, per model version."""
 
     max_padded_source_tokens: int = _bounded(16384, minimum=1, maximum=100_000_000)
-    """Most padded source tokens (rows x longest source) in one step, per model version."""
+    """Most padded source tokens (rows x the longest source, rounded up to `source_bucket_tokens`) in one
+    decoder step, per model version."""
+
+    source_bucket_tokens: int = _bounded(8, minimum=1, maximum=4096)
+    """The decoder's memory is padded to a multiple of this many source tokens, so its layout changes only
+    when the longest source in the batch crosses a multiple (1 = pad to the longest source exactly)."""
 
     max_waiting_requests: int = _bounded(1024, minimum=1, maximum=10_000_000)
     """Most texts queued per model version before new ones are refused with RESOURCE_EXHAUSTED."""

@@ -47,9 +47,15 @@ class StepModel(Protocol):
         source_lengths: np.ndarray,
         memory: dict[str, np.ndarray],
         state: dict[str, np.ndarray],
+        *,
+        memory_version: int = -1,
     ) -> StepOutput:
         """One decoder step for N rows: int64 `tokens` [N] (previous token), int64 `source_lengths` [N],
-        `memory` [N, S, ...] zero beyond each row's length, `state` [N, ...]."""
+        `memory` [N, S, ...] zero beyond each row's length, `state` [N, ...].
+
+        `memory_version` identifies the memory's contents: two calls with the same version >= 0 get the
+        same memory (the engine changes it in place and bumps the version), so a copy on a device can be
+        reused; -1 means no promise."""
         ...
 
 

@@ -22,7 +22,9 @@ class StepStats:
     `encoder_batch`: sources encoded this iteration; `admitted`: requests that entered the batch;
     `padded_source_len`: the step's memory length (longest source in the batch), tokens;
     `tokens_generated`: tokens produced by the step, one per row (beam rows included);
-    `retired`: requests that finished (or failed) in this iteration.
+    `retired`: requests that finished (or failed) in this iteration;
+    `memory_generation`: which build of the batch's memory the step used (it changes only when the set of
+    requests does).
     """
 
     rows: int
@@ -34,6 +36,7 @@ class StepStats:
     padded_source_len: int
     tokens_generated: int
     retired: int
+    memory_generation: int = 0
 
 
 @dataclass(frozen=True)

@@ -117,9 +117,9 @@ class OnnxStepModel:
     """The engine's ``StepModel`` on two onnxruntime sessions (encoder, one decoder step).
 
     With IO binding (on by default with the CUDA provider) the decoder's memory tensors, the largest inputs
-    of a step ([rows, source_len, hidden] each), are copied to the device once per batch composition and
-    reused by every step until the engine builds new memory arrays (a request joined or left); only the
-    small per-row tensors (tokens, lengths, state) travel each step.
+    of a step ([rows, source_len, hidden] each), are copied to the device once per memory version (the engine
+    bumps it when a request joins or leaves) and reused by every step until then; only the small per-row
+    tensors (tokens, lengths, state) travel each step.
     """
 
     def __init__(self, config: ModelConfig, directory: Path, *, providers: list[str],
@@ -155,8 +155,8 @@ class OnnxStepModel:
         on_gpu = self.provider == "CUDAExecutionProvider"
         self.io_binding = on_gpu if io_binding is None else io_binding
         self._device = "cuda" if on_gpu else "cpu"
-        # The memory arrays last uploaded (kept referenced, so their ids cannot be reused) and their copies.
-        self._bound_memory: dict[str, np.ndarray] = {}
+        # The version of the memory last uploaded (see StepModel.step) and its device copies.
+        self._memory_version = -1
         self._device_memory: dict[str, Any] = {}
         self.memory_uploads = 0
 
@@ -183,9 +183,9 @@ class OnnxStepModel:
         return EncoderOutput(memory=memory, state=state)
 
     def step(self, tokens: np.ndarray, source_lengths: np.ndarray, memory: dict[str, np.ndarray],
-             state: dict[str, np.ndarray]) -> StepOutput:
+             state: dict[str, np.ndarray], *, memory_version: int = -1) -> StepOutput:
         if self.io_binding:
-            outputs = self._step_with_binding(tokens, source_lengths, memory, state)
+            outputs = self._step_with_binding(tokens, source_lengths, memory, state, memory_version)
         else:
             feeds = {"tokens": tokens, "source_lengths": source_lengths, **memory, **state}
             outputs = self._decoder.run(self._decoder_outputs, feeds)
@@ -193,13 +193,13 @@ class OnnxStepModel:
         return StepOutput(topk_log_probs=outputs[0], topk_ids=outputs[1], attention=outputs[2], state=new_state)
 
     def _step_with_binding(self, tokens: np.ndarray, source_lengths: np.ndarray, memory: dict[str, np.ndarray],
-                           state: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if any(self._bound_memory.get(name) is not array for name, array in memory.items()):
+                           state: dict[str, np.ndarray], memory_version: int) -> list[np.ndarray]:
+        if memory_version < 0 or memory_version != self._memory_version:
             self._device_memory = {
                 name: self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self._device, 0)
                 for name, array in memory.items()
             }
-            self._bound_memory = dict(memory)
+            self._memory_version = memory_version
             self.memory_uploads += 1
         binding = self._decoder.io_binding()
         binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens))

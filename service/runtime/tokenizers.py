@@ -115,6 +115,19 @@ class Tokenizer(ABC):
                 kept.append(token_id)
         return self._decode_known(kept)
 
+    def incremental_decoder(self) -> IncrementalDecoder:
+        """A decoder for a sequence that grows one id at a time (streaming): each id costs O(1), and the
+        text it builds equals decode() of the whole sequence."""
+        return IncrementalDecoder(self)
+
+    def _decode_step(self, context: list[int], token_id: int) -> str:
+        """The text `token_id` adds after the known ids `context` (the last few of the sequence, possibly
+        none). The default decodes with and without it, which is right when the text of a sequence extends
+        the text of its prefix (SentencePiece without byte fallback, as attnserve trains it)."""
+        before = self._decode_known(context) if context else ""
+        after = self._decode_known([*context, token_id])
+        return after[len(before):] if after.startswith(before) else after
+
     def save(self, path: Path | str) -> None:
         """Write the tokenizer to one JSON file (atomically: a reader never sees half a file)."""
         path = Path(path)
@@ -205,6 +218,33 @@ class _VocabularyTokenizer(Tokenizer):
         return tokens
 
 
+class IncrementalDecoder:
+    """Builds the text of a growing id sequence, one id at a time, for streaming.
+
+    Decoding the whole prefix again at every token costs O(length) per token; this keeps the text and
+    decodes only the new id in the context of the few before it.
+    """
+
+    #: Known ids decoded with each new one: a SentencePiece word-start marker needs the piece before it.
+    CONTEXT = 2
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._known: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        """Add one id (PAD, BOS and EOS add nothing); returns the text it adds."""
+        token_id = int(token_id)
+        self._tokenizer._check_id(token_id)
+        if token_id in _SKIPPED_ON_DECODE:
+            return ""
+        added = self._tokenizer._decode_step(self._known[-self.CONTEXT :], token_id)
+        self._known.append(token_id)
+        self.text += added
+        return added
+
+
 class CharTokenizer(_VocabularyTokenizer):
     """One token per character of the NFC-normalised text; spaces are characters too.
 
@@ -227,6 +267,9 @@ class CharTokenizer(_VocabularyTokenizer):
     def _decode_known(self, ids: list[int]) -> str:
         return "".join(self._pieces[token_id] for token_id in ids)
 
+    def _decode_step(self, context: list[int], token_id: int) -> str:
+        return self._pieces[token_id]
+
 
 class WordTokenizer(_VocabularyTokenizer):
     """Words and punctuation of the NFC-normalised text; ids (from 4) in order of training frequency.
@@ -247,6 +290,9 @@ class WordTokenizer(_VocabularyTokenizer):
 
     def _decode_known(self, ids: list[int]) -> str:
         return " ".join(self._pieces[token_id] for token_id in ids)
+
+    def _decode_step(self, context: list[int], token_id: int) -> str:
+        return f" {self._pieces[token_id]}" if context else self._pieces[token_id]
 
 
 def split_words(text: str) -> list[str]:

@@ -6,7 +6,7 @@ into log probabilities over a small vocabulary. Every row is computed on its own
 rows), so outputs are bit-for-bit independent of the rest of the batch, as the real contract requires.
 The step also checks the contract's input side: memory must be zero beyond each row's length.
 
-Test hooks: every call is logged (rows, padded length, memory identity), `fail_steps` / `fail_encodes`
+Test hooks: every call is logged (rows, padded length, source lengths, memory version), `fail_steps` / `fail_encodes`
 make chosen calls raise, and a `StepGate` can hold decoder steps on the worker thread until the test
 lets them through.
 """
@@ -103,7 +103,7 @@ class StepCall:
     rows: int
     padded_len: int
     source_lengths: tuple[int, ...]
-    memory_id: int
+    memory_version: int
 
 
 @dataclass
@@ -165,6 +165,8 @@ class FakeStepModel:
         source_lengths: np.ndarray,
         memory: dict[str, np.ndarray],
         state: dict[str, np.ndarray],
+        *,
+        memory_version: int = -1,
     ) -> StepOutput:
         with self._lock:
             call = len(self.step_calls)
@@ -173,7 +175,7 @@ class FakeStepModel:
                     int(tokens.shape[0]),
                     int(memory["memory"].shape[1]),
                     tuple(int(n) for n in source_lengths),
-                    id(memory["memory"]),
+                    memory_version,
                 )
             )
         if self.gate is not None:
@@ -247,6 +249,43 @@ class FakeStepModel:
             memory["keys"][0, :length],
         )
         return lp, att, {"hidden": hidden[None, :], "position": state["position"] + 1.0}
+
+
+class ScriptedStepModel:
+    """A StepModel whose decoder steps return hand-made candidates: the engine's search without a model.
+
+    `script` holds, per coming step, (rows, focus): each row's (token, log prob) candidates in descending
+    order (padded with -inf up to the longest row), and the source position every row attends to.
+    """
+
+    top_k = 8
+    eos_id = EOS
+    bos_id = BOS
+    memory_names = ("memory",)
+    state_names = ("hidden",)
+
+    def __init__(self) -> None:
+        self.script: list[tuple[list[list[tuple[int, float]]], int]] = []
+
+    def encode(self, source_ids: np.ndarray, source_lengths: np.ndarray) -> EncoderOutput:
+        batch, length = source_ids.shape
+        valid = (np.arange(length)[None, :] < source_lengths[:, None]).astype(np.float32)
+        return EncoderOutput(memory={"memory": valid[:, :, None]}, state={"hidden": np.zeros((batch, 1), np.float32)})
+
+    def step(self, tokens: np.ndarray, source_lengths: np.ndarray, memory: dict[str, np.ndarray],
+             state: dict[str, np.ndarray], *, memory_version: int = -1) -> StepOutput:
+        rows, focus = self.script.pop(0)
+        assert len(rows) == tokens.shape[0], f"scripted {len(rows)} rows for a step of {tokens.shape[0]}"
+        width = max(self.top_k, max(len(row) for row in rows))
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        log_probs = np.full((len(rows), width), -math.inf, dtype=np.float32)
+        for index, row in enumerate(rows):
+            ids[index, : len(row)] = [token for token, _ in row]
+            ids[index, len(row):] = 100 + np.arange(width - len(row))  # filler ids, never chosen at -inf
+            log_probs[index, : len(row)] = [log_prob for _, log_prob in row]
+        attention = np.zeros((len(rows), memory["memory"].shape[1]), dtype=np.float32)
+        attention[:, focus] = 1.0
+        return StepOutput(topk_log_probs=log_probs, topk_ids=ids, attention=attention, state=dict(state))
 
 
 @dataclass(frozen=True)
@@ -403,7 +442,8 @@ async def running(
 ) -> AsyncIterator[Scheduler]:
     """A started scheduler on the fake; on exit the gate (if any) is opened and the scheduler stopped."""
     scheduler = Scheduler(
-        model, limits=limits or EngineLimits(), policy=policy, recorder=recorder, name="fake", version="1"
+        model, limits=limits or EngineLimits(source_bucket=1), policy=policy, recorder=recorder, name="fake",
+        version="1"
     )
     await scheduler.start()
     try:

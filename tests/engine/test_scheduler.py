@@ -11,6 +11,7 @@ import pytest
 
 from service.engine import (
     BatchingPolicy,
+    EngineCore,
     EngineLimits,
     FinishReason,
     Scheduler,
@@ -51,9 +52,10 @@ def rows_per_step(model: FakeStepModel) -> list[int]:
 def test_a_request_joins_a_running_batch_and_a_short_one_retires_first():
     gate = StepGate()
     model = FakeStepModel(support=NO_EOS, gate=gate)
+    recorder = RecordingRecorder()
 
     async def main():
-        async with running(model) as scheduler:
+        async with running(model, recorder=recorder) as scheduler:
             long = scheduler.submit(make_request(source(3, 4, 5), max_length=6))
             await gate.until_blocked()  # the long request's first step is in flight
             short = scheduler.submit(make_request(source(9), max_length=2))
@@ -66,8 +68,8 @@ def test_a_request_joins_a_running_batch_and_a_short_one_retires_first():
     assert model.encode_batches == [1, 1]
     assert len(long.best.token_ids) == 6 and long.best.finish_reason is FinishReason.LENGTH
     assert len(short.best.token_ids) == 2 and short.generated_tokens == 2
-    memory = [call.memory_id for call in model.step_calls]
-    assert memory[0] != memory[1] and memory[1] == memory[2] and memory[2] != memory[3]  # rebuilt on changes only
+    # Memory is rebuilt when the set of requests changes (step 2: the short one joined; step 4: it left), only then.
+    assert [step.memory_generation for step in recorder.steps if step.rows] == [1, 2, 2, 3, 3, 3]
 
 
 def test_retirement_of_the_longest_source_trims_the_padding():
@@ -88,18 +90,19 @@ def test_retirement_of_the_longest_source_trims_the_padding():
 
 def test_beam_reordering_never_rebuilds_memory():
     model = FakeStepModel(support=NO_EOS)
+    recorder = RecordingRecorder()
 
     async def main():
-        async with running(model) as scheduler:
+        async with running(model, recorder=recorder) as scheduler:
             await scheduler.submit(make_request(source(3, 4, 5), beam=4, hypotheses=2, max_length=6)).result()
 
     asyncio.run(main())
     assert rows_per_step(model) == [4] * 6
-    assert len({call.memory_id for call in model.step_calls}) == 1
+    assert [step.memory_generation for step in recorder.steps] == [1] * 6
 
 
 def test_budgets_bound_every_step_and_admission_is_first_come_first_served():
-    limits = EngineLimits(max_active_hypotheses=4, max_padded_source_tokens=24)
+    limits = EngineLimits(max_active_hypotheses=4, max_padded_source_tokens=24, source_bucket=1)
     model = FakeStepModel(support=NO_EOS)
     lengths = [3, 8, 2, 6, 5, 1, 4]
 
@@ -252,7 +255,7 @@ def test_a_full_queue_fails_fast_while_others_continue():
 
 def test_requests_that_can_never_fit_are_invalid():
     model = FakeStepModel(top_k=8)
-    limits = EngineLimits(max_active_hypotheses=6, max_padded_source_tokens=30)
+    limits = EngineLimits(max_active_hypotheses=6, max_padded_source_tokens=30, source_bucket=1)
 
     async def main():
         scheduler = Scheduler(model, limits=limits, name="dates", version="3")
@@ -325,8 +328,8 @@ def test_a_failing_encoder_fails_only_the_admitted_requests():
 class MalformedStepModel(FakeStepModel):
     """Returns one row too few on its second step."""
 
-    def step(self, tokens, source_lengths, memory, state):
-        output = super().step(tokens, source_lengths, memory, state)
+    def step(self, tokens, source_lengths, memory, state, **options):
+        output = super().step(tokens, source_lengths, memory, state, **options)
         if len(self.step_calls) == 2:
             return type(output)(output.topk_log_probs[:-1], output.topk_ids[:-1], output.attention, output.state)
         return output
@@ -383,10 +386,11 @@ def test_if_the_loop_itself_dies_every_handle_is_still_answered(monkeypatch):
         queued = scheduler.submit(make_request(source(4), max_length=3))
         await gate.until_blocked()
 
-        def broken(now):
+        def broken(core):
             raise RuntimeError("queue bookkeeping broke")
 
-        monkeypatch.setattr(scheduler, "_purge_waiting", broken)  # runs outside the per-iteration guard
+        # Read by the worker outside the per-iteration guard, between steps.
+        monkeypatch.setattr(EngineCore, "has_work", property(broken))
         gate.open()
         results = await outcome(active), await outcome(queued)
         with pytest.raises(Unavailable):
@@ -408,7 +412,8 @@ def test_every_request_is_resolved_exactly_once_under_a_random_mix(seed):
     model = FakeStepModel(
         seed=seed, eos_bias=-0.5, fail_steps={rng.randrange(3, 30)}, fail_encodes={rng.randrange(1, 8)}
     )
-    limits = EngineLimits(max_active_hypotheses=10, max_padded_source_tokens=90, max_waiting_requests=12)
+    limits = EngineLimits(max_active_hypotheses=10, max_padded_source_tokens=90, max_waiting_requests=12,
+                          source_bucket=1)
     recorder = RecordingRecorder()
     policy = rng.choice(list(BatchingPolicy))
 

@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 
-from service.engine import DecodeOptions, FinishReason, length_penalty, normalised_score
-from service.engine.beam import BeamSearch, GreedySearch, new_search
+from service.engine import DecodeOptions, EngineCore, EngineLimits, FinishReason, length_penalty, normalised_score
 
 from .fakes import (
     EOS,
     FakeStepModel,
+    ScriptedStepModel,
     exhaustive_search,
     greedy_reference,
     make_request,
@@ -25,13 +25,57 @@ from .fakes import (
 NEG = -math.inf
 
 
-def step_arrays(rows: list[list[tuple[int, float]]], source_len: int = 3, focus: int = 0):
-    """Hand-made step outputs: per row, (token, log prob) candidates in descending order."""
-    ids = np.array([[token for token, _ in row] for row in rows], dtype=np.int64)
-    log_probs = np.array([[lp for _, lp in row] for row in rows], dtype=np.float32)
-    attention = np.zeros((len(rows), source_len), dtype=np.float32)
-    attention[:, focus] = 1.0
-    return log_probs, ids, attention
+class Scripted:
+    """One request decoded by an EngineCore over hand-made step outputs, advanced one step at a time."""
+
+    def __init__(self, options: DecodeOptions, *, stream: bool = False) -> None:
+        self.model = ScriptedStepModel()
+        self.core = EngineCore(self.model, EngineLimits(source_bucket=1))
+        self.core.add(1, make_request(source(7, 8), beam=options.beam_size, hypotheses=options.num_hypotheses,
+                                      max_length=options.max_length, alpha=options.length_penalty,
+                                      attention=options.return_attention, stream=stream), 0.0)
+        self.steps = 0
+        self.output = None
+
+    def advance(self, rows: list[list[tuple[int, float]]], focus: int = 0):
+        """Run one step whose rows propose `rows` candidates; returns the core's output."""
+        self.model.script.append((rows, focus))
+        self.output = self.core.step()
+        self.steps += 1
+        return self.output
+
+    @property
+    def done(self) -> bool:
+        return bool(self.output.finished)
+
+    @property
+    def hypotheses(self):
+        [finished] = self.output.finished
+        return finished.hypotheses
+
+    @property
+    def parents(self) -> list[int]:
+        batch = self.core.batch
+        return batch.history_parent[0, self.steps - 1, : batch.slot_beam[0]].tolist()
+
+    @property
+    def next_tokens(self) -> list[int]:
+        batch = self.core.batch
+        return batch.history_token[0, self.steps - 1, : batch.slot_beam[0]].tolist()
+
+    @property
+    def finished_tokens(self) -> list[list[int]]:
+        """Token ids of the finished candidates kept so far (the request's n-best), best first."""
+        from service.engine.search import beam_hypotheses
+
+        batch = self.core.batch
+        saved = list(batch.slot_finished[0])
+        try:
+            if not saved:
+                return []
+            return [h.token_ids for h in beam_hypotheses(batch, 0)]
+        finally:
+            batch.slot_finished[0] = saved
 
 
 def test_length_penalty_is_gnmt():
@@ -42,14 +86,23 @@ def test_length_penalty_is_gnmt():
     assert normalised_score(-3.0, 7, 1.0) == pytest.approx(-1.5)
 
 
+def test_an_absurd_length_penalty_ranks_without_overflowing():
+    assert length_penalty(3, 1e6) == math.inf and normalised_score(-2.0, 3, 1e6) == 0.0
+    for beam in (1, 2):
+        search = Scripted(DecodeOptions(beam_size=beam, max_length=2, length_penalty=1e300))
+        search.advance([[(4, -0.1), (EOS, -2.5)]] * beam)
+        search.advance([[(EOS, -0.2), (5, -1.0)]] * beam)
+        assert search.done and search.hypotheses[0].token_ids == [4, EOS]
+
+
 def test_greedy_takes_top1_until_eos_and_streams_each_token():
-    search = GreedySearch(DecodeOptions(max_length=5, return_attention=True), eos_id=EOS, stream=True)
-    first = search.advance(*step_arrays([[(4, -0.1), (EOS, -2.5)]], focus=1))
-    assert not first.done and first.parents is None and first.next_tokens.tolist() == [4]
-    assert [(e.token_id, e.position, e.alignment) for e in first.events] == [(4, 0, 1)]
-    last = search.advance(*step_arrays([[(EOS, -0.25), (4, -1.5)]], focus=2))
-    assert last.done and [(e.token_id, e.position) for e in last.events] == [(EOS, 1)]
-    (hypothesis,) = search.hypotheses()
+    search = Scripted(DecodeOptions(max_length=5, return_attention=True), stream=True)
+    first = search.advance([[(4, -0.1), (EOS, -2.5)]], focus=1)
+    assert not search.done and search.core.batch.row_token[0] == 4
+    assert [(e.token_id, e.position, e.alignment) for _, e in first.events] == [(4, 0, 1)]
+    last = search.advance([[(EOS, -0.25), (4, -1.5)]], focus=2)
+    assert search.done and [(e.token_id, e.position) for _, e in last.events] == [(EOS, 1)]
+    (hypothesis,) = search.hypotheses
     assert hypothesis.token_ids == [4, EOS]
     assert hypothesis.finish_reason is FinishReason.EOS
     assert hypothesis.log_prob == pytest.approx(-0.35)
@@ -58,26 +111,28 @@ def test_greedy_takes_top1_until_eos_and_streams_each_token():
 
 
 def test_greedy_stops_at_max_length():
-    search = GreedySearch(DecodeOptions(max_length=2), eos_id=EOS)
-    assert not search.advance(*step_arrays([[(5, -0.5)]])).done
-    assert search.advance(*step_arrays([[(6, -0.5)]])).done
-    (hypothesis,) = search.hypotheses()
+    search = Scripted(DecodeOptions(max_length=2))
+    search.advance([[(5, -0.5)]])
+    assert not search.done
+    search.advance([[(6, -0.5)]])
+    assert search.done
+    (hypothesis,) = search.hypotheses
     assert hypothesis.token_ids == [5, 6] and hypothesis.finish_reason is FinishReason.LENGTH
     assert hypothesis.attention is None
 
 
 def test_beam_starts_from_one_live_row_and_reorders():
     options = DecodeOptions(beam_size=2, num_hypotheses=2, max_length=2)
-    search = BeamSearch(options, eos_id=EOS)
+    search = Scripted(options)
     # Both rows see the same (bos) input at step 0; only row 0 may contribute, so 4 and 5 both survive
     # rather than two copies of 4.
-    first = search.advance(*step_arrays([[(4, -0.1), (5, -0.2), (EOS, -3.0)]] * 2))
-    assert first.parents.tolist() == [0, 0] and first.next_tokens.tolist() == [4, 5]
+    search.advance([[(4, -0.1), (5, -0.2), (EOS, -3.0)]] * 2)
+    assert search.parents == [0, 0] and search.next_tokens == [4, 5]
     # Step 1: row 1 (after 5) has the better continuations, so both new rows continue row 1.
-    second = search.advance(*step_arrays([[(6, -2.0), (7, -2.1), (EOS, -2.2)], [(7, -0.3), (6, -0.4), (EOS, -3.0)]]))
-    assert second.done  # max_length 2 reached: live beams finish with reason LENGTH
-    assert second.parents.tolist() == [1, 1] and second.next_tokens.tolist() == [7, 6]
-    best, runner_up = search.hypotheses()
+    search.advance([[(6, -2.0), (7, -2.1), (EOS, -2.2)], [(7, -0.3), (6, -0.4), (EOS, -3.0)]])
+    assert search.done  # max_length 2 reached: live beams finish with reason LENGTH
+    assert search.parents == [1, 1] and search.next_tokens == [7, 6]
+    best, runner_up = search.hypotheses
     assert best.token_ids == [5, 7] and best.log_prob == pytest.approx(-0.5)
     assert runner_up.token_ids == [5, 6] and runner_up.log_prob == pytest.approx(-0.6)
     assert {best.finish_reason, runner_up.finish_reason} == {FinishReason.LENGTH}
@@ -85,25 +140,25 @@ def test_beam_starts_from_one_live_row_and_reorders():
 
 def test_beam_finishes_eos_candidates_within_twice_the_beam():
     options = DecodeOptions(beam_size=2, num_hypotheses=2, max_length=5)
-    search = BeamSearch(options, eos_id=EOS)
+    search = Scripted(options)
     # Step 0: eos ranks 5th of the live row's candidates (> 2 x beam): not finished.
-    search.advance(*step_arrays([[(4, -0.1), (5, -0.2), (6, -0.3), (7, -0.4), (EOS, -3.0)]] * 2))
-    assert search._finished == []
+    search.advance([[(4, -0.1), (5, -0.2), (6, -0.3), (7, -0.4), (EOS, -3.0)]] * 2)
+    assert search.finished_tokens == []
     # Step 1: eos from row 0 ranks 3rd of all candidates (after the beam, within 2 x beam) -> finished;
     # eos from row 1 ranks 6th (> 2 x beam) -> dropped.
-    decision = search.advance(*step_arrays([[(6, -0.1), (7, -0.15), (EOS, -0.2)], [(6, -0.5), (7, -0.6), (EOS, -0.7)]]))
-    assert not decision.done
-    assert decision.next_tokens.tolist() == [6, 7] and decision.parents.tolist() == [0, 0]
-    assert [h.token_ids for h in search._finished] == [[4, EOS]]
+    search.advance([[(6, -0.1), (7, -0.15), (EOS, -0.2)], [(6, -0.5), (7, -0.6), (EOS, -0.7)]])
+    assert not search.done
+    assert search.next_tokens == [6, 7] and search.parents == [0, 0]
+    assert search.finished_tokens == [[4, EOS]]
 
 
 def test_beam_stops_when_beam_size_hypotheses_finished():
     options = DecodeOptions(beam_size=2, num_hypotheses=2, max_length=10)
-    search = BeamSearch(options, eos_id=EOS)
-    search.advance(*step_arrays([[(4, -0.1), (5, -0.2), (EOS, -3.0)]] * 2))
-    decision = search.advance(*step_arrays([[(EOS, -0.1), (6, -0.4), (7, -0.5)], [(EOS, -0.1), (6, -0.6), (7, -0.7)]]))
-    assert decision.done
-    hypotheses = search.hypotheses()
+    search = Scripted(options)
+    search.advance([[(4, -0.1), (5, -0.2), (EOS, -3.0)]] * 2)
+    search.advance([[(EOS, -0.1), (6, -0.4), (7, -0.5)], [(EOS, -0.1), (6, -0.6), (7, -0.7)]])
+    assert search.done
+    hypotheses = search.hypotheses
     assert [h.token_ids for h in hypotheses] == [[4, EOS], [5, EOS]]
     assert all(h.finish_reason is FinishReason.EOS for h in hypotheses)
 
@@ -111,13 +166,13 @@ def test_beam_stops_when_beam_size_hypotheses_finished():
 def test_beam_keeps_going_while_a_live_beam_beats_the_finished_ones():
     """Low-ranked eos candidates may fill beam_size finished slots early; a better live beam must still win."""
     options = DecodeOptions(beam_size=2, num_hypotheses=1, max_length=10)
-    search = BeamSearch(options, eos_id=EOS)
-    search.advance(*step_arrays([[(4, -0.1), (EOS, -2.0), (5, -2.1)]] * 2))
-    decision = search.advance(*step_arrays([[(6, -0.1), (EOS, -3.0), (7, -3.5)], [(EOS, -0.1), (7, -1.0), (6, -1.5)]]))
-    assert not decision.done  # three finished already, but "4 6" (sum -0.2) can still end better than -2.0
-    decision = search.advance(*step_arrays([[(EOS, -0.1), (8, -2.0), (9, -2.5)], [(EOS, -0.1), (8, -2.0), (9, -2.5)]]))
-    assert decision.done
-    [best] = search.hypotheses()
+    search = Scripted(options)
+    search.advance([[(4, -0.1), (EOS, -2.0), (5, -2.1)]] * 2)
+    search.advance([[(6, -0.1), (EOS, -3.0), (7, -3.5)], [(EOS, -0.1), (7, -1.0), (6, -1.5)]])
+    assert not search.done  # three finished already, but "4 6" (sum -0.2) can still end better than -2.0
+    search.advance([[(EOS, -0.1), (8, -2.0), (9, -2.5)], [(EOS, -0.1), (8, -2.0), (9, -2.5)]])
+    assert search.done
+    [best] = search.hypotheses
     assert best.token_ids == [4, 6, EOS]
     assert best.score == pytest.approx(-0.3)
 
@@ -127,40 +182,35 @@ def test_length_penalty_changes_the_ranking(alpha, winner):
     # [eos]: log p -0.5 (1 token); [3, eos]: -0.7 (2 tokens). Raw sum prefers the short one; with
     # alpha 5 the penalty (7/6)^5 = 2.16 makes -0.7 / 2.16 = -0.32 beat -0.5.
     options = DecodeOptions(beam_size=2, num_hypotheses=1, max_length=3, length_penalty=alpha)
-    search = BeamSearch(options, eos_id=EOS)
-    decision = search.advance(*step_arrays([[(EOS, -0.5), (3, -0.6), (4, -4.0)]] * 2))
-    if not decision.done:
-        decision = search.advance(
-            *step_arrays([[(EOS, -0.1), (4, -3.0), (5, -3.1)], [(EOS, -3.0), (3, -3.2), (5, -3.3)]])
-        )
-    assert decision.done
-    (best,) = search.hypotheses()
+    search = Scripted(options)
+    search.advance([[(EOS, -0.5), (3, -0.6), (4, -4.0)]] * 2)
+    if not search.done:
+        search.advance([[(EOS, -0.1), (4, -3.0), (5, -3.1)], [(EOS, -3.0), (3, -3.2), (5, -3.3)]])
+    assert search.done
+    (best,) = search.hypotheses
     assert best.token_ids == winner
     assert best.score == pytest.approx(normalised_score(best.log_prob, len(winner), alpha))
 
 
 def test_beam_stops_early_only_when_nothing_can_beat_the_finished():
     # alpha 0: the finished [eos] (-0.5) beats every live beam (best -0.6, and sums only fall): stop now.
-    search = BeamSearch(DecodeOptions(beam_size=2, num_hypotheses=1, max_length=3), eos_id=EOS)
-    assert search.advance(*step_arrays([[(EOS, -0.5), (3, -0.6), (4, -4.0)]] * 2)).done
+    search = Scripted(DecodeOptions(beam_size=2, num_hypotheses=1, max_length=3))
+    search.advance([[(EOS, -0.5), (3, -0.6), (4, -4.0)]] * 2)
+    assert search.done
     # With two hypotheses wanted, the second place is still open: continue.
-    search = BeamSearch(DecodeOptions(beam_size=2, num_hypotheses=2, max_length=3), eos_id=EOS)
-    assert not search.advance(*step_arrays([[(EOS, -0.5), (3, -0.6), (4, -4.0)]] * 2)).done
+    search = Scripted(DecodeOptions(beam_size=2, num_hypotheses=2, max_length=3))
+    search.advance([[(EOS, -0.5), (3, -0.6), (4, -4.0)]] * 2)
+    assert not search.done
 
 
 def test_beam_ignores_impossible_candidates():
     options = DecodeOptions(beam_size=3, num_hypotheses=3, max_length=1)
-    search = BeamSearch(options, eos_id=EOS)
-    decision = search.advance(*step_arrays([[(4, -0.1), (EOS, -1.0), (5, NEG), (6, NEG)]] * 3))
-    assert decision.done
-    hypotheses = search.hypotheses()
+    search = Scripted(options)
+    search.advance([[(4, -0.1), (EOS, -1.0), (5, NEG), (6, NEG)]] * 3)
+    assert search.done
+    hypotheses = search.hypotheses
     assert [h.token_ids for h in hypotheses] == [[4], [EOS]]  # -inf candidates never become hypotheses
     assert all(math.isfinite(h.score) for h in hypotheses)
-
-
-def test_new_search_picks_greedy_for_beam_one():
-    assert isinstance(new_search(DecodeOptions(beam_size=1), eos_id=EOS), GreedySearch)
-    assert isinstance(new_search(DecodeOptions(beam_size=3), eos_id=EOS), BeamSearch)
 
 
 def test_decode_options_reject_broken_invariants():

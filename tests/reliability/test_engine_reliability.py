@@ -109,8 +109,8 @@ class PoisonedStepModel(FakeStepModel):
 
     poison_length: int = 9
 
-    def step(self, tokens, source_lengths, memory, state):  # type: ignore[no-untyped-def]
-        output = super().step(tokens, source_lengths, memory, state)
+    def step(self, tokens, source_lengths, memory, state, **options):  # type: ignore[no-untyped-def]
+        output = super().step(tokens, source_lengths, memory, state, **options)
         if (np.asarray(source_lengths) == self.poison_length).any():
             raise InjectedFailure(f"poisoned source of {self.poison_length} tokens")
         return output

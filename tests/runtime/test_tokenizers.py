@@ -278,3 +278,21 @@ def test_importing_tokenizers_loads_neither_sentencepiece_nor_torch() -> None:
         "assert 'sentencepiece' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_incremental_decoding_builds_exactly_the_text_of_the_whole_sequence(
+        seed: int, number_corpus: list[str], sentencepiece_tokenizers: dict[str, Tokenizer]) -> None:
+    import random
+
+    rng = random.Random(seed)
+    for tokenizer in _all_kinds(number_corpus, sentencepiece_tokenizers):
+        for text in rng.sample(number_corpus, 20):
+            ids = tokenizer.encode(text) + [rng.randrange(4, tokenizer.vocab_size) for _ in range(3)] + [UNK, EOS]
+            decoder = tokenizer.incremental_decoder()
+            deltas = [decoder.push(token_id) for token_id in ids]
+            assert "".join(deltas) == decoder.text == tokenizer.decode(ids), (tokenizer.kind, ids)
+

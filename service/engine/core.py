@@ -1,0 +1,516 @@
+"""The engine core: one model version's queue, batch and decoder loop, as plain synchronous calls.
+
+`EngineCore.step()` is one iteration, in three stages:
+
+1. **plan**: take in what arrived and what was cancelled (handed in by `add()` / `abort()`, never found by
+   scanning), fail requests whose deadline passed (a heap), admit waiting requests first come first served
+   within the budgets (counters kept on admission and retirement), and encode them in one call;
+2. **step**: one decoder call over every row of the batch (with a failing step re-run per request, so only
+   the requests whose own rows make the model fail are failed);
+3. **update**: advance every request from the step's outputs (search.py, whole-batch array work), retire the
+   finished ones, and return what happened as a `CoreOutput`.
+
+The core knows nothing of asyncio, threads or gRPC, and reads time only from the injected `clock`: a test
+drives it step by step with a fake model and a fake clock, and asserts exact outcomes. The scheduler
+(scheduler.py) is the thin driver that runs it on a worker thread and resolves the callers' futures.
+
+Thread safety: `add()` and `abort()` may be called from any thread (they only append to deques); every other
+method belongs to the one thread that drives the core.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.engine.batch import DecodeBatch, NewRequest, bucketed
+from service.engine.records import FinishReason, Hypothesis, StepModel, TokenEvent, TranslationRequest
+from service.engine.search import advance_beam_group, advance_greedy, beam_hypotheses, greedy_hypothesis
+from service.engine.stats import StepStats
+from service.errors import AttnServeError, DeadlineExceeded, EngineFailure
+from service.runtime.step import StepOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Per-model-version budgets of the engine (validated by the settings; re-checked here).
+
+    `max_active_hypotheses`: most decoder rows (beam width x requests) in one decoder step.
+    `max_padded_source_tokens`: most rows x padded source length (tokens: the longest source in the step,
+        rounded up to `source_bucket`) in one step.
+    `max_waiting_requests`: most queued requests; beyond, `submit()` raises Overloaded at once.
+    `batch_size`: most requests in one batch (REQUEST policy).
+    `batch_delay_s`: seconds the REQUEST policy waits after the first arrival for the batch to fill.
+    `source_bucket`: the memory's source axis is padded to a multiple of this many tokens, so it is re-laid
+        only when the longest active source crosses a bucket, not whenever it changes.
+    """
+
+    max_active_hypotheses: int = 256
+    max_padded_source_tokens: int = 65536
+    max_waiting_requests: int = 1024
+    batch_size: int = 32
+    batch_delay_s: float = 0.005
+    source_bucket: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("max_active_hypotheses", "max_padded_source_tokens", "max_waiting_requests", "batch_size",
+                     "source_bucket"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.batch_delay_s >= 0.0:
+            raise ValueError(f"batch_delay_s must be >= 0, got {self.batch_delay_s}")
+
+
+class BatchingPolicy(enum.Enum):
+    """How requests share decoder steps."""
+
+    CONTINUOUS = "continuous"
+    """Requests join the batch at any step and leave as soon as they finish (iteration-level batching)."""
+    REQUEST = "request"
+    """When idle, gather up to batch_size requests (or wait batch_delay_s), then run them to completion."""
+    NONE = "none"
+    """One request at a time, to completion."""
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    """A request that finished with hypotheses; times are the core's clock readings."""
+
+    key: int
+    hypotheses: list[Hypothesis]
+    admitted_at: float
+    first_step_at: float
+    last_step_at: float
+    steps: int
+
+
+@dataclass
+class CoreOutput:
+    """What one `step()` did, for the driver to deliver: admissions, streamed tokens, results, failures."""
+
+    admitted: list[int] = field(default_factory=list)
+    events: list[tuple[int, TokenEvent]] = field(default_factory=list)
+    finished: list[FinishedRequest] = field(default_factory=list)
+    failed: list[tuple[int, AttnServeError, FinishReason]] = field(default_factory=list)
+    stats: StepStats | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.admitted or self.events or self.finished or self.failed or self.stats)
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    key: int
+    request: TranslationRequest
+    submitted_at: float
+
+
+_QUEUED = -1  # `_slot_of` value of a request that waits (active requests map to their slot)
+
+
+class EngineCore:
+    """Continuous batching for one model version over a StepModel; see the module docstring."""
+
+    def __init__(self, model: StepModel, limits: EngineLimits, policy: BatchingPolicy = BatchingPolicy.CONTINUOUS,
+                 *, clock: Callable[[], float] = time.monotonic, label: str = "unnamed") -> None:
+        self.model = model
+        self.limits = limits
+        self.policy = policy
+        self.clock = clock
+        self.label = label
+        self.draining = False  # set by the driver when stopping: the REQUEST policy then waits for nobody
+        self._inbox: deque[_Waiting] = deque()
+        self._aborts: deque[int] = deque()
+        self._waiting: deque[_Waiting] = deque()
+        self._slot_of: dict[int, int] = {}  # every request the core holds: key -> slot, or _QUEUED
+        self._queued = 0  # requests waiting (entries of _waiting still in _slot_of as _QUEUED)
+        self._deadlines: list[tuple[float, int]] = []  # heap of (deadline, key)
+        self._requests: dict[int, TranslationRequest] = {}  # the same keys as _slot_of
+        # Called with the keys a step admits, right after it encodes them (before its decoder call), so a
+        # driver can count them as running at once.
+        self.on_admitted: Callable[[list[int]], None] | None = None
+        self.batch = self._new_batch()
+
+    def _new_batch(self) -> DecodeBatch:
+        return DecodeBatch(max_rows=self.limits.max_active_hypotheses, memory_names=self.model.memory_names,
+                           state_names=self.model.state_names, bos_id=self.model.bos_id,
+                           source_bucket=self.limits.source_bucket)
+
+    # ----- the inbox (any thread) --------------------------------------------------------------------
+
+    def add(self, key: int, request: TranslationRequest, submitted_at: float) -> None:
+        """Queue a request (checked by the caller: it fits the model and the budgets alone)."""
+        self._inbox.append(_Waiting(key, request, submitted_at))
+
+    def abort(self, key: int) -> None:
+        """Drop a request (cancelled by its caller): from the queue, or from the batch at the next step."""
+        self._aborts.append(key)
+
+    # ----- state (driver thread) ---------------------------------------------------------------------
+
+    @property
+    def has_work(self) -> bool:
+        """True while a step would do something now: rows to decode, or requests that may be admitted."""
+        if self._inbox or self._aborts or self.batch.rows:
+            return True
+        now = self.clock()
+        if self._deadlines and self._deadlines[0][0] <= now:
+            return True
+        if not self._queued:
+            return False
+        return self.policy is not BatchingPolicy.REQUEST or self._request_batch_ready(now)
+
+    def next_wakeup(self) -> float | None:
+        """When an idle core has something to do next (a deadline, the end of a REQUEST batching window)."""
+        times = []
+        if self._deadlines:
+            times.append(self._deadlines[0][0])
+        head = self._head()
+        if head is not None and self.policy is BatchingPolicy.REQUEST:
+            times.append(head.submitted_at + self.limits.batch_delay_s)
+        return min(times) if times else None
+
+    def holds(self) -> int:
+        """Requests the core holds (queued or in the batch), inbox included."""
+        return len(self._slot_of) + len(self._inbox)
+
+    # ----- one iteration -----------------------------------------------------------------------------
+
+    def step(self) -> CoreOutput:
+        """Plan, run and update one iteration; see the module docstring. Never raises for a model failure
+        (those fail the requests concerned); any other exception is an engine bug (see `recover`)."""
+        output = CoreOutput()
+        now = self.clock()
+        self._take_in(now, output)
+        encode_seconds, admitted = self._admit(now, output)
+        batch = self.batch
+        if batch.rows == 0:
+            if admitted:
+                output.stats = StepStats(rows=0, requests=0, step_seconds=0.0, encode_seconds=encode_seconds,
+                                         encoder_batch=admitted, admitted=admitted, padded_source_len=0,
+                                         tokens_generated=0, retired=len(output.failed),
+                                         memory_generation=batch.memory_generation)
+            return output
+
+        rows, requests, padded = batch.rows, batch.requests, batch.padded_source_len
+        generation = batch.memory_generation
+        started = self.clock()
+        step_output = self._run_step(output)
+        step_seconds = self.clock() - started
+        if step_output is None:  # every request of the step failed
+            output.stats = StepStats(rows=rows, requests=requests, step_seconds=step_seconds,
+                                     encode_seconds=encode_seconds, encoder_batch=admitted, admitted=admitted,
+                                     padded_source_len=padded, tokens_generated=0, retired=len(output.failed),
+                                     memory_generation=generation)
+            return output
+        stepped_rows = batch.rows  # fewer than `rows` when requests failed on their own and left
+        finished = self._update_from_output(step_output, self.clock(), output)
+        output.stats = StepStats(rows=rows, requests=requests, step_seconds=step_seconds,
+                                 encode_seconds=encode_seconds, encoder_batch=admitted, admitted=admitted,
+                                 padded_source_len=padded, tokens_generated=stepped_rows,
+                                 retired=finished + len(output.failed), memory_generation=generation)
+        return output
+
+    def fail_all(self, error_for: Callable[[str], AttnServeError]) -> CoreOutput:
+        """Fail every request the core holds (stopping, or after an engine bug); `error_for(where)` makes
+        each error. The core is empty and usable afterwards."""
+        output = CoreOutput()
+        self._take_in(self.clock(), output, expire=False)
+        for key, slot in list(self._slot_of.items()):
+            where = "waiting" if slot == _QUEUED else "decoding"
+            output.failed.append((key, error_for(where), FinishReason.ERROR))
+        self._slot_of.clear()
+        self._requests.clear()
+        self._waiting.clear()
+        self._queued = 0
+        self._deadlines.clear()
+        self.batch = self._new_batch()
+        return output
+
+    def recover(self, exc: Exception) -> CoreOutput:
+        """After an unexpected error in `step()` (an engine bug): fail the requests in the batch, which the
+        error may have left half updated, start a fresh batch, and keep the queue."""
+        output = CoreOutput()
+        for slot in self.batch.active_slots().tolist():
+            key = int(self.batch.slot_key[slot])
+            if self._slot_of.pop(key, None) is not None:
+                self._requests.pop(key, None)
+                output.failed.append((key, EngineFailure(
+                    f"engine error in model {self.label}: {type(exc).__name__}: {exc}"), FinishReason.ERROR))
+        self.batch = self._new_batch()
+        return output
+
+    # ----- plan --------------------------------------------------------------------------------------
+
+    def _take_in(self, now: float, output: CoreOutput, *, expire: bool = True) -> None:
+        """Queue arrivals, apply cancellations, fail expired requests."""
+        while self._inbox:
+            waiting = self._inbox.popleft()
+            self._waiting.append(waiting)
+            self._slot_of[waiting.key] = _QUEUED
+            self._requests[waiting.key] = waiting.request
+            self._queued += 1
+            if waiting.request.deadline is not None:
+                heapq.heappush(self._deadlines, (waiting.request.deadline, waiting.key))
+        retire: list[int] = []
+        while self._aborts:
+            self._drop(self._aborts.popleft(), retire)
+        if expire:
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, key = heapq.heappop(self._deadlines)
+                slot = self._slot_of.get(key)
+                if slot is None:
+                    continue  # already finished or cancelled
+                where = "waiting" if slot == _QUEUED else "decoding"
+                waited = now - self._requests[key].arrival
+                output.failed.append((key, DeadlineExceeded(
+                    f"the deadline passed after {waited:.3f} s while {where} (model {self.label})"),
+                    FinishReason.DEADLINE))
+                self._drop(key, retire)
+        self.batch.retire(retire)
+
+    def _drop(self, key: int, retire: list[int]) -> None:
+        slot = self._slot_of.pop(key, None)
+        if slot is None:
+            return
+        del self._requests[key]
+        if slot == _QUEUED:
+            self._queued -= 1  # its queue entry is skipped when it reaches the head
+        else:
+            retire.append(slot)
+
+    def _head(self) -> _Waiting | None:
+        """The first queued request still held (cancelled ones are dropped from the front lazily)."""
+        while self._waiting and self._slot_of.get(self._waiting[0].key) != _QUEUED:
+            self._waiting.popleft()
+        return self._waiting[0] if self._waiting else None
+
+    def _request_batch_ready(self, now: float) -> bool:
+        head = self._head()
+        if head is None or self.batch.rows:
+            return False
+        return (self._queued >= self.limits.batch_size or self.draining
+                or now >= head.submitted_at + self.limits.batch_delay_s)
+
+    def _admit(self, now: float, output: CoreOutput) -> tuple[float, int]:
+        """Admit waiting requests first come first served while the budgets allow, and encode them in one
+        call. Returns (encoder seconds, requests admitted)."""
+        batch, limits = self.batch, self.limits
+        if self.policy is BatchingPolicy.CONTINUOUS:
+            most = limits.max_active_hypotheses  # rows bound it anyway: every request takes >= 1 row
+        elif batch.rows:
+            return 0.0, 0  # REQUEST and NONE: no one joins a running batch
+        elif self.policy is BatchingPolicy.REQUEST:
+            if not self._request_batch_ready(now):
+                return 0.0, 0
+            most = limits.batch_size
+        else:
+            most = 1
+        chosen: list[_Waiting] = []
+        rows, longest = batch.rows, batch.longest_source
+        while len(chosen) < most:
+            head = self._head()
+            if head is None:
+                break
+            beam = head.request.options.beam_size
+            new_rows, new_longest = rows + beam, max(longest, head.request.source_length)
+            over = (new_rows > limits.max_active_hypotheses
+                    or new_rows * bucketed(new_longest, limits.source_bucket) > limits.max_padded_source_tokens)
+            # An empty batch always takes the head (it was checked to fit alone), so the loop always
+            # progresses; otherwise strict FIFO: a big request at the head is not overtaken, so it cannot starve.
+            if over and rows > 0:
+                break
+            self._waiting.popleft()
+            self._queued -= 1
+            chosen.append(head)
+            rows, longest = new_rows, new_longest
+        if not chosen:
+            return 0.0, 0
+        started = self.clock()
+        try:
+            lengths = np.array([w.request.source_length for w in chosen], dtype=np.int64)
+            source_ids = np.zeros((len(chosen), int(lengths.max())), dtype=np.int64)
+            for row, waiting in enumerate(chosen):
+                source_ids[row, : lengths[row]] = waiting.request.source_ids
+            encoded = self.model.encode(source_ids, lengths)
+            _check_tensors("encoder memory", encoded.memory, self.model.memory_names, len(chosen), source_ids.shape[1])
+            _check_tensors("encoder state", encoded.state, self.model.state_names, len(chosen), None)
+        except Exception as exc:
+            log.error("the encoder of model %s failed for %d requests", self.label, len(chosen), exc_info=exc)
+            for waiting in chosen:
+                self._slot_of.pop(waiting.key, None)
+                self._requests.pop(waiting.key, None)
+                output.failed.append((waiting.key, self._model_failure("encoder", exc), FinishReason.ERROR))
+            return self.clock() - started, len(chosen)
+        new = [NewRequest(key=w.key, beam=w.request.options.beam_size, source_length=w.request.source_length,
+                          max_length=w.request.options.max_length, num_hypotheses=w.request.options.num_hypotheses,
+                          length_penalty=w.request.options.length_penalty,
+                          return_attention=w.request.options.return_attention, stream=w.request.stream,
+                          admitted_at=now) for w in chosen]
+        slots = batch.admit(new, encoded.memory, encoded.state)
+        for waiting, slot in zip(chosen, slots):
+            self._slot_of[waiting.key] = slot
+            output.admitted.append(waiting.key)
+        if self.on_admitted is not None:
+            self.on_admitted(output.admitted)
+        return self.clock() - started, len(chosen)
+
+    # ----- step --------------------------------------------------------------------------------------
+
+    def _run_step(self, output: CoreOutput) -> StepOutput | None:
+        batch = self.batch
+        count = batch.rows
+        memory = {name: array[:count] for name, array in batch.memory.items()}
+        try:
+            step_output = self.model.step(batch.row_token[:count], batch.row_source_length[:count], memory,
+                                          batch.state, memory_version=batch.memory_generation)
+            self._check_step_output(step_output, count, max(batch.widths, default=1), batch.padded_source_len)
+            return step_output
+        except Exception as exc:
+            if batch.requests == 1:
+                log.error("the decoder step of model %s failed for 1 request", self.label, exc_info=exc)
+                self._fail_slots(batch.active_slots().tolist(), self._model_failure("decoder step", exc), output)
+                return None
+            log.warning("the decoder step of model %s failed for %d requests (%s: %s); stepping each request "
+                        "alone so that only the failing ones fail", self.label, batch.requests, type(exc).__name__,
+                        exc)
+            return self._step_each_alone(memory, output)
+
+    def _step_each_alone(self, memory: dict[str, np.ndarray], output: CoreOutput) -> StepOutput | None:
+        """After a decoder step of several requests failed: run it again on each request's rows alone (rows
+        are independent, so the numbers are the same), fail the requests whose own step fails, and return the
+        others' outputs laid out in their rows after the failed ones left, or None when none survived."""
+        batch = self.batch
+        parts: dict[int, StepOutput] = {}
+        failed: dict[int, Exception] = {}
+        for slot in batch.active_slots().tolist():
+            rows = batch.rows_of(slot)
+            try:
+                part = self.model.step(batch.row_token[rows], batch.row_source_length[rows],
+                                       {name: array[rows] for name, array in memory.items()},
+                                       {name: array[rows] for name, array in batch.state.items()})
+                self._check_step_output(part, len(rows), len(rows), batch.padded_source_len)
+            except Exception as exc:
+                failed[slot] = exc
+            else:
+                parts[slot] = part
+        for slot, exc in failed.items():
+            log.error("the decoder step of model %s failed for request %d on its own", self.label,
+                      int(batch.slot_key[slot]), exc_info=exc)
+            self._fail_slots([slot], self._model_failure("decoder step", exc), output)
+        if not parts:
+            return None
+        count = batch.rows
+        sample = next(iter(parts.values()))
+        joined = StepOutput(
+            topk_log_probs=np.empty((count, *sample.topk_log_probs.shape[1:]), sample.topk_log_probs.dtype),
+            topk_ids=np.empty((count, *sample.topk_ids.shape[1:]), sample.topk_ids.dtype),
+            attention=np.empty((count, *sample.attention.shape[1:]), sample.attention.dtype),
+            state={name: np.empty((count, *value.shape[1:]), value.dtype) for name, value in sample.state.items()},
+        )
+        for slot, part in parts.items():
+            rows = batch.rows_of(slot)  # after the failed requests left
+            joined.topk_log_probs[rows] = part.topk_log_probs
+            joined.topk_ids[rows] = part.topk_ids
+            joined.attention[rows] = part.attention
+            for name, value in part.state.items():
+                joined.state[name][rows] = value
+        return joined
+
+    def _fail_slots(self, slots: Sequence[int], error: AttnServeError, output: CoreOutput) -> None:
+        keys = [int(self.batch.slot_key[slot]) for slot in slots]
+        for key in keys:
+            self._slot_of.pop(key, None)
+            self._requests.pop(key, None)
+            output.failed.append((key, error, FinishReason.ERROR))
+        self.batch.retire(list(slots))
+
+    def _check_step_output(self, output: StepOutput, rows: int, widest: int, padded_source_len: int) -> None:
+        """Raise ValueError unless the step's outputs have `rows` rows, >= `widest` candidates per row
+        and attention over >= `padded_source_len` positions."""
+        shape = output.topk_log_probs.shape
+        if len(shape) != 2 or shape[0] != rows or output.topk_ids.shape != shape or shape[1] < widest:
+            raise ValueError(f"step returned topk_log_probs {shape} and topk_ids {output.topk_ids.shape} for {rows} "
+                             f"rows (need [{rows}, >= {widest}])")
+        if output.attention.ndim != 2 or output.attention.shape[0] != rows or output.attention.shape[1] < padded_source_len:
+            raise ValueError(f"step returned attention {output.attention.shape} for {rows} rows of "
+                             f"{padded_source_len} source tokens")
+        _check_tensors("step state", output.state, self.model.state_names, rows, None)
+
+    def _model_failure(self, what: str, exc: Exception) -> EngineFailure:
+        return EngineFailure(f"the {what} of model {self.label} failed: {type(exc).__name__}: {exc}")
+
+    # ----- update: the hot loop ----------------------------------------------------------------------
+
+    def _update_from_output(self, step_output: StepOutput, now: float, output: CoreOutput) -> int:
+        """Advance every request by one token from the step's outputs; retire and report the finished ones.
+
+        This runs once per decoder step for the whole batch and is the engine's hot loop: its cost per row
+        is numpy work, and Python runs per request only for what is rare (finishing, eos candidates, streamed
+        tokens, attention rows). Returns how many requests finished.
+        """
+        batch = self.batch
+        count = batch.rows
+        eos_id = self.model.eos_id
+        # Rows of beam requests are reordered (state gathered from their parents); greedy rows keep theirs.
+        reorder = None
+        if batch.beam_rows == 0:
+            done = [advance_greedy(batch, None, step_output, eos_id, output.events)]
+        else:
+            reorder = np.arange(count)
+            greedy_rows = np.flatnonzero(batch.slot_beam[batch.row_slot[:count]] == 1)
+            done = [advance_greedy(batch, greedy_rows, step_output, eos_id, output.events)] if greedy_rows.size else []
+            slots = batch.row_slot[:count][batch.row_beam_index[:count] == 0]
+            beams = batch.slot_beam[slots]
+            for width in sorted(batch.widths):
+                done.append(advance_beam_group(batch, width, slots[beams == width], step_output, eos_id, reorder))
+        batch.state = ({name: value[reorder] for name, value in step_output.state.items()} if reorder is not None
+                       else dict(step_output.state))
+        stepped = batch.row_slot[:count]
+        first = np.isnan(batch.slot_first_step_at[stepped])
+        if first.any():
+            batch.slot_first_step_at[stepped[first]] = now
+        batch.slot_last_step_at[stepped] = now
+
+        finished = np.concatenate(done) if len(done) > 1 else done[0]
+        if not finished.size:
+            return 0
+        finished_slots = finished.tolist()
+        for slot in finished_slots:
+            key = int(batch.slot_key[slot])
+            hypotheses = (greedy_hypothesis(batch, slot, eos_id) if batch.slot_beam[slot] == 1 else None)
+            output.finished.append(FinishedRequest(
+                key=key,
+                hypotheses=[hypotheses] if hypotheses is not None else beam_hypotheses(batch, slot),
+                admitted_at=float(batch.slot_admitted_at[slot]),
+                first_step_at=float(batch.slot_first_step_at[slot]),
+                last_step_at=now,
+                steps=int(batch.slot_steps[slot]),
+            ))
+            self._slot_of.pop(key, None)
+            self._requests.pop(key, None)
+        batch.retire(finished_slots)
+        return len(finished_slots)
+
+
+def _check_tensors(what: str, tensors: dict[str, np.ndarray], names: Sequence[str], rows: int,
+                   length: int | None) -> None:
+    """Raise ValueError unless every name is present with `rows` rows (and `length` on axis 1 if given)."""
+    for name in names:
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise ValueError(f"{what} lacks {name!r} (has {sorted(tensors)})")
+        if tensor.ndim < 1 or tensor.shape[0] != rows or (length is not None and (tensor.ndim < 2 or tensor.shape[1] != length)):
+            expected = f"[{rows}, {length}, ...]" if length is not None else f"[{rows}, ...]"
+            raise ValueError(f"{what} {name!r} has shape {tensor.shape}, expected {expected}")
+

@@ -1,0 +1,264 @@
+"""Greedy and beam search over the whole decode batch at once, and the hypotheses of finished requests.
+
+Greedy rows advance in a handful of numpy operations for all of them together. Beam requests are grouped
+by width; each group advances with one sort over [requests, width x top_k] candidates. The only per-request
+Python is for what is rare per step: eos candidates entering a request's n-best, requests finishing, and the
+extras a request asked for (attention rows, streamed tokens). Hypotheses become Python objects only when a
+request finishes.
+
+Beam search, exactly:
+- All rows of a beam start from bos, but only row 0 is live (the copies start at -inf), so the first
+  step's candidates come from one row and identical beams never fill the beam.
+- Each step ranks the beam x top_k candidates by cumulative log probability (ties: lower row, then the
+  higher-ranked candidate). Eos candidates among the best 2 x beam join the finished n-best, scored with
+  the length penalty; the best `beam` non-eos candidates continue.
+- The search stops only when no live beam can still reach the best num_hypotheses: with log
+  probabilities <= 0 a live beam's final score is at most its current sum divided by the most favourable
+  length penalty it can still get, so stopping then returns exactly what continuing would. (Not the
+  fairseq rule, stop once beam_size hypotheses have finished: low-ranked eos candidates can fill the list
+  early, and the search would then return worse translations than greedy decoding.)
+  At max_length every live beam finishes with reason LENGTH.
+- Candidates with a -inf (or NaN) score never finish; they occupy a row only when fewer finite ones exist.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from service.engine.batch import DecodeBatch
+from service.engine.records import FinishReason, Hypothesis, TokenEvent
+from service.runtime.step import StepOutput
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT length penalty ((5 + length) / 6) ** alpha for `length` generated tokens; 1.0 when alpha is 0."""
+    if alpha == 0.0:
+        return 1.0
+    try:
+        return ((5.0 + length) / 6.0) ** alpha
+    except OverflowError:  # an absurd alpha: every length is infinitely penalised, as the array form says
+        return math.inf
+
+
+def normalised_score(log_prob: float, length: int, alpha: float) -> float:
+    """The ranking score of a hypothesis: its summed log probability over the length penalty."""
+    return log_prob / length_penalty(length, alpha)
+
+
+def _normalised(log_probs: np.ndarray, lengths: np.ndarray, alphas: np.ndarray) -> np.ndarray:
+    """normalised_score over arrays (alpha 0 divides by exactly 1.0, as the scalar form does)."""
+    with np.errstate(over="ignore"):
+        penalty = np.where(alphas == 0.0, 1.0, ((5.0 + lengths) / 6.0) ** alphas)
+    return log_probs / penalty
+
+
+# ----- greedy --------------------------------------------------------------------------------------------
+
+
+def advance_greedy(batch: DecodeBatch, rows: np.ndarray | None, output: StepOutput, eos_id: int,
+                   events: list[tuple[int, TokenEvent]]) -> np.ndarray:
+    """Take the top-1 candidate of every greedy row (`rows`; None = every row of the batch is greedy).
+
+    Records token, log probability and alignment at each request's position, feeds the token back, appends
+    streamed tokens (key, event) to `events`, and returns the slots that finished.
+    """
+    count = batch.rows
+    if rows is None:
+        tokens = output.topk_ids[:count, 0].astype(np.int64)
+        log_probs = output.topk_log_probs[:count, 0]
+        attention = output.attention[:count]
+        slots = batch.row_slot[:count]
+    else:
+        tokens = output.topk_ids[rows, 0].astype(np.int64)
+        log_probs = output.topk_log_probs[rows, 0]
+        attention = output.attention[rows]
+        slots = batch.row_slot[rows]
+    # Attention is 0 beyond each row's source (softmax over its own positions), so the argmax over the
+    # padded axis is the argmax over the row's own positions.
+    alignment = attention.argmax(axis=1)
+    positions = batch.slot_steps[slots]
+    batch.out_token[slots, positions] = tokens
+    batch.out_log_prob[slots, positions] = log_probs
+    batch.out_alignment[slots, positions] = alignment
+    # float64 running sums, one addition per step in order: the same value the request gets decoded alone.
+    batch.slot_log_prob[slots] += log_probs
+    steps = positions + 1
+    batch.slot_steps[slots] = steps
+    if rows is None:
+        batch.row_token[:count] = tokens
+    else:
+        batch.row_token[rows] = tokens
+    done = (tokens == eos_id) | (steps >= batch.slot_max_length[slots])
+
+    extras = batch.slot_stream[slots]
+    if batch.any_attention:
+        extras = extras | batch.slot_wants_attention[slots]
+    for index in np.flatnonzero(extras).tolist():
+        slot = int(slots[index])
+        length = int(batch.slot_source_length[slot])
+        attention_row = None
+        kept = batch.slot_attention[slot]
+        if kept is not None:
+            attention_row = attention[index, :length].copy()
+            kept.append(attention_row)
+        if batch.slot_stream[slot]:
+            events.append((int(batch.slot_key[slot]), TokenEvent(
+                int(tokens[index]), int(positions[index]), float(log_probs[index]), int(alignment[index]),
+                attention_row)))
+    return slots[done]
+
+
+def greedy_hypothesis(batch: DecodeBatch, slot: int, eos_id: int) -> Hypothesis:
+    steps = int(batch.slot_steps[slot])
+    tokens = batch.out_token[slot, :steps].tolist()
+    log_prob = float(batch.slot_log_prob[slot])
+    kept = batch.slot_attention[slot]
+    return Hypothesis(
+        token_ids=tokens,
+        score=normalised_score(log_prob, steps, float(batch.slot_alpha[slot])),
+        log_prob=log_prob,
+        finish_reason=FinishReason.EOS if tokens and tokens[-1] == eos_id else FinishReason.LENGTH,
+        alignment=batch.out_alignment[slot, :steps].tolist(),
+        attention=np.stack(kept) if kept is not None else None,
+    )
+
+
+# ----- beam ----------------------------------------------------------------------------------------------
+# A finished beam candidate, kept in its request's bounded n-best until the request finishes:
+# (score, order, log_prob, prefix_step, prefix_row, last_token, last_alignment, last_attention, reason).
+# `order` breaks ties: among equal scores the earlier finished one ranks first.
+
+
+def advance_beam_group(batch: DecodeBatch, width: int, slots: np.ndarray, output: StepOutput, eos_id: int,
+                       reorder: np.ndarray) -> np.ndarray:
+    """Advance every beam request of one width; writes the rows' parents into `reorder` (the state gather
+    index of the whole batch) and returns the slots that finished."""
+    rows = batch.slot_rows[slots, :width]  # [n, width]
+    top_k = output.topk_ids.shape[1]
+    log_probs = output.topk_log_probs[rows].astype(np.float64)  # [n, width, top_k]
+    candidate_ids = output.topk_ids[rows].reshape(len(slots), width * top_k)
+    candidates = (batch.row_score[rows][:, :, None] + log_probs).reshape(len(slots), width * top_k)
+    candidates[np.isnan(candidates)] = -math.inf
+    order = np.argsort(-candidates, axis=1, kind="stable")
+    ordered_ids = np.take_along_axis(candidate_ids, order, axis=1)
+    is_eos = ordered_ids == eos_id
+    attention = output.attention[rows]  # [n, width, S]
+    parent_alignment = attention.argmax(axis=2)  # [n, width]
+    steps = batch.slot_steps[slots]
+
+    # Eos candidates among the best 2 x width join the n-best (rare per step: a Python loop is fine).
+    head = order[:, : 2 * width]
+    head_scores = np.take_along_axis(candidates, head, axis=1)
+    for request, position in zip(*np.nonzero(is_eos[:, : 2 * width] & np.isfinite(head_scores))):
+        slot = int(slots[request])
+        index = int(head[request, position])
+        parent = index // top_k
+        attention_row = None
+        if batch.slot_attention[slot] is not None:
+            attention_row = attention[request, parent, : int(batch.slot_source_length[slot])].copy()
+        _add_finished(batch, slot, float(candidates[request, index]), int(steps[request]) - 1, parent, eos_id,
+                      int(parent_alignment[request, parent]), attention_row, FinishReason.EOS,
+                      int(steps[request]) + 1)
+
+    # The best `width` non-eos candidates continue. A stable sort on is_eos keeps rank order; when a model
+    # repeats ids so that fewer than `width` non-eos candidates exist, the rest become dead (-inf) rows.
+    picked = np.argsort(is_eos, axis=1, kind="stable")[:, :width]
+    kept = np.take_along_axis(order, picked, axis=1)
+    kept_scores = np.take_along_axis(candidates, kept, axis=1)
+    dead = np.take_along_axis(is_eos, picked, axis=1)
+    if dead.any():
+        kept_scores[dead] = -math.inf
+        kept[dead] = np.repeat(kept[:, :1], width, axis=1)[dead]
+    parents = kept // top_k
+    next_tokens = np.take_along_axis(candidate_ids, kept, axis=1).astype(np.int64)
+    alignment = np.take_along_axis(parent_alignment, parents, axis=1)
+    beam_index = np.arange(width)
+    batch.history_token[slots[:, None], steps[:, None], beam_index] = next_tokens
+    batch.history_parent[slots[:, None], steps[:, None], beam_index] = parents
+    batch.history_alignment[slots[:, None], steps[:, None], beam_index] = alignment
+    if batch.any_attention:
+        for request in np.flatnonzero(batch.slot_wants_attention[slots]).tolist():
+            slot = int(slots[request])
+            length = int(batch.slot_source_length[slot])
+            batch.slot_attention[slot].append(attention[request, parents[request], :length].copy())
+    batch.row_score[rows] = kept_scores
+    batch.row_token[rows] = next_tokens
+    reorder[rows] = np.take_along_axis(rows, parents, axis=1)
+    batch.slot_steps[slots] = steps + 1
+
+    # Done: max_length reached, or nothing left to gain (see the module docstring).
+    at_limit = steps + 1 >= batch.slot_max_length[slots]
+    finite = np.isfinite(kept_scores)
+    best_live = np.where(finite, kept_scores, -math.inf).max(axis=1)
+    alphas = batch.slot_alpha[slots]
+    bound = np.maximum(_normalised(best_live, steps + 2, alphas),
+                       _normalised(best_live, batch.slot_max_length[slots], alphas))
+    enough = batch.slot_finished_count[slots] >= batch.slot_wanted[slots]
+    no_live = ~finite.any(axis=1)
+    with np.errstate(invalid="ignore"):
+        settled = enough & (no_live | (batch.slot_threshold[slots] > bound))
+    for request in np.flatnonzero(at_limit).tolist():
+        _finish_live(batch, int(slots[request]), int(steps[request]), finite_only=True)
+    return slots[at_limit | settled]
+
+
+def _add_finished(batch: DecodeBatch, slot: int, log_prob: float, prefix_step: int, prefix_row: int,
+                  last_token: int, last_alignment: int, last_attention: np.ndarray | None, reason: FinishReason,
+                  length: int) -> None:
+    """Enter a finished candidate into the slot's n-best (kept to num_hypotheses, best first)."""
+    score = normalised_score(log_prob, length, float(batch.slot_alpha[slot]))
+    finished = batch.slot_finished[slot]
+    order = int(batch.slot_finished_count[slot])
+    batch.slot_finished_count[slot] = order + 1
+    entry = (score, order, log_prob, prefix_step, prefix_row, last_token, last_alignment, last_attention, reason)
+    wanted = int(batch.slot_wanted[slot])
+    position = len(finished)
+    while position and finished[position - 1][0] < score:  # stable: after equal scores
+        position -= 1
+    if position >= wanted:
+        return
+    finished.insert(position, entry)
+    del finished[wanted:]
+    if len(finished) == wanted:
+        batch.slot_threshold[slot] = finished[-1][0]
+
+
+def _finish_live(batch: DecodeBatch, slot: int, step: int, *, finite_only: bool) -> None:
+    """Enter the live beams after `step` into the n-best with reason LENGTH."""
+    width = int(batch.slot_beam[slot])
+    rows = batch.rows_of(slot)
+    for beam in range(width):
+        score = float(batch.row_score[rows[beam]])
+        if finite_only and not math.isfinite(score):
+            continue
+        kept = batch.slot_attention[slot]
+        _add_finished(batch, slot, score, step - 1, int(batch.history_parent[slot, step, beam]),
+                      int(batch.history_token[slot, step, beam]), int(batch.history_alignment[slot, step, beam]),
+                      kept[step][beam] if kept is not None else None, FinishReason.LENGTH, step + 1)
+
+
+def beam_hypotheses(batch: DecodeBatch, slot: int) -> list[Hypothesis]:
+    """The slot's best num_hypotheses finished hypotheses, best first."""
+    if not batch.slot_finished[slot]:  # every candidate had a -inf score: report the live beams, not nothing
+        _finish_live(batch, slot, int(batch.slot_steps[slot]) - 1, finite_only=False)
+    kept = batch.slot_attention[slot]
+    hypotheses = []
+    for score, _, log_prob, prefix_step, prefix_row, last_token, last_alignment, last_attention, reason in (
+            batch.slot_finished[slot]):
+        tokens, alignment, attention = [last_token], [last_alignment], [last_attention]
+        row = prefix_row
+        for step in range(prefix_step, -1, -1):
+            tokens.append(int(batch.history_token[slot, step, row]))
+            alignment.append(int(batch.history_alignment[slot, step, row]))
+            if kept is not None:
+                attention.append(kept[step][row])
+            row = int(batch.history_parent[slot, step, row])
+        tokens.reverse()
+        alignment.reverse()
+        attention.reverse()
+        hypotheses.append(Hypothesis(
+            token_ids=tokens, score=score, log_prob=log_prob, finish_reason=reason, alignment=alignment,
+            attention=np.stack(attention).astype(np.float32, copy=False) if kept is not None else None))
+    return hypotheses
