@@ -4,6 +4,7 @@ A `FreeStepModel` returns prepared arrays (no arithmetic), so what a step costs 
 the search over every row, retirement, and the outputs. The batch is kept full at a given number of rows
 in a steady state: every request generates exactly `tokens` tokens (the free model never says eos), so
 rows / beam / tokens requests finish, and as many are admitted, at every step, as under real load.
+Steps are timed in the thread's CPU time, so a busy machine stretches the figures less than wall time would.
 
     python -m loadtests.engine_overhead            # prints the table for greedy and beam 4
 """
@@ -51,8 +52,9 @@ class FreeStepModel:
     def step(self, tokens: np.ndarray, source_lengths: np.ndarray, memory: dict[str, np.ndarray],
              state: dict[str, np.ndarray], *, memory_version: int = -1) -> StepOutput:
         rows, padded = memory["memory"].shape[:2]
+        # The state is a new array, as a real runtime's output is (the engine reorders it in place).
         return StepOutput(topk_log_probs=self._log_probs[:rows], topk_ids=self._ids[:rows],
-                          attention=self._attention[:rows, :padded], state={"hidden": self._state[:rows]})
+                          attention=self._attention[:rows, :padded], state={"hidden": self._state[:rows].copy()})
 
 
 @dataclass(frozen=True)
@@ -76,23 +78,29 @@ def measure_overhead(rows: int, beam: int = 1, *, tokens: int = 16, steps: int =
     options = DecodeOptions(beam_size=beam, num_hypotheses=1, max_length=tokens)
     source_ids = np.arange(4, 4 + SOURCE_TOKENS, dtype=np.int64)
     keys = iter(range(1, 1 << 30))
-    per_request = max(1, rows // beam)
+    requests = max(1, rows // beam)
+    per_step = max(1, requests // tokens)  # the requests that finish, and join, at each step
 
     def top_up() -> None:  # keep enough waiting that every freed row is taken at the next step
-        while core.holds() < per_request + per_request // tokens + 1:
+        while core.holds() < requests + per_step:
             core.add(next(keys), TranslationRequest(source_ids, options, arrival=0.0), 0.0)
 
-    # Warm up until the batch has reached its steady mix of request ages.
-    for _ in range(2 * tokens):
+    # Fill the batch a few requests per step, so that their ages spread evenly over 0..tokens-1: then as
+    # many finish at every step as join, the steady state of a loaded server.
+    for _ in range(tokens):
+        for _ in range(per_step):
+            core.add(next(keys), TranslationRequest(source_ids, options, arrival=0.0), 0.0)
+        core.step()
+    for _ in range(tokens):
         top_up()
         core.step()
     times: list[float] = []
     finished = 0
     for _ in range(steps):
         top_up()
-        started = time.perf_counter()
+        started = time.thread_time()
         output = core.step()
-        times.append(time.perf_counter() - started)
+        times.append(time.thread_time() - started)
         finished += len(output.finished)
     times.sort()
     median = statistics.median(times) * 1e6

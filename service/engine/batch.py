@@ -1,16 +1,22 @@
 """The decode batch: every active request's decoding state, in arrays (the engine's equivalent of an input batch).
 
 Two index spaces:
-- **rows**: decoder hypotheses, packed in positions [0, rows) of every row array, so the next step's inputs
-  are leading-axis slices (contiguous views, no copy). A request owns `beam` rows, anywhere in that range.
-- **slots**: requests. A slot is stable for a request's life and reused after it leaves; per-request arrays
-  (steps, limits, outputs, beam history) are indexed by slot and never move.
+- **rows**: decoder hypotheses. A step runs rows [0, rows); the step's inputs are leading slices of
+  preallocated arrays (contiguous views, no copy). A request owns `beam` rows, anywhere in that range.
+- **slots**: requests. A slot is stable for a request's life and reused after it leaves; per-request records
+  (outputs, beam history, the finished n-best) are indexed by slot and never move.
 
-Memory stays in place: admissions write their rows at the end, retirements fill their holes with the last
-rows (swap-with-last: the cost is the rows that move, not the batch), and the source axis is padded to a
-length bucket, so it is re-laid only when the bucket of the longest active source changes. Beam reordering
-within a request never touches memory: a request's rows share one source. Counters (rows, the longest
-source) are updated on admission and retirement; nothing here scans the batch per step.
+What the hot loop reads and writes per row is packed field-major in one int64 matrix (`row_token`,
+`row_steps`, ... are its rows) plus `row_score`, so each field is a contiguous array and moving a row is one
+numpy operation for all of them: on small batches the engine's cost is the number of numpy calls, not their
+size. Per-request facts the loop never touches (key, stream flag, clock readings) are plain Python lists.
+
+Memory and state stay in place. A request that finishes leaves holes in the rows; the next admission writes
+its rows into the holes (in a loaded server as many join as leave, so nothing moves), and only holes left
+over are filled by moving the last rows into them before the step (`compact`). The source axis is padded
+to a length bucket, so memory is re-laid only when the bucket of the longest active source changes. Beam
+reordering within a request never touches memory: a request's rows share one source. Counters (rows, the
+longest source) are updated on admission and retirement; nothing here scans the batch.
 
 Only the engine's worker thread touches a DecodeBatch.
 """
@@ -20,24 +26,28 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
+#: Per-row int64 fields: the token fed next, the source length, the owning slot, the index in its beam, the
+#: tokens generated so far, the most allowed, whether the row's request streams or keeps attention, and the
+#: width of its beam (1: greedy).
+ROW_FIELDS = ("row_token", "row_source_length", "row_slot", "row_beam_index", "row_steps", "row_max_length",
+              "row_extras", "row_width")
 
-@dataclass(frozen=True)
-class NewRequest:
-    """What admission needs of a request: its key, beam width, limits and the flags that cost extra work."""
+
+class NewRequest(NamedTuple):
+    """A request entering the batch."""
 
     key: int
     beam: int
     source_length: int
     max_length: int
-    num_hypotheses: int
-    length_penalty: float
-    return_attention: bool
+    wanted: int
     stream: bool
-    admitted_at: float
+    attention: bool
+    alpha: float
 
 
 def bucketed(length: int, bucket: int) -> int:
@@ -49,8 +59,18 @@ class DecodeBatch:
     """Active requests' rows, decoder state, memory and per-request decoding records.
 
     Capacities start small and double when needed, up to `max_rows` rows (each request has at least one,
-    so `max_rows` slots suffice) and the longest `max_length` seen.
+    so `max_rows` slots suffice), the longest `max_length` and the widest beam seen.
     """
+
+    # Views of the packed row table, rebound whenever it is reallocated.
+    row_token: np.ndarray
+    row_source_length: np.ndarray
+    row_slot: np.ndarray
+    row_beam_index: np.ndarray
+    row_steps: np.ndarray
+    row_max_length: np.ndarray
+    row_extras: np.ndarray
+    row_width: np.ndarray
 
     def __init__(self, *, max_rows: int, memory_names: Sequence[str], state_names: Sequence[str],
                  bos_id: int, source_bucket: int = 8) -> None:
@@ -61,246 +81,256 @@ class DecodeBatch:
         self.state_names = tuple(state_names)
         self.bos_id = bos_id
         self.source_bucket = source_bucket
-        self.rows = 0
+        self.rows = 0  # rows [0, rows) are live or holes; after compact() all are live
+        self.holes: list[int] = []  # rows below `rows` that a finished request left
         self.requests = 0
-        # Bumped whenever the memory arrays' contents or layout change (admission, retirement, re-layout);
-        # a device copy of the memory is current while its generation matches.
+        # Bumped whenever the memory's contents or layout change (admission, retirement); a device copy of
+        # the memory is current while its generation matches.
         self.memory_generation = 0
-        self._capacity = 0
-        self._length_capacity = 0
-        self._beam_capacity = 1
-        self._source_lengths: Counter[int] = Counter()  # active requests per source length
         self.longest_source = 0
         self.padded_source_len = 0  # the memory arrays' source axis: bucketed(longest_source)
         self.memory: dict[str, np.ndarray] = {}  # [capacity, padded_source_len, ...]
-        self.state: dict[str, np.ndarray] = {}  # [rows, ...]
-        self._free_slots: list[int] = []
+        self.state: dict[str, np.ndarray] = {}  # [capacity, ...]; the step reads [:rows]
         self.beam_rows = 0  # rows of requests with beam > 1
         self.any_attention = 0  # active requests that keep their attention rows
+        self.streaming = 0  # active requests that stream their tokens
         self.widths: Counter[int] = Counter()  # active requests per beam width > 1
-        self._grow(min(max_rows, 16), 16)
+        self._lengths: list[int] = [0] * 64  # active requests per source length
+        self._free_slots: list[int] = []
+        self._capacity = self._length_capacity = 0
+        self._beam_capacity = 1
+        self._rows = np.zeros((len(ROW_FIELDS), 0), dtype=np.int64)
+        self.row_score = np.zeros(0, dtype=np.float64)  # summed log probability (greedy) or beam score
+        self.slot_rows = np.zeros((0, 1), dtype=np.int64)  # the rows of each slot, in beam order
+        # Beam bookkeeping per slot, read as arrays by the beam search.
+        self.slot_alpha = np.zeros(0, dtype=np.float64)
+        self.slot_wanted = np.zeros(0, dtype=np.int64)
+        self.slot_threshold = np.zeros(0, dtype=np.float64)  # the wanted-th best finished score
+        self.slot_finished_count = np.zeros(0, dtype=np.int64)
+        # Greedy outputs per slot and position; beam history per slot, position and beam row.
+        self.out_token = np.zeros((0, 0), dtype=np.int64)
+        self.out_log_prob = np.zeros((0, 0), dtype=np.float32)
+        self.out_alignment = np.zeros((0, 0), dtype=np.int64)
+        self.history_token = np.zeros((0, 0, 1), dtype=np.int64)
+        self.history_parent = np.zeros((0, 0, 1), dtype=np.int64)
+        self.history_alignment = np.zeros((0, 0, 1), dtype=np.int64)
+        # Per-slot facts the step loop never reads as arrays.
+        self.slot_key: list[int] = []
+        self.slot_beam: list[int] = []
+        self.slot_source_length: list[int] = []
+        self.slot_stream: list[bool] = []
+        self.slot_admitted_at: list[float] = []
+        self.slot_first_step_at: list[float] = []
+        self.slot_attention: list[list[np.ndarray] | None] = []  # attention rows, when asked for
+        self.slot_finished: list[list[tuple]] = []  # finished beam candidates (a bounded n-best)
+        self._grow(min(max_rows, 16), 16, 1)
 
     # ----- storage -----------------------------------------------------------------------------------
 
-    def _grow(self, capacity: int, length: int) -> None:
-        """Reallocate to `capacity` rows/slots and `length` output positions, keeping what is there."""
+    def _grow(self, capacity: int, length: int, beam: int) -> None:
+        """Reallocate to `capacity` rows and slots, `length` output positions and `beam` rows per slot,
+        keeping what is there."""
         capacity = min(max(capacity, self._capacity), self.max_rows)
         length = max(length, self._length_capacity)
-        old_capacity = self._capacity
+        beam = max(beam, self._beam_capacity)
 
-        def resized(array: np.ndarray | None, shape: tuple[int, ...], dtype: type, fill: float = 0) -> np.ndarray:
-            new = np.full(shape, fill, dtype=dtype)
-            if array is not None:
-                new[tuple(slice(0, n) for n in array.shape)] = array
+        def resized(array: np.ndarray, shape: tuple[int, ...], fill: float = 0) -> np.ndarray:
+            new = np.full(shape, fill, dtype=array.dtype)
+            new[tuple(slice(0, n) for n in array.shape)] = array
             return new
 
-        def row_array(name: str, dtype: type, fill: float = 0) -> None:
-            setattr(self, name, resized(getattr(self, name, None), (capacity,), dtype, fill))
+        added = capacity - self._capacity
+        self._rows = resized(self._rows, (len(ROW_FIELDS), capacity))
+        for index, name in enumerate(ROW_FIELDS):
+            setattr(self, name, self._rows[index])
+        self.row_score = resized(self.row_score, (capacity,))
+        self.slot_rows = resized(self.slot_rows, (capacity, beam))
+        self.slot_alpha = resized(self.slot_alpha, (capacity,))
+        self.slot_wanted = resized(self.slot_wanted, (capacity,))
+        self.slot_threshold = resized(self.slot_threshold, (capacity,), -math.inf)
+        self.slot_finished_count = resized(self.slot_finished_count, (capacity,))
+        self.out_token = resized(self.out_token, (capacity, length))
+        self.out_log_prob = resized(self.out_log_prob, (capacity, length))
+        self.out_alignment = resized(self.out_alignment, (capacity, length))
+        self.history_token = resized(self.history_token, (capacity, length, beam))
+        self.history_parent = resized(self.history_parent, (capacity, length, beam))
+        self.history_alignment = resized(self.history_alignment, (capacity, length, beam))
+        for tensors in (self.memory, self.state):
+            for name, array in tensors.items():
+                tensors[name] = resized(array, (capacity, *array.shape[1:]))
+        for records, fill in ((self.slot_key, 0), (self.slot_beam, 1), (self.slot_source_length, 0),
+                              (self.slot_stream, False), (self.slot_admitted_at, math.nan),
+                              (self.slot_first_step_at, math.nan), (self.slot_attention, None)):
+            records += [fill] * added  # type: ignore[operator]
+        self.slot_finished += [[] for _ in range(added)]
+        self._free_slots[:0] = range(capacity - 1, self._capacity - 1, -1)  # used after the free ones
+        self._capacity, self._length_capacity, self._beam_capacity = capacity, length, beam
 
-        # Per row: the token fed next, the source length, the owning slot, the index in that slot's beam,
-        # and (beam rows) the cumulative log probability, ranked in float64 to avoid extra rounding.
-        row_array("row_token", np.int64)
-        row_array("row_source_length", np.int64)
-        row_array("row_slot", np.int64)
-        row_array("row_beam_index", np.int64)
-        row_array("row_score", np.float64)
-        # Per slot.
-        row_array("slot_key", np.int64)
-        row_array("slot_beam", np.int64)
-        row_array("slot_steps", np.int64)
-        row_array("slot_max_length", np.int64)
-        row_array("slot_wanted", np.int64)
-        row_array("slot_alpha", np.float64)
-        row_array("slot_source_length", np.int64)
-        row_array("slot_log_prob", np.float64)  # greedy: summed log probability
-        row_array("slot_threshold", np.float64, -math.inf)  # beam: the wanted-th best finished score
-        row_array("slot_finished_count", np.int64)
-        row_array("slot_admitted_at", np.float64)
-        row_array("slot_first_step_at", np.float64)
-        row_array("slot_last_step_at", np.float64)
-        beam = self._beam_capacity
-        self.slot_rows = resized(getattr(self, "slot_rows", None), (capacity, beam), np.int64)
-        # Greedy outputs per slot and position; beam history per slot, position and beam row.
-        self.out_token = resized(getattr(self, "out_token", None), (capacity, length), np.int64)
-        self.out_log_prob = resized(getattr(self, "out_log_prob", None), (capacity, length), np.float32)
-        self.out_alignment = resized(getattr(self, "out_alignment", None), (capacity, length), np.int64)
-        self.history_token = resized(getattr(self, "history_token", None), (capacity, length, beam), np.int64)
-        self.history_parent = resized(getattr(self, "history_parent", None), (capacity, length, beam), np.int64)
-        self.history_alignment = resized(getattr(self, "history_alignment", None), (capacity, length, beam), np.int64)
-        for name, array in self.memory.items():
-            self.memory[name] = resized(array, (capacity, *array.shape[1:]), array.dtype)
-        # Python-side per-slot records, only for what cannot be an array: attention rows (when asked for),
-        # finished beam candidates (a bounded n-best), and the stream flag.
-        self.slot_attention: list[list[np.ndarray] | None] = (
-            getattr(self, "slot_attention", []) + [None] * (capacity - old_capacity))
-        self.slot_finished: list[list[tuple]] = getattr(self, "slot_finished", []) + [
-            [] for _ in range(capacity - old_capacity)]
-        self.slot_stream = resized(getattr(self, "slot_stream", None), (capacity,), np.bool_)
-        self.slot_wants_attention = resized(getattr(self, "slot_wants_attention", None), (capacity,), np.bool_)
-        self._free_slots.extend(range(capacity - 1, old_capacity - 1, -1))
-        self._capacity, self._length_capacity = capacity, length
-
-    def _ensure_beam(self, beam: int) -> None:
-        if beam > self._beam_capacity:
-            self._beam_capacity = beam
-            for name in ("slot_rows",):
-                old = getattr(self, name)
-                new = np.zeros((self._capacity, beam), dtype=old.dtype)
-                new[:, : old.shape[1]] = old
-                setattr(self, name, new)
-            for name in ("history_token", "history_parent", "history_alignment"):
-                old = getattr(self, name)
-                new = np.zeros((self._capacity, self._length_capacity, beam), dtype=old.dtype)
-                new[:, :, : old.shape[2]] = old
-                setattr(self, name, new)
-
-    def _relayout_memory(self, padded: int) -> None:
-        """Give the memory arrays a source axis of `padded` positions (zero beyond each row's length)."""
+    def _relayout_memory(self, padded: int) -> bool:
+        """Give the memory arrays a source axis of `padded` positions (zero beyond each row's length); returns
+        whether that changed anything."""
         if padded == self.padded_source_len:
-            return
+            return False
         keep = min(padded, self.padded_source_len)
         for name, array in self.memory.items():
             new = np.zeros((self._capacity, padded, *array.shape[2:]), dtype=array.dtype)
             new[: self.rows, :keep] = array[: self.rows, :keep]
             self.memory[name] = new
         self.padded_source_len = padded
+        return True
 
     # ----- admission and retirement ------------------------------------------------------------------
 
-    def admit(self, requests: Sequence[NewRequest], memory: dict[str, np.ndarray],
+    def admit(self, new: Sequence[NewRequest], admitted_at: float, memory: dict[str, np.ndarray],
               state: dict[str, np.ndarray]) -> list[int]:
-        """Append the rows of `requests`, encoded together (`memory` [B, S, ...], `state` [B, ...] in request
-        order); each request's rows start from bos with copies of its initial state. Returns their slots."""
-        if not requests:
-            return []
-        widths = np.array([request.beam for request in requests], dtype=np.int64)
-        new_rows = int(widths.sum())
-        if self.rows + new_rows > self._capacity or len(self._free_slots) < len(requests):
-            self._grow(max(2 * self._capacity, self.rows + new_rows), self._length_capacity)
-        longest_length = max(request.max_length for request in requests)
-        if longest_length > self._length_capacity:
-            self._grow(self._capacity, max(2 * self._length_capacity, longest_length))
-        self._ensure_beam(int(widths.max()))
-        lengths = np.array([request.source_length for request in requests], dtype=np.int64)
-        self._source_lengths.update(lengths.tolist())
-        self.longest_source = max(self.longest_source, int(lengths.max()))
-        if not self.memory:
-            self.memory = {name: np.zeros((self._capacity, 0, *memory[name].shape[2:]), dtype=memory[name].dtype)
-                           for name in self.memory_names}
+        """Add the rows of the `new` requests, encoded together (`memory` [B, S, ...], `state` [B, ...] in
+        their order), into the holes first, then at the end; each request's rows start from bos with copies of
+        its initial state. Returns their slots.
+
+        Per-request bookkeeping is plain Python over the few requests that join a step; what touches arrays
+        is one numpy operation per packed table or tensor.
+        """
+        count = len(new)
+        widths = [request.beam for request in new]
+        lengths = [request.source_length for request in new]
+        new_rows, widest = sum(widths), max(widths)
+        appended = max(0, new_rows - len(self.holes))
+        longest_output = max(request.max_length for request in new)
+        capacity, length = self._capacity, self._length_capacity
+        if self.rows + appended > capacity or len(self._free_slots) < count:
+            capacity = max(2 * capacity, self.rows + appended)
+        if longest_output > length:
+            length = max(2 * length, longest_output)
+        if capacity > self._capacity or length > self._length_capacity or widest > self._beam_capacity:
+            self._grow(capacity, length, widest)
+        for source_length in lengths:
+            self._count_length(source_length, +1)
+        self.longest_source = max(self.longest_source, *lengths)
+        if not self.memory:  # the first admission tells the tensors' trailing shapes and types
+            self.memory = {name: np.zeros((self._capacity, 0, *value.shape[2:]), dtype=value.dtype)
+                           for name, value in memory.items()}
+            self.state = {name: np.zeros((self._capacity, *value.shape[1:]), dtype=value.dtype)
+                          for name, value in state.items()}
         self._relayout_memory(bucketed(self.longest_source, self.source_bucket))
 
-        start, end = self.rows, self.rows + new_rows
-        owner = np.repeat(np.arange(len(requests)), widths)  # request index of each new row
-        padded = self.padded_source_len
-        source_positions = np.arange(padded)
-        for name in self.memory_names:
-            encoded = memory[name]
+        filled = self.holes[:new_rows]
+        del self.holes[:new_rows]
+        targets = filled + list(range(self.rows, self.rows + appended))
+        self.rows += appended
+        slots = self._free_slots[-count:][::-1]
+        del self._free_slots[-count:]
+        if widest == 1:
+            owner = None
+            row_slots, row_lengths, beam_index = slots, lengths, [0] * count
+            row_max_length = [request.max_length for request in new]
+            row_extras = [request.stream or request.attention for request in new]
+        else:  # the request of each new row, and the row's place in its beam
+            owner = [index for index, width in enumerate(widths) for _ in range(width)]
+            row_slots = [slots[index] for index in owner]
+            row_lengths = [lengths[index] for index in owner]
+            beam_index = [beam for width in widths for beam in range(width)]
+            row_max_length = [new[index].max_length for index in owner]
+            row_extras = [new[index].stream or new[index].attention for index in owner]
+        for name, encoded in memory.items():
             target = self.memory[name]
-            span = min(encoded.shape[1], padded)
-            target[start:end] = 0
-            target[start:end, :span] = encoded[owner, :span]
-            # Zero beyond each row's own length (the encoder pads to its batch's longest source).
-            beyond = source_positions[None, :] >= lengths[owner][:, None]
-            target[start:end][beyond] = 0
-        new_state = {name: state[name][owner] for name in self.state_names}
-        if self.rows:
-            self.state = {name: np.concatenate([self.state[name][: self.rows], new_state[name]])
-                          for name in self.state_names}
-        else:
-            self.state = new_state
-
-        slots = [self._free_slots.pop() for _ in requests]
-        slot_index = np.array(slots, dtype=np.int64)
-        self.row_token[start:end] = self.bos_id
-        self.row_source_length[start:end] = lengths[owner]
-        self.row_slot[start:end] = slot_index[owner]
-        first_row = start + np.concatenate([[0], np.cumsum(widths)[:-1]])
-        beam_index = np.arange(new_rows) - np.repeat(first_row - start, widths)
-        self.row_beam_index[start:end] = beam_index
+            span = min(encoded.shape[1], self.padded_source_len)
+            target[targets, :span] = encoded[:, :span] if owner is None else encoded[owner, :span]
+            if span < self.padded_source_len:
+                target[targets, span:] = 0
+            # Zero beyond each row's own length: the encoder pads to its batch's longest source.
+            for row, row_length in zip(targets, row_lengths):
+                if row_length < span:
+                    target[row, row_length:span] = 0
+        for name, value in state.items():
+            self.state[name][targets] = value if owner is None else value[owner]
+        row_widths = [1] * new_rows if owner is None else [widths[index] for index in owner]
+        self._rows[:, targets] = [[self.bos_id] * new_rows, row_lengths, row_slots, beam_index, [0] * new_rows,
+                                  row_max_length, row_extras, row_widths]
         # Only each beam's first row is live at first: the copies start at -inf, so the first step's
         # candidates all come from one row and identical hypotheses never fill the beam.
-        self.row_score[start:end] = np.where(beam_index == 0, 0.0, -math.inf)
-        self.slot_rows[slot_index[owner], beam_index] = np.arange(start, end)
-        for slot, request in zip(slots, requests):
+        self.row_score[targets] = 0.0 if owner is None else [0.0 if b == 0 else -math.inf for b in beam_index]
+        for row, slot, beam in zip(targets, row_slots, beam_index):
+            self.slot_rows[slot, beam] = row
+        for slot, request in zip(slots, new):
             self.slot_key[slot] = request.key
             self.slot_beam[slot] = request.beam
-            self.slot_steps[slot] = 0
-            self.slot_max_length[slot] = request.max_length
-            self.slot_wanted[slot] = request.num_hypotheses
-            self.slot_alpha[slot] = request.length_penalty
             self.slot_source_length[slot] = request.source_length
-            self.slot_log_prob[slot] = 0.0
-            self.slot_threshold[slot] = -math.inf
-            self.slot_finished_count[slot] = 0
-            self.slot_admitted_at[slot] = request.admitted_at
-            self.slot_first_step_at[slot] = math.nan
-            self.slot_last_step_at[slot] = math.nan
-            self.slot_attention[slot] = [] if request.return_attention else None
-            self.slot_finished[slot] = []
             self.slot_stream[slot] = request.stream
-            self.slot_wants_attention[slot] = request.return_attention
-            self.any_attention += request.return_attention
+            self.slot_admitted_at[slot] = admitted_at
+            self.slot_first_step_at[slot] = math.nan
+            self.slot_alpha[slot] = request.alpha
+            self.streaming += request.stream
+            if request.attention:
+                self.slot_attention[slot] = []
+                self.any_attention += 1
             if request.beam > 1:
+                self.slot_wanted[slot] = request.wanted
+                self.slot_threshold[slot] = -math.inf
+                self.slot_finished_count[slot] = 0
                 self.widths[request.beam] += 1
                 self.beam_rows += request.beam
-        self.rows = end
-        self.requests += len(requests)
+        self.requests += count
         self.memory_generation += 1
         return slots
 
     def retire(self, slots: Sequence[int]) -> None:
-        """Remove the rows of these slots and free the slots. Rows past the new end move into the holes."""
-        if not len(slots):
-            return
-        slot_index = np.asarray(slots, dtype=np.int64)
-        rows = self.rows
-        dead = np.zeros(rows, dtype=bool)
+        """Free these slots; their rows become holes (filled by the next admission, or by `compact`)."""
         for slot in slots:
-            dead[self.slot_rows[slot, : self.slot_beam[slot]]] = True
-            length = int(self.slot_source_length[slot])
-            self._source_lengths[length] -= 1
-            if not self._source_lengths[length]:
-                del self._source_lengths[length]
-            beam = int(self.slot_beam[slot])
-            if beam > 1:
+            beam = self.slot_beam[slot]
+            if beam == 1:
+                self.holes.append(int(self.slot_rows[slot, 0]))
+            else:
+                self.holes.extend(self.slot_rows[slot, :beam].tolist())
                 self.widths[beam] -= 1
                 if not self.widths[beam]:
                     del self.widths[beam]
                 self.beam_rows -= beam
-            self.any_attention -= bool(self.slot_wants_attention[slot])
-            self.slot_wants_attention[slot] = False
-            self.slot_stream[slot] = False
-            self.slot_attention[slot] = None
-            self.slot_finished[slot] = []
-        kept = rows - int(dead.sum())
-        holes = np.flatnonzero(dead[:kept])
-        movers = kept + np.flatnonzero(~dead[kept:])
-        if holes.size:
-            for array in (self.row_token, self.row_source_length, self.row_slot, self.row_beam_index, self.row_score):
-                array[holes] = array[movers]
-            for name in self.memory_names:
-                self.memory[name][holes] = self.memory[name][movers]
-            for name in self.state_names:
-                self.state[name][holes] = self.state[name][movers]
-            self.slot_rows[self.row_slot[holes], self.row_beam_index[holes]] = holes
-        self.state = {name: array[:kept] for name, array in self.state.items()}
-        self.rows = kept
+                self.slot_finished[slot] = []
+            self._count_length(self.slot_source_length[slot], -1)
+            self.streaming -= self.slot_stream[slot]
+            if self.slot_attention[slot] is not None:
+                self.slot_attention[slot] = None
+                self.any_attention -= 1
+            self._free_slots.append(slot)
         self.requests -= len(slots)
-        self._free_slots.extend(slot_index.tolist())
-        if self._source_lengths:
-            self.longest_source = max(self._source_lengths) if self.longest_source not in self._source_lengths \
-                else self.longest_source
-        else:
-            self.longest_source = 0
-        # The source axis shrinks with the longest source (a long request leaving makes every step cheaper).
-        self._relayout_memory(bucketed(self.longest_source, self.source_bucket) if self.rows else self.padded_source_len)
-        self.memory_generation += 1
+        if self.longest_source and not self._lengths[self.longest_source]:
+            self.longest_source = max((n for n in range(self.longest_source) if self._lengths[n]), default=0)
+
+    def compact(self) -> None:
+        """Make rows [0, rows) all live: the last rows move into the holes (swap-with-last), and the source
+        axis shrinks with the longest source (a long request leaving makes every step cheaper)."""
+        changed = bool(self.holes)
+        if self.holes:
+            kept = self.rows - len(self.holes)
+            gone = set(self.holes)
+            holes = [row for row in self.holes if row < kept]
+            if holes:
+                movers = [row for row in range(kept, self.rows) if row not in gone]
+                self._rows[:, holes] = self._rows[:, movers]
+                self.row_score[holes] = self.row_score[movers]
+                for tensors in (self.memory, self.state):
+                    for array in tensors.values():
+                        array[holes] = array[movers]
+                for hole, slot, beam in zip(holes, *self._rows[2:4, holes].tolist()):
+                    self.slot_rows[slot, beam] = hole
+            self.rows = kept
+            self.holes = []
+        if self.rows and self._relayout_memory(bucketed(self.longest_source, self.source_bucket)):
+            changed = True
+        if changed:
+            self.memory_generation += 1
+
+    def _count_length(self, length: int, change: int) -> None:
+        """Active requests per source length, for the longest source without a scan of the batch."""
+        if length >= len(self._lengths):
+            self._lengths += [0] * (length + 1 - len(self._lengths))
+        self._lengths[length] += change
 
     def rows_of(self, slot: int) -> np.ndarray:
         """The rows of a slot, in beam order."""
         return self.slot_rows[slot, : self.slot_beam[slot]]
 
-    def active_slots(self) -> np.ndarray:
-        """Slots in the batch (one entry per request); for rare paths, not the per-step loop."""
+    def active_slots(self) -> list[int]:
+        """Slots in the batch (one entry per request), after `compact`; for rare paths, not the step loop."""
         first_rows = self.row_beam_index[: self.rows] == 0
-        return self.row_slot[: self.rows][first_rows]
+        return self.row_slot[: self.rows][first_rows].tolist()

@@ -192,8 +192,9 @@ class EngineCore:
         output = CoreOutput()
         now = self.clock()
         self._take_in(now, output)
-        encode_seconds, admitted = self._admit(now, output)
+        encode_seconds, admitted, admitted_slots = self._admit(now, output)
         batch = self.batch
+        batch.compact()  # holes that admissions did not fill take the last rows
         if batch.rows == 0:
             if admitted:
                 output.stats = StepStats(rows=0, requests=0, step_seconds=0.0, encode_seconds=encode_seconds,
@@ -214,7 +215,7 @@ class EngineCore:
                                      memory_generation=generation)
             return output
         stepped_rows = batch.rows  # fewer than `rows` when requests failed on their own and left
-        finished = self._update_from_output(step_output, self.clock(), output)
+        finished = self._update_from_output(step_output, self.clock(), admitted_slots, output)
         output.stats = StepStats(rows=rows, requests=requests, step_seconds=step_seconds,
                                  encode_seconds=encode_seconds, encoder_batch=admitted, admitted=admitted,
                                  padded_source_len=padded, tokens_generated=stepped_rows,
@@ -241,8 +242,9 @@ class EngineCore:
         """After an unexpected error in `step()` (an engine bug): fail the requests in the batch, which the
         error may have left half updated, start a fresh batch, and keep the queue."""
         output = CoreOutput()
-        for slot in self.batch.active_slots().tolist():
-            key = int(self.batch.slot_key[slot])
+        self.batch.compact()
+        for slot in self.batch.active_slots():
+            key = self.batch.slot_key[slot]
             if self._slot_of.pop(key, None) is not None:
                 self._requests.pop(key, None)
                 output.failed.append((key, EngineFailure(
@@ -302,17 +304,17 @@ class EngineCore:
         return (self._queued >= self.limits.batch_size or self.draining
                 or now >= head.submitted_at + self.limits.batch_delay_s)
 
-    def _admit(self, now: float, output: CoreOutput) -> tuple[float, int]:
+    def _admit(self, now: float, output: CoreOutput) -> tuple[float, int, list[int] | None]:
         """Admit waiting requests first come first served while the budgets allow, and encode them in one
-        call. Returns (encoder seconds, requests admitted)."""
+        call. Returns (encoder seconds, requests taken from the queue, the slots of those in the batch)."""
         batch, limits = self.batch, self.limits
         if self.policy is BatchingPolicy.CONTINUOUS:
             most = limits.max_active_hypotheses  # rows bound it anyway: every request takes >= 1 row
         elif batch.rows:
-            return 0.0, 0  # REQUEST and NONE: no one joins a running batch
+            return 0.0, 0, None  # REQUEST and NONE: no one joins a running batch
         elif self.policy is BatchingPolicy.REQUEST:
             if not self._request_batch_ready(now):
-                return 0.0, 0
+                return 0.0, 0, None
             most = limits.batch_size
         else:
             most = 1
@@ -335,7 +337,7 @@ class EngineCore:
             chosen.append(head)
             rows, longest = new_rows, new_longest
         if not chosen:
-            return 0.0, 0
+            return 0.0, 0, None
         started = self.clock()
         try:
             lengths = np.array([w.request.source_length for w in chosen], dtype=np.int64)
@@ -351,19 +353,17 @@ class EngineCore:
                 self._slot_of.pop(waiting.key, None)
                 self._requests.pop(waiting.key, None)
                 output.failed.append((waiting.key, self._model_failure("encoder", exc), FinishReason.ERROR))
-            return self.clock() - started, len(chosen)
-        new = [NewRequest(key=w.key, beam=w.request.options.beam_size, source_length=w.request.source_length,
-                          max_length=w.request.options.max_length, num_hypotheses=w.request.options.num_hypotheses,
-                          length_penalty=w.request.options.length_penalty,
-                          return_attention=w.request.options.return_attention, stream=w.request.stream,
-                          admitted_at=now) for w in chosen]
-        slots = batch.admit(new, encoded.memory, encoded.state)
+            return self.clock() - started, len(chosen), None
+        new = [NewRequest(w.key, w.request.options.beam_size, w.request.source_length, w.request.options.max_length,
+                          w.request.options.num_hypotheses, w.request.stream, w.request.options.return_attention,
+                          w.request.options.length_penalty) for w in chosen]
+        slots = batch.admit(new, now, encoded.memory, encoded.state)
         for waiting, slot in zip(chosen, slots):
             self._slot_of[waiting.key] = slot
             output.admitted.append(waiting.key)
         if self.on_admitted is not None:
             self.on_admitted(output.admitted)
-        return self.clock() - started, len(chosen)
+        return self.clock() - started, len(chosen), slots
 
     # ----- step --------------------------------------------------------------------------------------
 
@@ -371,34 +371,36 @@ class EngineCore:
         batch = self.batch
         count = batch.rows
         memory = {name: array[:count] for name, array in batch.memory.items()}
+        state = {name: array[:count] for name, array in batch.state.items()}
         try:
             step_output = self.model.step(batch.row_token[:count], batch.row_source_length[:count], memory,
-                                          batch.state, memory_version=batch.memory_generation)
+                                          state, memory_version=batch.memory_generation)
             self._check_step_output(step_output, count, max(batch.widths, default=1), batch.padded_source_len)
             return step_output
         except Exception as exc:
             if batch.requests == 1:
                 log.error("the decoder step of model %s failed for 1 request", self.label, exc_info=exc)
-                self._fail_slots(batch.active_slots().tolist(), self._model_failure("decoder step", exc), output)
+                self._fail_slots(batch.active_slots(), self._model_failure("decoder step", exc), output)
                 return None
             log.warning("the decoder step of model %s failed for %d requests (%s: %s); stepping each request "
                         "alone so that only the failing ones fail", self.label, batch.requests, type(exc).__name__,
                         exc)
-            return self._step_each_alone(memory, output)
+            return self._step_each_alone(memory, state, output)
 
-    def _step_each_alone(self, memory: dict[str, np.ndarray], output: CoreOutput) -> StepOutput | None:
+    def _step_each_alone(self, memory: dict[str, np.ndarray], state: dict[str, np.ndarray],
+                         output: CoreOutput) -> StepOutput | None:
         """After a decoder step of several requests failed: run it again on each request's rows alone (rows
         are independent, so the numbers are the same), fail the requests whose own step fails, and return the
         others' outputs laid out in their rows after the failed ones left, or None when none survived."""
         batch = self.batch
         parts: dict[int, StepOutput] = {}
         failed: dict[int, Exception] = {}
-        for slot in batch.active_slots().tolist():
+        for slot in batch.active_slots():
             rows = batch.rows_of(slot)
             try:
                 part = self.model.step(batch.row_token[rows], batch.row_source_length[rows],
                                        {name: array[rows] for name, array in memory.items()},
-                                       {name: array[rows] for name, array in batch.state.items()})
+                                       {name: array[rows] for name, array in state.items()})
                 self._check_step_output(part, len(rows), len(rows), batch.padded_source_len)
             except Exception as exc:
                 failed[slot] = exc
@@ -406,8 +408,9 @@ class EngineCore:
                 parts[slot] = part
         for slot, exc in failed.items():
             log.error("the decoder step of model %s failed for request %d on its own", self.label,
-                      int(batch.slot_key[slot]), exc_info=exc)
+                      batch.slot_key[slot], exc_info=exc)
             self._fail_slots([slot], self._model_failure("decoder step", exc), output)
+        batch.compact()  # the survivors' rows, which their outputs are laid out in
         if not parts:
             return None
         count = batch.rows
@@ -428,7 +431,7 @@ class EngineCore:
         return joined
 
     def _fail_slots(self, slots: Sequence[int], error: AttnServeError, output: CoreOutput) -> None:
-        keys = [int(self.batch.slot_key[slot]) for slot in slots]
+        keys = [self.batch.slot_key[slot] for slot in slots]
         for key in keys:
             self._slot_of.pop(key, None)
             self._requests.pop(key, None)
@@ -452,7 +455,8 @@ class EngineCore:
 
     # ----- update: the hot loop ----------------------------------------------------------------------
 
-    def _update_from_output(self, step_output: StepOutput, now: float, output: CoreOutput) -> int:
+    def _update_from_output(self, step_output: StepOutput, now: float, admitted_slots: list[int] | None,
+                            output: CoreOutput) -> int:
         """Advance every request by one token from the step's outputs; retire and report the finished ones.
 
         This runs once per decoder step for the whole batch and is the engine's hot loop: its cost per row
@@ -468,39 +472,36 @@ class EngineCore:
             done = [advance_greedy(batch, None, step_output, eos_id, output.events)]
         else:
             reorder = np.arange(count)
-            greedy_rows = np.flatnonzero(batch.slot_beam[batch.row_slot[:count]] == 1)
+            widths = batch.row_width[:count]
+            greedy_rows = np.flatnonzero(widths == 1)
             done = [advance_greedy(batch, greedy_rows, step_output, eos_id, output.events)] if greedy_rows.size else []
-            slots = batch.row_slot[:count][batch.row_beam_index[:count] == 0]
-            beams = batch.slot_beam[slots]
+            first_rows = batch.row_beam_index[:count] == 0
             for width in sorted(batch.widths):
-                done.append(advance_beam_group(batch, width, slots[beams == width], step_output, eos_id, reorder))
-        batch.state = ({name: value[reorder] for name, value in step_output.state.items()} if reorder is not None
-                       else dict(step_output.state))
-        stepped = batch.row_slot[:count]
-        first = np.isnan(batch.slot_first_step_at[stepped])
-        if first.any():
-            batch.slot_first_step_at[stepped[first]] = now
-        batch.slot_last_step_at[stepped] = now
+                slots = batch.row_slot[:count][first_rows & (widths == width)]
+                done.append(advance_beam_group(batch, width, slots, step_output, eos_id, reorder))
+        for name, value in step_output.state.items():
+            batch.state[name][:count] = value if reorder is None else value[reorder]
+        if admitted_slots is not None:
+            for slot in admitted_slots:
+                batch.slot_first_step_at[slot] = now  # their first step is this one
 
-        finished = np.concatenate(done) if len(done) > 1 else done[0]
-        if not finished.size:
-            return 0
-        finished_slots = finished.tolist()
-        for slot in finished_slots:
-            key = int(batch.slot_key[slot])
-            hypotheses = (greedy_hypothesis(batch, slot, eos_id) if batch.slot_beam[slot] == 1 else None)
+        finished = done[0] if len(done) == 1 else [slot for slots in done for slot in slots]
+        for slot in finished:
+            key = batch.slot_key[slot]
+            first_row = int(batch.slot_rows[slot, 0])
             output.finished.append(FinishedRequest(
                 key=key,
-                hypotheses=[hypotheses] if hypotheses is not None else beam_hypotheses(batch, slot),
-                admitted_at=float(batch.slot_admitted_at[slot]),
-                first_step_at=float(batch.slot_first_step_at[slot]),
+                hypotheses=([greedy_hypothesis(batch, slot, eos_id)] if batch.slot_beam[slot] == 1
+                            else beam_hypotheses(batch, slot)),
+                admitted_at=batch.slot_admitted_at[slot],
+                first_step_at=batch.slot_first_step_at[slot],
                 last_step_at=now,
-                steps=int(batch.slot_steps[slot]),
+                steps=int(batch.row_steps[first_row]),
             ))
-            self._slot_of.pop(key, None)
-            self._requests.pop(key, None)
-        batch.retire(finished_slots)
-        return len(finished_slots)
+            del self._slot_of[key]
+            del self._requests[key]
+        batch.retire(finished)
+        return len(finished)
 
 
 def _check_tensors(what: str, tensors: dict[str, np.ndarray], names: Sequence[str], rows: int,

@@ -55,7 +55,8 @@ class StepModel(Protocol):
 
         `memory_version` identifies the memory's contents: two calls with the same version >= 0 get the
         same memory (the engine changes it in place and bumps the version), so a copy on a device can be
-        reused; -1 means no promise."""
+        reused; -1 means no promise. The engine owns the returned arrays (it reorders state in place), so
+        they must not be buffers the model reuses."""
         ...
 
 

@@ -58,7 +58,7 @@ def _normalised(log_probs: np.ndarray, lengths: np.ndarray, alphas: np.ndarray) 
 
 
 def advance_greedy(batch: DecodeBatch, rows: np.ndarray | None, output: StepOutput, eos_id: int,
-                   events: list[tuple[int, TokenEvent]]) -> np.ndarray:
+                   events: list[tuple[int, TokenEvent]]) -> list[int]:
     """Take the top-1 candidate of every greedy row (`rows`; None = every row of the batch is greedy).
 
     Records token, log probability and alignment at each request's position, feeds the token back, appends
@@ -66,54 +66,49 @@ def advance_greedy(batch: DecodeBatch, rows: np.ndarray | None, output: StepOutp
     """
     count = batch.rows
     if rows is None:
-        tokens = output.topk_ids[:count, 0].astype(np.int64)
+        rows = slice(0, count)
+        tokens = output.topk_ids[:count, 0]
         log_probs = output.topk_log_probs[:count, 0]
         attention = output.attention[:count]
-        slots = batch.row_slot[:count]
     else:
-        tokens = output.topk_ids[rows, 0].astype(np.int64)
+        tokens = output.topk_ids[rows, 0]
         log_probs = output.topk_log_probs[rows, 0]
         attention = output.attention[rows]
-        slots = batch.row_slot[rows]
+    slots = batch.row_slot[rows]
+    positions = batch.row_steps[rows].copy()  # a view when `rows` is a slice, and row_steps moves on below
     # Attention is 0 beyond each row's source (softmax over its own positions), so the argmax over the
     # padded axis is the argmax over the row's own positions.
     alignment = attention.argmax(axis=1)
-    positions = batch.slot_steps[slots]
     batch.out_token[slots, positions] = tokens
     batch.out_log_prob[slots, positions] = log_probs
     batch.out_alignment[slots, positions] = alignment
     # float64 running sums, one addition per step in order: the same value the request gets decoded alone.
-    batch.slot_log_prob[slots] += log_probs
-    steps = positions + 1
-    batch.slot_steps[slots] = steps
-    if rows is None:
-        batch.row_token[:count] = tokens
-    else:
-        batch.row_token[rows] = tokens
-    done = (tokens == eos_id) | (steps >= batch.slot_max_length[slots])
+    batch.row_score[rows] += log_probs
+    batch.row_steps[rows] += 1
+    batch.row_token[rows] = tokens
+    done = tokens == eos_id
+    done |= batch.row_steps[rows] >= batch.row_max_length[rows]
 
-    extras = batch.slot_stream[slots]
-    if batch.any_attention:
-        extras = extras | batch.slot_wants_attention[slots]
-    for index in np.flatnonzero(extras).tolist():
-        slot = int(slots[index])
-        length = int(batch.slot_source_length[slot])
-        attention_row = None
-        kept = batch.slot_attention[slot]
-        if kept is not None:
-            attention_row = attention[index, :length].copy()
-            kept.append(attention_row)
-        if batch.slot_stream[slot]:
-            events.append((int(batch.slot_key[slot]), TokenEvent(
-                int(tokens[index]), int(positions[index]), float(log_probs[index]), int(alignment[index]),
-                attention_row)))
-    return slots[done]
+    if batch.streaming or batch.any_attention:
+        for index in np.flatnonzero(batch.row_extras[rows]).tolist():
+            slot = int(slots[index])
+            attention_row = None
+            kept = batch.slot_attention[slot]
+            if kept is not None:
+                attention_row = attention[index, : batch.slot_source_length[slot]].copy()
+                kept.append(attention_row)
+            if batch.slot_stream[slot]:
+                events.append((batch.slot_key[slot], TokenEvent(
+                    int(tokens[index]), int(positions[index]), float(log_probs[index]), int(alignment[index]),
+                    attention_row)))
+    return slots[done].tolist()
 
 
 def greedy_hypothesis(batch: DecodeBatch, slot: int, eos_id: int) -> Hypothesis:
-    steps = int(batch.slot_steps[slot])
+    row = int(batch.slot_rows[slot, 0])
+    steps = int(batch.row_steps[row])
     tokens = batch.out_token[slot, :steps].tolist()
-    log_prob = float(batch.slot_log_prob[slot])
+    log_prob = float(batch.row_score[row])
     kept = batch.slot_attention[slot]
     return Hypothesis(
         token_ids=tokens,
@@ -135,29 +130,28 @@ def advance_beam_group(batch: DecodeBatch, width: int, slots: np.ndarray, output
                        reorder: np.ndarray) -> np.ndarray:
     """Advance every beam request of one width; writes the rows' parents into `reorder` (the state gather
     index of the whole batch) and returns the slots that finished."""
+    count = len(slots)
+    each = np.arange(count)[:, None]  # row selector for per-request fancy indexing ([n, 1])
     rows = batch.slot_rows[slots, :width]  # [n, width]
     top_k = output.topk_ids.shape[1]
-    log_probs = output.topk_log_probs[rows].astype(np.float64)  # [n, width, top_k]
-    candidate_ids = output.topk_ids[rows].reshape(len(slots), width * top_k)
-    candidates = (batch.row_score[rows][:, :, None] + log_probs).reshape(len(slots), width * top_k)
+    candidate_ids = output.topk_ids[rows].reshape(count, width * top_k)
+    candidates = (batch.row_score[rows][:, :, None] + output.topk_log_probs[rows]).reshape(count, width * top_k)
     candidates[np.isnan(candidates)] = -math.inf
     order = np.argsort(-candidates, axis=1, kind="stable")
-    ordered_ids = np.take_along_axis(candidate_ids, order, axis=1)
-    is_eos = ordered_ids == eos_id
+    is_eos = candidate_ids[each, order] == eos_id
     attention = output.attention[rows]  # [n, width, S]
     parent_alignment = attention.argmax(axis=2)  # [n, width]
-    steps = batch.slot_steps[slots]
+    steps = batch.row_steps[rows[:, 0]]  # every row of a request has taken the same steps
 
     # Eos candidates among the best 2 x width join the n-best (rare per step: a Python loop is fine).
     head = order[:, : 2 * width]
-    head_scores = np.take_along_axis(candidates, head, axis=1)
-    for request, position in zip(*np.nonzero(is_eos[:, : 2 * width] & np.isfinite(head_scores))):
+    for request, position in zip(*np.nonzero(is_eos[:, : 2 * width] & np.isfinite(candidates[each, head]))):
         slot = int(slots[request])
         index = int(head[request, position])
         parent = index // top_k
         attention_row = None
         if batch.slot_attention[slot] is not None:
-            attention_row = attention[request, parent, : int(batch.slot_source_length[slot])].copy()
+            attention_row = attention[request, parent, : batch.slot_source_length[slot]].copy()
         _add_finished(batch, slot, float(candidates[request, index]), int(steps[request]) - 1, parent, eos_id,
                       int(parent_alignment[request, parent]), attention_row, FinishReason.EOS,
                       int(steps[request]) + 1)
@@ -165,43 +159,42 @@ def advance_beam_group(batch: DecodeBatch, width: int, slots: np.ndarray, output
     # The best `width` non-eos candidates continue. A stable sort on is_eos keeps rank order; when a model
     # repeats ids so that fewer than `width` non-eos candidates exist, the rest become dead (-inf) rows.
     picked = np.argsort(is_eos, axis=1, kind="stable")[:, :width]
-    kept = np.take_along_axis(order, picked, axis=1)
-    kept_scores = np.take_along_axis(candidates, kept, axis=1)
-    dead = np.take_along_axis(is_eos, picked, axis=1)
+    kept = order[each, picked]
+    kept_scores = candidates[each, kept]
+    dead = is_eos[each, picked]
     if dead.any():
         kept_scores[dead] = -math.inf
         kept[dead] = np.repeat(kept[:, :1], width, axis=1)[dead]
     parents = kept // top_k
-    next_tokens = np.take_along_axis(candidate_ids, kept, axis=1).astype(np.int64)
-    alignment = np.take_along_axis(parent_alignment, parents, axis=1)
-    beam_index = np.arange(width)
-    batch.history_token[slots[:, None], steps[:, None], beam_index] = next_tokens
-    batch.history_parent[slots[:, None], steps[:, None], beam_index] = parents
-    batch.history_alignment[slots[:, None], steps[:, None], beam_index] = alignment
+    next_tokens = candidate_ids[each, kept].astype(np.int64)
+    batch.history_token[slots[:, None], steps[:, None], np.arange(width)] = next_tokens
+    batch.history_parent[slots[:, None], steps[:, None], np.arange(width)] = parents
+    batch.history_alignment[slots[:, None], steps[:, None], np.arange(width)] = parent_alignment[each, parents]
     if batch.any_attention:
-        for request in np.flatnonzero(batch.slot_wants_attention[slots]).tolist():
-            slot = int(slots[request])
-            length = int(batch.slot_source_length[slot])
-            batch.slot_attention[slot].append(attention[request, parents[request], :length].copy())
+        for request, slot in enumerate(slots.tolist()):
+            kept_attention = batch.slot_attention[slot]
+            if kept_attention is not None:
+                length = batch.slot_source_length[slot]
+                kept_attention.append(attention[request, parents[request], :length].copy())
     batch.row_score[rows] = kept_scores
     batch.row_token[rows] = next_tokens
-    reorder[rows] = np.take_along_axis(rows, parents, axis=1)
-    batch.slot_steps[slots] = steps + 1
+    batch.row_steps[rows] += 1
+    reorder[rows] = rows[each, parents]
 
     # Done: max_length reached, or nothing left to gain (see the module docstring).
-    at_limit = steps + 1 >= batch.slot_max_length[slots]
-    finite = np.isfinite(kept_scores)
-    best_live = np.where(finite, kept_scores, -math.inf).max(axis=1)
-    alphas = batch.slot_alpha[slots]
-    bound = np.maximum(_normalised(best_live, steps + 2, alphas),
-                       _normalised(best_live, batch.slot_max_length[slots], alphas))
-    enough = batch.slot_finished_count[slots] >= batch.slot_wanted[slots]
-    no_live = ~finite.any(axis=1)
-    with np.errstate(invalid="ignore"):
-        settled = enough & (no_live | (batch.slot_threshold[slots] > bound))
+    limits = batch.row_max_length[rows[:, 0]]
+    at_limit = steps + 1 >= limits
     for request in np.flatnonzero(at_limit).tolist():
         _finish_live(batch, int(slots[request]), int(steps[request]), finite_only=True)
-    return slots[at_limit | settled]
+    enough = batch.slot_finished_count[slots] >= batch.slot_wanted[slots]
+    if not enough.any():
+        return slots[at_limit].tolist()
+    best_live = kept_scores.max(axis=1)  # -inf when no row is live (NaN never gets here)
+    alphas = batch.slot_alpha[slots]
+    bound = np.maximum(_normalised(best_live, steps + 2, alphas), _normalised(best_live, limits, alphas))
+    with np.errstate(invalid="ignore"):
+        settled = enough & (np.isneginf(best_live) | (batch.slot_threshold[slots] > bound))
+    return slots[at_limit | settled].tolist()
 
 
 def _add_finished(batch: DecodeBatch, slot: int, log_prob: float, prefix_step: int, prefix_row: int,
@@ -242,7 +235,7 @@ def _finish_live(batch: DecodeBatch, slot: int, step: int, *, finite_only: bool)
 def beam_hypotheses(batch: DecodeBatch, slot: int) -> list[Hypothesis]:
     """The slot's best num_hypotheses finished hypotheses, best first."""
     if not batch.slot_finished[slot]:  # every candidate had a -inf score: report the live beams, not nothing
-        _finish_live(batch, slot, int(batch.slot_steps[slot]) - 1, finite_only=False)
+        _finish_live(batch, slot, int(batch.row_steps[batch.slot_rows[slot, 0]]) - 1, finite_only=False)
     kept = batch.slot_attention[slot]
     hypotheses = []
     for score, _, log_prob, prefix_step, prefix_row, last_token, last_alignment, last_attention, reason in (
