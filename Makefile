@@ -110,6 +110,14 @@ monitor: $(STAMP) prometheus-tools
 
 # What CI runs (.ci/run): the test suite, then every further check the issues ask CI to make.
 ci: prometheus-tools test deploy-check loadtest-smoke bench-quick newcomer
+	$(MAKE) gpu-check GPU_CHECK_ARGS='--provider cpu --quick'
+
+# The GPU check (docs/gpu.md): provider, parity against the CPU, the device tests and a short benchmark, in one
+# run; report in reports/gpu-check. GPU_CHECK_ARGS: e.g. --provider cpu --quick (what CI runs), --phrasebook.
+GPU_CHECK_ARGS ?= --provider cuda
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(BIN)/python -m loadtests.gpu_check --out reports/gpu-check $(GPU_CHECK_ARGS)
 
 # Serves the shipped default models with the serving dependencies alone.
 serve: $(SERVE_STAMP)
