@@ -152,7 +152,9 @@ class Scheduler:
         self._recorder: StatsRecorder = recorder if recorder is not None else NullRecorder()
         self._clock = clock
         self._core = EngineCore(model, limits, policy, clock=clock, label=self._label)
-        self._core.on_admitted = self._post_admitted
+        # Keys the worker admitted; the loop thread reads them when it next needs the counts (no wake-up).
+        self._admitted: deque[int] = deque()
+        self._core.on_admitted = self._admitted.extend
         self._keys = itertools.count(1)
         self._outstanding: dict[int, RequestHandle] = {}  # every unresolved handle, by key
         self._queued = 0  # outstanding handles not yet admitted into the batch
@@ -170,12 +172,22 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         """Requests queued, not yet in the batch."""
+        self._take_admissions()
         return self._queued
 
     @property
     def running(self) -> int:
         """Requests in the batch."""
+        self._take_admissions()
         return len(self._outstanding) - self._queued
+
+    def _take_admissions(self) -> None:
+        """Count the requests the worker has admitted since the last look as running."""
+        while self._admitted:
+            handle = self._outstanding.get(self._admitted.popleft())
+            if handle is not None and handle.queued:
+                handle.queued = False
+                self._queued -= 1
 
     async def start(self) -> None:
         """Start the worker thread (called once, on the running event loop)."""
@@ -194,6 +206,7 @@ class Scheduler:
             state = "not started" if self._lifecycle is _Lifecycle.NEW else self._lifecycle.value
             raise Unavailable(f"model {self._label} is {state} and accepts no requests")
         self._check_fits(request)
+        self._take_admissions()
         if self._queued >= self.limits.max_waiting_requests:
             raise Overloaded(
                 f"model {self._label} has {self._queued} requests waiting, the limit is "
@@ -216,6 +229,7 @@ class Scheduler:
                 f"this call brings {count} texts but model {self._label} queues at most "
                 f"{self.limits.max_waiting_requests}; send fewer texts per call"
             )
+        self._take_admissions()
         if count > self.limits.max_waiting_requests - self._queued:
             raise Overloaded(
                 f"model {self._label} has {self._queued} requests waiting and this call brings "
@@ -275,9 +289,6 @@ class Scheduler:
             log.error("the engine worker of model %s stopped on an error", self._label, exc_info=exc)
             self._post(exc)
 
-    def _post_admitted(self, keys: list[int]) -> None:
-        self._post(CoreOutput(admitted=list(keys)))
-
     def _post(self, item: CoreOutput | BaseException) -> None:
         """Hand a step's output to the event loop; schedules a delivery only if none is pending."""
         self._outbox.append(item)
@@ -313,11 +324,7 @@ class Scheduler:
         self._wake.set()
 
     def _deliver(self, output: CoreOutput) -> None:
-        for key in output.admitted:
-            handle = self._outstanding.get(key)
-            if handle is not None and handle.queued:
-                handle.queued = False
-                self._queued -= 1
+        self._take_admissions()  # output.admitted is in there too, handed over as soon as admitted
         for key, event in output.events:
             handle = self._outstanding.get(key)
             if handle is not None:
