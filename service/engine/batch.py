@@ -326,6 +326,11 @@ class DecodeBatch:
             self._lengths += [0] * (length + 1 - len(self._lengths))
         self._lengths[length] += change
 
+    @property
+    def live_rows(self) -> int:
+        """Rows of active requests (holes excluded)."""
+        return self.rows - len(self.holes)
+
     def rows_of(self, slot: int) -> np.ndarray:
         """The rows of a slot, in beam order."""
         return self.slot_rows[slot, : self.slot_beam[slot]]

@@ -161,7 +161,7 @@ class EngineCore:
     @property
     def has_work(self) -> bool:
         """True while a step would do something now: rows to decode, or requests that may be admitted."""
-        if self._inbox or self._aborts or self.batch.rows:
+        if self._inbox or self._aborts or self.batch.requests:
             return True
         now = self.clock()
         if self._deadlines and self._deadlines[0][0] <= now:
@@ -299,7 +299,7 @@ class EngineCore:
 
     def _request_batch_ready(self, now: float) -> bool:
         head = self._head()
-        if head is None or self.batch.rows:
+        if head is None or self.batch.requests:
             return False
         return (self._queued >= self.limits.batch_size or self.draining
                 or now >= head.submitted_at + self.limits.batch_delay_s)
@@ -310,7 +310,7 @@ class EngineCore:
         batch, limits = self.batch, self.limits
         if self.policy is BatchingPolicy.CONTINUOUS:
             most = limits.max_active_hypotheses  # rows bound it anyway: every request takes >= 1 row
-        elif batch.rows:
+        elif batch.requests:
             return 0.0, 0, None  # REQUEST and NONE: no one joins a running batch
         elif self.policy is BatchingPolicy.REQUEST:
             if not self._request_batch_ready(now):
@@ -319,7 +319,7 @@ class EngineCore:
         else:
             most = 1
         chosen: list[_Waiting] = []
-        rows, longest = batch.rows, batch.longest_source
+        rows, longest = batch.live_rows, batch.longest_source
         while len(chosen) < most:
             head = self._head()
             if head is None:

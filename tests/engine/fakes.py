@@ -403,6 +403,7 @@ def make_request(
     attention: bool = False,
     stream: bool = False,
     deadline: float | None = None,
+    arrival: float | None = None,
 ) -> TranslationRequest:
     options = DecodeOptions(
         beam_size=beam,
@@ -411,7 +412,11 @@ def make_request(
         length_penalty=alpha,
         return_attention=attention,
     )
-    return TranslationRequest(source_ids=source_ids, options=options, stream=stream, deadline=deadline)
+    request = TranslationRequest(source_ids=source_ids, options=options, stream=stream, deadline=deadline)
+    if arrival is not None:  # a fake clock's reading (the default is time.monotonic(), as for a real call)
+        request = TranslationRequest(source_ids=source_ids, options=options, stream=stream, deadline=deadline,
+                                     arrival=arrival)
+    return request
 
 
 @dataclass

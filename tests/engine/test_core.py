@@ -1,0 +1,79 @@
+"""The engine core stepped by hand with a fake clock: deadlines and batching windows, exactly, with no sleeps."""
+
+from __future__ import annotations
+
+from service.engine import BatchingPolicy, EngineCore, EngineLimits, FinishReason
+from service.errors import DeadlineExceeded
+
+from .fakes import FakeStepModel, make_request, source
+
+NO_EOS = (3, 4, 5, 6, 7)  # the fake can only stop by max_length: request lengths are exact
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_expired_request_leaves_at_the_next_step_and_the_others_continue():
+    clock, model = FakeClock(), FakeStepModel(support=NO_EOS)
+    core = EngineCore(model, EngineLimits(source_bucket=1), clock=clock)
+    core.add(1, make_request(source(4), max_length=4), clock.now)
+    core.add(2, make_request(source(5, 6), max_length=50, deadline=clock.now + 0.3, arrival=clock.now), clock.now)
+    assert core.step().admitted == [1, 2]
+    clock.now += 0.2999  # not yet
+    assert not core.step().failed
+    clock.now += 0.0001  # the deadline, to the tick
+    output = core.step()
+    [(key, error, reason)] = output.failed
+    assert key == 2 and reason is FinishReason.DEADLINE and isinstance(error, DeadlineExceeded)
+    assert str(error) == "the deadline passed after 0.300 s while decoding (model unnamed)"
+    assert [done.key for done in core.step().finished] == [1]  # its 4th token
+    assert [call.rows for call in model.step_calls] == [2, 2, 1, 1]
+    assert not core.has_work
+
+
+def test_a_queued_request_expires_where_it_waits_and_is_never_encoded():
+    clock, model = FakeClock(), FakeStepModel(support=NO_EOS)
+    core = EngineCore(model, EngineLimits(max_active_hypotheses=1, source_bucket=1), clock=clock)
+    core.add(1, make_request(source(4), max_length=3), clock.now)
+    core.add(2, make_request(source(5), max_length=3, deadline=clock.now + 1.0), clock.now)
+    core.step()  # only the first fits
+    clock.now += 1.0
+    [(key, error, _)] = core.step().failed
+    assert key == 2 and "while waiting" in str(error)
+    assert model.encode_batches == [1]
+
+
+def test_request_policy_takes_a_full_batch_at_once_and_a_lone_request_after_its_delay():
+    clock, model = FakeClock(), FakeStepModel(support=NO_EOS)
+    limits = EngineLimits(batch_size=2, batch_delay_s=0.2, source_bucket=1)
+    core = EngineCore(model, limits, BatchingPolicy.REQUEST, clock=clock)
+    core.add(1, make_request(source(3), max_length=3), clock.now)
+    core.add(2, make_request(source(4), max_length=3), clock.now)
+    assert core.step().admitted == [1, 2]  # a full batch does not wait for the delay
+    clock.now += 0.01
+    core.add(3, make_request(source(5), max_length=2), clock.now)
+    finished = [done for _ in range(2) for done in core.step().finished]
+    assert [done.key for done in finished] == [1, 2] and finished[0].admitted_at == 50.0
+    # The batch is done; the lone request waits for company until 0.2 s after it arrived.
+    assert not core.has_work and core.next_wakeup() == 50.01 + 0.2
+    clock.now = 50.01 + 0.2
+    assert core.has_work and core.step().admitted == [3]
+    assert [call.rows for call in model.step_calls] == [2, 2, 2, 1]
+    assert model.encode_batches == [2, 1]
+
+
+def test_request_policy_gathers_arrivals_within_the_delay():
+    clock, model = FakeClock(), FakeStepModel(support=NO_EOS)
+    core = EngineCore(model, EngineLimits(batch_size=8, batch_delay_s=0.3), BatchingPolicy.REQUEST, clock=clock)
+    core.add(1, make_request(source(3), max_length=2), clock.now)
+    assert not core.step().admitted and not core.has_work  # taken in; the window is open
+    clock.now += 0.29
+    core.add(2, make_request(source(4), max_length=2), clock.now)
+    assert not core.step().admitted and not core.has_work
+    clock.now += 0.01
+    assert core.step().admitted == [1, 2] and model.encode_batches == [2]
