@@ -49,6 +49,14 @@ models: $(STAMP)
 test: $(STAMP) $(INTEROP_STAMP)
 	$(BIN)/python -m pytest -q
 
+# Style, formatting and types (settings in pyproject.toml): ruff on the whole tree, mypy on service/ (the
+# engine and the runtime with --strict's checks). The generated stubs in service/gen are left out.
+.PHONY: lint
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
 # Load tests and benchmarks (docs/benchmarks.md). `make loadtest LOADTEST_HOST=host:port` targets a running
 # server; without LOADTEST_HOST one is started on $(MODELS). Locust's CSV stats and HTML report go to
 # reports/loadtest; the run fails when the failure ratio or the p99 latency (ms, 0 = unchecked) is over.
@@ -109,7 +117,7 @@ monitor: $(STAMP) prometheus-tools
 	$(BIN)/python -m deploy.tool monitor
 
 # What CI runs (.ci/run): the test suite, then every further check the issues ask CI to make.
-ci: prometheus-tools test deploy-check loadtest-smoke bench-quick newcomer
+ci: prometheus-tools lint test deploy-check loadtest-smoke bench-quick newcomer
 	$(MAKE) gpu-check GPU_CHECK_ARGS='--provider cpu --quick'
 
 # The GPU check (docs/gpu.md): provider, parity against the CPU, the device tests and a short benchmark, in one

@@ -97,7 +97,9 @@ def require_tool(name: str) -> str:
     return found
 
 
-def run_tool(command: Sequence[str], *, stdin: str | None = None, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+def run_tool(
+    command: Sequence[str], *, stdin: str | None = None, timeout_s: float = 120.0
+) -> subprocess.CompletedProcess[str]:
     """Run a tool, capturing its output; never raises for a non-zero exit status (callers report it)."""
     return subprocess.run(list(command), input=stdin, capture_output=True, text=True, timeout=timeout_s, check=False)
 
@@ -161,8 +163,10 @@ def strict_schema(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     result = {key: strict_schema(value) for key, value in schema.items()}
-    if "properties" in result and "additionalProperties" not in result and not result.get(
-        "x-kubernetes-preserve-unknown-fields"
+    if (
+        "properties" in result
+        and "additionalProperties" not in result
+        and not result.get("x-kubernetes-preserve-unknown-fields")
     ):
         result["additionalProperties"] = False
     pattern = result.get("pattern")
@@ -297,13 +301,15 @@ def panel_queries(dashboard: Mapping[str, Any]) -> list[PanelQuery]:
     queries = []
     for panel in iter_panels(dashboard):
         for target in panel.get("targets", []):
-            queries.append(PanelQuery(
-                panel=panel.get("title", ""),
-                ref_id=target.get("refId", ""),
-                expr=target.get("expr", ""),
-                legend=target.get("legendFormat", ""),
-                instant=bool(target.get("instant")) and not target.get("range", False),
-            ))
+            queries.append(
+                PanelQuery(
+                    panel=panel.get("title", ""),
+                    ref_id=target.get("refId", ""),
+                    expr=target.get("expr", ""),
+                    legend=target.get("legendFormat", ""),
+                    instant=bool(target.get("instant")) and not target.get("range", False),
+                )
+            )
     return queries
 
 
@@ -320,7 +326,9 @@ def variable_queries(dashboard: Mapping[str, Any]) -> list[VariableQuery]:
         text = query.get("query", "") if isinstance(query, dict) else str(query)
         match = _LABEL_VALUES.match(text)
         if match is None:
-            raise ValueError(f"dashboard variable {variable.get('name')}: {text!r} is not label_values(SELECTOR, LABEL)")
+            raise ValueError(
+                f"dashboard variable {variable.get('name')}: {text!r} is not label_values(SELECTOR, LABEL)"
+            )
         found.append(VariableQuery(variable["name"], match["selector"].strip(), match["label"]))
     return found
 
@@ -343,11 +351,16 @@ DEFAULT_VARIABLES = {"job": "attnserve", "namespace": ".*", "model": ".*"}
 
 def query_rule_file(named_queries: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """PromQL expressions written as recording rules, so `promtool check rules` parses each one."""
-    rules = [{"record": f"attnserve_check:{re.sub('[^a-zA-Z0-9_]', '_', name)}", "expr": expr} for name, expr in named_queries]
+    rules = [
+        {"record": f"attnserve_check:{re.sub('[^a-zA-Z0-9_]', '_', name)}", "expr": expr}
+        for name, expr in named_queries
+    ]
     return {"groups": [{"name": "attnserve.query-check", "rules": rules}]}
 
 
-def dashboard_named_queries(dashboard: Mapping[str, Any], values: Mapping[str, str] = DEFAULT_VARIABLES) -> list[tuple[str, str]]:
+def dashboard_named_queries(
+    dashboard: Mapping[str, Any], values: Mapping[str, str] = DEFAULT_VARIABLES
+) -> list[tuple[str, str]]:
     named = []
     for index, query in enumerate(panel_queries(dashboard)):
         named.append((f"panel_{index}_{query.ref_id}", expand(query.expr, values)))
@@ -360,8 +373,10 @@ def scaler_queries(objects: Iterable[Mapping[str, Any]]) -> list[str]:
     """The PromQL of every prometheus trigger of every ScaledObject among `objects`."""
     return [
         trigger["metadata"]["query"]
-        for obj in objects if obj.get("kind") == "ScaledObject"
-        for trigger in obj["spec"]["triggers"] if trigger.get("type") == "prometheus"
+        for obj in objects
+        if obj.get("kind") == "ScaledObject"
+        for trigger in obj["spec"]["triggers"]
+        if trigger.get("type") == "prometheus"
     ]
 
 
@@ -439,12 +454,20 @@ def check(log: Callable[[str], None] = print) -> list[Problem]:
             named += [(f"{overlay}_scaler_{i}", query) for i, query in enumerate(scaler_queries(objects))]
         found = _promtool_problems("dashboard and autoscaler queries", query_rule_file(named), workdir)
         problems += found
-        log(f"{'FAIL' if found else 'ok  '} promtool check rules: {len(named)} dashboard, variable and autoscaler queries")
+        log(
+            f"{'FAIL' if found else 'ok  '} promtool check rules: {len(named)} dashboard, variable and autoscaler "
+            "queries"
+        )
         config = prepare_prometheus(workdir / "prometheus")
         result = run_tool([require_tool("promtool"), "check", "config", str(config)])
         if result.returncode != 0:
-            problems.append(Problem(str(PROMETHEUS_CONFIG.relative_to(REPOSITORY_ROOT)), "promtool check config",
-                                    (result.stdout + result.stderr).strip()))
+            problems.append(
+                Problem(
+                    str(PROMETHEUS_CONFIG.relative_to(REPOSITORY_ROOT)),
+                    "promtool check config",
+                    (result.stdout + result.stderr).strip(),
+                )
+            )
         log(f"{'FAIL' if result.returncode else 'ok  '} promtool check config deploy/monitoring/prometheus.yml")
     result = run_tool([require_tool("hadolint"), *map(str, DOCKERFILES)])
     if result.returncode != 0:
@@ -457,7 +480,9 @@ def monitor(listen: str, target: str, workdir: Path) -> int:
     """Run Prometheus in the foreground against a local attnserve's metrics (Ctrl-C stops it)."""
     config = prepare_prometheus(workdir, [target])
     command = prometheus_command(config, workdir / "data", listen)
-    print(f"Prometheus on http://{listen} scraping http://{target}/metrics (alerts: http://{listen}/alerts)", flush=True)
+    print(
+        f"Prometheus on http://{listen} scraping http://{target}/metrics (alerts: http://{listen}/alerts)", flush=True
+    )
     os.execv(command[0], command)
     return 0  # not reached
 
@@ -467,10 +492,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("check", help="render and validate every deployment file with the real tools")
     monitor_parser = commands.add_parser("monitor", help="run a local Prometheus against a local attnserve")
-    monitor_parser.add_argument("--listen", default="127.0.0.1:9090", help="Prometheus' address (default 127.0.0.1:9090)")
-    monitor_parser.add_argument("--target", default="localhost:8002", help="attnserve's metrics address (default localhost:8002)")
-    monitor_parser.add_argument("--workdir", type=Path, default=REPOSITORY_ROOT / "build" / "monitor",
-                                help="where the configuration, rules and data go (default build/monitor)")
+    monitor_parser.add_argument(
+        "--listen", default="127.0.0.1:9090", help="Prometheus' address (default 127.0.0.1:9090)"
+    )
+    monitor_parser.add_argument(
+        "--target", default="localhost:8002", help="attnserve's metrics address (default localhost:8002)"
+    )
+    monitor_parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=REPOSITORY_ROOT / "build" / "monitor",
+        help="where the configuration, rules and data go (default build/monitor)",
+    )
     rules_parser = commands.add_parser("rules", help="write the alerting rules as a plain Prometheus rule file")
     rules_parser.add_argument("out", type=Path)
     arguments = parser.parse_args(argv)

@@ -70,14 +70,15 @@ def acceptance_set(task: str, seed: int, *, training_seed: int, data_options: di
         from export.data.dates import draw_dates, make_dates
 
         training = make_dates(seed=training_seed, **options)
-        range_options = {key: options[key] for key in ("locales", "first_year", "last_year", "max_source_chars")
-                         if key in options}
+        range_options = {
+            key: options[key] for key in ("locales", "first_year", "last_year", "max_source_chars") if key in options
+        }
         drawn = draw_dates(seed, DATES_PER_FORMAT, exclude={p.source for p in training.all_pairs()}, **range_options)
         return AcceptanceSet(
             pairs=[pair for _, pair in drawn],
             groups=[f"{fmt.locale}/{fmt.name}" for fmt, _ in drawn],
             description=f"{DATES_PER_FORMAT} new dates in each of the {len(drawn) // DATES_PER_FORMAT} "
-                        f"locale x format combinations, seed {seed}, none from the training splits",
+            f"locale x format combinations, seed {seed}, none from the training splits",
         )
     if task == "numbers":
         from export.data.numbers import DEFAULT_SOURCE_LANGUAGES, number_words

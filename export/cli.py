@@ -17,10 +17,19 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="dates, numbers, or tsv:PATH (source<TAB>target per line)")
     p.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, tokenizers, metrics)")
     p.add_argument("--attention", default="additive", choices=ATTENTION_KINDS)
-    p.add_argument("--style", default="bahdanau", choices=STYLES,
-                   help="bahdanau: attend with the previous state; luong: step, then attend, with input feeding")
-    p.add_argument("--local-window", type=int, default=None, metavar="D",
-                   help="Luong local-p attention with half-width D (Gaussian sigma = D/2) on top of the score")
+    p.add_argument(
+        "--style",
+        default="bahdanau",
+        choices=STYLES,
+        help="bahdanau: attend with the previous state; luong: step, then attend, with input feeding",
+    )
+    p.add_argument(
+        "--local-window",
+        type=int,
+        default=None,
+        metavar="D",
+        help="Luong local-p attention with half-width D (Gaussian sigma = D/2) on top of the score",
+    )
     p.add_argument("--encoder", default="gru", choices=ENCODER_KINDS)
     p.add_argument("--decoder", default="gru", choices=CELL_KINDS)
     p.add_argument("--embedding", type=int, default=64)
@@ -29,8 +38,12 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-layers", type=int, default=1)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=16, help="candidates per step in the exported graph (max beam)")
-    p.add_argument("--tokenizer", default="", choices=["", "char", "word", "sentencepiece"],
-                   help="default: char for bundled tasks, sentencepiece for TSV corpora")
+    p.add_argument(
+        "--tokenizer",
+        default="",
+        choices=["", "char", "word", "sentencepiece"],
+        help="default: char for bundled tasks, sentencepiece for TSV corpora",
+    )
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--learning-rate", type=float, default=3e-3)
@@ -38,10 +51,10 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=30.0)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--patience", type=int, default=8)
-    p.add_argument("--target-exact-match", type=float, default=1.01,
-                   help="stop once validation exact match reaches this ...")
-    p.add_argument("--target-evaluations", type=int, default=1,
-                   help="... on this many consecutive evaluations ...")
+    p.add_argument(
+        "--target-exact-match", type=float, default=1.01, help="stop once validation exact match reaches this ..."
+    )
+    p.add_argument("--target-evaluations", type=int, default=1, help="... on this many consecutive evaluations ...")
     p.add_argument("--min-steps", type=int, default=0, help="... and no earlier than this step")
     p.add_argument("--valid-limit", type=int, default=2000, help="validation examples decoded per evaluation")
     p.add_argument("--max-pairs", type=int, default=None, help="read at most this many TSV pairs")
@@ -56,22 +69,56 @@ def train_main(argv: list[str]) -> int:
     from export.train import TrainConfig, train
 
     args = _train_parser().parse_args(argv)
-    model = {k: getattr(args, k) for k in ("attention", "style", "local_window", "encoder", "decoder", "embedding",
-                                          "hidden", "encoder_layers", "decoder_layers", "dropout", "top_k")}
-    config = TrainConfig(task=args.task, out=args.out, seed=args.seed, tokenizer=args.tokenizer,
-                         vocab_size=args.vocab_size, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                         max_steps=args.max_steps, max_minutes=args.max_minutes, eval_every=args.eval_every,
-                         patience=args.patience, target_exact_match=args.target_exact_match,
-                         target_evaluations=args.target_evaluations, min_steps=args.min_steps,
-                         valid_limit=args.valid_limit,
-                         max_pairs=args.max_pairs, threads=args.threads, model=model)
+    model = {
+        k: getattr(args, k)
+        for k in (
+            "attention",
+            "style",
+            "local_window",
+            "encoder",
+            "decoder",
+            "embedding",
+            "hidden",
+            "encoder_layers",
+            "decoder_layers",
+            "dropout",
+            "top_k",
+        )
+    }
+    config = TrainConfig(
+        task=args.task,
+        out=args.out,
+        seed=args.seed,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        max_steps=args.max_steps,
+        max_minutes=args.max_minutes,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        target_exact_match=args.target_exact_match,
+        target_evaluations=args.target_evaluations,
+        min_steps=args.min_steps,
+        valid_limit=args.valid_limit,
+        max_pairs=args.max_pairs,
+        threads=args.threads,
+        model=model,
+    )
     try:
         summary = train(config, resume=args.resume, progress=not args.quiet)
     except ValueError as exc:  # bad options and malformed corpora carry a message meant for the user
         print(f"attnserve train: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"test": summary["metrics"]["test"], "training": {
-        k: v for k, v in summary["training"].items() if k != "history"}}, indent=2))
+    print(
+        json.dumps(
+            {
+                "test": summary["metrics"]["test"],
+                "training": {k: v for k, v in summary["training"].items() if k != "history"},
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -87,8 +134,14 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--full-log-probs", action="store_true", help="also output the full log-probabilities")
     args = p.parse_args(argv)
     try:
-        result = export_run(args.run, args.repository, args.name, version=args.version, quantize=args.quantize,
-                            full_log_probs=args.full_log_probs)
+        result = export_run(
+            args.run,
+            args.repository,
+            args.name,
+            version=args.version,
+            quantize=args.quantize,
+            full_log_probs=args.full_log_probs,
+        )
     except (ExportError, FileNotFoundError) as exc:
         print(f"attnserve export: {exc}", file=sys.stderr)
         return 1
@@ -102,12 +155,16 @@ def build_models_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="attnserve build-models",
         description="Rebuild the default model repository (shipped in models/): train, export, check each model on "
-                    "fresh inputs, and install it only if it meets its bar.")
+        "fresh inputs, and install it only if it meets its bar.",
+    )
     p.add_argument("--repository", type=Path, default=Path("models"))
     p.add_argument("--runs", type=Path, default=Path("runs"))
     p.add_argument("--only", nargs="*", default=None, help="names to build (default: all)")
-    p.add_argument("--if-changed", action="store_true",
-                   help="skip a model whose recipe fingerprint matches the version in the repository")
+    p.add_argument(
+        "--if-changed",
+        action="store_true",
+        help="skip a model whose recipe fingerprint matches the version in the repository",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the recipe's, 1)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.only or ()) - {entry.name for entry in DEFAULT_MODELS})
@@ -127,9 +184,11 @@ def build_models_main(argv: list[str]) -> int:
             failures.append(str(exc))
             print(f"attnserve build-models: {exc}", file=sys.stderr)
             continue
-        print(f"{entry.name}: installed as {args.repository / entry.name / str(document['version'])} after "
-              f"{time.monotonic() - started:.0f}s: {document['acceptance']['greedy']['exact_match']:.4f} exact on "
-              f"fresh inputs (bar {entry.bar}), test split {document['metrics']['test']['exact_match']:.4f}")
+        print(
+            f"{entry.name}: installed as {args.repository / entry.name / str(document['version'])} after "
+            f"{time.monotonic() - started:.0f}s: {document['acceptance']['greedy']['exact_match']:.4f} exact on "
+            f"fresh inputs (bar {entry.bar}), test split {document['metrics']['test']['exact_match']:.4f}"
+        )
     if failures:
         print(f"attnserve build-models: {len(failures)} default model(s) missed their bar", file=sys.stderr)
         return 1

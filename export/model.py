@@ -103,7 +103,7 @@ class BiRNNEncoder(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(outputs [B, S, hidden], summary [B, hidden])``, summary = both directions' final states."""
         summary = x.new_zeros(0)
-        for index, (fwd, bwd) in enumerate(zip(self.forward_rnns, self.backward_rnns)):
+        for index, (fwd, bwd) in enumerate(zip(self.forward_rnns, self.backward_rnns, strict=False)):
             if index > 0:
                 x = self.dropout(x)
             out_fwd, _ = fwd(x)
@@ -150,8 +150,9 @@ class TransformerEncoder(nn.Module):
     def positional(self, length: int, device: torch.device) -> torch.Tensor:
         """Sinusoidal position encodings ``[length, hidden]`` (Vaswani et al. 2017), computed for any length."""
         position = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
-        rate = torch.exp(torch.arange(0, self.hidden, 2, device=device, dtype=torch.float32)
-                         * (-math.log(10000.0) / self.hidden))
+        rate = torch.exp(
+            torch.arange(0, self.hidden, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / self.hidden)
+        )
         angles = position * rate
         return torch.stack([torch.sin(angles), torch.cos(angles)], dim=-1).reshape(length, self.hidden)
 
@@ -185,8 +186,7 @@ class Seq2Seq(nn.Module):
             self.encoder = BiRNNEncoder(c.encoder, c.embedding, c.hidden, c.encoder_layers, c.dropout)
         self.memory_proj = nn.Linear(c.hidden, c.hidden)
         self.bridge = nn.Linear(c.hidden, c.hidden * c.decoder_layers)
-        self.attention = Attention(c.attention, c.hidden, max_source_len=c.max_source_len,
-                                   local_window=c.local_window)
+        self.attention = Attention(c.attention, c.hidden, max_source_len=c.max_source_len, local_window=c.local_window)
         cell = nn.GRUCell if c.decoder == "gru" else nn.LSTMCell
         # Bahdanau feeds the context computed from the previous state; Luong feeds the previous attentional
         # vector (input feeding). Either way the first layer's input is [embedding; hidden-sized vector].
@@ -218,8 +218,11 @@ class Seq2Seq(nn.Module):
     def encode(self, source_ids: torch.Tensor, source_lengths: torch.Tensor) -> EncoderOutput:
         embedded = self.dropout(self.source_embedding(source_ids))
         outputs, summary = self.encoder(embedded, source_lengths)
-        keep = (torch.arange(source_ids.shape[1], device=source_ids.device).unsqueeze(0)
-                < source_lengths.unsqueeze(1)).unsqueeze(-1).to(outputs.dtype)
+        keep = (
+            (torch.arange(source_ids.shape[1], device=source_ids.device).unsqueeze(0) < source_lengths.unsqueeze(1))
+            .unsqueeze(-1)
+            .to(outputs.dtype)
+        )
         # Zero beyond each row's length: the server pads memory with zeros and relies on it.
         memory = self.memory_proj(outputs) * keep
         keys = self.attention.keys(memory) * keep if self.attention.needs_keys else None
@@ -347,12 +350,14 @@ class DecoderStepGraph(nn.Module):
         self.model = model
         self.full_log_probs = full_log_probs
 
-    def forward(self, tokens: torch.Tensor, source_lengths: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, tokens: torch.Tensor, source_lengths: torch.Tensor, *tensors: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         model = self.model
         n_memory = len(model.memory_names)
         memory = tensors[0]
         keys = tensors[1] if n_memory == 2 else None
-        state = dict(zip(model.state_names, tensors[n_memory:]))
+        state = dict(zip(model.state_names, tensors[n_memory:], strict=False))
         log_probs, weights, new_state = model.step(tokens, source_lengths, memory, keys, state)
         top_log_probs, top_ids = torch.topk(log_probs, model.config.top_k, dim=-1)
         outputs = (top_log_probs, top_ids, weights, *(new_state[name] for name in model.state_names))

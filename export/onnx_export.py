@@ -49,15 +49,25 @@ class ExportResult:
     model_json: dict
 
 
-def _export_graph(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
-                  dynamic_axes: dict) -> bytes:
+def _export_graph(
+    module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str], dynamic_axes: dict
+) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript exporter warns about its own deprecation and about traced shape arithmetic that our
         # dynamic-shape parity checks below cover; keep the export output readable.
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, buffer, dynamo=False, opset_version=OPSET, input_names=input_names,
-                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            args,
+            buffer,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            do_constant_folding=True,
+        )
     return buffer.getvalue()
 
 
@@ -67,7 +77,9 @@ def op_types(model_bytes: bytes) -> list[str]:
 
     def walk(g: onnx.GraphProto) -> None:
         for node in g.node:
-            ops.add(node.op_type if node.domain in ("", "ai.onnx", "com.microsoft") else f"{node.domain}.{node.op_type}")
+            ops.add(
+                node.op_type if node.domain in ("", "ai.onnx", "com.microsoft") else f"{node.domain}.{node.op_type}"
+            )
             for attribute in node.attribute:
                 if attribute.type == onnx.AttributeProto.GRAPH:
                     walk(attribute.g)
@@ -92,21 +104,37 @@ def export_graphs(model: Seq2Seq, *, full_log_probs: bool = False) -> tuple[byte
     encoder_graph = EncoderGraph(model).eval()
     decoder_graph = DecoderStepGraph(model, full_log_probs=full_log_probs).eval()
     encoder_bytes = _export_graph(
-        encoder_graph, (source, lengths), ["source_ids", "source_lengths"], memory_names + state_init,
-        {"source_ids": {0: "batch", 1: "source_len"}, "source_lengths": {0: "batch"},
-         **{n: {0: "batch", 1: "source_len"} for n in memory_names}, **{n: {0: "batch"} for n in state_init}},
+        encoder_graph,
+        (source, lengths),
+        ["source_ids", "source_lengths"],
+        memory_names + state_init,
+        {
+            "source_ids": {0: "batch", 1: "source_len"},
+            "source_lengths": {0: "batch"},
+            **{n: {0: "batch", 1: "source_len"} for n in memory_names},
+            **{n: {0: "batch"} for n in state_init},
+        },
     )
     with torch.no_grad():
         encoded = encoder_graph(source, lengths)
     tokens = torch.tensor([BOS, BOS], dtype=torch.long)
     outputs = ["topk_log_probs", "topk_ids", "attention"] + state_out + (["log_probs"] if full_log_probs else [])
     decoder_bytes = _export_graph(
-        decoder_graph, (tokens, lengths, *encoded),
-        ["tokens", "source_lengths"] + memory_names + state_in, outputs,
-        {"tokens": {0: "rows"}, "source_lengths": {0: "rows"},
-         **{n: {0: "rows", 1: "source_len"} for n in memory_names}, **{n: {0: "rows"} for n in state_in},
-         "topk_log_probs": {0: "rows"}, "topk_ids": {0: "rows"}, "attention": {0: "rows", 1: "source_len"},
-         **{n: {0: "rows"} for n in state_out}, **({"log_probs": {0: "rows"}} if full_log_probs else {})},
+        decoder_graph,
+        (tokens, lengths, *encoded),
+        ["tokens", "source_lengths"] + memory_names + state_in,
+        outputs,
+        {
+            "tokens": {0: "rows"},
+            "source_lengths": {0: "rows"},
+            **{n: {0: "rows", 1: "source_len"} for n in memory_names},
+            **{n: {0: "rows"} for n in state_in},
+            "topk_log_probs": {0: "rows"},
+            "topk_ids": {0: "rows"},
+            "attention": {0: "rows", 1: "source_len"},
+            **{n: {0: "rows"} for n in state_out},
+            **({"log_probs": {0: "rows"}} if full_log_probs else {}),
+        },
     )
     for which, data in (("encoder", encoder_bytes), ("decoder", decoder_bytes)):
         unexpected = set(op_types(data)) - ALLOWED_OPS
@@ -115,7 +143,9 @@ def export_graphs(model: Seq2Seq, *, full_log_probs: bool = False) -> tuple[byte
     decoder_section = {
         "file": "decoder.onnx",
         "memory": memory_names,
-        "state": [{"input": i, "output": o, "init": n} for i, o, n in zip(state_in, state_out, state_init)],
+        "state": [
+            {"input": i, "output": o, "init": n} for i, o, n in zip(state_in, state_out, state_init, strict=False)
+        ],
         "full_log_probs": full_log_probs,
     }
     return encoder_bytes, decoder_bytes, decoder_section
@@ -130,7 +160,9 @@ def _pad(items: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, lengths
 
 
-def ort_greedy(step_model: OnnxStepModel, sources: list[list[int]], max_len: int, batch_size: int = 256) -> list[list[int]]:
+def ort_greedy(
+    step_model: OnnxStepModel, sources: list[list[int]], max_len: int, batch_size: int = 256
+) -> list[list[int]]:
     """Greedy decoding with onnxruntime alone (numpy), in input order; eos excluded."""
     results: list[list[int]] = [[] for _ in sources]
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
@@ -154,7 +186,7 @@ def ort_greedy(step_model: OnnxStepModel, sources: list[list[int]], max_len: int
                         outputs[row].append(token)
             if done.all():
                 break
-        for index, tokens_out in zip(chunk, outputs):
+        for index, tokens_out in zip(chunk, outputs, strict=False):
             results[index] = tokens_out
     return results
 
@@ -167,23 +199,25 @@ def step_parity(model: Seq2Seq, step_model: OnnxStepModel, sources: list[list[in
     ort_enc = step_model.encode(ids, lengths)
     worst = {"log_probs": 0.0, "log_probs_relative": 0.0, "attention": 0.0, "state": 0.0, "memory": 0.0}
     torch_memory = [enc.memory] + ([enc.keys] if enc.keys is not None else [])
-    for name, value in zip(step_model.memory_names, torch_memory):
+    for name, value in zip(step_model.memory_names, torch_memory, strict=False):
         worst["memory"] = max(worst["memory"], float(np.abs(ort_enc.memory[name] - value.numpy()).max()))
     state_t, state_o = enc.state, ort_enc.state
     rng = np.random.default_rng(len(sources) * 1000 + ids.shape[1])
     tokens = np.full(len(sources), BOS, dtype=np.int64)
     for _ in range(steps):
         with torch.no_grad():
-            log_probs, weights, state_t = model.step(torch.from_numpy(tokens), torch.from_numpy(lengths),
-                                                     enc.memory, enc.keys, state_t)
+            log_probs, weights, state_t = model.step(
+                torch.from_numpy(tokens), torch.from_numpy(lengths), enc.memory, enc.keys, state_t
+            )
         out = step_model.step(tokens, lengths, ort_enc.memory, state_o)
         top_t = torch.topk(log_probs, step_model.top_k, dim=-1).values.numpy()
         difference = np.abs(out.topk_log_probs - top_t)
         worst["log_probs"] = max(worst["log_probs"], float(difference.max()))
-        worst["log_probs_relative"] = max(worst["log_probs_relative"],
-                                          float((difference / np.maximum(1.0, np.abs(top_t))).max()))
+        worst["log_probs_relative"] = max(
+            worst["log_probs_relative"], float((difference / np.maximum(1.0, np.abs(top_t))).max())
+        )
         worst["attention"] = max(worst["attention"], float(np.abs(out.attention - weights.numpy()).max()))
-        for name, value in zip(model.state_names, (state_t[n] for n in model.state_names)):
+        for name, value in zip(model.state_names, (state_t[n] for n in model.state_names), strict=False):
             worst["state"] = max(worst["state"], float(np.abs(out.state[f"state_{name}"] - value.numpy()).max()))
         state_o = out.state
         tokens = rng.integers(4, model.config.target_vocab, size=len(sources)).astype(np.int64)
@@ -192,8 +226,8 @@ def step_parity(model: Seq2Seq, step_model: OnnxStepModel, sources: list[list[in
 
 @dataclass
 class Verification:
-    parity: dict                  # the figures recorded in model.json
-    greedy: list[list[int]]       # onnxruntime's greedy outputs for the test sources (equal to PyTorch's)
+    parity: dict  # the figures recorded in model.json
+    greedy: list[list[int]]  # onnxruntime's greedy outputs for the test sources (equal to PyTorch's)
 
 
 def verify(model: Seq2Seq, directory: Path, test_sources: list[list[int]], max_source_len: int) -> Verification:
@@ -216,21 +250,25 @@ def verify(model: Seq2Seq, directory: Path, test_sources: list[list[int]], max_s
         raise ExportError(f"onnxruntime differs from PyTorch beyond {PARITY_TOLERANCE}: {worst}")
     torch_out = greedy_ids(model, test_sources)
     ort_out = ort_greedy(step_model, test_sources, model.config.max_target_len)
-    mismatches = sum(a != b for a, b in zip(torch_out, ort_out))
+    mismatches = sum(a != b for a, b in zip(torch_out, ort_out, strict=False))
     if mismatches:
         raise ExportError(f"greedy outputs differ on {mismatches} of {len(test_sources)} test examples")
     parity = {
-        "max_abs_log_prob": worst["log_probs"], "max_log_prob_difference_over_max_1_abs": worst["log_probs_relative"],
+        "max_abs_log_prob": worst["log_probs"],
+        "max_log_prob_difference_over_max_1_abs": worst["log_probs_relative"],
         "max_abs_attention": worst["attention"],
-        "max_abs_state": worst["state"], "max_abs_memory": worst["memory"],
-        "greedy_identical": True, "greedy_examples": len(test_sources),
-        "shapes": [[b, min(max(1, s), max_source_len)] for b, s in shapes], "tolerance": PARITY_TOLERANCE,
+        "max_abs_state": worst["state"],
+        "max_abs_memory": worst["memory"],
+        "greedy_identical": True,
+        "greedy_examples": len(test_sources),
+        "shapes": [[b, min(max(1, s), max_source_len)] for b, s in shapes],
+        "tolerance": PARITY_TOLERANCE,
     }
     return Verification(parity=parity, greedy=ort_out)
 
 
 def _exact_match(predictions: list[list[int]], target: Tokenizer, references: list[str]) -> float:
-    return sum(target.decode(p) == r for p, r in zip(predictions, references)) / max(len(references), 1)
+    return sum(target.decode(p) == r for p, r in zip(predictions, references, strict=False)) / max(len(references), 1)
 
 
 def quantize_int8(directory: Path) -> None:
@@ -245,9 +283,17 @@ def quantize_int8(directory: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- main
-def export_run(run_dir: Path, repository: Path, name: str, *, version: int | None = None,
-               quantize: str | None = None, full_log_probs: bool = False, extra: dict | None = None,
-               progress=print) -> ExportResult:
+def export_run(
+    run_dir: Path,
+    repository: Path,
+    name: str,
+    *,
+    version: int | None = None,
+    quantize: str | None = None,
+    full_log_probs: bool = False,
+    extra: dict | None = None,
+    progress=print,
+) -> ExportResult:
     """Write ``repository/name/VERSION/`` from the run's best checkpoint and verify it; returns its directory.
 
     The version is assembled in a hidden directory and renamed into place only after verification, so a
@@ -283,16 +329,25 @@ def export_run(run_dir: Path, repository: Path, name: str, *, version: int | Non
             "name": name,
             "version": version,
             "task": {"kind": train_config.task.split(":", 1)[0], **run.get("data", {}).get("task", {})},
-            "architecture": {**c.to_dict(), "source_vocab": source_tok.vocab_size, "target_vocab": target_tok.vocab_size},
+            "architecture": {
+                **c.to_dict(),
+                "source_vocab": source_tok.vocab_size,
+                "target_vocab": target_tok.vocab_size,
+            },
             "special_tokens": {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK},
-            "tokenizers": {"source": {"type": tokenizer_kind, "file": "source.tokenizer.json"},
-                           "target": {"type": tokenizer_kind, "file": "target.tokenizer.json"}},
+            "tokenizers": {
+                "source": {"type": tokenizer_kind, "file": "source.tokenizer.json"},
+                "target": {"type": tokenizer_kind, "file": "target.tokenizer.json"},
+            },
             "limits": {"max_source_tokens": c.max_source_len, "max_target_tokens": c.max_target_len, "top_k": c.top_k},
             "encoder": {"file": "encoder.onnx"},
             "decoder": decoder_section,
-            "onnx": {"opset": OPSET, "exporter": "torchscript (torch.onnx.export dynamo=False)",
-                     "torch": torch.__version__,
-                     "op_types": {"encoder": op_types(encoder_bytes), "decoder": op_types(decoder_bytes)}},
+            "onnx": {
+                "opset": OPSET,
+                "exporter": "torchscript (torch.onnx.export dynamo=False)",
+                "torch": torch.__version__,
+                "op_types": {"encoder": op_types(encoder_bytes), "decoder": op_types(decoder_bytes)},
+            },
             "metrics": run["metrics"],
             "data": run.get("data", {}),
             "training": {k: v for k, v in run["training"].items() if k != "history"},
@@ -307,14 +362,26 @@ def export_run(run_dir: Path, repository: Path, name: str, *, version: int | Non
         document["parity"] = verification.parity
         progress(f"parity: {document['parity']}")
         if quantize == "int8":
-            references = [p.target for p, (s, _) in zip(splits.test, test_items) if len(s) <= c.max_source_len]
+            references = [
+                p.target for p, (s, _) in zip(splits.test, test_items, strict=False) if len(s) <= c.max_source_len
+            ]
             fp32 = _exact_match(verification.greedy, target_tok, references)
             quantize_int8(staging)
-            int8 = _exact_match(ort_greedy(OnnxStepModel(read_config(staging), staging,
-                                           providers=["CPUExecutionProvider"]), test_sources, c.max_target_len),
-                                target_tok, references)
-            document["quantization"] = {"type": "int8 dynamic (weights QInt8)", "test_exact_match_fp32": fp32,
-                                        "test_exact_match_int8": int8, "change": round(int8 - fp32, 5)}
+            int8 = _exact_match(
+                ort_greedy(
+                    OnnxStepModel(read_config(staging), staging, providers=["CPUExecutionProvider"]),
+                    test_sources,
+                    c.max_target_len,
+                ),
+                target_tok,
+                references,
+            )
+            document["quantization"] = {
+                "type": "int8 dynamic (weights QInt8)",
+                "test_exact_match_fp32": fp32,
+                "test_exact_match_int8": int8,
+                "change": round(int8 - fp32, 5),
+            }
             document["onnx"]["op_types"] = {
                 "encoder": op_types((staging / "encoder.onnx").read_bytes()),
                 "decoder": op_types((staging / "decoder.onnx").read_bytes()),

@@ -18,9 +18,9 @@ import math
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -34,25 +34,25 @@ from service.runtime.tokenizers import Tokenizer, load_tokenizer, train_tokenize
 class TrainConfig:
     """How to train one model. Defaults suit the small bundled tasks on a CPU."""
 
-    task: str                        # 'dates', 'numbers' or 'tsv:PATH'
+    task: str  # 'dates', 'numbers' or 'tsv:PATH'
     out: Path
     seed: int = 13
-    tokenizer: str = ""              # '' = 'char' for bundled tasks, 'sentencepiece' for TSV corpora
-    vocab_size: int = 8000           # for 'sentencepiece' and 'word' tokenizers
+    tokenizer: str = ""  # '' = 'char' for bundled tasks, 'sentencepiece' for TSV corpora
+    vocab_size: int = 8000  # for 'sentencepiece' and 'word' tokenizers
     batch_size: int = 128
     learning_rate: float = 3e-3
     max_steps: int = 20000
-    max_minutes: float = 30.0        # wall-clock budget; training stops at the first of steps/minutes
-    eval_every: int = 250            # steps between validations
-    patience: int = 8                # validations without improvement before stopping
-    lr_patience: int = 2             # validations without improvement before the learning rate is halved
-    target_exact_match: float = 1.01 # stop once validation exact match reaches this (>1 = never) ...
-    target_evaluations: int = 1      # ... on this many consecutive evaluations ...
-    min_steps: int = 0               # ... and no earlier than this step
-    valid_limit: int = 2000          # validation examples decoded at each evaluation
-    max_pairs: int | None = None     # cap on TSV pairs read
-    data_options: dict = field(default_factory=dict)   # keyword arguments of the task's generator
-    model: dict = field(default_factory=dict)          # ModelConfig fields other than vocabulary sizes
+    max_minutes: float = 30.0  # wall-clock budget; training stops at the first of steps/minutes
+    eval_every: int = 250  # steps between validations
+    patience: int = 8  # validations without improvement before stopping
+    lr_patience: int = 2  # validations without improvement before the learning rate is halved
+    target_exact_match: float = 1.01  # stop once validation exact match reaches this (>1 = never) ...
+    target_evaluations: int = 1  # ... on this many consecutive evaluations ...
+    min_steps: int = 0  # ... and no earlier than this step
+    valid_limit: int = 2000  # validation examples decoded at each evaluation
+    max_pairs: int | None = None  # cap on TSV pairs read
+    data_options: dict = field(default_factory=dict)  # keyword arguments of the task's generator
+    model: dict = field(default_factory=dict)  # ModelConfig fields other than vocabulary sizes
     # torch intra-op threads. One by default: these models are too small to gain from more, and an OpenMP
     # pool that shares its cores with another busy process (a server, a test client) slows down ~40x.
     threads: int = 1
@@ -123,7 +123,7 @@ def greedy_ids(model: Seq2Seq, items: list[list[int]], *, batch_size: int = 256)
         chunk = order[start : start + batch_size]
         source, lengths, _, _ = make_batch([(items[i], []) for i in chunk])
         outputs, _ = model.greedy(source, lengths)
-        for index, tokens in zip(chunk, outputs):
+        for index, tokens in zip(chunk, outputs, strict=False):
             results[index] = tokens
     return results
 
@@ -135,7 +135,7 @@ def evaluate(model: Seq2Seq, pairs: list[Pair], source: Tokenizer, target: Token
     pairs = pairs[:limit] if limit else pairs
     hypotheses = [target.decode(ids) for ids in greedy_ids(model, [source.encode(p.source) + [EOS] for p in pairs])]
     references = [p.target for p in pairs]
-    exact = sum(h == r for h, r in zip(hypotheses, references)) / max(len(pairs), 1)
+    exact = sum(h == r for h, r in zip(hypotheses, references, strict=False)) / max(len(pairs), 1)
     return {
         "exact_match": round(exact, 5),
         "bleu": round(sacrebleu.corpus_bleu(hypotheses, [references]).score, 3),
@@ -203,8 +203,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     model = Seq2Seq(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     # Halving the rate when validation stalls turns the noisy plateau of a constant rate into convergence.
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
-                                                         patience=config.lr_patience, min_lr=1e-5)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=0.5, patience=config.lr_patience, min_lr=1e-5
+    )
     loss_fn = nn.NLLLoss(ignore_index=PAD, reduction="sum")
 
     step, best, stale, on_target, elapsed_before = 0, -1.0, 0, 0, 0.0
@@ -223,13 +224,24 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         torch.set_rng_state(payload["torch_rng"])
 
     def checkpoint(path: Path) -> None:
-        _save(path, {
-            "model": model.state_dict(), "model_config": model_config.to_dict(), "optimizer": optimizer.state_dict(),
-            "plateau": plateau.state_dict(), "step": step, "best": best, "stale": stale, "on_target": on_target,
-            "elapsed": elapsed_before + time.monotonic() - start,
-            "history": history, "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-            "train_config": config.to_dict(),
-        })
+        _save(
+            path,
+            {
+                "model": model.state_dict(),
+                "model_config": model_config.to_dict(),
+                "optimizer": optimizer.state_dict(),
+                "plateau": plateau.state_dict(),
+                "step": step,
+                "best": best,
+                "stale": stale,
+                "on_target": on_target,
+                "elapsed": elapsed_before + time.monotonic() - start,
+                "history": history,
+                "python_rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
+                "train_config": config.to_dict(),
+            },
+        )
 
     start = time.monotonic()
     deadline = start + config.max_minutes * 60.0 - elapsed_before
@@ -238,8 +250,15 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     for _ in range(step):
         next(stream)
     # Redraw at most every 10 s when the output is a log file rather than a terminal.
-    bar = tqdm(total=config.max_steps, initial=step, disable=not progress, desc=out.name, unit="step",
-               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
+    bar = tqdm(
+        total=config.max_steps,
+        initial=step,
+        disable=not progress,
+        desc=out.name,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,
+    )
     tokens_since, clock = 0, time.monotonic()
     stop_reason = "max_steps"
     while step < config.max_steps:
@@ -261,8 +280,15 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             tokens_since, clock = 0, now
         if step % config.eval_every == 0 or step == config.max_steps or time.monotonic() > deadline:
             metrics = evaluate(model, splits.valid, source_tok, target_tok, limit=config.valid_limit)
-            history.append({"step": step, "seconds": round(elapsed_before + time.monotonic() - start, 1),
-                            "loss": round(loss.item(), 4), "lr": optimizer.param_groups[0]["lr"], **metrics})
+            history.append(
+                {
+                    "step": step,
+                    "seconds": round(elapsed_before + time.monotonic() - start, 1),
+                    "loss": round(loss.item(), 4),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    **metrics,
+                }
+            )
             bar.write(f"step {step}: valid exact match {metrics['exact_match']:.4f}, chrF {metrics['chrf']:.1f}")
             plateau.step(metrics["exact_match"])
             # On ties the later checkpoint wins: it has trained longer at the same validation score.
@@ -295,8 +321,13 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         "model_config": model_config.to_dict(),
         "data": splits.description,
         "tokenizer": source_tok.kind,
-        "training": {"steps": step, "seconds": round(elapsed_before + time.monotonic() - start, 1),
-                     "stop_reason": stop_reason, "best_valid_exact_match": best, "history": history},
+        "training": {
+            "steps": step,
+            "seconds": round(elapsed_before + time.monotonic() - start, 1),
+            "stop_reason": stop_reason,
+            "best_valid_exact_match": best,
+            "history": history,
+        },
         "metrics": {"test": test_metrics},
     }
     (out / "run.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")

@@ -39,12 +39,14 @@ class ZooEntry:
     model: dict
     description: str
     training: dict = field(default_factory=dict)
-    bar: float = 0.99            # exact match on the acceptance set the build must reach
-    acceptance_seed: int = 101   # the build's fresh draws; the tests use other seeds, training uses `seed`
+    bar: float = 0.99  # exact match on the acceptance set the build must reach
+    acceptance_seed: int = 101  # the build's fresh draws; the tests use other seeds, training uses `seed`
 
     def fingerprint(self) -> str:
-        payload = json.dumps({"revision": ZOO_REVISION, "task": self.task, "model": self.model,
-                              "training": self.training}, sort_keys=True)
+        payload = json.dumps(
+            {"revision": ZOO_REVISION, "task": self.task, "model": self.model, "training": self.training},
+            sort_keys=True,
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     @property
@@ -61,31 +63,64 @@ DEFAULT_MODELS = (
         name="dates",
         task="dates",
         description="Dates written in 27 locales and 134 locale x format combinations (CLDR), years 1900-2099 "
-                    "-> ISO 8601; additive (Bahdanau) attention, GRU.",
-        model={"attention": "additive", "style": "bahdanau", "encoder": "gru", "decoder": "gru",
-               "embedding": 64, "hidden": 128, "top_k": 16},
+        "-> ISO 8601; additive (Bahdanau) attention, GRU.",
+        model={
+            "attention": "additive",
+            "style": "bahdanau",
+            "encoder": "gru",
+            "decoder": "gru",
+            "embedding": 64,
+            "hidden": 128,
+            "top_k": 16,
+        },
         # 4,000 validation dates (0.025% each); the target must hold on 3 evaluations in a row, and training
         # runs at least 1,500 steps (2.4 passes over the training dates), well past the 400 steps after which
         # an earlier recipe stopped with year digits still miscopied on 1.3% of fresh dates.
-        training={"batch_size": 128, "learning_rate": 3e-3, "eval_every": 250, "target_exact_match": 0.999,
-                  "target_evaluations": 3, "min_steps": 1500, "max_steps": 12000, "valid_limit": 4000,
-                  "patience": 12, "max_minutes": 45.0,
-                  "data_options": {"n_train": 80_000, "n_valid": 4_000, "n_test": 2_000}},
+        training={
+            "batch_size": 128,
+            "learning_rate": 3e-3,
+            "eval_every": 250,
+            "target_exact_match": 0.999,
+            "target_evaluations": 3,
+            "min_steps": 1500,
+            "max_steps": 12000,
+            "valid_limit": 4000,
+            "patience": 12,
+            "max_minutes": 45.0,
+            "data_options": {"n_train": 80_000, "n_valid": 4_000, "n_test": 2_000},
+        },
         bar=0.995,
     ),
     ZooEntry(
         name="numbers",
         task="numbers",
         description="German and French number words (every number 0-999) -> English; general attention, Luong "
-                    "style with input feeding. Word order swaps (vierundachtzig -> eighty-four).",
-        model={"attention": "general", "style": "luong", "encoder": "gru", "decoder": "gru",
-               "embedding": 64, "hidden": 128, "top_k": 16, "dropout": 0.25},
+        "style with input feeding. Word order swaps (vierundachtzig -> eighty-four).",
+        model={
+            "attention": "general",
+            "style": "luong",
+            "encoder": "gru",
+            "decoder": "gru",
+            "embedding": 64,
+            "hidden": 128,
+            "top_k": 16,
+            "dropout": 0.25,
+        },
         # The model claims the whole range, so it trains on every number in both languages and validates on
         # all 2,000 pairs (0.05% each): the target is every one of them, on 3 evaluations in a row.
-        training={"batch_size": 64, "learning_rate": 3e-3, "eval_every": 100, "target_exact_match": 1.0,
-                  "target_evaluations": 3, "min_steps": 1500, "max_steps": 12000, "patience": 20,
-                  "lr_patience": 2, "max_minutes": 45.0,
-                  "data_options": {"max_number": 999, "split_by": "none"}},
+        training={
+            "batch_size": 64,
+            "learning_rate": 3e-3,
+            "eval_every": 100,
+            "target_exact_match": 1.0,
+            "target_evaluations": 3,
+            "min_steps": 1500,
+            "max_steps": 12000,
+            "patience": 20,
+            "lr_patience": 2,
+            "max_minutes": 45.0,
+            "data_options": {"max_number": 999, "split_by": "none"},
+        },
         bar=0.99,
     ),
 )
@@ -148,13 +183,16 @@ def build(entry: ZooEntry, repository: Path, runs: Path, *, threads: int | None 
     config = TrainConfig(task=entry.task, out=run_dir, model=dict(entry.model), **options)
     summary = train(config, resume=False, progress=False)
     training = summary["training"]
-    progress(f"{entry.name}: {training['stop_reason']} at step {training['steps']} after {training['seconds']:.0f}s, "
-             f"best validation exact match {training['best_valid_exact_match']:.4f}")
+    progress(
+        f"{entry.name}: {training['stop_reason']} at step {training['steps']} after {training['seconds']:.0f}s, "
+        f"best validation exact match {training['best_valid_exact_match']:.4f}"
+    )
     if training["stop_reason"] != "target_reached":
         raise BuildFailed(
             f"{entry.name}: training stopped ({training['stop_reason']}) at step {training['steps']} with validation "
             f"exact match {training['best_valid_exact_match']:.4f}, short of the recipe's target "
-            f"{config.target_exact_match} on {config.target_evaluations} evaluations in a row; nothing was installed")
+            f"{config.target_exact_match} on {config.target_evaluations} evaluations in a row; nothing was installed"
+        )
 
     repository.mkdir(parents=True, exist_ok=True)
     # Staged inside the repository (same file system, so the final move is a rename); the leading dot keeps
@@ -162,21 +200,31 @@ def build(entry: ZooEntry, repository: Path, runs: Path, *, threads: int | None 
     staging = Path(tempfile.mkdtemp(prefix=f".build-{entry.name}-", dir=repository))
     try:
         machine = build_machine()
-        result = export_run(run_dir, staging, entry.name, version=DEFAULT_VERSION, progress=progress, extra={
-            "build": {"fingerprint": entry.fingerprint(), "description": entry.description, "machine": machine}})
-        inputs = acceptance_set(entry.task, entry.acceptance_seed, training_seed=entry.training_seed,
-                                data_options=entry.data_options)
+        result = export_run(
+            run_dir,
+            staging,
+            entry.name,
+            version=DEFAULT_VERSION,
+            progress=progress,
+            extra={"build": {"fingerprint": entry.fingerprint(), "description": entry.description, "machine": machine}},
+        )
+        inputs = acceptance_set(
+            entry.task, entry.acceptance_seed, training_seed=entry.training_seed, data_options=entry.data_options
+        )
         accepted = check(result.directory, inputs)
         document = result.model_json
         document["acceptance"] = {"bar": entry.bar, "greedy": accepted.to_dict()}
         (result.directory / "model.json").write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
-        progress(f"{entry.name}: {accepted.exact_match:.4f} exact on {accepted.examples} fresh inputs "
-                 f"({accepted.errors} wrong; bar {entry.bar})")
+        progress(
+            f"{entry.name}: {accepted.exact_match:.4f} exact on {accepted.examples} fresh inputs "
+            f"({accepted.errors} wrong; bar {entry.bar})"
+        )
         if accepted.exact_match < entry.bar:
             raise BuildFailed(
                 f"{entry.name}: {accepted.exact_match:.4f} exact match on {accepted.examples} fresh inputs "
                 f"({accepted.description}) is below the bar {entry.bar}; first errors: "
-                f"{accepted.examples_of_errors[:3]}; nothing was installed")
+                f"{accepted.examples_of_errors[:3]}; nothing was installed"
+            )
         _install(result.directory, repository / entry.name / str(DEFAULT_VERSION))
         return document
     finally:

@@ -58,10 +58,20 @@ WORKLOADS: dict[str, WorkloadSpec] = {
         WorkloadSpec("numbers-beam4", "numbers", 4, "numbers", "numbers model, beam 4"),
         WorkloadSpec("phrasebook", "phrasebook", 1, "phrasebook", "phrasebook model (hidden 512, ~8k vocab), greedy"),
         WorkloadSpec("phrasebook-beam4", "phrasebook", 4, "phrasebook", "phrasebook model, beam 4"),
-        WorkloadSpec("phrasebook-mixed", "phrasebook", 1, "mixed",
-                     "phrasebook model, greedy, mixed lengths (40% bare names, 20% one clause, 40% three clauses)"),
-        WorkloadSpec("near-free", "near-free", 1, "dates",
-                     "near-free model (dates at hidden 16: calls cost almost nothing, as on a GPU), greedy"),
+        WorkloadSpec(
+            "phrasebook-mixed",
+            "phrasebook",
+            1,
+            "mixed",
+            "phrasebook model, greedy, mixed lengths (40% bare names, 20% one clause, 40% three clauses)",
+        ),
+        WorkloadSpec(
+            "near-free",
+            "near-free",
+            1,
+            "dates",
+            "near-free model (dates at hidden 16: calls cost almost nothing, as on a GPU), greedy",
+        ),
     )
 }
 #: Rows and beam widths of the engine-overhead table (the core over a model whose calls cost nothing).
@@ -144,41 +154,99 @@ def build_parser() -> argparse.ArgumentParser:
         prog="attnserve bench",
         description="Benchmark every contender on the same workloads, side by side (see docs/benchmarks.md).",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: dates and numbers only, levels 1 and 8, short windows, a 2-point tuning grid")
-    parser.add_argument("--repository", type=Path, default=Path("models"),
-                        help="model repository with the default models (default: models, built by make models)")
-    parser.add_argument("--runs", type=Path, default=Path("runs"),
-                        help="training runs of those models, for the PyTorch eager contender (default: runs)")
-    parser.add_argument("--cache-dir", type=Path, default=Path("build/bench"),
-                        help="phrasebook corpus, run and export, logs (default: build/bench)")
-    parser.add_argument("--out", type=Path, default=Path("reports/bench"), help="report folder (default: reports/bench)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: dates and numbers only, levels 1 and 8, short windows, a 2-point tuning grid",
+    )
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("models"),
+        help="model repository with the default models (default: models, built by make models)",
+    )
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs"),
+        help="training runs of those models, for the PyTorch eager contender (default: runs)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path("build/bench"),
+        help="phrasebook corpus, run and export, logs (default: build/bench)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("reports/bench"), help="report folder (default: reports/bench)"
+    )
     parser.add_argument("--workloads", default=None, help=f"comma-separated, from: {', '.join(WORKLOADS)}")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma-separated, from: {', '.join(CONTENDERS)}")
-    parser.add_argument("--levels", type=lambda text: _numbers(text, int), default=None,
-                        help="concurrency levels (default 1,8,32,64,128; quick: 1,8)")
-    parser.add_argument("--warmup", type=float, default=None, help="seconds of load before each window (default 1; quick 0.3)")
-    parser.add_argument("--duration", type=float, default=None, help="seconds of each measurement window (default 4; quick 1)")
+    parser.add_argument(
+        "--contenders", default=",".join(CONTENDERS), help=f"comma-separated, from: {', '.join(CONTENDERS)}"
+    )
+    parser.add_argument(
+        "--levels",
+        type=lambda text: _numbers(text, int),
+        default=None,
+        help="concurrency levels (default 1,8,32,64,128; quick: 1,8)",
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=None, help="seconds of load before each window (default 1; quick 0.3)"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=None, help="seconds of each measurement window (default 4; quick 1)"
+    )
     parser.add_argument("--max-requests", type=int, default=20000, help="a window closes early after this many calls")
     parser.add_argument("--texts", type=int, default=400, help="texts per workload (default 400)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads of every contender's runtime (onnxruntime, torch) (default 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads of every contender's runtime (onnxruntime, torch) (default 1)",
+    )
     parser.add_argument("--provider", default="cpu", choices=("cpu", "cuda"), help="onnxruntime provider (default cpu)")
     parser.add_argument("--client-processes", type=int, default=2, help="client processes at most (default 2)")
-    parser.add_argument("--request-batch-sizes", type=lambda text: _numbers(text, int), default=None,
-                        help="--batching request tuning grid: batch sizes (default 8,32,128; quick 32)")
-    parser.add_argument("--request-batch-delays-ms", type=lambda text: _numbers(text, float), default=None,
-                        help="--batching request tuning grid: queue delays in ms (default 0,5; quick 0,5)")
-    parser.add_argument("--tune-duration", type=float, default=None,
-                        help="seconds of each tuning window (default 1; quick: the duration, and tuning is the measurement)")
+    parser.add_argument(
+        "--request-batch-sizes",
+        type=lambda text: _numbers(text, int),
+        default=None,
+        help="--batching request tuning grid: batch sizes (default 8,32,128; quick 32)",
+    )
+    parser.add_argument(
+        "--request-batch-delays-ms",
+        type=lambda text: _numbers(text, float),
+        default=None,
+        help="--batching request tuning grid: queue delays in ms (default 0,5; quick 0,5)",
+    )
+    parser.add_argument(
+        "--tune-duration",
+        type=float,
+        default=None,
+        help="seconds of each tuning window (default 1; quick: the duration, and tuning is the measurement)",
+    )
     parser.add_argument("--no-phrasebook", action="store_true", help="do not build the phrasebook model")
-    parser.add_argument("--phrasebook-steps", type=int, default=PhrasebookRecipe.train_steps,
-                        help=f"training steps of the phrasebook model (default {PhrasebookRecipe.train_steps})")
-    parser.add_argument("--max-active-hypotheses", type=int, default=512,
-                        help="decoder rows per step for every attnserve contender (default 512: 128 clients x beam 4)")
-    parser.add_argument("--report", type=Path, default=None, metavar="BENCH_JSON",
-                        help="measure nothing: write the report of an earlier run's bench.json into --out")
-    parser.add_argument("--ceiling-seconds", type=float, default=None, help="seconds per engine-ceiling point (default 1.5)")
+    parser.add_argument(
+        "--phrasebook-steps",
+        type=int,
+        default=PhrasebookRecipe.train_steps,
+        help=f"training steps of the phrasebook model (default {PhrasebookRecipe.train_steps})",
+    )
+    parser.add_argument(
+        "--max-active-hypotheses",
+        type=int,
+        default=512,
+        help="decoder rows per step for every attnserve contender (default 512: 128 clients x beam 4)",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="BENCH_JSON",
+        help="measure nothing: write the report of an earlier run's bench.json into --out",
+    )
+    parser.add_argument(
+        "--ceiling-seconds", type=float, default=None, help="seconds per engine-ceiling point (default 1.5)"
+    )
     return parser
 
 
@@ -274,8 +342,9 @@ def prepare_repository(config: BenchConfig, log: Callable[[str], None]) -> tuple
         ensure_near_free(config.cache_dir, bench_repository, log=log)
     if "phrasebook" in wanted:
         if config.phrasebook:
-            model = ensure_phrasebook(config.cache_dir, bench_repository,
-                                      PhrasebookRecipe(train_steps=config.phrasebook_steps), log=log)
+            model = ensure_phrasebook(
+                config.cache_dir, bench_repository, PhrasebookRecipe(train_steps=config.phrasebook_steps), log=log
+            )
             runs["phrasebook"] = model.run_dir
         elif not (bench_repository / "phrasebook" / "1" / "model.json").is_file():
             log("phrasebook: not built (--no-phrasebook); its workloads are skipped")
@@ -336,8 +405,10 @@ class Bench:
             for rows in OVERHEAD_ROWS:
                 point = measure_overhead(rows, beam, steps=steps)
                 self.engine_overhead.append(asdict(point))
-                self.log(f"engine overhead: beam {beam}, {rows} rows: {point.median_us:.0f} us per step "
-                         f"(p90 {point.p90_us:.0f} us)")
+                self.log(
+                    f"engine overhead: beam {beam}, {rows} rows: {point.median_us:.0f} us per step "
+                    f"(p90 {point.p90_us:.0f} us)"
+                )
 
     # -- engine ceiling and roofline (no server running)
     def measure_offline(self) -> None:
@@ -347,31 +418,43 @@ class Bench:
 
         peak = measure_matmul_peak(self.config.threads, self.config.provider)
         self.peak = asdict(peak)
-        self.log(f"matrix-multiply peak: {peak.flops_per_s / 1e9:.1f} GFLOP/s "
-                 f"({peak.size}^3 float32, {peak.threads} thread(s), {peak.provider})")
+        self.log(
+            f"matrix-multiply peak: {peak.flops_per_s / 1e9:.1f} GFLOP/s "
+            f"({peak.size}^3 float32, {peak.threads} thread(s), {peak.provider})"
+        )
         loaded = {}
         for spec in self.specs:
             if spec.model not in loaded:
-                version = max(int(path.name) for path in (self.repository / spec.model).iterdir() if path.name.isdigit())
-                loaded[spec.model] = load_model(self.repository / spec.model / str(version), provider=self.config.provider,
-                                                intra_op_threads=self.config.threads, inter_op_threads=1)
+                version = max(
+                    int(path.name) for path in (self.repository / spec.model).iterdir() if path.name.isdigit()
+                )
+                loaded[spec.model] = load_model(
+                    self.repository / spec.model / str(version),
+                    provider=self.config.provider,
+                    intra_op_threads=self.config.threads,
+                    inter_op_threads=1,
+                )
                 loaded[spec.model].warm_up()
             model = loaded[spec.model]
             sources = tokenize_sources(model, self.texts[spec.name])
             points = []
             for level in self.config.levels:
-                point = measure_ceiling(model, sources, level, beam_size=spec.beam_size,
-                                        min_seconds=self.config.ceiling_seconds)
+                point = measure_ceiling(
+                    model, sources, level, beam_size=spec.beam_size, min_seconds=self.config.ceiling_seconds
+                )
                 points.append(point)
             self.ceilings[spec.name] = points
-            flops = measure_model_flops(model, round(points[0].mean_source_tokens), self.config.provider,
-                                        self.config.threads)
+            flops = measure_model_flops(
+                model, round(points[0].mean_source_tokens), self.config.provider, self.config.threads
+            )
             per_token = flops.per_generated_token(points[0].mean_tokens, spec.beam_size)
             self.models[spec.name] = {
                 "model": spec.model,
-                "architecture": {key: value for key, value in model.config.architecture.items()
-                                 if key in ("hidden", "embedding", "attention", "encoder", "decoder",
-                                            "source_vocab", "target_vocab")},
+                "architecture": {
+                    key: value
+                    for key, value in model.config.architecture.items()
+                    if key in ("hidden", "embedding", "attention", "encoder", "decoder", "source_vocab", "target_vocab")
+                },
                 "mean_source_tokens": points[0].mean_source_tokens,
                 "mean_generated_tokens": points[0].mean_tokens,
                 "encoder_flops_per_source": flops.encoder_flops,
@@ -379,40 +462,75 @@ class Bench:
                 "flops_per_generated_token": per_token,
             }
             for point in points:
-                self.results.append(CellResult(
-                    workload=spec.name, contender="engine-ceiling", level=point.batch,
-                    tokens_per_s=point.tokens_per_s, requests_per_s=point.requests_per_s,
-                    p50_ms=point.latency_s * 1e3, p90_ms=math.nan, p99_ms=math.nan,
-                    mean_decoder_rows=point.rows, ok=point.waves * point.batch,
-                    details={"encode_ms": point.encode_s * 1e3, "step_ms": point.step_s * 1e3,
-                             "mean_tokens": point.mean_tokens, "waves": point.waves},
-                ))
+                self.results.append(
+                    CellResult(
+                        workload=spec.name,
+                        contender="engine-ceiling",
+                        level=point.batch,
+                        tokens_per_s=point.tokens_per_s,
+                        requests_per_s=point.requests_per_s,
+                        p50_ms=point.latency_s * 1e3,
+                        p90_ms=math.nan,
+                        p99_ms=math.nan,
+                        mean_decoder_rows=point.rows,
+                        ok=point.waves * point.batch,
+                        details={
+                            "encode_ms": point.encode_s * 1e3,
+                            "step_ms": point.step_s * 1e3,
+                            "mean_tokens": point.mean_tokens,
+                            "waves": point.waves,
+                        },
+                    )
+                )
             if "roofline" in self.config.contenders:
                 bound = peak.flops_per_s / per_token
                 for level in self.config.levels:
-                    self.results.append(CellResult(
-                        workload=spec.name, contender="roofline", level=level, tokens_per_s=bound,
-                        requests_per_s=bound / max(points[0].mean_tokens, 1.0), p50_ms=math.nan, p90_ms=math.nan,
-                        p99_ms=math.nan, percent_of_peak=100.0,
-                        details={"flops_per_token": per_token, "peak_flops_per_s": peak.flops_per_s},
-                    ))
-            self.log(f"{spec.name}: {per_token / 1e6:.2f} MFLOP per generated token; engine ceiling "
-                     + ", ".join(f"B={p.batch}: {p.tokens_per_s:.0f} tok/s" for p in points))
+                    self.results.append(
+                        CellResult(
+                            workload=spec.name,
+                            contender="roofline",
+                            level=level,
+                            tokens_per_s=bound,
+                            requests_per_s=bound / max(points[0].mean_tokens, 1.0),
+                            p50_ms=math.nan,
+                            p90_ms=math.nan,
+                            p99_ms=math.nan,
+                            percent_of_peak=100.0,
+                            details={"flops_per_token": per_token, "peak_flops_per_s": peak.flops_per_s},
+                        )
+                    )
+            self.log(
+                f"{spec.name}: {per_token / 1e6:.2f} MFLOP per generated token; engine ceiling "
+                + ", ".join(f"B={p.batch}: {p.tokens_per_s:.0f} tok/s" for p in points)
+            )
         del loaded
 
     # -- one server, every workload and level
-    def measure_server(self, contender: str, server, generator, *, workloads: Sequence[WorkloadSpec] | None = None,
-                       levels_for: Callable[[WorkloadSpec], Sequence[int]] | None = None, duration_s: float | None = None,
-                       details: dict | None = None) -> list[CellResult]:
+    def measure_server(
+        self,
+        contender: str,
+        server,
+        generator,
+        *,
+        workloads: Sequence[WorkloadSpec] | None = None,
+        levels_for: Callable[[WorkloadSpec], Sequence[int]] | None = None,
+        duration_s: float | None = None,
+        details: dict | None = None,
+    ) -> list[CellResult]:
         from loadtests.loadgen import CellPlan
         from loadtests.servers import engine_window, scrape, wait_until_idle
 
         cells = []
         for spec in workloads or self.specs:
-            for level in (levels_for(spec) if levels_for else self.config.levels):
+            for level in levels_for(spec) if levels_for else self.config.levels:
                 plan = CellPlan(
-                    address=server.address, model=spec.model, texts=self.texts[spec.name], beam_size=spec.beam_size,
-                    concurrency=level, warmup_s=self.config.warmup_s, duration_s=duration_s or self.config.duration_s,
+                    address=server.address,
+                    model=spec.model,
+                    texts=self.texts[spec.name],
+                    beam_size=spec.beam_size,
+                    concurrency=level,
+                    warmup_s=self.config.warmup_s,
+                    duration_s=duration_s or self.config.duration_s,
                     max_requests=self.config.max_requests,
                 )
                 _, window_starts, window_ends = generator.schedule(plan)
@@ -425,28 +543,42 @@ class Bench:
                 measured = generator.collect()
                 wait_until_idle(server.metrics_url)
                 cell = CellResult(
-                    workload=spec.name, contender=contender, level=level,
+                    workload=spec.name,
+                    contender=contender,
+                    level=level,
                     tokens_per_s=measured.tokens_per_s if contender != "rpc-ceiling" else math.nan,
                     requests_per_s=measured.requests_per_s,
-                    p50_ms=measured.latency_p50_s * 1e3, p90_ms=measured.latency_p90_s * 1e3,
-                    p99_ms=measured.latency_p99_s * 1e3, ok=measured.ok, failures=measured.failures,
-                    cut=measured.cut, steady=measured.completed >= level,
-                    details={"window_s": measured.window_s, "mean_tokens": measured.mean_tokens,
-                             "server_cpu_share": (cpu_after - cpu_before) / (window_ends - window_starts),
-                             "client_cpu_s": measured.client_cpu_s, **(details or {})},
+                    p50_ms=measured.latency_p50_s * 1e3,
+                    p90_ms=measured.latency_p90_s * 1e3,
+                    p99_ms=measured.latency_p99_s * 1e3,
+                    ok=measured.ok,
+                    failures=measured.failures,
+                    cut=measured.cut,
+                    steady=measured.completed >= level,
+                    details={
+                        "window_s": measured.window_s,
+                        "mean_tokens": measured.mean_tokens,
+                        "server_cpu_share": (cpu_after - cpu_before) / (window_ends - window_starts),
+                        "client_cpu_s": measured.client_cpu_s,
+                        **(details or {}),
+                    },
                 )
                 if before is not None and after is not None:
                     window = engine_window(before, after, spec.model, window_ends - window_starts)
                     cell.mean_decoder_rows = window.mean_decoder_rows
-                    cell.details.update({key: value for key, value in asdict(window).items() if key != "mean_decoder_rows"})
+                    cell.details.update(
+                        {key: value for key, value in asdict(window).items() if key != "mean_decoder_rows"}
+                    )
                 elif contender == "pytorch-eager":
                     cell.mean_decoder_rows = float(spec.beam_size)
                 cells.append(cell)
-                self.log(f"  {contender:<14} {spec.name:<17} c={level:<4} {measured.requests_per_s:8.1f} req/s "
-                         f"{measured.tokens_per_s:9.1f} tok/s p50 {cell.p50_ms:8.2f} ms p99 {cell.p99_ms:8.2f} ms "
-                         f"rows {cell.mean_decoder_rows:6.1f}"
-                         + (f" failures {measured.failures}" if measured.failures else "")
-                         + ("" if cell.steady else " (not steady)"))
+                self.log(
+                    f"  {contender:<14} {spec.name:<17} c={level:<4} {measured.requests_per_s:8.1f} req/s "
+                    f"{measured.tokens_per_s:9.1f} tok/s p50 {cell.p50_ms:8.2f} ms p99 {cell.p99_ms:8.2f} ms "
+                    f"rows {cell.mean_decoder_rows:6.1f}"
+                    + (f" failures {measured.failures}" if measured.failures else "")
+                    + ("" if cell.steady else " (not steady)")
+                )
         return cells
 
     def run_contenders(self) -> None:
@@ -465,8 +597,14 @@ class Bench:
                     with noop_server(self.log_dir) as server:
                         self.results += self.measure_server(contender, server, generator)
                 elif contender in ("continuous", "none"):
-                    with attnserve_server(self.repository, batching=contender, threads=config.threads,
-                                          provider=config.provider, log_dir=self.log_dir, extra=common) as server:
+                    with attnserve_server(
+                        self.repository,
+                        batching=contender,
+                        threads=config.threads,
+                        provider=config.provider,
+                        log_dir=self.log_dir,
+                        extra=common,
+                    ) as server:
                         self.results += self.measure_server(contender, server, generator)
                 elif contender == "request":
                     self.results += self.run_request_level(generator, common)
@@ -494,38 +632,71 @@ class Bench:
             for delay in config.request_batch_delays_ms:
                 label = f"request-b{batch_size}-d{delay:g}"
                 extra = (*common, "--batch-size", str(batch_size), "--batch-delay-ms", f"{delay:g}")
-                with attnserve_server(self.repository, batching="request", threads=config.threads,
-                                      provider=config.provider, log_dir=self.log_dir, extra=extra, label=label) as server:
-                    for cell in self.measure_server(f"request b={batch_size} d={delay:g}ms", server, generator,
-                                                    duration_s=config.tune_duration_s):
+                with attnserve_server(
+                    self.repository,
+                    batching="request",
+                    threads=config.threads,
+                    provider=config.provider,
+                    log_dir=self.log_dir,
+                    extra=extra,
+                    label=label,
+                ) as server:
+                    for cell in self.measure_server(
+                        f"request b={batch_size} d={delay:g}ms", server, generator, duration_s=config.tune_duration_s
+                    ):
                         cell.details.update({"batch_size": batch_size, "batch_delay_ms": delay})
                         trials.setdefault((cell.workload, cell.level), []).append(cell)
         chosen: dict[tuple[str, int], CellResult] = {key: pick_best(cells) for key, cells in trials.items()}
         for (workload, level), cells in sorted(trials.items()):
             best = chosen[(workload, level)]
-            self.tuning.append({
-                "workload": workload, "level": level,
-                "chosen": {"batch_size": best.details["batch_size"], "batch_delay_ms": best.details["batch_delay_ms"]},
-                "trials": [{"batch_size": cell.details["batch_size"], "batch_delay_ms": cell.details["batch_delay_ms"],
-                            "tokens_per_s": cell.tokens_per_s, "p99_ms": cell.p99_ms} for cell in cells],
-            })
+            self.tuning.append(
+                {
+                    "workload": workload,
+                    "level": level,
+                    "chosen": {
+                        "batch_size": best.details["batch_size"],
+                        "batch_delay_ms": best.details["batch_delay_ms"],
+                    },
+                    "trials": [
+                        {
+                            "batch_size": cell.details["batch_size"],
+                            "batch_delay_ms": cell.details["batch_delay_ms"],
+                            "tokens_per_s": cell.tokens_per_s,
+                            "p99_ms": cell.p99_ms,
+                        }
+                        for cell in cells
+                    ],
+                }
+            )
         if config.tune_duration_s >= config.duration_s:
             final = [replace(cell, contender="request") for cell in chosen.values()]
             return sorted(final, key=lambda cell: (cell.workload, cell.level))
         final: list[CellResult] = []
         by_config: dict[tuple[int, float], list[tuple[str, int]]] = {}
         for (workload, level), cell in chosen.items():
-            by_config.setdefault((cell.details["batch_size"], cell.details["batch_delay_ms"]), []).append((workload, level))
+            by_config.setdefault((cell.details["batch_size"], cell.details["batch_delay_ms"]), []).append(
+                (workload, level)
+            )
         self.log("  measuring the tuned configurations:")
         for (batch_size, delay), keys in sorted(by_config.items()):
             extra = (*common, "--batch-size", str(batch_size), "--batch-delay-ms", f"{delay:g}")
             wanted = set(keys)
             specs = [spec for spec in self.specs if any(spec.name == workload for workload, _ in keys)]
-            with attnserve_server(self.repository, batching="request", threads=config.threads, provider=config.provider,
-                                  log_dir=self.log_dir, extra=extra, label=f"request-b{batch_size}-d{delay:g}") as server:
+            with attnserve_server(
+                self.repository,
+                batching="request",
+                threads=config.threads,
+                provider=config.provider,
+                log_dir=self.log_dir,
+                extra=extra,
+                label=f"request-b{batch_size}-d{delay:g}",
+            ) as server:
                 final += self.measure_server(
-                    "request", server, generator, workloads=specs,
-                    levels_for=lambda spec: [level for level in config.levels if (spec.name, level) in wanted],
+                    "request",
+                    server,
+                    generator,
+                    workloads=specs,
+                    levels_for=lambda spec, wanted=wanted: [lvl for lvl in config.levels if (spec.name, lvl) in wanted],
                     details={"batch_size": batch_size, "batch_delay_ms": delay},
                 )
         return final
@@ -565,6 +736,7 @@ class Bench:
 def pick_best(cells: Sequence[CellResult]) -> CellResult:
     """The highest tokens/s (requests/s when tokens are not counted); among those within 3% of it, the
     lowest p99 latency."""
+
     def throughput(cell: CellResult) -> float:
         value = cell.tokens_per_s if math.isfinite(cell.tokens_per_s) else cell.requests_per_s
         return value if math.isfinite(value) else 0.0

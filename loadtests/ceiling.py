@@ -31,7 +31,6 @@ import numpy as np
 from service.runtime.model import LoadedModel
 from service.runtime.tokenizers import BOS, EOS
 
-
 #: Which percentile of the measured call times counts as the runtime's undisturbed time.
 QUIET_PERCENTILE = 20.0
 
@@ -41,7 +40,8 @@ class CeilingPoint:
     """The engine ceiling of one workload at one batch size (see the module docstring).
 
     `tokens_per_s` / `requests_per_s`: the ceiling; `latency_s`: encode(B) + L x step(B), one wave of B
-    requests (at B = 1: the median over the sources of one request alone); `encode_s`, `step_s`: median encoder call and decoder step;
+    requests (at B = 1: the median over the sources of one request alone); `encode_s`, `step_s`: median encoder
+    call and decoder step;
     `mean_tokens`: L; `mean_source_tokens`: mean source length (eos included); `waves`: batches measured.
     `encode_s` and `step_s` are the QUIET_PERCENTILE-th percentiles of their calls.
     """
@@ -159,7 +159,7 @@ def interpolate_ceiling(points: Sequence[CeilingPoint], rows: float) -> float:
         return math.nan
     if rows <= ordered[0].rows:
         return ordered[0].tokens_per_s
-    for low, high in zip(ordered, ordered[1:]):
+    for low, high in zip(ordered, ordered[1:], strict=False):
         if rows <= high.rows:
             fraction = (math.log(rows) - math.log(low.rows)) / (math.log(high.rows) - math.log(low.rows))
             return low.tokens_per_s + fraction * (high.tokens_per_s - low.tokens_per_s)

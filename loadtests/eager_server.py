@@ -94,14 +94,17 @@ def beam_one(model: Seq2Seq, ids: list[int], beam_size: int, max_length: int) ->
     for _ in range(max_length):
         rows = tokens.shape[0]
         log_probs, _, state = model.step(
-            tokens, lengths.expand(rows), memory.expand(rows, -1, -1),
-            None if keys is None else keys.expand(rows, -1, -1), state,
+            tokens,
+            lengths.expand(rows),
+            memory.expand(rows, -1, -1),
+            None if keys is None else keys.expand(rows, -1, -1),
+            state,
         )
         candidates = (scores.unsqueeze(1) + log_probs).reshape(-1)
         top_scores, top_index = candidates.topk(min(2 * beam_size, candidates.numel()))
         vocab = log_probs.shape[1]
         keep_rows, keep_tokens, keep_scores, keep_histories = [], [], [], []
-        for score, index in zip(top_scores.tolist(), top_index.tolist()):
+        for score, index in zip(top_scores.tolist(), top_index.tolist(), strict=False):
             row, token = divmod(index, vocab)
             if token == EOS:
                 finished.append((score, histories[row]))
@@ -170,10 +173,14 @@ class EagerTranslator(pb_grpc.TranslatorServicer):
     ) -> AsyncIterator[pb.TranslateStreamResponse]:
         response = await self.Translate(request, context)
         best = response.translations[0].hypotheses[0]
-        yield pb.TranslateStreamResponse(text=best.text, final=True, hypotheses=[best], model=response.model, version="eager")
+        yield pb.TranslateStreamResponse(
+            text=best.text, final=True, hypotheses=[best], model=response.model, version="eager"
+        )
 
     async def ListModels(self, request: pb.ListModelsRequest, context: aio.ServicerContext) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[self._info(name) for name in sorted(self.models)], default_model=self.default)
+        return pb.ListModelsResponse(
+            models=[self._info(name) for name in sorted(self.models)], default_model=self.default
+        )
 
     async def GetModel(self, request: pb.GetModelRequest, context: aio.ServicerContext) -> pb.ModelInfo:
         try:
@@ -184,10 +191,17 @@ class EagerTranslator(pb_grpc.TranslatorServicer):
     def _info(self, name: str) -> pb.ModelInfo:
         config = self.models[name].model.config
         return pb.ModelInfo(
-            name=name, version="eager", versions=["eager"], loaded_versions=["eager"], ready=True,
-            attention=config.attention, provider="torch-eager", is_default=name == self.default,
-            limits=pb.ModelLimits(max_source_tokens=config.max_source_len, max_target_tokens=config.max_target_len,
-                                  top_k=config.top_k),
+            name=name,
+            version="eager",
+            versions=["eager"],
+            loaded_versions=["eager"],
+            ready=True,
+            attention=config.attention,
+            provider="torch-eager",
+            is_default=name == self.default,
+            limits=pb.ModelLimits(
+                max_source_tokens=config.max_source_len, max_target_tokens=config.max_target_len, top_k=config.top_k
+            ),
         )
 
 
@@ -212,8 +226,13 @@ async def serve(models: dict[str, EagerModel], host: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.eager_server", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", action="append", required=True, metavar="NAME=RUN_DIR",
-                        help="serve the checkpoint of a training run under NAME (repeatable)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=RUN_DIR",
+        help="serve the checkpoint of a training run under NAME (repeatable)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50062)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")

@@ -49,12 +49,23 @@ class FreeStepModel:
         batch, length = source_ids.shape
         return EncoderOutput(memory={"memory": self._memory[:batch, :length]}, state={"hidden": self._state[:batch]})
 
-    def step(self, tokens: np.ndarray, source_lengths: np.ndarray, memory: dict[str, np.ndarray],
-             state: dict[str, np.ndarray], *, memory_version: int = -1) -> StepOutput:
+    def step(
+        self,
+        tokens: np.ndarray,
+        source_lengths: np.ndarray,
+        memory: dict[str, np.ndarray],
+        state: dict[str, np.ndarray],
+        *,
+        memory_version: int = -1,
+    ) -> StepOutput:
         rows, padded = memory["memory"].shape[:2]
         # The state is a new array, as a real runtime's output is (the engine reorders it in place).
-        return StepOutput(topk_log_probs=self._log_probs[:rows], topk_ids=self._ids[:rows],
-                          attention=self._attention[:rows, :padded], state={"hidden": self._state[:rows].copy()})
+        return StepOutput(
+            topk_log_probs=self._log_probs[:rows],
+            topk_ids=self._ids[:rows],
+            attention=self._attention[:rows, :padded],
+            state={"hidden": self._state[:rows].copy()},
+        )
 
 
 @dataclass(frozen=True)
@@ -73,8 +84,10 @@ class OverheadPoint:
 def measure_overhead(rows: int, beam: int = 1, *, tokens: int = 16, steps: int = 400) -> OverheadPoint:
     """Steady-state engine cost per step with the batch full at `rows` rows (see the module docstring)."""
     model = FreeStepModel(max_rows=rows)
-    core = EngineCore(model, EngineLimits(max_active_hypotheses=rows, max_padded_source_tokens=rows * 64,
-                                          max_waiting_requests=1 << 20))
+    core = EngineCore(
+        model,
+        EngineLimits(max_active_hypotheses=rows, max_padded_source_tokens=rows * 64, max_waiting_requests=1 << 20),
+    )
     options = DecodeOptions(beam_size=beam, num_hypotheses=1, max_length=tokens)
     source_ids = np.arange(4, 4 + SOURCE_TOKENS, dtype=np.int64)
     keys = iter(range(1, 1 << 30))
@@ -104,8 +117,14 @@ def measure_overhead(rows: int, beam: int = 1, *, tokens: int = 16, steps: int =
         finished += len(output.finished)
     times.sort()
     median = statistics.median(times) * 1e6
-    return OverheadPoint(rows=rows, beam=beam, median_us=median, p90_us=times[int(0.9 * len(times))] * 1e6,
-                         per_row_us=median / rows, requests_per_step=finished / steps)
+    return OverheadPoint(
+        rows=rows,
+        beam=beam,
+        median_us=median,
+        p90_us=times[int(0.9 * len(times))] * 1e6,
+        per_row_us=median / rows,
+        requests_per_step=finished / steps,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     for beam in (1, 4):
         for rows in (16, 64, 256):
             point = measure_overhead(rows, beam)
-            print(f"| {beam} | {rows} | {point.median_us:.0f} | {point.p90_us:.0f} | {point.per_row_us:.2f} | "
-                  f"{point.requests_per_step:.1f} |")
+            print(
+                f"| {beam} | {rows} | {point.median_us:.0f} | {point.p90_us:.0f} | {point.per_row_us:.2f} | "
+                f"{point.requests_per_step:.1f} |"
+            )
     return 0
 
 

@@ -125,8 +125,10 @@ def measure_model_flops(model: LoadedModel, source_tokens: int, provider: str = 
         encoder = _profiled_session(model.directory / config.encoder_file, provider, threads, prefix + "-encoder")
         names = list(config.memory_names) + [state.init for state in config.states]
         encoded, encoder_events = _profile_events(encoder, {"source_ids": ids, "source_lengths": lengths}, names)
-        memory = dict(zip(config.memory_names, encoded[: len(config.memory_names)]))
-        state = {spec.input: value for spec, value in zip(config.states, encoded[len(config.memory_names):])}
+        memory = dict(zip(config.memory_names, encoded[: len(config.memory_names)], strict=False))
+        state = {
+            spec.input: value for spec, value in zip(config.states, encoded[len(config.memory_names) :], strict=False)
+        }
         decoder = _profiled_session(model.directory / config.decoder_file, provider, threads, prefix + "-decoder")
         feeds = {"tokens": np.array([BOS], dtype=np.int64), "source_lengths": lengths, **memory, **state}
         _, decoder_events = _profile_events(decoder, feeds)
@@ -148,8 +150,9 @@ class MatmulPeak:
     provider: str
 
 
-def measure_matmul_peak(threads: int = 1, provider: str = "cpu", sizes: tuple[int, ...] | None = None,
-                        seconds: float = 1.0) -> MatmulPeak:
+def measure_matmul_peak(
+    threads: int = 1, provider: str = "cpu", sizes: tuple[int, ...] | None = None, seconds: float = 1.0
+) -> MatmulPeak:
     """The best sgemm rate onnxruntime reaches here: a MatMul graph of n x n by n x n (float32), run
     repeatedly for about `seconds` per size; the fastest run counts (the least disturbed by other load).
     On CUDA the operands stay on the device (IO binding), so no host copy is timed."""
@@ -164,8 +167,10 @@ def measure_matmul_peak(threads: int = 1, provider: str = "cpu", sizes: tuple[in
         graph = helper.make_graph(
             [helper.make_node("MatMul", ["a", "b"], ["c"])],
             "sgemm",
-            [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size]),
-             helper.make_tensor_value_info("b", TensorProto.FLOAT, [size, size])],
+            [
+                helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size]),
+                helper.make_tensor_value_info("b", TensorProto.FLOAT, [size, size]),
+            ],
             [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])],
         )
         onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -176,18 +181,21 @@ def measure_matmul_peak(threads: int = 1, provider: str = "cpu", sizes: tuple[in
         options.log_severity_level = 3
         session = ort.InferenceSession(onnx_model.SerializeToString(), options, providers=providers)
         rng = np.random.default_rng(0)
-        feeds = {"a": rng.standard_normal((size, size), dtype=np.float32),
-                 "b": rng.standard_normal((size, size), dtype=np.float32)}
+        feeds = {
+            "a": rng.standard_normal((size, size), dtype=np.float32),
+            "b": rng.standard_normal((size, size), dtype=np.float32),
+        }
         if session.get_providers()[0] == "CUDAExecutionProvider":
             binding = session.io_binding()
             for name, value in feeds.items():
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
             binding.bind_output("c", "cuda")
 
-            def run_once() -> None:
+            def run_once(session=session, binding=binding) -> None:
                 session.run_with_iobinding(binding)
         else:
-            def run_once() -> None:
+
+            def run_once(session=session, feeds=feeds) -> None:
                 session.run(None, feeds)
 
         run_once()

@@ -57,8 +57,12 @@ def check_provider(provider: str, repository: Path) -> dict:
 
     if provider == "cuda":
         onnxruntime.preload_dlls()
-    result = {"onnxruntime": onnxruntime.__version__, "available": onnxruntime.get_available_providers(),
-              "device": onnxruntime.get_device(), "models": {}}
+    result = {
+        "onnxruntime": onnxruntime.__version__,
+        "available": onnxruntime.get_available_providers(),
+        "device": onnxruntime.get_device(),
+        "models": {},
+    }
     for name in MODELS:
         model = load_model(repository / name / "1", provider=provider, intra_op_threads=1)
         result["models"][name] = {"provider": model.provider, "load_s": round(model.load_seconds, 3)}
@@ -131,7 +135,7 @@ def check_parity(provider: str, repository: Path) -> dict:
         cpu_steps = _teacher_forced(cpu.step_model, sources, forced)
         # Only positions a row really decodes count (past its eos it is fed padding tokens).
         log_prob_diff = attention_diff = 0.0
-        for position, ((lp_d, at_d), (lp_c, at_c)) in enumerate(zip(device_steps, cpu_steps)):
+        for position, ((lp_d, at_d), (lp_c, at_c)) in enumerate(zip(device_steps, cpu_steps, strict=False)):
             live = np.array([position < len(row) for row in forced])
             if live.any():
                 log_prob_diff = max(log_prob_diff, float(np.abs(lp_d[live] - lp_c[live]).max()))
@@ -139,28 +143,44 @@ def check_parity(provider: str, repository: Path) -> dict:
         texts = [device.target_tokenizer.decode(tokens) for tokens in on_device]
         result["models"][name] = {
             "inputs": len(pairs),
-            "greedy_identical": sum(a == b for a, b in zip(on_device, on_cpu)),
-            "exact_match": sum(text == reference for text, (_, reference) in zip(texts, pairs)) / len(pairs),
+            "greedy_identical": sum(a == b for a, b in zip(on_device, on_cpu, strict=False)),
+            "exact_match": sum(text == reference for text, (_, reference) in zip(texts, pairs, strict=False))
+            / len(pairs),
             "max_abs_log_prob": log_prob_diff,
             "max_abs_attention": attention_diff,
         }
-    result["ok"] = all(entry["greedy_identical"] == entry["inputs"] and entry["max_abs_log_prob"] < 1e-3
-                       for entry in result["models"].values())
+    result["ok"] = all(
+        entry["greedy_identical"] == entry["inputs"] and entry["max_abs_log_prob"] < 1e-3
+        for entry in result["models"].values()
+    )
     return result
 
 
 def run_device_tests(provider: str) -> dict:
     """tests/device under pytest with the provider; counts from pytest's own summary line."""
     started = time.monotonic()
-    environment = dict(os.environ, ATTNSERVE_TEST_PROVIDER=provider, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])))
-    completed = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/device"],
-                               cwd=PROJECT_ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    environment = dict(
+        os.environ,
+        ATTNSERVE_TEST_PROVIDER=provider,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])),
+    )
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/device"],
+        cwd=PROJECT_ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     summary = completed.stdout.strip().splitlines()[-1] if completed.stdout.strip() else completed.stderr[-500:]
     counts = {kind: int(number) for number, kind in re.findall(r"(\d+) (passed|failed|error|errors|skipped)", summary)}
-    return {"ok": completed.returncode == 0, "summary": summary, "counts": counts,
-            "seconds": round(time.monotonic() - started, 1),
-            "output_tail": "" if completed.returncode == 0 else (completed.stdout + completed.stderr)[-3000:]}
+    return {
+        "ok": completed.returncode == 0,
+        "summary": summary,
+        "counts": counts,
+        "seconds": round(time.monotonic() - started, 1),
+        "output_tail": "" if completed.returncode == 0 else (completed.stdout + completed.stderr)[-3000:],
+    }
 
 
 def build_phrasebook(cache: Path, repository: Path) -> Path:
@@ -197,61 +217,108 @@ def run_benchmark(provider: str, repository: Path, names: tuple[str, ...], *, qu
         ceilings = {}
         for level in LEVELS:
             point = measure_ceiling(model, sources, level, min_seconds=0.2 if quick else 1.0, max_waves=20)
-            ceilings[level] = {"tokens_per_s": point.tokens_per_s, "requests_per_s": point.requests_per_s,
-                               "step_ms": point.step_s * 1e3, "encode_ms": point.encode_s * 1e3}
+            ceilings[level] = {
+                "tokens_per_s": point.tokens_per_s,
+                "requests_per_s": point.requests_per_s,
+                "step_ms": point.step_s * 1e3,
+                "encode_ms": point.encode_s * 1e3,
+            }
         result["models"][name] = {"engine_ceiling": ceilings, "served": {}}
-        _log(f"{name}: engine ceiling " + ", ".join(f"{level}: {c['tokens_per_s']:.0f} tok/s"
-                                                    for level, c in ceilings.items()))
+        _log(
+            f"{name}: engine ceiling "
+            + ", ".join(f"{level}: {c['tokens_per_s']:.0f} tok/s" for level, c in ceilings.items())
+        )
     extra = ("--max-active-hypotheses", "1024", "--max-waiting-requests", "4096")
-    with attnserve_server(repository, batching="continuous", threads=1, provider=provider, log_dir=log_dir,
-                          extra=extra, label="gpu-check") as server, \
-            LoadGenerator(processes=min(4, os.cpu_count() or 1), clients_per_process=64) as generator:
+    with (
+        attnserve_server(
+            repository,
+            batching="continuous",
+            threads=1,
+            provider=provider,
+            log_dir=log_dir,
+            extra=extra,
+            label="gpu-check",
+        ) as server,
+        LoadGenerator(processes=min(4, os.cpu_count() or 1), clients_per_process=64) as generator,
+    ):
         for name in names:
             for level in LEVELS:
-                plan = CellPlan(address=server.address, model=name, texts=texts[name], beam_size=0, concurrency=level,
-                                warmup_s=0.3 if quick else 1.0, duration_s=0.7 if quick else 3.0,
-                                max_requests=20000, timeout_s=60.0)
+                plan = CellPlan(
+                    address=server.address,
+                    model=name,
+                    texts=texts[name],
+                    beam_size=0,
+                    concurrency=level,
+                    warmup_s=0.3 if quick else 1.0,
+                    duration_s=0.7 if quick else 3.0,
+                    max_requests=20000,
+                    timeout_s=60.0,
+                )
                 measured = generator.run(plan)
                 result["models"][name]["served"][level] = {
-                    "tokens_per_s": measured.tokens_per_s, "requests_per_s": measured.requests_per_s,
-                    "p50_ms": measured.latency_p50_s * 1e3, "p99_ms": measured.latency_p99_s * 1e3,
-                    "ok": measured.ok, "failures": measured.failures}
-                _log(f"{name}: {level} clients: {measured.tokens_per_s:.0f} tok/s, "
-                     f"{measured.requests_per_s:.0f} calls/s, p50 {measured.latency_p50_s * 1e3:.2f} ms"
-                     + (f", failures {measured.failures}" if measured.failures else ""))
+                    "tokens_per_s": measured.tokens_per_s,
+                    "requests_per_s": measured.requests_per_s,
+                    "p50_ms": measured.latency_p50_s * 1e3,
+                    "p99_ms": measured.latency_p99_s * 1e3,
+                    "ok": measured.ok,
+                    "failures": measured.failures,
+                }
+                _log(
+                    f"{name}: {level} clients: {measured.tokens_per_s:.0f} tok/s, "
+                    f"{measured.requests_per_s:.0f} calls/s, p50 {measured.latency_p50_s * 1e3:.2f} ms"
+                    + (f", failures {measured.failures}" if measured.failures else "")
+                )
     return result
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# GPU check: provider {report['provider']}", "",
-             f"{report['verdict']}. Ran {report['seconds']:.0f} s on {report['machine']['cpu']} "
-             f"({report['machine']['cores']} cores), onnxruntime {report['steps']['provider'].get('onnxruntime', '?')}, "
-             f"device {report['steps']['provider'].get('device', '?')}.", ""]
+    lines = [
+        f"# GPU check: provider {report['provider']}",
+        "",
+        f"{report['verdict']}. Ran {report['seconds']:.0f} s on {report['machine']['cpu']} "
+        f"({report['machine']['cores']} cores), onnxruntime {report['steps']['provider'].get('onnxruntime', '?')}, "
+        f"device {report['steps']['provider'].get('device', '?')}.",
+        "",
+    ]
     provider = report["steps"]["provider"]
     lines += ["## Provider", "", "| model | session provider | load s |", "|---|---|---:|"]
     lines += [f"| {name} | {entry['provider']} | {entry['load_s']:.2f} |" for name, entry in provider["models"].items()]
     parity = report["steps"].get("parity")
     if parity:
-        lines += ["", "## Parity against the CPU", "",
-                  "| model | inputs | greedy identical | exact match | max abs log prob | max abs attention |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {name} | {e['inputs']} | {e['greedy_identical']} | {100 * e['exact_match']:.1f}% | "
-                  f"{e['max_abs_log_prob']:.2e} | {e['max_abs_attention']:.2e} |" for name, e in parity["models"].items()]
+        lines += [
+            "",
+            "## Parity against the CPU",
+            "",
+            "| model | inputs | greedy identical | exact match | max abs log prob | max abs attention |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {name} | {e['inputs']} | {e['greedy_identical']} | {100 * e['exact_match']:.1f}% | "
+            f"{e['max_abs_log_prob']:.2e} | {e['max_abs_attention']:.2e} |"
+            for name, e in parity["models"].items()
+        ]
     tests = report["steps"].get("tests")
     if tests:
         lines += ["", "## Device tests (tests/device)", "", f"{tests['summary']} ({tests['seconds']} s)"]
     bench = report["steps"].get("benchmark")
     if bench:
-        lines += ["", "## Benchmark", "", f"Matrix-multiply peak: {bench['peak_gflops']:.0f} GFLOP/s "
-                  f"({bench['peak_size']}^3 float32).", "",
-                  "| model | clients | engine ceiling tok/s | served tok/s | served calls/s | p50 ms | p99 ms |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Benchmark",
+            "",
+            f"Matrix-multiply peak: {bench['peak_gflops']:.0f} GFLOP/s ({bench['peak_size']}^3 float32).",
+            "",
+            "| model | clients | engine ceiling tok/s | served tok/s | served calls/s | p50 ms | p99 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for name, entry in bench["models"].items():
             for level in LEVELS:
                 ceiling, served = entry["engine_ceiling"][level], entry["served"].get(level, {})
-                lines.append(f"| {name} | {level} | {ceiling['tokens_per_s']:.0f} | {served.get('tokens_per_s', math.nan):.0f} "
-                             f"| {served.get('requests_per_s', math.nan):.0f} | {served.get('p50_ms', math.nan):.2f} | "
-                             f"{served.get('p99_ms', math.nan):.2f} |")
+                lines.append(
+                    f"| {name} | {level} | {ceiling['tokens_per_s']:.0f} | {served.get('tokens_per_s', math.nan):.0f} "
+                    f"| {served.get('requests_per_s', math.nan):.0f} | {served.get('p50_ms', math.nan):.2f} | "
+                    f"{served.get('p99_ms', math.nan):.2f} |"
+                )
     errors = report.get("errors")
     if errors:
         lines += ["", "## Errors", ""] + [f"- {step}: {message}" for step, message in errors.items()]
@@ -264,18 +331,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu-check.json and gpu-check.md")
     parser.add_argument("--repository", type=Path, default=PROJECT_ROOT / "models")
     parser.add_argument("--quick", action="store_true", help="short windows (CI's CPU run)")
-    parser.add_argument("--phrasebook", action="store_true",
-                        help="also benchmark a phrasebook-size model, built here with torch (a few minutes on a CPU)")
+    parser.add_argument(
+        "--phrasebook",
+        action="store_true",
+        help="also benchmark a phrasebook-size model, built here with torch (a few minutes on a CPU)",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     from loadtests.bench import machine_description
 
-    report: dict = {"provider": args.provider, "machine": machine_description(args.provider, 1), "steps": {},
-                    "errors": {}}
-    steps = [("provider", lambda: check_provider(args.provider, args.repository)),
-             ("parity", lambda: check_parity(args.provider, args.repository)),
-             ("tests", lambda: run_device_tests(args.provider))]
+    report: dict = {
+        "provider": args.provider,
+        "machine": machine_description(args.provider, 1),
+        "steps": {},
+        "errors": {},
+    }
+    steps = [
+        ("provider", lambda: check_provider(args.provider, args.repository)),
+        ("parity", lambda: check_parity(args.provider, args.repository)),
+        ("tests", lambda: run_device_tests(args.provider)),
+    ]
     for step, run in steps:
         _log(f"{step} ...")
         try:
@@ -297,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
                         (repository / name).symlink_to((args.repository / name).resolve(), target_is_directory=True)
                     build_phrasebook(Path(work) / "cache", repository)
                     names = (*MODELS, "phrasebook")
-                report["steps"]["benchmark"] = run_benchmark(args.provider, repository, names, quick=args.quick,
-                                                             log_dir=args.out)
+                report["steps"]["benchmark"] = run_benchmark(
+                    args.provider, repository, names, quick=args.quick, log_dir=args.out
+                )
             except Exception as exc:
                 report["errors"]["benchmark"] = f"{type(exc).__name__}: {exc}"
     checks = [report["steps"].get(step, {}).get("ok") for step in ("provider", "parity", "tests")]

@@ -127,7 +127,7 @@ def summarize(reports: Sequence[WorkerReport]) -> CellMeasurement:
     for report in reports:
         window = max(report.window_ends - report.window_starts, 1e-9)
         worker_ok = worker_tokens = 0
-        for latency, code, generated in zip(report.latencies, report.codes, report.tokens):
+        for latency, code, generated in zip(report.latencies, report.codes, report.tokens, strict=False):
             if code == "OK":
                 latencies.append(latency)
                 worker_ok += 1
@@ -276,7 +276,7 @@ class LoadGenerator:
         self.close()
 
     def close(self) -> None:
-        for process, connection in self._workers:
+        for _, connection in self._workers:
             try:
                 connection.send(None)
             except (BrokenPipeError, OSError):
@@ -324,4 +324,3 @@ class LoadGenerator:
         """Measure one cell (blocks for setup + warm-up + window + drain)."""
         self.schedule(plan)
         return self.collect()
-

@@ -53,24 +53,36 @@ class GrpcCallFailed(Exception):
 @events.init_command_line_parser.add_listener
 def _arguments(parser) -> None:
     group = parser.add_argument_group("attnserve")
-    group.add_argument("--workload", type=str, default=str(DEFAULT_WORKLOAD),
-                       help="JSON Lines workload file; generated for the served models when missing")
+    group.add_argument(
+        "--workload",
+        type=str,
+        default=str(DEFAULT_WORKLOAD),
+        help="JSON Lines workload file; generated for the served models when missing",
+    )
     group.add_argument("--greedy-weight", type=float, default=6.0, help="weight of unary greedy Translate calls")
     group.add_argument("--beam-weight", type=float, default=2.0, help="weight of unary beam-search Translate calls")
     group.add_argument("--stream-weight", type=float, default=2.0, help="weight of greedy TranslateStream calls")
     group.add_argument("--beam-size", type=int, default=4, help="beam width of the beam calls")
     group.add_argument("--call-timeout", type=float, default=30.0, help="deadline of each call, seconds")
-    group.add_argument("--max-fail-ratio", type=float, default=0.01,
-                       help="exit with status 1 when the share of failed calls is above this (0 = none allowed)")
-    group.add_argument("--max-p99-ms", type=float, default=0.0,
-                       help="exit with status 1 when the p99 latency of all calls is above this (0 = no check)")
+    group.add_argument(
+        "--max-fail-ratio",
+        type=float,
+        default=0.01,
+        help="exit with status 1 when the share of failed calls is above this (0 = none allowed)",
+    )
+    group.add_argument(
+        "--max-p99-ms",
+        type=float,
+        default=0.0,
+        help="exit with status 1 when the p99 latency of all calls is above this (0 = no check)",
+    )
 
 
 def grpc_target(host: str) -> str:
     """Locust's --host as a gRPC target: 'grpc://h:p', 'http://h:p' and 'h:p' all become 'h:p'."""
     for scheme in ("grpc://", "http://", "https://"):
         if host.startswith(scheme):
-            return host[len(scheme):].rstrip("/")
+            return host[len(scheme) :].rstrip("/")
     return host.rstrip("/")
 
 
@@ -117,8 +129,12 @@ def _load_workload(environment: Environment, **_kwargs) -> None:
     Workload.weights = [max(0.0, options.greedy_weight), max(0.0, options.beam_weight), max(0.0, options.stream_weight)]
     if sum(Workload.weights) <= 0:
         raise ValueError("every call weight is 0: nothing to send")
-    log.info("%d texts for %d models; call mix greedy/beam/stream = %s",
-             len(Workload.items), len({item.model for item in Workload.items}), Workload.weights)
+    log.info(
+        "%d texts for %d models; call mix greedy/beam/stream = %s",
+        len(Workload.items),
+        len({item.model for item in Workload.items}),
+        Workload.weights,
+    )
 
 
 @events.quitting.add_listener
@@ -164,13 +180,19 @@ class TranslatorUser(User):
 
     def _report(self, name: str, started: float, length: int, error: Exception | None, item: WorkloadItem) -> None:
         self.environment.events.request.fire(
-            request_type="grpc", name=name, response_time=(time.perf_counter() - started) * 1000.0,
-            response_length=length, exception=error, context={"model": item.model},
+            request_type="grpc",
+            name=name,
+            response_time=(time.perf_counter() - started) * 1000.0,
+            response_length=length,
+            exception=error,
+            context={"model": item.model},
         )
 
     def translate(self, item: WorkloadItem, beam_size: int) -> None:
         name = f"Translate {item.model} " + (f"beam{beam_size}" if beam_size > 1 else "greedy")
-        request = pb.TranslateRequest(model=item.model, texts=[item.text], options=pb.DecodeOptions(beam_size=beam_size))
+        request = pb.TranslateRequest(
+            model=item.model, texts=[item.text], options=pb.DecodeOptions(beam_size=beam_size)
+        )
         started = time.perf_counter()
         try:
             response = self.stub.Translate(request, timeout=self.options.call_timeout)
@@ -196,5 +218,7 @@ class TranslatorUser(User):
         except grpc.RpcError as error:
             self._report(name, started, received, GrpcCallFailed(error.code(), error.details() or ""), item)
             return
-        error = None if final_seen else GrpcCallFailed(grpc.StatusCode.UNKNOWN, "the stream ended without a final message")
+        error = (
+            None if final_seen else GrpcCallFailed(grpc.StatusCode.UNKNOWN, "the stream ended without a final message")
+        )
         self._report(name, started, received, error, item)

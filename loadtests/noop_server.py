@@ -43,9 +43,15 @@ class NoopTranslator(pb_grpc.TranslatorServicer):
     def __init__(self) -> None:
         self._hypothesis = fixed_hypothesis()
         self._info = pb.ModelInfo(
-            name=MODEL_NAME, version="1", versions=["1"], loaded_versions=["1"], ready=True, attention="none",
+            name=MODEL_NAME,
+            version="1",
+            versions=["1"],
+            loaded_versions=["1"],
+            ready=True,
+            attention="none",
             task=pb.Task(kind="noop", description="Returns a fixed translation (RPC ceiling)."),
-            provider="none", limits=pb.ModelLimits(max_source_tokens=1024, max_target_tokens=len(FIXED_TOKENS), top_k=16),
+            provider="none",
+            limits=pb.ModelLimits(max_source_tokens=1024, max_target_tokens=len(FIXED_TOKENS), top_k=16),
             is_default=True,
         )
 

@@ -61,15 +61,29 @@ class PhrasebookRecipe:
         """The TrainConfig fields of this recipe (what `attnserve train --task tsv:CORPUS ...` sets, plus the
         small validation and test splits that keep evaluation and export parity checks to seconds)."""
         return {
-            "task": f"tsv:{corpus}", "out": str(run_dir), "seed": self.seed,
-            "tokenizer": "sentencepiece", "vocab_size": self.vocab_size,
-            "batch_size": self.batch_size, "learning_rate": self.learning_rate,
-            "max_steps": self.train_steps, "max_minutes": self.train_minutes, "eval_every": 1_000_000,
+            "task": f"tsv:{corpus}",
+            "out": str(run_dir),
+            "seed": self.seed,
+            "tokenizer": "sentencepiece",
+            "vocab_size": self.vocab_size,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "max_steps": self.train_steps,
+            "max_minutes": self.train_minutes,
+            "eval_every": 1_000_000,
             "patience": 1000,
-            "valid_limit": self.eval_pairs, "threads": self.threads,
+            "valid_limit": self.eval_pairs,
+            "threads": self.threads,
             "data_options": {"valid_fraction": self.eval_fraction, "test_fraction": self.eval_fraction},
-            "model": {"attention": self.attention, "style": "bahdanau", "encoder": "gru", "decoder": "gru",
-                      "hidden": self.hidden, "embedding": self.embedding, "top_k": self.top_k},
+            "model": {
+                "attention": self.attention,
+                "style": "bahdanau",
+                "encoder": "gru",
+                "decoder": "gru",
+                "hidden": self.hidden,
+                "embedding": self.embedding,
+                "top_k": self.top_k,
+            },
         }
 
 
@@ -110,12 +124,17 @@ def ensure_phrasebook(
     log(f"phrasebook: generating a {recipe.corpus_lines}-line corpus")
     write_corpus(corpus, phrase_pairs(recipe.corpus_lines, seed=recipe.seed, max_clauses=recipe.max_clauses))
     settings = recipe.train_config(corpus, run_dir)
-    log(f"phrasebook: training {recipe.train_steps} steps (at most {recipe.train_minutes:g} min; hidden {recipe.hidden}, "
-        f"vocabulary {recipe.vocab_size}, {recipe.threads} threads)")
+    log(
+        f"phrasebook: training {recipe.train_steps} steps (at most {recipe.train_minutes:g} min; hidden "
+        f"{recipe.hidden}, "
+        f"vocabulary {recipe.vocab_size}, {recipe.threads} threads)"
+    )
     _run([sys.executable, "-m", "loadtests.phrasebook", "train", json.dumps(settings)], work / "train.log")
     log("phrasebook: exporting")
-    _run(_attnserve("export", str(run_dir), "--repository", str(repository), "--name", MODEL_NAME, "--version", "1"),
-         work / "export.log")
+    _run(
+        _attnserve("export", str(run_dir), "--repository", str(repository), "--name", MODEL_NAME, "--version", "1"),
+        work / "export.log",
+    )
     stamp.write_text(json.dumps({"fingerprint": fingerprint, "recipe": asdict(recipe)}, indent=2) + "\n")
     log(f"phrasebook: built in {time.monotonic() - started:.0f} s")
     return PhrasebookModel(version_dir, run_dir, corpus, built_now=True)
@@ -140,14 +159,22 @@ class NearFreeRecipe:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def train_config(self, run_dir: Path) -> dict:
-        return {"task": "dates", "out": str(run_dir), "seed": self.seed, "max_steps": self.train_steps,
-                "eval_every": 1_000_000, "patience": 1000, "valid_limit": 200,
-                "data_options": {"n_train": 20_000, "n_valid": 200, "n_test": 200},
-                "model": {"hidden": self.hidden, "embedding": self.embedding, "top_k": 8}}
+        return {
+            "task": "dates",
+            "out": str(run_dir),
+            "seed": self.seed,
+            "max_steps": self.train_steps,
+            "eval_every": 1_000_000,
+            "patience": 1000,
+            "valid_limit": 200,
+            "data_options": {"n_train": 20_000, "n_valid": 200, "n_test": 200},
+            "model": {"hidden": self.hidden, "embedding": self.embedding, "top_k": 8},
+        }
 
 
-def ensure_near_free(cache_dir: Path, repository: Path, recipe: NearFreeRecipe | None = None, *,
-                     log=print) -> PhrasebookModel:
+def ensure_near_free(
+    cache_dir: Path, repository: Path, recipe: NearFreeRecipe | None = None, *, log=print
+) -> PhrasebookModel:
     """The near-free model in `repository/near-free/1`, built into `cache_dir/near-free/` unless a build of
     the same recipe is there (about a minute on 2 cores)."""
     recipe = recipe or NearFreeRecipe()
@@ -162,10 +189,14 @@ def ensure_near_free(cache_dir: Path, repository: Path, recipe: NearFreeRecipe |
     shutil.rmtree(Path(repository) / NEAR_FREE_NAME, ignore_errors=True)
     work.mkdir(parents=True)
     log(f"near-free: training {recipe.train_steps} steps of the dates task at hidden size {recipe.hidden}")
-    _run([sys.executable, "-m", "loadtests.phrasebook", "train", json.dumps(recipe.train_config(run_dir))],
-         work / "train.log")
-    _run(_attnserve("export", str(run_dir), "--repository", str(repository), "--name", NEAR_FREE_NAME, "--version",
-                    "1"), work / "export.log")
+    _run(
+        [sys.executable, "-m", "loadtests.phrasebook", "train", json.dumps(recipe.train_config(run_dir))],
+        work / "train.log",
+    )
+    _run(
+        _attnserve("export", str(run_dir), "--repository", str(repository), "--name", NEAR_FREE_NAME, "--version", "1"),
+        work / "export.log",
+    )
     stamp.write_text(json.dumps({"fingerprint": recipe.fingerprint(), "recipe": asdict(recipe)}, indent=2) + "\n")
     log(f"near-free: built in {time.monotonic() - started:.0f} s")
     return PhrasebookModel(version_dir, run_dir, work, built_now=True)
@@ -198,8 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = json.loads(argv[1])
         settings["out"] = Path(settings["out"])
         summary = train(TrainConfig(**settings), progress=False)
-        print(json.dumps({"test": summary["metrics"]["test"],
-                          "training": {k: v for k, v in summary["training"].items() if k != "history"}}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "test": summary["metrics"]["test"],
+                    "training": {k: v for k, v in summary["training"].items() if k != "history"},
+                },
+                indent=2,
+            )
+        )
         return 0
     if argv[:1] == ["build"]:
         cache = Path(argv[1]) if len(argv) > 1 else Path("build/bench")

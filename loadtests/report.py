@@ -60,14 +60,19 @@ def nearest_level(report: dict, wanted: int) -> int | None:
 
 def ceiling_at_rows(report: dict, workload: str, rows: float) -> float:
     """Engine-ceiling tokens/s at `rows` decoder rows, interpolated in log(rows) between measured points."""
-    points = sorted(((cell["mean_decoder_rows"], cell["tokens_per_s"]) for cell in _cells(report)
-                     if cell["workload"] == workload and cell["contender"] == "engine-ceiling"
-                     and cell.get("mean_decoder_rows") and cell.get("tokens_per_s")))
+    points = sorted(
+        (cell["mean_decoder_rows"], cell["tokens_per_s"])
+        for cell in _cells(report)
+        if cell["workload"] == workload
+        and cell["contender"] == "engine-ceiling"
+        and cell.get("mean_decoder_rows")
+        and cell.get("tokens_per_s")
+    )
     if not points or not (isinstance(rows, (int, float)) and math.isfinite(rows) and rows > 0):
         return math.nan
     if rows <= points[0][0]:
         return points[0][1]
-    for (low_rows, low), (high_rows, high) in zip(points, points[1:]):
+    for (low_rows, low), (high_rows, high) in zip(points, points[1:], strict=False):
         if rows <= high_rows:
             fraction = (math.log(rows) - math.log(low_rows)) / (math.log(high_rows) - math.log(low_rows))
             return low + fraction * (high - low)
@@ -88,23 +93,31 @@ def profile_note(cell: dict | None) -> str:
         parts.append(f"server process CPU {100 * cpu:.0f}% of one core")
     decoder, encoder = details.get("decoder_busy"), details.get("encoder_busy")
     if decoder is not None:
-        parts.append(f"decoder steps {100 * decoder:.0f}% and encoder {100 * (encoder or 0):.0f}% of the window (runtime)")
+        parts.append(
+            f"decoder steps {100 * decoder:.0f}% and encoder {100 * (encoder or 0):.0f}% of the window (runtime)"
+        )
     rpc, engine, queue = details.get("mean_rpc_s"), details.get("mean_engine_s"), details.get("mean_queue_s")
     if rpc is not None and engine is not None:
-        note = (f"per call: {1e3 * rpc:.2f} ms in the server's handler, of which {1e3 * engine:.2f} ms in the "
-                f"engine ({1e3 * (queue or 0):.2f} ms queued)")
+        note = (
+            f"per call: {1e3 * rpc:.2f} ms in the server's handler, of which {1e3 * engine:.2f} ms in the "
+            f"engine ({1e3 * (queue or 0):.2f} ms queued)"
+        )
         client_p50 = _value(cell, "p50_ms")  # NaN when the cell completed no call
         if math.isfinite(client_p50):
-            note += (f"; client p50 {client_p50:.2f} ms, so about {max(client_p50 - 1e3 * rpc, 0):.2f} ms is gRPC "
-                     "transport and the client")
+            note += (
+                f"; client p50 {client_p50:.2f} ms, so about {max(client_p50 - 1e3 * rpc, 0):.2f} ms is gRPC "
+                "transport and the client"
+            )
         parts.append(note)
     overhead = loop_overhead(cell)
     if overhead is not None:
         per_step, step, encode = overhead
-        parts.append(f"each decoding step of a text took {1e3 * per_step:.2f} ms: {1e3 * step:.2f} ms in the decoder "
-                     f"call, {1e3 * encode:.2f} ms encoding the requests that joined, and "
-                     f"{1e3 * max(per_step - step - encode, 0):.2f} ms in the scheduler loop (the hand-off to the worker "
-                     "thread and back, gathering and compacting rows)")
+        parts.append(
+            f"each decoding step of a text took {1e3 * per_step:.2f} ms: {1e3 * step:.2f} ms in the decoder "
+            f"call, {1e3 * encode:.2f} ms encoding the requests that joined, and "
+            f"{1e3 * max(per_step - step - encode, 0):.2f} ms in the scheduler loop (the hand-off to the worker "
+            "thread and back, gathering and compacting rows)"
+        )
     if cell.get("mean_decoder_rows"):
         parts.append(f"{cell['mean_decoder_rows']:.1f} rows per decoder step")
     return "; ".join(parts)
@@ -114,8 +127,10 @@ def loop_overhead(cell: dict) -> tuple[float, float, float] | None:
     """From a server cell's profile, per decoding step of a text: (wall seconds, seconds in the decoder call,
     seconds of encoder calls spread over the steps), or None when the cell has no engine metrics."""
     details = cell.get("details", {})
-    values = [details.get(key) for key in ("mean_engine_s", "mean_queue_s", "mean_step_s", "mean_tokens",
-                                           "encoder_busy", "window_s", "steps")]
+    values = [
+        details.get(key)
+        for key in ("mean_engine_s", "mean_queue_s", "mean_step_s", "mean_tokens", "encoder_busy", "window_s", "steps")
+    ]
     if not all(isinstance(value, (int, float)) and math.isfinite(value) for value in values):
         return None
     engine, queue, step, tokens, encoder_busy, window, steps = values
@@ -139,30 +154,40 @@ def _diagnosis(cell: dict | None) -> str:
     overhead = loop_overhead(cell)
     encoder = details.get("encoder_busy") or 0
     if busy >= 0.75 and encoder >= 0.25 and (cell.get("mean_decoder_rows") or 0) > 4:
-        return ("The runtime is busy, and a third or more of it in the encoder: continuous batching encodes the few "
-                "requests that join at each step in a call of their own, and a recurrent encoder is inefficient on "
-                "such small batches (request-level batching encodes its whole batch at once). Admitting in groups "
-                "(encode what waits every few steps, or when free rows pass a threshold), more intra-op threads or "
-                "a GPU would close it.")
+        return (
+            "The runtime is busy, and a third or more of it in the encoder: continuous batching encodes the few "
+            "requests that join at each step in a call of their own, and a recurrent encoder is inefficient on "
+            "such small batches (request-level batching encodes its whole batch at once). Admitting in groups "
+            "(encode what waits every few steps, or when free rows pass a threshold), more intra-op threads or "
+            "a GPU would close it."
+        )
     if busy >= 0.75:
-        return ("The runtime is busy most of the window: the model's arithmetic bounds it; more intra-op threads, "
-                "a GPU (--provider cuda) or int8 weights would raise it.")
+        return (
+            "The runtime is busy most of the window: the model's arithmetic bounds it; more intra-op threads, "
+            "a GPU (--provider cuda) or int8 weights would raise it."
+        )
     if overhead is not None and overhead[0] > 2 * overhead[1] + overhead[2]:
         loop = overhead[0] - overhead[1] - overhead[2]
         requests = max(1.0, (cell.get("mean_decoder_rows") or 1.0) / _beam(cell))
-        return (f"The scheduler loop, not the model, sets the pace: {1e3 * loop:.2f} ms per step, about "
-                f"{1e6 * loop / requests:.0f} us per request in the batch, against {1e3 * overhead[1]:.2f} ms for the "
-                "decoder call. Each request's search is advanced in Python at every step (and its tokens delivered), "
-                "and every step is handed to the worker thread and back through the event loop. Advancing all "
-                "greedy rows with one vectorised operation, and running several steps per hand-off while no request "
-                "is waiting, would close most of it.")
+        return (
+            f"The scheduler loop, not the model, sets the pace: {1e3 * loop:.2f} ms per step, about "
+            f"{1e6 * loop / requests:.0f} us per request in the batch, against {1e3 * overhead[1]:.2f} ms for the "
+            "decoder call. Each request's search is advanced in Python at every step (and its tokens delivered), "
+            "and every step is handed to the worker thread and back through the event loop. Advancing all "
+            "greedy rows with one vectorised operation, and running several steps per hand-off while no request "
+            "is waiting, would close most of it."
+        )
     if cpu >= 0.85:
-        return ("The server's Python process is saturated while the runtime idles: the RPC path, tokenization and "
-                "the scheduler loop bound it. More server processes (one per core behind a load balancer) or "
-                "moving request handling out of Python would close it; on a 2-core machine the clients take "
-                "the other core.")
-    return ("Neither the runtime nor the server process is saturated: the machine's cores are shared with the "
-            "client processes (and, in this run, other work), so the figure is bounded by CPU contention.")
+        return (
+            "The server's Python process is saturated while the runtime idles: the RPC path, tokenization and "
+            "the scheduler loop bound it. More server processes (one per core behind a load balancer) or "
+            "moving request handling out of Python would close it; on a 2-core machine the clients take "
+            "the other core."
+        )
+    return (
+        "Neither the runtime nor the server process is saturated: the machine's cores are shared with the "
+        "client processes (and, in this run, other work), so the figure is bounded by CPU contention."
+    )
 
 
 # ----- the targets ---------------------------------------------------------------------------------------
@@ -179,43 +204,67 @@ def check_targets(report: dict) -> list[TargetCheck]:
         continuous = find(report, workload, "continuous", level64)
         ceiling = find(report, workload, "rpc-ceiling", level64)
         ratio = _value(continuous, "requests_per_s") / _value(ceiling, "requests_per_s")
-        checks.append(_check(
-            f"{workload}: continuous req/s >= 60% of the RPC ceiling's at {level64} clients",
-            f"{_value(continuous, 'requests_per_s'):.0f} / {_value(ceiling, 'requests_per_s'):.0f} req/s = {_pct(ratio)}",
-            ">= 60%", ratio, 0.60, continuous,
-        ))
+        checks.append(
+            _check(
+                f"{workload}: continuous req/s >= 60% of the RPC ceiling's at {level64} clients",
+                f"{_value(continuous, 'requests_per_s'):.0f} / {_value(ceiling, 'requests_per_s'):.0f} req/s = "
+                f"{_pct(ratio)}",
+                ">= 60%",
+                ratio,
+                0.60,
+                continuous,
+            )
+        )
     # 2. the large model
     if "phrasebook" in workloads and level64 is not None:
         continuous = find(report, "phrasebook", "continuous", level64)
         for contender, bar, label in (("none", 6.0, "--batching none"), ("pytorch-eager", 15.0, "PyTorch eager")):
             other = find(report, "phrasebook", contender, level64)
             ratio = _value(continuous, "tokens_per_s") / _value(other, "tokens_per_s")
-            checks.append(_check(
-                f"phrasebook: continuous tokens/s >= {bar:g}x {label} at {level64} clients",
-                f"{_value(continuous, 'tokens_per_s'):.0f} / {_value(other, 'tokens_per_s'):.0f} tok/s = {ratio:.1f}x",
-                f">= {bar:g}x", ratio, bar, continuous,
-            ))
+            checks.append(
+                _check(
+                    f"phrasebook: continuous tokens/s >= {bar:g}x {label} at {level64} clients",
+                    f"{_value(continuous, 'tokens_per_s'):.0f} / {_value(other, 'tokens_per_s'):.0f} tok/s = "
+                    f"{ratio:.1f}x",
+                    f">= {bar:g}x",
+                    ratio,
+                    bar,
+                    continuous,
+                )
+            )
         for level in [level for level in _levels(report) if level >= 32]:
             cell = find(report, "phrasebook", "continuous", level)
             rows = _value(cell, "mean_decoder_rows")
             ceiling = ceiling_at_rows(report, "phrasebook", rows)
             ratio = _value(cell, "tokens_per_s") / ceiling
             bar = 0.90 if level == level64 else 0.80
-            checks.append(_check(
-                f"phrasebook: continuous >= {_pct(bar)} of the engine ceiling at the same batch size ({level} clients)",
-                f"{_value(cell, 'tokens_per_s'):.0f} tok/s at {rows:.1f} rows vs ceiling {ceiling:.0f} = {_pct(ratio)}",
-                f">= {_pct(bar)}", ratio, bar, cell,
-            ))
+            checks.append(
+                _check(
+                    f"phrasebook: continuous >= {_pct(bar)} of the engine ceiling at the same batch size ({level} "
+                    "clients)",
+                    f"{_value(cell, 'tokens_per_s'):.0f} tok/s at {rows:.1f} rows vs ceiling {ceiling:.0f} = "
+                    f"{_pct(ratio)}",
+                    f">= {_pct(bar)}",
+                    ratio,
+                    bar,
+                    cell,
+                )
+            )
         largest = max(_levels(report))
         for contender in ("continuous", "engine-ceiling"):
             cell = find(report, "phrasebook", contender, largest)
             share = _value(cell, "percent_of_peak") / 100.0
-            checks.append(_check(
-                f"phrasebook: {contender} >= 60% of the matrix-multiply peak at the largest batch ({largest})",
-                f"{_pct(share)} of {report['peak'].get('flops_per_s', math.nan) / 1e9:.0f} GFLOP/s",
-                ">= 60%", share, 0.60, cell if contender == "continuous" else None,
-                extra=("" if share >= 0.6 else _peak_note(report, "phrasebook", largest)),
-            ))
+            checks.append(
+                _check(
+                    f"phrasebook: {contender} >= 60% of the matrix-multiply peak at the largest batch ({largest})",
+                    f"{_pct(share)} of {report['peak'].get('flops_per_s', math.nan) / 1e9:.0f} GFLOP/s",
+                    ">= 60%",
+                    share,
+                    0.60,
+                    cell if contender == "continuous" else None,
+                    extra=("" if share >= 0.6 else _peak_note(report, "phrasebook", largest)),
+                )
+            )
     # 3. latency at concurrency 1
     if 1 in _levels(report):
         for workload in workloads:
@@ -224,11 +273,17 @@ def check_targets(report: dict) -> list[TargetCheck]:
             rpc = find(report, workload, "rpc-ceiling", 1)
             bound = 1.15 * (_value(engine, "p50_ms") + _value(rpc, "p50_ms"))
             measured = _value(continuous, "p50_ms")
-            checks.append(_check(
-                f"{workload}: continuous p50 at 1 client <= 1.15 x (engine single-request + RPC ceiling p50)",
-                f"{measured:.2f} ms vs 1.15 x ({_value(engine, 'p50_ms'):.2f} + {_value(rpc, 'p50_ms'):.2f}) = {bound:.2f} ms",
-                "<= 1.15x", bound / measured if measured > 0 else math.nan, 1.0, continuous,
-            ))
+            checks.append(
+                _check(
+                    f"{workload}: continuous p50 at 1 client <= 1.15 x (engine single-request + RPC ceiling p50)",
+                    f"{measured:.2f} ms vs 1.15 x ({_value(engine, 'p50_ms'):.2f} + {_value(rpc, 'p50_ms'):.2f}) = "
+                    f"{bound:.2f} ms",
+                    "<= 1.15x",
+                    bound / measured if measured > 0 else math.nan,
+                    1.0,
+                    continuous,
+                )
+            )
     # 4. the engine's own cost per step, and serving when the model costs nothing
     checks += _engine_checks(report, level64)
     # 5. mixed lengths: continuous vs request-level
@@ -250,40 +305,76 @@ def _engine_checks(report: dict, level64: int | None) -> list[TargetCheck]:
     if report.get("engine_overhead"):
         for rows, bound in ((64, 150.0), (256, 400.0)):
             cost = overhead_us(report, rows)
-            checks.append(_check(f"engine alone: <= {bound:.0f} us per step at {rows} greedy rows (zero-cost model)",
-                                 f"{cost:.0f} us", f"<= {bound:.0f} us", bound / cost, 1.0, None,
-                                 extra="see the engine-overhead table"))
+            checks.append(
+                _check(
+                    f"engine alone: <= {bound:.0f} us per step at {rows} greedy rows (zero-cost model)",
+                    f"{cost:.0f} us",
+                    f"<= {bound:.0f} us",
+                    bound / cost,
+                    1.0,
+                    None,
+                    extra="see the engine-overhead table",
+                )
+            )
         small, large = overhead_us(report, 16), overhead_us(report, 256)
-        checks.append(_check("engine alone: the step at 256 greedy rows costs <= 2x the step at 16",
-                             f"{large:.0f} / {small:.0f} us = {large / small:.2f}x", "<= 2x", 2.0 / (large / small), 1.0,
-                             None, extra="see the engine-overhead table"))
+        checks.append(
+            _check(
+                "engine alone: the step at 256 greedy rows costs <= 2x the step at 16",
+                f"{large:.0f} / {small:.0f} us = {large / small:.2f}x",
+                "<= 2x",
+                2.0 / (large / small),
+                1.0,
+                None,
+                extra="see the engine-overhead table",
+            )
+        )
     workloads = report.get("workloads", {})
     if "near-free" in workloads:
         if level64 is not None:
             served = find(report, "near-free", "continuous", level64)
             ceiling = find(report, "near-free", "rpc-ceiling", level64)
             ratio = _value(served, "requests_per_s") / _value(ceiling, "requests_per_s")
-            checks.append(_check(
-                f"near-free: continuous calls/s >= 80% of the no-op RPC ceiling's at {level64} clients",
-                f"{_value(served, 'requests_per_s'):.0f} / {_value(ceiling, 'requests_per_s'):.0f} calls/s = {_pct(ratio)}",
-                ">= 80%", ratio, 0.80, served))
+            checks.append(
+                _check(
+                    f"near-free: continuous calls/s >= 80% of the no-op RPC ceiling's at {level64} clients",
+                    f"{_value(served, 'requests_per_s'):.0f} / {_value(ceiling, 'requests_per_s'):.0f} calls/s = "
+                    f"{_pct(ratio)}",
+                    ">= 80%",
+                    ratio,
+                    0.80,
+                    served,
+                )
+            )
         if 1 in _levels(report):
             served, ceiling = find(report, "near-free", "continuous", 1), find(report, "near-free", "rpc-ceiling", 1)
             ratio = _value(served, "p50_ms") / _value(ceiling, "p50_ms")
-            checks.append(_check(
-                "near-free: continuous p50 at 1 client <= 2x the no-op RPC ceiling's",
-                f"{_value(served, 'p50_ms'):.2f} / {_value(ceiling, 'p50_ms'):.2f} ms = {ratio:.2f}x", "<= 2x",
-                2.0 / ratio, 1.0, served))
+            checks.append(
+                _check(
+                    "near-free: continuous p50 at 1 client <= 2x the no-op RPC ceiling's",
+                    f"{_value(served, 'p50_ms'):.2f} / {_value(ceiling, 'p50_ms'):.2f} ms = {ratio:.2f}x",
+                    "<= 2x",
+                    2.0 / ratio,
+                    1.0,
+                    served,
+                )
+            )
     if "dates" in workloads and level64 is not None:
         served = find(report, "dates", "continuous", level64)
         engine = _value(find(report, "dates", "engine-ceiling", level64), "requests_per_s")
         rpc = _value(find(report, "dates", "rpc-ceiling", level64), "requests_per_s")
         composed = 1.0 / (1.0 / engine + 1.0 / rpc)
         ratio = _value(served, "requests_per_s") / composed
-        checks.append(_check(
-            f"dates: continuous calls/s >= 80% of the composed ceiling 1/(1/engine + 1/RPC) at {level64} clients",
-            f"{_value(served, 'requests_per_s'):.0f} / 1/(1/{engine:.0f} + 1/{rpc:.0f}) = {composed:.0f} calls/s "
-            f"= {_pct(ratio)}", ">= 80%", ratio, 0.80, served))
+        checks.append(
+            _check(
+                f"dates: continuous calls/s >= 80% of the composed ceiling 1/(1/engine + 1/RPC) at {level64} clients",
+                f"{_value(served, 'requests_per_s'):.0f} / 1/(1/{engine:.0f} + 1/{rpc:.0f}) = {composed:.0f} calls/s "
+                f"= {_pct(ratio)}",
+                ">= 80%",
+                ratio,
+                0.80,
+                served,
+            )
+        )
     return checks
 
 
@@ -294,10 +385,16 @@ def _mixed_check(report: dict) -> TargetCheck:
     with at least as much throughput. Throughput at equal p99: for each continuous point, the highest
     request-level throughput among its points with at most the same p99. The best ratio of each counts.
     """
+
     def curve(contender: str) -> list[tuple[float, float]]:
-        return [(cell["tokens_per_s"], cell["p99_ms"]) for cell in _cells(report)
-                if cell["workload"] == "phrasebook-mixed" and cell["contender"] == contender
-                and cell.get("tokens_per_s") and cell.get("p99_ms")]
+        return [
+            (cell["tokens_per_s"], cell["p99_ms"])
+            for cell in _cells(report)
+            if cell["workload"] == "phrasebook-mixed"
+            and cell["contender"] == contender
+            and cell.get("tokens_per_s")
+            and cell.get("p99_ms")
+        ]
 
     continuous, request = curve("continuous"), curve("request")
     latency_ratio, latency_where = math.inf, ""
@@ -317,17 +414,37 @@ def _mixed_check(report: dict) -> TargetCheck:
             throughput_where = f"{throughput:.0f} vs {max(faster):.0f} tok/s at p99 <= {p99:.0f} ms"
     met = latency_ratio <= 0.6 or throughput_ratio >= 1.5
     measurable = bool(continuous and request) and (math.isfinite(latency_ratio) or throughput_ratio > 0)
-    figure = "; ".join(part for part in (
-        f"p99 ratio at equal throughput {latency_ratio:.2f}x ({latency_where})" if math.isfinite(latency_ratio) else "",
-        f"throughput ratio at equal p99 {throughput_ratio:.2f}x ({throughput_where})" if throughput_ratio > 0 else "",
-        f"request-level reached no level with {max(unreachable):.0f} tok/s" if unreachable else "",
-    ) if part) or "no comparable points"
-    note = "" if met or not measurable else (
-        "Request-level batching was tuned per level (batch size and queue delay), which keeps it close; see "
-        "latency.png. " + profile_note(find(report, "phrasebook-mixed", "continuous", max(_levels(report)))))
+    figure = (
+        "; ".join(
+            part
+            for part in (
+                f"p99 ratio at equal throughput {latency_ratio:.2f}x ({latency_where})"
+                if math.isfinite(latency_ratio)
+                else "",
+                f"throughput ratio at equal p99 {throughput_ratio:.2f}x ({throughput_where})"
+                if throughput_ratio > 0
+                else "",
+                f"request-level reached no level with {max(unreachable):.0f} tok/s" if unreachable else "",
+            )
+            if part
+        )
+        or "no comparable points"
+    )
+    note = (
+        ""
+        if met or not measurable
+        else (
+            "Request-level batching was tuned per level (batch size and queue delay), which keeps it close; see "
+            "latency.png. " + profile_note(find(report, "phrasebook-mixed", "continuous", max(_levels(report))))
+        )
+    )
     return TargetCheck(
-        "phrasebook-mixed: continuous p99 at equal throughput <= 0.6x request-level's, or throughput at equal p99 >= 1.5x",
-        figure, "<= 0.6x or >= 1.5x", met if measurable else None, note,
+        "phrasebook-mixed: continuous p99 at equal throughput <= 0.6x request-level's, or throughput at equal p99 "
+        ">= 1.5x",
+        figure,
+        "<= 0.6x or >= 1.5x",
+        met if measurable else None,
+        note,
     )
 
 
@@ -346,21 +463,28 @@ def _peak_note(report: dict, workload: str, level: int) -> str:
     encoder_flops = model.get("encoder_flops_per_source", math.nan) * level
     encoder_rate = encoder_flops / (encode_ms / 1e3)
     share = encoder_flops / (encoder_flops + flops * model.get("mean_generated_tokens", math.nan))
-    return (f"In the engine ceiling at {level} requests, one decoder step of {rows:.0f} rows does {flops / 1e9:.2f} GFLOP "
-            f"in {step_ms:.2f} ms ({rate / 1e9:.0f} GFLOP/s), and the encoder call {encoder_flops / 1e9:.2f} GFLOP in "
-            f"{encode_ms:.1f} ms ({encoder_rate / 1e9:.0f} GFLOP/s; {100 * share:.0f}% of the FLOPs of a request). The "
-            "encoder's recurrent layers run one source position at a time, and the step adds attention over the "
-            "source, log-softmax over the whole vocabulary and top-k, element-wise work the matrix-multiply peak does "
-            "not count. More rows per step (a GPU), a self-attention encoder and a fused log-softmax + top-k would "
-            "close part of the gap.")
+    return (
+        f"In the engine ceiling at {level} requests, one decoder step of {rows:.0f} rows does {flops / 1e9:.2f} GFLOP "
+        f"in {step_ms:.2f} ms ({rate / 1e9:.0f} GFLOP/s), and the encoder call {encoder_flops / 1e9:.2f} GFLOP in "
+        f"{encode_ms:.1f} ms ({encoder_rate / 1e9:.0f} GFLOP/s; {100 * share:.0f}% of the FLOPs of a request). The "
+        "encoder's recurrent layers run one source position at a time, and the step adds attention over the "
+        "source, log-softmax over the whole vocabulary and top-k, element-wise work the matrix-multiply peak does "
+        "not count. More rows per step (a GPU), a self-attention encoder and a fused log-softmax + top-k would "
+        "close part of the gap."
+    )
 
 
-def _check(target: str, figure: str, bar: str, ratio: float, threshold: float, cell: dict | None,
-           extra: str = "") -> TargetCheck:
+def _check(
+    target: str, figure: str, bar: str, ratio: float, threshold: float, cell: dict | None, extra: str = ""
+) -> TargetCheck:
     if not math.isfinite(ratio):
         return TargetCheck(target, figure, bar, None, "not measured in this run")
     met = ratio >= threshold
-    note = "" if met else ". ".join(part for part in (extra or profile_note(cell), "" if extra else _diagnosis(cell)) if part)
+    note = (
+        ""
+        if met
+        else ". ".join(part for part in (extra or profile_note(cell), "" if extra else _diagnosis(cell)) if part)
+    )
     return TargetCheck(target, figure, bar, met, note)
 
 
@@ -406,11 +530,16 @@ def markdown(report: dict, checks: Sequence[TargetCheck]) -> str:
         model = report["models"].get(name, {})
         lines += [f"## {name}: {workload['description']}", ""]
         if model:
-            lines += [f"{model['mean_source_tokens']:.1f} source tokens and {model['mean_generated_tokens']:.1f} "
-                      f"generated tokens per request on average; {model['flops_per_generated_token'] / 1e6:.2f} MFLOP "
-                      f"per generated token; {workload['texts']} distinct texts.", ""]
-        lines += ["| contender | clients | tokens/s | req/s | p50 ms | p90 ms | p99 ms | rows | % peak | ok | failed |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            lines += [
+                f"{model['mean_source_tokens']:.1f} source tokens and {model['mean_generated_tokens']:.1f} "
+                f"generated tokens per request on average; {model['flops_per_generated_token'] / 1e6:.2f} MFLOP "
+                f"per generated token; {workload['texts']} distinct texts.",
+                "",
+            ]
+        lines += [
+            "| contender | clients | tokens/s | req/s | p50 ms | p90 ms | p99 ms | rows | % peak | ok | failed |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for contender in CONTENDER_ORDER:
             for level in _levels(report):
                 cell = find(report, name, contender, level)
@@ -422,34 +551,51 @@ def markdown(report: dict, checks: Sequence[TargetCheck]) -> str:
                 flag = "" if cell.get("steady", True) else "*"
                 lines.append(
                     f"| {label} | {level} | {_fmt(cell['tokens_per_s'], 0)} | {_fmt(cell['requests_per_s'])} | "
-                    f"{_fmt(cell['p50_ms'], 2)}{flag} | {_fmt(cell['p90_ms'], 2)}{flag} | {_fmt(cell['p99_ms'], 2)}{flag} | "
+                    f"{_fmt(cell['p50_ms'], 2)}{flag} | {_fmt(cell['p90_ms'], 2)}{flag} | "
+                    f"{_fmt(cell['p99_ms'], 2)}{flag} | "
                     f"{_fmt(cell.get('mean_decoder_rows'))} | {_fmt(cell.get('percent_of_peak'))} | "
-                    f"{cell.get('ok', 0)} | {sum((cell.get('failures') or {}).values())} |")
+                    f"{cell.get('ok', 0)} | {sum((cell.get('failures') or {}).values())} |"
+                )
         lines.append("")
     if report.get("request_tuning"):
-        lines += ["## Request-level batching: tuning", "",
-                  "Every (batch size, queue delay) of the grid was run on every workload and level with a short "
-                  "window; the configuration with the most tokens/s (within 3%: the lowest p99) was kept and "
-                  "measured again with the full window.", "",
-                  "| workload | clients | chosen | trials (tokens/s @ p99 ms) |", "|---|---:|---|---|"]
+        lines += [
+            "## Request-level batching: tuning",
+            "",
+            "Every (batch size, queue delay) of the grid was run on every workload and level with a short "
+            "window; the configuration with the most tokens/s (within 3%: the lowest p99) was kept and "
+            "measured again with the full window.",
+            "",
+            "| workload | clients | chosen | trials (tokens/s @ p99 ms) |",
+            "|---|---:|---|---|",
+        ]
         for entry in report["request_tuning"]:
-            trials = ", ".join(f"b{t['batch_size']}/{t['batch_delay_ms']:g}ms: {_fmt(t['tokens_per_s'], 0)} @ "
-                               f"{_fmt(t['p99_ms'], 1)}" for t in entry["trials"])
+            trials = ", ".join(
+                f"b{t['batch_size']}/{t['batch_delay_ms']:g}ms: {_fmt(t['tokens_per_s'], 0)} @ {_fmt(t['p99_ms'], 1)}"
+                for t in entry["trials"]
+            )
             chosen = entry["chosen"]
-            lines.append(f"| {entry['workload']} | {entry['level']} | b{chosen['batch_size']}, "
-                         f"{chosen['batch_delay_ms']:g} ms | {trials} |")
+            lines.append(
+                f"| {entry['workload']} | {entry['level']} | b{chosen['batch_size']}, "
+                f"{chosen['batch_delay_ms']:g} ms | {trials} |"
+            )
         lines.append("")
     if report.get("engine_overhead"):
-        lines += ["## The engine alone", "",
-                  "The engine core stepped over a model whose calls cost nothing (prepared arrays), the batch kept full "
-                  "at each size in a steady state (requests finish and join at every step, as under load): what a "
-                  "step costs beyond the model. Plot: engine_overhead.png.", "",
-                  "| beam | rows | us per step (median) | p90 | us per row | requests finished per step |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "## The engine alone",
+            "",
+            "The engine core stepped over a model whose calls cost nothing (prepared arrays), the batch kept full "
+            "at each size in a steady state (requests finish and join at every step, as under load): what a "
+            "step costs beyond the model. Plot: engine_overhead.png.",
+            "",
+            "| beam | rows | us per step (median) | p90 | us per row | requests finished per step |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
         for point in report["engine_overhead"]:
-            lines.append(f"| {point['beam']} | {point['rows']} | {_fmt(point['median_us'], 0)} | "
-                         f"{_fmt(point['p90_us'], 0)} | {_fmt(point['per_row_us'], 2)} | "
-                         f"{_fmt(point['requests_per_step'], 1)} |")
+            lines.append(
+                f"| {point['beam']} | {point['rows']} | {_fmt(point['median_us'], 0)} | "
+                f"{_fmt(point['p90_us'], 0)} | {_fmt(point['per_row_us'], 2)} | "
+                f"{_fmt(point['requests_per_step'], 1)} |"
+            )
         lines.append("")
     lines += ["## Targets", "", "| target | measured | bar | met |", "|---|---|---|---|"]
     for check in checks:
@@ -461,8 +607,12 @@ def markdown(report: dict, checks: Sequence[TargetCheck]) -> str:
         lines.append("Every target measured in this run is met.")
     for check in missed:
         lines.append(f"- **{check.target}** ({check.figure}): {check.note}")
-    lines += ["", "Plots: throughput.png (generated tokens/s against clients; the RPC ceiling as its req/s times "
-              "the workload's tokens per request) and latency.png (p99 latency against tokens/s).", ""]
+    lines += [
+        "",
+        "Plots: throughput.png (generated tokens/s against clients; the RPC ceiling as its req/s times "
+        "the workload's tokens per request) and latency.png (p99 latency against tokens/s).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -475,18 +625,29 @@ def plot(report: dict, out: Path) -> list[Path]:
     workloads = list(report["workloads"])
     columns = min(3, max(1, len(workloads)))
     rows = math.ceil(len(workloads) / columns)
-    styles = {"pytorch-eager": ("tab:brown", "v"), "none": ("tab:red", "s"), "request": ("tab:orange", "D"),
-              "continuous": ("tab:blue", "o"), "rpc-ceiling": ("tab:gray", "x"), "engine-ceiling": ("tab:green", "^"),
-              "roofline": ("black", "")}
+    styles = {
+        "pytorch-eager": ("tab:brown", "v"),
+        "none": ("tab:red", "s"),
+        "request": ("tab:orange", "D"),
+        "continuous": ("tab:blue", "o"),
+        "rpc-ceiling": ("tab:gray", "x"),
+        "engine-ceiling": ("tab:green", "^"),
+        "roofline": ("black", ""),
+    }
     written = []
     for kind in ("throughput", "latency"):
         figure = Figure(figsize=(5.2 * columns, 4.0 * rows), layout="constrained")
         axes_list = figure.subplots(rows, columns, squeeze=False).ravel()
-        for axes, workload in zip(axes_list, workloads):
+        for axes, workload in zip(axes_list, workloads, strict=False):
             for contender in CONTENDER_ORDER:
-                cells = sorted((cell for cell in _cells(report)
-                                if cell["workload"] == workload and cell["contender"] == contender),
-                               key=lambda cell: cell["level"])
+                cells = sorted(
+                    (
+                        cell
+                        for cell in _cells(report)
+                        if cell["workload"] == workload and cell["contender"] == contender
+                    ),
+                    key=lambda cell: cell["level"],
+                )
                 if not cells:
                     continue
                 color, marker = styles[contender]
@@ -495,7 +656,10 @@ def plot(report: dict, out: Path) -> list[Path]:
                 per_request = report.get("models", {}).get(workload, {}).get("mean_generated_tokens") or 1.0
                 label = contender + (" (req/s x tokens/request)" if contender == "rpc-ceiling" else "")
                 if kind == "throughput":
-                    def tokens(cell: dict) -> float | None:
+
+                    def tokens(
+                        cell: dict, contender: str = contender, per_request: float = per_request
+                    ) -> float | None:
                         if contender == "rpc-ceiling":
                             return cell["requests_per_s"] * per_request if cell.get("requests_per_s") else None
                         return cell.get("tokens_per_s")
@@ -505,14 +669,22 @@ def plot(report: dict, out: Path) -> list[Path]:
                     linestyle = "--" if contender == "roofline" else "-"
                     axes.plot(xs, ys, marker=marker or None, color=color, linestyle=linestyle, label=label)
                 elif contender not in ("roofline", "engine-ceiling", "rpc-ceiling"):
-                    points = [(cell["tokens_per_s"], cell["p99_ms"]) for cell in cells
-                              if cell.get("tokens_per_s") and cell.get("p99_ms")]
+                    points = [
+                        (cell["tokens_per_s"], cell["p99_ms"])
+                        for cell in cells
+                        if cell.get("tokens_per_s") and cell.get("p99_ms")
+                    ]
                     if points:
-                        axes.plot(*zip(*points), marker=marker, color=color, label=label)
+                        axes.plot(*zip(*points, strict=False), marker=marker, color=color, label=label)
                         for cell in cells:
                             if cell.get("tokens_per_s") and cell.get("p99_ms"):
-                                axes.annotate(str(cell["level"]), (cell["tokens_per_s"], cell["p99_ms"]),
-                                              fontsize=7, xytext=(3, 3), textcoords="offset points")
+                                axes.annotate(
+                                    str(cell["level"]),
+                                    (cell["tokens_per_s"], cell["p99_ms"]),
+                                    fontsize=7,
+                                    xytext=(3, 3),
+                                    textcoords="offset points",
+                                )
             axes.set_title(workload)
             axes.set_yscale("log")
             axes.grid(True, which="both", alpha=0.3)
@@ -525,7 +697,7 @@ def plot(report: dict, out: Path) -> list[Path]:
                 axes.set_xlabel("tokens/s")
                 axes.set_ylabel("p99 latency (ms); labels: clients")
             axes.legend(fontsize=7)
-        for axes in axes_list[len(workloads):]:
+        for axes in axes_list[len(workloads) :]:
             axes.set_visible(False)
         path = out / f"{kind}.png"
         figure.savefig(path, dpi=100)
@@ -534,10 +706,18 @@ def plot(report: dict, out: Path) -> list[Path]:
         figure = Figure(figsize=(5.2, 4.0), layout="constrained")
         axes = figure.subplots()
         for beam, color in ((1, "tab:blue"), (4, "tab:orange")):
-            points = sorted((point["rows"], point["median_us"]) for point in report["engine_overhead"]
-                            if point["beam"] == beam and point.get("median_us"))
+            points = sorted(
+                (point["rows"], point["median_us"])
+                for point in report["engine_overhead"]
+                if point["beam"] == beam and point.get("median_us")
+            )
             if points:
-                axes.plot(*zip(*points), marker="o", color=color, label="greedy" if beam == 1 else f"beam {beam}")
+                axes.plot(
+                    *zip(*points, strict=False),
+                    marker="o",
+                    color=color,
+                    label="greedy" if beam == 1 else f"beam {beam}",
+                )
         axes.set_xscale("log", base=2)
         axes.set_xlabel("decoder rows in the step")
         axes.set_ylabel("engine us per step (median), zero-cost model")
@@ -556,8 +736,10 @@ def write_report(report: dict, out: Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     checks = check_targets(report)
-    report = dict(report, targets=[{"target": c.target, "figure": c.figure, "bar": c.bar, "met": c.met, "note": c.note}
-                                   for c in checks])
+    report = dict(
+        report,
+        targets=[{"target": c.target, "figure": c.figure, "bar": c.bar, "met": c.met, "note": c.note} for c in checks],
+    )
     json_path = out / "bench.json"
     json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     markdown_path = out / "bench.md"

@@ -69,8 +69,14 @@ class ServerProcess:
     def start(self, timeout_s: float = 180.0) -> ServerProcess:
         log = self.log_path.open("wb") if self.log_path else subprocess.DEVNULL
         environment = dict(os.environ, PYTHONUNBUFFERED="1", **self.environment)
-        self.process = subprocess.Popen(self.command, cwd=PROJECT_ROOT, env=environment, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            self.command,
+            cwd=PROJECT_ROOT,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         if self.log_path:
             log.close()  # the child keeps its own handle
         try:
@@ -110,16 +116,43 @@ class ServerProcess:
         self.stop()
 
 
-def attnserve_server(repository: Path, *, batching: str, threads: int, provider: str, log_dir: Path,
-                     extra: tuple[str, ...] = (), label: str = "") -> ServerProcess:
+def attnserve_server(
+    repository: Path,
+    *,
+    batching: str,
+    threads: int,
+    provider: str,
+    log_dir: Path,
+    extra: tuple[str, ...] = (),
+    label: str = "",
+) -> ServerProcess:
     """`attnserve serve` with `--batching` on free loopback ports (gRPC and metrics)."""
     port, metrics_port = free_port(), free_port()
     command = [
-        sys.executable, "-m", "service.cli", "serve",
-        "--model-repository", str(repository), "--host", "127.0.0.1",
-        "--port", str(port), "--metrics-port", str(metrics_port),
-        "--provider", provider, "--intra-op-threads", str(threads), "--inter-op-threads", "1",
-        "--batching", batching, "--log-level", "WARNING", "--drain-grace-seconds", "5",
+        sys.executable,
+        "-m",
+        "service.cli",
+        "serve",
+        "--model-repository",
+        str(repository),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--provider",
+        provider,
+        "--intra-op-threads",
+        str(threads),
+        "--inter-op-threads",
+        "1",
+        "--batching",
+        batching,
+        "--log-level",
+        "WARNING",
+        "--drain-grace-seconds",
+        "5",
         *extra,
     ]
     name = label or f"attnserve-{batching}"
@@ -134,8 +167,17 @@ def noop_server(log_dir: Path) -> ServerProcess:
 
 def eager_server(runs: dict[str, Path], *, threads: int, log_dir: Path, device: str = "cpu") -> ServerProcess:
     port = free_port()
-    command = [sys.executable, "-m", "loadtests.eager_server", "--port", str(port), "--threads", str(threads),
-               "--device", device]
+    command = [
+        sys.executable,
+        "-m",
+        "loadtests.eager_server",
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--device",
+        device,
+    ]
     for name, run_dir in sorted(runs.items()):
         command += ["--model", f"{name}={run_dir}"]
     # torch's OpenMP pool must not spin on the cores the clients use.
@@ -162,8 +204,11 @@ def scrape(url: str, timeout_s: float = 5.0) -> dict[tuple[str, tuple[tuple[str,
 def metric(samples: dict, name: str, **labels: str) -> float:
     """The sum of the samples named `name` whose labels include `labels` (0.0 when there are none)."""
     wanted = set(labels.items())
-    return sum(value for (sample_name, sample_labels), value in samples.items()
-               if sample_name == name and wanted <= set(sample_labels))
+    return sum(
+        value
+        for (sample_name, sample_labels), value in samples.items()
+        if sample_name == name and wanted <= set(sample_labels)
+    )
 
 
 @dataclass(frozen=True)
@@ -200,12 +245,18 @@ def engine_window(before: dict, after: dict, model: str, window_s: float) -> Eng
         mean_decoder_rows=ratio(rows, steps),
         decoder_busy=ratio(delta("attnserve_decoder_step_duration_seconds_sum", model=model), window_s),
         encoder_busy=ratio(delta("attnserve_encoder_duration_seconds_sum", model=model), window_s),
-        mean_rpc_s=ratio(delta("attnserve_request_duration_seconds_sum", model=model, method="Translate"),
-                         delta("attnserve_request_duration_seconds_count", model=model, method="Translate")),
-        mean_engine_s=ratio(delta("attnserve_engine_request_duration_seconds_sum", model=model),
-                            delta("attnserve_engine_request_duration_seconds_count", model=model)),
-        mean_queue_s=ratio(delta("attnserve_queue_wait_seconds_sum", model=model),
-                           delta("attnserve_queue_wait_seconds_count", model=model)),
+        mean_rpc_s=ratio(
+            delta("attnserve_request_duration_seconds_sum", model=model, method="Translate"),
+            delta("attnserve_request_duration_seconds_count", model=model, method="Translate"),
+        ),
+        mean_engine_s=ratio(
+            delta("attnserve_engine_request_duration_seconds_sum", model=model),
+            delta("attnserve_engine_request_duration_seconds_count", model=model),
+        ),
+        mean_queue_s=ratio(
+            delta("attnserve_queue_wait_seconds_sum", model=model),
+            delta("attnserve_queue_wait_seconds_count", model=model),
+        ),
         mean_step_s=ratio(delta("attnserve_decoder_step_duration_seconds_sum", model=model), steps),
         steps=steps,
     )

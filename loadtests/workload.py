@@ -45,7 +45,7 @@ def task_texts(task: str, count: int, *, seed: int = 2024, tail_fraction: float 
     rng = random.Random(seed)
     by_length = sorted(pool, key=lambda text: (len(text), text))
     tail = max(1, int(count * tail_fraction / 2)) if count >= 4 else 0
-    chosen = by_length[:tail] + by_length[len(by_length) - tail:] if tail else []
+    chosen = by_length[:tail] + by_length[len(by_length) - tail :] if tail else []
     rest = [text for text in pool if text not in set(chosen)]
     rng.shuffle(rest)
     chosen = list(dict.fromkeys(chosen + rest[: count - len(chosen)]))
@@ -59,10 +59,13 @@ def mixed_length_texts(count: int, *, seed: int = 2025) -> list[str]:
     from loadtests.corpus import phrase_pairs
 
     short = [pair.source for pair in phrase_pairs(int(count * 0.4) + 1, seed=seed, short_fraction=1.0)]
-    medium = [pair.source for pair in phrase_pairs(int(count * 0.2) + 1, seed=seed + 1, min_clauses=1, max_clauses=1,
-                                                   short_fraction=0.0)]
-    long = [pair.source for pair in phrase_pairs(count, seed=seed + 2, min_clauses=3, max_clauses=3,
-                                                 short_fraction=0.0)]
+    medium = [
+        pair.source
+        for pair in phrase_pairs(int(count * 0.2) + 1, seed=seed + 1, min_clauses=1, max_clauses=1, short_fraction=0.0)
+    ]
+    long = [
+        pair.source for pair in phrase_pairs(count, seed=seed + 2, min_clauses=3, max_clauses=3, short_fraction=0.0)
+    ]
     texts = short + medium + long[: max(0, count - len(short) - len(medium))]
     random.Random(seed).shuffle(texts)
     return texts[:count]
@@ -125,7 +128,9 @@ def read_workload(path: Path | str) -> list[WorkloadItem]:
             continue
         try:
             record = json.loads(line)
-            item = WorkloadItem(model=str(record.get("model", "")), text=str(record["text"]), task=str(record.get("task", "")))
+            item = WorkloadItem(
+                model=str(record.get("model", "")), text=str(record["text"]), task=str(record.get("task", ""))
+            )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"{path}:{number}: not a workload line ({error}): {line[:80]!r}") from error
         if not item.text:
@@ -146,9 +151,14 @@ def texts_by_model(items: Sequence[WorkloadItem]) -> dict[str, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.workload", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON Lines file to write")
-    parser.add_argument("--model", action="append", default=[], metavar="NAME[=TASK]",
-                        help=f"a model and the task its texts come from ({', '.join(GENERATED_TASKS)}); "
-                             "TASK defaults to NAME (repeatable)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME[=TASK]",
+        help=f"a model and the task its texts come from ({', '.join(GENERATED_TASKS)}); "
+        "TASK defaults to NAME (repeatable)",
+    )
     parser.add_argument("--per-model", type=int, default=200, help="texts per model (default 200)")
     parser.add_argument("--seed", type=int, default=2024)
     args = parser.parse_args(argv)

@@ -37,38 +37,85 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("ATTNSERVE_SERVER", DEFAULT_SERVER),
         help=f"server address host:port [env ATTNSERVE_SERVER; default: {DEFAULT_SERVER}]",
     )
-    parser.add_argument("--offline", type=Path, metavar="PATH",
-                        help="decode locally instead: a model folder (models/dates), a version folder "
-                             "(models/dates/1) or a whole repository (models)")
+    parser.add_argument(
+        "--offline",
+        type=Path,
+        metavar="PATH",
+        help="decode locally instead: a model folder (models/dates), a version folder "
+        "(models/dates/1) or a whole repository (models)",
+    )
     parser.add_argument("--model", default="", help="model name (default: the server's default model)")
     parser.add_argument("--version", default="", help="model version (default: the latest)")
     parser.add_argument("--beam", type=int, default=0, metavar="N", help="beam size (default: greedy)")
     parser.add_argument("--n-best", type=int, default=0, metavar="N", help="print the N best hypotheses (<= beam)")
-    parser.add_argument("--max-length", type=int, default=0, metavar="N", help="most generated tokens (default: the model's)")
-    parser.add_argument("--length-penalty", type=float, default=0.0, metavar="ALPHA", help="length normalisation alpha (default 0)")
-    parser.add_argument("--replace-unknowns", action="store_true", help="replace unknown output tokens by the attended source piece")
-    parser.add_argument("--stream", action="store_true", help="print tokens as they are decoded (one text; server mode)")
-    parser.add_argument("--plot", type=Path, metavar="IMAGE",
-                        help="draw the best hypothesis' attention heatmap to IMAGE (.png, .svg, .pdf); with several "
-                             "texts, IMAGE-1.png, IMAGE-2.png, ...")
+    parser.add_argument(
+        "--max-length", type=int, default=0, metavar="N", help="most generated tokens (default: the model's)"
+    )
+    parser.add_argument(
+        "--length-penalty", type=float, default=0.0, metavar="ALPHA", help="length normalisation alpha (default 0)"
+    )
+    parser.add_argument(
+        "--replace-unknowns", action="store_true", help="replace unknown output tokens by the attended source piece"
+    )
+    parser.add_argument(
+        "--stream", action="store_true", help="print tokens as they are decoded (one text; server mode)"
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="IMAGE",
+        help="draw the best hypothesis' attention heatmap to IMAGE (.png, .svg, .pdf); with several "
+        "texts, IMAGE-1.png, IMAGE-2.png, ...",
+    )
     parser.add_argument("--json", action="store_true", help="print the whole response as JSON")
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="deadline of the call (default 30)")
-    parser.add_argument("--tls", action="store_true",
-                        help="connect with TLS, trusting the system's certificate authorities (implied by --tls-ca-file)")
-    parser.add_argument("--tls-ca-file", type=Path, metavar="PEM",
-                        default=_env_path("ATTNSERVE_TLS_CA_FILE"),
-                        help="trust the server certificates this CA signed [env ATTNSERVE_TLS_CA_FILE]")
-    parser.add_argument("--tls-cert-file", type=Path, metavar="PEM", default=_env_path("ATTNSERVE_TLS_CLIENT_CERT_FILE"),
-                        help="client certificate for mutual TLS [env ATTNSERVE_TLS_CLIENT_CERT_FILE]")
-    parser.add_argument("--tls-key-file", type=Path, metavar="PEM", default=_env_path("ATTNSERVE_TLS_CLIENT_KEY_FILE"),
-                        help="private key of --tls-cert-file [env ATTNSERVE_TLS_CLIENT_KEY_FILE]")
-    parser.add_argument("--tls-server-name", default="", metavar="NAME",
-                        help="name to check the server certificate against (default: the host of --server)")
-    parser.add_argument("--token-file", type=Path, metavar="PATH",
-                        help="file whose first line is the bearer token to send (default: the ATTNSERVE_TOKEN "
-                             "environment variable, if set)")
-    parser.add_argument("--provider", default="cpu", choices=("auto", "cpu", "cuda"),
-                        help="onnxruntime execution provider for --offline (default cpu)")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, metavar="SECONDS", help="deadline of the call (default 30)"
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS, trusting the system's certificate authorities (implied by --tls-ca-file)",
+    )
+    parser.add_argument(
+        "--tls-ca-file",
+        type=Path,
+        metavar="PEM",
+        default=_env_path("ATTNSERVE_TLS_CA_FILE"),
+        help="trust the server certificates this CA signed [env ATTNSERVE_TLS_CA_FILE]",
+    )
+    parser.add_argument(
+        "--tls-cert-file",
+        type=Path,
+        metavar="PEM",
+        default=_env_path("ATTNSERVE_TLS_CLIENT_CERT_FILE"),
+        help="client certificate for mutual TLS [env ATTNSERVE_TLS_CLIENT_CERT_FILE]",
+    )
+    parser.add_argument(
+        "--tls-key-file",
+        type=Path,
+        metavar="PEM",
+        default=_env_path("ATTNSERVE_TLS_CLIENT_KEY_FILE"),
+        help="private key of --tls-cert-file [env ATTNSERVE_TLS_CLIENT_KEY_FILE]",
+    )
+    parser.add_argument(
+        "--tls-server-name",
+        default="",
+        metavar="NAME",
+        help="name to check the server certificate against (default: the host of --server)",
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="PATH",
+        help="file whose first line is the bearer token to send (default: the ATTNSERVE_TOKEN "
+        "environment variable, if set)",
+    )
+    parser.add_argument(
+        "--provider",
+        default="cpu",
+        choices=("auto", "cpu", "cuda"),
+        help="onnxruntime execution provider for --offline (default cpu)",
+    )
     return parser
 
 
@@ -83,7 +130,9 @@ def _token(arguments: argparse.Namespace) -> str | None:
         try:
             lines = arguments.token_file.read_text(encoding="utf-8").splitlines()
         except OSError as error:
-            raise TranslateFailed("INVALID_ARGUMENT", f"--token-file {arguments.token_file}: {error.strerror}") from None
+            raise TranslateFailed(
+                "INVALID_ARGUMENT", f"--token-file {arguments.token_file}: {error.strerror}"
+            ) from None
         return lines[0].strip() if lines and lines[0].strip() else None
     return os.environ.get("ATTNSERVE_TOKEN", "").strip() or None
 
@@ -145,7 +194,10 @@ def _translate_remote(arguments: argparse.Namespace, request: pb.TranslateReques
 
 
 def _stream(
-    stub: object, request: pb.TranslateRequest, arguments: argparse.Namespace, metadata: tuple[tuple[str, str], ...] = ()
+    stub: object,
+    request: pb.TranslateRequest,
+    arguments: argparse.Namespace,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> tuple[pb.TranslateResponse, bool]:
     """Print tokens as they arrive (unless --json); return the final message as a response, and whether
     any token was printed (a beam search streams none)."""
@@ -158,7 +210,7 @@ def _stream(
         elif not arguments.json:
             # Print what the text gained, not the raw piece: word and sentencepiece pieces carry no spaces
             # (or carry U+2581) and only the detokenized text reads right.
-            delta = message.text[len(shown):] if message.text.startswith(shown) else "\n" + message.text
+            delta = message.text[len(shown) :] if message.text.startswith(shown) else "\n" + message.text
             print(delta, end="", flush=True)
             shown = message.text
             printed = True
@@ -217,7 +269,7 @@ def format_response(texts: list[str], response: pb.TranslateResponse, n_best: in
     """Human-readable lines: the translation and its score, or a numbered n-best list per text."""
     lines: list[str] = []
     single = len(texts) == 1 and n_best <= 1
-    for source, translation in zip(texts, response.translations):
+    for source, translation in zip(texts, response.translations, strict=False):
         if single:
             best = translation.hypotheses[0]
             lines.append(f"{best.text}\t(score {best.score:.4f})")
@@ -233,11 +285,13 @@ def _plot(arguments: argparse.Namespace, response: pb.TranslateResponse) -> list
 
     written: list[Path] = []
     path: Path = arguments.plot
-    for index, (source, translation) in enumerate(zip(arguments.texts, response.translations), start=1):
+    for index, (source, translation) in enumerate(zip(arguments.texts, response.translations, strict=False), start=1):
         best = translation.hypotheses[0]
         target = path if len(arguments.texts) == 1 else path.with_name(f"{path.stem}-{index}{path.suffix}")
         title = f"{response.model} v{response.version}: {source} -> {best.text}"
-        written.append(plot_alignment(best.source_tokens, best.target_tokens, attention_matrix(best), target, title=title))
+        written.append(
+            plot_alignment(best.source_tokens, best.target_tokens, attention_matrix(best), target, title=title)
+        )
     return written
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -127,7 +127,8 @@ class Dataplane:
         return self.manager.default_model
 
     def server_ready(self) -> bool:
-        """Every model of the repository has a loaded version, and the server is not draining (ModelManager.all_loaded)."""
+        """Every model of the repository has a loaded version, and the server is not draining "
+        "(ModelManager.all_loaded)."""
         return self.manager.all_loaded
 
     def model_ready(self, name: str, version: str) -> bool:
@@ -189,7 +190,7 @@ class Dataplane:
         deadline: float | None = None,
         *,
         on_resolved: OnResolved | None = None,
-    ) -> AsyncIterator[StreamUpdate]:
+    ) -> AsyncGenerator[StreamUpdate, None]:
         """Translate ONE text, yielding token updates as they are decoded (greedy) and a final update.
 
         Validation happens at the first iteration. Same errors as translate(); closing the iterator or
@@ -211,7 +212,7 @@ class Dataplane:
             index = 0
             if decode.greedy:
                 tokenizer = served.model.target_tokenizer
-                text = tokenizer.incremental_decoder()  # O(1) per token, not a decode of the whole prefix
+                decoder = tokenizer.incremental_decoder()  # O(1) per token, not a decode of the whole prefix
                 token_ids: list[int] = []
                 alignment: list[int] = []
                 replacing = False
@@ -220,7 +221,7 @@ class Dataplane:
                         continue
                     token_ids.append(event.token_id)
                     alignment.append(event.alignment)
-                    text.push(event.token_id)
+                    decoder.push(event.token_id)
                     replacing = replacing or (options.replace_unknowns and event.token_id == UNK)
                     if replacing:  # rare: the whole text is rendered again with the replacements
                         pieces, text_so_far = self._render(
@@ -228,7 +229,7 @@ class Dataplane:
                         )
                         piece = pieces[-1]
                     else:
-                        piece, text_so_far = tokenizer.id_to_piece(event.token_id), text.text
+                        piece, text_so_far = tokenizer.id_to_piece(event.token_id), decoder.text
                     yield StreamUpdate(name, number, piece, text_so_far, index, final=False)
                     index += 1
             result = await handle.result()
@@ -268,7 +269,8 @@ class Dataplane:
         hypotheses = max(int(options.num_hypotheses), 1)
         if hypotheses > beam:
             raise InvalidRequest(
-                f"num_hypotheses {hypotheses} exceeds beam_size {beam}: a beam of {beam} returns at most {beam} hypotheses"
+                f"num_hypotheses {hypotheses} exceeds beam_size {beam}: a beam of {beam} returns at most {beam} "
+                "hypotheses"
             )
         longest = config.max_target_tokens
         max_length = int(options.max_length)
@@ -277,7 +279,8 @@ class Dataplane:
             max_length = min(configured, longest) if configured > 0 else longest
         elif max_length > longest:
             raise InvalidRequest(
-                f"max_length {max_length} exceeds the maximum {longest} for model {served.label} (its max_target_tokens)"
+                f"max_length {max_length} exceeds the maximum {longest} for model {served.label} (its "
+                "max_target_tokens)"
             )
         penalty = float(options.length_penalty)
         if not math.isfinite(penalty) or penalty < 0.0:
@@ -311,7 +314,11 @@ class Dataplane:
         self, served: ServedVersion, text: _PreparedText, hypothesis: Hypothesis, replace_unknowns: bool
     ) -> TranslatedHypothesis:
         pieces, rendered = self._render(
-            served.model.target_tokenizer, hypothesis.token_ids, hypothesis.alignment, text.source_tokens, replace_unknowns
+            served.model.target_tokenizer,
+            hypothesis.token_ids,
+            hypothesis.alignment,
+            text.source_tokens,
+            replace_unknowns,
         )
         attention = hypothesis.attention
         if attention is not None:
@@ -371,6 +378,6 @@ class Dataplane:
         # Sentencepiece marks word starts with U+2581; in running text that is the space already there.
         words = [replacement.replace("\u2581", "") or replacement for replacement in replacements]
         rebuilt = parts[0]
-        for word, part in zip(words, parts[1:]):
+        for word, part in zip(words, parts[1:], strict=False):
             rebuilt += word + part
         return rebuilt

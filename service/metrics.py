@@ -117,84 +117,127 @@ class ServerMetrics:
         r = self.registry
         # Transport: one observation per finished RPC.
         self.requests = Counter(
-            "attnserve_requests", "RPCs finished, by method and gRPC status code.",
-            ("model", "version", "method", "code"), registry=r,
+            "attnserve_requests",
+            "RPCs finished, by method and gRPC status code.",
+            ("model", "version", "method", "code"),
+            registry=r,
         )
         self.request_duration = Histogram(
-            "attnserve_request_duration_seconds", "Wall time of an RPC, from the handler's start to its last message.",
-            ("model", "version", "method"), buckets=LATENCY_BUCKETS_S, registry=r,
+            "attnserve_request_duration_seconds",
+            "Wall time of an RPC, from the handler's start to its last message.",
+            ("model", "version", "method"),
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
         )
         # Engine, per text (one engine request).
         self.queue_wait = Histogram(
-            "attnserve_queue_wait_seconds", "Seconds a text waited in the queue before joining the batch.",
-            MODEL_LABELS, buckets=LATENCY_BUCKETS_S, registry=r,
+            "attnserve_queue_wait_seconds",
+            "Seconds a text waited in the queue before joining the batch.",
+            MODEL_LABELS,
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.time_to_first_token = Histogram(
-            "attnserve_time_to_first_token_seconds", "Seconds from a text's arrival to its first decoded token.",
-            MODEL_LABELS, buckets=LATENCY_BUCKETS_S, registry=r,
+            "attnserve_time_to_first_token_seconds",
+            "Seconds from a text's arrival to its first decoded token.",
+            MODEL_LABELS,
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.inter_token_latency = Histogram(
             "attnserve_inter_token_latency_seconds",
             "Mean seconds between consecutive decoder steps of one text (one observation per text of 2+ tokens).",
-            MODEL_LABELS, buckets=STEP_BUCKETS_S, registry=r,
+            MODEL_LABELS,
+            buckets=STEP_BUCKETS_S,
+            registry=r,
         )
         self.engine_request_duration = Histogram(
-            "attnserve_engine_request_duration_seconds", "Seconds from a text's arrival to its result (queue included).",
-            MODEL_LABELS, buckets=LATENCY_BUCKETS_S, registry=r,
+            "attnserve_engine_request_duration_seconds",
+            "Seconds from a text's arrival to its result (queue included).",
+            MODEL_LABELS,
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.generated_tokens = Counter(
-            "attnserve_generated_tokens", "Decoder steps run for finished texts (tokens of the longest hypothesis).",
-            MODEL_LABELS, registry=r,
+            "attnserve_generated_tokens",
+            "Decoder steps run for finished texts (tokens of the longest hypothesis).",
+            MODEL_LABELS,
+            registry=r,
         )
         self.source_tokens = Counter(
-            "attnserve_source_tokens", "Source tokens (</s> included) of finished texts.", MODEL_LABELS, registry=r,
+            "attnserve_source_tokens",
+            "Source tokens (</s> included) of finished texts.",
+            MODEL_LABELS,
+            registry=r,
         )
         self.finished = Counter(
             "attnserve_finished_requests",
             "Texts that left the engine, by reason: eos or length (the best hypothesis' reason), or cancelled, "
             "deadline, error.",
-            ("model", "version", "reason"), registry=r,
+            ("model", "version", "reason"),
+            registry=r,
         )
         # Engine, per iteration.
         self.decoder_batch = Histogram(
-            "attnserve_decoder_batch_hypotheses", "Hypotheses (decoder rows) in one decoder step.",
-            MODEL_LABELS, buckets=BATCH_BUCKETS, registry=r,
+            "attnserve_decoder_batch_hypotheses",
+            "Hypotheses (decoder rows) in one decoder step.",
+            MODEL_LABELS,
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.decoder_step_duration = Histogram(
-            "attnserve_decoder_step_duration_seconds", "Wall time of one decoder step call.",
-            MODEL_LABELS, buckets=STEP_BUCKETS_S, registry=r,
+            "attnserve_decoder_step_duration_seconds",
+            "Wall time of one decoder step call.",
+            MODEL_LABELS,
+            buckets=STEP_BUCKETS_S,
+            registry=r,
         )
         self.encoder_batch = Histogram(
-            "attnserve_encoder_batch_sources", "Sources encoded in one encoder call.",
-            MODEL_LABELS, buckets=BATCH_BUCKETS, registry=r,
+            "attnserve_encoder_batch_sources",
+            "Sources encoded in one encoder call.",
+            MODEL_LABELS,
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.encoder_duration = Histogram(
-            "attnserve_encoder_duration_seconds", "Wall time of one encoder call.",
-            MODEL_LABELS, buckets=STEP_BUCKETS_S, registry=r,
+            "attnserve_encoder_duration_seconds",
+            "Wall time of one encoder call.",
+            MODEL_LABELS,
+            buckets=STEP_BUCKETS_S,
+            registry=r,
         )
         self.decoder_steps = Counter(
-            "attnserve_decoder_steps", "Decoder steps run.", MODEL_LABELS, registry=r,
+            "attnserve_decoder_steps",
+            "Decoder steps run.",
+            MODEL_LABELS,
+            registry=r,
         )
         # Models.
         self.model_load = Gauge(
-            "attnserve_model_load_seconds", "Seconds it took to load a model version (before warm-up).",
-            MODEL_LABELS, registry=r,
+            "attnserve_model_load_seconds",
+            "Seconds it took to load a model version (before warm-up).",
+            MODEL_LABELS,
+            registry=r,
         )
         self.model_info = Info(
-            "attnserve_model", "A loaded model version and the onnxruntime execution provider it runs on.",
-            MODEL_LABELS, registry=r,
+            "attnserve_model",
+            "A loaded model version and the onnxruntime execution provider it runs on.",
+            MODEL_LABELS,
+            registry=r,
         )
         self.model_load_failures = Counter(
             "attnserve_model_load_failures",
             "Attempts to load a model version that failed (corrupt or missing files, mismatched tokenizer, "
             "failed warm-up); such a version is never served.",
-            MODEL_LABELS, registry=r,
+            MODEL_LABELS,
+            registry=r,
         )
         self.model_retirements = Counter(
             "attnserve_model_version_retirements",
             "Model versions taken out of service while the server runs (replaced by a newer version, or "
             "removed from the repository); each drains its requests first.",
-            ("model",), registry=r,
+            ("model",),
+            registry=r,
         )
         self._queues = _QueueCollector()
         r.register(self._queues)

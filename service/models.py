@@ -177,7 +177,8 @@ class ModelManager:
             selected = {name: versions for name, versions in found.items() if name in self._only}
             if found and not selected:
                 raise ModelNotFound(
-                    f"no model named {', '.join(sorted(self._only))} in {root}; available models: {', '.join(sorted(found))}"
+                    f"no model named {', '.join(sorted(self._only))} in {root}; available models: "
+                    f"{', '.join(sorted(found))}"
                 )
             found = selected
         if not found:
@@ -189,7 +190,9 @@ class ModelManager:
             await self._reconcile(name, entry)
         if not any(entry.served for entry in self._models.values()):
             failures = "; ".join(
-                f"{name} version {version}: {why}" for name, entry in self._models.items() for version, why in entry.failures.items()
+                f"{name} version {version}: {why}"
+                for name, entry in self._models.items()
+                for version, why in entry.failures.items()
             )
             raise ModelLoadError(f"no model version could be loaded from {root}: {failures}")
         self._default = self._choose_default()
@@ -215,7 +218,11 @@ class ModelManager:
             if model.config.name != name or model.config.version != version:
                 log.warning(
                     "%s: model.json says name %r version %s; serving it as %s version %s (its folder)",
-                    directory, model.config.name, model.config.version, name, version,
+                    directory,
+                    model.config.name,
+                    model.config.version,
+                    name,
+                    version,
                 )
             await asyncio.to_thread(model.warm_up)
         except ModelLoadError as error:
@@ -249,7 +256,11 @@ class ModelManager:
             self.metrics.watch_queue(name, str(version), scheduler, waiting_limit=scheduler.limits.max_waiting_requests)
         log.info(
             "loaded model %s version %s on %s in %.2f s (ready after %.2f s with warm-up)",
-            name, version, model.provider, model.load_seconds, time.monotonic() - started,
+            name,
+            version,
+            model.provider,
+            model.load_seconds,
+            time.monotonic() - started,
         )
         entry.failures.pop(version, None)
         entry.failed_fingerprints.pop(version, None)
@@ -330,7 +341,8 @@ class ModelManager:
             if stale and not entry.vanished_warned:
                 log.warning(
                     "model %s: no version on disk loads any more; still serving version(s) %s from memory",
-                    name, ", ".join(str(version) for version in stale),
+                    name,
+                    ", ".join(str(version) for version in stale),
                 )
                 entry.vanished_warned = True
             return
@@ -344,7 +356,10 @@ class ModelManager:
         del entry.served[served.version]
         log.info(
             "model %s: retiring version %s (serving %s); %d requests in it finish first",
-            served.name, served.version, sorted(entry.served), served.scheduler.waiting + served.scheduler.running,
+            served.name,
+            served.version,
+            sorted(entry.served),
+            served.scheduler.waiting + served.scheduler.running,
         )
         task = asyncio.get_running_loop().create_task(self._drain_retired(served), name=f"retire {served.label}")
         self._retiring[task] = served
@@ -501,14 +516,18 @@ class ModelManager:
             )
         entry = self._models.get(name)
         if entry is None:
-            raise ModelNotFound(f"model {name!r} not found; available models: {', '.join(self.all_model_names) or 'none'}")
+            raise ModelNotFound(
+                f"model {name!r} not found; available models: {', '.join(self.all_model_names) or 'none'}"
+            )
         return entry, name
 
     @staticmethod
     def _version_number(version: str) -> int:
         if not is_valid_version(version):
             shown = version if len(version) <= 20 else version[:17] + "..."
-            raise InvalidRequest(f"model version {shown!r} is not valid: use a positive integer, or leave it empty for the latest")
+            raise InvalidRequest(
+                f"model version {shown!r} is not valid: use a positive integer, or leave it empty for the latest"
+            )
         return int(version)
 
     def _version_error(self, name: str, number: int, entry: _ModelEntry) -> Exception:
@@ -581,6 +600,8 @@ def describe_repository_path(path: Path) -> tuple[Path, str | None, str | None]:
     path = Path(path)
     if (path / "model.json").is_file() and is_valid_version(path.name):
         return path.parent.parent, path.parent.name, path.name
-    if path.is_dir() and any((child / "model.json").is_file() for child in path.iterdir() if is_valid_version(child.name)):
+    if path.is_dir() and any(
+        (child / "model.json").is_file() for child in path.iterdir() if is_valid_version(child.name)
+    ):
         return path.parent, path.name, None
     return path, None, None

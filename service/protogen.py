@@ -136,8 +136,12 @@ def sync(target: Path = GENERATED_ROOT, proto_root: Path = PROTO_ROOT) -> list[P
 def main(argv: list[str] | None = None) -> int:
     """`python -m service.protogen [--output DIR]`: regenerate the stubs; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m service.protogen", description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=GENERATED_ROOT, help="folder to (re)generate (default: service/gen)")
-    parser.add_argument("--protos", type=Path, default=PROTO_ROOT, help="folder holding the .proto files (default: protos)")
+    parser.add_argument(
+        "--output", type=Path, default=GENERATED_ROOT, help="folder to (re)generate (default: service/gen)"
+    )
+    parser.add_argument(
+        "--protos", type=Path, default=PROTO_ROOT, help="folder holding the .proto files (default: protos)"
+    )
     arguments = parser.parse_args(argv)
     try:
         files = sync(arguments.output, arguments.protos)

@@ -98,11 +98,17 @@ async def serve(
 
         loop.add_signal_handler(signal.SIGHUP, rescan)
         handled.append(signal.SIGHUP)
-    models = ", ".join(f"{served.name} v{served.version} ({served.model.provider})" for served in manager.served_versions())
+    models = ", ".join(
+        f"{served.name} v{served.version} ({served.model.provider})" for served in manager.served_versions()
+    )
     metrics_text = f", metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else ""
     log.info(
         "attnserve listening on %s:%d (default model %s) serving %s%s",
-        settings.host, port, manager.default_model, models, metrics_text,
+        settings.host,
+        port,
+        manager.default_model,
+        models,
+        metrics_text,
     )
     if on_ready is not None:
         on_ready(port)

@@ -2,7 +2,8 @@
 
 Every field can be set by a command-line flag (`--model-repository`, `--port`, ...) or by an
 `ATTNSERVE_<FIELD>` environment variable (`ATTNSERVE_PORT=50052`); a flag wins over the environment,
-which wins over the default. Secrets (`auth_tokens`) come from the environment only and are never shown. Values are checked against their bounds when the object is built, and
+which wins over the default. Secrets (`auth_tokens`) come from the environment only and are never shown. Values
+are checked against their bounds when the object is built, and
 a bad value's message names where it came from, the value and the bound:
 `ATTNSERVE_PORT=70000: port must be 1..65535`.
 """
@@ -182,9 +183,7 @@ class Settings:
             raise SettingsError(problem)
 
     @classmethod
-    def from_sources(
-        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
-    ) -> Settings:
+    def from_sources(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
         """Build the settings from command-line flags over `ATTNSERVE_*` variables over the defaults.
 
         `argv` excludes the program name (None = sys.argv[1:]); `environ` None = os.environ.
@@ -241,7 +240,9 @@ def build_parser(prog: str = "attnserve serve") -> argparse.ArgumentParser:
         help_text = docs.get(setting.name, "")
         help_text = f"{help_text} [env {ENV_PREFIX}{setting.name.upper()}; default: {_show(setting.default)}]"
         help_text = help_text.replace("%", "%%")
-        parser.add_argument(f"--{_flag(setting.name)}", dest=setting.name, default=None, metavar=_metavar(setting), help=help_text)
+        parser.add_argument(
+            f"--{_flag(setting.name)}", dest=setting.name, default=None, metavar=_metavar(setting), help=help_text
+        )
     return parser
 
 
@@ -325,7 +326,11 @@ def _field_problem(setting: dataclasses.Field[Any], value: Any) -> str | None:
     if kind is bool:
         return None if isinstance(value, bool) else f"{name} must be true or false"
     if kind in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (kind is int and not isinstance(value, int))
+        ):
             return f"{name} must be {'an integer' if kind is int else 'a number'}"
         if kind is float and not math.isfinite(value):
             return f"{name} must be a finite number"
@@ -347,7 +352,10 @@ def _field_problem(setting: dataclasses.Field[Any], value: Any) -> str | None:
 
 def _cross_field_problem(settings: Settings) -> str | None:
     if settings.metrics_port and settings.metrics_port == settings.port:
-        return f"metrics_port={settings.metrics_port} and port={settings.port} must differ (or metrics_port=0 to turn metrics off)"
+        return (
+            f"metrics_port={settings.metrics_port} and port={settings.port} must differ "
+            "(or metrics_port=0 to turn metrics off)"
+        )
     if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
         return (
             f"tls_cert_file={_show(settings.tls_cert_file)} and tls_key_file={_show(settings.tls_key_file)}: "
@@ -370,7 +378,7 @@ def _field_docs() -> dict[str, str]:
         return {}
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
     docs: dict[str, str] = {}
-    for statement, following in zip(body, body[1:]):
+    for statement, following in zip(body, body[1:], strict=False):
         if (
             isinstance(statement, ast.AnnAssign)
             and isinstance(statement.target, ast.Name)

@@ -32,8 +32,33 @@ from export.data.splits import Pair, Splits, sorted_counts, take_splits
 
 #: Locales rendered by default: Latin, Cyrillic, Greek, CJK, Arabic, Devanagari, Hebrew and Thai scripts.
 DEFAULT_LOCALES: tuple[str, ...] = (
-    "en", "en_GB", "fr", "de", "es", "it", "pt", "nl", "pl", "cs", "tr", "sv", "fi", "hu", "ro", "vi", "id",
-    "ru", "uk", "el", "ja", "zh", "ko", "ar", "hi", "he", "th",
+    "en",
+    "en_GB",
+    "fr",
+    "de",
+    "es",
+    "it",
+    "pt",
+    "nl",
+    "pl",
+    "cs",
+    "tr",
+    "sv",
+    "fi",
+    "hu",
+    "ro",
+    "vi",
+    "id",
+    "ru",
+    "uk",
+    "el",
+    "ja",
+    "zh",
+    "ko",
+    "ar",
+    "hi",
+    "he",
+    "th",
 )
 
 #: CLDR standard formats tried in every locale (those with a two-digit year are skipped).
@@ -152,7 +177,8 @@ def make_dates(
     A draw picks one of the kept formats of every locale (and of the numeric group) uniformly, so every
     locale x format combination the task claims is trained on equally, then a day uniformly in
     [first_year-01-01, last_year-12-31], so every year of the range (whose digits the model must copy)
-    is as likely as any other. Sources longer than `max_source_chars` characters are skipped. Same arguments -> byte-identical splits; only `random.Random(seed)` is used.
+    is as likely as any other. Sources longer than `max_source_chars` characters are skipped. Same arguments
+    -> byte-identical splits; only `random.Random(seed)` is used.
     Raises ValueError for bad arguments or when the formats cannot yield that many distinct sources.
     """
     for name, count in (("n_train", n_train), ("n_valid", n_valid), ("n_test", n_test)):
@@ -218,7 +244,12 @@ def make_dates(
         "max_source_chars": max_source_chars,
         "formats": {code: [fmt.name for fmt in formats[code]] for code in groups},
         "dropped_formats": [
-            {"locale": item.format.locale, "name": item.format.name, "pattern": item.format.pattern, "reason": item.reason}
+            {
+                "locale": item.format.locale,
+                "name": item.format.name,
+                "pattern": item.format.pattern,
+                "reason": item.reason,
+            }
             for item in dropped
         ],
         "pairs_per_locale": sorted_counts(per_locale),

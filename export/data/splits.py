@@ -90,7 +90,7 @@ def stable_fraction(key: str, seed: int) -> float:
     Used to assign a split by hashing, so that adding lines to a corpus moves no existing source to
     another split, and Python's per-process string hash randomisation plays no part.
     """
-    digest = hashlib.blake2b(f"{seed}\x00{key}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64
 
 

@@ -1,1 +1,2 @@
-"""Reliability runs that print figures: `make overload` (loadtests.reliability.overload) and `make soak` (loadtests.reliability.soak)."""
+"""Reliability runs that print figures: `make overload` (loadtests.reliability.overload) and `make soak` "
+"(loadtests.reliability.soak)."""

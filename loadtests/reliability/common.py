@@ -30,16 +30,19 @@ def repository_or_smoke(repository: Path) -> Path:
     from loadtests.smoke import SMOKE_ROOT, build_smoke_repository
 
     smoke = build_smoke_repository(SMOKE_ROOT)
-    print(f"model repository: {repository} holds no model; using the tiny smoke models in {smoke} "
-          "(run `make models` for the real ones; figures differ)")
+    print(
+        f"model repository: {repository} holds no model; using the tiny smoke models in {smoke} "
+        "(run `make models` for the real ones; figures differ)"
+    )
     return smoke
 
 
 def start_server(repository: Path, out: Path, label: str, extra: Sequence[str] = (), threads: int = 1) -> ServerProcess:
     """`attnserve serve` on free loopback ports, continuous batching on the CPU, its log in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    return attnserve_server(repository, batching="continuous", threads=threads, provider="cpu", log_dir=out,
-                            extra=tuple(extra), label=label).start()
+    return attnserve_server(
+        repository, batching="continuous", threads=threads, provider="cpu", log_dir=out, extra=tuple(extra), label=label
+    ).start()
 
 
 def workload_texts(address: str) -> dict[str, list[str]]:
@@ -133,7 +136,12 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[objec
     widths = [max(len(row[index]) for row in cells) for index in range(len(header))]
     print(f"\n{title}")
     for number, row in enumerate(cells):
-        print("  " + "  ".join(cell.ljust(width) if index == 0 else cell.rjust(width)
-                               for index, (cell, width) in enumerate(zip(row, widths, strict=True))))
+        print(
+            "  "
+            + "  ".join(
+                cell.ljust(width) if index == 0 else cell.rjust(width)
+                for index, (cell, width) in enumerate(zip(row, widths, strict=True))
+            )
+        )
         if number == 0:
             print("  " + "  ".join("-" * width for width in widths))

@@ -103,6 +103,7 @@ async def _drive(load: Load) -> list[Call]:
         await asyncio.sleep(max(0.0, load.start - time.monotonic()))
         end = load.start + load.duration_s
         if load.mode == "closed":
+
             async def caller() -> None:
                 while time.monotonic() < end:
                     await one()
@@ -138,7 +139,9 @@ def run_phase(pool: multiprocessing.pool.Pool, processes: int, template: Load) -
         share = dict(template.__dict__)
         share["seed"] = template.seed * 1000 + index
         if template.mode == "closed":
-            share["concurrency"] = max(1, template.concurrency // processes + (index < template.concurrency % processes))
+            share["concurrency"] = max(
+                1, template.concurrency // processes + (index < template.concurrency % processes)
+            )
         else:
             share["rate"] = template.rate / processes
             share["start"] = template.start + index / template.rate  # interleave the processes' schedules
@@ -172,8 +175,17 @@ def figures(name: str, calls: list[Call], seconds: float) -> PhaseFigures:
     ok = [call.seconds for call in calls if call.code == "OK"]
     shed = [call.seconds for call in calls if call.code == SHED]
     return PhaseFigures(
-        name, seconds, len(calls) / seconds, len(ok), len(shed), sum(1 for call in calls if call.code not in ACCEPTABLE),
-        percentile(ok, 50), percentile(ok, 99), max(ok, default=math.nan), percentile(shed, 50), percentile(shed, 99),
+        name,
+        seconds,
+        len(calls) / seconds,
+        len(ok),
+        len(shed),
+        sum(1 for call in calls if call.code not in ACCEPTABLE),
+        percentile(ok, 50),
+        percentile(ok, 99),
+        max(ok, default=math.nan),
+        percentile(shed, 50),
+        percentile(shed, 99),
     )
 
 
@@ -190,7 +202,9 @@ def recovery_seconds(calls: list[Call], start: float, target_p99: float) -> floa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.reliability.overload", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.reliability.overload", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--repository", type=Path, default=Path("models"))
     parser.add_argument("--out", type=Path, default=Path("reports/overload"), help="server log folder")
     parser.add_argument("--factor", type=float, default=10.0, help="spike load as a multiple of the capacity")
@@ -216,13 +230,25 @@ def main(argv: list[str] | None = None) -> int:
     context = multiprocessing.get_context("spawn")  # no grpc state inherited across fork
     try:
         texts = workload_texts(server.address)
-        print(f"server {server.address}, models {', '.join(sorted(texts))}, queue limit {args.queue} texts per "
-              f"model version, {args.processes} client processes")
+        print(
+            f"server {server.address}, models {', '.join(sorted(texts))}, queue limit {args.queue} texts per "
+            f"model version, {args.processes} client processes"
+        )
         with context.Pool(args.processes) as pool:
+
             def phase(mode: str, seconds: float, seed: int, **load: float) -> tuple[list[Call], float]:
                 start = time.monotonic() + 1.0  # every process starts on the same clock tick
-                template = Load(server.address, texts, mode, start, seconds, seed=seed,  # type: ignore[arg-type]
-                                texts_per_call=args.texts_per_call, beam_share=args.beam_share, **load)
+                template = Load(
+                    server.address,
+                    texts,
+                    mode,
+                    start,
+                    seconds,
+                    seed=seed,  # type: ignore[arg-type]
+                    texts_per_call=args.texts_per_call,
+                    beam_share=args.beam_share,
+                    **load,
+                )
                 return run_phase(pool, args.processes, template), start
 
             phase("closed", 10.0, 1, concurrency=args.concurrency)  # warm-up: not measured
@@ -230,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             baseline = figures("baseline (closed loop)", baseline_calls, args.baseline_seconds)
             capacity = baseline.ok_per_s
             memory_before = memory.between(baseline_start, baseline_start + args.baseline_seconds + 1.0)
-            print(f"capacity: {capacity:.1f} calls/s; spike: {args.factor:g}x = {capacity * args.factor:.0f} calls/s "
-                  f"for {args.spike_seconds:g} s")
+            print(
+                f"capacity: {capacity:.1f} calls/s; spike: {args.factor:g}x = {capacity * args.factor:.0f} calls/s "
+                f"for {args.spike_seconds:g} s"
+            )
             spike_calls, spike_start = phase("open", args.spike_seconds, 3, rate=capacity * args.factor)
             spike = figures(f"spike ({args.factor:g}x, open loop)", spike_calls, args.spike_seconds)
             recovery_calls, recovery_start = phase("open", args.recovery_seconds, 4, rate=capacity * 0.5)
@@ -243,40 +271,84 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
 
     rows = [
-        [p.name, f"{p.offered_per_s:.0f}/s", f"{p.ok_per_s:.0f}/s", p.ok, p.shed,
-         f"{100.0 * p.shed / max(p.ok + p.shed, 1):.1f}%", p.lost, ms(p.ok_p50), ms(p.ok_p99), ms(p.ok_max),
-         ms(p.shed_p50), ms(p.shed_p99)]
+        [
+            p.name,
+            f"{p.offered_per_s:.0f}/s",
+            f"{p.ok_per_s:.0f}/s",
+            p.ok,
+            p.shed,
+            f"{100.0 * p.shed / max(p.ok + p.shed, 1):.1f}%",
+            p.lost,
+            ms(p.ok_p50),
+            ms(p.ok_p99),
+            ms(p.ok_max),
+            ms(p.shed_p50),
+            ms(p.shed_p99),
+        ]
         for p in (baseline, spike, recovery)
     ]
-    print_table("calls by phase", ["phase", "offered", "served", "ok", "shed", "shed %", "lost", "ok p50", "ok p99",
-                                   "ok max", "shed p50", "shed p99"], rows)
+    print_table(
+        "calls by phase",
+        [
+            "phase",
+            "offered",
+            "served",
+            "ok",
+            "shed",
+            "shed %",
+            "lost",
+            "ok p50",
+            "ok p99",
+            "ok max",
+            "shed p50",
+            "shed p99",
+        ],
+        rows,
+    )
     timeline = [(at - spike_start, value) for at, value in memory.samples if at >= baseline_start]
-    print_table("server memory over time (seconds from the start of the spike)", ["second", "RSS"],
-                [[f"{at:+.0f}", mib(value)] for at, value in timeline[:: max(1, len(timeline) // 12)]])
+    print_table(
+        "server memory over time (seconds from the start of the spike)",
+        ["second", "RSS"],
+        [[f"{at:+.0f}", mib(value)] for at, value in timeline[:: max(1, len(timeline) // 12)]],
+    )
     baseline_rss = statistics.median(memory_before) if memory_before else math.nan
-    sustained = memory_spike[len(memory_spike) // 2:]
+    sustained = memory_spike[len(memory_spike) // 2 :]
     sustained_rss = statistics.median(sustained) if sustained else math.nan
     final_rss = memory_after[-1] if memory_after else math.nan
     peak_rss = max(memory_spike + memory_after) if memory_spike or memory_after else math.nan
     growth = max(sustained_rss, final_rss) / baseline_rss - 1.0
-    print_table("server memory (RSS)", ["when", "RSS", "vs baseline"], [
-        ["baseline (median)", mib(baseline_rss), ""],
-        ["second half of the spike (median)", mib(sustained_rss), f"{100.0 * (sustained_rss / baseline_rss - 1):+.1f}%"],
-        ["end of the run", mib(final_rss), f"{100.0 * (final_rss / baseline_rss - 1):+.1f}%"],
-        ["peak (one sample)", mib(peak_rss), f"{100.0 * (peak_rss / baseline_rss - 1):+.1f}%"],
-    ])
+    print_table(
+        "server memory (RSS)",
+        ["when", "RSS", "vs baseline"],
+        [
+            ["baseline (median)", mib(baseline_rss), ""],
+            [
+                "second half of the spike (median)",
+                mib(sustained_rss),
+                f"{100.0 * (sustained_rss / baseline_rss - 1):+.1f}%",
+            ],
+            ["end of the run", mib(final_rss), f"{100.0 * (final_rss / baseline_rss - 1):+.1f}%"],
+            ["peak (one sample)", mib(peak_rss), f"{100.0 * (peak_rss / baseline_rss - 1):+.1f}%"],
+        ],
+    )
     others = Counter(call.code for call in baseline_calls + spike_calls + recovery_calls if call.code not in ACCEPTABLE)
     if others:
         print("\nlost calls by status: " + ", ".join(f"{code} {count}" for code, count in others.most_common()))
         if others.get("CANCELLED"):
-            print("  (CANCELLED: gRPC's own backlog protection dropped calls the server's event loop could not even\n"
-                  "  pick up, before they reached attnserve; the offered rate is beyond what this machine can refuse)")
+            print(
+                "  (CANCELLED: gRPC's own backlog protection dropped calls the server's event loop could not even\n"
+                "  pick up, before they reached attnserve; the offered rate is beyond what this machine can refuse)"
+            )
     recovered = recovery_seconds(recovery_calls, recovery_start, max(baseline.ok_p99 * 1.5, 0.005))
     lost = baseline.lost + spike.lost + recovery.lost
-    print(f"\nrecovered to within 1.5x the baseline p99 after: "
-          f"{'never' if math.isnan(recovered) else f'{recovered:.0f} s'} of the recovery phase")
-    print(f"load held: {spike.offered_per_s:.0f} calls/s offered against a capacity of {capacity:.0f} calls/s; "
-          f"requests lost: {lost}")
+    print(
+        f"\nrecovered to within 1.5x the baseline p99 after: "
+        f"{'never' if math.isnan(recovered) else f'{recovered:.0f} s'} of the recovery phase"
+    )
+    print(
+        f"load held: {spike.offered_per_s:.0f} calls/s offered against a capacity of {capacity:.0f} calls/s; "
+        f"requests lost: {lost}"
+    )
     failed = []
     if lost:
         failed.append(f"{lost} calls ended with a status other than OK or RESOURCE_EXHAUSTED")

@@ -24,7 +24,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtests.reliability.common import PROJECT_ROOT, MemorySampler, mib, print_table, repository_or_smoke, start_server
+from loadtests.reliability.common import (
+    PROJECT_ROOT,
+    MemorySampler,
+    mib,
+    print_table,
+    repository_or_smoke,
+    start_server,
+)
 
 
 @dataclass(frozen=True)
@@ -39,16 +46,39 @@ class LocustTotals:
     max_ms: float
 
 
-def locust(host: str, out: Path, name: str, users: int, seconds: float, workload: Path,
-           calls_per_second: float = 0.0) -> int:
+def locust(
+    host: str, out: Path, name: str, users: int, seconds: float, workload: Path, calls_per_second: float = 0.0
+) -> int:
     """Run Locust headless; its CSVs go to out/NAME_*.csv. Returns its exit status."""
     command = [
-        sys.executable, "-m", "locust", "-f", str(PROJECT_ROOT / "loadtests" / "reliability" / "soak_locustfile.py"),
-        "--headless", "--host", host, "--users", str(users), "--spawn-rate", str(max(users / 4, 1)),
-        "--run-time", f"{int(math.ceil(seconds))}s", "--stop-timeout", "30",
-        "--csv", str(out / name), "--csv-full-history", "--only-summary", "--loglevel", "WARNING",
-        "--workload", str(workload), "--max-fail-ratio", "0",
-        "--calls-per-second", str(calls_per_second),
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(PROJECT_ROOT / "loadtests" / "reliability" / "soak_locustfile.py"),
+        "--headless",
+        "--host",
+        host,
+        "--users",
+        str(users),
+        "--spawn-rate",
+        str(max(users / 4, 1)),
+        "--run-time",
+        f"{int(math.ceil(seconds))}s",
+        "--stop-timeout",
+        "30",
+        "--csv",
+        str(out / name),
+        "--csv-full-history",
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
+        "--workload",
+        str(workload),
+        "--max-fail-ratio",
+        "0",
+        "--calls-per-second",
+        str(calls_per_second),
     ]
     return subprocess.run(command, cwd=PROJECT_ROOT).returncode
 
@@ -57,9 +87,14 @@ def totals(stats_csv: Path) -> LocustTotals:
     with stats_csv.open(newline="") as handle:
         for row in csv.DictReader(handle):
             if row["Name"] == "Aggregated":
-                return LocustTotals(int(row["Request Count"]), int(row["Failure Count"]), float(row["Requests/s"]),
-                                    float(row["50%"] or "nan"), float(row["99%"] or "nan"),
-                                    float(row["Max Response Time"] or "nan"))
+                return LocustTotals(
+                    int(row["Request Count"]),
+                    int(row["Failure Count"]),
+                    float(row["Requests/s"]),
+                    float(row["50%"] or "nan"),
+                    float(row["99%"] or "nan"),
+                    float(row["Max Response Time"] or "nan"),
+                )
     raise RuntimeError(f"{stats_csv} has no Aggregated row")
 
 
@@ -97,9 +132,16 @@ def per_minute(history_csv: Path, memory: MemorySampler, started_wall: float, st
         p99 = [float(row["99%"]) for row in group if row["99%"] not in ("", "N/A")]
         start = started_monotonic + index * 60
         rss = memory.between(start, start + 60)
-        result.append(Minute(index + 1, calls - previous_calls, failures - previous_failures,
-                             statistics.median(p50) if p50 else math.nan, max(p99) if p99 else math.nan,
-                             statistics.median(rss) if rss else math.nan))
+        result.append(
+            Minute(
+                index + 1,
+                calls - previous_calls,
+                failures - previous_failures,
+                statistics.median(p50) if p50 else math.nan,
+                max(p99) if p99 else math.nan,
+                statistics.median(rss) if rss else math.nan,
+            )
+        )
         previous_calls, previous_failures = calls, failures
     return result
 
@@ -130,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         locust(server.address, args.out, "capacity", args.users, args.capacity_seconds, workload)
         capacity = totals(args.out / "capacity_stats.csv")
         target = args.load * capacity.requests_per_s
-        print(f"capacity: {capacity.requests_per_s:.1f} calls/s (p99 {capacity.p99_ms:.0f} ms); soaking at "
-              f"{target:.1f} calls/s ({args.load:.0%}) for {args.minutes:g} minutes")
+        print(
+            f"capacity: {capacity.requests_per_s:.1f} calls/s (p99 {capacity.p99_ms:.0f} ms); soaking at "
+            f"{target:.1f} calls/s ({args.load:.0%}) for {args.minutes:g} minutes"
+        )
         started_wall, started_monotonic = time.time(), time.monotonic()
         status = locust(server.address, args.out, "soak", args.users, args.minutes * 60, workload, target)
         soak = totals(args.out / "soak_stats.csv")
@@ -140,21 +184,41 @@ def main(argv: list[str] | None = None) -> int:
         memory.stop()
         server.stop()
 
-    print_table("soak, minute by minute", ["minute", "calls", "calls/s", "failed", "p50", "p99 (max of 10 s windows)", "server RSS"],
-                [[m.index, m.calls, f"{m.calls / 60:.1f}", m.failures, f"{m.p50_ms:.0f} ms", f"{m.p99_ms:.0f} ms",
-                  mib(m.rss)] for m in minutes])
+    print_table(
+        "soak, minute by minute",
+        ["minute", "calls", "calls/s", "failed", "p50", "p99 (max of 10 s windows)", "server RSS"],
+        [
+            [
+                m.index,
+                m.calls,
+                f"{m.calls / 60:.1f}",
+                m.failures,
+                f"{m.p50_ms:.0f} ms",
+                f"{m.p99_ms:.0f} ms",
+                mib(m.rss),
+            ]
+            for m in minutes
+        ],
+    )
     full = [m for m in minutes if m.calls > 0]
     first, last = (full[0], full[-1]) if full else (None, None)
     growth = (last.rss / first.rss - 1.0) if first and last else math.nan
     drift = (last.p99_ms / first.p99_ms) if first and last and first.p99_ms > 0 else math.nan
-    print_table("soak totals", ["figure", "value"], [
-        ["calls", soak.requests], ["failed calls", soak.failures],
-        ["rate (target)", f"{soak.requests_per_s:.1f} calls/s ({target:.1f})"],
-        ["latency p50 / p99 / max", f"{soak.p50_ms:.0f} / {soak.p99_ms:.0f} / {soak.max_ms:.0f} ms"],
-        ["server RSS first minute -> last", f"{mib(first.rss) if first else '-'} -> {mib(last.rss) if last else '-'} "
-                                            f"({100.0 * growth:+.1f}%)"],
-        ["p99 last minute / first minute", f"{drift:.2f}x"],
-    ])
+    print_table(
+        "soak totals",
+        ["figure", "value"],
+        [
+            ["calls", soak.requests],
+            ["failed calls", soak.failures],
+            ["rate (target)", f"{soak.requests_per_s:.1f} calls/s ({target:.1f})"],
+            ["latency p50 / p99 / max", f"{soak.p50_ms:.0f} / {soak.p99_ms:.0f} / {soak.max_ms:.0f} ms"],
+            [
+                "server RSS first minute -> last",
+                f"{mib(first.rss) if first else '-'} -> {mib(last.rss) if last else '-'} ({100.0 * growth:+.1f}%)",
+            ],
+            ["p99 last minute / first minute", f"{drift:.2f}x"],
+        ],
+    )
     problems = []
     if soak.failures or status != 0:
         problems.append(f"{soak.failures} calls failed (Locust exit status {status})")

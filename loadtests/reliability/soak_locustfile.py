@@ -20,8 +20,12 @@ import loadtests.locustfile as project_users
 
 @events.init_command_line_parser.add_listener
 def _soak_arguments(parser) -> None:  # type: ignore[no-untyped-def]
-    parser.add_argument("--calls-per-second", type=float, default=0.0,
-                        help="total calls per second of all users together (0 = as fast as the users go)")
+    parser.add_argument(
+        "--calls-per-second",
+        type=float,
+        default=0.0,
+        help="total calls per second of all users together (0 = as fast as the users go)",
+    )
 
 
 class PacedTranslatorUser(project_users.TranslatorUser):

@@ -15,11 +15,9 @@ from __future__ import annotations
 from service.engine.core import BatchingPolicy, CoreOutput, EngineCore, EngineLimits, FinishedRequest
 from service.engine.records import (
     DecodeOptions,
-    EncoderOutput,
     FinishReason,
     Hypothesis,
     StepModel,
-    StepOutput,
     TokenEvent,
     TranslationRequest,
     TranslationResult,
@@ -27,6 +25,7 @@ from service.engine.records import (
 from service.engine.scheduler import RequestHandle, Scheduler
 from service.engine.search import length_penalty, normalised_score
 from service.engine.stats import NullRecorder, RequestStats, StatsRecorder, StepStats
+from service.runtime.step import EncoderOutput, StepOutput
 
 __all__ = [
     "BatchingPolicy",

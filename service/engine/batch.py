@@ -26,15 +26,23 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 #: Per-row int64 fields: the token fed next, the source length, the owning slot, the index in its beam, the
 #: tokens generated so far, the most allowed, whether the row's request streams or keeps attention, and the
 #: width of its beam (1: greedy).
-ROW_FIELDS = ("row_token", "row_source_length", "row_slot", "row_beam_index", "row_steps", "row_max_length",
-              "row_extras", "row_width")
+ROW_FIELDS = (
+    "row_token",
+    "row_source_length",
+    "row_slot",
+    "row_beam_index",
+    "row_steps",
+    "row_max_length",
+    "row_extras",
+    "row_width",
+)
 
 
 class NewRequest(NamedTuple):
@@ -72,8 +80,15 @@ class DecodeBatch:
     row_extras: np.ndarray
     row_width: np.ndarray
 
-    def __init__(self, *, max_rows: int, memory_names: Sequence[str], state_names: Sequence[str],
-                 bos_id: int, source_bucket: int = 8) -> None:
+    def __init__(
+        self,
+        *,
+        max_rows: int,
+        memory_names: Sequence[str],
+        state_names: Sequence[str],
+        bos_id: int,
+        source_bucket: int = 8,
+    ) -> None:
         if max_rows < 1 or source_bucket < 1:
             raise ValueError(f"max_rows and source_bucket must be >= 1, got {max_rows}, {source_bucket}")
         self.max_rows = max_rows
@@ -122,7 +137,7 @@ class DecodeBatch:
         self.slot_admitted_at: list[float] = []
         self.slot_first_step_at: list[float] = []
         self.slot_attention: list[list[np.ndarray] | None] = []  # attention rows, when asked for
-        self.slot_finished: list[list[tuple]] = []  # finished beam candidates (a bounded n-best)
+        self.slot_finished: list[list[tuple[Any, ...]]] = []  # finished beam candidates (a bounded n-best)
         self._grow(min(max_rows, 16), 16, 1)
 
     # ----- storage -----------------------------------------------------------------------------------
@@ -158,10 +173,13 @@ class DecodeBatch:
         for tensors in (self.memory, self.state):
             for name, array in tensors.items():
                 tensors[name] = resized(array, (capacity, *array.shape[1:]))
-        for records, fill in ((self.slot_key, 0), (self.slot_beam, 1), (self.slot_source_length, 0),
-                              (self.slot_stream, False), (self.slot_admitted_at, math.nan),
-                              (self.slot_first_step_at, math.nan), (self.slot_attention, None)):
-            records += [fill] * added  # type: ignore[operator]
+        self.slot_key += [0] * added
+        self.slot_beam += [1] * added
+        self.slot_source_length += [0] * added
+        self.slot_stream += [False] * added
+        self.slot_admitted_at += [math.nan] * added
+        self.slot_first_step_at += [math.nan] * added
+        self.slot_attention += [None] * added
         self.slot_finished += [[] for _ in range(added)]
         self._free_slots[:0] = range(capacity - 1, self._capacity - 1, -1)  # used after the free ones
         self._capacity, self._length_capacity, self._beam_capacity = capacity, length, beam
@@ -181,8 +199,9 @@ class DecodeBatch:
 
     # ----- admission and retirement ------------------------------------------------------------------
 
-    def admit(self, new: Sequence[NewRequest], admitted_at: float, memory: dict[str, np.ndarray],
-              state: dict[str, np.ndarray]) -> list[int]:
+    def admit(
+        self, new: Sequence[NewRequest], admitted_at: float, memory: dict[str, np.ndarray], state: dict[str, np.ndarray]
+    ) -> list[int]:
         """Add the rows of the `new` requests, encoded together (`memory` [B, S, ...], `state` [B, ...] in
         their order), into the holes first, then at the end; each request's rows start from bos with copies of
         its initial state. Returns their slots.
@@ -207,10 +226,13 @@ class DecodeBatch:
             self._count_length(source_length, +1)
         self.longest_source = max(self.longest_source, *lengths)
         if not self.memory:  # the first admission tells the tensors' trailing shapes and types
-            self.memory = {name: np.zeros((self._capacity, 0, *value.shape[2:]), dtype=value.dtype)
-                           for name, value in memory.items()}
-            self.state = {name: np.zeros((self._capacity, *value.shape[1:]), dtype=value.dtype)
-                          for name, value in state.items()}
+            self.memory = {
+                name: np.zeros((self._capacity, 0, *value.shape[2:]), dtype=value.dtype)
+                for name, value in memory.items()
+            }
+            self.state = {
+                name: np.zeros((self._capacity, *value.shape[1:]), dtype=value.dtype) for name, value in state.items()
+            }
         self._relayout_memory(bucketed(self.longest_source, self.source_bucket))
 
         filled = self.holes[:new_rows]
@@ -238,20 +260,31 @@ class DecodeBatch:
             if span < self.padded_source_len:
                 target[targets, span:] = 0
             # Zero beyond each row's own length: the encoder pads to its batch's longest source.
-            for row, row_length in zip(targets, row_lengths):
+            for row, row_length in zip(targets, row_lengths, strict=False):
                 if row_length < span:
                     target[row, row_length:span] = 0
         for name, value in state.items():
             self.state[name][targets] = value if owner is None else value[owner]
         row_widths = [1] * new_rows if owner is None else [widths[index] for index in owner]
-        self._rows[:, targets] = [[self.bos_id] * new_rows, row_lengths, row_slots, beam_index, [0] * new_rows,
-                                  row_max_length, row_extras, row_widths]
+        self._rows[:, targets] = np.array(
+            [
+                [self.bos_id] * new_rows,
+                row_lengths,
+                row_slots,
+                beam_index,
+                [0] * new_rows,
+                row_max_length,
+                row_extras,
+                row_widths,
+            ],
+            dtype=np.int64,
+        )
         # Only each beam's first row is live at first: the copies start at -inf, so the first step's
         # candidates all come from one row and identical hypotheses never fill the beam.
         self.row_score[targets] = 0.0 if owner is None else [0.0 if b == 0 else -math.inf for b in beam_index]
-        for row, slot, beam in zip(targets, row_slots, beam_index):
+        for row, slot, beam in zip(targets, row_slots, beam_index, strict=False):
             self.slot_rows[slot, beam] = row
-        for slot, request in zip(slots, new):
+        for slot, request in zip(slots, new, strict=False):
             self.slot_key[slot] = request.key
             self.slot_beam[slot] = request.beam
             self.slot_source_length[slot] = request.source_length
@@ -311,7 +344,7 @@ class DecodeBatch:
                 for tensors in (self.memory, self.state):
                     for array in tensors.values():
                         array[holes] = array[movers]
-                for hole, slot, beam in zip(holes, *self._rows[2:4, holes].tolist()):
+                for hole, slot, beam in zip(holes, *self._rows[2:4, holes].tolist(), strict=False):
                     self.slot_rows[slot, beam] = hole
             self.rows = kept
             self.holes = []
@@ -338,4 +371,5 @@ class DecodeBatch:
     def active_slots(self) -> list[int]:
         """Slots in the batch (one entry per request), after `compact`; for rare paths, not the step loop."""
         first_rows = self.row_beam_index[: self.rows] == 0
-        return self.row_slot[: self.rows][first_rows].tolist()
+        slots: list[int] = self.row_slot[: self.rows][first_rows].tolist()
+        return slots

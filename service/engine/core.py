@@ -23,7 +23,6 @@ from __future__ import annotations
 import enum
 import heapq
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -63,8 +62,13 @@ class EngineLimits:
     source_bucket: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("max_active_hypotheses", "max_padded_source_tokens", "max_waiting_requests", "batch_size",
-                     "source_bucket"):
+        for name in (
+            "max_active_hypotheses",
+            "max_padded_source_tokens",
+            "max_waiting_requests",
+            "batch_size",
+            "source_bucket",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.batch_delay_s >= 0.0:
@@ -121,8 +125,15 @@ _QUEUED = -1  # `_slot_of` value of a request that waits (active requests map to
 class EngineCore:
     """Continuous batching for one model version over a StepModel; see the module docstring."""
 
-    def __init__(self, model: StepModel, limits: EngineLimits, policy: BatchingPolicy = BatchingPolicy.CONTINUOUS,
-                 *, clock: Callable[[], float] = time.monotonic, label: str = "unnamed") -> None:
+    def __init__(
+        self,
+        model: StepModel,
+        limits: EngineLimits,
+        policy: BatchingPolicy = BatchingPolicy.CONTINUOUS,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        label: str = "unnamed",
+    ) -> None:
         self.model = model
         self.limits = limits
         self.policy = policy
@@ -142,9 +153,13 @@ class EngineCore:
         self.batch = self._new_batch()
 
     def _new_batch(self) -> DecodeBatch:
-        return DecodeBatch(max_rows=self.limits.max_active_hypotheses, memory_names=self.model.memory_names,
-                           state_names=self.model.state_names, bos_id=self.model.bos_id,
-                           source_bucket=self.limits.source_bucket)
+        return DecodeBatch(
+            max_rows=self.limits.max_active_hypotheses,
+            memory_names=self.model.memory_names,
+            state_names=self.model.state_names,
+            bos_id=self.model.bos_id,
+            source_bucket=self.limits.source_bucket,
+        )
 
     # ----- the inbox (any thread) --------------------------------------------------------------------
 
@@ -197,10 +212,18 @@ class EngineCore:
         batch.compact()  # holes that admissions did not fill take the last rows
         if batch.rows == 0:
             if admitted:
-                output.stats = StepStats(rows=0, requests=0, step_seconds=0.0, encode_seconds=encode_seconds,
-                                         encoder_batch=admitted, admitted=admitted, padded_source_len=0,
-                                         tokens_generated=0, retired=len(output.failed),
-                                         memory_generation=batch.memory_generation)
+                output.stats = StepStats(
+                    rows=0,
+                    requests=0,
+                    step_seconds=0.0,
+                    encode_seconds=encode_seconds,
+                    encoder_batch=admitted,
+                    admitted=admitted,
+                    padded_source_len=0,
+                    tokens_generated=0,
+                    retired=len(output.failed),
+                    memory_generation=batch.memory_generation,
+                )
             return output
 
         rows, requests, padded = batch.rows, batch.requests, batch.padded_source_len
@@ -209,17 +232,33 @@ class EngineCore:
         step_output = self._run_step(output)
         step_seconds = self.clock() - started
         if step_output is None:  # every request of the step failed
-            output.stats = StepStats(rows=rows, requests=requests, step_seconds=step_seconds,
-                                     encode_seconds=encode_seconds, encoder_batch=admitted, admitted=admitted,
-                                     padded_source_len=padded, tokens_generated=0, retired=len(output.failed),
-                                     memory_generation=generation)
+            output.stats = StepStats(
+                rows=rows,
+                requests=requests,
+                step_seconds=step_seconds,
+                encode_seconds=encode_seconds,
+                encoder_batch=admitted,
+                admitted=admitted,
+                padded_source_len=padded,
+                tokens_generated=0,
+                retired=len(output.failed),
+                memory_generation=generation,
+            )
             return output
         stepped_rows = batch.rows  # fewer than `rows` when requests failed on their own and left
         finished = self._update_from_output(step_output, self.clock(), admitted_slots, output)
-        output.stats = StepStats(rows=rows, requests=requests, step_seconds=step_seconds,
-                                 encode_seconds=encode_seconds, encoder_batch=admitted, admitted=admitted,
-                                 padded_source_len=padded, tokens_generated=stepped_rows,
-                                 retired=finished + len(output.failed), memory_generation=generation)
+        output.stats = StepStats(
+            rows=rows,
+            requests=requests,
+            step_seconds=step_seconds,
+            encode_seconds=encode_seconds,
+            encoder_batch=admitted,
+            admitted=admitted,
+            padded_source_len=padded,
+            tokens_generated=stepped_rows,
+            retired=finished + len(output.failed),
+            memory_generation=generation,
+        )
         return output
 
     def fail_all(self, error_for: Callable[[str], AttnServeError]) -> CoreOutput:
@@ -247,8 +286,13 @@ class EngineCore:
             key = self.batch.slot_key[slot]
             if self._slot_of.pop(key, None) is not None:
                 self._requests.pop(key, None)
-                output.failed.append((key, EngineFailure(
-                    f"engine error in model {self.label}: {type(exc).__name__}: {exc}"), FinishReason.ERROR))
+                output.failed.append(
+                    (
+                        key,
+                        EngineFailure(f"engine error in model {self.label}: {type(exc).__name__}: {exc}"),
+                        FinishReason.ERROR,
+                    )
+                )
         self.batch = self._new_batch()
         return output
 
@@ -275,9 +319,15 @@ class EngineCore:
                     continue  # already finished or cancelled
                 where = "waiting" if slot == _QUEUED else "decoding"
                 waited = now - self._requests[key].arrival
-                output.failed.append((key, DeadlineExceeded(
-                    f"the deadline passed after {waited:.3f} s while {where} (model {self.label})"),
-                    FinishReason.DEADLINE))
+                output.failed.append(
+                    (
+                        key,
+                        DeadlineExceeded(
+                            f"the deadline passed after {waited:.3f} s while {where} (model {self.label})"
+                        ),
+                        FinishReason.DEADLINE,
+                    )
+                )
                 self._drop(key, retire)
         self.batch.retire(retire)
 
@@ -301,8 +351,11 @@ class EngineCore:
         head = self._head()
         if head is None or self.batch.requests:
             return False
-        return (self._queued >= self.limits.batch_size or self.draining
-                or now >= head.submitted_at + self.limits.batch_delay_s)
+        return (
+            self._queued >= self.limits.batch_size
+            or self.draining
+            or now >= head.submitted_at + self.limits.batch_delay_s
+        )
 
     def _admit(self, now: float, output: CoreOutput) -> tuple[float, int, list[int] | None]:
         """Admit waiting requests first come first served while the budgets allow, and encode them in one
@@ -326,8 +379,10 @@ class EngineCore:
                 break
             beam = head.request.options.beam_size
             new_rows, new_longest = rows + beam, max(longest, head.request.source_length)
-            over = (new_rows > limits.max_active_hypotheses
-                    or new_rows * bucketed(new_longest, limits.source_bucket) > limits.max_padded_source_tokens)
+            over = (
+                new_rows > limits.max_active_hypotheses
+                or new_rows * bucketed(new_longest, limits.source_bucket) > limits.max_padded_source_tokens
+            )
             # An empty batch always takes the head (it was checked to fit alone), so the loop always
             # progresses; otherwise strict FIFO: a big request at the head is not overtaken, so it cannot starve.
             if over and rows > 0:
@@ -354,11 +409,21 @@ class EngineCore:
                 self._requests.pop(waiting.key, None)
                 output.failed.append((waiting.key, self._model_failure("encoder", exc), FinishReason.ERROR))
             return self.clock() - started, len(chosen), None
-        new = [NewRequest(w.key, w.request.options.beam_size, w.request.source_length, w.request.options.max_length,
-                          w.request.options.num_hypotheses, w.request.stream, w.request.options.return_attention,
-                          w.request.options.length_penalty) for w in chosen]
+        new = [
+            NewRequest(
+                w.key,
+                w.request.options.beam_size,
+                w.request.source_length,
+                w.request.options.max_length,
+                w.request.options.num_hypotheses,
+                w.request.stream,
+                w.request.options.return_attention,
+                w.request.options.length_penalty,
+            )
+            for w in chosen
+        ]
         slots = batch.admit(new, now, encoded.memory, encoded.state)
-        for waiting, slot in zip(chosen, slots):
+        for waiting, slot in zip(chosen, slots, strict=False):
             self._slot_of[waiting.key] = slot
             output.admitted.append(waiting.key)
         if self.on_admitted is not None:
@@ -373,8 +438,13 @@ class EngineCore:
         memory = {name: array[:count] for name, array in batch.memory.items()}
         state = {name: array[:count] for name, array in batch.state.items()}
         try:
-            step_output = self.model.step(batch.row_token[:count], batch.row_source_length[:count], memory,
-                                          state, memory_version=batch.memory_generation)
+            step_output = self.model.step(
+                batch.row_token[:count],
+                batch.row_source_length[:count],
+                memory,
+                state,
+                memory_version=batch.memory_generation,
+            )
             self._check_step_output(step_output, count, max(batch.widths, default=1), batch.padded_source_len)
             return step_output
         except Exception as exc:
@@ -382,13 +452,19 @@ class EngineCore:
                 log.error("the decoder step of model %s failed for 1 request", self.label, exc_info=exc)
                 self._fail_slots(batch.active_slots(), self._model_failure("decoder step", exc), output)
                 return None
-            log.warning("the decoder step of model %s failed for %d requests (%s: %s); stepping each request "
-                        "alone so that only the failing ones fail", self.label, batch.requests, type(exc).__name__,
-                        exc)
+            log.warning(
+                "the decoder step of model %s failed for %d requests (%s: %s); stepping each request "
+                "alone so that only the failing ones fail",
+                self.label,
+                batch.requests,
+                type(exc).__name__,
+                exc,
+            )
             return self._step_each_alone(memory, state, output)
 
-    def _step_each_alone(self, memory: dict[str, np.ndarray], state: dict[str, np.ndarray],
-                         output: CoreOutput) -> StepOutput | None:
+    def _step_each_alone(
+        self, memory: dict[str, np.ndarray], state: dict[str, np.ndarray], output: CoreOutput
+    ) -> StepOutput | None:
         """After a decoder step of several requests failed: run it again on each request's rows alone (rows
         are independent, so the numbers are the same), fail the requests whose own step fails, and return the
         others' outputs laid out in their rows after the failed ones left, or None when none survived."""
@@ -398,18 +474,25 @@ class EngineCore:
         for slot in batch.active_slots():
             rows = batch.rows_of(slot)
             try:
-                part = self.model.step(batch.row_token[rows], batch.row_source_length[rows],
-                                       {name: array[rows] for name, array in memory.items()},
-                                       {name: array[rows] for name, array in state.items()})
+                part = self.model.step(
+                    batch.row_token[rows],
+                    batch.row_source_length[rows],
+                    {name: array[rows] for name, array in memory.items()},
+                    {name: array[rows] for name, array in state.items()},
+                )
                 self._check_step_output(part, len(rows), len(rows), batch.padded_source_len)
             except Exception as exc:
                 failed[slot] = exc
             else:
                 parts[slot] = part
-        for slot, exc in failed.items():
-            log.error("the decoder step of model %s failed for request %d on its own", self.label,
-                      batch.slot_key[slot], exc_info=exc)
-            self._fail_slots([slot], self._model_failure("decoder step", exc), output)
+        for slot, error in failed.items():
+            log.error(
+                "the decoder step of model %s failed for request %d on its own",
+                self.label,
+                batch.slot_key[slot],
+                exc_info=error,
+            )
+            self._fail_slots([slot], self._model_failure("decoder step", error), output)
         batch.compact()  # the survivors' rows, which their outputs are laid out in
         if not parts:
             return None
@@ -443,11 +526,18 @@ class EngineCore:
         and attention over >= `padded_source_len` positions."""
         shape = output.topk_log_probs.shape
         if len(shape) != 2 or shape[0] != rows or output.topk_ids.shape != shape or shape[1] < widest:
-            raise ValueError(f"step returned topk_log_probs {shape} and topk_ids {output.topk_ids.shape} for {rows} "
-                             f"rows (need [{rows}, >= {widest}])")
-        if output.attention.ndim != 2 or output.attention.shape[0] != rows or output.attention.shape[1] < padded_source_len:
-            raise ValueError(f"step returned attention {output.attention.shape} for {rows} rows of "
-                             f"{padded_source_len} source tokens")
+            raise ValueError(
+                f"step returned topk_log_probs {shape} and topk_ids {output.topk_ids.shape} for {rows} "
+                f"rows (need [{rows}, >= {widest}])"
+            )
+        if (
+            output.attention.ndim != 2
+            or output.attention.shape[0] != rows
+            or output.attention.shape[1] < padded_source_len
+        ):
+            raise ValueError(
+                f"step returned attention {output.attention.shape} for {rows} rows of {padded_source_len} source tokens"
+            )
         _check_tensors("step state", output.state, self.model.state_names, rows, None)
 
     def _model_failure(self, what: str, exc: Exception) -> EngineFailure:
@@ -455,8 +545,9 @@ class EngineCore:
 
     # ----- update: the hot loop ----------------------------------------------------------------------
 
-    def _update_from_output(self, step_output: StepOutput, now: float, admitted_slots: list[int] | None,
-                            output: CoreOutput) -> int:
+    def _update_from_output(
+        self, step_output: StepOutput, now: float, admitted_slots: list[int] | None, output: CoreOutput
+    ) -> int:
         """Advance every request by one token from the step's outputs; retire and report the finished ones.
 
         This runs once per decoder step for the whole batch and is the engine's hot loop: its cost per row
@@ -468,13 +559,15 @@ class EngineCore:
         eos_id = self.model.eos_id
         # Rows of beam requests are reordered (state gathered from their parents); greedy rows keep theirs.
         reorder = None
+        done: list[list[int]] = []
         if batch.beam_rows == 0:
-            done = [advance_greedy(batch, None, step_output, eos_id, output.events)]
+            done.append(advance_greedy(batch, None, step_output, eos_id, output.events))
         else:
             reorder = np.arange(count)
             widths = batch.row_width[:count]
             greedy_rows = np.flatnonzero(widths == 1)
-            done = [advance_greedy(batch, greedy_rows, step_output, eos_id, output.events)] if greedy_rows.size else []
+            if greedy_rows.size:
+                done.append(advance_greedy(batch, greedy_rows, step_output, eos_id, output.events))
             first_rows = batch.row_beam_index[:count] == 0
             for width in sorted(batch.widths):
                 slots = batch.row_slot[:count][first_rows & (widths == width)]
@@ -489,29 +582,38 @@ class EngineCore:
         for slot in finished:
             key = batch.slot_key[slot]
             first_row = int(batch.slot_rows[slot, 0])
-            output.finished.append(FinishedRequest(
-                key=key,
-                hypotheses=([greedy_hypothesis(batch, slot, eos_id)] if batch.slot_beam[slot] == 1
-                            else beam_hypotheses(batch, slot)),
-                admitted_at=batch.slot_admitted_at[slot],
-                first_step_at=batch.slot_first_step_at[slot],
-                last_step_at=now,
-                steps=int(batch.row_steps[first_row]),
-            ))
+            output.finished.append(
+                FinishedRequest(
+                    key=key,
+                    hypotheses=(
+                        [greedy_hypothesis(batch, slot, eos_id)]
+                        if batch.slot_beam[slot] == 1
+                        else beam_hypotheses(batch, slot)
+                    ),
+                    admitted_at=batch.slot_admitted_at[slot],
+                    first_step_at=batch.slot_first_step_at[slot],
+                    last_step_at=now,
+                    steps=int(batch.row_steps[first_row]),
+                )
+            )
             del self._slot_of[key]
             del self._requests[key]
         batch.retire(finished)
         return len(finished)
 
 
-def _check_tensors(what: str, tensors: dict[str, np.ndarray], names: Sequence[str], rows: int,
-                   length: int | None) -> None:
+def _check_tensors(
+    what: str, tensors: dict[str, np.ndarray], names: Sequence[str], rows: int, length: int | None
+) -> None:
     """Raise ValueError unless every name is present with `rows` rows (and `length` on axis 1 if given)."""
     for name in names:
         tensor = tensors.get(name)
         if tensor is None:
             raise ValueError(f"{what} lacks {name!r} (has {sorted(tensors)})")
-        if tensor.ndim < 1 or tensor.shape[0] != rows or (length is not None and (tensor.ndim < 2 or tensor.shape[1] != length)):
+        if (
+            tensor.ndim < 1
+            or tensor.shape[0] != rows
+            or (length is not None and (tensor.ndim < 2 or tensor.shape[1] != length))
+        ):
             expected = f"[{rows}, {length}, ...]" if length is not None else f"[{rows}, ...]"
             raise ValueError(f"{what} {name!r} has shape {tensor.shape}, expected {expected}")
-

@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TypeVar
 
 from service.engine.batch import bucketed
 from service.engine.core import BatchingPolicy, CoreOutput, EngineCore, EngineLimits, FinishedRequest
@@ -34,6 +35,8 @@ from service.engine.stats import NullRecorder, RequestStats, StatsRecorder
 from service.errors import AttnServeError, EngineFailure, InvalidRequest, Overloaded, RequestCancelled, Unavailable
 
 log = logging.getLogger(__name__)
+
+Stat = TypeVar("Stat")
 
 
 class _Lifecycle(enum.Enum):
@@ -49,8 +52,14 @@ _END_OF_STREAM = object()
 class RequestHandle:
     """The caller's side of one submitted request. Use it on the event-loop thread only."""
 
-    def __init__(self, key: int, request: TranslationRequest, loop: asyncio.AbstractEventLoop,
-                 on_cancel: Callable[[RequestHandle], None], submitted_at: float) -> None:
+    def __init__(
+        self,
+        key: int,
+        request: TranslationRequest,
+        loop: asyncio.AbstractEventLoop,
+        on_cancel: Callable[[RequestHandle], None],
+        submitted_at: float,
+    ) -> None:
         self.key = key
         self.request = request
         self.submitted_at = submitted_at
@@ -140,9 +149,17 @@ class RequestHandle:
 class Scheduler:
     """Continuous-batching decoder for one model version; owns that version's StepModel and its worker."""
 
-    def __init__(self, model: StepModel, *, limits: EngineLimits, policy: BatchingPolicy = BatchingPolicy.CONTINUOUS,
-                 recorder: StatsRecorder | None = None, name: str = "", version: str = "",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        model: StepModel,
+        *,
+        limits: EngineLimits,
+        policy: BatchingPolicy = BatchingPolicy.CONTINUOUS,
+        recorder: StatsRecorder | None = None,
+        name: str = "",
+        version: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.model = model
         self.limits = limits
         self.policy = policy
@@ -263,8 +280,9 @@ class Scheduler:
         self._closing = True
         self._wake.set()
         for handle in list(self._outstanding.values()):
-            self._fail(handle, Unavailable(f"model {self._label} stopped before the request finished"),
-                       FinishReason.ERROR)
+            self._fail(
+                handle, Unavailable(f"model {self._label} stopped before the request finished"), FinishReason.ERROR
+            )
 
     # ----- the worker thread -----------------------------------------------------------------------
 
@@ -318,8 +336,11 @@ class Scheduler:
     def _fail_running(self, exc: Exception) -> None:
         """Fail every request in the batch (the core drops them at its next step)."""
         for handle in [handle for handle in self._outstanding.values() if not handle.queued]:
-            if self._fail(handle, EngineFailure(f"engine error in model {self._label}: {type(exc).__name__}: {exc}"),
-                          FinishReason.ERROR):
+            if self._fail(
+                handle,
+                EngineFailure(f"engine error in model {self._label}: {type(exc).__name__}: {exc}"),
+                FinishReason.ERROR,
+            ):
                 self._core.abort(handle.key)
         self._wake.set()
 
@@ -345,8 +366,7 @@ class Scheduler:
     def _worker_died(self, exc: BaseException) -> None:
         self._lifecycle = _Lifecycle.STOPPED
         for handle in list(self._outstanding.values()):
-            self._fail(handle, EngineFailure(f"the engine of model {self._label} stopped: {exc!r}"),
-                       FinishReason.ERROR)
+            self._fail(handle, EngineFailure(f"the engine of model {self._label} stopped: {exc!r}"), FinishReason.ERROR)
 
     def _resolve(self, handle: RequestHandle, done: FinishedRequest, now: float) -> None:
         request = handle.request
@@ -360,16 +380,21 @@ class Scheduler:
         if not handle._resolve(result):
             return
         self._forget(handle)
-        self._record(self._recorder.on_request_done, RequestStats(
-            queue_wait_s=result.queue_wait_s,
-            first_token_s=result.first_token_s,
-            mean_inter_token_s=(done.last_step_at - done.first_step_at) / (done.steps - 1) if done.steps > 1 else None,
-            total_s=result.total_s,
-            generated_tokens=done.steps,
-            source_tokens=request.source_length,
-            finish_reason=done.hypotheses[0].finish_reason,
-            beam_size=request.options.beam_size,
-        ))
+        self._record(
+            self._recorder.on_request_done,
+            RequestStats(
+                queue_wait_s=result.queue_wait_s,
+                first_token_s=result.first_token_s,
+                mean_inter_token_s=(done.last_step_at - done.first_step_at) / (done.steps - 1)
+                if done.steps > 1
+                else None,
+                total_s=result.total_s,
+                generated_tokens=done.steps,
+                source_tokens=request.source_length,
+                finish_reason=done.hypotheses[0].finish_reason,
+                beam_size=request.options.beam_size,
+            ),
+        )
 
     def _fail(self, handle: RequestHandle, error: AttnServeError, reason: FinishReason) -> bool:
         if not handle._fail(error):
@@ -391,7 +416,7 @@ class Scheduler:
             self._core.abort(handle.key)
             self._wake.set()
 
-    def _record(self, method: Callable[[object], None], value: object) -> None:
+    def _record(self, method: Callable[[Stat], None], value: Stat) -> None:
         try:
             method(value)
         except Exception:  # a broken recorder must not break decoding

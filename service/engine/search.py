@@ -37,7 +37,7 @@ def length_penalty(length: int, alpha: float) -> float:
     if alpha == 0.0:
         return 1.0
     try:
-        return ((5.0 + length) / 6.0) ** alpha
+        return float(((5.0 + length) / 6.0) ** alpha)
     except OverflowError:  # an absurd alpha: every length is infinitely penalised, as the array form says
         return math.inf
 
@@ -57,25 +57,21 @@ def _normalised(log_probs: np.ndarray, lengths: np.ndarray, alphas: np.ndarray) 
 # ----- greedy --------------------------------------------------------------------------------------------
 
 
-def advance_greedy(batch: DecodeBatch, rows: np.ndarray | None, output: StepOutput, eos_id: int,
-                   events: list[tuple[int, TokenEvent]]) -> list[int]:
+def advance_greedy(
+    batch: DecodeBatch, rows: np.ndarray | None, output: StepOutput, eos_id: int, events: list[tuple[int, TokenEvent]]
+) -> list[int]:
     """Take the top-1 candidate of every greedy row (`rows`; None = every row of the batch is greedy).
 
     Records token, log probability and alignment at each request's position, feeds the token back, appends
     streamed tokens (key, event) to `events`, and returns the slots that finished.
     """
     count = batch.rows
-    if rows is None:
-        rows = slice(0, count)
-        tokens = output.topk_ids[:count, 0]
-        log_probs = output.topk_log_probs[:count, 0]
-        attention = output.attention[:count]
-    else:
-        tokens = output.topk_ids[rows, 0]
-        log_probs = output.topk_log_probs[rows, 0]
-        attention = output.attention[rows]
-    slots = batch.row_slot[rows]
-    positions = batch.row_steps[rows].copy()  # a view when `rows` is a slice, and row_steps moves on below
+    index: slice | np.ndarray = slice(0, count) if rows is None else rows
+    tokens = output.topk_ids[index, 0]
+    log_probs = output.topk_log_probs[index, 0]
+    attention = output.attention[index]
+    slots = batch.row_slot[index]
+    positions = batch.row_steps[index].copy()  # a view when `index` is a slice, and row_steps moves on below
     # Attention is 0 beyond each row's source (softmax over its own positions), so the argmax over the
     # padded axis is the argmax over the row's own positions.
     alignment = attention.argmax(axis=1)
@@ -83,25 +79,31 @@ def advance_greedy(batch: DecodeBatch, rows: np.ndarray | None, output: StepOutp
     batch.out_log_prob[slots, positions] = log_probs
     batch.out_alignment[slots, positions] = alignment
     # float64 running sums, one addition per step in order: the same value the request gets decoded alone.
-    batch.row_score[rows] += log_probs
-    batch.row_steps[rows] += 1
-    batch.row_token[rows] = tokens
+    batch.row_score[index] += log_probs
+    batch.row_steps[index] += 1
+    batch.row_token[index] = tokens
     done = tokens == eos_id
-    done |= batch.row_steps[rows] >= batch.row_max_length[rows]
+    done |= batch.row_steps[index] >= batch.row_max_length[index]
 
     if batch.streaming or batch.any_attention:
-        for index in np.flatnonzero(batch.row_extras[rows]).tolist():
-            slot = int(slots[index])
+        for position in np.flatnonzero(batch.row_extras[index]).tolist():
+            slot = int(slots[position])
             attention_row = None
             kept = batch.slot_attention[slot]
             if kept is not None:
-                attention_row = attention[index, : batch.slot_source_length[slot]].copy()
+                attention_row = attention[position, : batch.slot_source_length[slot]].copy()
                 kept.append(attention_row)
             if batch.slot_stream[slot]:
-                events.append((batch.slot_key[slot], TokenEvent(
-                    int(tokens[index]), int(positions[index]), float(log_probs[index]), int(alignment[index]),
-                    attention_row)))
-    return slots[done].tolist()
+                event = TokenEvent(
+                    int(tokens[position]),
+                    int(positions[position]),
+                    float(log_probs[position]),
+                    int(alignment[position]),
+                    attention_row,
+                )
+                events.append((batch.slot_key[slot], event))
+    finished: list[int] = slots[done].tolist()
+    return finished
 
 
 def greedy_hypothesis(batch: DecodeBatch, slot: int, eos_id: int) -> Hypothesis:
@@ -126,8 +128,9 @@ def greedy_hypothesis(batch: DecodeBatch, slot: int, eos_id: int) -> Hypothesis:
 # `order` breaks ties: among equal scores the earlier finished one ranks first.
 
 
-def advance_beam_group(batch: DecodeBatch, width: int, slots: np.ndarray, output: StepOutput, eos_id: int,
-                       reorder: np.ndarray) -> np.ndarray:
+def advance_beam_group(
+    batch: DecodeBatch, width: int, slots: np.ndarray, output: StepOutput, eos_id: int, reorder: np.ndarray
+) -> list[int]:
     """Advance every beam request of one width; writes the rows' parents into `reorder` (the state gather
     index of the whole batch) and returns the slots that finished."""
     count = len(slots)
@@ -145,16 +148,27 @@ def advance_beam_group(batch: DecodeBatch, width: int, slots: np.ndarray, output
 
     # Eos candidates among the best 2 x width join the n-best (rare per step: a Python loop is fine).
     head = order[:, : 2 * width]
-    for request, position in zip(*np.nonzero(is_eos[:, : 2 * width] & np.isfinite(candidates[each, head]))):
+    for request, position in zip(
+        *np.nonzero(is_eos[:, : 2 * width] & np.isfinite(candidates[each, head])), strict=False
+    ):
         slot = int(slots[request])
         index = int(head[request, position])
         parent = index // top_k
         attention_row = None
         if batch.slot_attention[slot] is not None:
             attention_row = attention[request, parent, : batch.slot_source_length[slot]].copy()
-        _add_finished(batch, slot, float(candidates[request, index]), int(steps[request]) - 1, parent, eos_id,
-                      int(parent_alignment[request, parent]), attention_row, FinishReason.EOS,
-                      int(steps[request]) + 1)
+        _add_finished(
+            batch,
+            slot,
+            float(candidates[request, index]),
+            int(steps[request]) - 1,
+            parent,
+            eos_id,
+            int(parent_alignment[request, parent]),
+            attention_row,
+            FinishReason.EOS,
+            int(steps[request]) + 1,
+        )
 
     # The best `width` non-eos candidates continue. A stable sort on is_eos keeps rank order; when a model
     # repeats ids so that fewer than `width` non-eos candidates exist, the rest become dead (-inf) rows.
@@ -188,18 +202,29 @@ def advance_beam_group(batch: DecodeBatch, width: int, slots: np.ndarray, output
         _finish_live(batch, int(slots[request]), int(steps[request]), finite_only=True)
     enough = batch.slot_finished_count[slots] >= batch.slot_wanted[slots]
     if not enough.any():
-        return slots[at_limit].tolist()
+        limited: list[int] = slots[at_limit].tolist()
+        return limited
     best_live = kept_scores.max(axis=1)  # -inf when no row is live (NaN never gets here)
     alphas = batch.slot_alpha[slots]
     bound = np.maximum(_normalised(best_live, steps + 2, alphas), _normalised(best_live, limits, alphas))
     with np.errstate(invalid="ignore"):
         settled = enough & (np.isneginf(best_live) | (batch.slot_threshold[slots] > bound))
-    return slots[at_limit | settled].tolist()
+    finished: list[int] = slots[at_limit | settled].tolist()
+    return finished
 
 
-def _add_finished(batch: DecodeBatch, slot: int, log_prob: float, prefix_step: int, prefix_row: int,
-                  last_token: int, last_alignment: int, last_attention: np.ndarray | None, reason: FinishReason,
-                  length: int) -> None:
+def _add_finished(
+    batch: DecodeBatch,
+    slot: int,
+    log_prob: float,
+    prefix_step: int,
+    prefix_row: int,
+    last_token: int,
+    last_alignment: int,
+    last_attention: np.ndarray | None,
+    reason: FinishReason,
+    length: int,
+) -> None:
     """Enter a finished candidate into the slot's n-best (kept to num_hypotheses, best first)."""
     score = normalised_score(log_prob, length, float(batch.slot_alpha[slot]))
     finished = batch.slot_finished[slot]
@@ -227,9 +252,18 @@ def _finish_live(batch: DecodeBatch, slot: int, step: int, *, finite_only: bool)
         if finite_only and not math.isfinite(score):
             continue
         kept = batch.slot_attention[slot]
-        _add_finished(batch, slot, score, step - 1, int(batch.history_parent[slot, step, beam]),
-                      int(batch.history_token[slot, step, beam]), int(batch.history_alignment[slot, step, beam]),
-                      kept[step][beam] if kept is not None else None, FinishReason.LENGTH, step + 1)
+        _add_finished(
+            batch,
+            slot,
+            score,
+            step - 1,
+            int(batch.history_parent[slot, step, beam]),
+            int(batch.history_token[slot, step, beam]),
+            int(batch.history_alignment[slot, step, beam]),
+            kept[step][beam] if kept is not None else None,
+            FinishReason.LENGTH,
+            step + 1,
+        )
 
 
 def beam_hypotheses(batch: DecodeBatch, slot: int) -> list[Hypothesis]:
@@ -238,8 +272,17 @@ def beam_hypotheses(batch: DecodeBatch, slot: int) -> list[Hypothesis]:
         _finish_live(batch, slot, int(batch.row_steps[batch.slot_rows[slot, 0]]) - 1, finite_only=False)
     kept = batch.slot_attention[slot]
     hypotheses = []
-    for score, _, log_prob, prefix_step, prefix_row, last_token, last_alignment, last_attention, reason in (
-            batch.slot_finished[slot]):
+    for (
+        score,
+        _,
+        log_prob,
+        prefix_step,
+        prefix_row,
+        last_token,
+        last_alignment,
+        last_attention,
+        reason,
+    ) in batch.slot_finished[slot]:
         tokens, alignment, attention = [last_token], [last_alignment], [last_attention]
         row = prefix_row
         for step in range(prefix_step, -1, -1):
@@ -251,7 +294,14 @@ def beam_hypotheses(batch: DecodeBatch, slot: int) -> list[Hypothesis]:
         tokens.reverse()
         alignment.reverse()
         attention.reverse()
-        hypotheses.append(Hypothesis(
-            token_ids=tokens, score=score, log_prob=log_prob, finish_reason=reason, alignment=alignment,
-            attention=np.stack(attention).astype(np.float32, copy=False) if kept is not None else None))
+        hypotheses.append(
+            Hypothesis(
+                token_ids=tokens,
+                score=score,
+                log_prob=log_prob,
+                finish_reason=reason,
+                alignment=alignment,
+                attention=np.stack(attention).astype(np.float32, copy=False) if kept is not None else None,
+            )
+        )
     return hypotheses

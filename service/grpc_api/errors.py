@@ -13,7 +13,7 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,8 +171,10 @@ class RpcInterceptor(aio.ServerInterceptor):
 
         return unary
 
-    def _wrap_stream(self, method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-        async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+    def _wrap_stream(
+        self, method: str, behavior: Callable[..., AsyncGenerator[Any, None]]
+    ) -> Callable[..., AsyncGenerator[Any, None]]:
+        async def stream(request: Any, context: aio.ServicerContext) -> AsyncGenerator[Any, None]:
             labels = CallLabels()
             _current_call.set(labels)
             started = time.perf_counter()
@@ -197,7 +199,9 @@ class RpcInterceptor(aio.ServerInterceptor):
         return stream
 
     @staticmethod
-    def _classify(error: BaseException, context: aio.ServicerContext, method: str) -> tuple[str, tuple[grpc.StatusCode, str] | None]:
+    def _classify(
+        error: BaseException, context: aio.ServicerContext, method: str
+    ) -> tuple[str, tuple[grpc.StatusCode, str] | None]:
         """The status name to record for `error`, and the (status, details) to abort with, or None when
         the error must propagate as it is (cancellation, or an abort the handler did itself)."""
         if isinstance(error, aio.AbortError):

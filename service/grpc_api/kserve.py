@@ -331,11 +331,15 @@ def infer_call_from_grpc(request: pb.ModelInferRequest, *, streaming: bool = Fal
 
 
 def _add_output(
-    response: pb.ModelInferResponse, spec: TensorSpec, shape: Sequence[int], values: Sequence[bytes] | np.ndarray, raw: bool
+    response: pb.ModelInferResponse,
+    spec: TensorSpec,
+    shape: Sequence[int],
+    values: Sequence[bytes] | np.ndarray,
+    raw: bool,
 ) -> None:
     tensor = response.outputs.add(name=spec.name, datatype=spec.datatype, shape=list(shape))
     if spec.datatype == BYTES:
-        elements = list(values)  # type: ignore[arg-type]
+        elements = list(values)
         if raw:
             response.raw_output_contents.append(encode_raw_bytes(elements))
         else:
@@ -446,7 +450,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=SERVER_EXTENSIONS)
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: aio.ServicerContext) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
         model = self.dataplane.get_model(_required_name(request.name, "ModelMetadata"), request.version)
         note_model(model.name, str(model.version))
         return model_metadata_to_grpc(model)
@@ -546,4 +552,3 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 def _final_flag(response: pb.ModelInferResponse, final: bool) -> pb.ModelStreamInferResponse:
     response.parameters[FINAL_RESPONSE_PARAMETER].bool_param = final
     return pb.ModelStreamInferResponse(infer_response=response)
-

@@ -149,9 +149,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
     files = CertificateFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
-    return grpc.dynamic_ssl_server_credentials(
-        files.initial, files.fetch, require_client_authentication=files.mutual
-    )
+    return grpc.dynamic_ssl_server_credentials(files.initial, files.fetch, require_client_authentication=files.mutual)
 
 
 # ----- bearer tokens -------------------------------------------------------------------------------------
@@ -264,7 +262,7 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | No
             continue
         text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
         if text[: len(BEARER_PREFIX)].lower() == BEARER_PREFIX:
-            return text[len(BEARER_PREFIX):].strip()
+            return text[len(BEARER_PREFIX) :].strip()
         return None
     return None
 

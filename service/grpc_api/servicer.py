@@ -139,7 +139,9 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         self, request: pb.TranslateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[pb.TranslateStreamResponse]:
         if len(request.texts) != 1:
-            raise InvalidRequest(f"TranslateStream takes exactly one text, got {len(request.texts)}; use Translate for several")
+            raise InvalidRequest(
+                f"TranslateStream takes exactly one text, got {len(request.texts)}; use Translate for several"
+            )
         updates = self.dataplane.translate_stream(
             request.model,
             request.version,

@@ -47,18 +47,20 @@ class ModelConfig:
     states: tuple[StateSpec, ...]
     encoder_file: str
     decoder_file: str
-    source_tokenizer: dict
-    target_tokenizer: dict
-    task: dict = field(default_factory=dict)
-    architecture: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-    raw: dict = field(default_factory=dict, repr=False)
+    source_tokenizer: dict[str, Any]
+    target_tokenizer: dict[str, Any]
+    task: dict[str, Any] = field(default_factory=dict)
+    architecture: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_json(cls, data: dict, where: str = "model.json") -> "ModelConfig":
+    def from_json(cls, data: dict[str, Any], where: str = "model.json") -> ModelConfig:
         try:
             if data.get("format") != FORMAT_VERSION:
-                raise ModelLoadError(f"{where}: format {data.get('format')!r} is not supported (expected {FORMAT_VERSION})")
+                raise ModelLoadError(
+                    f"{where}: format {data.get('format')!r} is not supported (expected {FORMAT_VERSION})"
+                )
             specials = data["special_tokens"]
             expected = {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK}
             if {k: specials.get(k) for k in expected} != expected:
@@ -122,9 +124,17 @@ class OnnxStepModel:
     tensors (tokens, lengths, state) travel each step.
     """
 
-    def __init__(self, config: ModelConfig, directory: Path, *, providers: list[str],
-                 intra_op_threads: int = 0, inter_op_threads: int = 1, require_cuda: bool = False,
-                 io_binding: bool | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        directory: Path,
+        *,
+        providers: list[str],
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 1,
+        require_cuda: bool = False,
+        io_binding: bool | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         self._ort = ort
@@ -168,7 +178,10 @@ class OnnxStepModel:
         wanted = [
             ("encoder inputs", {"source_ids", "source_lengths"} - encoder_in),
             ("encoder outputs", set(self._encoder_outputs) - encoder_out),
-            ("decoder inputs", ({"tokens", "source_lengths"} | set(self.memory_names) | set(self.state_names)) - decoder_in),
+            (
+                "decoder inputs",
+                ({"tokens", "source_lengths"} | set(self.memory_names) | set(self.state_names)) - decoder_in,
+            ),
             ("decoder outputs", set(self._decoder_outputs) - decoder_out),
         ]
         for what, missing in wanted:
@@ -178,22 +191,35 @@ class OnnxStepModel:
     def encode(self, source_ids: np.ndarray, source_lengths: np.ndarray) -> EncoderOutput:
         outputs = self._encoder.run(self._encoder_outputs, {"source_ids": source_ids, "source_lengths": source_lengths})
         n_memory = len(self.memory_names)
-        memory = dict(zip(self.memory_names, outputs[:n_memory]))
-        state = dict(zip(self.state_names, outputs[n_memory:]))
+        memory = dict(zip(self.memory_names, outputs[:n_memory], strict=False))
+        state = dict(zip(self.state_names, outputs[n_memory:], strict=False))
         return EncoderOutput(memory=memory, state=state)
 
-    def step(self, tokens: np.ndarray, source_lengths: np.ndarray, memory: dict[str, np.ndarray],
-             state: dict[str, np.ndarray], *, memory_version: int = -1) -> StepOutput:
+    def step(
+        self,
+        tokens: np.ndarray,
+        source_lengths: np.ndarray,
+        memory: dict[str, np.ndarray],
+        state: dict[str, np.ndarray],
+        *,
+        memory_version: int = -1,
+    ) -> StepOutput:
         if self.io_binding:
             outputs = self._step_with_binding(tokens, source_lengths, memory, state, memory_version)
         else:
             feeds = {"tokens": tokens, "source_lengths": source_lengths, **memory, **state}
             outputs = self._decoder.run(self._decoder_outputs, feeds)
-        new_state = dict(zip(self.state_names, outputs[3:]))
+        new_state = dict(zip(self.state_names, outputs[3:], strict=False))
         return StepOutput(topk_log_probs=outputs[0], topk_ids=outputs[1], attention=outputs[2], state=new_state)
 
-    def _step_with_binding(self, tokens: np.ndarray, source_lengths: np.ndarray, memory: dict[str, np.ndarray],
-                           state: dict[str, np.ndarray], memory_version: int) -> list[np.ndarray]:
+    def _step_with_binding(
+        self,
+        tokens: np.ndarray,
+        source_lengths: np.ndarray,
+        memory: dict[str, np.ndarray],
+        state: dict[str, np.ndarray],
+        memory_version: int,
+    ) -> list[np.ndarray]:
         if memory_version < 0 or memory_version != self._memory_version:
             self._device_memory = {
                 name: self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self._device, 0)
@@ -211,7 +237,8 @@ class OnnxStepModel:
         for name in self._decoder_outputs:
             binding.bind_output(name, "cpu")
         self._decoder.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()
+        outputs: list[np.ndarray] = binding.copy_outputs_to_cpu()
+        return outputs
 
 
 @dataclass
@@ -227,7 +254,7 @@ class LoadedModel:
 
     @property
     def provider(self) -> str:
-        return self.step_model.provider
+        return str(self.step_model.provider)
 
     def warm_up(self) -> None:
         """Run the encoder and a few decoder steps at two shapes so the first real request is not slow."""
@@ -254,8 +281,14 @@ def read_config(directory: Path) -> ModelConfig:
     return ModelConfig.from_json(data, where=str(path))
 
 
-def load_model(directory: Path, *, provider: str = "auto", intra_op_threads: int = 0,
-               inter_op_threads: int = 1, io_binding: bool | None = None) -> LoadedModel:
+def load_model(
+    directory: Path,
+    *,
+    provider: str = "auto",
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 1,
+    io_binding: bool | None = None,
+) -> LoadedModel:
     """Load the model version in ``directory`` (``models/NAME/VERSION``); raises ModelLoadError with the cause."""
     started = time.monotonic()
     directory = Path(directory)
@@ -270,9 +303,22 @@ def load_model(directory: Path, *, provider: str = "auto", intra_op_threads: int
         expected = vocab.get(f"{side}_vocab")
         if expected is not None and int(expected) != tok.vocab_size:
             raise ModelLoadError(
-                f"{directory}: {side} tokenizer has {tok.vocab_size} tokens but the model was trained with {expected}")
-    step_model = OnnxStepModel(config, directory, providers=choose_providers(provider),
-                               intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
-                               require_cuda=provider == "cuda", io_binding=io_binding)
-    return LoadedModel(config=config, directory=directory, source_tokenizer=source, target_tokenizer=target,
-                       step_model=step_model, load_seconds=time.monotonic() - started)
+                f"{directory}: {side} tokenizer has {tok.vocab_size} tokens but the model was trained with {expected}"
+            )
+    step_model = OnnxStepModel(
+        config,
+        directory,
+        providers=choose_providers(provider),
+        intra_op_threads=intra_op_threads,
+        inter_op_threads=inter_op_threads,
+        require_cuda=provider == "cuda",
+        io_binding=io_binding,
+    )
+    return LoadedModel(
+        config=config,
+        directory=directory,
+        source_tokenizer=source,
+        target_tokenizer=target,
+        step_model=step_model,
+        load_seconds=time.monotonic() - started,
+    )

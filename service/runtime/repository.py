@@ -43,7 +43,8 @@ def discover(root: Path) -> dict[str, list[int]]:
         if not model_dir.is_dir() or not is_valid_model_name(model_dir.name):
             continue
         versions = sorted(
-            int(v.name) for v in model_dir.iterdir()
+            int(v.name)
+            for v in model_dir.iterdir()
             if v.is_dir() and is_valid_version(v.name) and (v / "model.json").is_file()
         )
         if versions:

@@ -126,7 +126,7 @@ class Tokenizer(ABC):
         the text of its prefix (SentencePiece without byte fallback, as attnserve trains it)."""
         before = self._decode_known(context) if context else ""
         after = self._decode_known([*context, token_id])
-        return after[len(before):] if after.startswith(before) else after
+        return after[len(before) :] if after.startswith(before) else after
 
     def save(self, path: Path | str) -> None:
         """Write the tokenizer to one JSON file (atomically: a reader never sees half a file)."""
@@ -349,7 +349,9 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"SentencePiece model reserves ids {reserved}, expected {SPECIAL_TOKENS}")
         pieces = tuple(processor.IdToPiece(token_id) for token_id in range(len(SPECIAL_PIECES)))
         if pieces != SPECIAL_PIECES:
-            raise TokenizerError(f"SentencePiece model names its special ids {list(pieces)}, expected {list(SPECIAL_PIECES)}")
+            raise TokenizerError(
+                f"SentencePiece model names its special ids {list(pieces)}, expected {list(SPECIAL_PIECES)}"
+            )
         self._processor = processor
         self._model_proto = bytes(model_proto)
         self._model_type = model_type
@@ -368,7 +370,7 @@ class SentencePieceTokenizer(Tokenizer):
         return [int(token_id) for token_id in self._processor.EncodeAsIds(text)]
 
     def normalize(self, text: str) -> str:
-        return self._processor.Normalize(text).replace("\u2581", " ").strip()
+        return str(self._processor.Normalize(text)).replace("\u2581", " ").strip()
 
     def id_to_piece(self, token_id: int) -> str:
         self._check_id(token_id)
@@ -516,7 +518,9 @@ def load_tokenizer(kind: str, path: Path | str) -> Tokenizer:
     if document.get("kind") != kind:
         raise TokenizerError(f"{path}: expected a {kind!r} tokenizer, the file holds kind {document.get('kind')!r}")
     if document.get("format") != FILE_FORMAT:
-        raise TokenizerError(f"{path}: tokenizer file format {document.get('format')!r}, this version reads {FILE_FORMAT}")
+        raise TokenizerError(
+            f"{path}: tokenizer file format {document.get('format')!r}, this version reads {FILE_FORMAT}"
+        )
     try:
         if kind == SentencePieceTokenizer.kind:
             return SentencePieceTokenizer.from_document(document)

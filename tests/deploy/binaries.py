@@ -8,7 +8,6 @@ import pytest
 
 from deploy.tool import find_tool
 
-
 INSTALLED_BY = {
     "prometheus": "Debian's `prometheus` package: `make prometheus-tools`",
     "promtool": "Debian's `prometheus` package: `make prometheus-tools`",

@@ -35,7 +35,9 @@ def parse_dockerfile(path: Path) -> list[dict[str, Any]]:
 
 def dockerignore_patterns(path: Path) -> list[str]:
     """The patterns of a .dockerignore file (comments and blank lines dropped)."""
-    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        line.strip() for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def is_ignored(relative: str, patterns: list[str]) -> bool:

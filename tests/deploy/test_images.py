@@ -75,15 +75,20 @@ def replay_build_stage(root: Path) -> Path:
         elif instruction == "COPY":
             *sources, destination = shlex.split(arguments)
             assert not any(s.startswith("--") for s in sources), "build-stage COPY takes files from the context only"
-            target = root / workdir.lstrip("/") / destination if not destination.startswith("/") else root / destination.lstrip("/")
+            target = (
+                root / workdir.lstrip("/") / destination
+                if not destination.startswith("/")
+                else root / destination.lstrip("/")
+            )
             if destination.endswith("/") or len(sources) > 1:
                 target.mkdir(parents=True, exist_ok=True)
             _copy_from_context(sources, target, patterns)
         elif instruction == "RUN":
             # Image paths become paths under `root`; everything else runs as written.
             command = [str(root / t.lstrip("/")) if t.startswith("/") else t for t in shlex.split(arguments)]
-            result = subprocess.run(command, cwd=root / workdir.lstrip("/"), env=environment, capture_output=True,
-                                    text=True, timeout=900)
+            result = subprocess.run(
+                command, cwd=root / workdir.lstrip("/"), env=environment, capture_output=True, text=True, timeout=900
+            )
             assert result.returncode == 0, f"RUN {arguments} failed:\n{result.stdout}\n{result.stderr}"
             ran_install |= "install-serving.sh" in arguments
     assert ran_install
@@ -95,10 +100,17 @@ def test_the_build_stage_installs_a_torch_free_server_that_serves(tiny_repositor
     python = venv / "bin" / "python"
 
     # No torch, no training code: only what the image COPYs.
-    script = "import importlib.util as u, service; print(u.find_spec('torch') is None, u.find_spec('export') is None, service.__file__)"
+    script = (
+        "import importlib.util as u, service; "
+        "print(u.find_spec('torch') is None, u.find_spec('export') is None, service.__file__)"
+    )
     probe = subprocess.run(
         [str(python), "-c", script],
-        cwd=tmp_path, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, check=True,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        check=True,
     )
     no_torch, no_export, service_file = probe.stdout.split()
     assert no_torch == "True" and no_export == "True"
@@ -114,14 +126,18 @@ def test_the_build_stage_installs_a_torch_free_server_that_serves(tiny_repositor
     environment["MPLCONFIGDIR"] = str(tmp_path / "matplotlib")
     port, metrics_port = free_port(), free_port()
     environment.update(
-        ATTNSERVE_MODEL_REPOSITORY=str(tiny_repository), ATTNSERVE_HOST="127.0.0.1",  # loopback only in tests
-        ATTNSERVE_PORT=str(port), ATTNSERVE_METRICS_PORT=str(metrics_port), ATTNSERVE_INTRA_OP_THREADS="1",
+        ATTNSERVE_MODEL_REPOSITORY=str(tiny_repository),
+        ATTNSERVE_HOST="127.0.0.1",  # loopback only in tests
+        ATTNSERVE_PORT=str(port),
+        ATTNSERVE_METRICS_PORT=str(metrics_port),
+        ATTNSERVE_INTRA_OP_THREADS="1",
     )
     assert environment["ATTNSERVE_PROVIDER"] == "cpu"
     entrypoint = shutil.which("attnserve", path=environment["PATH"])
     assert entrypoint is not None and Path(entrypoint).is_relative_to(venv)
-    process = subprocess.Popen([entrypoint, "serve"], cwd=tmp_path, env=environment,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [entrypoint, "serve"], cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         wait_until_serving(f"127.0.0.1:{port}", timeout_s=120, process=process)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

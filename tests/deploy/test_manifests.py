@@ -49,7 +49,9 @@ def _container(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _settings_of(objects: list[dict[str, Any]]) -> Settings:
-    configmap = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("attnserve-settings"))
+    configmap = next(
+        o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("attnserve-settings")
+    )
     return Settings.from_sources([], configmap["data"])
 
 
@@ -57,7 +59,9 @@ def _settings_of(objects: list[dict[str, Any]]) -> Settings:
 
 
 @pytest.mark.parametrize("name", [*tool.OVERLAYS, "monitoring"])
-def test_every_kustomization_renders_and_every_object_validates(rendered: dict[str, list[dict[str, Any]]], name: str) -> None:
+def test_every_kustomization_renders_and_every_object_validates(
+    rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
     objects = rendered[name]
     assert objects, f"kubectl kustomize rendered nothing for {name}"
     problems = tool.validate_objects(name, objects)
@@ -65,8 +69,17 @@ def test_every_kustomization_renders_and_every_object_validates(rendered: dict[s
 
 
 def test_overlays_render_the_same_kinds(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    expected = {"Namespace", "ConfigMap", "Deployment", "Service", "PersistentVolumeClaim", "PodDisruptionBudget",
-                "ScaledObject", "ServiceMonitor", "PrometheusRule"}
+    expected = {
+        "Namespace",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+        "ScaledObject",
+        "ServiceMonitor",
+        "PrometheusRule",
+    }
     for name in OVERLAY_NAMES:
         assert {o["kind"] for o in rendered[name]} == expected
         assert {o["metadata"].get("namespace") for o in rendered[name] if o["kind"] != "Namespace"} == {"attnserve"}
@@ -132,7 +145,9 @@ def _mutations() -> list[tuple[str, str, Any]]:
 
 
 @pytest.mark.parametrize(("kind", "description", "mutate"), _mutations(), ids=[f"{k}-{d}" for k, d, _ in _mutations()])
-def test_validators_reject_broken_objects(rendered: dict[str, list[dict[str, Any]]], kind: str, description: str, mutate: Any) -> None:
+def test_validators_reject_broken_objects(
+    rendered: dict[str, list[dict[str, Any]]], kind: str, description: str, mutate: Any
+) -> None:
     schemas = load_custom_resource_schemas()
     original = find_object(rendered["cpu"], kind)
     assert validate_object(original, schemas) == []
@@ -143,9 +158,17 @@ def test_validators_reject_broken_objects(rendered: dict[str, list[dict[str, Any
 
 def test_every_custom_resource_has_a_vendored_schema(rendered: dict[str, list[dict[str, Any]]]) -> None:
     schemas = load_custom_resource_schemas()
-    assert set(schemas) == {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
-                            ("keda.sh/v1alpha1", "ScaledObject")}
-    custom = {(o["apiVersion"], o["kind"]) for objects in rendered.values() for o in objects if "." in o["apiVersion"].split("/")[0]}
+    assert set(schemas) == {
+        ("monitoring.coreos.com/v1", "ServiceMonitor"),
+        ("monitoring.coreos.com/v1", "PrometheusRule"),
+        ("keda.sh/v1alpha1", "ScaledObject"),
+    }
+    custom = {
+        (o["apiVersion"], o["kind"])
+        for objects in rendered.values()
+        for o in objects
+        if "." in o["apiVersion"].split("/")[0]
+    }
     assert custom == set(schemas)
     unknown = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
     assert validate_object(unknown, schemas) != []  # never silently skipped
@@ -259,8 +282,12 @@ def test_objects_select_the_server_pods(rendered: dict[str, list[dict[str, Any]]
 def test_alerts_cover_the_issue_and_each_has_a_runbook() -> None:
     rules = alerts()
     by_name = {rule["alert"]: rule for rule in rules}
-    assert {"AttnserveHighErrorRatio", "AttnserveLatencyP99AboveSLO", "AttnserveQueueSaturated",
-            "AttnserveNoReadyReplicas"} <= set(by_name)
+    assert {
+        "AttnserveHighErrorRatio",
+        "AttnserveLatencyP99AboveSLO",
+        "AttnserveQueueSaturated",
+        "AttnserveNoReadyReplicas",
+    } <= set(by_name)
     docs = DOCS.read_text()
     for name, rule in by_name.items():
         assert rule["labels"]["severity"] in ("warning", "critical"), name
@@ -289,14 +316,21 @@ def test_promtool_accepts_the_rules_and_rejects_a_broken_one(tmp_path: Path) -> 
 def _exposed_sample_names() -> set[str]:
     """Every sample name a ServerMetrics registry can expose, derived from its families' types."""
     names: set[str] = set()
-    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
-                "gauge": ("",), "info": ("_info",), "summary": ("_sum", "_count", "_created")}
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "gauge": ("",),
+        "info": ("_info",),
+        "summary": ("_sum", "_count", "_created"),
+    }
     for family in ServerMetrics().registry.collect():
         names |= {family.name + suffix for suffix in suffixes[family.type]}
     return names
 
 
-def test_every_metric_the_deployment_queries_is_one_the_server_exports(rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_every_metric_the_deployment_queries_is_one_the_server_exports(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
     exposed = _exposed_sample_names()
     texts = [query.expr for query in panel_queries(load_dashboard())]
     texts += [variable.selector for variable in variable_queries(load_dashboard())]
@@ -306,10 +340,16 @@ def test_every_metric_the_deployment_queries_is_one_the_server_exports(rendered:
     assert used, "no attnserve metric found in the queries"
     assert used <= exposed, f"queried but never exported: {sorted(used - exposed)}"
     # The dashboard shows what the issue asks for.
-    for wanted in ("attnserve_requests_total", "attnserve_request_duration_seconds_bucket",
-                   "attnserve_time_to_first_token_seconds_bucket", "attnserve_queue_wait_seconds_bucket",
-                   "attnserve_requests_waiting", "attnserve_requests_running", "attnserve_decoder_batch_hypotheses_bucket",
-                   "attnserve_generated_tokens_total"):
+    for wanted in (
+        "attnserve_requests_total",
+        "attnserve_request_duration_seconds_bucket",
+        "attnserve_time_to_first_token_seconds_bucket",
+        "attnserve_queue_wait_seconds_bucket",
+        "attnserve_requests_waiting",
+        "attnserve_requests_running",
+        "attnserve_decoder_batch_hypotheses_bucket",
+        "attnserve_generated_tokens_total",
+    ):
         assert wanted in used, wanted
 
 
@@ -321,7 +361,9 @@ def test_dashboard_layout_datasource_and_variables() -> None:
     for panel in panels:
         grid = panel["gridPos"]
         assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
-        cells = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        cells = {
+            (x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])
+        }
         assert not cells & occupied, f"{panel['title']} overlaps another panel"
         occupied |= cells
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
@@ -334,14 +376,16 @@ def test_dashboard_layout_datasource_and_variables() -> None:
     assert model["includeAll"] and model["multi"] and model["allValue"] == ".*"
     for query in panel_queries(dashboard):
         if "attnserve_" in query.expr:
-            assert '$model' in query.expr, f"{query.panel}: not filtered by the model variable"
-        assert '$job' in query.expr, f"{query.panel}: not filtered by the job variable"
+            assert "$model" in query.expr, f"{query.panel}: not filtered by the model variable"
+        assert "$job" in query.expr, f"{query.panel}: not filtered by the job variable"
 
 
 def test_dashboard_queries_parse(tmp_path: Path, rendered: dict[str, list[dict[str, Any]]]) -> None:
     require_binary("promtool")
     named = dashboard_named_queries(load_dashboard())
-    named += [(f"scaler_{i}", q) for i, q in enumerate(scaler_queries(rendered["cpu"]) + scaler_queries(rendered["gpu"]))]
+    named += [
+        (f"scaler_{i}", q) for i, q in enumerate(scaler_queries(rendered["cpu"]) + scaler_queries(rendered["gpu"]))
+    ]
     result = promtool_check_rules(write_rule_file(tmp_path / "queries.yml", query_rule_file(named)))
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -353,7 +397,7 @@ def test_dashboard_configmap_carries_the_json(rendered: dict[str, list[dict[str,
     assert json.loads(configmap["data"]["attnserve-dashboard.json"]) == json.loads(DASHBOARD.read_text())
 
 
-# ----- Dockerfiles ------------------------------------------------------------------------------------------------------
+# ----- Dockerfiles ----------------------------------------------------------------------------------------------------
 
 
 def test_hadolint_accepts_both_dockerfiles() -> None:
@@ -375,8 +419,15 @@ def test_dockerfile_is_multi_stage_non_root_and_torch_free(path: Path) -> None:
     assert "${MODEL_REPOSITORY}/ /models/" in copies
     (user,) = [arguments for instruction, arguments in serving["instructions"] if instruction == "USER"]
     assert user.split(":")[0] not in ("0", "root")
-    assert ("ENTRYPOINT", '["attnserve"]') in serving["instructions"] and ("CMD", '["serve"]') in serving["instructions"]
-    exposed = {int(p) for instruction, arguments in serving["instructions"] if instruction == "EXPOSE" for p in arguments.split()}
+    assert ("ENTRYPOINT", '["attnserve"]') in serving["instructions"] and ("CMD", '["serve"]') in serving[
+        "instructions"
+    ]
+    exposed = {
+        int(p)
+        for instruction, arguments in serving["instructions"]
+        if instruction == "EXPOSE"
+        for p in arguments.split()
+    }
     defaults = Settings()
     assert exposed == {defaults.port, defaults.metrics_port}
     instructions = [arguments for stage in stages for _, arguments in stage["instructions"]]
@@ -394,8 +445,11 @@ def test_both_images_install_the_same_way() -> None:
 
 
 def test_dockerignore_keeps_what_the_images_copy() -> None:
-    ignored = [line.strip() for line in (REPOSITORY_ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")]
+    ignored = [
+        line.strip()
+        for line in (REPOSITORY_ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for needed in ("pyproject.toml", "README.md", "service", "deploy/docker", "models"):
         assert needed not in ignored
     for heavy in (".git", ".venv", "runs", "tests"):

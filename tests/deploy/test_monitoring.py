@@ -109,7 +109,9 @@ def start_prometheus(workdir: Path, metrics_address: str) -> tuple[subprocess.Po
 
     def ready() -> bool:
         if process.poll() is not None:
-            raise AssertionError(f"prometheus exited with {process.returncode}:\n{(workdir / 'prometheus.log').read_text()}")
+            raise AssertionError(
+                f"prometheus exited with {process.returncode}:\n{(workdir / 'prometheus.log').read_text()}"
+            )
         try:
             with urllib.request.urlopen(f"{api.base_url}/-/ready", timeout=2) as response:
                 return response.status == 200
@@ -131,12 +133,21 @@ def send_traffic(address: str, seconds: float) -> int:
             if time.monotonic() > deadline:
                 break
             stub.Translate(pb.TranslateRequest(model="dates", texts=DATES[:3]), timeout=30)
-            stub.Translate(pb.TranslateRequest(model="numbers", texts=NUMBERS, options=pb.DecodeOptions(beam_size=2)), timeout=30)
-            final = list(stub.TranslateStream(pb.TranslateRequest(model="dates", texts=[DATES[round_number % len(DATES)]]), timeout=30))
+            stub.Translate(
+                pb.TranslateRequest(model="numbers", texts=NUMBERS, options=pb.DecodeOptions(beam_size=2)), timeout=30
+            )
+            final = list(
+                stub.TranslateStream(
+                    pb.TranslateRequest(model="dates", texts=[DATES[round_number % len(DATES)]]), timeout=30
+                )
+            )
             assert final[-1].final
             calls += 3
             if round_number % 5 == 0:
-                for request in (pb.TranslateRequest(model="no-such-model", texts=["x"]), pb.TranslateRequest(model="dates")):
+                for request in (
+                    pb.TranslateRequest(model="no-such-model", texts=["x"]),
+                    pb.TranslateRequest(model="dates"),
+                ):
                     with pytest.raises(grpc.RpcError) as refused:
                         stub.Translate(request, timeout=30)
                     assert refused.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
@@ -150,7 +161,7 @@ def _finite_values(series: list[dict[str, Any]]) -> list[float]:
     return [v for v in values if math.isfinite(v)]
 
 
-# ----- fixtures --------------------------------------------------------------------------------------------------------
+# ----- fixtures -------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -160,7 +171,7 @@ def server(tiny_repository: Path) -> Iterator[ServerThread]:
     running.stop()
 
 
-# ----- tests -----------------------------------------------------------------------------------------------------------
+# ----- tests ----------------------------------------------------------------------------------------------------------
 
 
 def test_promtool_check_metrics_accepts_the_live_metrics(server: ServerThread) -> None:
@@ -169,11 +180,15 @@ def test_promtool_check_metrics_accepts_the_live_metrics(server: ServerThread) -
     with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
         text = response.read().decode()
     assert "attnserve_requests_total" in text and "attnserve_time_to_first_token_seconds_bucket" in text
-    assert re.search(rf'^attnserve_requests_waiting_limit\{{model="dates",version="1"\}} {WAITING_LIMIT}(\.0)?$', text, re.MULTILINE)
+    assert re.search(
+        rf'^attnserve_requests_waiting_limit\{{model="dates",version="1"\}} {WAITING_LIMIT}(\.0)?$', text, re.MULTILINE
+    )
     result = run_tool([promtool, "check", "metrics"], stdin=text)
     assert result.returncode == 0, result.stdout + result.stderr
     # promtool really lints: a counter without the _total suffix is reported.
-    broken = run_tool([promtool, "check", "metrics"], stdin="# HELP bad_counter x\n# TYPE bad_counter counter\nbad_counter 1\n")
+    broken = run_tool(
+        [promtool, "check", "metrics"], stdin="# HELP bad_counter x\n# TYPE bad_counter counter\nbad_counter 1\n"
+    )
     assert broken.returncode != 0
 
 
@@ -187,7 +202,9 @@ def test_prometheus_evaluates_every_dashboard_query_and_alert(server: ServerThre
         assert calls > 0
         # Every call is in Prometheus once a scrape after the traffic has landed.
         expected = _scraped_total(server)
-        api.wait_until(lambda: api.value('sum(attnserve_requests_total{job="attnserve"})') == expected, "scraping the traffic")
+        api.wait_until(
+            lambda: api.value('sum(attnserve_requests_total{job="attnserve"})') == expected, "scraping the traffic"
+        )
         time.sleep(2.0)  # two more scrapes, so rate() windows that end now see the last increase
         end = time.time()
 
@@ -245,8 +262,10 @@ def test_prometheus_evaluates_every_dashboard_query_and_alert(server: ServerThre
         assert server.stop() == 0
         api.wait_until(lambda: api.value('absent(up{job="attnserve"} == 1)') == 1.0, "the outage to show")
         api.wait_until(
-            lambda: any(a["labels"]["alertname"] == "AttnserveNoReadyReplicas" and a["state"] == "pending"
-                        for a in api.call("/api/v1/alerts")["data"]["alerts"]),
+            lambda: any(
+                a["labels"]["alertname"] == "AttnserveNoReadyReplicas" and a["state"] == "pending"
+                for a in api.call("/api/v1/alerts")["data"]["alerts"]
+            ),
             "AttnserveNoReadyReplicas to go pending",
         )
     finally:

@@ -19,9 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.balancing import balanced_channel_options, service_config
-from service.grpc_api.server import _connection_age_options
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
+from service.grpc_api.server import _connection_age_options
 from tests.service.server_harness import ServerThread, free_port, make_settings, start_subprocess, wait_until_serving
 
 pytestmark = pytest.mark.slow
@@ -56,9 +56,11 @@ class Replica:
             text = response.read().decode()
         return sum(
             sample.value
-            for family in text_string_to_metric_families(text) if family.name == "attnserve_requests"
+            for family in text_string_to_metric_families(text)
+            if family.name == "attnserve_requests"
             for sample in family.samples
-            if sample.name == "attnserve_requests_total" and sample.labels.get("method") == "Translate"
+            if sample.name == "attnserve_requests_total"
+            and sample.labels.get("method") == "Translate"
             and sample.labels.get("code") == "OK"
         )
 
@@ -120,8 +122,10 @@ def test_service_config_balances_and_retries_only_unavailable() -> None:
 def test_servers_age_out_connections_so_clients_re_resolve(tiny_repository: Path) -> None:
     assert _connection_age_options(make_settings(tiny_repository)) == []  # 0 (the default): never
     settings = make_settings(tiny_repository, max_connection_age_seconds=1.0, drain_grace_seconds=2.0)
-    assert dict(_connection_age_options(settings)) == {"grpc.max_connection_age_ms": 1000,
-                                                        "grpc.max_connection_age_grace_ms": 2000}
+    assert dict(_connection_age_options(settings)) == {
+        "grpc.max_connection_age_ms": 1000,
+        "grpc.max_connection_age_grace_ms": 2000,
+    }
     server = ServerThread(settings).start()
     try:
         states: list[grpc.ChannelConnectivity] = []
@@ -152,9 +156,16 @@ def test_sigterm_under_load_loses_no_call_and_load_is_spread(tiny_repository: Pa
         for _ in range(3):
             port, metrics_port = free_port(), free_port()
             process = start_subprocess(
-                tiny_repository, port,
-                "--metrics-port", str(metrics_port), "--intra-op-threads", "1", "--drain-grace-seconds", "10",
-                "--log-level", "INFO",
+                tiny_repository,
+                port,
+                "--metrics-port",
+                str(metrics_port),
+                "--intra-op-threads",
+                "1",
+                "--drain-grace-seconds",
+                "10",
+                "--log-level",
+                "INFO",
             )
             replica = Replica(port, metrics_port, process)
             replica.start_reading()
@@ -167,14 +178,18 @@ def test_sigterm_under_load_loses_no_call_and_load_is_spread(tiny_repository: Pa
         load = Load(pb_grpc.TranslatorStub(channel))
         load.start()
 
-        _wait_until(lambda: all(r.translated() >= CALLS_PER_REPLICA_BEFORE_SIGTERM for r in replicas), "load on every replica")
+        _wait_until(
+            lambda: all(r.translated() >= CALLS_PER_REPLICA_BEFORE_SIGTERM for r in replicas), "load on every replica"
+        )
         before = [replica.translated() for replica in replicas]
         victim, survivors = replicas[-1], replicas[:-1]
         victim.process.send_signal(signal.SIGTERM)  # while the load goes on
         exit_code = victim.process.wait(timeout=60)
         successes_at_exit = load.successes
-        _wait_until(lambda: load.successes >= successes_at_exit + CALLS_AFTER_EXIT or bool(load.failures),
-                    "the survivors carrying the load")
+        _wait_until(
+            lambda: load.successes >= successes_at_exit + CALLS_AFTER_EXIT or bool(load.failures),
+            "the survivors carrying the load",
+        )
         load.stop()
 
         assert load.failures == [], f"{len(load.failures)} calls failed, e.g. {load.failures[:3]}"
@@ -185,7 +200,7 @@ def test_sigterm_under_load_loses_no_call_and_load_is_spread(tiny_repository: Pa
         assert all(count >= 0.1 * total for count in before), before
         # ... and the survivors took the victim's share after it left.
         after = [replica.translated() for replica in survivors]
-        assert all(later > earlier for later, earlier in zip(after, before)), (before, after)
+        assert all(later > earlier for later, earlier in zip(after, before, strict=False)), (before, after)
         assert sum(after) - sum(before[:-1]) >= CALLS_AFTER_EXIT
     finally:
         if channel is not None:

@@ -272,8 +272,15 @@ class ScriptedStepModel:
         valid = (np.arange(length)[None, :] < source_lengths[:, None]).astype(np.float32)
         return EncoderOutput(memory={"memory": valid[:, :, None]}, state={"hidden": np.zeros((batch, 1), np.float32)})
 
-    def step(self, tokens: np.ndarray, source_lengths: np.ndarray, memory: dict[str, np.ndarray],
-             state: dict[str, np.ndarray], *, memory_version: int = -1) -> StepOutput:
+    def step(
+        self,
+        tokens: np.ndarray,
+        source_lengths: np.ndarray,
+        memory: dict[str, np.ndarray],
+        state: dict[str, np.ndarray],
+        *,
+        memory_version: int = -1,
+    ) -> StepOutput:
         rows, focus = self.script.pop(0)
         assert len(rows) == tokens.shape[0], f"scripted {len(rows)} rows for a step of {tokens.shape[0]}"
         width = max(self.top_k, max(len(row) for row in rows))
@@ -281,7 +288,7 @@ class ScriptedStepModel:
         log_probs = np.full((len(rows), width), -math.inf, dtype=np.float32)
         for index, row in enumerate(rows):
             ids[index, : len(row)] = [token for token, _ in row]
-            ids[index, len(row):] = 100 + np.arange(width - len(row))  # filler ids, never chosen at -inf
+            ids[index, len(row) :] = 100 + np.arange(width - len(row))  # filler ids, never chosen at -inf
             log_probs[index, : len(row)] = [log_prob for _, log_prob in row]
         attention = np.zeros((len(rows), memory["memory"].shape[1]), dtype=np.float32)
         attention[:, focus] = 1.0
@@ -414,8 +421,9 @@ def make_request(
     )
     request = TranslationRequest(source_ids=source_ids, options=options, stream=stream, deadline=deadline)
     if arrival is not None:  # a fake clock's reading (the default is time.monotonic(), as for a real call)
-        request = TranslationRequest(source_ids=source_ids, options=options, stream=stream, deadline=deadline,
-                                     arrival=arrival)
+        request = TranslationRequest(
+            source_ids=source_ids, options=options, stream=stream, deadline=deadline, arrival=arrival
+        )
     return request
 
 
@@ -447,8 +455,12 @@ async def running(
 ) -> AsyncIterator[Scheduler]:
     """A started scheduler on the fake; on exit the gate (if any) is opened and the scheduler stopped."""
     scheduler = Scheduler(
-        model, limits=limits or EngineLimits(source_bucket=1), policy=policy, recorder=recorder, name="fake",
-        version="1"
+        model,
+        limits=limits or EngineLimits(source_bucket=1),
+        policy=policy,
+        recorder=recorder,
+        name="fake",
+        version="1",
     )
     await scheduler.start()
     try:
@@ -471,7 +483,7 @@ def same_hypotheses(left: list[Hypothesis], right: list[Hypothesis]) -> bool:
     """Bit-for-bit equality of two n-best lists (tokens, scores, alignment, attention)."""
     if len(left) != len(right):
         return False
-    for a, b in zip(left, right):
+    for a, b in zip(left, right, strict=False):
         if (a.token_ids, a.score, a.log_prob, a.finish_reason, a.alignment) != (
             b.token_ids,
             b.score,

@@ -29,8 +29,9 @@ def encoded(*requests: tuple[int, int, float]) -> tuple[dict[str, np.ndarray], d
 
 
 def filled_batch(bucket: int = 1) -> DecodeBatch:
-    batch = DecodeBatch(max_rows=64, memory_names=("memory",), state_names=("hidden",), bos_id=BOS,
-                        source_bucket=bucket)
+    batch = DecodeBatch(
+        max_rows=64, memory_names=("memory",), state_names=("hidden",), bos_id=BOS, source_bucket=bucket
+    )
     memory, state = encoded((1, 5, 1.0), (2, 2, 2.0))
     batch.admit(admissions((1, 1, 5), (2, 3, 2)), 0.0, memory, state)
     return batch
@@ -118,7 +119,7 @@ def test_capacity_grows_past_its_first_allocation_up_to_the_budget():
     memory, state = encoded(*[(key, 1 + key % 4, float(key)) for key in keys])
     slots = batch.admit(admissions(*[(key, 2, 1 + key % 4) for key in keys]), 0.0, memory, state)
     assert batch.rows == 80 and len(set(slots)) == 40
-    for key, slot in zip(keys, slots):
+    for key, slot in zip(keys, slots, strict=False):
         rows = batch.rows_of(slot)
         assert batch.state["hidden"][rows, 0].tolist() == [float(key)] * 2
         assert (batch.memory["memory"][rows, : 1 + key % 4] == float(key)).all()

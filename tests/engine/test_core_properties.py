@@ -36,10 +36,18 @@ class FakeClock:
 def decode_alone(request) -> list:  # type: ignore[no-untyped-def]
     """The hypotheses of one request decoded by a fresh core on its own (no deadline, nothing else)."""
     core = EngineCore(FakeStepModel(seed=5, eos_bias=-0.5), LIMITS, clock=FakeClock())
-    core.add(1, make_request(request.source_ids, beam=request.options.beam_size,
-                             hypotheses=request.options.num_hypotheses, max_length=request.options.max_length,
-                             alpha=request.options.length_penalty, attention=request.options.return_attention),
-             0.0)
+    core.add(
+        1,
+        make_request(
+            request.source_ids,
+            beam=request.options.beam_size,
+            hypotheses=request.options.num_hypotheses,
+            max_length=request.options.max_length,
+            alpha=request.options.length_penalty,
+            attention=request.options.return_attention,
+        ),
+        0.0,
+    )
     while True:
         output = core.step()
         assert not output.failed
@@ -61,13 +69,26 @@ class CoreMachine(RuleBasedStateMachine):
     def unresolved(self) -> list[int]:
         return sorted(key for key in self.requests if not self.outcomes[key])
 
-    @rule(words=st.lists(st.integers(3, 31), max_size=7), beam=st.sampled_from([1, 1, 2, 3]),
-          max_length=st.integers(1, 6), alpha=st.sampled_from([0.0, 0.7]), attention=st.booleans(),
-          stream=st.booleans(), deadline=st.one_of(st.none(), st.floats(0.0, 3.0)))
+    @rule(
+        words=st.lists(st.integers(3, 31), max_size=7),
+        beam=st.sampled_from([1, 1, 2, 3]),
+        max_length=st.integers(1, 6),
+        alpha=st.sampled_from([0.0, 0.7]),
+        attention=st.booleans(),
+        stream=st.booleans(),
+        deadline=st.one_of(st.none(), st.floats(0.0, 3.0)),
+    )
     def add(self, words, beam, max_length, alpha, attention, stream, deadline) -> None:  # type: ignore[no-untyped-def]
-        request = make_request(source(*words), beam=beam, hypotheses=min(beam, 2), max_length=max_length,
-                               alpha=alpha, attention=attention, stream=stream and beam == 1,
-                               deadline=None if deadline is None else self.clock.now + deadline)
+        request = make_request(
+            source(*words),
+            beam=beam,
+            hypotheses=min(beam, 2),
+            max_length=max_length,
+            alpha=alpha,
+            attention=attention,
+            stream=stream and beam == 1,
+            deadline=None if deadline is None else self.clock.now + deadline,
+        )
         key = next(self.keys)
         self.requests[key] = request
         self.outcomes[key] = []
@@ -124,7 +145,7 @@ class CoreMachine(RuleBasedStateMachine):
             assert [h.log_prob for h in got] == [h.log_prob for h in expected]
             assert [h.score for h in got] == [h.score for h in expected]
             assert [h.alignment for h in got] == [h.alignment for h in expected]
-            for mine, alone in zip(got, expected):
+            for mine, alone in zip(got, expected, strict=False):
                 assert (mine.attention is None) == (alone.attention is None)
                 if mine.attention is not None:
                     np.testing.assert_array_equal(mine.attention, alone.attention)
@@ -137,6 +158,7 @@ class CoreMachine(RuleBasedStateMachine):
                 assert not self.events[key]
 
 
-CoreMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
-                                         suppress_health_check=[HealthCheck.too_slow])
+CoreMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 test_the_core_answers_every_request_once_and_as_if_alone = CoreMachine.TestCase

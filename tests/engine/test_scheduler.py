@@ -389,8 +389,9 @@ def test_every_request_is_resolved_exactly_once_under_a_random_mix(seed):
     model = FakeStepModel(
         seed=seed, eos_bias=-0.5, fail_steps={rng.randrange(3, 30)}, fail_encodes={rng.randrange(1, 8)}
     )
-    limits = EngineLimits(max_active_hypotheses=10, max_padded_source_tokens=90, max_waiting_requests=12,
-                          source_bucket=1)
+    limits = EngineLimits(
+        max_active_hypotheses=10, max_padded_source_tokens=90, max_waiting_requests=12, source_bucket=1
+    )
     recorder = RecordingRecorder()
     policy = rng.choice(list(BatchingPolicy))
 
@@ -534,7 +535,7 @@ def decode(requests: list[dict], *, policy=BatchingPolicy.CONTINUOUS, stagger: b
 def test_results_do_not_depend_on_the_rest_of_the_batch(policy, stagger):
     alone = [decode([spec])[0] for spec in MIXED]
     together = decode(MIXED, policy=policy, stagger=stagger)
-    for single, batched in zip(alone, together):
+    for single, batched in zip(alone, together, strict=False):
         assert same_hypotheses(single.hypotheses, batched.hypotheses)
 
 

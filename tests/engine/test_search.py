@@ -31,9 +31,19 @@ class Scripted:
     def __init__(self, options: DecodeOptions, *, stream: bool = False) -> None:
         self.model = ScriptedStepModel()
         self.core = EngineCore(self.model, EngineLimits(source_bucket=1))
-        self.core.add(1, make_request(source(7, 8), beam=options.beam_size, hypotheses=options.num_hypotheses,
-                                      max_length=options.max_length, alpha=options.length_penalty,
-                                      attention=options.return_attention, stream=stream), 0.0)
+        self.core.add(
+            1,
+            make_request(
+                source(7, 8),
+                beam=options.beam_size,
+                hypotheses=options.num_hypotheses,
+                max_length=options.max_length,
+                alpha=options.length_penalty,
+                attention=options.return_attention,
+                stream=stream,
+            ),
+            0.0,
+        )
         self.steps = 0
         self.output = None
 
@@ -248,7 +258,7 @@ def test_beam_equals_exhaustive_search(alpha, words):
     result = asyncio.run(main())
     got = result.hypotheses
     assert [h.token_ids for h in got] == [list(s.tokens) for s in expected]
-    for hypothesis, reference in zip(got, expected):
+    for hypothesis, reference in zip(got, expected, strict=False):
         assert hypothesis.log_prob == pytest.approx(reference.log_prob, abs=1e-9)
         assert hypothesis.score == pytest.approx(reference.score, abs=1e-9)
         assert hypothesis.finish_reason.value == reference.reason
@@ -316,7 +326,7 @@ def test_greedy_matches_direct_decoding(seed):
             handles = [scheduler.submit(make_request(src, max_length=9, alpha=0.5, attention=True)) for src in sources]
             return [await handle.result() for handle in handles]
 
-    for result, reference in zip(asyncio.run(main()), expected):
+    for result, reference in zip(asyncio.run(main()), expected, strict=False):
         (hypothesis,) = result.hypotheses
         assert hypothesis.token_ids == list(reference.tokens)
         assert hypothesis.log_prob == reference.log_prob

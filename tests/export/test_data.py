@@ -106,8 +106,12 @@ def test_dates_numeric_formats_agree_on_day_month_order() -> None:
     formats, _ = select_date_formats()
     every_format = [fmt for group in formats.values() for fmt in group]
     seen: dict[str, datetime.date] = {}
-    for day in (datetime.date(2001, 2, 3), datetime.date(2001, 3, 2), datetime.date(2010, 11, 12),
-                datetime.date(2010, 12, 11)):
+    for day in (
+        datetime.date(2001, 2, 3),
+        datetime.date(2001, 3, 2),
+        datetime.date(2010, 11, 12),
+        datetime.date(2010, 12, 11),
+    ):
         for fmt in every_format:
             text = render_date(day, fmt)
             assert seen.setdefault(text, day) == day, (text, fmt)

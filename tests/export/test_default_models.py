@@ -28,7 +28,9 @@ def test_the_shipped_version_was_built_from_the_current_recipe_and_met_its_bar(n
     document = json.loads((shipped(name) / "model.json").read_text(encoding="utf-8"))
     entry = ENTRIES[name]
     assert document["build"]["fingerprint"] == entry.fingerprint(), (
-        f"models/{name} was built from another recipe than export/zoo.py's: run `make models BUILD_ARGS='--only {name}'`")
+        f"models/{name} was built from another recipe than export/zoo.py's: run `make models BUILD_ARGS='--only "
+        f"{name}'`"
+    )
     assert document["build"]["machine"]["cpu"] and document["build"]["machine"]["torch_cpu_capability"]
     acceptance = document["acceptance"]
     assert acceptance["bar"] == entry.bar and acceptance["greedy"]["exact_match"] >= entry.bar

@@ -12,7 +12,6 @@ import torch
 from export.model import ModelConfig, Seq2Seq
 from export.onnx_export import ALLOWED_OPS, PARITY_TOLERANCE, export_graphs, op_types, verify
 from service.runtime.model import OnnxStepModel, read_config
-
 from tests.export.test_model import CONFIGS
 
 
@@ -24,11 +23,14 @@ def write_version(directory: Path, model: Seq2Seq, **export_options) -> dict:
     (directory / "decoder.onnx").write_bytes(decoder)
     c = model.config
     document = {
-        "format": 1, "name": "probe", "version": 1,
+        "format": 1,
+        "name": "probe",
+        "version": 1,
         "special_tokens": {"pad": 0, "bos": 1, "eos": 2, "unk": 3},
         "tokenizers": {"source": {"type": "char", "file": "-"}, "target": {"type": "char", "file": "-"}},
         "limits": {"max_source_tokens": c.max_source_len, "max_target_tokens": c.max_target_len, "top_k": c.top_k},
-        "encoder": {"file": "encoder.onnx"}, "decoder": decoder_section,
+        "encoder": {"file": "encoder.onnx"},
+        "decoder": decoder_section,
     }
     (directory / "model.json").write_text(json.dumps(document))
     return {"encoder": op_types(encoder), "decoder": op_types(decoder)}
@@ -37,8 +39,18 @@ def write_version(directory: Path, model: Seq2Seq, **export_options) -> dict:
 @pytest.mark.parametrize("options", CONFIGS, ids=lambda o: f"{o['attention']}-{o['style']}-{o['encoder']}")
 def test_export_matches_pytorch_at_other_shapes(options: dict, tmp_path: Path) -> None:
     torch.manual_seed(3)
-    model = Seq2Seq(ModelConfig(source_vocab=25, target_vocab=18, hidden=16, embedding=8, top_k=6,
-                                max_source_len=30, max_target_len=12, **options)).eval()
+    model = Seq2Seq(
+        ModelConfig(
+            source_vocab=25,
+            target_vocab=18,
+            hidden=16,
+            embedding=8,
+            top_k=6,
+            max_source_len=30,
+            max_target_len=12,
+            **options,
+        )
+    ).eval()
     ops = write_version(tmp_path / "v", model)
     assert set(ops["encoder"]) | set(ops["decoder"]) <= ALLOWED_OPS
     assert "TopK" in ops["decoder"]
@@ -70,8 +82,18 @@ def test_full_log_probs_option_adds_the_whole_distribution(tmp_path: Path) -> No
 def test_export_leaves_a_dropout_model_in_eval_mode_and_in_parity(tmp_path: Path) -> None:
     """The exporter restores its wrappers' mode afterwards; dropout must not come back on in the reference."""
     torch.manual_seed(5)
-    model = Seq2Seq(ModelConfig(source_vocab=20, target_vocab=12, hidden=16, embedding=8, top_k=4, dropout=0.5,
-                                attention="general", style="luong")).eval()
+    model = Seq2Seq(
+        ModelConfig(
+            source_vocab=20,
+            target_vocab=12,
+            hidden=16,
+            embedding=8,
+            top_k=4,
+            dropout=0.5,
+            attention="general",
+            style="luong",
+        )
+    ).eval()
     write_version(tmp_path / "v", model)
     assert not any(module.training for module in model.modules())
     sources = [[5, 6, 7, 2], [8, 2], [9, 10, 11, 12, 13, 2]]

@@ -44,15 +44,27 @@ def test_attention_weights_are_masked_and_normalised(kind: str, local_window: in
 @pytest.mark.parametrize("kind", ATTENTION_KINDS)
 def test_gradients_reach_every_parameter(kind: str) -> None:
     torch.manual_seed(0)
-    config = ModelConfig(source_vocab=20, target_vocab=15, attention=kind, hidden=HIDDEN, embedding=8,
-                         local_window=2, top_k=5, max_source_len=12)
+    config = ModelConfig(
+        source_vocab=20,
+        target_vocab=15,
+        attention=kind,
+        hidden=HIDDEN,
+        embedding=8,
+        local_window=2,
+        top_k=5,
+        max_source_len=12,
+    )
     model = Seq2Seq(config)
     source, lengths = padded_batch([7, 3])
     target_in = torch.tensor([[1, 5, 6], [1, 7, 0]])
     model(source, lengths, target_in)[:, :, 4:].sum().backward()
-    silent = [name for name, p in model.named_parameters()
-              if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))
-              and not name.endswith("embedding.weight")]
+    silent = [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad
+        and (p.grad is None or not bool(p.grad.abs().sum() > 0))
+        and not name.endswith("embedding.weight")
+    ]
     assert silent == []
 
 
@@ -78,8 +90,9 @@ CONFIGS = [
 def test_a_row_does_not_depend_on_padding_or_its_batch(options: dict) -> None:
     """Each row's encoder output and decoder step are the same alone and inside a longer padded batch."""
     torch.manual_seed(1)
-    model = Seq2Seq(ModelConfig(source_vocab=20, target_vocab=15, hidden=HIDDEN, embedding=8, top_k=5,
-                                max_source_len=16, **options)).eval()
+    model = Seq2Seq(
+        ModelConfig(source_vocab=20, target_vocab=15, hidden=HIDDEN, embedding=8, top_k=5, max_source_len=16, **options)
+    ).eval()
     source, lengths = padded_batch([11, 4, 6])
     with torch.no_grad():
         batch = model.encode(source, lengths)

@@ -41,7 +41,7 @@ def test_onnxruntime_decodes_as_the_checkpoint_does(tiny_repository: Path) -> No
     texts = ["vierundachtzig", "quatre-vingt-dix-sept", "dreihundertzwölf", "zéro"]
     sources = [loaded.source_tokenizer.encode(t) + [EOS] for t in texts]
     ort_out = ort_greedy(loaded.step_model, sources, model.config.max_target_len)
-    for source, expected in zip(sources, ort_out):
+    for source, expected in zip(sources, ort_out, strict=False):
         torch_out, _ = model.greedy(torch.tensor([source]), torch.tensor([len(source)]))
         assert torch_out[0] == expected
     loaded.warm_up()
@@ -49,32 +49,43 @@ def test_onnxruntime_decodes_as_the_checkpoint_does(tiny_repository: Path) -> No
 
 def test_training_is_deterministic_and_resumes(tmp_path: Path) -> None:
     def run(out: Path, steps: int, resume: bool = False) -> dict:
-        config = TrainConfig(task="numbers", out=out, max_steps=steps, eval_every=10, batch_size=32,
-                             data_options={"max_number": 99}, valid_limit=20,
-                             model={"hidden": 16, "embedding": 8, "attention": "dot"})
+        config = TrainConfig(
+            task="numbers",
+            out=out,
+            max_steps=steps,
+            eval_every=10,
+            batch_size=32,
+            data_options={"max_number": 99},
+            valid_limit=20,
+            model={"hidden": 16, "embedding": 8, "attention": "dot"},
+        )
         return train(config, resume=resume, progress=False)
 
     first, second = run(tmp_path / "a", 20), run(tmp_path / "b", 20)
     weights_a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
     weights_b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-    assert first["training"]["history"] == [{**h, "seconds": first["training"]["history"][i]["seconds"]}
-                                            for i, h in enumerate(second["training"]["history"])]
+    assert first["training"]["history"] == [
+        {**h, "seconds": first["training"]["history"][i]["seconds"]}
+        for i, h in enumerate(second["training"]["history"])
+    ]
     resumed = run(tmp_path / "a", 30, resume=True)
     assert resumed["training"]["steps"] == 30
     assert [h["step"] for h in resumed["training"]["history"]] == [10, 20, 30]
 
 
 def attnserve(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_malformed_corpus_is_reported_with_its_line(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.tsv"
     corpus.write_text("hello\tbonjour\nno tab on this line\nbye\tau revoir\n", encoding="utf-8")
-    result = attnserve("train", "--task", f"tsv:{corpus}", "--out", str(tmp_path / "run"), "--quiet",
-                       cwd=Path(__file__).parents[2])
+    result = attnserve(
+        "train", "--task", f"tsv:{corpus}", "--out", str(tmp_path / "run"), "--quiet", cwd=Path(__file__).parents[2]
+    )
     assert result.returncode == 2
     assert ":2:" in result.stderr and "tab" in result.stderr.lower()
 
@@ -100,8 +111,15 @@ def test_user_corpus_trains_with_sentencepiece_and_exports(tmp_path: Path) -> No
         lines.append(" ".join(chosen) + "\t" + " ".join(words[w] for w in chosen))
     corpus = tmp_path / "pairs.tsv"
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    config = TrainConfig(task=f"tsv:{corpus}", out=tmp_path / "run", max_steps=20, eval_every=20, batch_size=32,
-                         vocab_size=40, model={"hidden": 16, "embedding": 8})
+    config = TrainConfig(
+        task=f"tsv:{corpus}",
+        out=tmp_path / "run",
+        max_steps=20,
+        eval_every=20,
+        batch_size=32,
+        vocab_size=40,
+        model={"hidden": 16, "embedding": 8},
+    )
     summary = train(config, progress=False)
     assert summary["tokenizer"] == "sentencepiece"
     result = export_run(tmp_path / "run", tmp_path / "models", "toy", progress=lambda *_: None)
@@ -112,12 +130,18 @@ def test_user_corpus_trains_with_sentencepiece_and_exports(tmp_path: Path) -> No
 def test_int8_export_records_the_accuracy_change_and_serves(tiny_repository: Path, tmp_path: Path) -> None:
     from export.onnx_export import export_run
 
-    result = export_run(tiny_repository.parent / "runs" / "dates", tmp_path / "models", "dates",
-                        quantize="int8", progress=lambda *_: None)
+    result = export_run(
+        tiny_repository.parent / "runs" / "dates",
+        tmp_path / "models",
+        "dates",
+        quantize="int8",
+        progress=lambda *_: None,
+    )
     quantization = result.model_json["quantization"]
     assert {"test_exact_match_fp32", "test_exact_match_int8", "change"} <= set(quantization)
     assert quantization["change"] == pytest.approx(
-        quantization["test_exact_match_int8"] - quantization["test_exact_match_fp32"], abs=1e-5)
+        quantization["test_exact_match_int8"] - quantization["test_exact_match_fp32"], abs=1e-5
+    )
     # Quantized graphs use integer matrix products, and still load and decode through the same runtime.
     ops = set(result.model_json["onnx"]["op_types"]["decoder"])
     assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}

@@ -97,7 +97,9 @@ def stream(client: triton.InferenceServerClient, model: str, texts: list[str]) -
             return
         assert result is not None
         response = result.get_response()
-        parameters = {name: getattr(value, value.WhichOneof("parameter_choice")) for name, value in response.parameters.items()}
+        parameters = {
+            name: getattr(value, value.WhichOneof("parameter_choice")) for name, value in response.parameters.items()
+        }
         received.put({"id": response.id, "parameters": parameters, "tensors": result_tensors(result)})
 
     client.start_stream(callback=callback, stream_timeout=STREAM_TIMEOUT_S)
@@ -105,7 +107,11 @@ def stream(client: triton.InferenceServerClient, model: str, texts: list[str]) -
         client.async_stream_infer(model, [text_input(texts)], request_id="batch")
         client.async_stream_infer("no-such-model", [text_input(texts[:1])], request_id="missing")
         client.async_stream_infer(
-            model, [text_input(texts[:1])], request_id="tokens", parameters={"stream": True}, enable_empty_final_response=True
+            model,
+            [text_input(texts[:1])],
+            request_id="tokens",
+            parameters={"stream": True},
+            enable_empty_final_response=True,
         )
     finally:
         client.stop_stream()  # waits until the server has answered every request and closed the stream
@@ -138,11 +144,14 @@ def main(argv: list[str] | None = None) -> int:
             "infer_raw_beam": outcome(lambda: infer(client, model, texts, beam_size=3, num_hypotheses=2)),
             "infer_typed": outcome(lambda: infer_typed(arguments.url, model, texts)),
             "unknown_model": outcome(lambda: result_tensors(client.infer("no-such-model", [text_input(texts[:1])]))),
-            "wrong_input_name": outcome(lambda: result_tensors(client.infer(model, [text_input(texts[:1], name="SOURCE")]))),
+            "wrong_input_name": outcome(
+                lambda: result_tensors(client.infer(model, [text_input(texts[:1], name="SOURCE")]))
+            ),
             "wrong_datatype": outcome(
                 lambda: result_tensors(
                     client.infer(
-                        model, [triton.InferInput("TEXT", [2], "FP32").set_data_from_numpy(np.zeros(2, dtype=np.float32))]
+                        model,
+                        [triton.InferInput("TEXT", [2], "FP32").set_data_from_numpy(np.zeros(2, dtype=np.float32))],
                     )
                 )
             ),

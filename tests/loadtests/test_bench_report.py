@@ -10,38 +10,87 @@ from loadtests.bench import CellResult, pick_best
 from loadtests.report import ceiling_at_rows, check_targets, find, nearest_level, write_report
 
 
-def cell(workload: str, contender: str, level: int, tokens: float, requests: float, p50: float = 1.0,
-         p99: float = 2.0, rows: float | None = None, **details) -> dict:
-    return {"workload": workload, "contender": contender, "level": level, "tokens_per_s": tokens,
-            "requests_per_s": requests, "p50_ms": p50, "p90_ms": p99, "p99_ms": p99, "mean_decoder_rows": rows,
-            "percent_of_peak": details.pop("percent_of_peak", None), "ok": 100, "failures": {}, "cut": 0,
-            "steady": True, "details": details}
+def cell(
+    workload: str,
+    contender: str,
+    level: int,
+    tokens: float,
+    requests: float,
+    p50: float = 1.0,
+    p99: float = 2.0,
+    rows: float | None = None,
+    **details,
+) -> dict:
+    return {
+        "workload": workload,
+        "contender": contender,
+        "level": level,
+        "tokens_per_s": tokens,
+        "requests_per_s": requests,
+        "p50_ms": p50,
+        "p90_ms": p99,
+        "p99_ms": p99,
+        "mean_decoder_rows": rows,
+        "percent_of_peak": details.pop("percent_of_peak", None),
+        "ok": 100,
+        "failures": {},
+        "cut": 0,
+        "steady": True,
+        "details": details,
+    }
 
 
 def report(results: list[dict], workloads: tuple[str, ...]) -> dict:
     return {
         "command": "attnserve bench --test",
         "config": {"warmup_s": 1.0, "duration_s": 4.0, "max_requests": 1000, "client_processes": 2},
-        "machine": {"cpu": "Test CPU", "cores": 2, "provider": "cpu", "threads": 1, "onnxruntime": "x", "grpcio": "y",
-                    "python": "3.11", "load_average_at_start": [1.0, 1.0, 1.0], "load_average_at_end": [1.0, 1.0, 1.0]},
+        "machine": {
+            "cpu": "Test CPU",
+            "cores": 2,
+            "provider": "cpu",
+            "threads": 1,
+            "onnxruntime": "x",
+            "grpcio": "y",
+            "python": "3.11",
+            "load_average_at_start": [1.0, 1.0, 1.0],
+            "load_average_at_end": [1.0, 1.0, 1.0],
+        },
         "peak": {"flops_per_s": 100e9, "size": 1024},
-        "models": {name: {"mean_source_tokens": 10.0, "mean_generated_tokens": 5.0, "flops_per_generated_token": 1e6,
-                          "step_flops_per_row": 9e5} for name in workloads},
+        "models": {
+            name: {
+                "mean_source_tokens": 10.0,
+                "mean_generated_tokens": 5.0,
+                "flops_per_generated_token": 1e6,
+                "step_flops_per_row": 9e5,
+            }
+            for name in workloads
+        },
         "workloads": {name: {"description": name, "texts": 10} for name in workloads},
         "results": results,
-        "request_tuning": [{"workload": "dates", "level": 64, "chosen": {"batch_size": 32, "batch_delay_ms": 0.0},
-                            "trials": [{"batch_size": 32, "batch_delay_ms": 0.0, "tokens_per_s": 10.0, "p99_ms": 3.0}]}],
+        "request_tuning": [
+            {
+                "workload": "dates",
+                "level": 64,
+                "chosen": {"batch_size": 32, "batch_delay_ms": 0.0},
+                "trials": [{"batch_size": 32, "batch_delay_ms": 0.0, "tokens_per_s": 10.0, "p99_ms": 3.0}],
+            }
+        ],
         "seconds": 60.0,
     }
 
 
 def test_small_model_target_against_the_rpc_ceiling(tmp_path: Path) -> None:
-    results = [cell("dates", "continuous", 64, 700, 70, decoder_busy=0.1, server_cpu_share=0.98),
-               cell("dates", "rpc-ceiling", 64, math.nan, 100),
-               cell("numbers", "continuous", 64, 500, 50, decoder_busy=0.1, server_cpu_share=0.98),
-               cell("numbers", "rpc-ceiling", 64, math.nan, 100)]
-    checks = {check.target.split(":")[0]: check for check in check_targets(report(results, ("dates", "numbers")))
-              if "of the RPC ceiling" in check.target}
+    results = [
+        cell("dates", "continuous", 64, 700, 70, decoder_busy=0.1, server_cpu_share=0.98),
+        cell("dates", "rpc-ceiling", 64, math.nan, 100),
+        cell("numbers", "continuous", 64, 500, 50, decoder_busy=0.1, server_cpu_share=0.98),
+        cell("numbers", "rpc-ceiling", 64, math.nan, 100),
+    ]
+    checks = {
+        check.target.split(":")[0]: check
+        for check in check_targets(report(results, ("dates", "numbers")))
+        if "of the RPC ceiling" in check.target
+    }
     assert checks["dates"].met is True and "70%" in checks["dates"].figure
     assert checks["numbers"].met is False and "50%" in checks["numbers"].figure
     assert "Python process is saturated" in checks["numbers"].note  # diagnosed from its own profile
@@ -93,11 +142,15 @@ def test_mixed_lengths_throughput_at_equal_p99_and_a_miss() -> None:
         cell("phrasebook-mixed", "request", 1, 300, 30, p99=40.0),
         cell("phrasebook-mixed", "request", 8, 1000, 100, p99=45.0),
     ]
-    mixed = next(check for check in check_targets(report(results, ("phrasebook-mixed",))) if "equal p99" in check.target)
+    mixed = next(
+        check for check in check_targets(report(results, ("phrasebook-mixed",))) if "equal p99" in check.target
+    )
     # p99 ratio 50 / 45 = 1.11 (request is faster); throughput at p99 <= 50 ms: 900 / 1000 = 0.9.
     assert mixed.met is False and "1.11x" in mixed.figure and "0.90x" in mixed.figure
-    ahead = [cell("phrasebook-mixed", "continuous", 8, 900, 90, p99=50.0),
-             cell("phrasebook-mixed", "request", 8, 500, 50, p99=49.0)]
+    ahead = [
+        cell("phrasebook-mixed", "continuous", 8, 900, 90, p99=50.0),
+        cell("phrasebook-mixed", "request", 8, 500, 50, p99=49.0),
+    ]
     mixed = next(check for check in check_targets(report(ahead, ("phrasebook-mixed",))) if "equal p99" in check.target)
     assert mixed.met is True and "1.80x" in mixed.figure and "reached no level with 900 tok/s" in mixed.figure
 
@@ -116,8 +169,11 @@ def test_pick_best_prefers_throughput_then_p99() -> None:
 
 
 def test_write_report_files(tmp_path: Path) -> None:
-    results = [cell("dates", contender, level, 100.0 * level, 10.0 * level, rows=float(level))
-               for contender in ("continuous", "none", "request", "engine-ceiling", "roofline") for level in (1, 8)]
+    results = [
+        cell("dates", contender, level, 100.0 * level, 10.0 * level, rows=float(level))
+        for contender in ("continuous", "none", "request", "engine-ceiling", "roofline")
+        for level in (1, 8)
+    ]
     results += [cell("dates", "rpc-ceiling", level, math.nan, 1000.0) for level in (1, 8)]
     results[0]["steady"] = False
     paths = write_report(report(results, ("dates",)), tmp_path)
@@ -134,8 +190,19 @@ def test_write_report_files(tmp_path: Path) -> None:
 def test_a_cell_that_completed_no_call_is_reported_not_crashed_on(tmp_path: Path) -> None:
     # A server cell in which no call finished (every call failed, or the window closed first) has no
     # client latencies, but its server-side profile is still there.
-    silent = cell("dates", "continuous", 8, 0.0, 0.0, decoder_busy=0.2, encoder_busy=0.1, server_cpu_share=0.99,
-                  mean_rpc_s=0.004, mean_engine_s=0.003, mean_queue_s=0.001)
+    silent = cell(
+        "dates",
+        "continuous",
+        8,
+        0.0,
+        0.0,
+        decoder_busy=0.2,
+        encoder_busy=0.1,
+        server_cpu_share=0.99,
+        mean_rpc_s=0.004,
+        mean_engine_s=0.003,
+        mean_queue_s=0.001,
+    )
     silent.update(p50_ms=None, p90_ms=None, p99_ms=None, ok=0, failures={"UNAVAILABLE": 12})
     results = [silent, cell("dates", "rpc-ceiling", 8, math.nan, 1000.0)]
     write_report(report(results, ("dates",)), tmp_path)
@@ -146,13 +213,33 @@ def test_a_cell_that_completed_no_call_is_reported_not_crashed_on(tmp_path: Path
 
 
 def test_engine_targets_from_the_overhead_table_and_the_near_free_and_dates_cells(tmp_path: Path) -> None:
-    overhead = [{"rows": rows, "beam": beam, "median_us": us, "p90_us": 2 * us, "per_row_us": us / rows,
-                 "requests_per_step": rows / 16} for rows, beam, us in
-                ((16, 1, 60.0), (64, 1, 100.0), (256, 1, 150.0), (16, 4, 300.0), (64, 4, 400.0), (256, 4, 700.0))]
-    results = [cell("near-free", "continuous", 64, 50000, 5000, p50=0.5), cell("near-free", "rpc-ceiling", 64, math.nan, 6000),
-               cell("near-free", "continuous", 1, 4000, 400, p50=0.9), cell("near-free", "rpc-ceiling", 1, math.nan, 2000, p50=0.4),
-               cell("dates", "continuous", 64, 9000, 900), cell("dates", "engine-ceiling", 64, 30000, 3000),
-               cell("dates", "rpc-ceiling", 64, math.nan, 6000)]
+    overhead = [
+        {
+            "rows": rows,
+            "beam": beam,
+            "median_us": us,
+            "p90_us": 2 * us,
+            "per_row_us": us / rows,
+            "requests_per_step": rows / 16,
+        }
+        for rows, beam, us in (
+            (16, 1, 60.0),
+            (64, 1, 100.0),
+            (256, 1, 150.0),
+            (16, 4, 300.0),
+            (64, 4, 400.0),
+            (256, 4, 700.0),
+        )
+    ]
+    results = [
+        cell("near-free", "continuous", 64, 50000, 5000, p50=0.5),
+        cell("near-free", "rpc-ceiling", 64, math.nan, 6000),
+        cell("near-free", "continuous", 1, 4000, 400, p50=0.9),
+        cell("near-free", "rpc-ceiling", 1, math.nan, 2000, p50=0.4),
+        cell("dates", "continuous", 64, 9000, 900),
+        cell("dates", "engine-ceiling", 64, 30000, 3000),
+        cell("dates", "rpc-ceiling", 64, math.nan, 6000),
+    ]
     data = dict(report(results, ("near-free", "dates")), engine_overhead=overhead)
     checks = {check.target: check for check in check_targets(data)}
     at64 = checks["engine alone: <= 150 us per step at 64 greedy rows (zero-cost model)"]

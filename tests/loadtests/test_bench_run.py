@@ -14,13 +14,38 @@ from service.cli import main as attnserve
 
 @pytest.mark.slow
 def test_bench_measures_every_contender(tiny_repository: Path, tmp_path: Path) -> None:
-    args = build_parser().parse_args([
-        "--repository", str(tiny_repository), "--runs", str(tiny_repository.parent / "runs"),
-        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
-        "--workloads", "dates", "--levels", "1,3", "--warmup", "0.1", "--duration", "0.5", "--texts", "30",
-        "--request-batch-sizes", "2,8", "--request-batch-delays-ms", "0", "--tune-duration", "0.3",
-        "--ceiling-seconds", "0.1", "--client-processes", "1",
-    ])
+    args = build_parser().parse_args(
+        [
+            "--repository",
+            str(tiny_repository),
+            "--runs",
+            str(tiny_repository.parent / "runs"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "out"),
+            "--workloads",
+            "dates",
+            "--levels",
+            "1,3",
+            "--warmup",
+            "0.1",
+            "--duration",
+            "0.5",
+            "--texts",
+            "30",
+            "--request-batch-sizes",
+            "2,8",
+            "--request-batch-delays-ms",
+            "0",
+            "--tune-duration",
+            "0.3",
+            "--ceiling-seconds",
+            "0.1",
+            "--client-processes",
+            "1",
+        ]
+    )
     config = config_from_args(args)
     assert config.levels == (1, 3) and not config.phrasebook
     report = Bench(config, log=lambda _line: None).run()

@@ -28,7 +28,7 @@ def test_eager_greedy_matches_the_exported_graphs(eager_dates: EagerModel, tiny_
     texts = task_texts("dates", 10, seed=5)
     sources = [eager_dates.source_ids(text) for text in texts]
     expected = ort_greedy(onnx_model.step_model, sources, onnx_model.config.max_target_tokens)
-    for ids, reference in zip(sources, expected):
+    for ids, reference in zip(sources, expected, strict=False):
         tokens, ended = greedy_one(eager_dates.model, ids, eager_dates.max_length(0))
         assert tokens == reference
         assert ended == (len(tokens) < eager_dates.max_length(0))
@@ -44,7 +44,7 @@ def test_eager_beam_of_one_is_greedy_and_wider_beams_score_at_least_as_well(eage
         wide, ended = beam_one(model, ids, 4, 16)
         assert EOS not in wide
 
-        def log_prob(tokens: list[int], finished: bool) -> float:
+        def log_prob(tokens: list[int], finished: bool, ids: list[int] = ids) -> float:
             source = torch.tensor([ids])
             target_in = torch.tensor([[1] + tokens])
             target_out = tokens + ([EOS] if finished else [])
@@ -66,8 +66,9 @@ def test_eager_server_answers_over_grpc(tiny_repository: Path, tmp_path: Path) -
         assert len(reply.translations) == 3
         best = reply.translations[0].hypotheses[0]
         assert best.source_tokens[-1] == "</s>" and best.target_tokens
-        beam = stub.Translate(pb.TranslateRequest(model="dates", texts=texts[:1], options=pb.DecodeOptions(beam_size=4)),
-                              timeout=60)
+        beam = stub.Translate(
+            pb.TranslateRequest(model="dates", texts=texts[:1], options=pb.DecodeOptions(beam_size=4)), timeout=60
+        )
         assert beam.translations[0].hypotheses[0].target_tokens
         with pytest.raises(grpc.RpcError) as error:
             stub.Translate(pb.TranslateRequest(model="nope", texts=["x"]), timeout=60)

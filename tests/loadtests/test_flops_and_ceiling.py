@@ -28,7 +28,8 @@ def test_node_flops_from_profiled_shapes() -> None:
     assert node_flops("Gemm", [[2, 8]], [[2, 4]]) == 2 * 2 * 4 * 8
     # A batched product [b, m, k] x [b, k, n]
     assert node_flops("MatMul", [[4, 1, 6], [4, 6, 9]], [[4, 1, 9]]) == 2 * 4 * 9 * 6
-    # GRU: X [seq 5, batch 2, input 3], Y [5, 2 directions, 2, hidden 4]: 2 * 3 gates * 4 * (3 + 4) per step/row/direction
+    # GRU: X [seq 5, batch 2, input 3], Y [5, 2 directions, 2, hidden 4]:
+    # 2 * 3 gates * 4 * (3 + 4) per step/row/direction
     assert node_flops("GRU", [[5, 2, 3]], [[5, 2, 2, 4]]) == 2 * 5 * 2 * 2 * 3 * 4 * (3 + 4)
     assert node_flops("Tanh", [[3, 5]], [[3, 5]]) == 0
     assert node_flops("MatMul", [], [[1]]) == 0
@@ -38,18 +39,31 @@ def test_profiled_flops_match_the_architecture(dates_model) -> None:
     """The tiny dates model (additive attention, Bahdanau GRU) counted by hand from its dimensions."""
     arch = dates_model.config.architecture
     hidden, embedding, vocab = arch["hidden"], arch["embedding"], arch["target_vocab"]
-    assert (arch["attention"], arch["style"], arch["encoder"], arch["decoder"]) == ("additive", "bahdanau", "gru", "gru")
+    assert (arch["attention"], arch["style"], arch["encoder"], arch["decoder"]) == (
+        "additive",
+        "bahdanau",
+        "gru",
+        "gru",
+    )
     for source in (4, 11):
         flops = measure_model_flops(dates_model, source)
         half = hidden // 2
-        encoder = (2 * 2 * source * 3 * half * (embedding + half)  # two GRU directions
-                   + 2 * hidden * hidden  # bridge
-                   + 2 * 2 * source * hidden * hidden)  # memory projection and attention keys
-        step = (2 * (hidden * hidden  # attention query projection
-                     + 3 * hidden * (embedding + hidden) + 3 * hidden * hidden  # GRU cell
-                     + hidden * (2 * hidden + embedding)  # readout
-                     + hidden * vocab)  # output layer
-                + 2 * 2 * source * hidden)  # attention energies and context
+        encoder = (
+            2 * 2 * source * 3 * half * (embedding + half)  # two GRU directions
+            + 2 * hidden * hidden  # bridge
+            + 2 * 2 * source * hidden * hidden
+        )  # memory projection and attention keys
+        step = (
+            2
+            * (
+                hidden * hidden  # attention query projection
+                + 3 * hidden * (embedding + hidden)
+                + 3 * hidden * hidden  # GRU cell
+                + hidden * (2 * hidden + embedding)  # readout
+                + hidden * vocab
+            )  # output layer
+            + 2 * 2 * source * hidden
+        )  # attention energies and context
         assert flops == ModelFlops(source, float(encoder), float(step))
 
 
@@ -68,7 +82,9 @@ def test_matmul_peak_is_measured() -> None:
 def test_ceiling_decodes_what_onnx_greedy_decodes(dates_model) -> None:
     sources = tokenize_sources(dates_model, task_texts("dates", 12, seed=1))
     assert sources and all(ids[-1] == 2 for ids in sources)
-    expected = ort_greedy(dates_model.step_model, [ids.tolist() for ids in sources], dates_model.config.max_target_tokens)
+    expected = ort_greedy(
+        dates_model.step_model, [ids.tolist() for ids in sources], dates_model.config.max_target_tokens
+    )
     # The ceiling counts generated tokens with eos (when the row stopped by itself), like the server does.
     limit = dates_model.config.max_target_tokens
     lengths = [min(len(tokens) + 1, limit) for tokens in expected]
@@ -76,7 +92,9 @@ def test_ceiling_decodes_what_onnx_greedy_decodes(dates_model) -> None:
     assert point.batch == 12 and point.rows == 12 and point.waves == 1
     assert point.mean_tokens == pytest.approx(np.mean(lengths))
     assert point.mean_source_tokens == pytest.approx(np.mean([len(ids) for ids in sources]))
-    assert point.tokens_per_s == pytest.approx(12 * point.mean_tokens / (point.encode_s + point.mean_tokens * point.step_s))
+    assert point.tokens_per_s == pytest.approx(
+        12 * point.mean_tokens / (point.encode_s + point.mean_tokens * point.step_s)
+    )
 
 
 def test_ceiling_with_beam_rows(dates_model) -> None:

@@ -14,8 +14,15 @@ from loadtests.workload import task_texts
 
 
 def test_summarize_counts_each_worker_over_its_own_window() -> None:
-    first = WorkerReport(latencies=[0.01, 0.02, 0.03, 0.5], codes=["OK", "OK", "OK", "UNAVAILABLE"],
-                         tokens=[5, 5, 6, 0], window_starts=10.0, window_ends=12.0, cut=1, cpu_s=0.5)
+    first = WorkerReport(
+        latencies=[0.01, 0.02, 0.03, 0.5],
+        codes=["OK", "OK", "OK", "UNAVAILABLE"],
+        tokens=[5, 5, 6, 0],
+        window_starts=10.0,
+        window_ends=12.0,
+        cut=1,
+        cpu_s=0.5,
+    )
     second = WorkerReport(latencies=[0.04], codes=["OK"], tokens=[4], window_starts=10.0, window_ends=11.0, cpu_s=0.25)
     measured = summarize([first, second])
     assert measured.ok == 4 and measured.failures == {"UNAVAILABLE": 1} and measured.completed == 5
@@ -45,7 +52,9 @@ def test_cell_plan_bounds_are_checked() -> None:
 
 def test_closed_loop_against_the_rpc_ceiling(tmp_path: Path) -> None:
     with noop_server(tmp_path) as server, LoadGenerator(processes=2, clients_per_process=2) as generator:
-        plan = CellPlan(server.address, "noop", ("a", "b", "c"), 0, 4, warmup_s=0.2, duration_s=0.6, max_requests=100000)
+        plan = CellPlan(
+            server.address, "noop", ("a", "b", "c"), 0, 4, warmup_s=0.2, duration_s=0.6, max_requests=100000
+        )
         measured = generator.run(plan)
         assert measured.ok > 4 and not measured.failures
         assert measured.mean_tokens == len(FIXED_TOKENS)

@@ -13,19 +13,52 @@ from loadtests.workload import WorkloadItem, read_workload, write_workload
 
 def run_locust(host: str, out: Path, workload: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     command = [
-        sys.executable, "-m", "locust", "-f", str(PROJECT_ROOT / "loadtests" / "locustfile.py"), "--headless",
-        "--host", host, "--users", "4", "--spawn-rate", "4", "--run-time", "5s", "--stop-timeout", "10",
-        "--csv", str(out / "locust"), "--html", str(out / "report.html"), "--only-summary",
-        "--workload", str(workload), *extra,
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(PROJECT_ROOT / "loadtests" / "locustfile.py"),
+        "--headless",
+        "--host",
+        host,
+        "--users",
+        "4",
+        "--spawn-rate",
+        "4",
+        "--run-time",
+        "5s",
+        "--stop-timeout",
+        "10",
+        "--csv",
+        str(out / "locust"),
+        "--html",
+        str(out / "report.html"),
+        "--only-summary",
+        "--workload",
+        str(workload),
+        *extra,
     ]
     return subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_locust_reports_every_call_kind_against_attnserve(tiny_repository: Path, tmp_path: Path) -> None:
     workload = tmp_path / "workload.jsonl"  # missing: the locustfile generates it for the served models
-    with attnserve_server(tiny_repository, batching="continuous", threads=1, provider="cpu", log_dir=tmp_path) as server:
-        completed = run_locust(server.address, tmp_path, workload, "--max-fail-ratio", "0",
-                               "--greedy-weight", "1", "--beam-weight", "1", "--stream-weight", "1")
+    with attnserve_server(
+        tiny_repository, batching="continuous", threads=1, provider="cpu", log_dir=tmp_path
+    ) as server:
+        completed = run_locust(
+            server.address,
+            tmp_path,
+            workload,
+            "--max-fail-ratio",
+            "0",
+            "--greedy-weight",
+            "1",
+            "--beam-weight",
+            "1",
+            "--stream-weight",
+            "1",
+        )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert {item.model for item in read_workload(workload)} == {"dates", "numbers"}
     with (tmp_path / "locust_stats.csv").open() as handle:
@@ -51,7 +84,9 @@ def test_failed_calls_carry_their_status_code(tiny_repository: Path, tmp_path: P
     workload = tmp_path / "workload.jsonl"
     # Far beyond the tiny model's source limit: every call is refused with INVALID_ARGUMENT.
     write_workload(workload, [WorkloadItem("dates", "1" * 500)])
-    with attnserve_server(tiny_repository, batching="continuous", threads=1, provider="cpu", log_dir=tmp_path) as server:
+    with attnserve_server(
+        tiny_repository, batching="continuous", threads=1, provider="cpu", log_dir=tmp_path
+    ) as server:
         completed = run_locust(server.address, tmp_path, workload, "--max-fail-ratio", "0", "--stream-weight", "0")
     assert completed.returncode == 1
     with (tmp_path / "locust_failures.csv").open() as handle:

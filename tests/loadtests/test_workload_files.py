@@ -46,8 +46,11 @@ def test_build_workload_skips_models_without_a_generator() -> None:
 
 
 def test_workload_file_round_trip(tmp_path: Path) -> None:
-    items = [WorkloadItem("dates", "21.11.2026", "dates"), WorkloadItem("numbers", "mille deux", "numbers"),
-             WorkloadItem("x", "a \"quoted\" text with ünïcode")]
+    items = [
+        WorkloadItem("dates", "21.11.2026", "dates"),
+        WorkloadItem("numbers", "mille deux", "numbers"),
+        WorkloadItem("x", 'a "quoted" text with ünïcode'),
+    ]
     path = tmp_path / "workload.jsonl"
     assert write_workload(path, items) == 3
     assert read_workload(path) == items

@@ -133,7 +133,9 @@ class Traffic:
     def __post_init__(self) -> None:
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._workers = [threading.Thread(target=self._work, args=(index,), daemon=True) for index in range(self.threads)]
+        self._workers = [
+            threading.Thread(target=self._work, args=(index,), daemon=True) for index in range(self.threads)
+        ]
 
     def _work(self, index: int) -> None:
         count = 0
@@ -212,8 +214,15 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                    key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -222,8 +231,14 @@ class CertificateAuthority:
         self.cert_file = folder / f"{name}-ca.pem"
         self.cert_file.write_bytes(self._cert.public_bytes(_encoding()))
 
-    def issue(self, common_name: str, *, client: bool = False, dns: tuple[str, ...] = ("localhost",),
-              ips: tuple[str, ...] = ("127.0.0.1",)) -> Issued:
+    def issue(
+        self,
+        common_name: str,
+        *,
+        client: bool = False,
+        dns: tuple[str, ...] = ("localhost",),
+        ips: tuple[str, ...] = ("127.0.0.1",),
+    ) -> Issued:
         """A leaf certificate for a server (subject alternative names `dns`, `ips`) or a client."""
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization

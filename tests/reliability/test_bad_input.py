@@ -164,7 +164,9 @@ def test_beam_size_zero_and_one_are_greedy(stub: pb_grpc.TranslatorStub, beam_si
 
 
 def test_beam_size_at_the_maximum(stub: pb_grpc.TranslatorStub) -> None:
-    hypotheses = translate(stub, [GOOD_TEXT], beam_size=WIDEST_BEAM, num_hypotheses=WIDEST_BEAM).translations[0].hypotheses
+    hypotheses = (
+        translate(stub, [GOOD_TEXT], beam_size=WIDEST_BEAM, num_hypotheses=WIDEST_BEAM).translations[0].hypotheses
+    )
     assert len(hypotheses) == WIDEST_BEAM
     scores = [hypothesis.score for hypothesis in hypotheses]
     assert scores == sorted(scores, reverse=True)
@@ -199,7 +201,8 @@ def test_a_huge_max_length(stub: pb_grpc.TranslatorStub, max_length: int) -> Non
     code, details = refused(lambda: translate(stub, [GOOD_TEXT], max_length=max_length))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert details == (
-        f"max_length {max_length} exceeds the maximum {MAX_TARGET_TOKENS} for model dates version 1 (its max_target_tokens)"
+        f"max_length {max_length} exceeds the maximum {MAX_TARGET_TOKENS} for model dates version 1 (its "
+        "max_target_tokens)"
     )
 
 
@@ -221,7 +224,7 @@ def test_an_unknown_model_or_version(stub: pb_grpc.TranslatorStub) -> None:
     assert code == grpc.StatusCode.NOT_FOUND
     assert details == "model dates has no version 7; loaded versions: 1"
     for version in ("0", "-1", "01", "1.0", "latest", "9" * 12):
-        code, details = refused(lambda: translate(stub, [GOOD_TEXT], model="dates", version=version))
+        code, details = refused(lambda version=version: translate(stub, [GOOD_TEXT], model="dates", version=version))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, version
         assert "is not valid: use a positive integer" in details
 
@@ -282,7 +285,9 @@ def test_a_model_name_with_path_separators_or_dots(
     try:
         code, details = refused(lambda: translate(stub, [GOOD_TEXT], model=name))
         get_code, _ = refused(lambda: stub.GetModel(pb.GetModelRequest(name=name), timeout=10))
-        stream_code, _ = refused(lambda: list(stub.TranslateStream(pb.TranslateRequest(model=name, texts=[GOOD_TEXT]), timeout=10)))
+        stream_code, _ = refused(
+            lambda: list(stub.TranslateStream(pb.TranslateRequest(model=name, texts=[GOOD_TEXT]), timeout=10))
+        )
     finally:
         _watch.armed = False
     assert code == get_code == stream_code == grpc.StatusCode.INVALID_ARGUMENT
@@ -308,7 +313,7 @@ def test_bytes_that_are_not_a_valid_request_message(channel: grpc.Channel, stub:
     )
     invalid_utf8 = bytes([0x1A, 3, 0xFF, 0xFE, 0x41])  # field 3 (texts), 3 bytes that are not UTF-8
     for payload, why in ((invalid_utf8, "bad UTF-8"), (b"\xff\xff\xff", "corrupt")):
-        code, details = refused(lambda: raw(payload, timeout=10))
+        code, details = refused(lambda payload=payload: raw(payload, timeout=10))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert details.startswith("the Translate request is not a valid protobuf message") and why in details
 
@@ -318,11 +323,17 @@ def test_bytes_that_are_not_a_valid_request_message(channel: grpc.Channel, stub:
 ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=60)  # protobuf strings are UTF-8
 OPTIONS = st.fixed_dictionaries(  # mostly in range, sometimes far out of it
     {
-        "beam_size": st.one_of(st.integers(0, WIDEST_BEAM), st.integers(0, WIDEST_BEAM),
-                               st.sampled_from([WIDEST_BEAM + 1, 2**31, 2**32 - 1])),
+        "beam_size": st.one_of(
+            st.integers(0, WIDEST_BEAM),
+            st.integers(0, WIDEST_BEAM),
+            st.sampled_from([WIDEST_BEAM + 1, 2**31, 2**32 - 1]),
+        ),
         "num_hypotheses": st.one_of(st.integers(0, 2), st.integers(0, WIDEST_BEAM + 2)),
-        "max_length": st.one_of(st.integers(0, MAX_TARGET_TOKENS), st.integers(0, MAX_TARGET_TOKENS),
-                                st.sampled_from([MAX_TARGET_TOKENS + 1, 2**32 - 1])),
+        "max_length": st.one_of(
+            st.integers(0, MAX_TARGET_TOKENS),
+            st.integers(0, MAX_TARGET_TOKENS),
+            st.sampled_from([MAX_TARGET_TOKENS + 1, 2**32 - 1]),
+        ),
         "length_penalty": st.one_of(st.floats(0.0, 2.0), st.floats(0.0, 2.0), st.floats(width=32)),
         "return_attention": st.booleans(),
         "replace_unknowns": st.booleans(),
@@ -390,8 +401,12 @@ def valid_options(draw: st.DrawFn) -> dict:  # type: ignore[type-arg]
     }
 
 
-@settings(max_examples=100, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(
     texts=st.lists(ANY_TEXT.filter(lambda text: text.strip() and len(text) <= 40), min_size=1, max_size=4),
     model=st.sampled_from(["", "dates", "numbers"]),
@@ -402,7 +417,9 @@ def test_any_unicode_text_within_the_limits_is_translated(
 ) -> None:
     """Whatever the characters (unseen, control, combining, emoji, any script), a text within the limits
     with options within the limits gets a translation: never an error."""
-    response = stub.Translate(pb.TranslateRequest(model=model, texts=texts, options=pb.DecodeOptions(**options)), timeout=30)
+    response = stub.Translate(
+        pb.TranslateRequest(model=model, texts=texts, options=pb.DecodeOptions(**options)), timeout=30
+    )
     longest = stub.GetModel(pb.GetModelRequest(name=model), timeout=30).limits.max_target_tokens
     assert len(response.translations) == len(texts)
     for text, translation in zip(texts, response.translations, strict=True):

@@ -79,8 +79,9 @@ class Recorder:
 def test_sigterm_under_load_loses_no_admitted_call(tiny_repository: Path) -> None:
     port = free_port()
     # One text at a time, so that calls take a while and many are in flight when the signal lands.
-    process = start_subprocess(tiny_repository, port, "--drain-grace-seconds", "60", "--intra-op-threads", "1",
-                               "--batching", "none")
+    process = start_subprocess(
+        tiny_repository, port, "--drain-grace-seconds", "60", "--intra-op-threads", "1", "--batching", "none"
+    )
     recorder = Recorder()
     stop = threading.Event()
     try:
@@ -125,8 +126,11 @@ def test_sigterm_under_load_loses_no_admitted_call(tiny_repository: Path) -> Non
             assert code == "OK" or started > signalled - ARRIVED_S, (code, details)
     # The signal really landed under load: calls in flight at the signal finished after it, with results.
     in_flight = [1 for started, ended, code, _ in recorder.unary if started < signalled < ended and code == "OK"]
-    in_flight += [1 for started, first, code, _ in recorder.streams if first is not None and first < signalled
-                  and code == "OK" and started < signalled]
+    in_flight += [
+        1
+        for started, first, code, _ in recorder.streams
+        if first is not None and first < signalled and code == "OK" and started < signalled
+    ]
     assert in_flight, "no call was in flight at the signal; the test proved nothing"
     # ... and every unary worker was eventually refused (that is how it stopped).
     assert sum(1 for _, _, code, _ in recorder.unary if code != "OK") == 4

@@ -133,8 +133,10 @@ def test_a_step_that_raises_for_one_request_fails_only_that_request() -> None:
             tokens = [event.token_id async for event in second.tokens()]
             ended = [await outcome(handle) for handle in (first, bad, second)]
         async with running(reference) as scheduler:
-            alone = [await outcome(scheduler.submit(make_request(good_sources[0], beam=2, max_length=4))),
-                     await outcome(scheduler.submit(make_request(good_sources[1], max_length=4)))]
+            alone = [
+                await outcome(scheduler.submit(make_request(good_sources[0], beam=2, max_length=4))),
+                await outcome(scheduler.submit(make_request(good_sources[1], max_length=4))),
+            ]
         return ended, alone, tokens
 
     (first, bad, second), alone, tokens = asyncio.run(main())

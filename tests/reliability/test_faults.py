@@ -39,8 +39,13 @@ def repository(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) 
     """`dates` as exported, and `trapped`: the same model with the decoder trap."""
     root = tmp_path_factory.mktemp("faults") / "repository"
     shutil.copytree(tiny_repository / "dates", root / "dates")
-    copy_version(tiny_repository / "dates" / "1", root, "trapped", 1,
-                 prepare=lambda folder: make_decoder_fail_for_long_sources(folder, TRAP_TOKENS))
+    copy_version(
+        tiny_repository / "dates" / "1",
+        root,
+        "trapped",
+        1,
+        prepare=lambda folder: make_decoder_fail_for_long_sources(folder, TRAP_TOKENS),
+    )
     assert all(len(text) + 1 < TRAP_TOKENS for text in GOOD) and all(len(text) + 1 >= TRAP_TOKENS for text in POISON)
     return root
 
@@ -58,7 +63,9 @@ def ending(future) -> tuple[str, str, pb.TranslateResponse | None]:  # type: ign
 
 
 @pytest.mark.parametrize("batching", ["none", "continuous"])
-def test_a_decoder_step_that_raises_fails_only_its_requests_and_the_server_goes_on(repository: Path, batching: str) -> None:
+def test_a_decoder_step_that_raises_fails_only_its_requests_and_the_server_goes_on(
+    repository: Path, batching: str
+) -> None:
     server = ServerThread(make_settings(repository, batching=batching)).start()
     try:
         with grpc.insecure_channel(server.address) as channel:
@@ -92,9 +99,14 @@ def test_a_decoder_step_that_raises_fails_only_its_requests_and_the_server_goes_
             internal = sum(1 for _, code, _ in endings if code == "INTERNAL")
             assert internal == len(POISON) * 2
             # The server counts a call just after its answer leaves, so give the counters a moment.
-            wait_for(lambda: metric_sum(scrape(server.metrics_url), "attnserve_requests_total", method="Translate", **TRAPPED)
-                     - metric_sum(before, "attnserve_requests_total", method="Translate", **TRAPPED) >= len(endings),
-                     what="the burst's calls to be counted")
+            wait_for(
+                lambda: (
+                    metric_sum(scrape(server.metrics_url), "attnserve_requests_total", method="Translate", **TRAPPED)
+                    - metric_sum(before, "attnserve_requests_total", method="Translate", **TRAPPED)
+                    >= len(endings)
+                ),
+                what="the burst's calls to be counted",
+            )
             after = scrape(server.metrics_url)
 
             def grew(name: str, **labels: str) -> float:
@@ -105,14 +117,17 @@ def test_a_decoder_step_that_raises_fails_only_its_requests_and_the_server_goes_
             assert grew("attnserve_finished_requests_total", reason="error", **TRAPPED) == internal
             # Every engine request left the engine exactly once: finished (any reason) = texts sent.
             assert metric_sum(after, "attnserve_finished_requests_total", **TRAPPED) - metric_sum(
-                before, "attnserve_finished_requests_total", **TRAPPED) == len(endings)
+                before, "attnserve_finished_requests_total", **TRAPPED
+            ) == len(endings)
 
             # The engine goes on: later requests decode, and the other model never noticed.
             for text in GOOD:
                 assert ending(call(stub, [text], "trapped"))[0] == "OK"
             assert ending(call(stub, POISON[:1], "dates"))[0] == "OK"
-            wait_for(lambda: metric(scrape(server.metrics_url), "attnserve_requests_running", **TRAPPED) == 0,
-                     what="the trapped model's batch to empty")
+            wait_for(
+                lambda: metric(scrape(server.metrics_url), "attnserve_requests_running", **TRAPPED) == 0,
+                what="the trapped model's batch to empty",
+            )
     finally:
         assert server.stop() == 0
 
@@ -127,8 +142,13 @@ def test_one_poisoned_text_fails_its_whole_call_and_nothing_else(repository: Pat
             code, _, response = ending(call(stub, GOOD, "trapped"))
             assert code == "OK" and response is not None and len(response.translations) == len(GOOD)
             # The call's other texts were answered too (finished or cancelled), never left behind.
-            wait_for(lambda: metric_sum(scrape(server.metrics_url), "attnserve_finished_requests_total", **TRAPPED)
-                     >= 3 + len(GOOD), what="every text to leave the engine")
+            wait_for(
+                lambda: (
+                    metric_sum(scrape(server.metrics_url), "attnserve_finished_requests_total", **TRAPPED)
+                    >= 3 + len(GOOD)
+                ),
+                what="every text to leave the engine",
+            )
             samples = scrape(server.metrics_url)
             assert metric_sum(samples, "attnserve_finished_requests_total", **TRAPPED) == 3 + len(GOOD)
             assert metric(samples, "attnserve_requests_waiting", **TRAPPED) == 0
@@ -165,8 +185,10 @@ def test_expired_deadlines_leave_the_engine_and_free_their_slots(repository: Pat
 
             wait_for(settled, what="every text of the expired calls to leave the engine exactly once")
             samples = scrape(server.metrics_url)
-            gave_up = sum(metric(samples, "attnserve_finished_requests_total", reason=reason, **dates)
-                          for reason in ("cancelled", "deadline"))
+            gave_up = sum(
+                metric(samples, "attnserve_finished_requests_total", reason=reason, **dates)
+                for reason in ("cancelled", "deadline")
+            )
             assert gave_up > 0  # most texts never ran: they left when their call's deadline passed
             assert metric(samples, "attnserve_finished_requests_total", reason="error", **dates) == 0
             assert ending(call(stub, GOOD, "dates"))[0] == "OK"

@@ -111,7 +111,8 @@ def test_a_new_version_is_swapped_in_under_traffic_without_a_failed_call(
     def drained() -> bool:
         samples = scrape(server.metrics_url)
         return metric(samples, "attnserve_model_version_retirements_total", **DATES) == 1 and not has_sample(
-            samples, "attnserve_requests_waiting", model="dates", version="1")
+            samples, "attnserve_requests_waiting", model="dates", version="1"
+        )
 
     wait_for(drained, what="version 1 to drain and stop")
     samples = scrape(server.metrics_url)
@@ -144,13 +145,20 @@ def test_broken_versions_are_reported_and_never_served_and_the_previous_keeps_se
         wait_for(lambda: traffic.count(lambda o: o.version == "1") >= 20, what="traffic on version 1")
         copy_version(dates, repository, "dates", 2, prepare=_corrupt_decoder)
         copy_version(dates, repository, "dates", 3, prepare=_remove_encoder)
-        copy_version(dates, repository, "dates", 4,
-                     prepare=lambda folder: shutil.copyfile(numbers_tokenizer, folder / "source.tokenizer.json"))
+        copy_version(
+            dates,
+            repository,
+            "dates",
+            4,
+            prepare=lambda folder: shutil.copyfile(numbers_tokenizer, folder / "source.tokenizer.json"),
+        )
 
         def all_reported() -> bool:
             samples = scrape(server.metrics_url)
-            return all(metric(samples, "attnserve_model_load_failures_total", model="dates", version=str(version)) >= 1
-                       for version in (2, 3, 4))
+            return all(
+                metric(samples, "attnserve_model_load_failures_total", model="dates", version=str(version)) >= 1
+                for version in (2, 3, 4)
+            )
 
         wait_for(all_reported, what="the three broken versions to be reported")
         seen = len(traffic.snapshot())
@@ -226,4 +234,7 @@ def test_removing_the_newest_version_rolls_back_and_a_new_model_is_served(
         wait_for(numbers_serving, what="the new model to be SERVING")
         response = stub.Translate(pb.TranslateRequest(model="numbers", texts=["quarante-deux"]), timeout=10)
         assert (response.model, response.version) == ("numbers", "1")
-        assert [model.name for model in stub.ListModels(pb.ListModelsRequest(), timeout=10).models] == ["dates", "numbers"]
+        assert [model.name for model in stub.ListModels(pb.ListModelsRequest(), timeout=10).models] == [
+            "dates",
+            "numbers",
+        ]

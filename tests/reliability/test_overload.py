@@ -23,7 +23,9 @@ TEXTS = ["3 mars 1999", "samedi 21 novembre 2026", "1" * 40, "14 juillet 1789"]
 DATES = {"model": "dates", "version": "1"}
 
 
-def fire(stub: pb_grpc.TranslatorStub, requests: list[pb.TranslateRequest], timeout_s: float = 120.0) -> list[CallOutcome]:
+def fire(
+    stub: pb_grpc.TranslatorStub, requests: list[pb.TranslateRequest], timeout_s: float = 120.0
+) -> list[CallOutcome]:
     """Start every call at once (asynchronously, on one channel) and collect how each ended."""
     done = threading.Event()
     remaining = [len(requests)]
@@ -102,7 +104,8 @@ def test_load_beyond_capacity_is_shed_fast_and_every_call_is_answered_once(tiny_
             assert grew("attnserve_requests_total", method="Translate", code="OK", **DATES) == len(served)
             assert grew("attnserve_requests_total", method="Translate", code="RESOURCE_EXHAUSTED", **DATES) == len(shed)
             finished = metric_sum(after, "attnserve_finished_requests_total", **DATES) - metric_sum(
-                before, "attnserve_finished_requests_total", **DATES)
+                before, "attnserve_finished_requests_total", **DATES
+            )
             assert finished == len(served)
 
             # Recovered: the queue is empty and calls are answered normally right away.
@@ -117,8 +120,16 @@ def test_memory_stays_bounded_under_sustained_overload(tiny_repository: Path) ->
     """Resident memory of the server process after repeated 10x bursts stays within 10% of what it
     was once warm (queues are bounded, refused calls leave nothing behind)."""
     port = free_port()
-    process = start_subprocess(tiny_repository, port, "--max-waiting-requests", "16", "--max-active-hypotheses", "32",
-                               "--intra-op-threads", "1")
+    process = start_subprocess(
+        tiny_repository,
+        port,
+        "--max-waiting-requests",
+        "16",
+        "--max-active-hypotheses",
+        "32",
+        "--intra-op-threads",
+        "1",
+    )
     try:
         address = f"127.0.0.1:{port}"
         wait_until_serving(address, process=process)

@@ -47,9 +47,21 @@ class Pki:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     folder = tmp_path_factory.mktemp("pki")
     ca, rogue = CertificateAuthority(folder, "trusted"), CertificateAuthority(folder, "rogue")
-    server, client, rogue_client = ca.issue("server"), ca.issue("client", client=True), rogue.issue("client", client=True)
-    return Pki(ca, rogue, server.cert_file, server.key_file, client.cert_file, client.key_file,
-               rogue_client.cert_file, rogue_client.key_file)
+    server, client, rogue_client = (
+        ca.issue("server"),
+        ca.issue("client", client=True),
+        rogue.issue("client", client=True),
+    )
+    return Pki(
+        ca,
+        rogue,
+        server.cert_file,
+        server.key_file,
+        client.cert_file,
+        client.key_file,
+        rogue_client.cert_file,
+        rogue_client.key_file,
+    )
 
 
 def translate(channel: grpc.Channel, metadata: tuple = ()) -> pb.TranslateResponse:  # type: ignore[type-arg]
@@ -93,8 +105,9 @@ def test_tls_serves_tls_clients_only(tiny_repository: Path, pki: Pki) -> None:
 
 
 def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(tiny_repository: Path, pki: Pki) -> None:
-    settings = make_settings(tiny_repository, tls_cert_file=pki.server_cert, tls_key_file=pki.server_key,
-                             tls_client_ca_file=pki.ca.cert_file)
+    settings = make_settings(
+        tiny_repository, tls_cert_file=pki.server_cert, tls_key_file=pki.server_key, tls_client_ca_file=pki.ca.cert_file
+    )
     server = ServerThread(settings).start()
     try:
         with tls_channel(server.address, pki.ca.cert_file, pki.client_cert, pki.client_key) as channel:
@@ -167,9 +180,14 @@ def test_calls_need_a_valid_bearer_token(guarded: ServerThread) -> None:
         code, details = refused(lambda: translate(channel))
         assert code == grpc.StatusCode.UNAUTHENTICATED
         assert details == "this server needs a bearer token: send the metadata 'authorization: Bearer <token>'"
-        for metadata in (bearer("file-token-alph"), bearer("file-token-alpha2"), bearer(""),
-                         (("authorization", "Basic ZmlsZS10b2tlbi1hbHBoYQ=="),), (("x-api-key", "file-token-alpha"),)):
-            code, details = refused(lambda: translate(channel, metadata))
+        for metadata in (
+            bearer("file-token-alph"),
+            bearer("file-token-alpha2"),
+            bearer(""),
+            (("authorization", "Basic ZmlsZS10b2tlbi1hbHBoYQ=="),),
+            (("x-api-key", "file-token-alpha"),),
+        ):
+            code, details = refused(lambda metadata=metadata: translate(channel, metadata))
             assert code == grpc.StatusCode.UNAUTHENTICATED, metadata
         for token in ("file-token-alpha", "file-token-beta", "env-token-1", "env-token-2"):
             assert translate(channel, bearer(token)).translations[0].hypotheses[0].text
@@ -179,8 +197,11 @@ def test_calls_need_a_valid_bearer_token(guarded: ServerThread) -> None:
         assert code == grpc.StatusCode.UNAUTHENTICATED
         code, _ = refused(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=15))
         assert code == grpc.StatusCode.UNAUTHENTICATED
-        unknown = channel.unary_unary("/attnserve.v1.Translator/NoSuchMethod", request_serializer=lambda data: data,
-                                      response_deserializer=lambda data: data)
+        unknown = channel.unary_unary(
+            "/attnserve.v1.Translator/NoSuchMethod",
+            request_serializer=lambda data: data,
+            response_deserializer=lambda data: data,
+        )
         code, _ = refused(lambda: unknown(b"", timeout=15))
         assert code == grpc.StatusCode.UNAUTHENTICATED
         assert stub.ListModels(pb.ListModelsRequest(), timeout=15, metadata=bearer("env-token-2")).models
@@ -204,10 +225,23 @@ def test_refused_calls_are_counted_and_no_token_reaches_the_logs(
         for _ in range(3):
             refused(lambda: translate(channel, bearer("guess-token-xyz")))
         translate(channel, bearer("env-token-1"))
-    wait_for(lambda: metric(scrape(guarded.metrics_url), "attnserve_requests_total", model="", version="",
-                            method="Translate", code="UNAUTHENTICATED")
-             - metric(before, "attnserve_requests_total", model="", version="", method="Translate",
-                      code="UNAUTHENTICATED") == 3, what="the refused calls to be counted")
+    wait_for(
+        lambda: (
+            metric(
+                scrape(guarded.metrics_url),
+                "attnserve_requests_total",
+                model="",
+                version="",
+                method="Translate",
+                code="UNAUTHENTICATED",
+            )
+            - metric(
+                before, "attnserve_requests_total", model="", version="", method="Translate", code="UNAUTHENTICATED"
+            )
+            == 3
+        ),
+        what="the refused calls to be counted",
+    )
     assert "guess-token-xyz" not in caplog.text and "env-token-1" not in caplog.text
 
 
@@ -284,8 +318,10 @@ def test_one_connection_cannot_hold_more_calls_than_max_concurrent_streams(tiny_
             held: list[float] = []
             while not all(future.done() for future in futures):
                 samples = scrape(server.metrics_url)
-                held.append(metric(samples, "attnserve_requests_waiting", **dates)
-                            + metric(samples, "attnserve_requests_running", **dates))
+                held.append(
+                    metric(samples, "attnserve_requests_waiting", **dates)
+                    + metric(samples, "attnserve_requests_running", **dates)
+                )
             codes, details = [], set()
             for future in futures:
                 try:
@@ -300,11 +336,16 @@ def test_one_connection_cannot_hold_more_calls_than_max_concurrent_streams(tiny_
             ok = codes.count("OK")
 
             def translate_calls(samples: dict) -> float:  # type: ignore[type-arg]
-                return sum(value for (name, labels), value in samples.items()
-                           if name == "attnserve_requests_total" and ("method", "Translate") in labels)
+                return sum(
+                    value
+                    for (name, labels), value in samples.items()
+                    if name == "attnserve_requests_total" and ("method", "Translate") in labels
+                )
 
-            wait_for(lambda: translate_calls(scrape(server.metrics_url)) - translate_calls(before) >= ok,
-                     what="the admitted calls to be counted")
+            wait_for(
+                lambda: translate_calls(scrape(server.metrics_url)) - translate_calls(before) >= ok,
+                what="the admitted calls to be counted",
+            )
             # Refused calls never reached the server's handlers: it counted exactly the admitted ones.
             assert translate_calls(scrape(server.metrics_url)) - translate_calls(before) == ok
             assert translate(channel).translations  # the connection still works
@@ -327,7 +368,7 @@ def test_no_input_text_in_the_logs_at_info_level(tiny_repository: Path, caplog: 
                 pb.TranslateRequest(model="klingon", texts=[marker]),
                 pb.TranslateRequest(texts=[marker, ""]),
             ):
-                refused(lambda: stub.Translate(request, timeout=15))
+                refused(lambda request=request: stub.Translate(request, timeout=15))
     finally:
         assert server.stop() == 0
     assert caplog.records, "nothing was logged at all; the test proved nothing"
@@ -340,13 +381,21 @@ def test_no_input_text_in_the_logs_at_info_level(tiny_repository: Path, caplog: 
 def test_security_settings_from_flags_and_environment(tmp_path: Path) -> None:
     settings = Settings.from_sources(
         ["--tls-cert-file", "/etc/attnserve/tls.crt", "--reflection", "off", "--max-concurrent-streams", "32"],
-        {"ATTNSERVE_TLS_KEY_FILE": "/etc/attnserve/tls.key", "ATTNSERVE_AUTH_TOKENS": "s3cret-one,s3cret-two",
-         "ATTNSERVE_AUTH_TOKENS_FILE": "/etc/attnserve/tokens", "ATTNSERVE_REPOSITORY_POLL_SECONDS": "2.5"},
+        {
+            "ATTNSERVE_TLS_KEY_FILE": "/etc/attnserve/tls.key",
+            "ATTNSERVE_AUTH_TOKENS": "s3cret-one,s3cret-two",
+            "ATTNSERVE_AUTH_TOKENS_FILE": "/etc/attnserve/tokens",
+            "ATTNSERVE_REPOSITORY_POLL_SECONDS": "2.5",
+        },
     )
-    assert settings.tls_cert_file == Path("/etc/attnserve/tls.crt") and settings.tls_key_file == Path("/etc/attnserve/tls.key")
+    assert settings.tls_cert_file == Path("/etc/attnserve/tls.crt") and settings.tls_key_file == Path(
+        "/etc/attnserve/tls.key"
+    )
     assert settings.tls_client_ca_file is None and settings.reflection is False
     assert settings.max_concurrent_streams == 32 and settings.repository_poll_seconds == 2.5
-    assert settings.auth_tokens == "s3cret-one,s3cret-two" and settings.auth_tokens_file == Path("/etc/attnserve/tokens")
+    assert settings.auth_tokens == "s3cret-one,s3cret-two" and settings.auth_tokens_file == Path(
+        "/etc/attnserve/tokens"
+    )
     assert "s3cret" not in repr(settings)  # never in a log line that prints the settings
     assert Settings.from_sources([], {"ATTNSERVE_TLS_CERT_FILE": ""}).tls_cert_file is None  # empty = unset
     with pytest.raises(SystemExit):  # tokens have no flag: a flag would show them in the process table
@@ -384,8 +433,10 @@ def test_a_security_file_that_does_not_load_stops_the_start_before_any_model_loa
         ({"tls_cert_file": tmp_path / "missing.pem", "tls_key_file": pki.server_key}, "missing.pem: cannot read it"),
         ({"tls_cert_file": not_pem, "tls_key_file": pki.server_key}, "cert.txt: not a PEM file"),
         ({"tls_cert_file": pki.server_cert, "tls_key_file": pki.client_key}, "do not load as a certificate chain"),
-        ({"tls_cert_file": pki.server_cert, "tls_key_file": pki.server_key, "tls_client_ca_file": not_pem},
-         "tls_client_ca_file="),
+        (
+            {"tls_cert_file": pki.server_cert, "tls_key_file": pki.server_key, "tls_client_ca_file": not_pem},
+            "tls_client_ca_file=",
+        ),
         ({"auth_tokens_file": empty_tokens}, "tokens.txt holds no token"),
         ({"auth_tokens": " , "}, "ATTNSERVE_AUTH_TOKENS holds no token"),
     ):
@@ -399,8 +450,9 @@ def test_the_cli_client_speaks_tls_and_sends_its_token(
 ) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("cli-token\n", encoding="utf-8")
-    settings = make_settings(tiny_repository, tls_cert_file=pki.server_cert, tls_key_file=pki.server_key,
-                             auth_tokens="cli-token")
+    settings = make_settings(
+        tiny_repository, tls_cert_file=pki.server_cert, tls_key_file=pki.server_key, auth_tokens="cli-token"
+    )
     server = ServerThread(settings).start()
     try:
         base = ["--server", f"localhost:{settings.port}", "--tls-ca-file", str(pki.ca.cert_file)]

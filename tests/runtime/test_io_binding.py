@@ -17,9 +17,12 @@ def decode_all(step_model, sources: list[list[int]]) -> list[list[int]]:
         scheduler = Scheduler(step_model, limits=EngineLimits())
         await scheduler.start()
         try:
-            handles = [scheduler.submit(TranslationRequest(np.array(s, dtype=np.int64),
-                                                           DecodeOptions(beam_size=2, max_length=16)))
-                       for s in sources]
+            handles = [
+                scheduler.submit(
+                    TranslationRequest(np.array(s, dtype=np.int64), DecodeOptions(beam_size=2, max_length=16))
+                )
+                for s in sources
+            ]
             return [(await h.result()).hypotheses[0].token_ids for h in handles]
         finally:
             await scheduler.stop(5.0)

@@ -84,8 +84,9 @@ def test_special_ids_are_fixed(number_corpus: list[str], sentencepiece_tokenizer
         assert ids and BOS not in ids and EOS not in ids and PAD not in ids, tokenizer.kind
 
 
-def test_decode_skips_pad_bos_eos_and_shows_unk(number_corpus: list[str],
-                                                sentencepiece_tokenizers: dict[str, Tokenizer]) -> None:
+def test_decode_skips_pad_bos_eos_and_shows_unk(
+    number_corpus: list[str], sentencepiece_tokenizers: dict[str, Tokenizer]
+) -> None:
     for tokenizer in _all_kinds(number_corpus, sentencepiece_tokenizers):
         ids = tokenizer.encode("eighty")
         assert tokenizer.decode([BOS, *ids, EOS, PAD, PAD]) == "eighty", tokenizer.kind
@@ -171,8 +172,9 @@ def test_word_vocabulary_capped_by_frequency_ties_alphabetical() -> None:
 # ---------------------------------------------------------------- sentencepiece
 
 
-def test_sentencepiece_round_trip_and_pieces(sentencepiece_tokenizers: dict[str, Tokenizer],
-                                             number_corpus: list[str]) -> None:
+def test_sentencepiece_round_trip_and_pieces(
+    sentencepiece_tokenizers: dict[str, Tokenizer], number_corpus: list[str]
+) -> None:
     for model_type, tokenizer in sentencepiece_tokenizers.items():
         assert tokenizer.kind == "sentencepiece"
         assert 4 < tokenizer.vocab_size <= 120
@@ -190,8 +192,9 @@ def test_sentencepiece_round_trip_and_pieces(sentencepiece_tokenizers: dict[str,
         assert tokenizer.decode(ids).endswith("<unk>")
 
 
-def test_sentencepiece_training_is_deterministic(number_corpus: list[str],
-                                                 sentencepiece_tokenizers: dict[str, Tokenizer]) -> None:
+def test_sentencepiece_training_is_deterministic(
+    number_corpus: list[str], sentencepiece_tokenizers: dict[str, Tokenizer]
+) -> None:
     again = train_tokenizer("sentencepiece", number_corpus, vocab_size=120, model_type="unigram")
     assert again.to_document() == sentencepiece_tokenizers["unigram"].to_document()
 
@@ -205,8 +208,9 @@ def test_sentencepiece_small_corpus_gives_fewer_pieces_instead_of_failing() -> N
 # ---------------------------------------------------------------- save / load
 
 
-def test_save_load_gives_same_ids(tmp_path: Path, number_corpus: list[str],
-                                  sentencepiece_tokenizers: dict[str, Tokenizer]) -> None:
+def test_save_load_gives_same_ids(
+    tmp_path: Path, number_corpus: list[str], sentencepiece_tokenizers: dict[str, Tokenizer]
+) -> None:
     probes = [*number_corpus[:50], *DATE_SAMPLES, "unseen ☃ text"]
     texts = number_corpus + DATE_SAMPLES
     tokenizers = [train_tokenizer("char", texts), train_tokenizer("word", texts), *sentencepiece_tokenizers.values()]
@@ -245,11 +249,22 @@ def test_corrupt_or_mismatched_files_raise_tokenizer_error(tmp_path: Path) -> No
         "format": (write("format.json", json.dumps({**document, "format": 99})), "char"),
         "must start with": (write("specials.json", json.dumps({**document, "pieces": ["a", "b"]})), "char"),
         "repeats": (write("repeats.json", json.dumps({**document, "pieces": [*SPECIAL_PIECES, "a", "a"]})), "char"),
-        "base64": (write("b64.json", json.dumps({"kind": "sentencepiece", "format": 1, "model_type": "unigram",
-                                                  "model": "%%%not base64"})), "sentencepiece"),
-        "not a SentencePiece model": (write("proto.json", json.dumps({"kind": "sentencepiece", "format": 1,
-                                                                      "model_type": "unigram",
-                                                                      "model": "aGVsbG8gd29ybGQ="})), "sentencepiece"),
+        "base64": (
+            write(
+                "b64.json",
+                json.dumps({"kind": "sentencepiece", "format": 1, "model_type": "unigram", "model": "%%%not base64"}),
+            ),
+            "sentencepiece",
+        ),
+        "not a SentencePiece model": (
+            write(
+                "proto.json",
+                json.dumps(
+                    {"kind": "sentencepiece", "format": 1, "model_type": "unigram", "model": "aGVsbG8gd29ybGQ="}
+                ),
+            ),
+            "sentencepiece",
+        ),
         "cannot read": (tmp_path / "missing.json", "char"),
         "unknown tokenizer kind": (good, "bytes"),
     }
@@ -285,7 +300,8 @@ def test_importing_tokenizers_loads_neither_sentencepiece_nor_torch() -> None:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_incremental_decoding_builds_exactly_the_text_of_the_whole_sequence(
-        seed: int, number_corpus: list[str], sentencepiece_tokenizers: dict[str, Tokenizer]) -> None:
+    seed: int, number_corpus: list[str], sentencepiece_tokenizers: dict[str, Tokenizer]
+) -> None:
     import random
 
     rng = random.Random(seed)
@@ -295,4 +311,3 @@ def test_incremental_decoding_builds_exactly_the_text_of_the_whole_sequence(
             decoder = tokenizer.incremental_decoder()
             deltas = [decoder.push(token_id) for token_id in ids]
             assert "".join(deltas) == decoder.text == tokenizer.decode(ids), (tokenizer.kind, ids)
-

@@ -14,8 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from loadtests.servers import free_port, wait_until_serving  # the same helpers the load tools use
-from loadtests.servers import metric as metric_sum  # sum over the samples whose labels include the given ones
+from loadtests.servers import free_port  # the same helpers the load tools use
 from loadtests.servers import scrape as _scrape_page
 from service.server import serve
 from service.settings import Settings
@@ -117,12 +116,22 @@ def start_subprocess(repository: Path, port: int, *extra: str) -> subprocess.Pop
     """`attnserve serve` (through the real CLI dispatch) as a child process; stdout+stderr piped."""
     environment = dict(os.environ, PYTHONUNBUFFERED="1")
     command = [
-        sys.executable, "-m", "service.cli", "serve",
-        "--model-repository", str(repository),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--metrics-port", "0",
-        "--provider", "cpu",
+        sys.executable,
+        "-m",
+        "service.cli",
+        "serve",
+        "--model-repository",
+        str(repository),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        "--provider",
+        "cpu",
         *extra,
     ]
-    return subprocess.Popen(command, cwd=PROJECT_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        command, cwd=PROJECT_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )

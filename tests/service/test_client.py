@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from server_harness import ServerThread, make_settings
+
 from service import client
 from service.dataplane import Dataplane
 from service.plot import plot_alignment
@@ -33,7 +33,9 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.slow
-def test_server_and_offline_modes_agree(server: ServerThread, tiny_repository: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_server_and_offline_modes_agree(
+    server: ServerThread, tiny_repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     status, online, _ = run(capsys, "--server", server.address, "--beam", "3", "--n-best", "2", TEXT)
     assert status == 0
     status, offline, _ = run(capsys, "--offline", str(tiny_repository / "dates"), "--beam", "3", "--n-best", "2", TEXT)
@@ -65,7 +67,9 @@ def test_stream_prints_the_same_translation(server: ServerThread, capsys: pytest
 
 
 @pytest.mark.slow
-def test_failures_print_the_status_and_exit_one(server: ServerThread, tiny_repository: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_failures_print_the_status_and_exit_one(
+    server: ServerThread, tiny_repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     status, out, err = run(capsys, "--server", server.address, "--model", "nope", TEXT)
     assert (status, out) == (1, "")
     assert err.startswith("attnserve translate: NOT_FOUND: ")
@@ -116,7 +120,10 @@ def test_serving_modules_never_import_torch() -> None:
     import subprocess
     import sys
 
-    modules = "service.server, service.client, service.grpc_api.server, service.dataplane, service.models, service.metrics, service.plot"
+    modules = (
+        "service.server, service.client, service.grpc_api.server, service.dataplane, service.models, "
+        "service.metrics, service.plot"
+    )
     probe = f"import sys; import {modules}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "False"

@@ -17,8 +17,8 @@ import pytest
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-
 from server_harness import ServerThread, free_port, make_settings, metric, scrape, start_subprocess, wait_until_serving
+
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 
@@ -48,7 +48,9 @@ def stub(channel: grpc.Channel) -> pb_grpc.TranslatorStub:
     return pb_grpc.TranslatorStub(channel)
 
 
-def translate(stub: pb_grpc.TranslatorStub, texts: list[str], model: str = "", **options: object) -> pb.TranslateResponse:
+def translate(
+    stub: pb_grpc.TranslatorStub, texts: list[str], model: str = "", **options: object
+) -> pb.TranslateResponse:
     request = pb.TranslateRequest(model=model, texts=texts, options=pb.DecodeOptions(**options))
     return stub.Translate(request, timeout=30)
 
@@ -60,7 +62,9 @@ def status_of(call) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-d
 
 
 def attention_matrix(hypothesis: pb.Hypothesis) -> np.ndarray:
-    return np.asarray(hypothesis.attention, dtype=np.float64).reshape(len(hypothesis.target_tokens), len(hypothesis.source_tokens))
+    return np.asarray(hypothesis.attention, dtype=np.float64).reshape(
+        len(hypothesis.target_tokens), len(hypothesis.source_tokens)
+    )
 
 
 # ----- Translate ----------------------------------------------------------------------------------------
@@ -70,7 +74,7 @@ def test_translate_greedy(stub: pb_grpc.TranslatorStub) -> None:
     response = translate(stub, DATES[:2])
     assert (response.model, response.version) == ("dates", "1")  # empty model = the alphabetically first
     assert len(response.translations) == 2
-    for source, translation in zip(DATES[:2], response.translations):
+    for source, translation in zip(DATES[:2], response.translations, strict=False):
         assert len(translation.hypotheses) == 1
         best = translation.hypotheses[0]
         assert best.score <= 0.0 and math.isfinite(best.score)
@@ -159,7 +163,9 @@ def test_stream_beam_sends_one_final_message(stub: pb_grpc.TranslatorStub) -> No
 
 def test_stream_takes_exactly_one_text(stub: pb_grpc.TranslatorStub) -> None:
     for texts in (DATES[:2], []):
-        code, details = status_of(lambda: list(stub.TranslateStream(pb.TranslateRequest(texts=texts), timeout=30)))
+        code, details = status_of(
+            lambda texts=texts: list(stub.TranslateStream(pb.TranslateRequest(texts=texts), timeout=30))
+        )
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert "exactly one text" in details
 
@@ -218,7 +224,9 @@ def test_unknown_model_is_not_found(stub: pb_grpc.TranslatorStub) -> None:
     code, details = status_of(lambda: translate(stub, ["x"], model="klingon"))
     assert code == grpc.StatusCode.NOT_FOUND
     assert "klingon" in details and "dates" in details and "numbers" in details
-    code, details = status_of(lambda: stub.Translate(pb.TranslateRequest(model="dates", version="3", texts=["x"]), timeout=10))
+    code, details = status_of(
+        lambda: stub.Translate(pb.TranslateRequest(model="dates", version="3", texts=["x"]), timeout=10)
+    )
     assert code == grpc.StatusCode.NOT_FOUND and "version" in details
 
 
@@ -246,7 +254,9 @@ def test_path_like_model_names_are_refused(stub: pb_grpc.TranslatorStub, name: s
         (["x"] * 65, {}, "65 texts in one request, the maximum is 64"),
     ],
 )
-def test_bad_requests_are_invalid_argument(stub: pb_grpc.TranslatorStub, texts: list[str], options: dict, message: str) -> None:
+def test_bad_requests_are_invalid_argument(
+    stub: pb_grpc.TranslatorStub, texts: list[str], options: dict, message: str
+) -> None:
     code, details = status_of(lambda: translate(stub, texts, **options))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert message in details
@@ -264,14 +274,16 @@ def test_one_bad_text_fails_the_whole_call(stub: pb_grpc.TranslatorStub) -> None
 def test_batch_invariance(stub: pb_grpc.TranslatorStub, options: dict) -> None:
     texts = DATES + [text.upper() for text in DATES] + ["31 décembre 1999", "2 février 2022"]
     one_by_one = [translate(stub, [text], **options).translations[0] for text in texts]
-    futures = [stub.Translate.future(pb.TranslateRequest(texts=[text], options=pb.DecodeOptions(**options)), timeout=60)
-               for text in texts]
+    futures = [
+        stub.Translate.future(pb.TranslateRequest(texts=[text], options=pb.DecodeOptions(**options)), timeout=60)
+        for text in texts
+    ]
     concurrent = [future.result().translations[0] for future in futures]
     together = translate(stub, texts, **options).translations
-    for alone, parallel, batched in zip(one_by_one, concurrent, together):
+    for alone, parallel, batched in zip(one_by_one, concurrent, together, strict=False):
         for other in (parallel, batched):
             assert [h.text for h in other.hypotheses] == [h.text for h in alone.hypotheses]
-            for mine, theirs in zip(alone.hypotheses, other.hypotheses):
+            for mine, theirs in zip(alone.hypotheses, other.hypotheses, strict=False):
                 assert abs(mine.score - theirs.score) <= 1e-5
 
 
@@ -298,8 +310,11 @@ def test_metrics_after_traffic(server: ServerThread, stub: pb_grpc.TranslatorStu
     assert grew("attnserve_generated_tokens_total", **dates) >= 3
     assert grew("attnserve_queue_wait_seconds_count", **dates) == 3
     assert grew("attnserve_time_to_first_token_seconds_count", **numbers) == 2
-    assert grew("attnserve_finished_requests_total", reason="eos", **dates) + grew(
-        "attnserve_finished_requests_total", reason="length", **dates) == 3
+    assert (
+        grew("attnserve_finished_requests_total", reason="eos", **dates)
+        + grew("attnserve_finished_requests_total", reason="length", **dates)
+        == 3
+    )
     assert grew("attnserve_decoder_batch_hypotheses_count", **dates) >= 1
     assert grew("attnserve_decoder_step_duration_seconds_count", **dates) >= 1
     assert grew("attnserve_encoder_batch_sources_sum", **dates) == 3
@@ -331,8 +346,13 @@ def test_cancelled_calls_cancel_their_engine_requests(tiny_repository: Path) -> 
                 future.cancel()
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
-                cancelled = metric(scrape(running.metrics_url), "attnserve_finished_requests_total",
-                                 model="dates", version="1", reason="cancelled")
+                cancelled = metric(
+                    scrape(running.metrics_url),
+                    "attnserve_finished_requests_total",
+                    model="dates",
+                    version="1",
+                    reason="cancelled",
+                )
                 if cancelled > 0:
                     break
                 time.sleep(0.1)

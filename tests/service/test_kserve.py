@@ -26,8 +26,8 @@ import pytest
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-
 from server_harness import PROJECT_ROOT, ServerThread, make_settings, metric, scrape
+
 from service.dataplane import Dataplane, TextTranslation, TranslatedHypothesis, TranslateOptions, TranslateOutcome
 from service.engine.records import FinishReason
 from service.errors import InvalidRequest
@@ -119,7 +119,7 @@ def hypothesis(text: str, score: float) -> TranslatedHypothesis:
 
 
 def test_raw_bytes_round_trip_and_wire_format() -> None:
-    elements = [b"", "3 mars 1999".encode(), "ça va — ✓".encode(), b"\x00\xff"]
+    elements = [b"", b"3 mars 1999", "ça va — ✓".encode(), b"\x00\xff"]
     raw = encode_raw_bytes(elements)
     assert raw[:4] == struct.pack("<I", 0) and raw[4:8] == struct.pack("<I", len(elements[1]))
     assert decode_raw_bytes(raw, "input TEXT") == elements
@@ -162,7 +162,9 @@ def test_parameters_convert_with_their_types() -> None:
 
 def test_stream_parameters_only_on_the_stream() -> None:
     assert "applies to ModelStreamInfer only" in invalid(infer_request(["x"], stream=True))
-    call = infer_call_from_grpc(infer_request(["x"], stream=True, triton_enable_empty_final_response=True), streaming=True)
+    call = infer_call_from_grpc(
+        infer_request(["x"], stream=True, triton_enable_empty_final_response=True), streaming=True
+    )
     assert call.stream_tokens and call.empty_final_response
     assert "exactly one text, got 2" in invalid(infer_request(["x", "y"], stream=True), streaming=True)
 
@@ -175,7 +177,9 @@ def _with_input(name: str = "TEXT", datatype: str = "BYTES", shape: tuple[int, .
 
 
 def test_request_validation_messages() -> None:
-    assert "unknown input 'SOURCE' for model dates; its only input is TEXT (BYTES, shape [-1])" in invalid(_with_input("SOURCE"))
+    assert "unknown input 'SOURCE' for model dates; its only input is TEXT (BYTES, shape [-1])" in invalid(
+        _with_input("SOURCE")
+    )
     assert "datatype FP32; expected BYTES" in invalid(_with_input(datatype="FP32"))
     assert "shape [1, 1]; expected [n]" in invalid(_with_input(shape=(1, 1)))
     assert "shape [2] but carries 1 elements" in invalid(_with_input(shape=(2,)))
@@ -226,8 +230,9 @@ def _call(raw: bool, num_hypotheses: int = 0, outputs: tuple[str, ...] = ("TRANS
 
 
 def test_response_encodings_follow_the_request() -> None:
-    outcome = TranslateOutcome("dates", "1", [TextTranslation([hypothesis("1999-03-03", -0.5)]),
-                                              TextTranslation([hypothesis("été", -1.25)])])
+    outcome = TranslateOutcome(
+        "dates", "1", [TextTranslation([hypothesis("1999-03-03", -0.5)]), TextTranslation([hypothesis("été", -1.25)])]
+    )
     for raw in (True, False):
         response = infer_response_to_grpc(_call(raw), outcome)
         assert (response.model_name, response.model_version, response.id) == ("dates", "1", "id-7")
@@ -238,10 +243,14 @@ def test_response_encodings_follow_the_request() -> None:
 
 
 def test_n_best_outputs_are_n_by_k_and_padded() -> None:
-    outcome = TranslateOutcome("dates", "1", [
-        TextTranslation([hypothesis("a", -1.0), hypothesis("b", -2.0)]),
-        TextTranslation([hypothesis("c", -3.0)]),  # the beam found only one
-    ])
+    outcome = TranslateOutcome(
+        "dates",
+        "1",
+        [
+            TextTranslation([hypothesis("a", -1.0), hypothesis("b", -2.0)]),
+            TextTranslation([hypothesis("c", -3.0)]),  # the beam found only one
+        ],
+    )
     response = infer_response_to_grpc(_call(raw=True, num_hypotheses=2, outputs=("SCORE", "TRANSLATION")), outcome)
     assert [output.name for output in response.outputs] == ["SCORE", "TRANSLATION"]  # requested order
     shape, texts = output_values(response, "TRANSLATION")
@@ -343,12 +352,16 @@ def test_live_ready_and_metadata(v2: pb_grpc.GRPCInferenceServiceStub) -> None:
     assert (metadata.name, list(metadata.versions), metadata.platform) == ("numbers", ["1"], "attnserve_seq2seq")
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("TEXT", "BYTES", [-1])]
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [
-        ("TRANSLATION", "BYTES", [-1]), ("SCORE", "FP32", [-1])]
+        ("TRANSLATION", "BYTES", [-1]),
+        ("SCORE", "FP32", [-1]),
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("raw", [True, False], ids=["raw", "typed"])
-@pytest.mark.parametrize("options", [{}, {"beam_size": 3, "num_hypotheses": 3, "length_penalty": 0.6}], ids=["greedy", "beam"])
+@pytest.mark.parametrize(
+    "options", [{}, {"beam_size": 3, "num_hypotheses": 3, "length_penalty": 0.6}], ids=["greedy", "beam"]
+)
 def test_infer_equals_native_translate(
     v2: pb_grpc.GRPCInferenceServiceStub, native: native_grpc.TranslatorStub, raw: bool, options: dict
 ) -> None:
@@ -360,7 +373,10 @@ def test_infer_equals_native_translate(
     shape, texts = output_values(response, "TRANSLATION")
     _, scores = output_values(response, "SCORE")
     assert shape == ([len(DATES)] if width == 1 else [len(DATES), width])
-    got = [list(zip(texts[i * width:(i + 1) * width], scores[i * width:(i + 1) * width])) for i in range(len(DATES))]
+    got = [
+        list(zip(texts[i * width : (i + 1) * width], scores[i * width : (i + 1) * width], strict=False))
+        for i in range(len(DATES))
+    ]
     for mine, theirs in zip(got, expected, strict=True):
         assert [text for text, _ in mine] == [text for text, _ in theirs]
         assert np.allclose([score for _, score in mine], [score for _, score in theirs], atol=1e-5)
@@ -379,15 +395,19 @@ def test_other_model_version_and_requested_outputs(
 
 
 @pytest.mark.slow
-def test_errors_map_to_the_native_status_codes(v2: pb_grpc.GRPCInferenceServiceStub, native: native_grpc.TranslatorStub) -> None:
+def test_errors_map_to_the_native_status_codes(
+    v2: pb_grpc.GRPCInferenceServiceStub, native: native_grpc.TranslatorStub
+) -> None:
     def both(v2_request: pb.ModelInferRequest, native_request: native_pb.TranslateRequest) -> None:
         v2_status = status_of(lambda: v2.ModelInfer(v2_request, timeout=30))
         native_status = status_of(lambda: native.Translate(native_request, timeout=30))
         assert v2_status == native_status
 
     both(infer_request(["x"], model="no-such-model"), native_pb.TranslateRequest(model="no-such-model", texts=["x"]))
-    both(infer_request(["x"], beam_size=99),
-         native_pb.TranslateRequest(model="dates", texts=["x"], options=native_pb.DecodeOptions(beam_size=99)))
+    both(
+        infer_request(["x"], beam_size=99),
+        native_pb.TranslateRequest(model="dates", texts=["x"], options=native_pb.DecodeOptions(beam_size=99)),
+    )
     both(infer_request(["   "]), native_pb.TranslateRequest(model="dates", texts=["   "]))
     both(infer_request([]), native_pb.TranslateRequest(model="dates", texts=[]))
     versioned = infer_request(["x"])
@@ -415,8 +435,12 @@ def test_errors_map_to_the_native_status_codes(v2: pb_grpc.GRPCInferenceServiceS
 def test_stream_answers_every_request_with_errors_in_band(
     v2: pb_grpc.GRPCInferenceServiceStub, native: native_grpc.TranslatorStub
 ) -> None:
-    requests = [infer_request(DATES[:2]), infer_request(["x"], model="nope"), infer_request(["x"], beam_size=99),
-                infer_request(NUMBERS, model="numbers", raw=False)]
+    requests = [
+        infer_request(DATES[:2]),
+        infer_request(["x"], model="nope"),
+        infer_request(["x"], beam_size=99),
+        infer_request(NUMBERS, model="numbers", raw=False),
+    ]
     for index, request in enumerate(requests):
         request.id = f"r{index}"
     responses = list(v2.ModelStreamInfer(iter(requests), timeout=60))
@@ -426,9 +450,13 @@ def test_stream_answers_every_request_with_errors_in_band(
     assert by_id["r2"].error_message.startswith("INVALID_ARGUMENT: beam_size 99 exceeds the maximum")
     first, last = by_id["r0"].infer_response, by_id["r3"].infer_response
     assert output_values(first, "TRANSLATION")[1] == [h[0][0] for h in native_translations(native, DATES[:2])]
-    assert output_values(last, "TRANSLATION")[1] == [h[0][0] for h in native_translations(native, NUMBERS, model="numbers")]
+    assert output_values(last, "TRANSLATION")[1] == [
+        h[0][0] for h in native_translations(native, NUMBERS, model="numbers")
+    ]
     assert not last.raw_output_contents  # typed in, typed out
-    assert first.parameters[FINAL_RESPONSE_PARAMETER].bool_param and last.parameters[FINAL_RESPONSE_PARAMETER].bool_param
+    assert (
+        first.parameters[FINAL_RESPONSE_PARAMETER].bool_param and last.parameters[FINAL_RESPONSE_PARAMETER].bool_param
+    )
 
 
 @pytest.mark.slow
@@ -455,12 +483,28 @@ def test_reflection_and_health_know_the_v2_service(channel: grpc.Channel) -> Non
     # what `grpcurl -plaintext HOST:PORT describe inference.GRPCInferenceService` does
     pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
     service = pool.FindServiceByName(KSERVE_SERVICE)
-    assert {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-            "ModelStreamInfer"} == {method.name for method in service.methods}
+    assert {
+        "ServerLive",
+        "ServerReady",
+        "ModelReady",
+        "ServerMetadata",
+        "ModelMetadata",
+        "ModelInfer",
+        "ModelStreamInfer",
+    } == {method.name for method in service.methods}
     infer = pool.FindMessageTypeByName("inference.ModelInferRequest")
     assert {field.name: field.number for field in infer.fields} == {
-        "model_name": 1, "model_version": 2, "id": 3, "parameters": 4, "inputs": 5, "outputs": 6, "raw_input_contents": 7}
-    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=KSERVE_SERVICE), timeout=10)
+        "model_name": 1,
+        "model_version": 2,
+        "id": 3,
+        "parameters": 4,
+        "inputs": 5,
+        "outputs": 6,
+        "raw_input_contents": 7,
+    }
+    health = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=KSERVE_SERVICE), timeout=10
+    )
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -492,7 +536,10 @@ def tritonclient_report(server: ServerThread) -> dict:
         pytest.skip(message)
     completed = subprocess.run(
         [str(INTEROP_PYTHON), str(PROBE), "--url", server.address, "--model", "dates", "--texts", json.dumps(DATES)],
-        capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=PROJECT_ROOT,
         env={key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")},
     )
     assert completed.returncode == 0, completed.stderr
@@ -511,11 +558,15 @@ def test_tritonclient_health_and_metadata(tritonclient_report: dict) -> None:
     assert metadata["name"] == "dates" and metadata["versions"] == ["1"]
     assert metadata["inputs"] == [{"name": "TEXT", "datatype": "BYTES", "shape": ["-1"]}]
     assert [(o["name"], o["datatype"], o["shape"]) for o in metadata["outputs"]] == [
-        ("TRANSLATION", "BYTES", ["-1"]), ("SCORE", "FP32", ["-1"])]
+        ("TRANSLATION", "BYTES", ["-1"]),
+        ("SCORE", "FP32", ["-1"]),
+    ]
 
 
 @pytest.mark.slow
-def test_tritonclient_infer_raw_and_typed_equal_native(tritonclient_report: dict, native: native_grpc.TranslatorStub) -> None:
+def test_tritonclient_infer_raw_and_typed_equal_native(
+    tritonclient_report: dict, native: native_grpc.TranslatorStub
+) -> None:
     expected = native_translations(native, DATES)
     best_texts = [hyps[0][0] for hyps in expected]
     best_scores = [hyps[0][1] for hyps in expected]
@@ -541,7 +592,10 @@ def test_tritonclient_infer_raw_and_typed_equal_native(tritonclient_report: dict
 def test_tritonclient_errors_are_clear(tritonclient_report: dict) -> None:
     report = tritonclient_report
     assert report["unknown_model"]["error"]["status"] == "StatusCode.NOT_FOUND"
-    assert "model 'no-such-model' not found; available models: dates, numbers" in report["unknown_model"]["error"]["message"]
+    assert (
+        "model 'no-such-model' not found; available models: dates, numbers"
+        in report["unknown_model"]["error"]["message"]
+    )
     assert report["wrong_input_name"]["error"] == {
         "status": "StatusCode.INVALID_ARGUMENT",
         "message": "unknown input 'SOURCE' for model dates; its only input is TEXT (BYTES, shape [-1])",

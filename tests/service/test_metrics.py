@@ -29,14 +29,30 @@ def _value(samples: dict, name: str, **labels: str) -> float:
 
 
 def _step(rows: int, encoder_batch: int = 0, step_seconds: float = 0.002, encode_seconds: float = 0.0) -> StepStats:
-    return StepStats(rows=rows, requests=max(rows, 1), step_seconds=step_seconds, encode_seconds=encode_seconds,
-                     encoder_batch=encoder_batch, admitted=encoder_batch, padded_source_len=10,
-                     tokens_generated=rows, retired=0)
+    return StepStats(
+        rows=rows,
+        requests=max(rows, 1),
+        step_seconds=step_seconds,
+        encode_seconds=encode_seconds,
+        encoder_batch=encoder_batch,
+        admitted=encoder_batch,
+        padded_source_len=10,
+        tokens_generated=rows,
+        retired=0,
+    )
 
 
 def _done(reason: FinishReason, tokens: int = 5, source: int = 7) -> RequestStats:
-    return RequestStats(queue_wait_s=0.003, first_token_s=0.02, mean_inter_token_s=0.004 if tokens > 1 else None,
-                        total_s=0.05, generated_tokens=tokens, source_tokens=source, finish_reason=reason, beam_size=1)
+    return RequestStats(
+        queue_wait_s=0.003,
+        first_token_s=0.02,
+        mean_inter_token_s=0.004 if tokens > 1 else None,
+        total_s=0.05,
+        generated_tokens=tokens,
+        source_tokens=source,
+        finish_reason=reason,
+        beam_size=1,
+    )
 
 
 def test_recorder_implements_the_engine_protocol() -> None:
@@ -90,7 +106,9 @@ def test_rpc_observations_and_model_info() -> None:
     s = _samples(metrics)
     assert _value(s, "attnserve_requests_total", model="dates", version="1", method="Translate", code="OK") == 2
     assert _value(s, "attnserve_requests_total", model="", version="", method="Translate", code="NOT_FOUND") == 1
-    assert _value(s, "attnserve_request_duration_seconds_sum", model="dates", version="1", method="Translate") == pytest.approx(0.06)
+    assert _value(
+        s, "attnserve_request_duration_seconds_sum", model="dates", version="1", method="Translate"
+    ) == pytest.approx(0.06)
     assert _value(s, "attnserve_model_info", model="dates", version="1", provider="CPUExecutionProvider") == 1
     assert _value(s, "attnserve_model_load_seconds", model="dates", version="1") == 0.75
 
@@ -119,7 +137,10 @@ def test_queue_gauges_are_read_at_scrape_time() -> None:
 def test_registries_are_private_and_served_over_http() -> None:
     first, second = ServerMetrics(), ServerMetrics()  # no "duplicated timeseries" error: separate registries
     first.observe_rpc("ListModels", "OK", 0.001)
-    assert ("attnserve_requests_total", (("code", "OK"), ("method", "ListModels"), ("model", ""), ("version", ""))) not in _samples(second)
+    assert (
+        "attnserve_requests_total",
+        (("code", "OK"), ("method", "ListModels"), ("model", ""), ("version", "")),
+    ) not in _samples(second)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

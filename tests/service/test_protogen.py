@@ -72,7 +72,10 @@ def test_sync_removes_stubs_of_deleted_protos(tmp_path: Path) -> None:
 
 
 def test_rewrite_leaves_foreign_imports_alone() -> None:
-    source = "import grpc\nfrom google.protobuf import descriptor\nfrom attnserve.v1 import a_pb2 as x\nimport attnserve.v1.b_pb2\n"
+    source = (
+        "import grpc\nfrom google.protobuf import descriptor\n"
+        "from attnserve.v1 import a_pb2 as x\nimport attnserve.v1.b_pb2\n"
+    )
     rewritten = protogen.rewrite_imports(source, ["attnserve"])
     assert rewritten == (
         "import grpc\nfrom google.protobuf import descriptor\n"

@@ -63,7 +63,11 @@ def test_unrelated_environment_is_ignored() -> None:
         (["--drain-grace-seconds", "-1"], {}, "--drain-grace-seconds=-1: drain_grace_seconds must be 0.0..3600.0"),
         (["--batch-delay-ms", "inf"], {}, "--batch-delay-ms=inf: batch_delay_ms must be a finite number"),
         ([], {"ATTNSERVE_LOG_LEVEL": "loud"}, "log_level must be one of DEBUG, INFO"),
-        (["--max-receive-message-bytes", "10"], {}, "--max-receive-message-bytes=10: max_receive_message_bytes must be 1024.."),
+        (
+            ["--max-receive-message-bytes", "10"],
+            {},
+            "--max-receive-message-bytes=10: max_receive_message_bytes must be 1024..",
+        ),
         (["--default-model", "../etc"], {}, "default_model must be a model name"),
     ],
 )
