@@ -14,10 +14,27 @@ import sys
 import threading
 from pathlib import Path
 
-from loadtests.servers import free_port  # the same helpers the load tools use
+# The same helpers the load tools use, re-exported for the tests (metric_sum: the sum over the samples whose
+# labels include the given ones).
+from loadtests.servers import free_port, wait_until_serving
+from loadtests.servers import metric as metric_sum
 from loadtests.servers import scrape as _scrape_page
 from service.server import serve
 from service.settings import Settings
+
+__all__ = [
+    "PROJECT_ROOT",
+    "ServerThread",
+    "free_port",
+    "has_sample",
+    "make_settings",
+    "metric",
+    "metric_sum",
+    "scrape",
+    "start_subprocess",
+    "wait_until_serving",
+    "with_settings",
+]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
