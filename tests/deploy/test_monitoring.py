@@ -39,7 +39,7 @@ from deploy.tool import (
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from tests.deploy.binaries import require_binary
-from tests.service.server_harness import ServerThread, free_port, make_settings
+from tests.service.server_harness import ServerThread, free_port, make_settings, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -85,12 +85,7 @@ class PrometheusApi:
         return float(series[0]["value"][1]) if series else None
 
     def wait_until(self, predicate: Any, what: str, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.25)
-        raise AssertionError(f"Prometheus: {what} did not happen within {timeout_s} s")
+        wait_for(predicate, f"Prometheus: {what}", timeout_s, interval_s=0.25)
 
 
 def start_prometheus(workdir: Path, metrics_address: str) -> tuple[subprocess.Popen[bytes], PrometheusApi]:

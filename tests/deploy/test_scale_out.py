@@ -8,9 +8,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
-import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +20,14 @@ from service.balancing import balanced_channel_options, service_config
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.grpc_api.server import _connection_age_options
-from tests.service.server_harness import ServerThread, free_port, make_settings, start_subprocess, wait_until_serving
+from tests.service.server_harness import (
+    ServerThread,
+    free_port,
+    make_settings,
+    start_subprocess,
+    wait_for,
+    wait_until_serving,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -100,15 +105,6 @@ class Load:
                     self.failures.append(f"{error.code().name}: {error.details()}")
 
 
-def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not happen within {timeout_s} s")
-
-
 def test_service_config_balances_and_retries_only_unavailable() -> None:
     config = service_config()
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
@@ -178,7 +174,7 @@ def test_sigterm_under_load_loses_no_call_and_load_is_spread(tiny_repository: Pa
         load = Load(pb_grpc.TranslatorStub(channel))
         load.start()
 
-        _wait_until(
+        wait_for(
             lambda: all(r.translated() >= CALLS_PER_REPLICA_BEFORE_SIGTERM for r in replicas), "load on every replica"
         )
         before = [replica.translated() for replica in replicas]
@@ -186,7 +182,7 @@ def test_sigterm_under_load_loses_no_call_and_load_is_spread(tiny_repository: Pa
         victim.process.send_signal(signal.SIGTERM)  # while the load goes on
         exit_code = victim.process.wait(timeout=60)
         successes_at_exit = load.successes
-        _wait_until(
+        wait_for(
             lambda: load.successes >= successes_at_exit + CALLS_AFTER_EXIT or bool(load.failures),
             "the survivors carrying the load",
         )

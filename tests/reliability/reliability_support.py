@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 
 # Metric helpers live with the shared server harness; re-exported for the reliability tests.
-from tests.service.server_harness import has_sample, metric, metric_sum, scrape  # noqa: F401
+from tests.service.server_harness import has_sample, metric, metric_sum, scrape, wait_for  # noqa: F401
 
 # ----- repositories -------------------------------------------------------------------------------------
 
@@ -82,16 +82,6 @@ def make_decoder_fail_for_long_sources(version_dir: Path, min_source_tokens: int
 
 
 # ----- metrics ------------------------------------------------------------------------------------------
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0, interval_s: float = 0.05, what: str = "") -> None:
-    """Poll `condition` until it is true; fail the test after `timeout_s` (a generous bound, not a measurement)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what or condition}")
 
 
 # ----- calls --------------------------------------------------------------------------------------------

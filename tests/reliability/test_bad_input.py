@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
-from tests.service.server_harness import ServerThread, make_settings
+from service.settings import Settings
+from tests.service.server_harness import make_settings
 
 pytestmark = pytest.mark.slow
 
@@ -47,21 +48,8 @@ def layout(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> t
 
 
 @pytest.fixture(scope="module")
-def server(layout: tuple[Path, Path]) -> Iterator[ServerThread]:
-    running = ServerThread(make_settings(layout[0])).start()
-    yield running
-    assert running.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def channel(server: ServerThread) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.address) as opened:
-        yield opened
-
-
-@pytest.fixture(scope="module")
-def stub(channel: grpc.Channel) -> pb_grpc.TranslatorStub:
-    return pb_grpc.TranslatorStub(channel)
+def server_settings(layout: tuple[Path, Path]) -> Settings:
+    return make_settings(layout[0])
 
 
 @pytest.fixture(autouse=True)

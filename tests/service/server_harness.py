@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 # The same helpers the load tools use, re-exported for the tests (metric_sum: the sum over the samples whose
@@ -32,6 +34,7 @@ __all__ = [
     "metric_sum",
     "scrape",
     "start_subprocess",
+    "wait_for",
     "wait_until_serving",
     "with_settings",
 ]
@@ -123,6 +126,19 @@ class ServerThread:
             self._error = error
         finally:
             self._ready.set()
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout_s: float = 60.0, interval_s: float = 0.05) -> None:
+    """Poll `condition` until it is true; fail the test after `timeout_s` seconds.
+
+    For conditions the test cannot be told about (a metric, another process, an external tool): the
+    timeout is a generous bound on a hang, never a measurement, and nothing is asserted about how long
+    the wait took."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
 
 
 def with_settings(settings: Settings, **changes: object) -> Settings:

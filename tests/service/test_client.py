@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from server_harness import ServerThread, make_settings
 
 from service import client
 from service.dataplane import Dataplane
 from service.plot import plot_alignment
 from service.runtime.tokenizers import EOS, UNK, CharTokenizer, WordTokenizer
+from service.settings import Settings
+from tests.service.server_harness import ServerThread, make_settings
 
 TEXT = "samedi 21 novembre 2026"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_repository: Path) -> Iterator[ServerThread]:
-    running = ServerThread(make_settings(tiny_repository, metrics_port=0)).start()
-    yield running
-    assert running.stop() == 0
+def server_settings(tiny_repository: Path) -> Settings:
+    return make_settings(tiny_repository, metrics_port=0)
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 import signal
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -17,10 +15,19 @@ import pytest
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from server_harness import ServerThread, free_port, make_settings, metric, scrape, start_subprocess, wait_until_serving
 
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
+from tests.service.server_harness import (
+    ServerThread,
+    free_port,
+    make_settings,
+    metric,
+    scrape,
+    start_subprocess,
+    wait_for,
+    wait_until_serving,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,24 +35,6 @@ DATES = ["samedi 21 novembre 2026", "3 mars 1999", "14 juillet 1789", "1 janvier
 NUMBERS = ["quarante-deux", "dreihundert", "cent vingt-trois"]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-@pytest.fixture(scope="module")
-def server(tiny_repository: Path) -> Iterator[ServerThread]:
-    running = ServerThread(make_settings(tiny_repository)).start()
-    yield running
-    assert running.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def channel(server: ServerThread) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.address) as opened:
-        yield opened
-
-
-@pytest.fixture(scope="module")
-def stub(channel: grpc.Channel) -> pb_grpc.TranslatorStub:
-    return pb_grpc.TranslatorStub(channel)
 
 
 def translate(
@@ -338,25 +327,24 @@ def test_cancelled_calls_cancel_their_engine_requests(tiny_repository: Path) -> 
             # 8 calls of 60 texts, decoded one text at a time: seconds of work even on a fast CPU.
             request = pb.TranslateRequest(texts=DATES * 12, options=pb.DecodeOptions(beam_size=8))
             futures = [stub.Translate.future(request, timeout=120) for _ in range(8)]
-            deadline = time.monotonic() + 20  # a bound on the wait, not a measurement
-            while metric(scrape(running.metrics_url), "attnserve_requests_waiting", model="dates", version="1") < 1:
-                assert time.monotonic() < deadline, "no text of the calls was ever queued"
-                time.sleep(0.01)
+            labels = {"model": "dates", "version": "1"}
+            wait_for(
+                lambda: metric(scrape(running.metrics_url), "attnserve_requests_waiting", **labels) >= 1,
+                "texts of the calls queued in the engine",
+            )
             for future in futures:
                 future.cancel()
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                cancelled = metric(
-                    scrape(running.metrics_url),
-                    "attnserve_finished_requests_total",
-                    model="dates",
-                    version="1",
-                    reason="cancelled",
-                )
-                if cancelled > 0:
-                    break
-                time.sleep(0.1)
-            assert cancelled > 0
+
+            def ended(reason: str) -> float:
+                return metric(scrape(running.metrics_url), "attnserve_finished_requests_total", reason=reason, **labels)
+
+            # Every one of the 480 texts ends exactly once: finished before the cancellation reached it, or
+            # cancelled.
+            wait_for(
+                lambda: sum(ended(reason) for reason in ("eos", "length", "cancelled")) == 8 * 60,
+                "every text of the cancelled calls to end",
+            )
+            assert ended("cancelled") > 0
             samples = scrape(running.metrics_url)
             assert metric(samples, "attnserve_requests_waiting", model="dates", version="1") == 0
             # The server still answers afterwards.
@@ -388,8 +376,7 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(tiny_repository: Path) ->
             stub = pb_grpc.TranslatorStub(channel)
             request = pb.TranslateRequest(texts=DATES * 8, options=pb.DecodeOptions(beam_size=8, num_hypotheses=2))
             futures = [stub.Translate.future(request, timeout=120) for _ in range(6)]
-            while not any(future.done() for future in futures):  # the calls have surely arrived
-                time.sleep(0.01)
+            wait_for(lambda: any(future.done() for future in futures), "a first call to finish")  # all arrived
             in_flight = sum(not future.done() for future in futures)
             process.send_signal(signal.SIGTERM)
             results = [future.result() for future in futures]  # raises if any call failed

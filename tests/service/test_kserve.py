@@ -17,7 +17,6 @@ import os
 import shutil
 import struct
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -26,7 +25,6 @@ import pytest
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from server_harness import PROJECT_ROOT, ServerThread, make_settings, metric, scrape
 
 from service.dataplane import Dataplane, TextTranslation, TranslatedHypothesis, TranslateOptions, TranslateOutcome
 from service.engine.records import FinishReason
@@ -45,6 +43,7 @@ from service.grpc_api.kserve import (
     infer_response_to_grpc,
 )
 from service.models import ModelManager
+from tests.service.server_harness import PROJECT_ROOT, ServerThread, make_settings, metric, scrape
 
 DATES = ["samedi 21 novembre 2026", "3 mars 1999", "14 juillet 1789", "1 janvier 2000"]
 NUMBERS = ["quarante-deux", "cent vingt-trois"]
@@ -306,19 +305,6 @@ def test_readiness_follows_loading_and_draining(tiny_repository: Path, tmp_path:
 
 
 # ----- a real server, the project's own v2 stubs -----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server(tiny_repository: Path) -> Iterator[ServerThread]:
-    running = ServerThread(make_settings(tiny_repository)).start()
-    yield running
-    assert running.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def channel(server: ServerThread) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.address) as opened:
-        yield opened
 
 
 @pytest.fixture(scope="module")
