@@ -326,25 +326,26 @@ def test_cancelled_calls_cancel_their_engine_requests(tiny_repository: Path) -> 
             stub = pb_grpc.TranslatorStub(channel)
             # 8 calls of 60 texts, decoded one text at a time: seconds of work even on a fast CPU.
             request = pb.TranslateRequest(texts=DATES * 12, options=pb.DecodeOptions(beam_size=8))
-            futures = [stub.Translate.future(request, timeout=120) for _ in range(8)]
             labels = {"model": "dates", "version": "1"}
+
+            def ended(reason: str) -> float:
+                return metric(scrape(running.metrics_url), "attnserve_finished_requests_total", reason=reason, **labels)
+
+            def ended_in_all() -> float:
+                return sum(ended(reason) for reason in ("eos", "length", "cancelled"))
+
+            before, cancelled_before = ended_in_all(), ended("cancelled")  # the counters are the process's
+            futures = [stub.Translate.future(request, timeout=120) for _ in range(8)]
             wait_for(
                 lambda: metric(scrape(running.metrics_url), "attnserve_requests_waiting", **labels) >= 1,
                 "texts of the calls queued in the engine",
             )
             for future in futures:
                 future.cancel()
-
-            def ended(reason: str) -> float:
-                return metric(scrape(running.metrics_url), "attnserve_finished_requests_total", reason=reason, **labels)
-
             # Every one of the 480 texts ends exactly once: finished before the cancellation reached it, or
             # cancelled.
-            wait_for(
-                lambda: sum(ended(reason) for reason in ("eos", "length", "cancelled")) == 8 * 60,
-                "every text of the cancelled calls to end",
-            )
-            assert ended("cancelled") > 0
+            wait_for(lambda: ended_in_all() == before + 8 * 60, "every text of the cancelled calls to end")
+            assert ended("cancelled") > cancelled_before
             samples = scrape(running.metrics_url)
             assert metric(samples, "attnserve_requests_waiting", model="dates", version="1") == 0
             # The server still answers afterwards.
