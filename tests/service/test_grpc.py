@@ -334,18 +334,18 @@ def test_cancelled_calls_cancel_their_engine_requests(tiny_repository: Path) -> 
             def ended_in_all() -> float:
                 return sum(ended(reason) for reason in ("eos", "length", "cancelled"))
 
-            before, cancelled_before = ended_in_all(), ended("cancelled")  # the counters are the process's
+            def held() -> float:  # texts in the engine: queued or decoding
+                samples = scrape(running.metrics_url)
+                return sum(metric(samples, f"attnserve_requests_{where}", **labels) for where in ("waiting", "running"))
+
             futures = [stub.Translate.future(request, timeout=120) for _ in range(8)]
-            wait_for(
-                lambda: metric(scrape(running.metrics_url), "attnserve_requests_waiting", **labels) >= 1,
-                "texts of the calls queued in the engine",
-            )
+            # All 480 texts reached the engine (held or already ended), and some are still queued.
+            wait_for(lambda: held() + ended_in_all() == 8 * 60 and held() > 1, "every text to reach the engine")
             for future in futures:
                 future.cancel()
-            # Every one of the 480 texts ends exactly once: finished before the cancellation reached it, or
-            # cancelled.
-            wait_for(lambda: ended_in_all() == before + 8 * 60, "every text of the cancelled calls to end")
-            assert ended("cancelled") > cancelled_before
+            # Every one of them ends exactly once: finished before the cancellation reached it, or cancelled.
+            wait_for(lambda: ended_in_all() == 8 * 60, "every text of the cancelled calls to end")
+            assert ended("cancelled") > 0 and held() == 0
             samples = scrape(running.metrics_url)
             assert metric(samples, "attnserve_requests_waiting", model="dates", version="1") == 0
             # The server still answers afterwards.
