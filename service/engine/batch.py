@@ -238,6 +238,12 @@ class DecodeBatch:
         filled = self.holes[:new_rows]
         del self.holes[:new_rows]
         targets = filled + list(range(self.rows, self.rows + appended))
+        # One index for every array write below: a slice when the rows are consecutive (no copy, no
+        # conversion), else an index array converted once.
+        first = targets[0]
+        rows_index: slice | np.ndarray = (
+            slice(first, first + new_rows) if targets == list(range(first, first + new_rows)) else np.array(targets)
+        )
         self.rows += appended
         slots = self._free_slots[-count:][::-1]
         del self._free_slots[-count:]
@@ -256,17 +262,17 @@ class DecodeBatch:
         for name, encoded in memory.items():
             target = self.memory[name]
             span = min(encoded.shape[1], self.padded_source_len)
-            target[targets, :span] = encoded[:, :span] if owner is None else encoded[owner, :span]
+            target[rows_index, :span] = encoded[:, :span] if owner is None else encoded[owner, :span]
             if span < self.padded_source_len:
-                target[targets, span:] = 0
+                target[rows_index, span:] = 0
             # Zero beyond each row's own length: the encoder pads to its batch's longest source.
             for row, row_length in zip(targets, row_lengths, strict=False):
                 if row_length < span:
                     target[row, row_length:span] = 0
         for name, value in state.items():
-            self.state[name][targets] = value if owner is None else value[owner]
+            self.state[name][rows_index] = value if owner is None else value[owner]
         row_widths = [1] * new_rows if owner is None else [widths[index] for index in owner]
-        self._rows[:, targets] = np.array(
+        self._rows[:, rows_index] = np.array(
             [
                 [self.bos_id] * new_rows,
                 row_lengths,
@@ -281,7 +287,7 @@ class DecodeBatch:
         )
         # Only each beam's first row is live at first: the copies start at -inf, so the first step's
         # candidates all come from one row and identical hypotheses never fill the beam.
-        self.row_score[targets] = 0.0 if owner is None else [0.0 if b == 0 else -math.inf for b in beam_index]
+        self.row_score[rows_index] = 0.0 if owner is None else [0.0 if b == 0 else -math.inf for b in beam_index]
         for row, slot, beam in zip(targets, row_slots, beam_index, strict=False):
             self.slot_rows[slot, beam] = row
         for slot, request in zip(slots, new, strict=False):

@@ -308,8 +308,12 @@ class Scheduler:
             self._post(exc)
 
     def _post(self, item: CoreOutput | BaseException) -> None:
-        """Hand a step's output to the event loop; schedules a delivery only if none is pending."""
+        """Hand a step's output to the event loop; schedules a delivery only if none is pending, and only for
+        what a caller waits for (results, failures, streamed tokens). A step that only produced stats rides
+        along with the next delivery: waking the loop costs both threads a turn of the GIL, at every step."""
         self._outbox.append(item)
+        if isinstance(item, CoreOutput) and not (item.finished or item.failed or item.events):
+            return
         if not self._delivery_pending and self._loop is not None:
             self._delivery_pending = True
             try:
