@@ -167,6 +167,10 @@ class Settings:
     0 = no limit. Calls beyond it are refused before they reach the server (UNAVAILABLE, REFUSED_STREAM:
     nothing was done, so they are safe to retry), so one client cannot hold more than this many."""
 
+    max_pending_calls: int = _bounded(10_000, minimum=1, maximum=1_000_000)
+    """Calls gRPC core holds before the server's Python layer picks them up; twice this is the hard limit,
+    beyond which gRPC core fails calls with CANCELLED. Each costs a few KB while it waits."""
+
     max_connection_age_seconds: float = _bounded(0.0, minimum=0.0, maximum=86400.0)
     """Seconds after which the server asks a client connection to close (HTTP/2 GOAWAY; calls in flight
     get drain_grace_seconds to finish), so clients balancing with `dns:///` re-resolve and find new

@@ -54,6 +54,19 @@ def _connection_age_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def _backlog_options(settings: Settings) -> list[tuple[str, int]]:
+    """How many calls gRPC core holds before Python picks them up (a soft limit, and twice that as the hard one).
+
+    Why: beyond its defaults (about a thousand), gRPC core fails calls the Python layer has not picked up yet
+    with CANCELLED, which clients cannot tell from a real cancellation and do not retry, and which no
+    metric of ours sees. Under a burst the calls now wait there instead (each holds its request and HTTP/2
+    stream state, a few KB) and are served or refused by the engine's queue limit when picked up."""
+    return [
+        ("grpc.server.max_pending_requests", settings.max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * settings.max_pending_calls),
+    ]
+
+
 def _stream_limit_options(settings: Settings) -> list[tuple[str, int]]:
     """The per-connection call limit (none when settings.max_concurrent_streams is 0)."""
     if settings.max_concurrent_streams <= 0:
@@ -91,6 +104,7 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
                 ("grpc.max_send_message_length", settings.max_send_message_bytes),
                 *_stream_limit_options(settings),
+                *_backlog_options(settings),
                 # Without this, Linux lets a second server bind the same port and silently share traffic.
                 ("grpc.so_reuseport", 0),
                 *_connection_age_options(settings),
