@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.host import cpu_model
 from service.runtime.repository import discover
 
 # Bump when a change to training or export code should rebuild the default models.
@@ -147,16 +148,8 @@ def build_machine() -> dict:
     """What the floating-point results of a build depend on: the CPU, torch's kernel path and threads."""
     import torch
 
-    model_name = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": model_name,
+        "cpu": cpu_model(),
         "machine": platform.machine(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", ""),

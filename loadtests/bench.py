@@ -290,19 +290,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def machine_description(provider: str, threads: int) -> dict:
     """The machine the figures come from: CPU model, cores, load, library versions."""
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import grpc
     import onnxruntime
 
+    from service.host import cpu_model
+
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "load_average_at_start": list(os.getloadavg()),
         "platform": platform.platform(),

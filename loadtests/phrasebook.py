@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -101,6 +102,38 @@ def _attnserve(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "service.cli", *arguments]
 
 
+def _build_cached(
+    name: str,
+    recipe: PhrasebookRecipe | NearFreeRecipe,
+    cache_dir: Path,
+    repository: Path,
+    prepare: Callable[[Path], dict],
+    log: Callable[[str], None],
+) -> PhrasebookModel:
+    """`repository/NAME/1` built from `recipe` into `cache_dir/NAME/` unless a build of the same recipe is
+    there: `prepare(work)` writes what training needs and returns the TrainConfig fields; then train (in a
+    process of its own) and export. Raises RuntimeError when a step fails."""
+    work = Path(cache_dir) / name
+    run_dir, version_dir, stamp = work / "run", Path(repository) / name / "1", work / "recipe.json"
+    fingerprint = recipe.fingerprint()
+    if _built(stamp, version_dir, run_dir, fingerprint):
+        return PhrasebookModel(version_dir, run_dir, work / "corpus.tsv", built_now=False)
+    started = time.monotonic()
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(Path(repository) / name, ignore_errors=True)
+    work.mkdir(parents=True)
+    settings = prepare(work)
+    _run([sys.executable, "-m", "loadtests.phrasebook", "train", json.dumps(settings)], work / "train.log")
+    log(f"{name}: exporting")
+    _run(
+        _attnserve("export", str(run_dir), "--repository", str(repository), "--name", name, "--version", "1"),
+        work / "export.log",
+    )
+    stamp.write_text(json.dumps({"fingerprint": fingerprint, "recipe": asdict(recipe)}, indent=2) + "\n")
+    log(f"{name}: built in {time.monotonic() - started:.0f} s")
+    return PhrasebookModel(version_dir, run_dir, work / "corpus.tsv", built_now=True)
+
+
 def ensure_phrasebook(
     cache_dir: Path, repository: Path, recipe: PhrasebookRecipe | None = None, *, log=print
 ) -> PhrasebookModel:
@@ -108,36 +141,19 @@ def ensure_phrasebook(
     build of the same recipe is already there. Raises RuntimeError when a build step fails."""
     from loadtests.corpus import phrase_pairs, write_corpus
 
-    recipe = recipe or PhrasebookRecipe()
-    work = Path(cache_dir) / MODEL_NAME
-    corpus, run_dir = work / "corpus.tsv", work / "run"
-    version_dir = Path(repository) / MODEL_NAME / "1"
-    stamp = work / "recipe.json"
-    fingerprint = recipe.fingerprint()
-    if _built(stamp, version_dir, run_dir, fingerprint):
-        return PhrasebookModel(version_dir, run_dir, corpus, built_now=False)
+    chosen = recipe or PhrasebookRecipe()
 
-    started = time.monotonic()
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.rmtree(Path(repository) / MODEL_NAME, ignore_errors=True)
-    work.mkdir(parents=True)
-    log(f"phrasebook: generating a {recipe.corpus_lines}-line corpus")
-    write_corpus(corpus, phrase_pairs(recipe.corpus_lines, seed=recipe.seed, max_clauses=recipe.max_clauses))
-    settings = recipe.train_config(corpus, run_dir)
-    log(
-        f"phrasebook: training {recipe.train_steps} steps (at most {recipe.train_minutes:g} min; hidden "
-        f"{recipe.hidden}, "
-        f"vocabulary {recipe.vocab_size}, {recipe.threads} threads)"
-    )
-    _run([sys.executable, "-m", "loadtests.phrasebook", "train", json.dumps(settings)], work / "train.log")
-    log("phrasebook: exporting")
-    _run(
-        _attnserve("export", str(run_dir), "--repository", str(repository), "--name", MODEL_NAME, "--version", "1"),
-        work / "export.log",
-    )
-    stamp.write_text(json.dumps({"fingerprint": fingerprint, "recipe": asdict(recipe)}, indent=2) + "\n")
-    log(f"phrasebook: built in {time.monotonic() - started:.0f} s")
-    return PhrasebookModel(version_dir, run_dir, corpus, built_now=True)
+    def prepare(work: Path) -> dict:
+        log(f"phrasebook: generating a {chosen.corpus_lines}-line corpus")
+        corpus = work / "corpus.tsv"
+        write_corpus(corpus, phrase_pairs(chosen.corpus_lines, seed=chosen.seed, max_clauses=chosen.max_clauses))
+        log(
+            f"phrasebook: training {chosen.train_steps} steps (at most {chosen.train_minutes:g} min; hidden "
+            f"{chosen.hidden}, vocabulary {chosen.vocab_size}, {chosen.threads} threads)"
+        )
+        return chosen.train_config(corpus, work / "run")
+
+    return _build_cached(MODEL_NAME, chosen, cache_dir, repository, prepare, log)
 
 
 NEAR_FREE_NAME = "near-free"
@@ -177,29 +193,13 @@ def ensure_near_free(
 ) -> PhrasebookModel:
     """The near-free model in `repository/near-free/1`, built into `cache_dir/near-free/` unless a build of
     the same recipe is there (about a minute on 2 cores)."""
-    recipe = recipe or NearFreeRecipe()
-    work = Path(cache_dir) / NEAR_FREE_NAME
-    run_dir = work / "run"
-    version_dir = Path(repository) / NEAR_FREE_NAME / "1"
-    stamp = work / "recipe.json"
-    if _built(stamp, version_dir, run_dir, recipe.fingerprint()):
-        return PhrasebookModel(version_dir, run_dir, work, built_now=False)
-    started = time.monotonic()
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.rmtree(Path(repository) / NEAR_FREE_NAME, ignore_errors=True)
-    work.mkdir(parents=True)
-    log(f"near-free: training {recipe.train_steps} steps of the dates task at hidden size {recipe.hidden}")
-    _run(
-        [sys.executable, "-m", "loadtests.phrasebook", "train", json.dumps(recipe.train_config(run_dir))],
-        work / "train.log",
-    )
-    _run(
-        _attnserve("export", str(run_dir), "--repository", str(repository), "--name", NEAR_FREE_NAME, "--version", "1"),
-        work / "export.log",
-    )
-    stamp.write_text(json.dumps({"fingerprint": recipe.fingerprint(), "recipe": asdict(recipe)}, indent=2) + "\n")
-    log(f"near-free: built in {time.monotonic() - started:.0f} s")
-    return PhrasebookModel(version_dir, run_dir, work, built_now=True)
+    chosen = recipe or NearFreeRecipe()
+
+    def prepare(work: Path) -> dict:
+        log(f"near-free: training {chosen.train_steps} steps of the dates task at hidden size {chosen.hidden}")
+        return chosen.train_config(work / "run")
+
+    return _build_cached(NEAR_FREE_NAME, chosen, cache_dir, repository, prepare, log)
 
 
 def _built(stamp: Path, version_dir: Path, run_dir: Path, fingerprint: str) -> bool:

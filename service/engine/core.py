@@ -26,7 +26,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -210,54 +210,33 @@ class EngineCore:
         encode_seconds, admitted, admitted_slots = self._admit(now, output)
         batch = self.batch
         batch.compact()  # holes that admissions did not fill take the last rows
-        if batch.rows == 0:
-            if admitted:
-                output.stats = StepStats(
-                    rows=0,
-                    requests=0,
-                    step_seconds=0.0,
-                    encode_seconds=encode_seconds,
-                    encoder_batch=admitted,
-                    admitted=admitted,
-                    padded_source_len=0,
-                    tokens_generated=0,
-                    retired=len(output.failed),
-                    memory_generation=batch.memory_generation,
-                )
+        rows = batch.rows
+        # The step's record; what the decoder call did is filled in below when there was one.
+        stats = StepStats(
+            rows=rows,
+            requests=batch.requests,
+            step_seconds=0.0,
+            encode_seconds=encode_seconds,
+            encoder_batch=admitted,
+            admitted=admitted,
+            padded_source_len=batch.padded_source_len if rows else 0,
+            tokens_generated=0,
+            retired=len(output.failed),
+            memory_generation=batch.memory_generation,
+        )
+        if rows == 0:
+            output.stats = stats if admitted else None
             return output
-
-        rows, requests, padded = batch.rows, batch.requests, batch.padded_source_len
-        generation = batch.memory_generation
         started = self.clock()
         step_output = self._run_step(output)
         step_seconds = self.clock() - started
         if step_output is None:  # every request of the step failed
-            output.stats = StepStats(
-                rows=rows,
-                requests=requests,
-                step_seconds=step_seconds,
-                encode_seconds=encode_seconds,
-                encoder_batch=admitted,
-                admitted=admitted,
-                padded_source_len=padded,
-                tokens_generated=0,
-                retired=len(output.failed),
-                memory_generation=generation,
-            )
+            output.stats = replace(stats, step_seconds=step_seconds, retired=len(output.failed))
             return output
         stepped_rows = batch.rows  # fewer than `rows` when requests failed on their own and left
         finished = self._update_from_output(step_output, self.clock(), admitted_slots, output)
-        output.stats = StepStats(
-            rows=rows,
-            requests=requests,
-            step_seconds=step_seconds,
-            encode_seconds=encode_seconds,
-            encoder_batch=admitted,
-            admitted=admitted,
-            padded_source_len=padded,
-            tokens_generated=stepped_rows,
-            retired=finished + len(output.failed),
-            memory_generation=generation,
+        output.stats = replace(
+            stats, step_seconds=step_seconds, tokens_generated=stepped_rows, retired=finished + len(output.failed)
         )
         return output
 
