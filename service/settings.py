@@ -2,189 +2,234 @@
 
 Every field can be set by a command-line flag (`--model-repository`, `--port`, ...) or by an
 `ATTNSERVE_<FIELD>` environment variable (`ATTNSERVE_PORT=50052`); a flag wins over the environment,
-which wins over the default. Secrets (`auth_tokens`) come from the environment only and are never shown. Values
-are checked against their bounds when the object is built, and
-a bad value's message names where it came from, the value and the bound:
-`ATTNSERVE_PORT=70000: port must be 1..65535`.
+which wins over the default. Secrets (`auth_tokens`) come from the environment only and are never shown.
+
+The fields, their bounds and their help are one pydantic-settings class: pydantic does the conversion and the
+checks, pydantic-settings reads the `ATTNSERVE_` variables. What is written here is what those libraries do not
+do: the flags (argparse, so `attnserve serve --help` lists every setting with its variable and default) and a
+message that names where a bad value came from, the value and the bound: `ATTNSERVE_PORT=70000: port must be
+1..65535`.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
-import inspect
-import math
 import os
-import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from service.runtime.model import Provider
 
 ENV_PREFIX = "ATTNSERVE_"
 
-PROVIDERS = ("auto", "cpu", "cuda")
-BATCHING_POLICIES = ("continuous", "request", "none")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+BatchingPolicy = Literal["continuous", "request", "none"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
-class SettingsError(ValueError):
-    """A setting has a bad value; the message says which, where it came from, the value and the bound."""
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
 
 
-def _bounded(default: Any, *, minimum: float | None = None, maximum: float | None = None) -> Any:
-    return field(default=default, metadata={"minimum": minimum, "maximum": maximum})
+def _upper(value: Any) -> Any:
+    return value.strip().upper() if isinstance(value, str) else value
 
 
-def _choice(default: str, choices: tuple[str, ...]) -> Any:
-    return field(default=default, metadata={"choices": choices})
+def _unset_when_empty(value: Any) -> Any:
+    # An empty flag or variable (`ATTNSERVE_TLS_CERT_FILE=`) means "not set", as it does for most servers.
+    return None if isinstance(value, str) and not value.strip() else value
 
 
-def _optional_path() -> Any:
-    """A file setting that may be left unset (None; an empty flag or variable also means unset)."""
-    return field(default=None, metadata={"kind": Path, "optional": True})
+def _not_empty_host(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    return value
 
 
-def _secret() -> Any:
-    """Text set only from the environment (never a flag: the process table shows flags) and never shown."""
-    return field(default="", repr=False, metadata={"environment_only": True, "secret": True})
+def _model_name(value: str) -> str:
+    if value and ("/" in value or "\\" in value or value in (".", "..")):
+        raise ValueError("must be a model name, not a path")
+    return value
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
+OptionalFile = Annotated[Path | None, BeforeValidator(_unset_when_empty)]
+
+
+class Settings(BaseSettings):
     """Everything `attnserve serve` can be told, with its unit and bounds."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        frozen=True,
+        extra="forbid",
+        use_attribute_docstrings=True,  # the string under each field is its description and its flag's help
+        validate_default=True,
+    )
 
     model_repository: Path = Path("models")
     """Folder holding the model repository (`<name>/<version>/model.json`, see docs/model-format.md)."""
 
-    host: str = "0.0.0.0"
+    host: Annotated[str, AfterValidator(_not_empty_host)] = "0.0.0.0"
     """Address the gRPC server and the metrics endpoint listen on, e.g. `0.0.0.0`, `127.0.0.1`, `[::]`."""
 
-    port: int = _bounded(50051, minimum=1, maximum=65535)
+    port: Annotated[int, Field(ge=1, le=65535)] = 50051
     """TCP port of the gRPC server (Translator, KServe v2 GRPCInferenceService, Health and Reflection services)."""
 
-    metrics_port: int = _bounded(8002, minimum=0, maximum=65535)
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 8002
     """TCP port of the Prometheus endpoint (`/metrics`); 0 turns it off."""
 
-    default_model: str = ""
+    default_model: Annotated[str, AfterValidator(_model_name)] = ""
     """Model used when a request names none; empty = the only model, else the alphabetically first."""
 
-    loaded_versions: int = _bounded(1, minimum=0, maximum=1000)
+    loaded_versions: Annotated[int, Field(ge=0, le=1000)] = 1
     """How many of each model's newest versions to load and serve; 0 = every version."""
 
-    provider: str = _choice("auto", PROVIDERS)
+    provider: Annotated[Provider, BeforeValidator(_lower)] = "auto"
     """onnxruntime execution provider: `cuda`, `cpu`, or `auto` (CUDA when available, else CPU)."""
 
-    intra_op_threads: int = _bounded(0, minimum=0, maximum=1024)
+    intra_op_threads: Annotated[int, Field(ge=0, le=1024)] = 0
     """Threads onnxruntime uses inside one operator; 0 = onnxruntime's default (one per core)."""
 
-    inter_op_threads: int = _bounded(1, minimum=0, maximum=1024)
+    inter_op_threads: Annotated[int, Field(ge=0, le=1024)] = 1
     """Threads onnxruntime uses to run independent operators in parallel; 0 = onnxruntime's default."""
 
-    batching: str = _choice("continuous", BATCHING_POLICIES)
+    batching: Annotated[BatchingPolicy, BeforeValidator(_lower)] = "continuous"
     """How requests share decoder steps: `continuous` (join and leave at every step), `request`
     (a batch of whole requests runs to completion), `none` (one request at a time)."""
 
-    max_active_hypotheses: int = _bounded(256, minimum=1, maximum=1_000_000)
+    max_active_hypotheses: Annotated[int, Field(ge=1, le=1_000_000)] = 256
     """Most hypotheses (decoder rows: beam width x requests) in one decoder step, per model version."""
 
-    max_padded_source_tokens: int = _bounded(16384, minimum=1, maximum=100_000_000)
+    max_padded_source_tokens: Annotated[int, Field(ge=1, le=100_000_000)] = 16384
     """Most padded source tokens (rows x the longest source, rounded up to `source_bucket_tokens`) in one
     decoder step, per model version."""
 
-    source_bucket_tokens: int = _bounded(8, minimum=1, maximum=4096)
+    source_bucket_tokens: Annotated[int, Field(ge=1, le=4096)] = 8
     """The decoder's memory is padded to a multiple of this many source tokens, so its layout changes only
     when the longest source in the batch crosses a multiple (1 = pad to the longest source exactly)."""
 
-    max_waiting_requests: int = _bounded(1024, minimum=1, maximum=10_000_000)
+    max_waiting_requests: Annotated[int, Field(ge=1, le=10_000_000)] = 1024
     """Most texts queued per model version before new ones are refused with RESOURCE_EXHAUSTED."""
 
-    batch_size: int = _bounded(32, minimum=1, maximum=100_000)
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 32
     """Most requests in one batch for `--batching request`."""
 
-    batch_delay_ms: float = _bounded(2.0, minimum=0.0, maximum=60_000.0)
+    batch_delay_ms: Annotated[float, Field(ge=0.0, le=60_000.0, allow_inf_nan=False)] = 2.0
     """Milliseconds `--batching request` waits for more requests before starting a batch that is not full."""
 
-    max_texts_per_request: int = _bounded(64, minimum=1, maximum=100_000)
+    max_texts_per_request: Annotated[int, Field(ge=1, le=100_000)] = 64
     """Most texts in one Translate call."""
 
-    max_text_bytes: int = _bounded(16384, minimum=1, maximum=64 * 1024 * 1024)
+    max_text_bytes: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 16384
     """Largest text, in UTF-8 bytes."""
 
-    max_receive_message_bytes: int = _bounded(4 * 1024 * 1024, minimum=1024, maximum=2**31 - 1)
+    max_receive_message_bytes: Annotated[int, Field(ge=1024, le=2**31 - 1)] = 4 * 1024 * 1024
     """Largest gRPC request message the server accepts, in bytes."""
 
-    max_send_message_bytes: int = _bounded(16 * 1024 * 1024, minimum=1024, maximum=2**31 - 1)
+    max_send_message_bytes: Annotated[int, Field(ge=1024, le=2**31 - 1)] = 16 * 1024 * 1024
     """Largest gRPC response message the server sends, in bytes (attention matrices can be large)."""
 
-    max_beam_size: int = _bounded(8, minimum=1, maximum=4096)
+    max_beam_size: Annotated[int, Field(ge=1, le=4096)] = 8
     """Widest beam a request may ask for; a model's top_k lowers it further for that model."""
 
-    default_max_length: int = _bounded(0, minimum=0, maximum=1_000_000)
+    default_max_length: Annotated[int, Field(ge=0, le=1_000_000)] = 0
     """Generated-token limit when a request sets none; 0 = the model's max_target_tokens."""
 
-    drain_grace_seconds: float = _bounded(30.0, minimum=0.0, maximum=3600.0)
+    drain_grace_seconds: Annotated[float, Field(ge=0.0, le=3600.0, allow_inf_nan=False)] = 30.0
     """Seconds in-flight calls get to finish after SIGTERM/SIGINT before they are cancelled."""
 
-    drain_delay_seconds: float = _bounded(1.0, minimum=0.0, maximum=600.0)
+    drain_delay_seconds: Annotated[float, Field(ge=0.0, le=600.0, allow_inf_nan=False)] = 1.0
     """Seconds, at the start of a drain, between health turning NOT_SERVING (new translations get UNAVAILABLE)
     and the server closing its connections, so that balancing clients watching health stop sending here
     first; taken out of drain_grace_seconds."""
 
-    log_level: str = _choice("INFO", LOG_LEVELS)
+    log_level: Annotated[LogLevel, BeforeValidator(_upper)] = "INFO"
     """Python logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
 
-    repository_poll_seconds: float = _bounded(5.0, minimum=0.0, maximum=86400.0)
+    repository_poll_seconds: Annotated[float, Field(ge=0.0, le=86400.0, allow_inf_nan=False)] = 5.0
     """Seconds between scans of the model repository for new, changed or removed versions (hot reload:
     a new version is loaded, warmed up and switched to while the old one drains); 0 = scan only at start."""
 
-    tls_cert_file: Path | None = _optional_path()
+    tls_cert_file: OptionalFile = None
     """PEM certificate chain the gRPC port presents; with tls_key_file set too, the port speaks TLS only.
     Unset = plaintext."""
 
-    tls_key_file: Path | None = _optional_path()
+    tls_key_file: OptionalFile = None
     """PEM private key of tls_cert_file."""
 
-    tls_client_ca_file: Path | None = _optional_path()
+    tls_client_ca_file: OptionalFile = None
     """PEM CA certificates; when set, every client must present a certificate they signed (mutual TLS).
     Needs tls_cert_file and tls_key_file."""
 
-    auth_tokens_file: Path | None = _optional_path()
+    auth_tokens_file: OptionalFile = None
     """File of accepted bearer tokens, one per line ('#' starts a comment; re-read when it changes).
     With tokens configured, every call but health checks needs the metadata `authorization: Bearer TOKEN`."""
 
-    auth_tokens: str = _secret()
+    auth_tokens: SecretStr = SecretStr("")
     """Accepted bearer tokens, comma-separated, from the ATTNSERVE_AUTH_TOKENS environment variable only
     (there is no flag, so tokens never appear in the process table); added to those of auth_tokens_file."""
 
     reflection: bool = True
     """Serve gRPC server reflection (lets grpcurl and similar tools list the API): true or false."""
 
-    max_concurrent_streams: int = _bounded(0, minimum=0, maximum=2**31 - 1)
+    max_concurrent_streams: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     """Most calls one client connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS);
     0 = no limit. Calls beyond it are refused before they reach the server (UNAVAILABLE, REFUSED_STREAM:
     nothing was done, so they are safe to retry), so one client cannot hold more than this many."""
 
-    max_pending_calls: int = _bounded(10_000, minimum=1, maximum=1_000_000)
+    max_pending_calls: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     """Calls gRPC core holds before the server's Python layer picks them up; twice this is the hard limit,
     beyond which gRPC core fails calls with CANCELLED. Each costs a few KB while it waits."""
 
-    max_connection_age_seconds: float = _bounded(0.0, minimum=0.0, maximum=86400.0)
+    max_connection_age_seconds: Annotated[float, Field(ge=0.0, le=86400.0, allow_inf_nan=False)] = 0.0
     """Seconds after which the server asks a client connection to close (HTTP/2 GOAWAY; calls in flight
     get drain_grace_seconds to finish), so clients balancing with `dns:///` re-resolve and find new
     replicas; 0 = connections never age out."""
 
-    def __post_init__(self) -> None:
-        for setting in dataclasses.fields(self):
-            value = getattr(self, setting.name)
-            problem = _field_problem(setting, value)
-            if problem is not None:
-                raise SettingsError(f"{setting.name}={_show(value, setting)}: {problem}")
-        problem = _cross_field_problem(self)
-        if problem is not None:
-            raise SettingsError(problem)
+    def __init__(self, **values: Any) -> None:
+        # Built in code (tests, `attnserve translate --offline`, the acceptance check) the settings are exactly
+        # what the code says: nothing is read from the environment here; `from_sources` is the one place that
+        # reads flags and variables. pydantic's errors become one SettingsError in our words.
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise SettingsError(_problems(error), {name: (name, value) for name, value in values.items()}) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError(
+                f"metrics_port={self.metrics_port} and port={self.port} must differ "
+                "(or metrics_port=0 to turn metrics off)"
+            )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                f"tls_cert_file={_show(self.tls_cert_file)} and tls_key_file={_show(self.tls_key_file)}: "
+                "set both (TLS) or neither (plaintext)"
+            )
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                f"tls_client_ca_file={self.tls_client_ca_file} needs tls_cert_file and tls_key_file: "
+                "mutual TLS is TLS with client certificates"
+            )
+        return self
 
     @classmethod
     def from_sources(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -193,23 +238,14 @@ class Settings:
         `argv` excludes the program name (None = sys.argv[1:]); `environ` None = os.environ.
         Raises SettingsError for a bad value; argparse exits (status 2) on an unknown flag.
         """
-        environ = os.environ if environ is None else environ
-        flags = vars(build_parser().parse_args(argv))
-        values: dict[str, Any] = {}
-        for setting in dataclasses.fields(cls):
-            env_name = ENV_PREFIX + setting.name.upper()
-            if flags.get(setting.name) is not None:
-                origin, raw = f"--{_flag(setting.name)}", flags[setting.name]
-            elif env_name in environ:
-                origin, raw = env_name, environ[env_name]
-            else:
-                continue
-            value = _convert(setting, raw, origin)
-            problem = _field_problem(setting, value)
-            if problem is not None:
-                raise SettingsError(f"{origin}={_show(raw, setting)}: {problem}")
-            values[setting.name] = value
-        return cls(**values)
+        flags = {name: raw for name, raw in vars(build_parser().parse_args(argv)).items() if raw is not None}
+        variables = _Environment(cls, os.environ if environ is None else environ)()
+        origins = {name: (f"{ENV_PREFIX}{name.upper()}", raw) for name, raw in variables.items()}
+        origins.update({name: (f"--{_flag(name)}", raw) for name, raw in flags.items()})
+        try:
+            return cls(**{**variables, **flags})
+        except SettingsError as error:
+            raise SettingsError(error.problems, origins) from None
 
     @property
     def grpc_address(self) -> str:
@@ -222,13 +258,103 @@ class Settings:
         return self.host.strip("[]")
 
 
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' reading of the `ATTNSERVE_*` variables, from a given mapping rather than always
+    os.environ (the library's dotenv source overrides the same method to read a file)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # Variable names match case-insensitively (case_sensitive=False): the source looks them up lower-cased.
+        return {name.lower(): value for name, value in self._environ.items()}
+
+
+# ----- messages ---------------------------------------------------------------------------------------------
+
+
+Problem = tuple[str | None, str]  # (the field, or None for a rule across fields; what is wrong)
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message says which, where it came from, the value and the bound."""
+
+    def __init__(self, problems: list[Problem], origins: Mapping[str, tuple[str, Any]]) -> None:
+        """`origins` maps a field to where its value came from (`--port`, `ATTNSERVE_PORT`, `port`) and the value
+        as given there."""
+        self.problems = problems
+        lines = []
+        for name, text in problems:
+            if name is None:
+                lines.append(text)
+                continue
+            where, given = origins.get(name, (name, None))
+            lines.append(f"{where}={_show(given, name)}: {text}")
+        super().__init__("; ".join(lines))
+
+
+def _problems(error: ValidationError) -> list[Problem]:
+    problems: list[Problem] = []
+    for detail in error.errors():
+        name = str(detail["loc"][0]) if detail["loc"] else None
+        if name is None or name not in Settings.model_fields:
+            problems.append((None, _own_words(detail)))
+            continue
+        problems.append((name, f"{name} {_what_is_wrong(detail, Settings.model_fields[name])}"))
+    return problems
+
+
+def _what_is_wrong(detail: ErrorDetails, setting: FieldInfo) -> str:
+    kind = detail["type"]
+    if kind in ("greater_than_equal", "less_than_equal"):
+        low = next(m.ge for m in setting.metadata if hasattr(m, "ge"))
+        high = next(m.le for m in setting.metadata if hasattr(m, "le"))
+        return f"must be {low}..{high}"
+    if kind.startswith("int_"):
+        return "must be an integer"
+    if kind.startswith("float_") or kind == "finite_number":
+        return "must be a finite number"
+    if kind.startswith("bool_"):
+        return "must be true or false"
+    if kind == "literal_error":
+        return f"must be one of {', '.join(get_args(setting.annotation))}"
+    if kind.startswith("path_"):
+        return "must be a path"
+    if kind == "string_type":
+        return "must be text"
+    return _own_words(detail)
+
+
+def _own_words(detail: ErrorDetails) -> str:
+    """The message of a ValueError raised by a validator here, without pydantic's "Value error, " prefix."""
+    raised = (detail.get("ctx") or {}).get("error")
+    return str(raised) if raised is not None else detail["msg"]
+
+
+def _show(value: Any, name: str | None = None) -> str:
+    if isinstance(value, SecretStr) or name in _secret_fields():
+        return "(hidden)"
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+# ----- flags ------------------------------------------------------------------------------------------------
+
+
+def _secret_fields() -> frozenset[str]:
+    """Secrets are set from the environment only (the process table shows flags) and never shown."""
+    return frozenset(name for name, setting in Settings.model_fields.items() if setting.annotation is SecretStr)
+
+
 def build_parser(prog: str = "attnserve serve") -> argparse.ArgumentParser:
-    """The flags of `attnserve serve`: one per setting, each defaulting to None (= not given)."""
-    docs = _field_docs()
-    environment_only = [setting for setting in dataclasses.fields(Settings) if setting.metadata.get("environment_only")]
+    """The flags of `attnserve serve`: one per setting but the secrets, each defaulting to None (= not given)."""
+    fields = Settings.model_fields
     epilog = " ".join(
-        f"{ENV_PREFIX}{setting.name.upper()} (environment only): {docs.get(setting.name, '')}"
-        for setting in environment_only
+        f"{ENV_PREFIX}{name.upper()} (environment only): {_help(fields[name])}" for name in sorted(_secret_fields())
     )
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -238,14 +364,12 @@ def build_parser(prog: str = "attnserve serve") -> argparse.ArgumentParser:
         # No prefixes: `--auth-tokens SECRET` must fail, not quietly become --auth-tokens-file=SECRET.
         allow_abbrev=False,
     )
-    for setting in dataclasses.fields(Settings):
-        if setting.metadata.get("environment_only"):
+    for name, setting in fields.items():
+        if name in _secret_fields():
             continue
-        help_text = docs.get(setting.name, "")
-        help_text = f"{help_text} [env {ENV_PREFIX}{setting.name.upper()}; default: {_show(setting.default)}]"
-        help_text = help_text.replace("%", "%%")
+        help_text = f"{_help(setting)} [env {ENV_PREFIX}{name.upper()}; default: {_show(setting.default)}]"
         parser.add_argument(
-            f"--{_flag(setting.name)}", dest=setting.name, default=None, metavar=_metavar(setting), help=help_text
+            f"--{_flag(name)}", dest=name, default=None, metavar=_metavar(setting), help=help_text.replace("%", "%%")
         )
     return parser
 
@@ -254,141 +378,20 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _metavar(setting: dataclasses.Field[Any]) -> str:
-    choices = setting.metadata.get("choices")
-    if choices:
+def _help(setting: FieldInfo) -> str:
+    return " ".join((setting.description or "").split())
+
+
+def _metavar(setting: FieldInfo) -> str:
+    choices = get_args(setting.annotation)
+    if choices and all(isinstance(choice, str) for choice in choices):
         return "{" + ",".join(choices) + "}"
-    kind = _kind(setting)
-    return {int: "N", float: "X", Path: "PATH", bool: "{true,false}"}.get(kind, "TEXT")
-
-
-def _kind(setting: dataclasses.Field[Any]) -> type:
-    # Annotations are strings under `from __future__ import annotations`; the default's type is exact,
-    # except for optional fields (default None), which name their kind in the metadata.
-    declared = setting.metadata.get("kind")
-    if declared is not None:
-        return declared
-    return Path if isinstance(setting.default, Path) else type(setting.default)
-
-
-def _show(value: Any, setting: dataclasses.Field[Any] | None = None) -> str:
-    if setting is not None and setting.metadata.get("secret"):
-        return "(hidden)"
-    if value is None:
-        return "(unset)"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-TRUE_WORDS = ("true", "1", "yes", "on")
-FALSE_WORDS = ("false", "0", "no", "off")
-
-
-def _convert(setting: dataclasses.Field[Any], raw: Any, origin: str) -> Any:
-    """Parse the text of a flag or environment variable into the field's type."""
-    kind = _kind(setting)
-    text = str(raw).strip()
-    try:
-        if kind is int:
-            return int(text)
-        if kind is float:
-            number = float(text)
-            if not math.isfinite(number):
-                raise ValueError
-            return number
-    except ValueError:
-        noun = "an integer" if kind is int else "a finite number"
-        raise SettingsError(f"{origin}={_show(raw)}: {setting.name} must be {noun}") from None
-    if kind is bool:
-        if text.lower() in TRUE_WORDS:
-            return True
-        if text.lower() in FALSE_WORDS:
-            return False
-        raise SettingsError(f"{origin}={_show(raw)}: {setting.name} must be true or false")
-    if kind is Path:
-        if not text and setting.metadata.get("optional"):
-            return None
-        return Path(text)
-    if setting.name == "log_level":
-        return text.upper()
-    if setting.metadata.get("choices"):
-        return text.lower()
-    return text
-
-
-def _field_problem(setting: dataclasses.Field[Any], value: Any) -> str | None:
-    """What is wrong with one field's value, or None; the message names the field and its bound."""
-    name = setting.name
-    kind = _kind(setting)
-    if kind is Path:
-        if value is None and setting.metadata.get("optional"):
-            return None
-        if not isinstance(value, Path) or not str(value):
-            return f"{name} must be a {'file' if setting.metadata.get('optional') else 'folder'} path"
-        return None
-    if kind is bool:
-        return None if isinstance(value, bool) else f"{name} must be true or false"
-    if kind in (int, float):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or (kind is int and not isinstance(value, int))
-        ):
-            return f"{name} must be {'an integer' if kind is int else 'a number'}"
-        if kind is float and not math.isfinite(value):
-            return f"{name} must be a finite number"
-        minimum, maximum = setting.metadata.get("minimum"), setting.metadata.get("maximum")
-        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            return f"{name} must be {minimum}..{maximum}"
-        return None
-    if not isinstance(value, str):
-        return f"{name} must be text"
-    choices = setting.metadata.get("choices")
-    if choices and value not in choices:
-        return f"{name} must be one of {', '.join(choices)}"
-    if name == "host" and not value:
-        return "host must not be empty"
-    if name == "default_model" and value and ("/" in value or "\\" in value or value in (".", "..")):
-        return "default_model must be a model name, not a path"
-    return None
-
-
-def _cross_field_problem(settings: Settings) -> str | None:
-    if settings.metrics_port and settings.metrics_port == settings.port:
-        return (
-            f"metrics_port={settings.metrics_port} and port={settings.port} must differ "
-            "(or metrics_port=0 to turn metrics off)"
-        )
-    if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
-        return (
-            f"tls_cert_file={_show(settings.tls_cert_file)} and tls_key_file={_show(settings.tls_key_file)}: "
-            "set both (TLS) or neither (plaintext)"
-        )
-    if settings.tls_client_ca_file is not None and settings.tls_cert_file is None:
-        return (
-            f"tls_client_ca_file={settings.tls_client_ca_file} needs tls_cert_file and tls_key_file: "
-            "mutual TLS is TLS with client certificates"
-        )
-    return None
-
-
-@cache
-def _field_docs() -> dict[str, str]:
-    """The attribute docstrings of Settings (the string under each field), used as flag help."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(Settings)))
-    except (OSError, TypeError):  # no source available (e.g. a zipped install): help without prose
-        return {}
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    docs: dict[str, str] = {}
-    for statement, following in zip(body, body[1:], strict=False):
-        if (
-            isinstance(statement, ast.AnnAssign)
-            and isinstance(statement.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[statement.target.id] = " ".join(following.value.value.split())
-    return docs
+    if setting.annotation is bool:
+        return "{true,false}"
+    if setting.annotation is int:
+        return "N"
+    if setting.annotation is float:
+        return "X"
+    if setting.annotation in (Path, Path | None):
+        return "PATH"
+    return "TEXT"

@@ -201,9 +201,10 @@ class BearerTokens:
         """The tokens configured in the settings, or None when authentication is off (no token source).
 
         Raises SecurityConfigError when a source is configured but unreadable or holds no token."""
-        inline = parse_token_list(settings.auth_tokens)
+        secret = settings.auth_tokens.get_secret_value()
+        inline = parse_token_list(secret)
         if not inline and settings.auth_tokens_file is None:
-            if settings.auth_tokens.strip():
+            if secret.strip():
                 raise SecurityConfigError("ATTNSERVE_AUTH_TOKENS holds no token (only commas and spaces)")
             return None
         return cls(inline, settings.auth_tokens_file)

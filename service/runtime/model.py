@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -22,7 +22,9 @@ from service.runtime.tokenizers import BOS, EOS, PAD, UNK, Tokenizer, load_token
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-PROVIDERS = ("auto", "cpu", "cuda")
+Provider = Literal["auto", "cpu", "cuda"]
+"""What `--provider` may say: `auto` (CUDA when a GPU is usable, else CPU), `cpu` or `cuda`."""
+PROVIDERS: tuple[str, ...] = get_args(Provider)
 
 
 @dataclass(frozen=True)

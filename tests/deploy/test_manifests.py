@@ -181,7 +181,7 @@ def test_every_custom_resource_has_a_vendored_schema(rendered: dict[str, list[di
 def test_settings_configmap_is_read_by_the_server(rendered: dict[str, list[dict[str, Any]]], name: str) -> None:
     objects = rendered[name]
     configmap = next(o for o in objects if o["kind"] == "ConfigMap")
-    fields = {f"{ENV_PREFIX}{field.upper()}" for field in Settings.__dataclass_fields__}
+    fields = {f"{ENV_PREFIX}{field.upper()}" for field in Settings.model_fields}
     assert set(configmap["data"]) <= fields, f"unknown settings: {set(configmap['data']) - fields}"
     settings = _settings_of(objects)
     container = _container(objects)

@@ -23,7 +23,7 @@ from service.grpc_api.security import BearerTokens, SecurityConfigError, bearer_
 from service.server import serve
 from service.settings import Settings, SettingsError
 from tests.reliability.reliability_support import CertificateAuthority, metric, scrape, wait_for
-from tests.service.server_harness import ServerThread, make_settings
+from tests.service.server_harness import ServerThread, make_settings, with_settings
 
 pytestmark = pytest.mark.slow
 
@@ -393,7 +393,7 @@ def test_security_settings_from_flags_and_environment(tmp_path: Path) -> None:
     )
     assert settings.tls_client_ca_file is None and settings.reflection is False
     assert settings.max_concurrent_streams == 32 and settings.repository_poll_seconds == 2.5
-    assert settings.auth_tokens == "s3cret-one,s3cret-two" and settings.auth_tokens_file == Path(
+    assert settings.auth_tokens.get_secret_value() == "s3cret-one,s3cret-two" and settings.auth_tokens_file == Path(
         "/etc/attnserve/tokens"
     )
     assert "s3cret" not in repr(settings)  # never in a log line that prints the settings
@@ -441,7 +441,7 @@ def test_a_security_file_that_does_not_load_stops_the_start_before_any_model_loa
         ({"auth_tokens": " , "}, "ATTNSERVE_AUTH_TOKENS holds no token"),
     ):
         caplog.clear()
-        assert asyncio.run(serve(dataclasses.replace(base, **changes), stop=asyncio.Event())) == 2, changes
+        assert asyncio.run(serve(with_settings(base, **changes), stop=asyncio.Event())) == 2, changes
         assert logged in caplog.text, (changes, caplog.text)
 
 

@@ -7,7 +7,6 @@ synchronous grpc client. Out-of-process: `start_subprocess` runs `python -m serv
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import subprocess
 import sys
@@ -142,7 +141,7 @@ def wait_for(condition: Callable[[], object], what: str, timeout_s: float = 60.0
 
 
 def with_settings(settings: Settings, **changes: object) -> Settings:
-    return dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
+    return Settings(**{**dict(settings), **changes})
 
 
 def start_subprocess(repository: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:

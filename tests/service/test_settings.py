@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from service.settings import Settings, SettingsError, build_parser
 
@@ -90,7 +91,7 @@ def test_direct_construction_is_validated_too() -> None:
 
 def test_settings_are_frozen() -> None:
     settings = Settings()
-    with pytest.raises(AttributeError):
+    with pytest.raises(ValidationError, match="frozen"):
         settings.port = 1  # type: ignore[misc]
 
 
@@ -102,6 +103,15 @@ def test_unknown_flag_exits_with_usage_error() -> None:
 
 def test_every_field_has_a_flag_with_help_naming_its_environment_variable() -> None:
     help_text = " ".join(build_parser().format_help().split())
-    for name in Settings.__dataclass_fields__:
+    for name in Settings.model_fields:
         assert f"--{name.replace('_', '-')}" in help_text
         assert f"ATTNSERVE_{name.upper()}" in help_text.replace("ATTNSERVE_ ", "ATTNSERVE_")
+
+
+def test_every_setting_is_described_and_secrets_are_never_shown() -> None:
+    assert all(setting.description for setting in Settings.model_fields.values())
+    settings = Settings.from_sources([], {"ATTNSERVE_AUTH_TOKENS": "s3cret"})
+    assert settings.auth_tokens.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings)
+    with pytest.raises(SettingsError, match=r"^ATTNSERVE_PORT=x: port must be an integer$"):
+        Settings.from_sources([], {"ATTNSERVE_AUTH_TOKENS": "s3cret", "ATTNSERVE_PORT": "x"})
