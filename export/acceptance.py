@@ -103,7 +103,7 @@ def translate_as_served(version_dir: Path, texts: Sequence[str], *, beam_size: i
 
 
 async def _translate_as_served(version_dir: Path, texts: list[str], beam_size: int) -> list[str]:
-    from service.dataplane import Dataplane, TranslateOptions
+    from service.dataplane import Dataplane, RequestedDecodeOptions
     from service.models import ModelManager
     from service.settings import Settings
 
@@ -120,8 +120,8 @@ async def _translate_as_served(version_dir: Path, texts: list[str], beam_size: i
     manager = ModelManager(settings, only={name})
     await manager.start()
     try:
-        dataplane = Dataplane(manager, settings)
-        options = TranslateOptions(beam_size=beam_size)
+        dataplane = Dataplane(manager.registry, settings)
+        options = RequestedDecodeOptions(beam_size=beam_size)
         calls = [
             dataplane.translate(name, version, texts[start : start + TEXTS_PER_CALL], options)
             for start in range(0, len(texts), TEXTS_PER_CALL)

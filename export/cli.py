@@ -185,9 +185,9 @@ def build_models_main(argv: list[str]) -> int:
             print(f"attnserve build-models: {exc}", file=sys.stderr)
             continue
         print(
-            f"{entry.name}: installed as {args.repository / entry.name / str(document['version'])} after "
-            f"{time.monotonic() - started:.0f}s: {document['acceptance']['greedy']['exact_match']:.4f} exact on "
-            f"fresh inputs (bar {entry.bar}), test split {document['metrics']['test']['exact_match']:.4f}"
+            f"{entry.name}: installed as {args.repository / entry.name / str(document.version)} after "
+            f"{time.monotonic() - started:.0f}s: {document.acceptance['greedy']['exact_match']:.4f} exact on "
+            f"fresh inputs (bar {entry.bar}), test split {document.metrics['test']['exact_match']:.4f}"
         )
     if failures:
         print(f"attnserve build-models: {len(failures)} default model(s) missed their bar", file=sys.stderr)

@@ -15,15 +15,15 @@ import torch
 from torch import nn
 
 from export.attention import ATTENTION_KINDS, Attention
+from service.runtime.tokenizers import BOS, EOS, PAD
 
-PAD, BOS, EOS, UNK = 0, 1, 2, 3
 ENCODER_KINDS = ("gru", "lstm", "transformer")
 CELL_KINDS = ("gru", "lstm")
 STYLES = ("bahdanau", "luong")
 
 
 @dataclass
-class ModelConfig:
+class Architecture:
     """Architecture hyper-parameters; saved in checkpoints and in model.json."""
 
     source_vocab: int
@@ -168,14 +168,16 @@ class TransformerEncoder(nn.Module):
 
 
 @dataclass
-class EncoderOutput:
+class EncodedSource:
+    """The encoder's result inside PyTorch: what the ONNX encoder graph returns as named memory and state tensors."""
+
     memory: torch.Tensor
     keys: torch.Tensor | None
     state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Seq2Seq(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: Architecture) -> None:
         super().__init__()
         self.config = c = config
         self.source_embedding = nn.Embedding(c.source_vocab, c.embedding, padding_idx=PAD)
@@ -215,7 +217,7 @@ class Seq2Seq(nn.Module):
         return names
 
     # ----------------------------------------------------------------------------------------------- encoder
-    def encode(self, source_ids: torch.Tensor, source_lengths: torch.Tensor) -> EncoderOutput:
+    def encode(self, source_ids: torch.Tensor, source_lengths: torch.Tensor) -> EncodedSource:
         embedded = self.dropout(self.source_embedding(source_ids))
         outputs, summary = self.encoder(embedded, source_lengths)
         keep = (
@@ -233,7 +235,7 @@ class Seq2Seq(nn.Module):
             state["cell"] = torch.zeros_like(hidden)
         if self.config.style == "luong":
             state["feed"] = hidden.new_zeros(batch, self.config.hidden)
-        return EncoderOutput(memory=memory, keys=keys, state=state)
+        return EncodedSource(memory=memory, keys=keys, state=state)
 
     # ----------------------------------------------------------------------------------------------- one step
     def step(

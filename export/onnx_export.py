@@ -19,11 +19,21 @@ import numpy as np
 import onnx
 import torch
 
-from export.model import BOS, EOS, PAD, UNK, DecoderStepGraph, EncoderGraph, Seq2Seq
+from export.model import DecoderStepGraph, EncoderGraph, Seq2Seq
 from export.train import encode_pairs, greedy_ids, load_checkpoint, load_task, train_config_from_dict
-from service.runtime.model import OnnxStepModel, read_config
+from service.runtime.model import OnnxStepModel
+from service.runtime.model_format import (
+    DecoderGraph,
+    GraphFile,
+    Limits,
+    ModelDocument,
+    OnnxInfo,
+    StateTensors,
+    TokenizerFile,
+    Tokenizers,
+)
 from service.runtime.repository import is_valid_model_name, next_version
-from service.runtime.tokenizers import Tokenizer, load_tokenizer
+from service.runtime.tokenizers import BOS, EOS, PAD, UNK, Tokenizer, load_tokenizer
 
 OPSET = 17
 # Standard ONNX operators our graphs may contain; anything else (ATen fallbacks, custom domains) is refused.
@@ -46,7 +56,7 @@ class ExportError(RuntimeError):
 @dataclass
 class ExportResult:
     directory: Path
-    model_json: dict
+    document: ModelDocument
 
 
 def _export_graph(
@@ -88,7 +98,7 @@ def op_types(model_bytes: bytes) -> list[str]:
     return sorted(ops)
 
 
-def export_graphs(model: Seq2Seq, *, full_log_probs: bool = False) -> tuple[bytes, bytes, dict]:
+def export_graphs(model: Seq2Seq, *, full_log_probs: bool = False) -> tuple[bytes, bytes, DecoderGraph]:
     """ONNX bytes of the encoder and the decoder step, plus the ``decoder`` section of model.json."""
     model.eval()
     memory_names = model.memory_names
@@ -140,14 +150,14 @@ def export_graphs(model: Seq2Seq, *, full_log_probs: bool = False) -> tuple[byte
         unexpected = set(op_types(data)) - ALLOWED_OPS
         if unexpected:
             raise ExportError(f"{which} graph contains unexpected operator types {sorted(unexpected)}")
-    decoder_section = {
-        "file": "decoder.onnx",
-        "memory": memory_names,
-        "state": [
-            {"input": i, "output": o, "init": n} for i, o, n in zip(state_in, state_out, state_init, strict=False)
-        ],
-        "full_log_probs": full_log_probs,
-    }
+    decoder_section = DecoderGraph(
+        file="decoder.onnx",
+        memory=tuple(memory_names),
+        state=tuple(
+            StateTensors(input=i, output=o, init=n) for i, o, n in zip(state_in, state_out, state_init, strict=True)
+        ),
+        full_log_probs=full_log_probs,
+    )
     return encoder_bytes, decoder_bytes, decoder_section
 
 
@@ -233,8 +243,7 @@ class Verification:
 def verify(model: Seq2Seq, directory: Path, test_sources: list[list[int]], max_source_len: int) -> Verification:
     """Parity of the exported graphs in ``directory`` against ``model`` (raises ExportError when off)."""
     model.eval()
-    config = read_config(directory)
-    step_model = OnnxStepModel(config, directory, providers=["CPUExecutionProvider"])
+    step_model = OnnxStepModel(ModelDocument.read(directory), directory, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(7)
     shapes = [(1, 1), (1, max_source_len), (3, 9), (7, 23), (16, min(40, max_source_len))]
     worst = {"log_probs": 0.0, "log_probs_relative": 0.0, "attention": 0.0, "state": 0.0, "memory": 0.0}
@@ -291,7 +300,7 @@ def export_run(
     version: int | None = None,
     quantize: str | None = None,
     full_log_probs: bool = False,
-    extra: dict | None = None,
+    build: dict | None = None,
     progress=print,
 ) -> ExportResult:
     """Write ``repository/name/VERSION/`` from the run's best checkpoint and verify it; returns its directory.
@@ -324,43 +333,41 @@ def export_run(
         shutil.copyfile(run_dir / "target.tokenizer.json", staging / "target.tokenizer.json")
         c = model.config
         train_config = train_config_from_dict(run["train_config"])
-        document = {
-            "format": 1,
-            "name": name,
-            "version": version,
-            "task": {"kind": train_config.task.split(":", 1)[0], **run.get("data", {}).get("task", {})},
-            "architecture": {
+        document = ModelDocument(
+            name=name,
+            version=version,
+            task={"kind": train_config.task.split(":", 1)[0], **run.get("data", {}).get("task", {})},
+            architecture={
                 **c.to_dict(),
                 "source_vocab": source_tok.vocab_size,
                 "target_vocab": target_tok.vocab_size,
             },
-            "special_tokens": {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK},
-            "tokenizers": {
-                "source": {"type": tokenizer_kind, "file": "source.tokenizer.json"},
-                "target": {"type": tokenizer_kind, "file": "target.tokenizer.json"},
-            },
-            "limits": {"max_source_tokens": c.max_source_len, "max_target_tokens": c.max_target_len, "top_k": c.top_k},
-            "encoder": {"file": "encoder.onnx"},
-            "decoder": decoder_section,
-            "onnx": {
-                "opset": OPSET,
-                "exporter": "torchscript (torch.onnx.export dynamo=False)",
-                "torch": torch.__version__,
-                "op_types": {"encoder": op_types(encoder_bytes), "decoder": op_types(decoder_bytes)},
-            },
-            "metrics": run["metrics"],
-            "data": run.get("data", {}),
-            "training": {k: v for k, v in run["training"].items() if k != "history"},
-            **(extra or {}),
-        }
-        (staging / "model.json").write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+            tokenizers=Tokenizers(
+                source=TokenizerFile(type=tokenizer_kind, file="source.tokenizer.json"),
+                target=TokenizerFile(type=tokenizer_kind, file="target.tokenizer.json"),
+            ),
+            limits=Limits(max_source_tokens=c.max_source_len, max_target_tokens=c.max_target_len, top_k=c.top_k),
+            encoder=GraphFile(file="encoder.onnx"),
+            decoder=decoder_section,
+            onnx=OnnxInfo(
+                opset=OPSET,
+                exporter="torchscript (torch.onnx.export dynamo=False)",
+                torch=torch.__version__,
+                op_types={"encoder": op_types(encoder_bytes), "decoder": op_types(decoder_bytes)},
+            ),
+            metrics=run["metrics"],
+            data=run.get("data", {}),
+            training={k: v for k, v in run["training"].items() if k != "history"},
+            build=build,
+        )
+        document.write(staging)
         progress(f"exported {name} v{version} graphs in {time.monotonic() - started:.1f}s; verifying parity")
         splits = load_task(train_config.task, train_config.seed, train_config.data_options, train_config.max_pairs)
         test_items = encode_pairs(splits.test, source_tok, target_tok)
         test_sources = [s for s, _ in test_items if len(s) <= c.max_source_len]
         verification = verify(model, staging, test_sources, c.max_source_len)
-        document["parity"] = verification.parity
-        progress(f"parity: {document['parity']}")
+        document.parity = verification.parity
+        progress(f"parity: {document.parity}")
         if quantize == "int8":
             references = [
                 p.target for p, (s, _) in zip(splits.test, test_items, strict=False) if len(s) <= c.max_source_len
@@ -369,27 +376,31 @@ def export_run(
             quantize_int8(staging)
             int8 = _exact_match(
                 ort_greedy(
-                    OnnxStepModel(read_config(staging), staging, providers=["CPUExecutionProvider"]),
+                    OnnxStepModel(document, staging, providers=["CPUExecutionProvider"]),
                     test_sources,
                     c.max_target_len,
                 ),
                 target_tok,
                 references,
             )
-            document["quantization"] = {
+            document.quantization = {
                 "type": "int8 dynamic (weights QInt8)",
                 "test_exact_match_fp32": fp32,
                 "test_exact_match_int8": int8,
                 "change": round(int8 - fp32, 5),
             }
-            document["onnx"]["op_types"] = {
-                "encoder": op_types((staging / "encoder.onnx").read_bytes()),
-                "decoder": op_types((staging / "decoder.onnx").read_bytes()),
-            }
+            document.onnx = document.onnx.model_copy(
+                update={
+                    "op_types": {
+                        "encoder": op_types((staging / "encoder.onnx").read_bytes()),
+                        "decoder": op_types((staging / "decoder.onnx").read_bytes()),
+                    }
+                }
+            )
             progress(f"int8: test exact match {fp32:.4f} -> {int8:.4f}")
-        (staging / "model.json").write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        document.write(staging)
         staging.rename(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ExportResult(directory=final, model_json=document)
+    return ExportResult(directory=final, document=document)

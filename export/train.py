@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from export.data import Pair, Splits, load_tsv, make_dates, make_numbers
-from export.model import BOS, EOS, PAD, ModelConfig, Seq2Seq
-from service.runtime.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
+from export.model import Architecture, Seq2Seq
+from service.runtime.tokenizers import BOS, EOS, PAD, Tokenizer, load_tokenizer, train_tokenizer
 
 
 @dataclass
@@ -52,7 +52,7 @@ class TrainConfig:
     valid_limit: int = 2000  # validation examples decoded at each evaluation
     max_pairs: int | None = None  # cap on TSV pairs read
     data_options: dict = field(default_factory=dict)  # keyword arguments of the task's generator
-    model: dict = field(default_factory=dict)  # ModelConfig fields other than vocabulary sizes
+    model: dict = field(default_factory=dict)  # Architecture fields other than vocabulary sizes
     # torch intra-op threads. One by default: these models are too small to gain from more, and an OpenMP
     # pool that shares its cores with another busy process (a server, a test client) slows down ~40x.
     threads: int = 1
@@ -158,7 +158,7 @@ def _tokenizers(config: TrainConfig, splits: Splits, out: Path, resume: bool) ->
     return source, target
 
 
-def _model_config(config: TrainConfig, source: Tokenizer, target: Tokenizer, encoded: list) -> ModelConfig:
+def _architecture(config: TrainConfig, source: Tokenizer, target: Tokenizer, encoded: list) -> Architecture:
     longest_source = max(len(s) for s, _ in encoded)
     longest_target = max(len(t) for _, t in encoded) + 1
     options = dict(config.model)
@@ -167,7 +167,7 @@ def _model_config(config: TrainConfig, source: Tokenizer, target: Tokenizer, enc
     options.setdefault("max_target_len", int(math.ceil(longest_target * 1.25)) + 2)
     # A tiny target vocabulary (digits and '-' for dates) cannot offer more candidates than it has tokens.
     options["top_k"] = min(int(options.get("top_k", 16)), target.vocab_size)
-    return ModelConfig(source_vocab=source.vocab_size, target_vocab=target.vocab_size, **options)
+    return Architecture(source_vocab=source.vocab_size, target_vocab=target.vocab_size, **options)
 
 
 def _save(path: Path, payload: dict) -> None:
@@ -178,10 +178,130 @@ def _save(path: Path, payload: dict) -> None:
 
 def load_checkpoint(path: Path) -> tuple[Seq2Seq, dict]:
     payload = torch.load(path, map_location="cpu", weights_only=False)
-    model = Seq2Seq(ModelConfig(**payload["model_config"]))
+    model = Seq2Seq(Architecture(**payload["model_config"]))
     model.load_state_dict(payload["model"])
     model.eval()
     return model, payload
+
+
+@dataclass
+class _Progress:
+    """Where a training run stands; saved in every checkpoint so that a resumed run continues exactly."""
+
+    step: int = 0
+    best: float = -1.0  # best validation exact match so far
+    stale: int = 0  # evaluations since the best one improved
+    on_target: int = 0  # consecutive evaluations at or above the target
+    elapsed_before: float = 0.0  # seconds trained by the runs this one resumes
+    history: list[dict] = field(default_factory=list)
+
+
+class _TrainingRun:
+    """The model, its optimizer and learning-rate schedule, and the run's progress and random state."""
+
+    def __init__(self, config: TrainConfig, architecture: Architecture, device: torch.device) -> None:
+        self.config, self.architecture = config, architecture
+        self.model = Seq2Seq(architecture).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
+        # Halving the rate when validation stalls turns the noisy plateau of a constant rate into convergence.
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="max", factor=0.5, patience=config.lr_patience, min_lr=1e-5
+        )
+        self.loss_fn = nn.NLLLoss(ignore_index=PAD, reduction="sum")
+        self.rng = random.Random(config.seed)
+        self.progress = _Progress()
+        self.started = time.monotonic()
+
+    @property
+    def seconds(self) -> float:
+        return self.progress.elapsed_before + time.monotonic() - self.started
+
+    def resume(self, path: Path) -> None:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.plateau.load_state_dict(payload["plateau"])
+        self.progress = _Progress(
+            step=payload["step"],
+            best=payload["best"],
+            stale=payload["stale"],
+            on_target=payload.get("on_target", 0),
+            elapsed_before=payload["elapsed"],
+            history=payload["history"],
+        )
+        self.rng.setstate(payload["python_rng"])
+        torch.set_rng_state(payload["torch_rng"])
+
+    def checkpoint(self, path: Path) -> None:
+        progress = self.progress
+        _save(
+            path,
+            {
+                "model": self.model.state_dict(),
+                "model_config": self.architecture.to_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "plateau": self.plateau.state_dict(),
+                "step": progress.step,
+                "best": progress.best,
+                "stale": progress.stale,
+                "on_target": progress.on_target,
+                "elapsed": self.seconds,
+                "history": progress.history,
+                "python_rng": self.rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
+                "train_config": self.config.to_dict(),
+            },
+        )
+
+    def train_step(self, batch: tuple[torch.Tensor, ...]) -> tuple[float, int]:
+        """One optimizer step on one batch; returns the loss per target token and the number of target tokens."""
+        self.model.train()
+        source, lengths, target_in, target_out = batch
+        log_probs = self.model(source, lengths, target_in)
+        n_tokens = int((target_out != PAD).sum())
+        loss = self.loss_fn(log_probs.reshape(-1, log_probs.shape[-1]), target_out.reshape(-1)) / n_tokens
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.progress.step += 1
+        return loss.item(), n_tokens
+
+    def record_evaluation(self, metrics: dict, loss: float, best_path: Path) -> None:
+        """Log an evaluation, step the schedule, and keep the best checkpoint."""
+        progress = self.progress
+        progress.history.append(
+            {
+                "step": progress.step,
+                "seconds": round(self.seconds, 1),
+                "loss": round(loss, 4),
+                "lr": self.optimizer.param_groups[0]["lr"],
+                **metrics,
+            }
+        )
+        exact_match = metrics["exact_match"]
+        self.plateau.step(exact_match)
+        # On ties the later checkpoint wins: it has trained longer at the same validation score.
+        if exact_match >= progress.best:
+            progress.stale = 0 if exact_match > progress.best else progress.stale + 1
+            progress.best = exact_match
+            self.checkpoint(best_path)
+        else:
+            progress.stale += 1
+        # One lucky evaluation is not convergence: the target must hold on consecutive evaluations, so
+        # that where training stops depends little on the last bits of the CPU's floating-point results.
+        progress.on_target = progress.on_target + 1 if exact_match >= self.config.target_exact_match else 0
+
+    def stop_reason(self, deadline: float) -> str | None:
+        """Why training should stop after this evaluation, or None to go on."""
+        config, progress = self.config, self.progress
+        if progress.on_target >= config.target_evaluations and progress.step >= config.min_steps:
+            return "target_reached"
+        if progress.stale >= config.patience and progress.step >= config.min_steps:
+            return "early_stopping"
+        if time.monotonic() > deadline:
+            return "time_budget"
+        return None
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
@@ -199,60 +319,21 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     splits = load_task(config.task, config.seed, config.data_options, config.max_pairs)
     source_tok, target_tok = _tokenizers(config, splits, out, resume)
     train_items = encode_pairs(splits.train, source_tok, target_tok)
-    model_config = _model_config(config, source_tok, target_tok, train_items)
-    model = Seq2Seq(model_config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    # Halving the rate when validation stalls turns the noisy plateau of a constant rate into convergence.
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=0.5, patience=config.lr_patience, min_lr=1e-5
-    )
-    loss_fn = nn.NLLLoss(ignore_index=PAD, reduction="sum")
-
-    step, best, stale, on_target, elapsed_before = 0, -1.0, 0, 0, 0.0
-    history: list[dict] = []
-    rng = random.Random(config.seed)
+    run = _TrainingRun(config, _architecture(config, source_tok, target_tok, train_items), device)
     last_path, best_path = out / "last.pt", out / "best.pt"
     if resume and last_path.exists():
-        payload = torch.load(last_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        plateau.load_state_dict(payload["plateau"])
-        step, best, stale = payload["step"], payload["best"], payload["stale"]
-        on_target = payload.get("on_target", 0)
-        elapsed_before, history = payload["elapsed"], payload["history"]
-        rng.setstate(payload["python_rng"])
-        torch.set_rng_state(payload["torch_rng"])
+        run.resume(last_path)
 
-    def checkpoint(path: Path) -> None:
-        _save(
-            path,
-            {
-                "model": model.state_dict(),
-                "model_config": model_config.to_dict(),
-                "optimizer": optimizer.state_dict(),
-                "plateau": plateau.state_dict(),
-                "step": step,
-                "best": best,
-                "stale": stale,
-                "on_target": on_target,
-                "elapsed": elapsed_before + time.monotonic() - start,
-                "history": history,
-                "python_rng": rng.getstate(),
-                "torch_rng": torch.get_rng_state(),
-                "train_config": config.to_dict(),
-            },
-        )
-
-    start = time.monotonic()
-    deadline = start + config.max_minutes * 60.0 - elapsed_before
-    stream = batches(train_items, config.batch_size, rng)
+    run.started = time.monotonic()
+    deadline = run.started + config.max_minutes * 60.0 - run.progress.elapsed_before
+    stream = batches(train_items, config.batch_size, run.rng)
     # Skip the batches a resumed run already consumed so it continues the same data order.
-    for _ in range(step):
+    for _ in range(run.progress.step):
         next(stream)
     # Redraw at most every 10 s when the output is a log file rather than a terminal.
     bar = tqdm(
         total=config.max_steps,
-        initial=step,
+        initial=run.progress.step,
         disable=not progress,
         desc=out.name,
         unit="step",
@@ -261,72 +342,42 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     )
     tokens_since, clock = 0, time.monotonic()
     stop_reason = "max_steps"
-    while step < config.max_steps:
-        model.train()
-        source, lengths, target_in, target_out = (t.to(device) for t in make_batch(next(stream)))
-        log_probs = model(source, lengths, target_in)
-        n_tokens = int((target_out != PAD).sum())
-        loss = loss_fn(log_probs.reshape(-1, log_probs.shape[-1]), target_out.reshape(-1)) / n_tokens
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        step += 1
+    while run.progress.step < config.max_steps:
+        loss, n_tokens = run.train_step(tuple(t.to(device) for t in make_batch(next(stream))))
+        step = run.progress.step
         tokens_since += n_tokens
         bar.update(1)
         if step % 20 == 0:
             now = time.monotonic()
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_since / (now - clock):.0f}", best=f"{best:.4f}")
+            bar.set_postfix(
+                loss=f"{loss:.3f}", tok_s=f"{tokens_since / (now - clock):.0f}", best=f"{run.progress.best:.4f}"
+            )
             tokens_since, clock = 0, now
         if step % config.eval_every == 0 or step == config.max_steps or time.monotonic() > deadline:
-            metrics = evaluate(model, splits.valid, source_tok, target_tok, limit=config.valid_limit)
-            history.append(
-                {
-                    "step": step,
-                    "seconds": round(elapsed_before + time.monotonic() - start, 1),
-                    "loss": round(loss.item(), 4),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    **metrics,
-                }
-            )
+            metrics = evaluate(run.model, splits.valid, source_tok, target_tok, limit=config.valid_limit)
             bar.write(f"step {step}: valid exact match {metrics['exact_match']:.4f}, chrF {metrics['chrf']:.1f}")
-            plateau.step(metrics["exact_match"])
-            # On ties the later checkpoint wins: it has trained longer at the same validation score.
-            if metrics["exact_match"] >= best:
-                stale = 0 if metrics["exact_match"] > best else stale + 1
-                best = metrics["exact_match"]
-                checkpoint(best_path)
-            else:
-                stale += 1
-            # One lucky evaluation is not convergence: the target must hold on consecutive evaluations, so
-            # that where training stops depends little on the last bits of the CPU's floating-point results.
-            on_target = on_target + 1 if metrics["exact_match"] >= config.target_exact_match else 0
-            checkpoint(last_path)
-            if on_target >= config.target_evaluations and step >= config.min_steps:
-                stop_reason = "target_reached"
-                break
-            if stale >= config.patience and step >= config.min_steps:
-                stop_reason = "early_stopping"
-                break
-            if time.monotonic() > deadline:
-                stop_reason = "time_budget"
+            run.record_evaluation(metrics, loss, best_path)
+            run.checkpoint(last_path)
+            reason = run.stop_reason(deadline)
+            if reason is not None:
+                stop_reason = reason
                 break
     bar.close()
     if not best_path.exists():
-        checkpoint(best_path)
+        run.checkpoint(best_path)
     best_model, _ = load_checkpoint(best_path)
     test_metrics = evaluate(best_model, splits.test, source_tok, target_tok)
     summary = {
         "train_config": config.to_dict(),
-        "model_config": model_config.to_dict(),
+        "model_config": run.architecture.to_dict(),
         "data": splits.description,
         "tokenizer": source_tok.kind,
         "training": {
-            "steps": step,
-            "seconds": round(elapsed_before + time.monotonic() - start, 1),
+            "steps": run.progress.step,
+            "seconds": round(run.seconds, 1),
             "stop_reason": stop_reason,
-            "best_valid_exact_match": best,
-            "history": history,
+            "best_valid_exact_match": run.progress.best,
+            "history": run.progress.history,
         },
         "metrics": {"test": test_metrics},
     }

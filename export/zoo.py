@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.host import cpu_model
+from service.runtime.model_format import ModelDocument
 from service.runtime.repository import discover
 
 # Bump when a change to training or export code should rebuild the default models.
@@ -158,7 +159,9 @@ def build_machine() -> dict:
     }
 
 
-def build(entry: ZooEntry, repository: Path, runs: Path, *, threads: int | None = None, progress=print) -> dict:
+def build(
+    entry: ZooEntry, repository: Path, runs: Path, *, threads: int | None = None, progress=print
+) -> ModelDocument:
     """Train, export and check `entry`; install it as `repository/NAME/1` only if it meets every bar.
 
     Returns the model.json written. Raises BuildFailed (the repository untouched) when training stops
@@ -199,15 +202,15 @@ def build(entry: ZooEntry, repository: Path, runs: Path, *, threads: int | None 
             entry.name,
             version=DEFAULT_VERSION,
             progress=progress,
-            extra={"build": {"fingerprint": entry.fingerprint(), "description": entry.description, "machine": machine}},
+            build={"fingerprint": entry.fingerprint(), "description": entry.description, "machine": machine},
         )
         inputs = acceptance_set(
             entry.task, entry.acceptance_seed, training_seed=entry.training_seed, data_options=entry.data_options
         )
         accepted = check(result.directory, inputs)
-        document = result.model_json
-        document["acceptance"] = {"bar": entry.bar, "greedy": accepted.to_dict()}
-        (result.directory / "model.json").write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        document = result.document
+        document.acceptance = {"bar": entry.bar, "greedy": accepted.to_dict()}
+        document.write(result.directory)
         progress(
             f"{entry.name}: {accepted.exact_match:.4f} exact on {accepted.examples} fresh inputs "
             f"({accepted.errors} wrong; bar {entry.bar})"

@@ -446,7 +446,7 @@ class Bench:
                 "model": spec.model,
                 "architecture": {
                     key: value
-                    for key, value in model.config.architecture.items()
+                    for key, value in model.document.architecture.items()
                     if key in ("hidden", "embedding", "attention", "encoder", "decoder", "source_vocab", "target_vocab")
                 },
                 "mean_source_tokens": points[0].mean_source_tokens,

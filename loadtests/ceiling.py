@@ -63,7 +63,7 @@ def tokenize_sources(model: LoadedModel, texts: Sequence[str]) -> list[np.ndarra
     sources = []
     for text in texts:
         ids = model.source_tokenizer.encode(text) + [EOS]
-        if len(ids) <= model.config.max_source_tokens:
+        if len(ids) <= model.document.limits.max_source_tokens:
             sources.append(np.asarray(ids, dtype=np.int64))
     return sources
 
@@ -93,7 +93,11 @@ def measure_ceiling(
     if not sources:
         raise ValueError("no sources to measure")
     step_model = model.step_model
-    limit = min(max_length, model.config.max_target_tokens) if max_length > 0 else model.config.max_target_tokens
+    limit = (
+        min(max_length, model.document.limits.max_target_tokens)
+        if max_length > 0
+        else model.document.limits.max_target_tokens
+    )
     encode_times: list[float] = []
     step_times: list[float] = []
     lengths_out: list[int] = []

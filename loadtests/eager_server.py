@@ -28,11 +28,11 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from export.model import BOS, EOS, Seq2Seq
+from export.model import Seq2Seq
 from export.train import load_checkpoint
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
-from service.runtime.tokenizers import EOS_PIECE, Tokenizer, load_tokenizer
+from service.runtime.tokenizers import BOS, EOS, EOS_PIECE, Tokenizer, load_tokenizer
 
 
 @dataclass(frozen=True)

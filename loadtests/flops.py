@@ -115,21 +115,22 @@ def _profile_events(session, feeds: dict, outputs: list[str] | None = None) -> t
 
 def measure_model_flops(model: LoadedModel, source_tokens: int, provider: str = "cpu", threads: int = 1) -> ModelFlops:
     """Profile one encoder call (one source of `source_tokens` tokens) and one decoder step (one row)."""
-    config = model.config
-    source_tokens = max(1, min(source_tokens, config.max_source_tokens))
+    document = model.document
+    step_graph = document.decoder
+    source_tokens = max(1, min(source_tokens, document.limits.max_source_tokens))
     ids = np.full((1, source_tokens), UNK, dtype=np.int64)
     ids[0, -1] = EOS
     lengths = np.array([source_tokens], dtype=np.int64)
     with tempfile.TemporaryDirectory() as folder:
         prefix = str(Path(folder) / "profile")
-        encoder = _profiled_session(model.directory / config.encoder_file, provider, threads, prefix + "-encoder")
-        names = list(config.memory_names) + [state.init for state in config.states]
+        encoder = _profiled_session(model.directory / document.encoder.file, provider, threads, prefix + "-encoder")
+        names = list(step_graph.memory) + [state.init for state in step_graph.state]
         encoded, encoder_events = _profile_events(encoder, {"source_ids": ids, "source_lengths": lengths}, names)
-        memory = dict(zip(config.memory_names, encoded[: len(config.memory_names)], strict=False))
+        memory = dict(zip(step_graph.memory, encoded[: len(step_graph.memory)], strict=False))
         state = {
-            spec.input: value for spec, value in zip(config.states, encoded[len(config.memory_names) :], strict=False)
+            spec.input: value for spec, value in zip(step_graph.state, encoded[len(step_graph.memory) :], strict=False)
         }
-        decoder = _profiled_session(model.directory / config.decoder_file, provider, threads, prefix + "-decoder")
+        decoder = _profiled_session(model.directory / step_graph.file, provider, threads, prefix + "-decoder")
         feeds = {"tokens": np.array([BOS], dtype=np.int64), "source_lengths": lengths, **memory, **state}
         _, decoder_events = _profile_events(decoder, feeds)
     return ModelFlops(

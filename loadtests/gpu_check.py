@@ -127,7 +127,7 @@ def check_parity(provider: str, repository: Path) -> dict:
         cpu = load_model(repository / name / "1", provider="cpu", intra_op_threads=1)
         pairs = inputs[name]
         sources = [device.source_tokenizer.encode(source) + [EOS] for source, _ in pairs]
-        limit = device.config.max_target_tokens
+        limit = device.document.limits.max_target_tokens
         on_device, _ = _greedy(device.step_model, sources, limit)
         on_cpu, _ = _greedy(cpu.step_model, sources, limit)
         forced = [tokens + [EOS] for tokens in on_cpu]
@@ -272,6 +272,7 @@ def run_benchmark(provider: str, repository: Path, names: tuple[str, ...], *, qu
 
 
 def markdown(report: dict) -> str:
+    # Tables written by hand, not with tabulate: this module runs on GPU machines with no registry and no venv.
     lines = [
         f"# GPU check: provider {report['provider']}",
         "",

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tabulate import tabulate
+
 CONTENDER_ORDER = ("pytorch-eager", "none", "request", "continuous", "rpc-ceiling", "engine-ceiling", "roofline")
 TARGET_LEVEL = 64
 
@@ -503,6 +505,12 @@ def _fmt(value: object, digits: int = 1) -> str:
     return str(value)
 
 
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
+    """A Markdown (pipe) table of already-formatted cells; `align` has one letter per column, `l` or `r`."""
+    alignment = tuple({"l": "left", "r": "right"}[letter] for letter in align)
+    return tabulate(rows, headers=headers, tablefmt="pipe", colalign=alignment, disable_numparse=True).splitlines()
+
+
 def markdown(report: dict, checks: Sequence[TargetCheck]) -> str:
     machine = report["machine"]
     config = report["config"]
@@ -536,10 +544,7 @@ def markdown(report: dict, checks: Sequence[TargetCheck]) -> str:
                 f"per generated token; {workload['texts']} distinct texts.",
                 "",
             ]
-        lines += [
-            "| contender | clients | tokens/s | req/s | p50 ms | p90 ms | p99 ms | rows | % peak | ok | failed |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
+        rows: list[list[str]] = []
         for contender in CONTENDER_ORDER:
             for level in _levels(report):
                 cell = find(report, name, contender, level)
@@ -549,14 +554,23 @@ def markdown(report: dict, checks: Sequence[TargetCheck]) -> str:
                 if contender == "request" and "batch_size" in cell.get("details", {}):
                     label += f" (b{cell['details']['batch_size']}, {cell['details']['batch_delay_ms']:g} ms)"
                 flag = "" if cell.get("steady", True) else "*"
-                lines.append(
-                    f"| {label} | {level} | {_fmt(cell['tokens_per_s'], 0)} | {_fmt(cell['requests_per_s'])} | "
-                    f"{_fmt(cell['p50_ms'], 2)}{flag} | {_fmt(cell['p90_ms'], 2)}{flag} | "
-                    f"{_fmt(cell['p99_ms'], 2)}{flag} | "
-                    f"{_fmt(cell.get('mean_decoder_rows'))} | {_fmt(cell.get('percent_of_peak'))} | "
-                    f"{cell.get('ok', 0)} | {sum((cell.get('failures') or {}).values())} |"
+                rows.append(
+                    [
+                        label,
+                        str(level),
+                        _fmt(cell["tokens_per_s"], 0),
+                        _fmt(cell["requests_per_s"]),
+                        _fmt(cell["p50_ms"], 2) + flag,
+                        _fmt(cell["p90_ms"], 2) + flag,
+                        _fmt(cell["p99_ms"], 2) + flag,
+                        _fmt(cell.get("mean_decoder_rows")),
+                        _fmt(cell.get("percent_of_peak")),
+                        str(cell.get("ok", 0)),
+                        str(sum((cell.get("failures") or {}).values())),
+                    ]
                 )
-        lines.append("")
+        headers = ["contender", "clients", "tokens/s", "req/s", "p50 ms", "p90 ms", "p99 ms", "rows", "% peak"]
+        lines += [*_table([*headers, "ok", "failed"], rows, "l" + "r" * 10), ""]
     if report.get("request_tuning"):
         lines += [
             "## Request-level batching: tuning",
@@ -565,20 +579,23 @@ def markdown(report: dict, checks: Sequence[TargetCheck]) -> str:
             "window; the configuration with the most tokens/s (within 3%: the lowest p99) was kept and "
             "measured again with the full window.",
             "",
-            "| workload | clients | chosen | trials (tokens/s @ p99 ms) |",
-            "|---|---:|---|---|",
         ]
+        tuning: list[list[str]] = []
         for entry in report["request_tuning"]:
             trials = ", ".join(
                 f"b{t['batch_size']}/{t['batch_delay_ms']:g}ms: {_fmt(t['tokens_per_s'], 0)} @ {_fmt(t['p99_ms'], 1)}"
                 for t in entry["trials"]
             )
             chosen = entry["chosen"]
-            lines.append(
-                f"| {entry['workload']} | {entry['level']} | b{chosen['batch_size']}, "
-                f"{chosen['batch_delay_ms']:g} ms | {trials} |"
+            tuning.append(
+                [
+                    entry["workload"],
+                    str(entry["level"]),
+                    f"b{chosen['batch_size']}, {chosen['batch_delay_ms']:g} ms",
+                    trials,
+                ]
             )
-        lines.append("")
+        lines += [*_table(["workload", "clients", "chosen", "trials (tokens/s @ p99 ms)"], tuning, "lrll"), ""]
     if report.get("engine_overhead"):
         lines += [
             "## The engine alone",
@@ -587,20 +604,23 @@ def markdown(report: dict, checks: Sequence[TargetCheck]) -> str:
             "at each size in a steady state (requests finish and join at every step, as under load): what a "
             "step costs beyond the model. Plot: engine_overhead.png.",
             "",
-            "| beam | rows | us per step (median) | p90 | us per row | requests finished per step |",
-            "|---:|---:|---:|---:|---:|---:|",
         ]
-        for point in report["engine_overhead"]:
-            lines.append(
-                f"| {point['beam']} | {point['rows']} | {_fmt(point['median_us'], 0)} | "
-                f"{_fmt(point['p90_us'], 0)} | {_fmt(point['per_row_us'], 2)} | "
-                f"{_fmt(point['requests_per_step'], 1)} |"
-            )
-        lines.append("")
-    lines += ["## Targets", "", "| target | measured | bar | met |", "|---|---|---|---|"]
-    for check in checks:
-        met = {True: "yes", False: "**no**", None: "n/a"}[check.met]
-        lines.append(f"| {check.target} | {check.figure} | {check.bar} | {met} |")
+        overhead = [
+            [
+                str(point["beam"]),
+                str(point["rows"]),
+                _fmt(point["median_us"], 0),
+                _fmt(point["p90_us"], 0),
+                _fmt(point["per_row_us"], 2),
+                _fmt(point["requests_per_step"], 1),
+            ]
+            for point in report["engine_overhead"]
+        ]
+        headers = ["beam", "rows", "us per step (median)", "p90", "us per row", "requests finished per step"]
+        lines += [*_table(headers, overhead, "rrrrrr"), ""]
+    met = {True: "yes", False: "**no**", None: "n/a"}
+    targets = [[check.target, check.figure, check.bar, met[check.met]] for check in checks]
+    lines += ["## Targets", "", *_table(["target", "measured", "bar", "met"], targets, "llll")]
     lines += ["", "## Closing note", ""]
     missed = [check for check in checks if check.met is False]
     if not missed:

@@ -246,7 +246,7 @@ async def _translate_offline(arguments: argparse.Namespace, request: pb.Translat
     manager = ModelManager(settings, only={model} if model else None)
     try:
         await manager.start()
-        outcome = await Dataplane(manager, settings).translate(
+        outcome = await Dataplane(manager.registry, settings).translate(
             model, version, list(request.texts), options_from_grpc(request.options), deadline=None
         )
     except AttnServeError as error:

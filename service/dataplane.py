@@ -19,7 +19,7 @@ import numpy as np
 from service.engine.records import DecodeOptions, FinishReason, Hypothesis, TranslationRequest, TranslationResult
 from service.engine.scheduler import RequestHandle
 from service.errors import InvalidRequest
-from service.models import ModelDescription, ModelManager, ServedVersion
+from service.registry import ModelDescription, ModelRegistry, ServedVersion
 from service.runtime.tokenizers import EOS, EOS_PIECE, UNK, Tokenizer
 from service.settings import Settings
 
@@ -28,8 +28,11 @@ OnResolved = Callable[[str, str], None]
 
 
 @dataclass(frozen=True)
-class TranslateOptions:
-    """Decoding options as a client sends them; 0 / 0.0 means "the default" (see DecodeOptions in the proto).
+class RequestedDecodeOptions:
+    """Decoding options as a client sends them (the proto's DecodeOptions, from either API); 0 / 0.0 means "the
+    default". The dataplane checks them against the model and the settings and resolves the defaults into the
+    engine's DecodeOptions, where every value is concrete; `replace_unknowns` stays here (it is applied to the
+    text, after decoding).
 
     `beam_size` 0 or 1 = greedy; `num_hypotheses` 0 = 1; `max_length` 0 = the server's default (the
     model's max_target_tokens unless --default-max-length lowers it); `length_penalty` alpha >= 0.
@@ -110,30 +113,30 @@ class _PreparedText:
 class Dataplane:
     """Validates, tokenizes, decodes through the engine and detokenizes. One per server process."""
 
-    def __init__(self, manager: ModelManager, settings: Settings) -> None:
-        self.manager = manager
+    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
+        self.registry = registry
         self.settings = settings
 
     # ----- model metadata ---------------------------------------------------------------------------
 
     def list_models(self) -> list[ModelDescription]:
-        return self.manager.describe_all()
+        return self.registry.describe_all()
 
     def get_model(self, name: str, version: str) -> ModelDescription:
-        return self.manager.describe(name, version)
+        return self.registry.describe(name, version)
 
     @property
     def default_model(self) -> str:
-        return self.manager.default_model
+        return self.registry.default_model
 
     def server_ready(self) -> bool:
-        """Every model of the repository has a loaded version, and the server is not draining "
-        "(ModelManager.all_loaded)."""
-        return self.manager.all_loaded
+        """Every model of the repository has a loaded version, and the server is not draining
+        (ModelRegistry.all_loaded)."""
+        return self.registry.all_loaded
 
     def model_ready(self, name: str, version: str) -> bool:
-        """Model `name` version `version` ('' = latest loaded) accepts requests now (see ModelManager.is_ready)."""
-        return self.manager.is_ready(name, version)
+        """Model `name` version `version` ('' = latest loaded) accepts requests now (see ModelRegistry.is_ready)."""
+        return self.registry.is_ready(name, version)
 
     # ----- translation ------------------------------------------------------------------------------
 
@@ -142,7 +145,7 @@ class Dataplane:
         model: str,
         version: str,
         texts: Sequence[str],
-        options: TranslateOptions,
+        options: RequestedDecodeOptions,
         deadline: float | None = None,
         *,
         on_resolved: OnResolved | None = None,
@@ -154,12 +157,7 @@ class Dataplane:
         that error and the other texts are cancelled; cancelling the awaiting task cancels them all.
         """
         arrival = time.monotonic()
-        served = self.manager.resolve(model, version)
-        if on_resolved is not None:
-            on_resolved(served.name, str(served.version))
-        self._check_texts(texts)
-        served.scheduler.check_room(len(texts))  # before tokenizing: refusing under overload must be cheap
-        decode = self._decode_options(served, options)
+        served, decode = self._admit(model, version, texts, options, on_resolved)
         prepared = [self._prepare(served, index, text) for index, text in enumerate(texts)]
         handles: list[RequestHandle] = []
         try:
@@ -186,7 +184,7 @@ class Dataplane:
         model: str,
         version: str,
         text: str,
-        options: TranslateOptions,
+        options: RequestedDecodeOptions,
         deadline: float | None = None,
         *,
         on_resolved: OnResolved | None = None,
@@ -197,12 +195,7 @@ class Dataplane:
         cancelling the iterating task cancels the engine request.
         """
         arrival = time.monotonic()
-        served = self.manager.resolve(model, version)
-        if on_resolved is not None:
-            on_resolved(served.name, str(served.version))
-        self._check_texts([text])
-        served.scheduler.check_room(1)
-        decode = self._decode_options(served, options)
+        served, decode = self._admit(model, version, [text], options, on_resolved)
         prepared = self._prepare(served, 0, text)
         name, number = served.name, str(served.version)
         handle = served.scheduler.submit(
@@ -240,6 +233,23 @@ class Dataplane:
 
     # ----- validation and conversion ----------------------------------------------------------------
 
+    def _admit(
+        self,
+        model: str,
+        version: str,
+        texts: Sequence[str],
+        options: RequestedDecodeOptions,
+        on_resolved: OnResolved | None,
+    ) -> tuple[ServedVersion, DecodeOptions]:
+        """What both translate calls check first: the model version, the texts, room in its queue (before any
+        tokenizing: refusing under overload must be cheap) and the options, resolved for the engine."""
+        served = self.registry.resolve(model, version)
+        if on_resolved is not None:
+            on_resolved(served.name, str(served.version))
+        self._check_texts(texts)
+        served.scheduler.check_room(len(texts))
+        return served, self._decode_options(served, options)
+
     def _check_texts(self, texts: Sequence[str]) -> None:
         if len(texts) == 0:
             raise InvalidRequest("texts is empty: send at least one text")
@@ -257,14 +267,14 @@ class Dataplane:
                     f"texts[{index}] is {size} bytes of UTF-8, the maximum is {self.settings.max_text_bytes}"
                 )
 
-    def _decode_options(self, served: ServedVersion, options: TranslateOptions) -> DecodeOptions:
-        config = served.model.config
-        widest = min(self.settings.max_beam_size, config.top_k)
+    def _decode_options(self, served: ServedVersion, options: RequestedDecodeOptions) -> DecodeOptions:
+        limits = served.model.document.limits
+        widest = min(self.settings.max_beam_size, limits.top_k)
         beam = max(int(options.beam_size), 1)
         if beam > widest:
             raise InvalidRequest(
                 f"beam_size {beam} exceeds the maximum {widest} for model {served.label} (the smaller of the "
-                f"server's max_beam_size {self.settings.max_beam_size} and the model's top_k {config.top_k})"
+                f"server's max_beam_size {self.settings.max_beam_size} and the model's top_k {limits.top_k})"
             )
         hypotheses = max(int(options.num_hypotheses), 1)
         if hypotheses > beam:
@@ -272,7 +282,7 @@ class Dataplane:
                 f"num_hypotheses {hypotheses} exceeds beam_size {beam}: a beam of {beam} returns at most {beam} "
                 "hypotheses"
             )
-        longest = config.max_target_tokens
+        longest = limits.max_target_tokens
         max_length = int(options.max_length)
         if max_length == 0:
             configured = self.settings.default_max_length
@@ -296,7 +306,7 @@ class Dataplane:
     def _prepare(self, served: ServedVersion, index: int, text: str) -> _PreparedText:
         tokenizer = served.model.source_tokenizer
         ids = tokenizer.encode(text)
-        limit = served.model.config.max_source_tokens
+        limit = served.model.document.limits.max_source_tokens
         if len(ids) + 1 > limit:
             raise InvalidRequest(
                 f"texts[{index}] has {len(ids) + 1} source tokens (</s> included), more than the "

@@ -1,9 +1,8 @@
-"""The model manager: which model versions the server serves, and looking one up by name and version.
+"""The model manager: keeps the registry (service/registry.py) in step with the model repository.
 
 At start it discovers the repository, loads the newest `settings.loaded_versions` versions of every
-model (0 = all) that load, warms each up and starts one engine Scheduler per version. Lookups work on
-the in-memory tables only: a client-supplied name is checked against the strict model-name pattern
-first and is never turned into a path.
+model (0 = all) that load, warms each up and starts one engine Scheduler per version. Lookups go to the
+registry, which holds in-memory tables only.
 
 Hot reload: every `settings.repository_poll_seconds` the repository is scanned again (a directory
 listing, off the request path) and the served versions are reconciled with it. A new version is
@@ -27,62 +26,18 @@ import logging
 import os
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from service.engine import BatchingPolicy, EngineLimits, Scheduler
-from service.errors import InvalidRequest, ModelLoadError, ModelNotFound, Unavailable
+from service.errors import ModelLoadError, ModelNotFound
 from service.metrics import ServerMetrics
-from service.runtime.model import LoadedModel, load_model
-from service.runtime.repository import discover, is_valid_model_name, is_valid_version, version_directory
+from service.registry import Fingerprint, ModelEntry, ModelRegistry, ServedVersion
+from service.runtime.model import load_model
+from service.runtime.repository import discover, is_valid_version, version_directory
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ServedVersion:
-    """One loaded model version and the scheduler that decodes with it."""
-
-    name: str
-    version: int
-    model: LoadedModel
-    scheduler: Scheduler
-
-    @property
-    def label(self) -> str:
-        """'dates version 1', for messages."""
-        return f"{self.name} version {self.version}"
-
-
-@dataclass(frozen=True)
-class ModelDescription:
-    """What ListModels / GetModel report about one model version (transport-neutral).
-
-    `versions`: every version on disk at start, ascending; `loaded_versions`: those served.
-    `architecture`: model.json's architecture scalars as text (null values left out).
-    `test_metrics`: numeric entries of model.json metrics.test. `load_seconds`: load time, seconds.
-    """
-
-    name: str
-    version: int
-    versions: tuple[int, ...]
-    loaded_versions: tuple[int, ...]
-    ready: bool
-    attention: str
-    architecture: dict[str, str]
-    task_kind: str
-    task_description: str
-    source_languages: tuple[str, ...]
-    target_language: str
-    test_metrics: dict[str, float]
-    provider: str
-    max_source_tokens: int
-    max_target_tokens: int
-    top_k: int
-    is_default: bool
-    load_seconds: float
 
 
 class ModelEventKind(enum.Enum):
@@ -107,10 +62,6 @@ class ModelEvent:
     detail: str = ""
 
 
-Fingerprint = tuple[tuple[str, int, int], ...]
-"""A version directory's files as (name, size in bytes, mtime in ns): a failed version is retried when it changes."""
-
-
 def _fingerprint(directory: Path) -> Fingerprint:
     try:
         entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
@@ -126,19 +77,10 @@ def _fingerprint(directory: Path) -> Fingerprint:
     return tuple(files)
 
 
-@dataclass
-class _ModelEntry:
-    versions_on_disk: tuple[int, ...]
-    served: dict[int, ServedVersion] = field(default_factory=dict)
-    failures: dict[int, str] = field(default_factory=dict)  # version -> why it did not load
-    failed_fingerprints: dict[int, Fingerprint] = field(default_factory=dict)  # version -> its files when it failed
-    vanished_warned: bool = False  # told the log that no version on disk loads, but one is still served
-
-
 class ModelManager:
-    """Loads the repository's models and resolves (name, version) to a ServedVersion.
+    """The reconciler: loads the repository's models into `registry` and keeps it in step with the repository.
 
-    Use on the event-loop thread: `await start()`, lookups, `await stop(grace_s)`.
+    Use on the event-loop thread: `await start()`, lookups through `registry`, `await stop(grace_s)`.
     `only` restricts loading to these model names (the offline client loads a single model).
     """
 
@@ -152,9 +94,7 @@ class ModelManager:
         self.settings = settings
         self.metrics = metrics
         self._only = set(only) if only is not None else None
-        self._models: dict[str, _ModelEntry] = {}
-        self._default = ""
-        self._draining = False
+        self.registry = ModelRegistry(settings.loaded_versions)
         self._started = False
         self._listeners: list[Callable[[ModelEvent], None]] = []
         self._scan_lock = asyncio.Lock()
@@ -185,21 +125,21 @@ class ModelManager:
             wanted = f" named {sorted(self._only)}" if self._only else ""
             raise ModelLoadError(f"no models{wanted} in the model repository {root} (expected NAME/VERSION/model.json)")
         for name, versions in sorted(found.items()):
-            entry = _ModelEntry(versions_on_disk=tuple(versions))
-            self._models[name] = entry
+            entry = ModelEntry(versions_on_disk=tuple(versions))
+            self.registry.entries[name] = entry
             await self._reconcile(name, entry)
-        if not any(entry.served for entry in self._models.values()):
+        if not any(entry.served for entry in self.registry.entries.values()):
             failures = "; ".join(
                 f"{name} version {version}: {why}"
-                for name, entry in self._models.items()
+                for name, entry in self.registry.entries.items()
                 for version, why in entry.failures.items()
             )
             raise ModelLoadError(f"no model version could be loaded from {root}: {failures}")
-        self._default = self._choose_default()
+        self.registry.default = self._choose_default()
         if self.settings.repository_poll_seconds > 0:
             self._scan_task = asyncio.get_running_loop().create_task(self._scan_loop(), name="repository scan")
 
-    async def _load(self, name: str, version: int, entry: _ModelEntry, fingerprint: Fingerprint | None = None) -> bool:
+    async def _load(self, name: str, version: int, entry: ModelEntry, fingerprint: Fingerprint | None = None) -> bool:
         """Load, warm up and start one version; True when it serves. A failure is recorded in `entry`
         (with the directory's fingerprint, so it is retried only when the files change), logged,
         counted and reported to the listeners."""
@@ -215,12 +155,12 @@ class ModelManager:
                 intra_op_threads=self.settings.intra_op_threads,
                 inter_op_threads=self.settings.inter_op_threads,
             )
-            if model.config.name != name or model.config.version != version:
+            if model.document.name != name or model.document.version != version:
                 log.warning(
                     "%s: model.json says name %r version %s; serving it as %s version %s (its folder)",
                     directory,
-                    model.config.name,
-                    model.config.version,
+                    model.document.name,
+                    model.document.version,
                     name,
                     version,
                 )
@@ -267,7 +207,7 @@ class ModelManager:
         self._emit(ModelEvent(ModelEventKind.LOADED, name, version))
         return True
 
-    def _record_failure(self, name: str, version: int, entry: _ModelEntry, why: str, fingerprint: Fingerprint) -> None:
+    def _record_failure(self, name: str, version: int, entry: ModelEntry, why: str, fingerprint: Fingerprint) -> None:
         entry.failures[version] = why
         entry.failed_fingerprints[version] = fingerprint
         if self.metrics is not None:
@@ -295,26 +235,26 @@ class ModelManager:
         loading and warming up new ones before switching to them, and retire (drain, then stop) the
         versions no longer wanted. New model names are loaded too. Does nothing while draining."""
         async with self._scan_lock:
-            if self._draining:
+            if self.registry.draining:
                 return
             found = await asyncio.to_thread(discover, self.settings.model_repository)
             if self._only is not None:
                 found = {name: versions for name, versions in found.items() if name in self._only}
-            for name in sorted(set(found) | set(self._models)):
-                if self._draining:
+            for name in sorted(set(found) | set(self.registry.entries)):
+                if self.registry.draining:
                     return
                 versions = tuple(found.get(name, ()))
-                entry = self._models.get(name)
+                entry = self.registry.entries.get(name)
                 if entry is None:
                     log.info("model %s appeared in the repository with versions %s", name, list(versions))
-                    entry = _ModelEntry(versions_on_disk=versions)
+                    entry = ModelEntry(versions_on_disk=versions)
                     await self._reconcile(name, entry)
-                    self._models[name] = entry  # only now: until it loaded, the name was simply unknown
+                    self.registry.entries[name] = entry  # only now: until it loaded, the name was simply unknown
                     continue
                 entry.versions_on_disk = versions
                 await self._reconcile(name, entry)
 
-    async def _reconcile(self, name: str, entry: _ModelEntry) -> None:
+    async def _reconcile(self, name: str, entry: ModelEntry) -> None:
         """Serve the newest `loaded_versions` versions of `entry.versions_on_disk` that load; retire the rest."""
         keep = self.settings.loaded_versions
         for version in list(entry.failures):
@@ -328,7 +268,7 @@ class ModelManager:
             if version in entry.served:
                 wanted.append(version)
                 continue
-            if self._draining:
+            if self.registry.draining:
                 return
             directory = version_directory(self.settings.model_repository, name, version)
             fingerprint = await asyncio.to_thread(_fingerprint, directory)
@@ -350,7 +290,7 @@ class ModelManager:
         for version in stale:
             self._retire(entry, entry.served[version])
 
-    def _retire(self, entry: _ModelEntry, served: ServedVersion) -> None:
+    def _retire(self, entry: ModelEntry, served: ServedVersion) -> None:
         """Take a version out of the lookup tables now (new requests go to the others) and drain it in
         the background: its queued and running requests finish, then its engine stops."""
         del entry.served[served.version]
@@ -375,7 +315,7 @@ class ModelManager:
 
     async def _scan_loop(self) -> None:
         interval = self.settings.repository_poll_seconds
-        while not self._draining:
+        while not self.registry.draining:
             await asyncio.sleep(interval)
             try:
                 await self.refresh()
@@ -385,16 +325,16 @@ class ModelManager:
     def _choose_default(self) -> str:
         configured = self.settings.default_model
         if configured:
-            entry = self._models.get(configured)
+            entry = self.registry.entries.get(configured)
             if entry is None or not entry.served:
-                available = ", ".join(self.model_names) or "none"
+                available = ", ".join(self.registry.model_names) or "none"
                 raise ModelLoadError(f"default_model={configured} is not a loaded model (loaded: {available})")
             return configured
-        return self.model_names[0]
+        return self.registry.model_names[0]
 
     def begin_draining(self) -> None:
         """From now on every version reports not ready and new translations raise Unavailable."""
-        self._draining = True
+        self.registry.draining = True
 
     async def stop(self, grace_s: float) -> None:
         """Drain every scheduler (in-flight requests get up to `grace_s` seconds), then stop them."""
@@ -402,193 +342,13 @@ class ModelManager:
         if self._scan_task is not None:
             self._scan_task.cancel()  # a load in progress is abandoned: its version was never served
             await asyncio.gather(self._scan_task, return_exceptions=True)
-        served = [version for entry in self._models.values() for version in entry.served.values()]
+        served = [version for entry in self.registry.entries.values() for version in entry.served.values()]
         served += list(self._retiring.values())  # still draining after a reload: same grace, same end
         await asyncio.gather(*(version.scheduler.stop(grace_s) for version in served))
         await asyncio.gather(*self._retiring, return_exceptions=True)
         if self.metrics is not None:
             for version in served:
                 self.metrics.unwatch_queue(version.name, str(version.version))
-
-    # ----- lookups ----------------------------------------------------------------------------------
-
-    @property
-    def default_model(self) -> str:
-        """The model used when a request names none ('' before start)."""
-        return self._default
-
-    @property
-    def model_names(self) -> list[str]:
-        """Names with at least one loaded version, sorted."""
-        return sorted(name for name, entry in self._models.items() if entry.served)
-
-    @property
-    def all_model_names(self) -> list[str]:
-        """Every name found in the repository at start (loaded or not), sorted."""
-        return sorted(self._models)
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    @property
-    def all_loaded(self) -> bool:
-        """True once start() has finished and every model of the repository has a loaded version, until
-        draining begins; False while starting, while some model has no version that loaded, and while
-        draining. (A version that failed while another version of its model serves does not count.)"""
-        return (
-            bool(self._default)  # set last in start()
-            and not self._draining
-            and all(entry.served for entry in self._models.values())
-        )
-
-    def is_ready(self, name: str, version: str) -> bool:
-        """Whether model `name` version `version` ('' = latest loaded) would accept a request now: False
-        for an unknown, unloaded or failed one and while draining. A malformed name or version raises
-        InvalidRequest (as resolve() does)."""
-        try:
-            self.resolve(name, version)
-        except (ModelNotFound, ModelLoadError, Unavailable):
-            return False
-        return True
-
-    def served_versions(self) -> list[ServedVersion]:
-        """Every loaded version, by name then version."""
-        served: list[ServedVersion] = []
-        for name in sorted(self._models):
-            entry = self._models[name]
-            served.extend(entry.served[version] for version in sorted(entry.served))
-        return served
-
-    def resolve(self, name: str, version: str) -> ServedVersion:
-        """The loaded version for a request's model and version fields ('' = default model / latest loaded).
-
-        Raises InvalidRequest for a malformed name or version (checked before anything else; nothing
-        here touches the filesystem), ModelNotFound for an unknown one, ModelLoadError for a version
-        that failed to load, Unavailable while draining.
-        """
-        entry, name = self._entry(name)
-        if not version:
-            if not entry.served:
-                raise ModelLoadError(f"model {name} has no loaded version: {self._failure_text(entry)}")
-            served = entry.served[max(entry.served)]
-        else:
-            number = self._version_number(version)
-            served_or_none = entry.served.get(number)
-            if served_or_none is None:
-                raise self._version_error(name, number, entry)
-            served = served_or_none
-        if self._draining:
-            raise Unavailable(f"the server is shutting down; model {served.label} accepts no new requests")
-        return served
-
-    def describe(self, name: str, version: str) -> ModelDescription:
-        """GetModel: one version ('' = default model / latest loaded); same errors as resolve(), except
-        that it still answers while draining (with ready=False) and describes versions that failed."""
-        entry, name = self._entry(name)
-        if not version:
-            if not entry.served:
-                raise ModelLoadError(f"model {name} has no loaded version: {self._failure_text(entry)}")
-            return self._description(name, entry, entry.served[max(entry.served)])
-        number = self._version_number(version)
-        served = entry.served.get(number)
-        if served is None:
-            raise self._version_error(name, number, entry)
-        return self._description(name, entry, served)
-
-    def describe_all(self) -> list[ModelDescription]:
-        """ListModels: the latest loaded version of every model with one, by name."""
-        return [
-            self._description(name, entry, entry.served[max(entry.served)])
-            for name, entry in sorted(self._models.items())
-            if entry.served
-        ]
-
-    def _entry(self, name: str) -> tuple[_ModelEntry, str]:
-        name = name or self._default
-        if not name:
-            raise Unavailable("the server has not finished loading its models")
-        if not is_valid_model_name(name):
-            shown = name if len(name) <= 80 else name[:77] + "..."
-            raise InvalidRequest(
-                f"model name {shown!r} is not valid: use letters, digits, '_', '.', '-' (at most 64, "
-                "starting with a letter or digit, no '..')"
-            )
-        entry = self._models.get(name)
-        if entry is None:
-            raise ModelNotFound(
-                f"model {name!r} not found; available models: {', '.join(self.all_model_names) or 'none'}"
-            )
-        return entry, name
-
-    @staticmethod
-    def _version_number(version: str) -> int:
-        if not is_valid_version(version):
-            shown = version if len(version) <= 20 else version[:17] + "..."
-            raise InvalidRequest(
-                f"model version {shown!r} is not valid: use a positive integer, or leave it empty for the latest"
-            )
-        return int(version)
-
-    def _version_error(self, name: str, number: int, entry: _ModelEntry) -> Exception:
-        loaded = ", ".join(str(v) for v in sorted(entry.served)) or "none"
-        if number in entry.failures:
-            return ModelLoadError(f"model {name} version {number} failed to load: {entry.failures[number]}")
-        if number in entry.versions_on_disk:
-            return ModelNotFound(
-                f"model {name} version {number} is in the repository but not loaded (loaded: {loaded}; "
-                f"the server loads the newest {self.settings.loaded_versions} versions, see --loaded-versions)"
-            )
-        return ModelNotFound(f"model {name} has no version {number}; loaded versions: {loaded}")
-
-    @staticmethod
-    def _failure_text(entry: _ModelEntry) -> str:
-        return "; ".join(f"version {v}: {why}" for v, why in sorted(entry.failures.items())) or "none selected"
-
-    def _description(self, name: str, entry: _ModelEntry, served: ServedVersion) -> ModelDescription:
-        config = served.model.config
-        task = config.task or {}
-        return ModelDescription(
-            name=name,
-            version=served.version,
-            versions=entry.versions_on_disk,
-            loaded_versions=tuple(sorted(entry.served)),
-            ready=not self._draining,
-            attention=str(config.architecture.get("attention") or ""),
-            architecture=_scalars_as_text(config.architecture),
-            task_kind=str(task.get("kind") or ""),
-            task_description=str(task.get("description") or ""),
-            source_languages=tuple(str(language) for language in task.get("source_languages") or ()),
-            target_language=str(task.get("target_language") or ""),
-            test_metrics=_numbers(config.metrics.get("test") if isinstance(config.metrics, dict) else None),
-            provider=served.model.provider,
-            max_source_tokens=config.max_source_tokens,
-            max_target_tokens=config.max_target_tokens,
-            top_k=config.top_k,
-            is_default=name == self._default,
-            load_seconds=served.model.load_seconds,
-        )
-
-
-def _scalars_as_text(values: dict[str, Any]) -> dict[str, str]:
-    """Scalar entries as text (booleans as 'true'/'false'); nulls and nested values left out."""
-    text: dict[str, str] = {}
-    for key, value in values.items():
-        if isinstance(value, bool):
-            text[str(key)] = "true" if value else "false"
-        elif isinstance(value, (str, int, float)):
-            text[str(key)] = str(value)
-    return text
-
-
-def _numbers(values: Any) -> dict[str, float]:
-    if not isinstance(values, dict):
-        return {}
-    return {
-        str(key): float(value)
-        for key, value in values.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool)
-    }
 
 
 def describe_repository_path(path: Path) -> tuple[Path, str | None, str | None]:

@@ -49,7 +49,7 @@ async def serve(
     """
     metrics = ServerMetrics()
     manager = ModelManager(settings, metrics)
-    dataplane = Dataplane(manager, settings)
+    dataplane = Dataplane(manager.registry, settings)
     try:
         # Before loading any model: a TLS or token file that does not load fails the start at once.
         server = GrpcServer(settings, manager, dataplane, metrics)
@@ -99,14 +99,14 @@ async def serve(
         loop.add_signal_handler(signal.SIGHUP, rescan)
         handled.append(signal.SIGHUP)
     models = ", ".join(
-        f"{served.name} v{served.version} ({served.model.provider})" for served in manager.served_versions()
+        f"{served.name} v{served.version} ({served.model.provider})" for served in manager.registry.served_versions()
     )
     metrics_text = f", metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else ""
     log.info(
         "attnserve listening on %s:%d (default model %s) serving %s%s",
         settings.host,
         port,
-        manager.default_model,
+        manager.registry.default_model,
         models,
         metrics_text,
     )

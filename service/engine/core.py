@@ -240,22 +240,6 @@ class EngineCore:
         )
         return output
 
-    def fail_all(self, error_for: Callable[[str], AttnServeError]) -> CoreOutput:
-        """Fail every request the core holds (stopping, or after an engine bug); `error_for(where)` makes
-        each error. The core is empty and usable afterwards."""
-        output = CoreOutput()
-        self._take_in(self.clock(), output, expire=False)
-        for key, slot in list(self._slot_of.items()):
-            where = "waiting" if slot == _QUEUED else "decoding"
-            output.failed.append((key, error_for(where), FinishReason.ERROR))
-        self._slot_of.clear()
-        self._requests.clear()
-        self._waiting.clear()
-        self._queued = 0
-        self._deadlines.clear()
-        self.batch = self._new_batch()
-        return output
-
     def recover(self, exc: Exception) -> CoreOutput:
         """After an unexpected error in `step()` (an engine bug): fail the requests in the batch, which the
         error may have left half updated, start a fresh batch, and keep the queue."""

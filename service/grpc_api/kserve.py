@@ -33,13 +33,13 @@ from importlib import metadata
 import numpy as np
 from grpc import aio
 
-from service.dataplane import Dataplane, StreamUpdate, TextTranslation, TranslateOptions, TranslateOutcome
+from service.dataplane import Dataplane, RequestedDecodeOptions, StreamUpdate, TextTranslation, TranslateOutcome
 from service.errors import AttnServeError, InvalidRequest
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.grpc_api.errors import note_model, status_for
 from service.grpc_api.servicer import deadline_from_context
-from service.models import ModelDescription
+from service.registry import ModelDescription
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class InferCall:
     version: str
     request_id: str
     texts: list[str]
-    options: TranslateOptions
+    options: RequestedDecodeOptions
     outputs: tuple[str, ...]
     raw: bool
     timeout_s: float | None = None
@@ -318,7 +318,7 @@ def infer_call_from_grpc(request: pb.ModelInferRequest, *, streaming: bool = Fal
         version=request.model_version,
         request_id=request.id,
         texts=texts,
-        options=TranslateOptions(**options),  # type: ignore[arg-type]
+        options=RequestedDecodeOptions(**options),  # type: ignore[arg-type]
         outputs=_requested_outputs(request, model),
         raw=bool(raw_inputs),
         timeout_s=timeout_s,

@@ -135,8 +135,8 @@ class GrpcServer:
         if self.port == 0:
             raise PortInUse(f"cannot listen on {self.settings.grpc_address}")
         await self._server.start()
-        loaded = set(self.manager.model_names)
-        for name in self.manager.all_model_names:
+        loaded = set(self.manager.registry.model_names)
+        for name in self.manager.registry.all_model_names:
             await self.health.set(name, SERVING if name in loaded else NOT_SERVING)
         await self.health.set(TRANSLATOR_SERVICE, SERVING)
         await self.health.set(KSERVE_SERVICE, SERVING)

@@ -15,24 +15,24 @@ from grpc import aio
 
 from service.dataplane import (
     Dataplane,
+    RequestedDecodeOptions,
     StreamUpdate,
     TextTranslation,
     TranslatedHypothesis,
-    TranslateOptions,
     TranslateOutcome,
 )
 from service.errors import InvalidRequest
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.grpc_api.errors import note_model
-from service.models import ModelDescription
+from service.registry import ModelDescription
 
 # ----- converters -------------------------------------------------------------------------------------
 
 
-def options_from_grpc(options: pb.DecodeOptions) -> TranslateOptions:
+def options_from_grpc(options: pb.DecodeOptions) -> RequestedDecodeOptions:
     """The request's DecodeOptions as dataplane options (0 still means "default")."""
-    return TranslateOptions(
+    return RequestedDecodeOptions(
         beam_size=options.beam_size,
         num_hypotheses=options.num_hypotheses,
         max_length=options.max_length,

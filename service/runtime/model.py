@@ -6,89 +6,24 @@ Nothing here knows the architecture: the memory and state tensor names come from
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
 
 from service.errors import ModelLoadError
+from service.runtime.model_format import ModelDocument
 from service.runtime.step import EncoderOutput, StepOutput
-from service.runtime.tokenizers import BOS, EOS, PAD, UNK, Tokenizer, load_tokenizer
+from service.runtime.tokenizers import BOS, EOS, UNK, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 Provider = Literal["auto", "cpu", "cuda"]
 """What `--provider` may say: `auto` (CUDA when a GPU is usable, else CPU), `cpu` or `cuda`."""
 PROVIDERS: tuple[str, ...] = get_args(Provider)
-
-
-@dataclass(frozen=True)
-class StateSpec:
-    """One recurrent state tensor: its step input, its step output and the encoder output that initialises it."""
-
-    input: str
-    output: str
-    init: str
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The parts of ``model.json`` the server uses; ``raw`` keeps the whole document for ``GetModel``."""
-
-    name: str
-    version: int
-    max_source_tokens: int
-    max_target_tokens: int
-    top_k: int
-    memory_names: tuple[str, ...]
-    states: tuple[StateSpec, ...]
-    encoder_file: str
-    decoder_file: str
-    source_tokenizer: dict[str, Any]
-    target_tokenizer: dict[str, Any]
-    task: dict[str, Any] = field(default_factory=dict)
-    architecture: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], where: str = "model.json") -> ModelConfig:
-        try:
-            if data.get("format") != FORMAT_VERSION:
-                raise ModelLoadError(
-                    f"{where}: format {data.get('format')!r} is not supported (expected {FORMAT_VERSION})"
-                )
-            specials = data["special_tokens"]
-            expected = {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK}
-            if {k: specials.get(k) for k in expected} != expected:
-                raise ModelLoadError(f"{where}: special token ids {specials} differ from {expected}")
-            limits, decoder = data["limits"], data["decoder"]
-            return cls(
-                name=str(data["name"]),
-                version=int(data["version"]),
-                max_source_tokens=int(limits["max_source_tokens"]),
-                max_target_tokens=int(limits["max_target_tokens"]),
-                top_k=int(limits["top_k"]),
-                memory_names=tuple(decoder["memory"]),
-                states=tuple(StateSpec(s["input"], s["output"], s["init"]) for s in decoder["state"]),
-                encoder_file=str(data["encoder"]["file"]),
-                decoder_file=str(decoder["file"]),
-                source_tokenizer=dict(data["tokenizers"]["source"]),
-                target_tokenizer=dict(data["tokenizers"]["target"]),
-                task=dict(data.get("task", {})),
-                architecture=dict(data.get("architecture", {})),
-                metrics=dict(data.get("metrics", {})),
-                raw=data,
-            )
-        except ModelLoadError:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelLoadError(f"{where}: missing or malformed field: {exc!r}") from exc
 
 
 def choose_providers(provider: str) -> list[str]:
@@ -128,7 +63,7 @@ class OnnxStepModel:
 
     def __init__(
         self,
-        config: ModelConfig,
+        document: ModelDocument,
         directory: Path,
         *,
         providers: list[str],
@@ -146,23 +81,23 @@ class OnnxStepModel:
         options.inter_op_num_threads = inter_op_threads
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.config = config
-        self.top_k = config.top_k
+        decoder = document.decoder
+        self.top_k = document.limits.top_k
         self.eos_id = EOS
         self.bos_id = BOS
-        self.memory_names = config.memory_names
-        self.state_names = tuple(s.input for s in config.states)
+        self.memory_names = decoder.memory
+        self.state_names = tuple(s.input for s in decoder.state)
         try:
-            self._encoder = _create_session(ort, directory / config.encoder_file, options, providers)
-            self._decoder = _create_session(ort, directory / config.decoder_file, options, providers)
+            self._encoder = _create_session(ort, directory / document.encoder.file, options, providers)
+            self._decoder = _create_session(ort, directory / decoder.file, options, providers)
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt or missing graphs
             raise ModelLoadError(f"{directory}: cannot load ONNX graphs: {exc}") from exc
         self.provider = self._decoder.get_providers()[0]
         if require_cuda and self.provider != "CUDAExecutionProvider":
             raise ModelLoadError(f"{directory}: provider 'cuda' was asked for but onnxruntime runs on {self.provider}")
-        self._init_names = [s.init for s in config.states]
-        self._encoder_outputs = list(config.memory_names) + self._init_names
-        self._decoder_outputs = ["topk_log_probs", "topk_ids", "attention"] + [s.output for s in config.states]
+        self._init_names = [s.init for s in decoder.state]
+        self._encoder_outputs = list(decoder.memory) + self._init_names
+        self._decoder_outputs = ["topk_log_probs", "topk_ids", "attention"] + [s.output for s in decoder.state]
         self._check_signatures()
         on_gpu = self.provider == "CUDAExecutionProvider"
         self.io_binding = on_gpu if io_binding is None else io_binding
@@ -245,9 +180,9 @@ class OnnxStepModel:
 
 @dataclass
 class LoadedModel:
-    """A model version ready to serve: its configuration, tokenizers and step model."""
+    """A model version ready to serve: its model.json, tokenizers and step model."""
 
-    config: ModelConfig
+    document: ModelDocument
     directory: Path
     source_tokenizer: Tokenizer
     target_tokenizer: Tokenizer
@@ -260,7 +195,7 @@ class LoadedModel:
 
     def warm_up(self) -> None:
         """Run the encoder and a few decoder steps at two shapes so the first real request is not slow."""
-        for batch, length in ((1, 4), (4, min(16, self.config.max_source_tokens))):
+        for batch, length in ((1, 4), (4, min(16, self.document.limits.max_source_tokens))):
             ids = np.full((batch, length), UNK, dtype=np.int64)
             ids[:, -1] = EOS
             lengths = np.full((batch,), length, dtype=np.int64)
@@ -270,17 +205,6 @@ class LoadedModel:
             for _ in range(2):
                 out = self.step_model.step(tokens, lengths, encoded.memory, state)
                 tokens, state = out.topk_ids[:, 0].astype(np.int64), out.state
-
-
-def read_config(directory: Path) -> ModelConfig:
-    path = directory / "model.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ModelLoadError(f"{directory}: model.json is missing") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path}: unreadable: {exc}") from exc
-    return ModelConfig.from_json(data, where=str(path))
 
 
 def load_model(
@@ -294,21 +218,21 @@ def load_model(
     """Load the model version in ``directory`` (``models/NAME/VERSION``); raises ModelLoadError with the cause."""
     started = time.monotonic()
     directory = Path(directory)
-    config = read_config(directory)
+    document = ModelDocument.read(directory)
+    tokenizers = document.tokenizers
     try:
-        source = load_tokenizer(config.source_tokenizer["type"], directory / config.source_tokenizer["file"])
-        target = load_tokenizer(config.target_tokenizer["type"], directory / config.target_tokenizer["file"])
-    except (KeyError, OSError, ValueError) as exc:
+        source = load_tokenizer(tokenizers.source.type, directory / tokenizers.source.file)
+        target = load_tokenizer(tokenizers.target.type, directory / tokenizers.target.file)
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{directory}: cannot load tokenizers: {exc}") from exc
-    vocab = config.raw.get("architecture", {})
     for side, tok in (("source", source), ("target", target)):
-        expected = vocab.get(f"{side}_vocab")
+        expected = document.architecture.get(f"{side}_vocab")
         if expected is not None and int(expected) != tok.vocab_size:
             raise ModelLoadError(
                 f"{directory}: {side} tokenizer has {tok.vocab_size} tokens but the model was trained with {expected}"
             )
     step_model = OnnxStepModel(
-        config,
+        document,
         directory,
         providers=choose_providers(provider),
         intra_op_threads=intra_op_threads,
@@ -317,7 +241,7 @@ def load_model(
         io_binding=io_binding,
     )
     return LoadedModel(
-        config=config,
+        document=document,
         directory=directory,
         source_tokenizer=source,
         target_tokenizer=target,

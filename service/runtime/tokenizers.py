@@ -33,7 +33,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 #: Id of the padding token.
 PAD = 0
@@ -58,7 +58,8 @@ SPECIAL_TOKENS: dict[str, int] = {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK
 FILE_FORMAT = 1
 
 #: Tokenizer kinds, as named in model.json and in tokenizer files.
-KINDS: tuple[str, ...] = ("char", "word", "sentencepiece")
+TokenizerKind = Literal["char", "word", "sentencepiece"]
+KINDS: tuple[str, ...] = get_args(TokenizerKind)
 
 _SKIPPED_ON_DECODE = frozenset((PAD, BOS, EOS))
 

@@ -422,6 +422,7 @@ def test_every_request_is_resolved_exactly_once_under_a_random_mix(seed):
             elif roll < 0.7 and handles:
                 rng.choice(handles).cancel()
             else:
+                # A pause, not a wait for anything: it lets the worker thread step between operations.
                 await asyncio.sleep(rng.choice([0.0, 0.0, 0.001]))
         await scheduler.stop(grace_s=rng.choice([0.0, 0.005, 5.0]))
         assert all(handle.done for handle in handles)

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from export.model import ModelConfig, Seq2Seq
+from export.model import Architecture, Seq2Seq
 from export.onnx_export import ALLOWED_OPS, PARITY_TOLERANCE, export_graphs, op_types, verify
-from service.runtime.model import OnnxStepModel, read_config
+from service.runtime.model import OnnxStepModel
+from service.runtime.model_format import ModelDocument
 from tests.export.test_model import CONFIGS
 
 
@@ -30,7 +31,7 @@ def write_version(directory: Path, model: Seq2Seq, **export_options) -> dict:
         "tokenizers": {"source": {"type": "char", "file": "-"}, "target": {"type": "char", "file": "-"}},
         "limits": {"max_source_tokens": c.max_source_len, "max_target_tokens": c.max_target_len, "top_k": c.top_k},
         "encoder": {"file": "encoder.onnx"},
-        "decoder": decoder_section,
+        "decoder": decoder_section.model_dump(),
     }
     (directory / "model.json").write_text(json.dumps(document))
     return {"encoder": op_types(encoder), "decoder": op_types(decoder)}
@@ -40,7 +41,7 @@ def write_version(directory: Path, model: Seq2Seq, **export_options) -> dict:
 def test_export_matches_pytorch_at_other_shapes(options: dict, tmp_path: Path) -> None:
     torch.manual_seed(3)
     model = Seq2Seq(
-        ModelConfig(
+        Architecture(
             source_vocab=25,
             target_vocab=18,
             hidden=16,
@@ -64,13 +65,13 @@ def test_export_matches_pytorch_at_other_shapes(options: dict, tmp_path: Path) -
 
 def test_full_log_probs_option_adds_the_whole_distribution(tmp_path: Path) -> None:
     torch.manual_seed(4)
-    model = Seq2Seq(ModelConfig(source_vocab=12, target_vocab=9, hidden=8, embedding=4, top_k=3)).eval()
+    model = Seq2Seq(Architecture(source_vocab=12, target_vocab=9, hidden=8, embedding=4, top_k=3)).eval()
     write_version(tmp_path / "v", model, full_log_probs=True)
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(tmp_path / "v" / "decoder.onnx"), providers=["CPUExecutionProvider"])
     assert "log_probs" in [o.name for o in session.get_outputs()]
-    step_model = OnnxStepModel(read_config(tmp_path / "v"), tmp_path / "v", providers=["CPUExecutionProvider"])
+    step_model = OnnxStepModel(ModelDocument.read(tmp_path / "v"), tmp_path / "v", providers=["CPUExecutionProvider"])
     encoded = step_model.encode(np.array([[5, 6, 2]]), np.array([3]))
     feeds = {"tokens": np.array([1]), "source_lengths": np.array([3]), **encoded.memory, **encoded.state}
     full = session.run(["log_probs", "topk_log_probs"], feeds)
@@ -83,7 +84,7 @@ def test_export_leaves_a_dropout_model_in_eval_mode_and_in_parity(tmp_path: Path
     """The exporter restores its wrappers' mode afterwards; dropout must not come back on in the reference."""
     torch.manual_seed(5)
     model = Seq2Seq(
-        ModelConfig(
+        Architecture(
             source_vocab=20,
             target_vocab=12,
             hidden=16,

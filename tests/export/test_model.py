@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from export.attention import ATTENTION_KINDS, Attention
-from export.model import EOS, PAD, ModelConfig, Seq2Seq, reverse_within_length
+from export.model import Architecture, Seq2Seq, reverse_within_length
+from service.runtime.tokenizers import EOS, PAD
 
 HIDDEN = 16
 
@@ -44,7 +45,7 @@ def test_attention_weights_are_masked_and_normalised(kind: str, local_window: in
 @pytest.mark.parametrize("kind", ATTENTION_KINDS)
 def test_gradients_reach_every_parameter(kind: str) -> None:
     torch.manual_seed(0)
-    config = ModelConfig(
+    config = Architecture(
         source_vocab=20,
         target_vocab=15,
         attention=kind,
@@ -91,7 +92,9 @@ def test_a_row_does_not_depend_on_padding_or_its_batch(options: dict) -> None:
     """Each row's encoder output and decoder step are the same alone and inside a longer padded batch."""
     torch.manual_seed(1)
     model = Seq2Seq(
-        ModelConfig(source_vocab=20, target_vocab=15, hidden=HIDDEN, embedding=8, top_k=5, max_source_len=16, **options)
+        Architecture(
+            source_vocab=20, target_vocab=15, hidden=HIDDEN, embedding=8, top_k=5, max_source_len=16, **options
+        )
     ).eval()
     source, lengths = padded_batch([11, 4, 6])
     with torch.no_grad():
@@ -108,8 +111,8 @@ def test_a_row_does_not_depend_on_padding_or_its_batch(options: dict) -> None:
 
 def test_bad_configuration_is_refused_with_the_value() -> None:
     with pytest.raises(ValueError, match="attention 'bilinear'"):
-        ModelConfig(source_vocab=10, target_vocab=10, attention="bilinear")
+        Architecture(source_vocab=10, target_vocab=10, attention="bilinear")
     with pytest.raises(ValueError, match="top_k must be in 1..10, got 20"):
-        ModelConfig(source_vocab=10, target_vocab=10, top_k=20)
+        Architecture(source_vocab=10, target_vocab=10, top_k=20)
     with pytest.raises(ValueError, match="local_window"):
         Attention("dot", 8, max_source_len=4, local_window=0)

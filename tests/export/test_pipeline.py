@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from export.model import EOS
 from export.onnx_export import ort_greedy
 from export.train import TrainConfig, load_checkpoint, train
 from service.runtime.model import load_model
 from service.runtime.repository import discover
+from service.runtime.tokenizers import EOS
 
 
 def test_repository_versions_carry_the_contract(tiny_repository: Path) -> None:
@@ -123,7 +123,7 @@ def test_user_corpus_trains_with_sentencepiece_and_exports(tmp_path: Path) -> No
     summary = train(config, progress=False)
     assert summary["tokenizer"] == "sentencepiece"
     result = export_run(tmp_path / "run", tmp_path / "models", "toy", progress=lambda *_: None)
-    assert result.model_json["tokenizers"]["source"]["type"] == "sentencepiece"
+    assert result.document.tokenizers.source.type == "sentencepiece"
     assert load_model(result.directory, provider="cpu").source_tokenizer.vocab_size <= 40
 
 
@@ -137,13 +137,13 @@ def test_int8_export_records_the_accuracy_change_and_serves(tiny_repository: Pat
         quantize="int8",
         progress=lambda *_: None,
     )
-    quantization = result.model_json["quantization"]
+    quantization = result.document.quantization
     assert {"test_exact_match_fp32", "test_exact_match_int8", "change"} <= set(quantization)
     assert quantization["change"] == pytest.approx(
         quantization["test_exact_match_int8"] - quantization["test_exact_match_fp32"], abs=1e-5
     )
     # Quantized graphs use integer matrix products, and still load and decode through the same runtime.
-    ops = set(result.model_json["onnx"]["op_types"]["decoder"])
+    ops = set(result.document.onnx.op_types["decoder"])
     assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
     loaded = load_model(result.directory, provider="cpu")
     [decoded] = ort_greedy(loaded.step_model, [loaded.source_tokenizer.encode("1 mars 1909") + [EOS]], 12)

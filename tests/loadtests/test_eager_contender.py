@@ -8,7 +8,6 @@ import grpc
 import pytest
 import torch
 
-from export.model import EOS
 from export.onnx_export import ort_greedy
 from loadtests.eager_server import EagerModel, beam_one, greedy_one
 from loadtests.servers import eager_server
@@ -16,6 +15,7 @@ from loadtests.workload import task_texts
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.runtime.model import load_model
+from service.runtime.tokenizers import EOS
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_eager_greedy_matches_the_exported_graphs(eager_dates: EagerModel, tiny_
     onnx_model = load_model(tiny_repository / "dates" / "1", provider="cpu", intra_op_threads=1)
     texts = task_texts("dates", 10, seed=5)
     sources = [eager_dates.source_ids(text) for text in texts]
-    expected = ort_greedy(onnx_model.step_model, sources, onnx_model.config.max_target_tokens)
+    expected = ort_greedy(onnx_model.step_model, sources, onnx_model.document.limits.max_target_tokens)
     for ids, reference in zip(sources, expected, strict=False):
         tokens, ended = greedy_one(eager_dates.model, ids, eager_dates.max_length(0))
         assert tokens == reference

@@ -37,7 +37,7 @@ def test_node_flops_from_profiled_shapes() -> None:
 
 def test_profiled_flops_match_the_architecture(dates_model) -> None:
     """The tiny dates model (additive attention, Bahdanau GRU) counted by hand from its dimensions."""
-    arch = dates_model.config.architecture
+    arch = dates_model.document.architecture
     hidden, embedding, vocab = arch["hidden"], arch["embedding"], arch["target_vocab"]
     assert (arch["attention"], arch["style"], arch["encoder"], arch["decoder"]) == (
         "additive",
@@ -83,10 +83,10 @@ def test_ceiling_decodes_what_onnx_greedy_decodes(dates_model) -> None:
     sources = tokenize_sources(dates_model, task_texts("dates", 12, seed=1))
     assert sources and all(ids[-1] == 2 for ids in sources)
     expected = ort_greedy(
-        dates_model.step_model, [ids.tolist() for ids in sources], dates_model.config.max_target_tokens
+        dates_model.step_model, [ids.tolist() for ids in sources], dates_model.document.limits.max_target_tokens
     )
     # The ceiling counts generated tokens with eos (when the row stopped by itself), like the server does.
-    limit = dates_model.config.max_target_tokens
+    limit = dates_model.document.limits.max_target_tokens
     lengths = [min(len(tokens) + 1, limit) for tokens in expected]
     point = measure_ceiling(dates_model, sources, 12, min_seconds=0.0)
     assert point.batch == 12 and point.rows == 12 and point.waves == 1

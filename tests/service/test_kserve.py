@@ -26,7 +26,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from service.dataplane import Dataplane, TextTranslation, TranslatedHypothesis, TranslateOptions, TranslateOutcome
+from service.dataplane import Dataplane, RequestedDecodeOptions, TextTranslation, TranslatedHypothesis, TranslateOutcome
 from service.engine.records import FinishReason
 from service.errors import InvalidRequest
 from service.gen.attnserve.v1 import translator_pb2 as native_pb
@@ -143,7 +143,7 @@ def test_raw_and_typed_requests_convert_to_the_same_call() -> None:
     typed = infer_call_from_grpc(infer_request(texts, raw=False, beam_size=4, num_hypotheses=2, length_penalty=0.6))
     assert raw.texts == typed.texts == texts
     assert (raw.raw, typed.raw) == (True, False)
-    assert raw.options == typed.options == TranslateOptions(beam_size=4, num_hypotheses=2, length_penalty=0.6)
+    assert raw.options == typed.options == RequestedDecodeOptions(beam_size=4, num_hypotheses=2, length_penalty=0.6)
     assert raw.outputs == ("TRANSLATION", "SCORE") and raw.request_id == "req-1"
 
 
@@ -151,7 +151,7 @@ def test_parameters_convert_with_their_types() -> None:
     request = infer_request(["x"], max_length=7, replace_unknowns=True, length_penalty=1, timeout=250_000, priority=3)
     request.parameters["beam_size"].uint64_param = 2
     call = infer_call_from_grpc(request)
-    assert call.options == TranslateOptions(beam_size=2, max_length=7, length_penalty=1.0, replace_unknowns=True)
+    assert call.options == RequestedDecodeOptions(beam_size=2, max_length=7, length_penalty=1.0, replace_unknowns=True)
     assert call.timeout_s == pytest.approx(0.25)
     # the earlier of the gRPC deadline and the timeout parameter wins
     assert call.deadline(None, now=100.0) == pytest.approx(100.25)
@@ -225,7 +225,9 @@ def test_parameter_and_output_validation_messages() -> None:
 
 
 def _call(raw: bool, num_hypotheses: int = 0, outputs: tuple[str, ...] = ("TRANSLATION", "SCORE")) -> InferCall:
-    return InferCall("dates", "", "id-7", ["a", "b"], TranslateOptions(num_hypotheses=num_hypotheses), outputs, raw)
+    return InferCall(
+        "dates", "", "id-7", ["a", "b"], RequestedDecodeOptions(num_hypotheses=num_hypotheses), outputs, raw
+    )
 
 
 def test_response_encodings_follow_the_request() -> None:
@@ -271,7 +273,7 @@ def test_readiness_follows_loading_and_draining(tiny_repository: Path, tmp_path:
     async def scenario() -> None:
         settings = make_settings(repository)
         manager = ModelManager(settings)
-        dataplane = Dataplane(manager, settings)
+        dataplane = Dataplane(manager.registry, settings)
         assert not dataplane.server_ready()  # not started
         await manager.start()
         try:
@@ -292,7 +294,7 @@ def test_readiness_follows_loading_and_draining(tiny_repository: Path, tmp_path:
     async def healthy() -> None:
         settings = make_settings(tiny_repository)
         manager = ModelManager(settings)
-        dataplane = Dataplane(manager, settings)
+        dataplane = Dataplane(manager.registry, settings)
         await manager.start()
         try:
             assert dataplane.server_ready()
