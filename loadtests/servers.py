@@ -116,19 +116,9 @@ class ServerProcess:
         self.stop()
 
 
-def attnserve_server(
-    repository: Path,
-    *,
-    batching: str,
-    threads: int,
-    provider: str,
-    log_dir: Path,
-    extra: tuple[str, ...] = (),
-    label: str = "",
-) -> ServerProcess:
-    """`attnserve serve` with `--batching` on free loopback ports (gRPC and metrics)."""
-    port, metrics_port = free_port(), free_port()
-    command = [
+def serve_command(repository: Path, port: int, metrics_port: int, provider: str) -> list[str]:
+    """`attnserve serve` (through the real CLI dispatch) on loopback: the start of every command line here."""
+    return [
         sys.executable,
         "-m",
         "service.cli",
@@ -143,6 +133,23 @@ def attnserve_server(
         str(metrics_port),
         "--provider",
         provider,
+    ]
+
+
+def attnserve_server(
+    repository: Path,
+    *,
+    batching: str,
+    threads: int,
+    provider: str,
+    log_dir: Path,
+    extra: tuple[str, ...] = (),
+    label: str = "",
+) -> ServerProcess:
+    """`attnserve serve` with `--batching` on free loopback ports (gRPC and metrics)."""
+    port, metrics_port = free_port(), free_port()
+    command = [
+        *serve_command(repository, port, metrics_port, provider),
         "--intra-op-threads",
         str(threads),
         "--inter-op-threads",

@@ -39,10 +39,11 @@ from service.engine import (
     normalised_score,
 )
 from service.errors import AttnServeError
+from service.runtime.tokenizers import BOS, EOS
 
-PAD, BOS, EOS = 0, 1, 2
 SOURCE_VOCAB = 32
 STEP_PATTERN = 5  # the per-position bias repeats with this period
+NO_EOS = (3, 4, 5, 6, 7)  # a `support` without eos: the fake stops only at max_length, so request lengths are exact
 
 
 class InjectedFailure(RuntimeError):

@@ -5,9 +5,7 @@ from __future__ import annotations
 from service.engine import BatchingPolicy, EngineCore, EngineLimits, FinishReason
 from service.errors import DeadlineExceeded
 
-from .fakes import FakeStepModel, make_request, source
-
-NO_EOS = (3, 4, 5, 6, 7)  # the fake can only stop by max_length: request lengths are exact
+from .fakes import NO_EOS, FakeStepModel, make_request, source
 
 
 class FakeClock:

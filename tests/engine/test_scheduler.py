@@ -29,6 +29,7 @@ from service.errors import (
 
 from .fakes import (
     EOS,
+    NO_EOS,
     FakeStepModel,
     RecordingRecorder,
     StepGate,
@@ -38,8 +39,6 @@ from .fakes import (
     same_hypotheses,
     source,
 )
-
-NO_EOS = (3, 4, 5, 6, 7)  # the fake can only stop by max_length: request lengths are exact
 
 
 def rows_per_step(model: FakeStepModel) -> list[int]:

@@ -18,6 +18,7 @@ import pytest
 from service.engine import EngineLimits, FinishReason, TranslationResult
 from service.errors import AttnServeError, EngineFailure, InvalidRequest, Overloaded, RequestCancelled
 from tests.engine.fakes import (
+    NO_EOS,
     FakeStepModel,
     InjectedFailure,
     RecordingRecorder,
@@ -28,8 +29,6 @@ from tests.engine.fakes import (
     same_hypotheses,
     source,
 )
-
-NO_EOS = (3, 4, 5, 6, 7)  # the fake can stop only at max_length, so every request's length is exact
 
 
 def source_lengths_per_step(model: FakeStepModel) -> list[tuple[int, ...]]:

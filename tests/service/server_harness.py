@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from pathlib import Path
 
 # The same helpers the load tools use, re-exported for the tests (metric_sum: the sum over the samples whose
 # labels include the given ones).
-from loadtests.servers import free_port, wait_until_serving
+from loadtests.servers import free_port, serve_command, wait_until_serving
 from loadtests.servers import metric as metric_sum
 from loadtests.servers import scrape as _scrape_page
 from service.server import serve
@@ -147,23 +146,7 @@ def with_settings(settings: Settings, **changes: object) -> Settings:
 def start_subprocess(repository: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     """`attnserve serve` (through the real CLI dispatch) as a child process; stdout+stderr piped."""
     environment = dict(os.environ, PYTHONUNBUFFERED="1")
-    command = [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "serve",
-        "--model-repository",
-        str(repository),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        "0",
-        "--provider",
-        "cpu",
-        *extra,
-    ]
+    command = [*serve_command(repository, port, 0, "cpu"), *extra]
     return subprocess.Popen(
         command, cwd=PROJECT_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
