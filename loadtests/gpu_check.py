@@ -43,6 +43,34 @@ INPUTS = PROJECT_ROOT / "loadtests" / "data" / "default_model_inputs.json"
 MODELS = ("dates", "numbers")
 EXPECTED = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 LEVELS = (1, 64, 256)
+# What the check imports beyond the standard library and numpy: a machine without a registry needs their wheels.
+NEEDED_MODULES = {
+    "onnxruntime": "onnxruntime-gpu",
+    "grpc": "grpcio",
+    "grpc_health": "grpcio-health-checking",
+    "grpc_reflection": "grpcio-reflection",
+    "google.protobuf": "protobuf",
+    "sentencepiece": "sentencepiece",
+    "prometheus_client": "prometheus-client",
+    "pydantic": "pydantic (with pydantic-core, annotated-types, typing-inspection)",
+    "pydantic_settings": "pydantic-settings (with python-dotenv)",
+    "pytest": "pytest",
+}
+
+
+def missing_packages() -> list[str]:
+    """The packages of NEEDED_MODULES that cannot be imported here."""
+    import importlib.util
+
+    missing = []
+    for module, package in NEEDED_MODULES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a parent package (e.g. google) is missing
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
 
 
 def _log(message: str) -> None:
@@ -338,6 +366,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also benchmark a phrasebook-size model, built here with torch (a few minutes on a CPU)",
     )
     args = parser.parse_args(argv)
+    missing = missing_packages()
+    if missing:
+        print(
+            f"python3 -m loadtests.gpu_check: missing Python packages: {'; '.join(missing)}. Install their wheels "
+            "(docs/gpu.md says how on a machine without a package registry) and run again.",
+            file=sys.stderr,
+        )
+        return 2
     started = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     from loadtests.bench import machine_description

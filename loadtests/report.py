@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tabulate import tabulate
-
 CONTENDER_ORDER = ("pytorch-eager", "none", "request", "continuous", "rpc-ceiling", "engine-ceiling", "roofline")
 TARGET_LEVEL = 64
 
@@ -507,6 +505,8 @@ def _fmt(value: object, digits: int = 1) -> str:
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
     """A Markdown (pipe) table of already-formatted cells; `align` has one letter per column, `l` or `r`."""
+    from tabulate import tabulate  # here, not at the top: the GPU check imports this module on bare machines
+
     alignment = tuple({"l": "left", "r": "right"}[letter] for letter in align)
     return tabulate(rows, headers=headers, tablefmt="pipe", colalign=alignment, disable_numparse=True).splitlines()
 

@@ -5,10 +5,10 @@ Every field can be set by a command-line flag (`--model-repository`, `--port`, .
 which wins over the default. Secrets (`auth_tokens`) come from the environment only and are never shown.
 
 The fields, their bounds and their help are one pydantic-settings class: pydantic does the conversion and the
-checks, pydantic-settings reads the `ATTNSERVE_` variables. What is written here is what those libraries do not
-do: the flags (argparse, so `attnserve serve --help` lists every setting with its variable and default) and a
-message that names where a bad value came from, the value and the bound: `ATTNSERVE_PORT=70000: port must be
-1..65535`.
+checks, pydantic-settings reads the `ATTNSERVE_` variables. Written here: the flags, with argparse rather than
+pydantic-settings' CLI source, so that `--help` names each flag's variable and default and the secret gets no
+flag at all; and a message in our words that names where a bad value came from, the value and the bound:
+`ATTNSERVE_PORT=70000: port must be 1..65535`.
 """
 
 from __future__ import annotations
