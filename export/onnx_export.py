@@ -27,13 +27,13 @@ from service.runtime.model_format import (
     GraphFile,
     Limits,
     ModelDocument,
-    OnnxInfo,
+    SpecialTokens,
     StateTensors,
     TokenizerFile,
     Tokenizers,
 )
 from service.runtime.repository import is_valid_model_name, next_version
-from service.runtime.tokenizers import BOS, EOS, PAD, UNK, Tokenizer, load_tokenizer
+from service.runtime.tokenizers import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, Tokenizer, load_tokenizer
 
 OPSET = 17
 # Standard ONNX operators our graphs may contain; anything else (ATen fallbacks, custom domains) is refused.
@@ -349,12 +349,13 @@ def export_run(
             limits=Limits(max_source_tokens=c.max_source_len, max_target_tokens=c.max_target_len, top_k=c.top_k),
             encoder=GraphFile(file="encoder.onnx"),
             decoder=decoder_section,
-            onnx=OnnxInfo(
-                opset=OPSET,
-                exporter="torchscript (torch.onnx.export dynamo=False)",
-                torch=torch.__version__,
-                op_types={"encoder": op_types(encoder_bytes), "decoder": op_types(decoder_bytes)},
-            ),
+            special_tokens=SpecialTokens(**SPECIAL_TOKENS),
+            onnx={
+                "opset": OPSET,
+                "exporter": "torchscript (torch.onnx.export dynamo=False)",
+                "torch": torch.__version__,
+                "op_types": {"encoder": op_types(encoder_bytes), "decoder": op_types(decoder_bytes)},
+            },
             metrics=run["metrics"],
             data=run.get("data", {}),
             training={k: v for k, v in run["training"].items() if k != "history"},
@@ -389,14 +390,13 @@ def export_run(
                 "test_exact_match_int8": int8,
                 "change": round(int8 - fp32, 5),
             }
-            document.onnx = document.onnx.model_copy(
-                update={
-                    "op_types": {
-                        "encoder": op_types((staging / "encoder.onnx").read_bytes()),
-                        "decoder": op_types((staging / "decoder.onnx").read_bytes()),
-                    }
-                }
-            )
+            document.onnx = {
+                **(document.onnx or {}),
+                "op_types": {
+                    "encoder": op_types((staging / "encoder.onnx").read_bytes()),
+                    "decoder": op_types((staging / "decoder.onnx").read_bytes()),
+                },
+            }
             progress(f"int8: test exact match {fp32:.4f} -> {int8:.4f}")
         document.write(staging)
         staging.rename(final)

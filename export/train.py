@@ -210,7 +210,7 @@ class _TrainingRun:
         self.loss_fn = nn.NLLLoss(ignore_index=PAD, reduction="sum")
         self.rng = random.Random(config.seed)
         self.progress = _Progress()
-        self.started = time.monotonic()
+        self.started = time.monotonic()  # set again when the training loop starts, after a resume
 
     @property
     def seconds(self) -> float:

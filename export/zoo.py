@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.errors import ModelLoadError
 from service.host import cpu_model
 from service.runtime.model_format import ModelDocument
 from service.runtime.repository import discover
@@ -137,10 +138,10 @@ def is_up_to_date(repository: Path, entry: ZooEntry) -> bool:
     versions = discover(repository).get(entry.name, [])
     for version in versions:
         try:
-            document = json.loads((Path(repository) / entry.name / str(version) / "model.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            document = ModelDocument.read(Path(repository) / entry.name / str(version))
+        except ModelLoadError:
             continue
-        if document.get("build", {}).get("fingerprint") == entry.fingerprint():
+        if (document.build or {}).get("fingerprint") == entry.fingerprint():
             return True
     return False
 

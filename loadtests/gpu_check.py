@@ -59,16 +59,15 @@ NEEDED_MODULES = {
 
 
 def missing_packages() -> list[str]:
-    """The packages of NEEDED_MODULES that cannot be imported here."""
-    import importlib.util
+    """The packages of NEEDED_MODULES that cannot be imported here (importing, not just finding, catches a
+    package whose own dependencies are missing, e.g. pydantic-settings without python-dotenv)."""
+    import importlib
 
     missing = []
     for module, package in NEEDED_MODULES.items():
         try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:  # a parent package (e.g. google) is missing
-            found = False
-        if not found:
+            importlib.import_module(module)
+        except ImportError:
             missing.append(package)
     return missing
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tabulate import tabulate
+
 CONTENDER_ORDER = ("pytorch-eager", "none", "request", "continuous", "rpc-ceiling", "engine-ceiling", "roofline")
 TARGET_LEVEL = 64
 
@@ -505,8 +507,6 @@ def _fmt(value: object, digits: int = 1) -> str:
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
     """A Markdown (pipe) table of already-formatted cells; `align` has one letter per column, `l` or `r`."""
-    from tabulate import tabulate  # here, not at the top: the GPU check imports this module on bare machines
-
     alignment = tuple({"l": "left", "r": "right"}[letter] for letter in align)
     return tabulate(rows, headers=headers, tablefmt="pipe", colalign=alignment, disable_numparse=True).splitlines()
 
@@ -716,7 +716,8 @@ def plot(report: dict, out: Path) -> list[Path]:
                 axes.set_xscale("log")
                 axes.set_xlabel("tokens/s")
                 axes.set_ylabel("p99 latency (ms); labels: clients")
-            axes.legend(fontsize=7)
+            if axes.get_legend_handles_labels()[0]:  # a workload whose cells all failed has nothing to label
+                axes.legend(fontsize=7)
         for axes in axes_list[len(workloads) :]:
             axes.set_visible(False)
         path = out / f"{kind}.png"

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from service.gen.attnserve.v1 import translator_pb2 as pb
+from service.runtime.providers import PROVIDERS
 
 DEFAULT_SERVER = "localhost:50051"
 
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--provider",
         default="cpu",
-        choices=("auto", "cpu", "cuda"),
+        choices=PROVIDERS,
         help="onnxruntime execution provider for --offline (default cpu)",
     )
     return parser

@@ -32,7 +32,7 @@ from pathlib import Path
 from service.engine import BatchingPolicy, EngineLimits, Scheduler
 from service.errors import ModelLoadError, ModelNotFound
 from service.metrics import ServerMetrics
-from service.registry import Fingerprint, ModelEntry, ModelRegistry, ServedVersion
+from service.registry import ModelEntry, ModelRegistry, ServedVersion
 from service.runtime.model import load_model
 from service.runtime.repository import discover, is_valid_version, version_directory
 from service.settings import Settings
@@ -60,6 +60,10 @@ class ModelEvent:
     name: str
     version: int
     detail: str = ""
+
+
+Fingerprint = tuple[tuple[str, int, int], ...]
+"""A version directory's files as (name, size in bytes, mtime in ns): a failed version is retried when it changes."""
 
 
 def _fingerprint(directory: Path) -> Fingerprint:
@@ -100,6 +104,10 @@ class ModelManager:
         self._scan_lock = asyncio.Lock()
         self._scan_task: asyncio.Task[None] | None = None
         self._retiring: dict[asyncio.Task[None], ServedVersion] = {}
+        # (name, version) -> its files when it failed: it is tried again only once they change.
+        self._failed_fingerprints: dict[tuple[str, int], Fingerprint] = {}
+        # Models whose versions all vanished from disk while one still serves (logged once, not every scan).
+        self._vanished_warned: set[str] = set()
 
     # ----- life cycle -------------------------------------------------------------------------------
 
@@ -135,7 +143,7 @@ class ModelManager:
                 for version, why in entry.failures.items()
             )
             raise ModelLoadError(f"no model version could be loaded from {root}: {failures}")
-        self.registry.default = self._choose_default()
+        self.registry.default_model = self._choose_default()
         if self.settings.repository_poll_seconds > 0:
             self._scan_task = asyncio.get_running_loop().create_task(self._scan_loop(), name="repository scan")
 
@@ -203,13 +211,13 @@ class ModelManager:
             time.monotonic() - started,
         )
         entry.failures.pop(version, None)
-        entry.failed_fingerprints.pop(version, None)
+        self._failed_fingerprints.pop((name, version), None)
         self._emit(ModelEvent(ModelEventKind.LOADED, name, version))
         return True
 
     def _record_failure(self, name: str, version: int, entry: ModelEntry, why: str, fingerprint: Fingerprint) -> None:
         entry.failures[version] = why
-        entry.failed_fingerprints[version] = fingerprint
+        self._failed_fingerprints[(name, version)] = fingerprint
         if self.metrics is not None:
             self.metrics.model_load_failed(name, str(version))
         self._emit(ModelEvent(ModelEventKind.FAILED, name, version, why))
@@ -260,7 +268,7 @@ class ModelManager:
         for version in list(entry.failures):
             if version not in entry.versions_on_disk:  # removed from disk: its failure is history
                 entry.failures.pop(version, None)
-                entry.failed_fingerprints.pop(version, None)
+                self._failed_fingerprints.pop((name, version), None)
         wanted: list[int] = []
         for version in sorted(entry.versions_on_disk, reverse=True):
             if keep and len(wanted) >= keep:
@@ -272,21 +280,21 @@ class ModelManager:
                 return
             directory = version_directory(self.settings.model_repository, name, version)
             fingerprint = await asyncio.to_thread(_fingerprint, directory)
-            if version in entry.failures and entry.failed_fingerprints.get(version) == fingerprint:
+            if version in entry.failures and self._failed_fingerprints.get((name, version)) == fingerprint:
                 continue  # still the files that failed; an older version serves instead
             if await self._load(name, version, entry, fingerprint):
                 wanted.append(version)
         stale = sorted(version for version in entry.served if version not in wanted)
         if not wanted:
-            if stale and not entry.vanished_warned:
+            if stale and name not in self._vanished_warned:
                 log.warning(
                     "model %s: no version on disk loads any more; still serving version(s) %s from memory",
                     name,
                     ", ".join(str(version) for version in stale),
                 )
-                entry.vanished_warned = True
+                self._vanished_warned.add(name)
             return
-        entry.vanished_warned = False
+        self._vanished_warned.discard(name)
         for version in stale:
             self._retire(entry, entry.served[version])
 

@@ -60,10 +60,6 @@ class ModelDescription:
     load_seconds: float
 
 
-Fingerprint = tuple[tuple[str, int, int], ...]
-"""A version directory's files as (name, size in bytes, mtime in ns): a failed version is retried when it changes."""
-
-
 @dataclass
 class ModelEntry:
     """One model name: its versions on disk, those served, and those that failed to load."""
@@ -71,8 +67,6 @@ class ModelEntry:
     versions_on_disk: tuple[int, ...]
     served: dict[int, ServedVersion] = field(default_factory=dict)
     failures: dict[int, str] = field(default_factory=dict)  # version -> why it did not load
-    failed_fingerprints: dict[int, Fingerprint] = field(default_factory=dict)  # version -> its files when it failed
-    vanished_warned: bool = False  # told the log that no version on disk loads, but one is still served
 
     @property
     def latest(self) -> ServedVersion | None:
@@ -88,13 +82,8 @@ class ModelRegistry:
     def __init__(self, loaded_versions: int) -> None:
         self.loaded_versions = loaded_versions
         self.entries: dict[str, ModelEntry] = {}
-        self.default = ""  # set once the first load has finished; '' = still starting
+        self.default_model = ""  # the model used when a request names none; '' until the first load finished
         self.draining = False
-
-    @property
-    def default_model(self) -> str:
-        """The model used when a request names none ('' before start)."""
-        return self.default
 
     @property
     def model_names(self) -> list[str]:
@@ -111,7 +100,7 @@ class ModelRegistry:
         """True once start has finished and every model of the repository has a loaded version, until
         draining begins; False while starting, while some model has no version that loaded, and while
         draining. (A version that failed while another version of its model serves does not count.)"""
-        return bool(self.default) and not self.draining and all(entry.served for entry in self.entries.values())
+        return bool(self.default_model) and not self.draining and all(entry.served for entry in self.entries.values())
 
     def is_ready(self, name: str, version: str) -> bool:
         """Whether model `name` version `version` ('' = latest loaded) would accept a request now: False
@@ -143,7 +132,7 @@ class ModelRegistry:
 
     def describe(self, name: str, version: str) -> ModelDescription:
         """GetModel: one version ('' = default model / latest loaded); same errors as resolve(), except
-        that it still answers while draining (with ready=False) and describes versions that failed."""
+        that it still answers while draining (with ready=False)."""
         entry, served = self._pick(name, version)
         return self._description(entry, served)
 
@@ -165,7 +154,7 @@ class ModelRegistry:
         return entry, served
 
     def _entry(self, name: str) -> tuple[ModelEntry, str]:
-        name = name or self.default
+        name = name or self.default_model
         if not name:
             raise Unavailable("the server has not finished loading its models")
         if not is_valid_model_name(name):
@@ -225,7 +214,7 @@ class ModelRegistry:
             max_source_tokens=limits.max_source_tokens,
             max_target_tokens=limits.max_target_tokens,
             top_k=limits.top_k,
-            is_default=served.name == self.default,
+            is_default=served.name == self.default_model,
             load_seconds=served.model.load_seconds,
         )
 

@@ -24,7 +24,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-from service.runtime.model import Provider
+from service.runtime.providers import Provider
 
 ENV_PREFIX = "ATTNSERVE_"
 
@@ -65,7 +65,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
-        case_sensitive=False,
+        case_sensitive=False,  # pydantic-settings then looks names up lower-cased; see _Environment
         frozen=True,
         extra="forbid",
         use_attribute_docstrings=True,  # the string under each field is its description and its flag's help
@@ -238,8 +238,11 @@ class Settings(BaseSettings):
         `argv` excludes the program name (None = sys.argv[1:]); `environ` None = os.environ.
         Raises SettingsError for a bad value; argparse exits (status 2) on an unknown flag.
         """
-        flags = {name: raw for name, raw in vars(build_parser().parse_args(argv)).items() if raw is not None}
-        variables = _Environment(cls, os.environ if environ is None else environ)()
+        flags = {name: raw.strip() for name, raw in vars(build_parser().parse_args(argv)).items() if raw is not None}
+        variables = {
+            name: raw.strip() if isinstance(raw, str) else raw
+            for name, raw in _Environment(cls, os.environ if environ is None else environ)().items()
+        }
         origins = {name: (f"{ENV_PREFIX}{name.upper()}", raw) for name, raw in variables.items()}
         origins.update({name: (f"--{_flag(name)}", raw) for name, raw in flags.items()})
         try:
@@ -267,8 +270,8 @@ class _Environment(EnvSettingsSource):
         super().__init__(settings_cls)
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
-        # Variable names match case-insensitively (case_sensitive=False): the source looks them up lower-cased.
-        return {name.lower(): value for name, value in self._environ.items()}
+        # Only the names as documented (ATTNSERVE_PORT, not attnserve_port), lower-cased for the lookup.
+        return {name.lower(): value for name, value in self._environ.items() if name.isupper()}
 
 
 # ----- messages ---------------------------------------------------------------------------------------------
@@ -298,8 +301,11 @@ def _problems(error: ValidationError) -> list[Problem]:
     problems: list[Problem] = []
     for detail in error.errors():
         name = str(detail["loc"][0]) if detail["loc"] else None
-        if name is None or name not in Settings.model_fields:
+        if name is None:
             problems.append((None, _own_words(detail)))
+            continue
+        if name not in Settings.model_fields:
+            problems.append((None, f"{name} is not a setting"))
             continue
         problems.append((name, f"{name} {_what_is_wrong(detail, Settings.model_fields[name])}"))
     return problems

@@ -10,20 +10,17 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 
 from service.errors import ModelLoadError
 from service.runtime.model_format import ModelDocument
+from service.runtime.providers import PROVIDERS
 from service.runtime.step import EncoderOutput, StepOutput
 from service.runtime.tokenizers import BOS, EOS, UNK, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-Provider = Literal["auto", "cpu", "cuda"]
-"""What `--provider` may say: `auto` (CUDA when a GPU is usable, else CPU), `cpu` or `cuda`."""
-PROVIDERS: tuple[str, ...] = get_args(Provider)
 
 
 def choose_providers(provider: str) -> list[str]:

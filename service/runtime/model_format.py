@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from service.errors import ModelLoadError
 from service.runtime.repository import is_valid_model_name
@@ -63,8 +64,8 @@ class DecoderGraph(GraphFile):
     memory: Annotated[tuple[str, ...], Field(min_length=1)]
     """Encoder outputs that stay fixed while decoding ([batch, source_len, ...]); decoder inputs of the same name."""
 
-    state: tuple[StateTensors, ...] = ()
-    """The recurrent state tensors, carried from one step to the next."""
+    state: tuple[StateTensors, ...]
+    """The recurrent state tensors, carried from one step to the next (may be empty)."""
 
     full_log_probs: bool = False
     """Whether the step graph also returns `log_probs` [rows, target_vocab]."""
@@ -109,19 +110,14 @@ class SpecialTokens(_Section):
         return self
 
 
-class OnnxInfo(_Section):
-    opset: int
-    exporter: str
-    torch: str | None = None
-    op_types: dict[str, list[str]] = Field(default_factory=dict)
-    """The operator types of each graph, as checked against the exporter's allow-list."""
-
-
 class ModelDocument(BaseModel):
     """The whole of `model.json`. Sections are assigned one by one while an export is verified (parity,
-    quantization, acceptance), so the document is mutable and every assignment is validated."""
+    quantization, acceptance), so the document is mutable and every assignment is validated.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Top-level fields this version does not know are kept (and written back), not refused: a repository annotated
+    by its owners (a `license`, say) keeps loading. Inside the typed sections an unknown key is an error."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     format: Literal[1] = FORMAT_VERSION
     name: Annotated[str, AfterValidator(_model_name)]
@@ -131,12 +127,13 @@ class ModelDocument(BaseModel):
     architecture: FreeForm = Field(default_factory=dict)
     """The training recipe's hyper-parameters; `source_vocab`/`target_vocab`, when present, are checked against
     the tokenizers at load."""
-    special_tokens: SpecialTokens = Field(default_factory=lambda: SpecialTokens(**SPECIAL_TOKENS))
+    special_tokens: SpecialTokens
     tokenizers: Tokenizers
     limits: Limits
     encoder: GraphFile
     decoder: DecoderGraph
-    onnx: OnnxInfo | None = None
+    onnx: FreeForm | None = None
+    """How the graphs were exported: `opset`, `exporter`, `torch`, and the `op_types` of each graph."""
     metrics: FreeForm = Field(default_factory=dict)
     """Accuracy on the test split, e.g. `{"test": {"exact_match": 0.998, "bleu": 99.9, ...}}`."""
     data: FreeForm = Field(default_factory=dict)
@@ -169,7 +166,7 @@ class ModelDocument(BaseModel):
             return cls.model_validate(data)
         except ValidationError as error:
             problems = "; ".join(
-                f"{'.'.join(str(part) for part in detail['loc']) or 'document'}: {detail['msg']}"
+                f"{'.'.join(str(part) for part in detail['loc']) or 'document'}: {_in_our_words(detail)}"
                 for detail in error.errors()
             )
             raise ModelLoadError(f"{path}: {problems}") from None
@@ -179,3 +176,9 @@ class ModelDocument(BaseModel):
         absent = {name for name in type(self).model_fields if getattr(self, name) is None}
         text = json.dumps(self.model_dump(mode="json", exclude=absent), indent=2, ensure_ascii=False)
         (directory / "model.json").write_text(text + "\n", encoding="utf-8")
+
+
+def _in_our_words(detail: ErrorDetails) -> str:
+    """A ValueError raised by a check here says what is wrong itself; pydantic's own messages are kept."""
+    raised = (detail.get("ctx") or {}).get("error")
+    return str(raised) if raised is not None else detail["msg"]

@@ -70,7 +70,12 @@ def broken(tmp_path: Path, change: Any) -> Path:
     [
         (lambda d: d.update(format=2), "format 2 is not supported (expected 1)"),
         (lambda d: d["special_tokens"].update(eos=5), "special token ids"),
-        (lambda d: d["tokenizers"]["source"].update(file="../../etc/passwd"), "tokenizers.source.file"),
+        (lambda d: d.pop("special_tokens"), "special_tokens: Field required"),
+        (lambda d: d["decoder"].pop("state"), "decoder.state: Field required"),
+        (
+            lambda d: d["tokenizers"]["source"].update(file="../../etc/passwd"),
+            "tokenizers.source.file: '../../etc/passwd' must be a file name in the version folder, not a path",
+        ),
         (lambda d: d["tokenizers"]["target"].update(type="bpe"), "tokenizers.target.type"),
         (lambda d: d["decoder"].update(memory=[]), "decoder.memory"),
         (lambda d: d["limits"].pop("top_k"), "limits.top_k: Field required"),
@@ -100,3 +105,10 @@ def test_assignments_are_validated_like_the_file(tmp_path: Path) -> None:
     document = ModelDocument.read(tmp_path / "v")
     with pytest.raises(ValueError, match="version"):
         document.version = 0
+
+
+def test_an_unknown_top_level_field_is_kept_and_written_back(tmp_path: Path) -> None:
+    folder = broken(tmp_path, lambda d: d.update(license="CC-BY-4.0"))
+    document = ModelDocument.read(folder)
+    document.write(tmp_path)
+    assert json.loads((tmp_path / "model.json").read_text(encoding="utf-8"))["license"] == "CC-BY-4.0"

@@ -115,3 +115,16 @@ def test_every_setting_is_described_and_secrets_are_never_shown() -> None:
     assert "s3cret" not in repr(settings) and "s3cret" not in str(settings)
     with pytest.raises(SettingsError, match=r"^ATTNSERVE_PORT=x: port must be an integer$"):
         Settings.from_sources([], {"ATTNSERVE_AUTH_TOKENS": "s3cret", "ATTNSERVE_PORT": "x"})
+
+
+def test_values_are_trimmed_and_only_upper_case_variables_count() -> None:
+    settings = Settings.from_sources(
+        ["--default-model", " dates "], {"ATTNSERVE_HOST": " 127.0.0.1 ", "ATTNSERVE_REFLECTION": " no "}
+    )
+    assert (settings.host, settings.default_model, settings.reflection) == ("127.0.0.1", "dates", False)
+    assert Settings.from_sources([], {"attnserve_port": "1234", "Attnserve_Port": "1235"}).port == 50051
+
+
+def test_an_unknown_setting_in_code_is_named() -> None:
+    with pytest.raises(SettingsError, match="^no_such_setting is not a setting$"):
+        Settings(no_such_setting=1)  # type: ignore[call-arg]
