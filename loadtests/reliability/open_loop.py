@@ -7,7 +7,11 @@ sends the same `Translate` call at `--rate` calls/s for `--seconds` from 30 conn
 client sends `--probes` calls spread over the same window and records each call's status. Afterwards the
 server's own counters (`attnserve_requests_total`) are compared with what h2load completed: a call that
 h2load completed but no counter saw was failed by gRPC core before it reached the server's code. The server
-must then still translate. Prints the figures; exits 1 when a probe ended CANCELLED or calls went unseen.
+must then still translate. Prints the figures, with a table when `--rate` lists several rates (the refusal
+rate: up to which offered rate every call is still answered OK or RESOURCE_EXHAUSTED); exits 1 when any call
+ended otherwise (CANCELLED, or unseen).
+
+    python -m loadtests.reliability.open_loop --rate 1000,3000,6000,12000
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from tabulate import tabulate
 
-from loadtests.servers import attnserve_server, scrape
+from loadtests.servers import attnserve_server, metric, scrape
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 
@@ -37,31 +43,47 @@ def grpc_body(request: pb.TranslateRequest) -> bytes:
     return b"\x00" + struct.pack(">I", len(message)) + message
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.reliability.open_loop", description=__doc__)
-    parser.add_argument("--repository", type=Path, default=Path("models"))
-    parser.add_argument("--rate", type=int, default=3000, help="calls/s offered (default 3000)")
-    parser.add_argument("--seconds", type=int, default=10, help="how long (default 10)")
-    parser.add_argument("--probes", type=int, default=300, help="calls of the Python client (default 300)")
-    parser.add_argument("--work", type=Path, default=Path("build/open-loop"), help="body file and server log")
-    parser.add_argument("server_args", nargs="*", help="extra `attnserve serve` flags (after --)")
-    args = parser.parse_args(argv)
-    if shutil.which("h2load") is None:
-        parser.error("h2load is missing: install Debian's nghttp2-client")
-    args.work.mkdir(parents=True, exist_ok=True)
-    body = args.work / "translate.bin"
+@dataclass
+class OpenLoopRun:
+    """What happened at one offered rate."""
+
+    rate: int
+    seconds: int
+    h2load_done: int
+    counted: collections.Counter[str]  # the server's Translate calls by status code
+    unseen: int  # completed by a client, counted by no server counter: failed by gRPC core
+    probes: collections.Counter[str]
+    probe_median_ms: float
+    rss_before_mb: float
+    rss_after_mb: float
+    after: str  # the translation of TEXT right after the load
+
+    @property
+    def refused_cleanly(self) -> bool:
+        """Every call answered OK or RESOURCE_EXHAUSTED: none CANCELLED, none lost."""
+        clean = {"OK", "RESOURCE_EXHAUSTED"}
+        return not self.unseen and set(self.counted) <= clean and set(self.probes) <= clean
+
+
+def run_at(
+    rate: int, seconds: int, probes: int, repository: Path, work: Path, server_args: tuple[str, ...]
+) -> OpenLoopRun:
+    """A fresh server, `rate` calls/s offered by h2load for `seconds`, `probes` calls from a Python client."""
+    work.mkdir(parents=True, exist_ok=True)
+    body = work / "translate.bin"
     body.write_bytes(grpc_body(pb.TranslateRequest(model="dates", texts=[TEXT])))
     with attnserve_server(
-        args.repository,
+        repository,
         batching="continuous",
         threads=1,
         provider="cpu",
-        log_dir=args.work,
-        extra=tuple(args.server_args),
-        label="open-loop",
+        log_dir=work,
+        extra=server_args,
+        label=f"open-loop-{rate}",
     ) as server:
         assert server.metrics_url is not None
-        before = _counted(scrape(server.metrics_url))
+        first = scrape(server.metrics_url)
+        before = _counted(first)
         load = subprocess.Popen(
             [
                 "h2load",
@@ -76,18 +98,19 @@ def main(argv: list[str] | None = None) -> int:
                 str(CONNECTIONS),
                 "-m",
                 "100",
-                f"--rps={max(1, args.rate // CONNECTIONS)}",
+                f"--rps={max(1, rate // CONNECTIONS)}",
                 "-D",
-                str(args.seconds),
+                str(seconds),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        probes, latencies = _probe(server.address, args.probes, args.seconds)
+        codes, latencies = _probe(server.address, probes, seconds)
         output, _ = load.communicate()
         time.sleep(2.0)  # the calls h2load reset at its end reach the counters
-        counted = _counted(scrape(server.metrics_url)) - before
+        last = scrape(server.metrics_url)
+        counted = _counted(last) - before
         with grpc.insecure_channel(server.address) as channel:
             after = (
                 pb_grpc.TranslatorStub(channel)
@@ -97,16 +120,83 @@ def main(argv: list[str] | None = None) -> int:
                 .text
             )
     done = next((int(line.split()[5]) for line in output.splitlines() if line.startswith("requests:")), 0)
-    unseen = max(0, done + args.probes - counted.total())
-    print(
-        f"offered {args.rate} calls/s for {args.seconds} s; h2load: "
-        + "; ".join(line for line in output.splitlines() if line.startswith(("finished in", "requests:")))
+    return OpenLoopRun(
+        rate=rate,
+        seconds=seconds,
+        h2load_done=done,
+        counted=counted,
+        unseen=max(0, done + probes - counted.total()),
+        probes=codes,
+        probe_median_ms=1e3 * sorted(latencies)[len(latencies) // 2],
+        rss_before_mb=metric(first, "process_resident_memory_bytes") / 2**20,
+        rss_after_mb=metric(last, "process_resident_memory_bytes") / 2**20,
+        after=after,
     )
-    print(f"the server counted (Translate): {dict(counted)}")
-    print(f"calls completed by a client but counted nowhere: {unseen}")
-    print(f"probes: {dict(probes)}; median {1e3 * sorted(latencies)[len(latencies) // 2]:.1f} ms")
-    print(f"after: {TEXT!r} -> {after!r}")
-    return 1 if probes.get("CANCELLED") or unseen else 0
+
+
+def table(runs: list[OpenLoopRun]) -> str:
+    """One Markdown row per offered rate."""
+    rows = [
+        [
+            f"{run.rate:,}",
+            f"{run.h2load_done:,}",
+            f"{run.counted.get('OK', 0):,}",
+            f"{run.counted.get('RESOURCE_EXHAUSTED', 0):,}",
+            f"{run.counted.get('CANCELLED', 0):,}",
+            f"{run.unseen:,}",
+            ", ".join(f"{code} {count}" for code, count in sorted(run.probes.items())),
+            f"{run.probe_median_ms:.1f}",
+            f"{run.rss_before_mb:.0f} -> {run.rss_after_mb:.0f}",
+            "yes" if run.refused_cleanly else "**no**",
+        ]
+        for run in runs
+    ]
+    headers = [
+        "offered calls/s",
+        "h2load done",
+        "OK",
+        "RESOURCE_EXHAUSTED",
+        "CANCELLED",
+        "unseen",
+        "probes",
+        "probe p50 ms",
+        "RSS MB",
+        "clean",
+    ]
+    return tabulate(
+        rows, headers=headers, tablefmt="pipe", colalign=("right",) * 6 + ("left", "right", "right", "left")
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.reliability.open_loop", description=__doc__)
+    parser.add_argument("--repository", type=Path, default=Path("models"))
+    parser.add_argument(
+        "--rate", default="3000", help="calls/s offered; a comma-separated list sweeps them, a fresh server each"
+    )
+    parser.add_argument("--seconds", type=int, default=10, help="how long at each rate (default 10)")
+    parser.add_argument("--probes", type=int, default=300, help="calls of the Python client (default 300)")
+    parser.add_argument("--work", type=Path, default=Path("build/open-loop"), help="body file and server logs")
+    parser.add_argument("server_args", nargs="*", help="extra `attnserve serve` flags (after --)")
+    args = parser.parse_args(argv)
+    if shutil.which("h2load") is None:
+        parser.error("h2load is missing: install Debian's nghttp2-client")
+    try:
+        rates = [int(rate) for rate in args.rate.split(",")]
+    except ValueError:
+        parser.error(f"--rate {args.rate!r}: give calls/s as integers, e.g. 3000 or 1000,3000,9000")
+    runs = []
+    for rate in rates:
+        run = run_at(rate, args.seconds, args.probes, args.repository, args.work, tuple(args.server_args))
+        print(
+            f"offered {rate} calls/s for {args.seconds} s: server counted {dict(run.counted)}, "
+            f"unseen {run.unseen}, probes {dict(run.probes)}, after: {TEXT!r} -> {run.after!r}",
+            flush=True,
+        )
+        runs.append(run)
+    print()
+    print(table(runs))
+    return 0 if all(run.refused_cleanly for run in runs) else 1
 
 
 def _probe(address: str, count: int, seconds: float) -> tuple[collections.Counter[str], list[float]]:

@@ -150,3 +150,5 @@ def test_registries_are_private_and_served_over_http() -> None:
     finally:
         first.close()
     assert 'attnserve_requests_total{code="OK",method="ListModels",model="",version=""} 1.0' in body
+    resident = next(line for line in body.splitlines() if line.startswith("process_resident_memory_bytes "))
+    assert float(resident.split()[1]) > 0
