@@ -143,7 +143,7 @@ def test_int8_export_records_the_accuracy_change_and_serves(tiny_repository: Pat
         quantization["test_exact_match_int8"] - quantization["test_exact_match_fp32"], abs=1e-5
     )
     # Quantized graphs use integer matrix products, and still load and decode through the same runtime.
-    ops = set(result.document.onnx.op_types["decoder"])
+    ops = set(result.document.onnx["op_types"]["decoder"])
     assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
     loaded = load_model(result.directory, provider="cpu")
     [decoded] = ort_greedy(loaded.step_model, [loaded.source_tokenizer.encode("1 mars 1909") + [EOS]], 12)
