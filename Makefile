@@ -49,8 +49,8 @@ models: $(STAMP)
 test: $(STAMP) $(INTEROP_STAMP)
 	$(BIN)/python -m pytest -q
 
-# Style, formatting and types (settings in pyproject.toml): ruff on the whole tree, mypy on service/ (the
-# engine and the runtime with --strict's checks). The generated stubs in service/gen are left out.
+# Style, formatting and types (settings in pyproject.toml): ruff on the whole tree, mypy on service/, export/
+# and loadtests/ (the engine and the runtime with --strict's checks). The generated stubs in service/gen are left out.
 .PHONY: lint
 lint: $(STAMP)
 	$(BIN)/ruff check .

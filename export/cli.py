@@ -186,7 +186,7 @@ def build_models_main(argv: list[str]) -> int:
             continue
         print(
             f"{entry.name}: installed as {args.repository / entry.name / str(document.version)} after "
-            f"{time.monotonic() - started:.0f}s: {document.acceptance['greedy']['exact_match']:.4f} exact on "
+            f"{time.monotonic() - started:.0f}s: {(document.acceptance or {})['greedy']['exact_match']:.4f} exact on "
             f"fresh inputs (bar {entry.bar}), test split {document.metrics['test']['exact_match']:.4f}"
         )
     if failures:

@@ -182,6 +182,7 @@ class Seq2Seq(nn.Module):
         self.config = c = config
         self.source_embedding = nn.Embedding(c.source_vocab, c.embedding, padding_idx=PAD)
         self.target_embedding = nn.Embedding(c.target_vocab, c.embedding, padding_idx=PAD)
+        self.encoder: TransformerEncoder | BiRNNEncoder
         if c.encoder == "transformer":
             self.encoder = TransformerEncoder(c.embedding, c.hidden, c.encoder_layers, c.transformer_heads, c.dropout)
         else:

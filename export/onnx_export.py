@@ -70,7 +70,7 @@ def _export_graph(
         torch.onnx.export(
             module,
             args,
-            buffer,
+            buffer,  # type: ignore[arg-type]  # a file-like object works (torch's stub names paths only)
             dynamo=False,
             opset_version=OPSET,
             input_names=input_names,

@@ -663,8 +663,8 @@ class Bench:
                 }
             )
         if config.tune_duration_s >= config.duration_s:
-            final = [replace(cell, contender="request") for cell in chosen.values()]
-            return sorted(final, key=lambda cell: (cell.workload, cell.level))
+            retuned = [replace(cell, contender="request") for cell in chosen.values()]
+            return sorted(retuned, key=lambda cell: (cell.workload, cell.level))
         final: list[CellResult] = []
         by_config: dict[tuple[int, float], list[tuple[str, int]]] = {}
         for (workload, level), cell in chosen.items():
@@ -685,12 +685,16 @@ class Bench:
                 extra=extra,
                 label=f"request-b{batch_size}-d{delay:g}",
             ) as server:
+
+                def levels_for(spec: WorkloadSpec, wanted: set[tuple[str, int]] = wanted) -> list[int]:
+                    return [level for level in config.levels if (spec.name, level) in wanted]
+
                 final += self.measure_server(
                     "request",
                     server,
                     generator,
                     workloads=specs,
-                    levels_for=lambda spec, wanted=wanted: [lvl for lvl in config.levels if (spec.name, lvl) in wanted],
+                    levels_for=levels_for,
                     details={"batch_size": batch_size, "batch_delay_ms": delay},
                 )
         return final

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 #: The six locales every template is written in.
 LANGUAGES: tuple[str, ...] = ("en", "fr", "de", "es", "it", "pt")
@@ -213,7 +214,7 @@ class Lexicon:
         self.languages = self._shared_codes(lambda locale: locale.languages, alpha=True)
         self.currencies = self._shared_codes(lambda locale: locale.currencies, alpha=True)
 
-    def _shared_codes(self, table: Callable[[object], dict[str, str]], *, alpha: bool) -> tuple[str, ...]:
+    def _shared_codes(self, table: Callable[[Any], dict[str, str]], *, alpha: bool) -> tuple[str, ...]:
         """Codes that have a display name in every locale (sorted, so the draw order is fixed)."""
         shared: set[str] | None = None
         for locale in self._locales.values():

@@ -187,6 +187,7 @@ class EagerTranslator(pb_grpc.TranslatorServicer):
             return self._info(self._model(request.name).name)
         except KeyError:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.name!r} is not served")
+            raise  # abort() raises; this line only tells the type checker so
 
     def _info(self, name: str) -> pb.ModelInfo:
         config = self.models[name].model.config

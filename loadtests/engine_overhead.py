@@ -30,8 +30,8 @@ class FreeStepModel:
 
     eos_id = 2
     bos_id = 1
-    memory_names = ("memory",)
-    state_names = ("hidden",)
+    memory_names: tuple[str, ...] = ("memory",)
+    state_names: tuple[str, ...] = ("hidden",)
 
     def __init__(self, max_rows: int, top_k: int = 8, vocab: int = 32) -> None:
         self.top_k = top_k

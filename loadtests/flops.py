@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -192,12 +193,12 @@ def measure_matmul_peak(
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
             binding.bind_output("c", "cuda")
 
-            def run_once(session=session, binding=binding) -> None:
+            def run_once(session: Any = session, binding: Any = binding) -> None:
                 session.run_with_iobinding(binding)
         else:
 
-            def run_once(session=session, feeds=feeds) -> None:
-                session.run(None, feeds)
+            def run_once(session: Any = session, binding: Any = feeds) -> None:  # binding: the feeds here
+                session.run(None, binding)
 
         run_once()
         fastest = math.inf

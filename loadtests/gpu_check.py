@@ -107,7 +107,9 @@ def _greedy(step_model, sources: list[list[int]], max_length: int) -> tuple[list
         ids[row, : len(source)] = source
     encoded = step_model.encode(ids, lengths)
     tokens = np.full(len(sources), BOS, dtype=np.int64)
-    state, outputs, steps = encoded.state, [[] for _ in sources], []
+    state = encoded.state
+    outputs: list[list[int]] = [[] for _ in sources]
+    steps: list[tuple] = []
     done = np.zeros(len(sources), dtype=bool)
     for _ in range(max_length):
         out = step_model.step(tokens, lengths, encoded.memory, state)
@@ -400,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             break  # nothing else means anything on the wrong provider
     if report["steps"]["provider"].get("ok"):
         with tempfile.TemporaryDirectory(prefix="attnserve-gpu-check-") as work:
-            repository, names = args.repository, MODELS
+            repository = args.repository
+            names: tuple[str, ...] = MODELS
             try:
                 if args.phrasebook:
                     repository = Path(work) / "repository"

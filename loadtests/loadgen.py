@@ -246,7 +246,7 @@ async def _run_share(share: _Share) -> WorkerReport:
         for task in tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 error = task.exception()
-                if not isinstance(error, grpc.RpcError):
+                if error is not None and not isinstance(error, grpc.RpcError):
                     raise error
     return report
 

@@ -140,6 +140,7 @@ def _load_workload(environment: Environment, **_kwargs) -> None:
 @events.quitting.add_listener
 def _check_thresholds(environment: Environment, **_kwargs) -> None:
     options = environment.parsed_options
+    assert options is not None  # parsed before any test starts
     total = environment.stats.total
     problems = []
     if total.num_requests == 0:
@@ -218,7 +219,7 @@ class TranslatorUser(User):
         except grpc.RpcError as error:
             self._report(name, started, received, GrpcCallFailed(error.code(), error.details() or ""), item)
             return
-        error = (
+        incomplete = (
             None if final_seen else GrpcCallFailed(grpc.StatusCode.UNKNOWN, "the stream ended without a final message")
         )
-        self._report(name, started, received, error, item)
+        self._report(name, started, received, incomplete, item)

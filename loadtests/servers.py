@@ -77,7 +77,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        if self.log_path:
+        if not isinstance(log, int):
             log.close()  # the child keeps its own handle
         try:
             wait_until_serving(self.address, timeout_s, self.process)

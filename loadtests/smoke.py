@@ -8,12 +8,13 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from loadtests.servers import PROJECT_ROOT
 
 SMOKE_ROOT = PROJECT_ROOT / "build" / "smoke"
 
-SMOKE_MODELS = {
+SMOKE_MODELS: dict[str, dict[str, Any]] = {
     # Small enough to train in seconds on two cores; the smoke test needs real graphs, not accuracy.
     # Its limits are fixed here (not derived from the data), since the bad-input tests probe them exactly.
     "dates": dict(

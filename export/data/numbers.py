@@ -77,7 +77,7 @@ def make_numbers(
 
     pairs_by_split: dict[str, list[Pair]] = {}
     for split, split_numbers in number_splits.items():
-        pairs = []
+        pairs: list[Pair] = []
         for number in split_numbers:
             target = number_words(number, target_language)
             pairs.extend(Pair(number_words(number, language), target) for language in source_languages)

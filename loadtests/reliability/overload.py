@@ -236,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         with context.Pool(args.processes) as pool:
 
-            def phase(mode: str, seconds: float, seed: int, **load: float) -> tuple[list[Call], float]:
+            def phase(
+                mode: str, seconds: float, seed: int, *, concurrency: int = 0, rate: float = 0.0
+            ) -> tuple[list[Call], float]:
                 start = time.monotonic() + 1.0  # every process starts on the same clock tick
                 template = Load(
                     server.address,
@@ -244,10 +246,11 @@ def main(argv: list[str] | None = None) -> int:
                     mode,
                     start,
                     seconds,
-                    seed=seed,  # type: ignore[arg-type]
+                    seed=seed,
                     texts_per_call=args.texts_per_call,
                     beam_share=args.beam_share,
-                    **load,
+                    concurrency=concurrency,
+                    rate=rate,
                 )
                 return run_phase(pool, args.processes, template), start
 

@@ -19,7 +19,7 @@ import loadtests.locustfile as project_users
 
 
 @events.init_command_line_parser.add_listener
-def _soak_arguments(parser) -> None:  # type: ignore[no-untyped-def]
+def _soak_arguments(parser) -> None:
     parser.add_argument(
         "--calls-per-second",
         type=float,
@@ -35,12 +35,12 @@ class PacedTranslatorUser(project_users.TranslatorUser):
 
     _next_start = 0.0
 
-    def _report(self, name, started, length, error, item) -> None:  # type: ignore[no-untyped-def]
+    def _report(self, name, started, length, error, item) -> None:
         if name.endswith("(first token)"):
             return
         super()._report(name, started, length, error, item)
 
-    def wait_time(self) -> float:  # type: ignore[override]
+    def wait_time(self) -> float:
         options = self.environment.parsed_options
         rate = getattr(options, "calls_per_second", 0.0)
         if rate <= 0:
