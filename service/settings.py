@@ -25,6 +25,7 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from service.runtime.providers import Provider
+from service.validation import error_text
 
 ENV_PREFIX = "ATTNSERVE_"
 
@@ -302,7 +303,7 @@ def _problems(error: ValidationError) -> list[Problem]:
     for detail in error.errors():
         name = str(detail["loc"][0]) if detail["loc"] else None
         if name is None:
-            problems.append((None, _own_words(detail)))
+            problems.append((None, error_text(detail)))
             continue
         if name not in Settings.model_fields:
             problems.append((None, f"{name} is not a setting"))
@@ -329,17 +330,11 @@ def _what_is_wrong(detail: ErrorDetails, setting: FieldInfo) -> str:
         return "must be a path"
     if kind == "string_type":
         return "must be text"
-    return _own_words(detail)
-
-
-def _own_words(detail: ErrorDetails) -> str:
-    """The message of a ValueError raised by a validator here, without pydantic's "Value error, " prefix."""
-    raised = (detail.get("ctx") or {}).get("error")
-    return str(raised) if raised is not None else detail["msg"]
+    return error_text(detail)
 
 
 def _show(value: Any, name: str | None = None) -> str:
-    if isinstance(value, SecretStr) or name in _secret_fields():
+    if isinstance(value, SecretStr) or name in SECRET_FIELDS:
         return "(hidden)"
     if value is None:
         return "(unset)"
@@ -351,16 +346,15 @@ def _show(value: Any, name: str | None = None) -> str:
 # ----- flags ------------------------------------------------------------------------------------------------
 
 
-def _secret_fields() -> frozenset[str]:
-    """Secrets are set from the environment only (the process table shows flags) and never shown."""
-    return frozenset(name for name, setting in Settings.model_fields.items() if setting.annotation is SecretStr)
+# Secrets are set from the environment only (the process table shows flags) and never shown.
+SECRET_FIELDS = frozenset(name for name, setting in Settings.model_fields.items() if setting.annotation is SecretStr)
 
 
 def build_parser(prog: str = "attnserve serve") -> argparse.ArgumentParser:
     """The flags of `attnserve serve`: one per setting but the secrets, each defaulting to None (= not given)."""
     fields = Settings.model_fields
     epilog = " ".join(
-        f"{ENV_PREFIX}{name.upper()} (environment only): {_help(fields[name])}" for name in sorted(_secret_fields())
+        f"{ENV_PREFIX}{name.upper()} (environment only): {_help(fields[name])}" for name in sorted(SECRET_FIELDS)
     )
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -371,7 +365,7 @@ def build_parser(prog: str = "attnserve serve") -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     for name, setting in fields.items():
-        if name in _secret_fields():
+        if name in SECRET_FIELDS:
             continue
         help_text = f"{_help(setting)} [env {ENV_PREFIX}{name.upper()}; default: {_show(setting.default)}]"
         parser.add_argument(

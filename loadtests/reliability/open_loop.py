@@ -29,7 +29,8 @@ from pathlib import Path
 import grpc
 from tabulate import tabulate
 
-from loadtests.servers import attnserve_server, metric, scrape
+from loadtests.reliability.common import rss_bytes
+from loadtests.servers import attnserve_server, scrape
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 
@@ -91,9 +92,9 @@ def run_at(
         extra=server_args,
         label=f"open-loop-{rate}",
     ) as server:
-        assert server.metrics_url is not None
-        first = scrape(server.metrics_url)
-        before = _counted(first)
+        assert server.metrics_url is not None and server.process is not None
+        before = _counted(scrape(server.metrics_url))
+        rss_before = rss_bytes(server.process.pid)
         load = subprocess.Popen(
             [
                 "h2load",
@@ -119,8 +120,8 @@ def run_at(
         codes, latencies = _probe(server.address, probes, seconds)
         output, _ = load.communicate()
         time.sleep(2.0)  # the calls h2load reset at its end reach the counters
-        last = scrape(server.metrics_url)
-        counted = _counted(last) - before
+        counted = _counted(scrape(server.metrics_url)) - before
+        rss_after = rss_bytes(server.process.pid)
         with grpc.insecure_channel(server.address) as channel:
             after = (
                 pb_grpc.TranslatorStub(channel)
@@ -140,8 +141,8 @@ def run_at(
         unseen=max(0, done + probes - counted.total()),
         probes=codes,
         probe_median_ms=1e3 * sorted(latencies)[len(latencies) // 2],
-        rss_before_mb=metric(first, "process_resident_memory_bytes") / 2**20,
-        rss_after_mb=metric(last, "process_resident_memory_bytes") / 2**20,
+        rss_before_mb=rss_before / 2**20,
+        rss_after_mb=rss_after / 2**20,
         after=after,
     )
 

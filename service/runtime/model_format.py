@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import ErrorDetails
 
 from service.errors import ModelLoadError
 from service.runtime.repository import is_valid_model_name
 from service.runtime.tokenizers import SPECIAL_TOKENS, TokenizerKind
+from service.validation import error_text
 
 FORMAT_VERSION: Literal[1] = 1
 """The `format` this server reads; an exporter that changes the contract bumps it."""
@@ -166,7 +166,7 @@ class ModelDocument(BaseModel):
             return cls.model_validate(data)
         except ValidationError as error:
             problems = "; ".join(
-                f"{'.'.join(str(part) for part in detail['loc']) or 'document'}: {_in_our_words(detail)}"
+                f"{'.'.join(str(part) for part in detail['loc']) or 'document'}: {error_text(detail)}"
                 for detail in error.errors()
             )
             raise ModelLoadError(f"{path}: {problems}") from None
@@ -176,9 +176,3 @@ class ModelDocument(BaseModel):
         absent = {name for name in type(self).model_fields if getattr(self, name) is None}
         text = json.dumps(self.model_dump(mode="json", exclude=absent), indent=2, ensure_ascii=False)
         (directory / "model.json").write_text(text + "\n", encoding="utf-8")
-
-
-def _in_our_words(detail: ErrorDetails) -> str:
-    """A ValueError raised by a check here says what is wrong itself; pydantic's own messages are kept."""
-    raised = (detail.get("ctx") or {}).get("error")
-    return str(raised) if raised is not None else detail["msg"]
