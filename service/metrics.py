@@ -284,11 +284,14 @@ class ServerMetrics:
 
     # ----- exposition -------------------------------------------------------------------------------
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        """Serve /metrics over HTTP on host:port from a daemon thread (prometheus-client's server)."""
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Serve /metrics over HTTP on host:port (0 = a free port) from a daemon thread (prometheus-client's
+        server); returns the port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         self._http_server = server
+        port = int(server.server_port)
         log.info("metrics on http://%s:%d/metrics", host, port)
+        return port
 
     def close(self) -> None:
         """Stop the HTTP endpoint, if serving."""

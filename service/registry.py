@@ -7,13 +7,48 @@ Use on the event-loop thread.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from service.engine import Scheduler
+from service.engine import RequestHandle, TranslationRequest
 from service.errors import InvalidRequest, ModelLoadError, ModelNotFound, Unavailable
-from service.runtime.model import LoadedModel
+from service.runtime.model_format import ModelDocument
 from service.runtime.repository import is_valid_model_name, is_valid_version
+from service.runtime.tokenizers import Tokenizer
+
+
+class ServedModel(Protocol):
+    """What the dataplane needs of a model version: runtime.LoadedModel in the process that decodes, the
+    text side alone (document and tokenizers) in a front-end process."""
+
+    @property
+    def document(self) -> ModelDocument: ...
+    @property
+    def directory(self) -> Path: ...
+    @property
+    def source_tokenizer(self) -> Tokenizer: ...
+    @property
+    def target_tokenizer(self) -> Tokenizer: ...
+    @property
+    def provider(self) -> str: ...
+    @property
+    def load_seconds(self) -> float: ...
+
+
+class DecodeQueue(Protocol):
+    """What the dataplane and the reconciler need of a version's decoder: engine.Scheduler in the process that
+    decodes, a proxy to the engine process's scheduler in a front-end process."""
+
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def running(self) -> int: ...
+    def check_room(self, count: int) -> None: ...
+    def submit(self, request: TranslationRequest) -> RequestHandle: ...
+    def submit_all(self, requests: Sequence[TranslationRequest]) -> list[RequestHandle]: ...
+    async def stop(self, grace_s: float) -> None: ...
 
 
 @dataclass
@@ -22,8 +57,8 @@ class ServedVersion:
 
     name: str
     version: int
-    model: LoadedModel
-    scheduler: Scheduler
+    model: ServedModel
+    scheduler: DecodeQueue
 
     @property
     def label(self) -> str:
@@ -84,6 +119,9 @@ class ModelRegistry:
         self.entries: dict[str, ModelEntry] = {}
         self.default_model = ""  # the model used when a request names none; '' until the first load finished
         self.draining = False
+        # Why no model accepts requests now although versions are loaded ('' = they do): a front-end process
+        # sets it while it has no connection to the engine process.
+        self.unavailable = ""
 
     @property
     def model_names(self) -> list[str]:
@@ -100,7 +138,12 @@ class ModelRegistry:
         """True once start has finished and every model of the repository has a loaded version, until
         draining begins; False while starting, while some model has no version that loaded, and while
         draining. (A version that failed while another version of its model serves does not count.)"""
-        return bool(self.default_model) and not self.draining and all(entry.served for entry in self.entries.values())
+        return (
+            bool(self.default_model)
+            and not self.draining
+            and not self.unavailable
+            and all(entry.served for entry in self.entries.values())
+        )
 
     def is_ready(self, name: str, version: str) -> bool:
         """Whether model `name` version `version` ('' = latest loaded) would accept a request now: False
@@ -128,6 +171,8 @@ class ModelRegistry:
         served = self._pick(name, version)[1]
         if self.draining:
             raise Unavailable(f"the server is shutting down; model {served.label} accepts no new requests")
+        if self.unavailable:
+            raise Unavailable(f"model {served.label} accepts no requests now: {self.unavailable}")
         return served
 
     def describe(self, name: str, version: str) -> ModelDescription:
@@ -202,7 +247,7 @@ class ModelRegistry:
             version=served.version,
             versions=entry.versions_on_disk,
             loaded_versions=tuple(sorted(entry.served)),
-            ready=not self.draining,
+            ready=not (self.draining or self.unavailable),
             attention=str(document.architecture.get("attention") or ""),
             architecture=_scalars_as_text(document.architecture),
             task_kind=str(task.get("kind") or ""),

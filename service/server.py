@@ -131,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attnserve serve: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    frontends = settings.frontend_processes
+    if frontends:
+        from service.ipc.processes import supervise
+
+        return supervise(settings, list(sys.argv[1:] if argv is None else argv), frontends)
     return asyncio.run(serve(settings))
 
 

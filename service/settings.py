@@ -14,6 +14,7 @@ flag at all; and a message in our words that names where a bad value came from, 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -56,6 +57,15 @@ def _model_name(value: str) -> str:
     if value and ("/" in value or "\\" in value or value in (".", "..")):
         raise ValueError("must be a model name, not a path")
     return value
+
+
+MAX_FRONTENDS = 64
+
+
+def _frontends(value: str) -> str:
+    if value != "auto" and not (value.isdigit() and int(value) <= MAX_FRONTENDS):
+        raise ValueError(f"must be auto or 0..{MAX_FRONTENDS}")
+    return value if value == "auto" else str(int(value))
 
 
 OptionalFile = Annotated[Path | None, BeforeValidator(_unset_when_empty)]
@@ -193,6 +203,12 @@ class Settings(BaseSettings):
     get drain_grace_seconds to finish), so clients balancing with `dns:///` re-resolve and find new
     replicas; 0 = connections never age out."""
 
+    frontends: Annotated[str, BeforeValidator(_lower), AfterValidator(_frontends)] = "auto"
+    """gRPC front-end processes: N >= 1 runs N processes sharing the port (validation, tokenizing, the RPC
+    work) in front of one engine process that decodes; 0 runs everything in one process. auto: 0 with
+    fewer than 3 usable CPUs, else one per usable CPU but one (at most 8); usable CPUs count the CPU
+    affinity and the cgroup CPU limit (a Kubernetes CPU limit)."""
+
     def __init__(self, **values: Any) -> None:
         # Built in code (tests, `attnserve translate --offline`, the acceptance check) the settings are exactly
         # what the code says: nothing is read from the environment here; `from_sources` is the one place that
@@ -252,6 +268,14 @@ class Settings(BaseSettings):
             raise SettingsError(error.problems, origins) from None
 
     @property
+    def frontend_processes(self) -> int:
+        """`frontends` with auto resolved for this process's CPUs (0 = one process for everything)."""
+        if self.frontends != "auto":
+            return int(self.frontends)
+        cpus = usable_cpus()
+        return 0 if cpus < 3 else min(cpus - 1, 8)
+
+    @property
     def grpc_address(self) -> str:
         """`host:port` for grpc's add_insecure_port."""
         return f"{self.host}:{self.port}"
@@ -260,6 +284,18 @@ class Settings(BaseSettings):
     def metrics_address(self) -> str:
         """The host without IPv6 brackets, as http.server wants it."""
         return self.host.strip("[]")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its CPU affinity, lowered by a cgroup v2 CPU limit (cpu.max) if one is set."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota != "max" and int(period) > 0:
+        cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    return cpus
 
 
 class _Environment(EnvSettingsSource):

@@ -101,6 +101,18 @@ class RequestHandle:
         self._stream_taken = True
         return self._iterate_events(self._events)
 
+    def add_done_callback(self, callback: Callable[[RequestHandle], None]) -> None:
+        """Call `callback(self)` on the event loop once the request is resolved; `outcome()` then says how."""
+        self._future.add_done_callback(lambda _: callback(self))
+
+    def outcome(self) -> TranslationResult | AttnServeError:
+        """A resolved request's result, or the AttnServeError that ended it (InvalidStateError before then)."""
+        error = self._future.exception()
+        if error is None:
+            return self._future.result()
+        assert isinstance(error, AttnServeError)  # _fail() is the only way an error gets in
+        return error
+
     def cancel(self) -> None:
         """Cancel the request (idempotent): result() raises RequestCancelled at once; its rows leave the
         batch at the next step. No effect once the request is resolved."""

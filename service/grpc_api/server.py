@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,7 +27,8 @@ from service.grpc_api.kserve import KSERVE_SERVICE, KServeServicer
 from service.grpc_api.security import BearerTokens, TokenAuthInterceptor, server_credentials
 from service.grpc_api.servicer import TranslatorServicer
 from service.metrics import ServerMetrics
-from service.models import ModelEvent, ModelEventKind, ModelManager
+from service.models import ModelEvent, ModelEventKind
+from service.registry import ModelRegistry
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,18 +77,33 @@ def _stream_limit_options(settings: Settings) -> list[tuple[str, int]]:
     return [("grpc.max_concurrent_streams", settings.max_concurrent_streams)]
 
 
-class GrpcServer:
-    """The process's gRPC server over a started ModelManager. Use on the event-loop thread.
+class ModelSource(Protocol):
+    """Where the served versions come from: the ModelManager in a single-process server, the engine
+    process's client (service/ipc/frontend_side.py) in a front-end process."""
 
-    `start()` binds and serves; `drain(grace_s)` stops it gracefully (see its docstring).
+    registry: ModelRegistry
+
+    def add_listener(self, listener: Callable[[ModelEvent], None]) -> None: ...
+    def begin_draining(self) -> None: ...
+    async def stop(self, grace_s: float) -> None: ...
+
+
+class GrpcServer:
+    """The process's gRPC server over a started ModelManager (or engine client). Use on the event-loop thread.
+
+    `start()` binds and serves; `drain(grace_s)` stops it gracefully (see its docstring). `share_port`: let
+    the other front-end processes of this server bind the same port (SO_REUSEPORT; the kernel spreads
+    connections over them); otherwise a second process binding the port is refused.
     """
 
     def __init__(
         self,
         settings: Settings,
-        manager: ModelManager,
+        manager: ModelSource,
         dataplane: Dataplane,
         metrics: ServerMetrics | None = None,
+        *,
+        share_port: bool = False,
     ) -> None:
         check_status_table()
         self.settings = settings
@@ -106,7 +124,7 @@ class GrpcServer:
                 *_stream_limit_options(settings),
                 *_backlog_options(settings),
                 # Without this, Linux lets a second server bind the same port and silently share traffic.
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if share_port else 0),
                 *_connection_age_options(settings),
             ],
         )
@@ -148,6 +166,18 @@ class GrpcServer:
                 "unless a proxy or mesh encrypts it (set tls_cert_file and tls_key_file)"
             )
         return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report every service and loaded model SERVING (or all NOT_SERVING): a front-end process follows
+        its connection to the engine process with it. Nothing changes once draining has begun."""
+        if self._draining:
+            return
+        status = SERVING if serving else NOT_SERVING
+        loaded = set(self.manager.registry.model_names)
+        for name in self.manager.registry.all_model_names:
+            await self.health.set(name, status if name in loaded else NOT_SERVING)
+        for service in (TRANSLATOR_SERVICE, KSERVE_SERVICE, ""):
+            await self.health.set(service, status)
 
     def _on_model_event(self, event: ModelEvent) -> None:
         """A model that appears in the repository while serving becomes SERVING once it loads."""

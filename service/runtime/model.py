@@ -204,17 +204,9 @@ class LoadedModel:
                 tokens, state = out.topk_ids[:, 0].astype(np.int64), out.state
 
 
-def load_model(
-    directory: Path,
-    *,
-    provider: str = "auto",
-    intra_op_threads: int = 0,
-    inter_op_threads: int = 1,
-    io_binding: bool | None = None,
-) -> LoadedModel:
-    """Load the model version in ``directory`` (``models/NAME/VERSION``); raises ModelLoadError with the cause."""
-    started = time.monotonic()
-    directory = Path(directory)
+def read_text_side(directory: Path) -> tuple[ModelDocument, Tokenizer, Tokenizer]:
+    """A version's model.json and its (source, target) tokenizers, checked against each other: what a process
+    that tokenizes but never decodes needs. Raises ModelLoadError with the cause."""
     document = ModelDocument.read(directory)
     tokenizers = document.tokenizers
     try:
@@ -228,6 +220,21 @@ def load_model(
             raise ModelLoadError(
                 f"{directory}: {side} tokenizer has {tok.vocab_size} tokens but the model was trained with {expected}"
             )
+    return document, source, target
+
+
+def load_model(
+    directory: Path,
+    *,
+    provider: str = "auto",
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 1,
+    io_binding: bool | None = None,
+) -> LoadedModel:
+    """Load the model version in ``directory`` (``models/NAME/VERSION``); raises ModelLoadError with the cause."""
+    started = time.monotonic()
+    directory = Path(directory)
+    document, source, target = read_text_side(directory)
     step_model = OnnxStepModel(
         document,
         directory,

@@ -1,0 +1,242 @@
+"""What front-end processes and the engine process say to each other, and how it travels.
+
+Transport: one Unix stream socket per front-end, in a directory only the server's user can open. Each
+write is a frame: a 4-byte little-endian length, then a msgpack array of messages (msgspec Structs,
+tagged by class name). Both sides buffer what they send during one turn of their event loop and write it
+as one frame, so a busy loop pays one system call and one encode per turn, not one per message.
+
+Why a stream socket rather than ZeroMQ: the front-end must learn at once that the engine died (its calls
+fail with UNAVAILABLE rather than hang); a connection-oriented socket reports that as end-of-file, where a
+ZeroMQ socket would silently wait for a peer to reconnect and would need heartbeats. Why msgspec: it
+decodes msgpack straight into typed Structs, several times faster than json or pickle for these records.
+
+Times are time.monotonic() seconds. CLOCK_MONOTONIC is one clock for every process on a Linux host, and
+these sockets only connect processes of one host, so deadlines and arrival times cross unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Callable
+
+import msgspec
+
+# ----- front-end -> engine ----------------------------------------------------------------------------------
+
+
+class Options(msgspec.Struct, array_like=True):
+    """engine.DecodeOptions, as validated by the front-end's dataplane."""
+
+    beam_size: int
+    num_hypotheses: int
+    max_length: int
+    length_penalty: float
+    return_attention: bool
+
+
+class Submit(msgspec.Struct, tag=True, array_like=True):
+    """One call's texts for model `name` version `version`, all or none (Scheduler.submit_all).
+
+    `ids`: one request id per source, unique per connection; `sources`: int64 token ids as raw bytes.
+    """
+
+    ids: list[int]
+    name: str
+    version: int
+    sources: list[bytes]
+    options: Options
+    deadline: float | None
+    stream: bool
+    arrival: float
+
+
+class Cancel(msgspec.Struct, tag=True, array_like=True):
+    """The caller gave up on request `id` (idempotent: unknown or finished ids are ignored)."""
+
+    id: int
+
+
+# ----- engine -> front-end ----------------------------------------------------------------------------------
+
+
+class ServedVersionInfo(msgspec.Struct, array_like=True):
+    """One loaded model version: the front-end reads its model.json and tokenizers from `directory`."""
+
+    version: int
+    directory: str
+    provider: str
+    load_seconds: float
+
+
+class ModelInfo(msgspec.Struct, array_like=True):
+    name: str
+    versions_on_disk: list[int]
+    served: list[ServedVersionInfo]
+    failures: dict[int, str]
+
+
+class Models(msgspec.Struct, tag=True, array_like=True):
+    """What the engine serves now: sent when a front-end connects and after every change (load, retire, drain)."""
+
+    default_model: str
+    draining: bool
+    models: list[ModelInfo]
+
+
+class QueueDepth(msgspec.Struct, tag=True, array_like=True):
+    """Texts waiting in model `name` version `version`'s queue (sent when it changed), so a front-end can
+    refuse a call for a full queue without asking the engine."""
+
+    name: str
+    version: int
+    waiting: int
+
+
+class HypothesisRecord(msgspec.Struct, array_like=True):
+    """engine.Hypothesis; `attention` float32 [len(token_ids), `attention_columns`] as raw bytes, or None."""
+
+    token_ids: list[int]
+    score: float
+    log_prob: float
+    finish_reason: str
+    alignment: list[int]
+    attention: bytes | None
+    attention_columns: int
+
+
+class Result(msgspec.Struct, tag=True, array_like=True):
+    """Request `id` finished (engine.TranslationResult)."""
+
+    id: int
+    hypotheses: list[HypothesisRecord]
+    queue_wait_s: float
+    first_token_s: float
+    total_s: float
+    generated_tokens: int
+
+
+class Failed(msgspec.Struct, tag=True, array_like=True):
+    """Request `id` ended with the AttnServeError class named `error` (e.g. 'Overloaded') and `message`."""
+
+    id: int
+    error: str
+    message: str
+
+
+class Token(msgspec.Struct, tag=True, array_like=True):
+    """One streamed token of request `id` (engine.TokenEvent); `attention` float32 [source_len] bytes or None."""
+
+    id: int
+    token_id: int
+    position: int
+    log_prob: float
+    alignment: int
+    attention: bytes | None
+
+
+Message = Submit | Cancel | Models | QueueDepth | Result | Failed | Token
+
+_LENGTH = struct.Struct("<I")
+MAX_FRAME_BYTES = 1 << 30
+"""A frame this large means a broken peer, not a busy one: the connection is closed."""
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(list[Message])
+
+
+def encode_frame(messages: list[Message]) -> bytes:
+    """The bytes of one frame holding `messages`."""
+    body = _encoder.encode(messages)
+    return _LENGTH.pack(len(body)) + body
+
+
+class FrameReader:
+    """Splits a byte stream into frames and hands each frame's messages to `deliver`, in order."""
+
+    def __init__(self, deliver: Callable[[list[Message]], None]) -> None:
+        self._deliver = deliver
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        """Take the bytes just received. Raises ValueError for a frame that is too large or does not decode."""
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(buffer, start)
+            if size > MAX_FRAME_BYTES:
+                raise ValueError(f"a frame of {size} bytes, above the {MAX_FRAME_BYTES} bytes allowed")
+            end = start + _LENGTH.size + size
+            if len(buffer) < end:
+                break
+            with memoryview(buffer) as view:  # released before the buffer is resized below
+                messages = _decoder.decode(view[start + _LENGTH.size : end])
+            start = end
+            self._deliver(messages)
+        if start:
+            del buffer[:start]
+
+
+class Channel(asyncio.Protocol):
+    """One end of a connection: `send()` queues a message, and everything queued during one turn of the event
+    loop leaves as one frame. Received messages go to `on_messages`; `on_lost(reason)` is called once when the
+    connection ends (the peer closed it or died, or a frame was malformed). Use on the event-loop thread."""
+
+    def __init__(self, on_messages: Callable[[list[Message]], None], on_lost: Callable[[str], None]) -> None:
+        self._on_messages = on_messages
+        self._on_lost = on_lost
+        self._reader = FrameReader(on_messages)
+        self._transport: asyncio.Transport | None = None
+        self._outgoing: list[Message] = []
+        self._lost = False
+
+    @property
+    def open(self) -> bool:
+        return self._transport is not None and not self._lost
+
+    def send(self, message: Message) -> None:
+        """Queue `message` (also before the connection is made); dropped when the connection is gone (its
+        calls were failed when it went)."""
+        if self._lost:
+            return
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._outgoing.append(message)
+
+    def flush(self) -> None:
+        """Write what is queued now, as one frame."""
+        if self._transport is None or self._lost or not self._outgoing:
+            return  # not connected yet: connection_made flushes
+        outgoing, self._outgoing = self._outgoing, []
+        self._transport.write(encode_frame(outgoing))
+
+    def close(self) -> None:
+        self.flush()
+        if self._transport is not None:
+            self._transport.close()
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self.flush()  # what was queued before the connection was made
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._reader.feed(data)
+        except (ValueError, msgspec.DecodeError) as error:
+            if self._transport is not None:
+                self._transport.abort()  # connection_lost follows, with the reason below
+            self._lose(f"a malformed message: {error}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lose("the connection closed" if exc is None else f"the connection failed: {exc}")
+
+    def _lose(self, reason: str) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._outgoing.clear()
+        self._on_lost(reason)
