@@ -12,13 +12,14 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from service.engine.records import DecodeOptions, FinishReason, Hypothesis, TranslationRequest, TranslationResult
 from service.engine.scheduler import RequestHandle
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, VersionRetired
 from service.registry import ModelDescription, ModelRegistry, ServedVersion
 from service.runtime.tokenizers import EOS, EOS_PIECE, UNK, Tokenizer
 from service.settings import Settings
@@ -157,6 +158,25 @@ class Dataplane:
         that error and the other texts are cancelled; cancelling the awaiting task cancels them all.
         """
         arrival = time.monotonic()
+        try:
+            return await self._translate_once(model, version, texts, options, deadline, arrival, on_resolved)
+        except VersionRetired:
+            if version:  # the client asked for that version, and it is gone
+                raise
+            # The latest version changed while the call was on its way to the engine process: once more, on
+            # the new one (its report reached this process before the refusal did).
+            return await self._translate_once(model, version, texts, options, deadline, arrival, on_resolved)
+
+    async def _translate_once(
+        self,
+        model: str,
+        version: str,
+        texts: Sequence[str],
+        options: RequestedDecodeOptions,
+        deadline: float | None,
+        arrival: float,
+        on_resolved: OnResolved | None,
+    ) -> TranslateOutcome:
         served, decode = self._admit(model, version, texts, options, on_resolved)
         prepared = [self._prepare(served, index, text) for index, text in enumerate(texts)]
         handles: list[RequestHandle] = []
@@ -195,6 +215,31 @@ class Dataplane:
         cancelling the iterating task cancels the engine request.
         """
         arrival = time.monotonic()
+        for attempt in (1, 2):
+            index = 0
+            try:
+                # aclosing: a client that goes away mid-stream cancels the engine request now, not at collection.
+                async with aclosing(
+                    self._stream_once(model, version, text, options, deadline, arrival, on_resolved)
+                ) as updates:
+                    async for update in updates:
+                        yield update
+                        index += 1
+                return
+            except VersionRetired:
+                if version or index or attempt == 2:  # see translate()
+                    raise
+
+    async def _stream_once(
+        self,
+        model: str,
+        version: str,
+        text: str,
+        options: RequestedDecodeOptions,
+        deadline: float | None,
+        arrival: float,
+        on_resolved: OnResolved | None,
+    ) -> AsyncGenerator[StreamUpdate, None]:
         served, decode = self._admit(model, version, [text], options, on_resolved)
         prepared = self._prepare(served, 0, text)
         name, number = served.name, str(served.version)

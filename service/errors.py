@@ -61,6 +61,11 @@ class Unavailable(AttnServeError):
     code = "UNAVAILABLE"
 
 
+class VersionRetired(Unavailable):
+    """A front-end process sent a call to a model version that the engine process retired (hot reload) while
+    the call was on its way; a call that asked for the latest version is sent again to the new one."""
+
+
 class Unauthenticated(AttnServeError):
     """The call lacks valid credentials."""
 
@@ -91,6 +96,7 @@ ALL_ERRORS: tuple[type[AttnServeError], ...] = (
     DeadlineExceeded,
     RequestCancelled,
     Unavailable,
+    VersionRetired,
     Unauthenticated,
     EngineFailure,
     ModelLoadError,

@@ -291,10 +291,10 @@ def usable_cpus() -> int:
     cpus = len(os.sched_getaffinity(0))
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
-        return cpus
-    if quota != "max" and int(period) > 0:
-        cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+        if quota != "max" and int(period) > 0:
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 CPU controller here, or a file we do not understand
+        pass
     return cpus
 
 

@@ -4,6 +4,6 @@
 - engine_side.py: the engine process's endpoint, which hands front-ends' requests to the schedulers;
 - frontend_side.py: a front-end's view of the engine: a registry of the served versions whose schedulers
   are proxies with the engine Scheduler's surface, so the dataplane runs unchanged;
-- supervisor.py: `attnserve serve --frontends N`: starts, watches, restarts and stops the processes, and
-  serves one /metrics for all of them.
+- processes.py: `attnserve serve --frontends N`: the engine and front-end processes' main functions, and
+  the supervisor that starts, watches, restarts and stops them and serves one /metrics for all of them.
 """

@@ -9,6 +9,7 @@ it still had in flight, so the batch never decodes for a caller that is gone.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from service.engine import DecodeOptions, RequestHandle, TranslationRequest, TranslationResult
-from service.errors import AttnServeError, Unavailable
+from service.errors import AttnServeError, Unavailable, VersionRetired
 from service.ipc.messages import (
     Cancel,
     Channel,
@@ -32,6 +33,7 @@ from service.ipc.messages import (
     Token,
 )
 from service.models import ModelEvent, ModelManager
+from service.registry import ServedVersion
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class _Connection:
     def _submit(self, message: Submit) -> None:
         options = message.options
         try:
-            served = self.endpoint.manager.registry.resolve(message.name, str(message.version))
+            served = self._resolve(message.name, message.version)
             decode = DecodeOptions(
                 beam_size=options.beam_size,
                 num_hypotheses=options.num_hypotheses,
@@ -119,8 +121,16 @@ class _Connection:
                 self._streams.add(task)
                 task.add_done_callback(self._streams.discard)
             else:
-                handle.add_done_callback(lambda done, key=key: self._answer(key, done))
+                handle.add_done_callback(functools.partial(self._answer, key))
         self.endpoint.queues_changed()
+
+    def _resolve(self, name: str, version: int) -> ServedVersion:
+        registry = self.endpoint.manager.registry
+        entry = registry.entries.get(name)
+        if entry is not None and version not in entry.served and not registry.draining:
+            # The front-end had not yet heard of the reload when it sent the call.
+            raise VersionRetired(f"model {name} version {version} was retired while this call was on its way; retry")
+        return registry.resolve(name, str(version))
 
     async def _forward_stream(self, key: int, handle: RequestHandle) -> None:
         """Send a streaming request's tokens as they come, then its result: in this order, on one channel."""

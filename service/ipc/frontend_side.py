@@ -14,6 +14,7 @@ calls get Unavailable; the client reconnects on its own once the engine process 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from collections.abc import Callable, Sequence
@@ -86,6 +87,10 @@ def hypothesis_from(record: HypothesisRecord) -> Hypothesis:
     )
 
 
+def _same(channel: Channel) -> Channel:
+    return channel
+
+
 class RemoteScheduler:
     """A model version's queue in the engine process, seen from a front-end (the registry's DecodeQueue).
 
@@ -152,7 +157,6 @@ class EngineClient:
         self._outstanding: dict[int, RequestHandle] = {}
         self._schedulers: dict[tuple[str, int], RemoteScheduler] = {}
         self._first_models = asyncio.Event()
-        self._updates: asyncio.Queue[Models] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -161,8 +165,6 @@ class EngineClient:
     async def start(self) -> None:
         """Connect (waiting for the engine process as long as it takes) and fill the registry from the
         engine's first report of what it serves."""
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._apply_updates(), name="engine models"))
         await self._connect()
         await self._first_models.wait()
 
@@ -171,14 +173,15 @@ class EngineClient:
         loop = asyncio.get_running_loop()
         while not self._stopping:
             channel = Channel(self._received, self._lost)
+            self._channel = channel  # before connecting: the engine's first report may arrive before we resume
             try:
-                await loop.create_unix_connection(lambda: channel, str(self.socket_path))
+                await loop.create_unix_connection(functools.partial(_same, channel), str(self.socket_path))
             except (FileNotFoundError, ConnectionRefusedError):
                 # The engine process is starting or restarting: its socket appears once its models are loaded.
+                self._channel = None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_LONGEST_S)
                 continue
-            self._channel = channel
             log.info("connected to the engine process")
             return
 
@@ -209,7 +212,9 @@ class EngineClient:
         if channel is None or not channel.open:
             raise Unavailable(f"model {name} version {version} accepts no requests now: the engine process is down")
         loop = asyncio.get_running_loop()
-        handles = [RequestHandle(next(self._keys), request, loop, self._cancel, request.arrival) for request in requests]
+        handles = [
+            RequestHandle(next(self._keys), request, loop, self._cancel, request.arrival) for request in requests
+        ]
         for handle in handles:
             self._outstanding[handle.key] = handle
         first = requests[0]
@@ -273,7 +278,7 @@ class EngineClient:
                 if scheduler is not None:
                     scheduler.published_waiting = message.waiting
             elif isinstance(message, Models):
-                self._updates.put_nowait(message)
+                self._apply(message)
             else:
                 log.warning("the engine sent %s, which only front-ends send; ignored", type(message).__name__)
 
@@ -281,7 +286,9 @@ class EngineClient:
         self._channel = None
         if self._stopping:
             return
-        log.error("lost the engine process (%s): failing %d calls in flight with UNAVAILABLE", reason, len(self._outstanding))
+        log.error(
+            "lost the engine process (%s): failing %d calls in flight with UNAVAILABLE", reason, len(self._outstanding)
+        )
         self.registry.unavailable = "the engine process is restarting"
         self._fail_outstanding("the engine process stopped before it finished this call; retry")
         self._notify_availability(False)
@@ -301,18 +308,10 @@ class EngineClient:
 
     # ----- what the engine serves -------------------------------------------------------------------
 
-    async def _apply_updates(self) -> None:
-        """Apply the engine's Models reports in order (tokenizers load in a worker thread)."""
-        while True:
-            models = await self._updates.get()
-            try:
-                await self._apply(models)
-            except Exception:
-                log.exception("applying the engine's list of served models failed")
-            if not self._first_models.is_set():
-                self._first_models.set()
-
-    async def _apply(self, models: Models) -> None:
+    def _apply(self, models: Models) -> None:
+        """Make the registry what the engine serves. Synchronous on purpose: a report is applied before the next
+        message on the channel is read, so a VersionRetired refusal always finds the new version in place.
+        A new version's tokenizers load here (milliseconds; the engine process did the slow part)."""
         registry = self.registry
         events: list[ModelEvent] = []
         entries: dict[str, ModelEntry] = {}
@@ -325,7 +324,7 @@ class EngineClient:
                     entry.served[served.version] = known
                     continue
                 try:
-                    document, source, target = await asyncio.to_thread(read_text_side, Path(served.directory))
+                    document, source, target = read_text_side(Path(served.directory))
                 except ModelLoadError as error:
                     log.error("model %s version %s: %s", info.name, served.version, error.message)
                     entry.failures[served.version] = error.message
@@ -339,10 +338,10 @@ class EngineClient:
         registry.entries = entries
         registry.default_model = models.default_model
         registry.draining = registry.draining or models.draining
-        served = {(name, version) for name, entry in entries.items() for version in entry.served}
-        for retired in set(self._schedulers) - served:  # its calls in flight still resolve by request id
+        serving = {(name, version) for name, entry in entries.items() for version in entry.served}
+        for retired in set(self._schedulers) - serving:  # its calls in flight still resolve by request id
             del self._schedulers[retired]
-        if self._channel is None:  # the connection went while this report was applied: still unavailable
+        if self._channel is None:  # a report that arrived just before the connection went: still unavailable
             return
         was_unavailable = bool(registry.unavailable)
         registry.unavailable = ""
@@ -354,3 +353,4 @@ class EngineClient:
                     log.exception("model event listener failed on %s", event)
         if was_unavailable:
             self._notify_availability(True)
+        self._first_models.set()

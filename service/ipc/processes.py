@@ -195,9 +195,17 @@ class _ChildrenMetrics(Collector):
 
     def __init__(self, children: list[_Child]) -> None:
         self._children = children
+        # The supervisor's own memory and CPU, in the same families as its children's (process="supervisor"):
+        # one exposition must not hold two families of one name.
+        self._own = ProcessCollector(registry=None)
 
     def collect(self) -> Iterator[Metric]:
         merged: dict[str, Metric] = {}
+        for family in self._own.collect():
+            into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
+            into.samples.extend(
+                sample._replace(labels={**sample.labels, "process": "supervisor"}) for sample in family.samples
+            )
         for child in list(self._children):
             if not child.metrics_port:
                 continue
@@ -208,7 +216,9 @@ class _ChildrenMetrics(Collector):
             except OSError:  # restarting: its series are back at the next scrape
                 continue
             for family in text_string_to_metric_families(text):
-                into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
+                into = merged.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type, family.unit)
+                )
                 for sample in family.samples:
                     into.samples.append(sample._replace(labels={**sample.labels, "process": child.label}))
         yield from merged.values()
@@ -228,13 +238,14 @@ class Supervisor:
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="attnserve-"))
         self.stopping = False
         self.registry = CollectorRegistry(auto_describe=True)
-        ProcessCollector(registry=self.registry)
         self.restarts = Counter(
             "attnserve_process_restarts",
             "Child processes of the server started again after they exited on their own, by role.",
             ("role",),
             registry=self.registry,
         )
+        for role in ("engine", "frontend"):  # at 0 from the start, so that increase() sees the first restart
+            self.restarts.labels(role)
         self.registry.register(_ChildrenMetrics([self.engine, *self.frontends]))
         self._metrics_server: object | None = None
 
@@ -248,13 +259,7 @@ class Supervisor:
             loop.add_signal_handler(number, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._forward_hangup)
         try:
-            if not await self._spawn(self.engine, first=True):
-                return self._exit_status(self.engine)
-            for child in self.frontends:
-                if not await self._spawn(child, first=True):
-                    await self._stop_children(self.frontends + [self.engine])
-                    return self._exit_status(child)
-            if self.settings.metrics_port:
+            if self.settings.metrics_port:  # first: a taken port fails the start before any model loads
                 try:
                     server, _ = start_http_server(
                         self.settings.metrics_port, addr=self.settings.metrics_address, registry=self.registry
@@ -262,8 +267,13 @@ class Supervisor:
                     self._metrics_server = server
                 except OSError as error:
                     log.error("cannot serve metrics on port %d: %s", self.settings.metrics_port, error)
-                    await self._stop_children(self.frontends + [self.engine])
                     return 1
+            if not await self._spawn(self.engine, first=True):
+                return self._exit_status(self.engine)
+            for child in self.frontends:
+                if not await self._spawn(child, first=True):
+                    await self._stop_children(self.frontends + [self.engine])
+                    return self._exit_status(child)
             log.info(
                 "attnserve listening on %s with %d front-end processes and one engine process%s",
                 self.settings.grpc_address,
@@ -291,9 +301,9 @@ class Supervisor:
         while the front-ends hold it, and a port already in use fails the start at once."""
         host = self.settings.host.strip("[]")
         try:
-            family, kind, protocol, _, address = socket.getaddrinfo(
-                host, self.settings.port, type=socket.SOCK_STREAM
-            )[0]
+            family, kind, protocol, _, address = socket.getaddrinfo(host, self.settings.port, type=socket.SOCK_STREAM)[
+                0
+            ]
             reservation = socket.socket(family, kind, protocol)
             reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             reservation.bind(address)
@@ -321,7 +331,9 @@ class Supervisor:
         if not line:
             await child.process.wait()
             if first:
-                log.error("the %s process exited with status %s before it was ready", child.label, child.process.returncode)
+                log.error(
+                    "the %s process exited with status %s before it was ready", child.label, child.process.returncode
+                )
             return False
         child.metrics_port = int(json.loads(line).get("metrics_port", 0))
         return True
@@ -357,7 +369,9 @@ class Supervisor:
 
     async def _stop_children(self, children: list[_Child]) -> None:
         """SIGTERM them, wait for their drain, kill those still running past it."""
-        running = [child.process for child in children if child.process is not None and child.process.returncode is None]
+        running = [
+            child.process for child in children if child.process is not None and child.process.returncode is None
+        ]
         for process in running:
             process.send_signal(signal.SIGTERM)
         patience = self.settings.drain_grace_seconds + self.settings.drain_delay_seconds + STOP_MARGIN_S

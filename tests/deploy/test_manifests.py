@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,8 @@ from deploy.tool import (
     variable_queries,
     write_rule_file,
 )
+from service import settings as settings_module
+from service.ipc.processes import Supervisor
 from service.metrics import ServerMetrics
 from service.settings import ENV_PREFIX, Settings
 from tests.deploy.binaries import require_binary
@@ -196,6 +200,21 @@ def test_settings_configmap_is_read_by_the_server(rendered: dict[str, list[dict[
 
 
 @pytest.mark.parametrize("name", OVERLAY_NAMES)
+def test_frontends_are_what_auto_gives_for_the_cpu_request(
+    rendered: dict[str, list[dict[str, Any]]], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Set explicitly: with no CPU limit, `auto` would count every core of the node.
+    container = _container(rendered[name])
+    assert "cpu" not in container["resources"].get("limits", {}), "with a CPU limit, auto would count it: revisit"
+    value = {e["name"]: e for e in container["env"]}[f"{ENV_PREFIX}FRONTENDS"]["value"]
+    request = str(container["resources"]["requests"]["cpu"])
+    cores = math.ceil(int(request[:-1]) / 1000 if request.endswith("m") else float(request))
+    monkeypatch.setattr(settings_module, "usable_cpus", lambda: cores)
+    explicit = Settings.from_sources([], {f"{ENV_PREFIX}FRONTENDS": value}).frontend_processes
+    assert explicit == Settings(frontends="auto").frontend_processes, f"{cores} cores requested"
+
+
+@pytest.mark.parametrize("name", OVERLAY_NAMES)
 def test_probes_draining_and_security(rendered: dict[str, list[dict[str, Any]]], name: str) -> None:
     objects = rendered[name]
     settings = _settings_of(objects)
@@ -310,11 +329,48 @@ def test_promtool_accepts_the_rules_and_rejects_a_broken_one(tmp_path: Path) -> 
     assert result.returncode != 0
 
 
+def test_the_restart_alert_sees_the_first_restart_too(tmp_path: Path) -> None:
+    """promtool's rule unit test: the supervisor's counter appears at a role's first restart already at 1 (p1),
+    or counts up from 0 (p2); both fire for 10 minutes; a counter that stays at 0 (p3) never does."""
+    promtool = require_binary("promtool")
+    (rule,) = [copy.deepcopy(rule) for rule in alerts() if rule["alert"] == "AttnserveProcessRestarts"]
+    del rule["annotations"]  # promtool would compare them too
+    write_rule_file(tmp_path / "rules.yml", {"groups": [{"name": "restarts", "rules": [rule]}]})
+    series = 'attnserve_process_restarts_total{{job="attnserve", instance="{}", role="engine"}}'
+    fired = [
+        {"exp_labels": {"severity": "warning", "job": "attnserve", "instance": pod, "role": "engine"}}
+        for pod in ("p1", "p2")
+    ]
+    test = {
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": series.format("p1"), "values": "_x20 1x40"},
+                    {"series": series.format("p2"), "values": "0x19 1x40"},
+                    {"series": series.format("p3"), "values": "0x60"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "19m", "alertname": rule["alert"], "exp_alerts": []},
+                    {"eval_time": "25m", "alertname": rule["alert"], "exp_alerts": fired},
+                    {"eval_time": "35m", "alertname": rule["alert"], "exp_alerts": []},
+                ],
+            }
+        ],
+    }
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(test, sort_keys=False))
+    result = tool.run_tool([promtool, "test", "rules", str(tmp_path / "test.yml")])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # ----- dashboard ------------------------------------------------------------------------------------------------------
 
 
 def _exposed_sample_names() -> set[str]:
-    """Every sample name a ServerMetrics registry can expose, derived from its families' types."""
+    """Every sample name a ServerMetrics registry, or the supervisor of `--frontends N` (its restarts counter),
+    can expose, derived from their families' types."""
     names: set[str] = set()
     suffixes = {
         "counter": ("_total", "_created"),
@@ -323,8 +379,11 @@ def _exposed_sample_names() -> set[str]:
         "info": ("_info",),
         "summary": ("_sum", "_count", "_created"),
     }
-    for family in ServerMetrics().registry.collect():
-        names |= {family.name + suffix for suffix in suffixes[family.type]}
+    supervisor = Supervisor(Settings(), [], frontends=1)  # its children are not started
+    shutil.rmtree(supervisor.runtime_dir)
+    for registry in (ServerMetrics().registry, supervisor.registry):
+        for family in registry.collect():
+            names |= {family.name + suffix for suffix in suffixes[family.type]}
     return names
 
 
