@@ -106,6 +106,7 @@ class BenchConfig:
     max_active_hypotheses: int
     ceiling_seconds: float
     quick: bool = False
+    frontends: str = "0"
 
 
 @dataclass
@@ -245,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure nothing: write the report of an earlier run's bench.json into --out",
     )
     parser.add_argument(
+        "--frontends",
+        default="0",
+        help="`attnserve serve --frontends` of every attnserve contender (default 0: one process)",
+    )
+    parser.add_argument(
         "--ceiling-seconds", type=float, default=None, help="seconds per engine-ceiling point (default 1.5)"
     )
     return parser
@@ -282,6 +288,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         max_active_hypotheses=args.max_active_hypotheses,
         ceiling_seconds=args.ceiling_seconds if args.ceiling_seconds is not None else (0.5 if quick else 1.5),
         quick=quick,
+        frontends=args.frontends,
     )
 
 
@@ -580,7 +587,7 @@ class Bench:
         from loadtests.servers import attnserve_server, eager_server, noop_server
 
         config = self.config
-        common = ("--max-active-hypotheses", str(config.max_active_hypotheses))
+        common = ("--max-active-hypotheses", str(config.max_active_hypotheses), "--frontends", config.frontends)
         with LoadGenerator(config.client_processes) as generator:
             for contender in SERVER_CONTENDERS:
                 if contender not in config.contenders:

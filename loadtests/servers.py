@@ -100,14 +100,21 @@ class ServerProcess:
             process.wait(10)
 
     def cpu_seconds(self) -> float:
-        """User + system CPU seconds the server process has used so far (Linux /proc; NaN elsewhere)."""
+        """User + system CPU seconds the server has used so far, its child processes (front-ends, engine)
+        included (Linux /proc; NaN elsewhere)."""
         if self.process is None:
             return math.nan
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return math.nan
+        from loadtests.reliability.common import child_processes
+
+        total = 0.0
+        for pid in (self.process.pid, *child_processes(self.process.pid)):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, IndexError, ValueError):
+                if pid == self.process.pid:
+                    return math.nan
+        return total
 
     def __enter__(self) -> ServerProcess:
         return self.start()

@@ -72,12 +72,36 @@ def workload_texts(address: str) -> dict[str, list[str]]:
     return texts
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process (Linux /proc), bytes."""
+def rss_bytes(pid: int, *, with_children: bool = True) -> int:
+    """Resident memory of a process (Linux /proc), bytes; with its child processes' added by default (a server
+    with front-end processes is a supervisor and its children)."""
+    total = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+            total = int(line.split()[1]) * 1024
+            break
+    else:
+        raise RuntimeError(f"no VmRSS for process {pid}")
+    if with_children:
+        for child in child_processes(pid):
+            try:
+                total += rss_bytes(child, with_children=False)
+            except (OSError, RuntimeError):  # it exited meanwhile
+                pass
+    return total
+
+
+def child_processes(pid: int) -> list[int]:
+    """Process ids of the processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
 
 
 @dataclass

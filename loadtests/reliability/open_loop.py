@@ -52,6 +52,7 @@ class OpenLoopRun:
     seconds: int
     h2load_done: int
     h2load_summary: str  # its `requests:` line: how many of those it counted succeeded, failed or errored
+    refused_by_transport: int  # streams reset before any answer (REFUSED_STREAM over max_concurrent_streams)
     counted: collections.Counter[str]  # the server's Translate calls by status code
     unseen: int  # completed by a client, counted by no server counter: failed by gRPC core
     probes: collections.Counter[str]
@@ -131,14 +132,19 @@ def run_at(
                 .text
             )
     summary = next((line for line in output.splitlines() if line.startswith("requests:")), "")
-    done = int(summary.split()[5]) if summary else 0
+    # "requests: T total, S started, D done, OK succeeded, F failed, E errored, 0 timeout". h2load counts every
+    # call answered with HTTP 200 as succeeded, whatever its grpc-status (so gRPC core's CANCELLED too); errored
+    # are the streams reset without an answer: refused by the server's transport (REFUSED_STREAM).
+    fields = summary.split()
+    done, answered, errored = (int(fields[5]), int(fields[7]), int(fields[11])) if summary else (0, 0, 0)
     return OpenLoopRun(
         rate=rate,
         seconds=seconds,
         h2load_done=done,
         h2load_summary=summary,
         counted=counted,
-        unseen=max(0, done + probes - counted.total()),
+        refused_by_transport=errored,
+        unseen=max(0, answered + probes - counted.total()),
         probes=codes,
         probe_median_ms=1e3 * sorted(latencies)[len(latencies) // 2],
         rss_before_mb=rss_before / 2**20,
@@ -157,6 +163,7 @@ def table(runs: list[OpenLoopRun]) -> str:
             f"{run.counted.get('RESOURCE_EXHAUSTED', 0):,}",
             f"{run.counted.get('CANCELLED', 0):,}",
             f"{run.unseen:,}",
+            f"{run.refused_by_transport:,}",
             ", ".join(f"{code} {count}" for code, count in sorted(run.probes.items())),
             f"{run.probe_median_ms:.1f}",
             f"{run.rss_before_mb:.0f} -> {run.rss_after_mb:.0f}",
@@ -171,13 +178,14 @@ def table(runs: list[OpenLoopRun]) -> str:
         "RESOURCE_EXHAUSTED",
         "CANCELLED",
         "unseen",
+        "refused by transport",
         "probes",
         "probe p50 ms",
         "RSS MB",
         "clean",
     ]
     return tabulate(
-        rows, headers=headers, tablefmt="pipe", colalign=("right",) * 6 + ("left", "right", "right", "left")
+        rows, headers=headers, tablefmt="pipe", colalign=("right",) * 7 + ("left", "right", "right", "left")
     )
 
 

@@ -68,6 +68,7 @@ class RequestHandle:
         self._events: asyncio.Queue[object] | None = asyncio.Queue() if request.stream else None
         self._stream_taken = False
         self._on_cancel = on_cancel
+        self._when_resolved: Callable[[RequestHandle], None] | None = None
 
     @property
     def done(self) -> bool:
@@ -101,9 +102,10 @@ class RequestHandle:
         self._stream_taken = True
         return self._iterate_events(self._events)
 
-    def add_done_callback(self, callback: Callable[[RequestHandle], None]) -> None:
-        """Call `callback(self)` on the event loop once the request is resolved; `outcome()` then says how."""
-        self._future.add_done_callback(lambda _: callback(self))
+    def when_resolved(self, callback: Callable[[RequestHandle], None]) -> None:
+        """Call `callback(self)` right when the request is resolved, in the same turn of the event loop (one
+        callback per handle; it must not raise or block); `outcome()` then says how it ended."""
+        self._when_resolved = callback
 
     def outcome(self) -> TranslationResult | AttnServeError:
         """A resolved request's result, or the AttnServeError that ended it (InvalidStateError before then)."""
@@ -146,6 +148,8 @@ class RequestHandle:
         self._future.set_result(result)
         if self._events is not None:
             self._events.put_nowait(_END_OF_STREAM)
+        if self._when_resolved is not None:
+            self._when_resolved(self)
         return True
 
     def _fail(self, error: AttnServeError) -> bool:
@@ -155,6 +159,8 @@ class RequestHandle:
         self._future.exception()  # marks it retrieved: nobody need await a cancelled request's result
         if self._events is not None:
             self._events.put_nowait(error)
+        if self._when_resolved is not None:
+            self._when_resolved(self)
         return True
 
 

@@ -121,7 +121,7 @@ class _Connection:
                 self._streams.add(task)
                 task.add_done_callback(self._streams.discard)
             else:
-                handle.add_done_callback(functools.partial(self._answer, key))
+                handle.when_resolved(functools.partial(self._answer, key))
         self.endpoint.queues_changed()
 
     def _resolve(self, name: str, version: int) -> ServedVersion:

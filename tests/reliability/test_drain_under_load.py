@@ -76,11 +76,21 @@ class Recorder:
             count += 1
 
 
-def test_sigterm_under_load_loses_no_admitted_call(tiny_repository: Path) -> None:
+@pytest.mark.parametrize("frontends", ["0", "2"], ids=["one-process", "two-frontends"])
+def test_sigterm_under_load_loses_no_admitted_call(tiny_repository: Path, frontends: str) -> None:
     port = free_port()
     # One text at a time, so that calls take a while and many are in flight when the signal lands.
     process = start_subprocess(
-        tiny_repository, port, "--drain-grace-seconds", "60", "--intra-op-threads", "1", "--batching", "none"
+        tiny_repository,
+        port,
+        "--drain-grace-seconds",
+        "60",
+        "--intra-op-threads",
+        "1",
+        "--batching",
+        "none",
+        "--frontends",
+        frontends,
     )
     recorder = Recorder()
     stop = threading.Event()

@@ -18,6 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loadtests.reliability.common import child_processes
 from loadtests.servers import serve_command
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
@@ -72,16 +73,13 @@ class MultiProcessServer:
     def children(self, role: str) -> list[int]:
         """Process ids of the supervisor's children in `role` ('engine' or 'frontend')."""
         found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
+        for pid in child_processes(self.process.pid):
             try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                command = (entry / "cmdline").read_bytes().split(b"\0")
-            except (OSError, IndexError, ValueError):
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
                 continue
-            if parent == self.process.pid and b"service.ipc.processes" in command and role.encode() in command:
-                found.append(int(entry.name))
+            if b"service.ipc.processes" in command and role.encode() in command:
+                found.append(pid)
         return found
 
     def stop(self) -> tuple[int, str]:
