@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from service.engine import BatchingPolicy, EngineLimits, Scheduler
 from service.errors import ModelLoadError, ModelNotFound
@@ -60,6 +61,17 @@ class ModelEvent:
     name: str
     version: int
     detail: str = ""
+
+
+class ModelSource(Protocol):
+    """Where a process's served versions come from: the ModelManager below, or in a front-end process the
+    engine process's client (service/ipc/frontend_side.py). What the gRPC server and the engine endpoint use."""
+
+    registry: ModelRegistry
+
+    def add_listener(self, listener: Callable[[ModelEvent], None]) -> None: ...
+    def begin_draining(self) -> None: ...
+    async def stop(self, grace_s: float) -> None: ...
 
 
 Fingerprint = tuple[tuple[str, int, int], ...]

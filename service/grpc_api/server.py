@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import Protocol
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,8 +25,7 @@ from service.grpc_api.kserve import KSERVE_SERVICE, KServeServicer
 from service.grpc_api.security import BearerTokens, TokenAuthInterceptor, server_credentials
 from service.grpc_api.servicer import TranslatorServicer
 from service.metrics import ServerMetrics
-from service.models import ModelEvent, ModelEventKind
-from service.registry import ModelRegistry
+from service.models import ModelEvent, ModelEventKind, ModelSource
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -75,17 +72,6 @@ def _stream_limit_options(settings: Settings) -> list[tuple[str, int]]:
     if settings.max_concurrent_streams <= 0:
         return []
     return [("grpc.max_concurrent_streams", settings.max_concurrent_streams)]
-
-
-class ModelSource(Protocol):
-    """Where the served versions come from: the ModelManager in a single-process server, the engine
-    process's client (service/ipc/frontend_side.py) in a front-end process."""
-
-    registry: ModelRegistry
-
-    def add_listener(self, listener: Callable[[ModelEvent], None]) -> None: ...
-    def begin_draining(self) -> None: ...
-    async def stop(self, grace_s: float) -> None: ...
 
 
 class GrpcServer:

@@ -32,7 +32,7 @@ from service.ipc.messages import (
     Submit,
     Token,
 )
-from service.models import ModelEvent, ModelManager
+from service.models import ModelEvent, ModelSource
 from service.registry import ServedVersion
 
 log = logging.getLogger(__name__)
@@ -171,9 +171,10 @@ class _Connection:
 
 
 class EngineEndpoint:
-    """Serves the ModelManager's schedulers to front-end processes over a Unix socket. Event-loop thread only."""
+    """Serves the schedulers of `manager` (the ModelManager) to front-end processes over a Unix socket.
+    Event-loop thread only."""
 
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelSource) -> None:
         self.manager = manager
         self.connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None

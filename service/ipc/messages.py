@@ -212,9 +212,15 @@ class Channel(asyncio.Protocol):
         self._transport.write(encode_frame(outgoing))
 
     def close(self) -> None:
+        """Send what is queued, then close."""
         self.flush()
         if self._transport is not None:
             self._transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once, unsent messages too (the peer sees it as a process that died)."""
+        if self._transport is not None:
+            self._transport.abort()
 
     # asyncio.Protocol
 
