@@ -211,8 +211,14 @@ def test_deadlines_and_abandoned_streams_are_answered_once(multi: MultiProcessSe
 def test_one_queue_limit_across_frontends(tiny_repository: Path) -> None:
     server = MultiProcessServer(tiny_repository, "--max-waiting-requests", "4", "--max-active-hypotheses", "8")
     try:
-        # Calls on several connections, so that both front-ends receive some.
-        channels = [grpc.insecure_channel(server.address) for _ in range(4)]
+        # Calls on several connections, so that both front-ends receive some. Each connection is used once first:
+        # a client that bursts past max_concurrent_streams before it has the server's settings has the excess
+        # refused by the transport (UNAVAILABLE); once it has them, it queues the excess on its side.
+        channels = [
+            grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)
+        ]
+        for channel in channels:
+            pb_grpc.TranslatorStub(channel).Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=30)
         outcomes = []
         threads = []
         lock = threading.Lock()
@@ -231,7 +237,9 @@ def test_one_queue_limit_across_frontends(tiny_repository: Path) -> None:
         for channel in channels:
             channel.close()
         codes = {outcome.code for outcome in outcomes}
-        assert len(outcomes) == 240 and codes <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+        assert len(outcomes) == 240 and codes <= {"OK", "RESOURCE_EXHAUSTED"}, [
+            (outcome.code, outcome.details) for outcome in outcomes if outcome.code not in ("OK", "RESOURCE_EXHAUSTED")
+        ]
         shed = [outcome for outcome in outcomes if outcome.code == "RESOURCE_EXHAUSTED"]
         assert shed and len(shed) < len(outcomes)
         for outcome in shed:
