@@ -189,12 +189,12 @@ class Settings(BaseSettings):
     reflection: bool = True
     """Serve gRPC server reflection (lets grpcurl and similar tools list the API): true or false."""
 
-    max_concurrent_streams: Annotated[int, Field(ge=0, le=2**31 - 1)] = 100
+    max_concurrent_streams: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     """Most calls one client connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS);
-    0 = no limit. gRPC clients queue calls beyond it on their side; a client that sends more anyway has them
-    refused by the transport (REFUSED_STREAM, seen as UNAVAILABLE: nothing was done, safe to retry). Keep
-    this times the client connections below max_pending_calls: then no call can reach the server's backlog
-    limit, where gRPC core would fail it with CANCELLED."""
+    0 = no limit. Calls beyond it are refused by the transport (REFUSED_STREAM, seen as UNAVAILABLE: nothing
+    was done, safe to retry), also those of a client that bursts past it on a connection too new to know the
+    limit; clients that know it queue on their side. Set with this times the client connections below
+    max_pending_calls, no call can reach the backlog limit where gRPC core fails calls with CANCELLED."""
 
     max_pending_calls: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     """Calls gRPC core holds before the server's Python layer picks them up; twice this is the hard limit,

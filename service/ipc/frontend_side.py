@@ -195,10 +195,12 @@ class EngineClient:
         """Wait up to `grace_s` seconds for the calls in flight, fail the rest with Unavailable, disconnect."""
         self.begin_draining()
         self._stopping = True
-        deadline = asyncio.get_running_loop().time() + max(grace_s, 0.0)
-        while self._outstanding and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)  # only after gRPC's own drain, which normally left nothing in flight
+        # This runs after gRPC's own drain, which normally left nothing in flight.
+        waiting = [asyncio.ensure_future(handle.result()) for handle in self._outstanding.values()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=max(grace_s, 0.0))
         self._fail_outstanding("the front-end stopped before the engine answered")
+        await asyncio.gather(*waiting, return_exceptions=True)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -15,8 +15,9 @@ then the front-ends, and waits for their exits:
 - /metrics on metrics_port is the supervisor's: every process's series, each with a `process` label
   ('engine', 'frontend-0', ...), read from the children's loopback endpoints when scraped.
 
-Each child is `python -m service.ipc.processes ROLE RUNTIME_DIR -- <the serve flags>`: it reads the same flags
-and environment, so every process holds the same settings. It prints one JSON line on stdout once ready.
+Each child is `python -m service.ipc.processes ROLE RUNTIME_DIR SUPERVISOR_PID -- <the serve flags>`: it reads
+the same flags and environment, so every process holds the same settings. It prints one JSON line on stdout once
+ready, and stops when the supervisor dies, however it died.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ RESTART_LONGEST_S = 30.0
 STABLE_AFTER_S = 60.0
 """A child that ran this long before it exited is restarted after the shortest pause again."""
 SCRAPE_TIMEOUT_S = 2.0
+PR_SET_PDEATHSIG = 1  # prctl(2)
 STOP_MARGIN_S = 5.0
 """How long past its drain grace a child may take to exit before it is killed."""
 
@@ -157,14 +159,31 @@ async def run_frontend(settings: Settings, runtime_dir: Path) -> int:
     return 0
 
 
+def _stop_with_parent(supervisor: int) -> None:
+    """Have the kernel send this process SIGTERM when its supervisor dies, whatever killed it (Linux), so no
+    front-end outlives it holding the port. A supervisor already gone by now means: stop at once."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the supervisor's own shutdown still stops its children
+        return
+    if os.getppid() != supervisor:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def child_main(argv: list[str]) -> int:
-    """`python -m service.ipc.processes {engine,frontend} RUNTIME_DIR -- FLAGS...`"""
+    """`python -m service.ipc.processes {engine,frontend} RUNTIME_DIR SUPERVISOR_PID -- FLAGS...`"""
     from service.server import configure_logging
 
-    role, runtime_dir, separator, *flags = argv
-    if separator != "--" or role not in ("engine", "frontend"):
-        print("usage: python -m service.ipc.processes {engine,frontend} RUNTIME_DIR -- FLAGS...", file=sys.stderr)
+    role, runtime_dir, supervisor, separator, *flags = argv
+    if separator != "--" or role not in ("engine", "frontend") or not supervisor.isdigit():
+        print(
+            "usage: python -m service.ipc.processes {engine,frontend} RUNTIME_DIR SUPERVISOR_PID -- FLAGS...",
+            file=sys.stderr,
+        )
         return 2
+    _stop_with_parent(int(supervisor))
     try:
         settings = Settings.from_sources(flags, os.environ)
     except SettingsError as error:
@@ -321,6 +340,7 @@ class Supervisor:
             "service.ipc.processes",
             child.role,
             str(self.runtime_dir),
+            str(os.getpid()),
             "--",
             *self.flags,
             stdout=asyncio.subprocess.PIPE,
