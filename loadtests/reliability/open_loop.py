@@ -78,12 +78,16 @@ def run_at(
     work: Path,
     server_args: tuple[str, ...],
     streams: int = 100,
+    texts: int = 1,
+    beam: int = 1,
 ) -> OpenLoopRun:
     """A fresh server, `rate` calls/s offered by h2load for `seconds` (at most CONNECTIONS x `streams` calls in
-    flight), `probes` calls from a Python client."""
+    flight), each call `texts` copies of TEXT decoded with `beam`, and `probes` calls from a Python client."""
     work.mkdir(parents=True, exist_ok=True)
     body = work / "translate.bin"
-    body.write_bytes(grpc_body(pb.TranslateRequest(model="dates", texts=[TEXT])))
+    body.write_bytes(
+        grpc_body(pb.TranslateRequest(model="dates", texts=[TEXT] * texts, options=pb.DecodeOptions(beam_size=beam)))
+    )
     with attnserve_server(
         repository,
         batching="continuous",
@@ -204,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"most calls in flight per h2load connection ({CONNECTIONS} connections; default 100): h2load offers "
         "the rate only while calls in flight stay below this, so a truly open loop far past capacity needs more",
     )
+    parser.add_argument(
+        "--texts", type=int, default=1, help="texts per h2load call (default 1); more makes calls engine-bound"
+    )
+    parser.add_argument("--beam", type=int, default=1, help="beam size of h2load's calls (default 1: greedy)")
     parser.add_argument("--work", type=Path, default=Path("build/open-loop"), help="body file and server logs")
     parser.add_argument("server_args", nargs="*", help="extra `attnserve serve` flags (after --)")
     args = parser.parse_args(argv)
@@ -215,7 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rate {args.rate!r}: give calls/s as integers, e.g. 3000 or 1000,3000,9000")
     runs = []
     for rate in rates:
-        run = run_at(rate, args.seconds, args.probes, args.repository, args.work, tuple(args.server_args), args.streams)
+        run = run_at(
+            rate,
+            args.seconds,
+            args.probes,
+            args.repository,
+            args.work,
+            tuple(args.server_args),
+            args.streams,
+            args.texts,
+            args.beam,
+        )
         print(
             f"offered {rate} calls/s for {args.seconds} s: server counted {dict(run.counted)}, "
             f"unseen {run.unseen}, probes {dict(run.probes)}, after: {TEXT!r} -> {run.after!r}; h2load "
