@@ -2,7 +2,9 @@
 
 Health reports "" (the whole server), "attnserve.v1.Translator", "inference.GRPCInferenceService" (the
 KServe v2 API) and every model name: SERVING once the model has a loaded version, NOT_SERVING otherwise
-and for everything from the start of a drain.
+and for everything from the start of a drain. "liveness" is SERVING from the start until the drain, whatever
+the models and the engine process do: it tells a liveness probe that this process answers, so an engine
+process being restarted makes the pod unready, never a container restart.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 TRANSLATOR_SERVICE = pb.DESCRIPTOR.services_by_name["Translator"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+LIVENESS_SERVICE = "liveness"
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -145,6 +148,7 @@ class GrpcServer:
         await self.health.set(TRANSLATOR_SERVICE, SERVING)
         await self.health.set(KSERVE_SERVICE, SERVING)
         await self.health.set("", SERVING)
+        await self.health.set(LIVENESS_SERVICE, SERVING)
         self.manager.add_listener(self._on_model_event)
         if self._tokens is not None and self._credentials is None:
             log.warning(

@@ -36,6 +36,7 @@ from deploy.tool import (
     write_rule_file,
 )
 from service import settings as settings_module
+from service.grpc_api.server import LIVENESS_SERVICE
 from service.ipc.processes import Supervisor
 from service.metrics import ServerMetrics
 from service.settings import ENV_PREFIX, Settings
@@ -220,10 +221,10 @@ def test_probes_draining_and_security(rendered: dict[str, list[dict[str, Any]]],
     settings = _settings_of(objects)
     pod = find_object(objects, "Deployment")["spec"]["template"]["spec"]
     container = _container(objects)
-    for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe_name, service in (("startupProbe", ""), ("readinessProbe", ""), ("livenessProbe", LIVENESS_SERVICE)):
         probe = container[probe_name]
         assert probe["grpc"]["port"] == settings.port, probe_name  # native grpc.health.v1 probe
-        assert probe["grpc"].get("service", "") == ""
+        assert probe["grpc"].get("service", "") == service, probe_name
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # model loading
     liveness = container["livenessProbe"]

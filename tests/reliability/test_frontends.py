@@ -154,7 +154,7 @@ def test_kserve_health_and_errors_cross_the_processes(multi: MultiProcessServer)
         assert kserve.ServerReady(kserve_pb.ServerReadyRequest(), timeout=10).ready
         assert kserve.ModelReady(kserve_pb.ModelReadyRequest(name="dates"), timeout=10).ready
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "attnserve.v1.Translator", "dates", "numbers"):
+        for service in ("", "attnserve.v1.Translator", "dates", "numbers", "liveness"):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
         stub = pb_grpc.TranslatorStub(channel)
@@ -280,6 +280,11 @@ def test_killed_engine_and_frontend_fail_calls_with_unavailable_and_come_back(ti
         wait_for(lambda: outcomes.count("OK") >= 20, what="steady load")
         os.kill(engines[0], signal.SIGKILL)
         wait_for(lambda: "UNAVAILABLE" in outcomes, what="calls refused while the engine is down")
+        with grpc.insecure_channel(server.address) as channel:  # what a liveness probe asks: the process answers
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="liveness"), timeout=10
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
         wait_for(lambda: server.children("engine") not in ([], engines), what="a new engine process")
         wait_until_serving(server.address, process=server.process)
         served_before = len(outcomes)
