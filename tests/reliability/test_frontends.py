@@ -11,6 +11,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.gen.inference import grpc_service_pb2 as kserve_pb
 from service.gen.inference import grpc_service_pb2_grpc as kserve_pb_grpc
+from tests.deploy.binaries import require_binary
 from tests.reliability.reliability_support import copy_version, metric, metric_sum, scrape, wait_for
 from tests.reliability.test_overload import burst, fire
 from tests.service.server_harness import (
@@ -174,9 +176,15 @@ def test_one_metrics_page_with_every_process(multi: MultiProcessServer) -> None:
             with grpc.insecure_channel(multi.address) as fresh:
                 pb_grpc.TranslatorStub(fresh).Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=30)
         stub.Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=30)
+    with urllib.request.urlopen(multi.metrics_url, timeout=10) as response:
+        page = response.read().decode()
+    # One valid exposition: every family once, each process's series told apart by their label.
+    promtool = require_binary("promtool")
+    checked = subprocess.run([promtool, "check", "metrics"], input=page, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
     samples = scrape(multi.metrics_url)
     labels = {dict(key[1]).get("process") for key in samples if key[0] == "process_resident_memory_bytes"}
-    assert {"engine", *(f"frontend-{index}" for index in range(FRONTENDS))} <= labels
+    assert labels == {"supervisor", "engine", *(f"frontend-{index}" for index in range(FRONTENDS))}
     # RPCs are counted by the front-ends, decoding by the engine; the engine's finished count covers every text.
     served = metric_sum(samples, "attnserve_requests_total", method="Translate", code="OK")
     assert served >= 9
