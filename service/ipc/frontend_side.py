@@ -210,17 +210,23 @@ class EngineClient:
     # ----- requests ---------------------------------------------------------------------------------
 
     def submit(self, name: str, version: int, requests: Sequence[TranslationRequest]) -> list[RequestHandle]:
+        """Send one call's texts to the engine (RemoteScheduler.submit_all); raises Unavailable without a connection."""
         channel = self._channel
         if channel is None or not channel.open:
             raise Unavailable(f"model {name} version {version} accepts no requests now: the engine process is down")
+        first = requests[0]
+        options = first.options
+        if any(
+            (r.options, r.deadline, r.stream, r.arrival) != (options, first.deadline, first.stream, first.arrival)
+            for r in requests
+        ):
+            raise ValueError("one Submit carries one call's texts: the same options, deadline, stream and arrival")
         loop = asyncio.get_running_loop()
         handles = [
             RequestHandle(next(self._keys), request, loop, self._cancel, request.arrival) for request in requests
         ]
         for handle in handles:
             self._outstanding[handle.key] = handle
-        first = requests[0]
-        options = first.options
         channel.send(
             Submit(
                 ids=[handle.key for handle in handles],
