@@ -53,7 +53,9 @@ STABLE_AFTER_S = 60.0
 SCRAPE_TIMEOUT_S = 2.0
 PR_SET_PDEATHSIG = 1  # prctl(2)
 STOP_MARGIN_S = 5.0
-"""How long past its drain grace a child may take to exit before it is killed."""
+"""How long past the drain grace the whole shutdown may take before the children still running are killed."""
+ENGINE_STOP_S = 2.0
+"""The part of that budget kept for the engine, which stops last and has nothing in flight by then."""
 
 
 # ----- the children ------------------------------------------------------------------------------------------
@@ -291,7 +293,7 @@ class Supervisor:
                 return self._exit_status(self.engine)
             for child in self.frontends:
                 if not await self._spawn(child, first=True):
-                    await self._stop_children(self.frontends + [self.engine])
+                    await self._stop_children(self.frontends + [self.engine], loop.time() + STOP_MARGIN_S)
                     return self._exit_status(child)
             log.info(
                 "attnserve listening on %s with %d front-end processes and one engine process%s",
@@ -303,8 +305,10 @@ class Supervisor:
             await stop.wait()
             self.stopping = True
             log.info("shutting down: the front-ends drain, then the engine stops")
-            await self._stop_children(self.frontends)
-            await self._stop_children([self.engine])
+            # One budget for the whole shutdown, as for a single-process server: the drain grace, plus a margin.
+            deadline = loop.time() + self.settings.drain_grace_seconds + STOP_MARGIN_S
+            await self._stop_children(self.frontends, deadline - ENGINE_STOP_S)
+            await self._stop_children([self.engine], deadline)
             for watcher in watchers:
                 watcher.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
@@ -387,19 +391,19 @@ class Supervisor:
             self.restarts.labels(child.role).inc()
             await self._spawn(child, first=False)
 
-    async def _stop_children(self, children: list[_Child]) -> None:
-        """SIGTERM them, wait for their drain, kill those still running past it."""
+    async def _stop_children(self, children: list[_Child], deadline: float) -> None:
+        """SIGTERM them, wait for their drain until `deadline` (event-loop time), kill those still running then."""
         running = [
             child.process for child in children if child.process is not None and child.process.returncode is None
         ]
         for process in running:
             process.send_signal(signal.SIGTERM)
-        patience = self.settings.drain_grace_seconds + self.settings.drain_delay_seconds + STOP_MARGIN_S
+        loop = asyncio.get_running_loop()
         for process in running:
             try:
-                await asyncio.wait_for(process.wait(), patience)
+                await asyncio.wait_for(process.wait(), max(deadline - loop.time(), 0.0))
             except TimeoutError:
-                log.error("process %d did not stop within %.1f s; killing it", process.pid, patience)
+                log.error("process %d had not stopped by the end of the drain; killing it", process.pid)
                 process.kill()
                 await process.wait()
 
