@@ -74,6 +74,16 @@ class ModelSource(Protocol):
     async def stop(self, grace_s: float) -> None: ...
 
 
+def notify_listeners(listeners: list[Callable[[ModelEvent], None]], event: ModelEvent) -> None:
+    """Give `event` to every listener; one that raises is logged and the others still hear of it (a broken
+    listener must not stop a reload half-way)."""
+    for listener in listeners:
+        try:
+            listener(event)
+        except Exception:
+            log.exception("model event listener failed on %s", event)
+
+
 Fingerprint = tuple[tuple[str, int, int], ...]
 """A version directory's files as (name, size in bytes, mtime in ns): a failed version is retried when it changes."""
 
@@ -115,6 +125,7 @@ class ModelManager:
         self._listeners: list[Callable[[ModelEvent], None]] = []
         self._scan_lock = asyncio.Lock()
         self._scan_task: asyncio.Task[None] | None = None
+        self._refreshes: set[asyncio.Task[None]] = set()  # scans asked for by refresh_soon(), until they end
         self._retiring: dict[asyncio.Task[None], ServedVersion] = {}
         # (name, version) -> its files when it failed: it is tried again only once they change.
         self._failed_fingerprints: dict[tuple[str, int], Fingerprint] = {}
@@ -242,11 +253,20 @@ class ModelManager:
         self._listeners.append(listener)
 
     def _emit(self, event: ModelEvent) -> None:
-        for listener in self._listeners:
-            try:
-                listener(event)
-            except Exception:  # a broken listener must not stop a reload half-way
-                log.exception("model event listener failed on %s", event)
+        notify_listeners(self._listeners, event)
+
+    def refresh_soon(self, reason: str) -> None:
+        """Scan the repository now, in the background (for SIGHUP); a scan that fails is logged with `reason`."""
+        log.info("%s: scanning the model repository", reason)
+        task = asyncio.get_running_loop().create_task(self.refresh(), name=f"repository scan ({reason})")
+        self._refreshes.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._refreshes.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("the repository scan asked for by %s failed", reason, exc_info=task.exception())
+
+        task.add_done_callback(done)
 
     async def refresh(self) -> None:
         """Scan the repository now and reconcile what is served with it (the periodic scan calls this).

@@ -36,6 +36,17 @@ def configure_logging(level: str) -> None:
     )
 
 
+async def start_models(manager: ModelManager) -> bool:
+    """Load the repository (ModelManager.start); False, with the reason logged, when not a single model loads."""
+    try:
+        await manager.start()
+    except AttnServeError as error:
+        log.error("cannot start: %s", error.message)
+        await manager.stop(0.0)
+        return False
+    return True
+
+
 async def serve(
     settings: Settings,
     *,
@@ -56,11 +67,7 @@ async def serve(
     except SecurityConfigError as error:
         log.error("cannot start: %s", error)
         return 2
-    try:
-        await manager.start()
-    except AttnServeError as error:
-        log.error("cannot start: %s", error.message)
-        await manager.stop(0.0)
+    if not await start_models(manager):
         return 1
     try:
         port = await server.start()
@@ -83,20 +90,7 @@ async def serve(
         for signal_number in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signal_number, stop.set)
             handled.append(signal_number)
-        rescans: set[asyncio.Task[None]] = set()
-
-        def rescanned(task: asyncio.Task[None]) -> None:
-            rescans.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                log.error("the repository scan asked for by SIGHUP failed", exc_info=task.exception())
-
-        def rescan() -> None:
-            log.info("SIGHUP: scanning the model repository")
-            task = loop.create_task(manager.refresh())
-            rescans.add(task)
-            task.add_done_callback(rescanned)
-
-        loop.add_signal_handler(signal.SIGHUP, rescan)
+        loop.add_signal_handler(signal.SIGHUP, manager.refresh_soon, "SIGHUP")
         handled.append(signal.SIGHUP)
     models = ", ".join(
         f"{served.name} v{served.version} ({served.model.provider})" for served in manager.registry.served_versions()

@@ -237,11 +237,12 @@ class EngineEndpoint:
 
     def _publish_depths(self) -> None:
         self._depths_pending = False
+        published, self._published = self._published, {}  # retired versions drop out here
         for served in self.manager.registry.served_versions():
             key = (served.name, served.version)
             waiting = served.scheduler.waiting
-            if self._published.get(key) != waiting:
-                self._published[key] = waiting
+            self._published[key] = waiting
+            if published.get(key) != waiting:
                 for connection in self.connections:
                     connection.channel.send(QueueDepth(served.name, served.version, waiting))
 

@@ -46,7 +46,7 @@ from service.ipc.messages import (
     Submit,
     Token,
 )
-from service.models import ModelEvent, ModelEventKind
+from service.models import ModelEvent, ModelEventKind, notify_listeners
 from service.registry import ModelEntry, ModelRegistry, ServedVersion
 from service.runtime.model import read_text_side
 from service.runtime.model_format import ModelDocument
@@ -157,7 +157,7 @@ class EngineClient:
         self._outstanding: dict[int, RequestHandle] = {}
         self._schedulers: dict[tuple[str, int], RemoteScheduler] = {}
         self._first_models = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # reconnections in progress
         self._stopping = False
 
     # ----- life cycle -------------------------------------------------------------------------------
@@ -300,7 +300,9 @@ class EngineClient:
         self.registry.unavailable = "the engine process is restarting"
         self._fail_outstanding("the engine process stopped before it finished this call; retry")
         self._notify_availability(False)
-        self._tasks.append(asyncio.get_running_loop().create_task(self._connect(), name="engine reconnect"))
+        task = asyncio.get_running_loop().create_task(self._connect(), name="engine reconnect")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _fail_outstanding(self, why: str) -> None:
         outstanding, self._outstanding = self._outstanding, {}
@@ -354,11 +356,7 @@ class EngineClient:
         was_unavailable = bool(registry.unavailable)
         registry.unavailable = ""
         for event in events:
-            for listener in self._listeners:
-                try:
-                    listener(event)
-                except Exception:
-                    log.exception("model event listener failed on %s", event)
+            notify_listeners(self._listeners, event)
         if was_unavailable:
             self._notify_availability(True)
         self._first_models.set()

@@ -78,33 +78,21 @@ def _stop_event() -> asyncio.Event:
 
 async def run_engine(settings: Settings, runtime_dir: Path) -> int:
     """The engine process: load the repository, serve the front-ends on the Unix socket until SIGTERM."""
-    from service.errors import AttnServeError
     from service.ipc.engine_side import EngineEndpoint
     from service.metrics import ServerMetrics
     from service.models import ModelManager
+    from service.server import start_models
 
     metrics = ServerMetrics()
     manager = ModelManager(settings, metrics)
-    try:
-        await manager.start()
-    except AttnServeError as error:
-        log.error("cannot start: %s", error.message)
-        await manager.stop(0.0)
+    if not await start_models(manager):
         return 1
     endpoint = EngineEndpoint(manager)
     socket_path = runtime_dir / ENGINE_SOCKET
     socket_path.unlink(missing_ok=True)  # left by an engine process that died
     await endpoint.start(socket_path)
     stop = _stop_event()
-    loop = asyncio.get_running_loop()
-    rescans: set[asyncio.Task[None]] = set()
-
-    def rescan() -> None:
-        task = loop.create_task(manager.refresh())
-        rescans.add(task)
-        task.add_done_callback(rescans.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, rescan)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, manager.refresh_soon, "SIGHUP")
     metrics_port = metrics.serve(0, "127.0.0.1") if settings.metrics_port else 0
     _announce(metrics_port=metrics_port)
     await stop.wait()
