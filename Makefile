@@ -38,7 +38,7 @@ $(INTEROP_STAMP): tests/interop/requirements.txt
 interop: $(INTEROP_STAMP)
 
 protos: $(STAMP)
-	$(BIN)/python -m service.protogen
+	$(BIN)/python -m tools.protogen
 
 # Rebuild the default models (about 10 minutes on 2 cores): each is trained, exported, checked on fresh inputs
 # and installed into $(MODELS) only if it meets its bar (export/zoo.py). BUILD_ARGS: e.g. --only dates.

@@ -98,13 +98,14 @@ def acceptance_set(task: str, seed: int, *, training_seed: int, data_options: di
 
 def translate_as_served(version_dir: Path, texts: Sequence[str], *, beam_size: int = 0) -> list[str]:
     """The best translation of every text by the model version in `version_dir` (`REPO/NAME/VERSION`),
-    decoded by the server's own ModelManager and Dataplane on onnxruntime's CPU provider."""
+    decoded by the server's own engine client and Dataplane on onnxruntime's CPU provider."""
     return asyncio.run(_translate_as_served(Path(version_dir), list(texts), beam_size))
 
 
 async def _translate_as_served(version_dir: Path, texts: list[str], beam_size: int) -> list[str]:
-    from service.dataplane import Dataplane, RequestedDecodeOptions
-    from service.models import ModelManager
+    from service.dataplane import Dataplane
+    from service.engine import DecodeOptions
+    from service.engine_client.in_process import InProcessClient
     from service.settings import Settings
 
     name, version = version_dir.parent.name, version_dir.name
@@ -117,18 +118,18 @@ async def _translate_as_served(version_dir: Path, texts: list[str], beam_size: i
         max_texts_per_request=TEXTS_PER_CALL,
         max_waiting_requests=max(len(texts), 1),
     )
-    manager = ModelManager(settings, only={name})
-    await manager.start()
+    client = InProcessClient(settings, only={name})
+    await client.start()
     try:
-        dataplane = Dataplane(manager.registry, settings)
-        options = RequestedDecodeOptions(beam_size=beam_size)
+        dataplane = Dataplane(client, settings)
+        options = DecodeOptions(beam_size=beam_size)
         calls = [
             dataplane.translate(name, version, texts[start : start + TEXTS_PER_CALL], options)
             for start in range(0, len(texts), TEXTS_PER_CALL)
         ]
         outcomes = await asyncio.gather(*calls)
     finally:
-        await manager.stop(0.0)
+        await client.stop(0.0)
     return [translation.best.text for outcome in outcomes for translation in outcome.translations]
 
 

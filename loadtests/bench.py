@@ -300,7 +300,7 @@ def machine_description(provider: str, threads: int) -> dict:
     import grpc
     import onnxruntime
 
-    from service.host import cpu_model
+    from export.host import cpu_model
 
     return {
         "cpu": cpu_model(),

@@ -13,7 +13,7 @@ SUBCOMMANDS = {
     "export": ("export.cli", "export_main", "export a trained run to the model repository (ONNX)"),
     "build-models": ("export.cli", "build_models_main", "train and export the default model repository"),
     "serve": ("service.server", "main", "serve a model repository over gRPC"),
-    "translate": ("service.client", "main", "translate with a running server or a local model version"),
+    "translate": ("client.translate", "main", "translate with a running server or a local model version"),
     "bench": ("loadtests.bench", "main", "benchmark the serving contenders side by side (see docs/benchmarks.md)"),
 }
 

@@ -14,6 +14,7 @@ flag at all; and a message in our words that names where a bad value came from, 
 from __future__ import annotations
 
 import argparse
+import enum
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -25,12 +26,12 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from service.engine.core import BatchingPolicy, EngineLimits
 from service.runtime.providers import Provider
 from service.validation import error_text
 
 ENV_PREFIX = "ATTNSERVE_"
 
-BatchingPolicy = Literal["continuous", "request", "none"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
@@ -110,7 +111,7 @@ class Settings(BaseSettings):
     inter_op_threads: Annotated[int, Field(ge=0, le=1024)] = 1
     """Threads onnxruntime uses to run independent operators in parallel; 0 = onnxruntime's default."""
 
-    batching: Annotated[BatchingPolicy, BeforeValidator(_lower)] = "continuous"
+    batching: Annotated[BatchingPolicy, BeforeValidator(_lower)] = BatchingPolicy.CONTINUOUS
     """How requests share decoder steps: `continuous` (join and leave at every step), `request`
     (a batch of whole requests runs to completion), `none` (one request at a time)."""
 
@@ -269,6 +270,17 @@ class Settings(BaseSettings):
         except SettingsError as error:
             raise SettingsError(error.problems, origins) from None
 
+    def engine_limits(self) -> EngineLimits:
+        """The engine's budgets for each model version, from these settings (their one source)."""
+        return EngineLimits(
+            max_active_hypotheses=self.max_active_hypotheses,
+            max_padded_source_tokens=self.max_padded_source_tokens,
+            max_waiting_requests=self.max_waiting_requests,
+            batch_size=self.batch_size,
+            batch_delay_s=self.batch_delay_ms / 1000.0,
+            source_bucket=self.source_bucket_tokens,
+        )
+
     @property
     def frontend_processes(self) -> int:
         """`frontends` with auto resolved for this process's CPUs (0 = one process for everything)."""
@@ -378,6 +390,8 @@ def _show(value: Any, name: str | None = None) -> str:
         return "(unset)"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
     return str(value)
 
 
@@ -421,7 +435,12 @@ def _help(setting: FieldInfo) -> str:
 
 
 def _metavar(setting: FieldInfo) -> str:
-    choices = get_args(setting.annotation)
+    annotation = setting.annotation
+    choices = (
+        tuple(member.value for member in annotation)
+        if isinstance(annotation, type) and issubclass(annotation, enum.Enum)
+        else get_args(annotation)
+    )
     if choices and all(isinstance(choice, str) for choice in choices):
         return "{" + ",".join(choices) + "}"
     if setting.annotation is bool:

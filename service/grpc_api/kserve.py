@@ -33,7 +33,8 @@ from importlib import metadata
 import numpy as np
 from grpc import aio
 
-from service.dataplane import Dataplane, RequestedDecodeOptions, StreamUpdate, TextTranslation, TranslateOutcome
+from service.dataplane import Dataplane, StreamUpdate, TextTranslation, TranslateOutcome
+from service.engine.records import DecodeOptions
 from service.errors import AttnServeError, InvalidRequest
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
@@ -111,7 +112,7 @@ class InferCall:
     version: str
     request_id: str
     texts: list[str]
-    options: RequestedDecodeOptions
+    options: DecodeOptions
     outputs: tuple[str, ...]
     raw: bool
     timeout_s: float | None = None
@@ -318,7 +319,7 @@ def infer_call_from_grpc(request: pb.ModelInferRequest, *, streaming: bool = Fal
         version=request.model_version,
         request_id=request.id,
         texts=texts,
-        options=RequestedDecodeOptions(**options),  # type: ignore[arg-type]
+        options=DecodeOptions(**options),  # type: ignore[arg-type]
         outputs=_requested_outputs(request, model),
         raw=bool(raw_inputs),
         timeout_s=timeout_s,
@@ -366,7 +367,7 @@ def _hypothesis_table(translations: Sequence[TextTranslation], width: int) -> tu
 
 def infer_response_to_grpc(call: InferCall, outcome: TranslateOutcome) -> pb.ModelInferResponse:
     """The ModelInferResponse for a finished call: the requested outputs, raw or typed as the request was."""
-    response = pb.ModelInferResponse(model_name=outcome.model, model_version=outcome.version, id=call.request_id)
+    response = pb.ModelInferResponse(model_name=outcome.model, model_version=str(outcome.version), id=call.request_id)
     width = max(call.options.num_hypotheses, 1)
     count = len(outcome.translations)
     shape = [count] if width == 1 else [count, width]
@@ -379,7 +380,7 @@ def infer_response_to_grpc(call: InferCall, outcome: TranslateOutcome) -> pb.Mod
 
 def token_response_to_grpc(call: InferCall, update: StreamUpdate) -> pb.ModelInferResponse:
     """A streamed token: TRANSLATION (when requested) = [the text so far]; parameters token and index."""
-    response = pb.ModelInferResponse(model_name=update.model, model_version=update.version, id=call.request_id)
+    response = pb.ModelInferResponse(model_name=update.model, model_version=str(update.version), id=call.request_id)
     if OUTPUT_TRANSLATION in call.outputs:
         _add_output(response, MODEL_OUTPUTS[0], [1], [update.text.encode("utf-8")], call.raw)
     response.parameters["token"].string_param = update.token
@@ -454,7 +455,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         model = self.dataplane.get_model(_required_name(request.name, "ModelMetadata"), request.version)
-        note_model(model.name, str(model.version))
+        note_model(model.name, model.version)
         return model_metadata_to_grpc(model)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> pb.ModelInferResponse:
@@ -505,7 +506,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         """The converted request, after checking that its model and version are served (so an unknown
         model is NOT_FOUND whatever else is wrong with the request)."""
         model = self.dataplane.get_model(_required_name(request.model_name, "ModelInfer"), request.model_version)
-        note_model(model.name, str(model.version))
+        note_model(model.name, model.version)
         return infer_call_from_grpc(request, streaming=streaming)
 
     async def _answer_on_stream(

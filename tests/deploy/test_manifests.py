@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from service.ipc.processes import Supervisor
 
 from deploy import tool
 from deploy.tool import (
@@ -37,7 +38,6 @@ from deploy.tool import (
 )
 from service import settings as settings_module
 from service.grpc_api.server import LIVENESS_SERVICE
-from service.ipc.processes import Supervisor
 from service.metrics import ServerMetrics
 from service.settings import ENV_PREFIX, Settings
 from tests.deploy.binaries import require_binary

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from service.ipc.engine_side import EngineEndpoint
+from service.ipc.frontend_side import EngineClient, RemoteScheduler, TextSide
 
 from service.engine import EngineLimits, FinishReason, Scheduler, TranslationRequest
 from service.errors import DeadlineExceeded, Overloaded, RequestCancelled, Unavailable
-from service.ipc.engine_side import EngineEndpoint
-from service.ipc.frontend_side import EngineClient, RemoteScheduler, TextSide
 from service.ipc.messages import FrameReader, Models, QueueDepth, encode_frame
 from service.models import ModelEvent
 from service.registry import ModelEntry, ModelRegistry, ServedVersion

@@ -1,0 +1,59 @@
+"""What every server program does the same way: logging, starting the engine client, and stopping on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+from service.engine_client import EngineClient
+from service.errors import AttnServeError
+
+log = logging.getLogger("attnserve.server")
+
+
+def configure_logging(level: str) -> None:
+    """Plain single-line logs on stderr at `level`."""
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+async def start_client(client: EngineClient) -> bool:
+    """Start the engine client (for one that decodes here: load the repository); False, with the reason
+    logged, when not a single model loads."""
+    try:
+        await client.start()
+    except AttnServeError as error:
+        log.error("cannot start: %s", error.message)
+        await client.stop(0.0)
+        return False
+    return True
+
+
+def stop_event(on_hangup: Callable[[], None] | None = None) -> asyncio.Event:
+    """An event that SIGTERM or SIGINT sets, on the running loop (main thread only). `on_hangup`, when given,
+    is called on SIGHUP (the model repository is scanned again); otherwise SIGHUP is ignored rather than
+    left to kill the process."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup if on_hangup is not None else _ignore)
+    return stop
+
+
+def remove_signal_handlers() -> None:
+    """Undo stop_event() (a server run inside a longer-lived program, e.g. a test)."""
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.remove_signal_handler(number)
+
+
+def _ignore() -> None:
+    pass
