@@ -49,13 +49,15 @@ models: $(STAMP)
 test: $(STAMP) $(INTEROP_STAMP)
 	$(BIN)/python -m pytest -q
 
-# Style, formatting and types (settings in pyproject.toml): ruff on the whole tree, mypy on service/, export/
-# and loadtests/ (the engine and the runtime with --strict's checks). The generated stubs in service/gen are left out.
+# Style, formatting, types and layers (settings in pyproject.toml): ruff on the whole tree, mypy on service/,
+# client/, export/, loadtests/ and tools/ (the engine and the runtime with --strict's checks; the generated stubs
+# in service/gen are left out), and import-linter's contracts (the server's layers, ipc only behind the client).
 .PHONY: lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Load tests and benchmarks (docs/benchmarks.md). `make loadtest LOADTEST_HOST=host:port` targets a running
 # server; without LOADTEST_HOST one is started on $(MODELS). Locust's CSV stats and HTML report go to

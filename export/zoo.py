@@ -23,8 +23,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.errors import ModelLoadError
 from export.host import cpu_model
+from service.errors import ModelLoadError
 from service.runtime.model_format import ModelDocument
 from service.runtime.repository import discover
 

@@ -15,6 +15,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadtests.procfs import cpu_seconds
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -102,19 +104,7 @@ class ServerProcess:
     def cpu_seconds(self) -> float:
         """User + system CPU seconds the server has used so far, its child processes (front-ends, engine)
         included (Linux /proc; NaN elsewhere)."""
-        if self.process is None:
-            return math.nan
-        from loadtests.reliability.common import child_processes
-
-        total = 0.0
-        for pid in (self.process.pid, *child_processes(self.process.pid)):
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            except (OSError, IndexError, ValueError):
-                if pid == self.process.pid:
-                    return math.nan
-        return total
+        return math.nan if self.process is None else cpu_seconds(self.process.pid)
 
     def __enter__(self) -> ServerProcess:
         return self.start()

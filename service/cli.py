@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         if exc.name == "torch":
             print(f"attnserve {command} needs the training extra: pip install 'attnserve[train]'", file=sys.stderr)
             return 2
+        if exc.name == module_name.split(".")[0]:  # e.g. the serving image ships the server, not the client
+            print(f"attnserve {command} is not installed here (no module {exc.name!r})", file=sys.stderr)
+            return 2
         raise
     return int(getattr(module, function_name)(rest) or 0)
 

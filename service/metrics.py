@@ -99,9 +99,9 @@ class ServerMetrics:
     Create one per process (tests create several; each has its own registry, so they never clash).
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        r = self.registry
+    def __init__(self, collectors: CollectorRegistry | None = None) -> None:
+        self.collectors = collectors if collectors is not None else CollectorRegistry(auto_describe=True)
+        r = self.collectors
         # The process's memory, CPU seconds and open files (process_*): memory staying flat under overload is
         # one of the things an operator checks.
         ProcessCollector(registry=r)
@@ -277,7 +277,7 @@ class ServerMetrics:
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Serve /metrics over HTTP on host:port (0 = a free port) from a daemon thread (prometheus-client's
         server); returns the port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        server, _thread = start_http_server(port, addr=host, registry=self.collectors)
         self._http_server = server
         port = int(server.server_port)
         log.info("metrics on http://%s:%d/metrics", host, port)

@@ -11,10 +11,10 @@ loaded and warmed up while the current one keeps serving, then switched to in on
 loop (new requests go to it; requests already queued on the old one finish there), and the old version
 is retired: it drains, then its engine stops (after `acknowledge`, when given: the engine process waits
 until every front-end process has heard that the version was replaced). A version that fails to load
-(corrupt or missing file, mismatched tokenizer, failed warm-up) is logged, counted in `attnserve_model_load_failures_total` and
-never served; the versions already serving go on. It is tried again only when its files change. When
-the newest versions are removed from disk, the newest remaining one is loaded (a rollback); the last
-served version of a model is never dropped because its files disappeared.
+(corrupt or missing file, mismatched tokenizer, failed warm-up) is logged, counted in
+`attnserve_model_load_failures_total` and never served; the versions already serving go on. It is tried
+again only when its files change. When the newest versions are removed from disk, the newest remaining one
+is loaded (a rollback); the last served version of a model is never dropped because its files disappeared.
 
 Loading and warm-up are blocking onnxruntime calls; they run in a worker thread so the event loop
 (and the health service) stays responsive while a large repository loads.
@@ -33,7 +33,7 @@ from service.engine import AsyncEngine
 from service.errors import ModelLoadError, ModelNotFound
 from service.metrics import ServerMetrics
 from service.registry import ModelEntry, ModelEvent, ModelEventKind, ModelRegistry, ServedVersion, notify_listeners
-from service.runtime.model import load_model
+from service.runtime.model import LoadedModel, load_model
 from service.runtime.repository import discover, is_valid_version, version_directory
 from service.settings import Settings
 
@@ -65,7 +65,8 @@ class ModelManager:
     Use on the event-loop thread: `await start()`, lookups through `registry` and `engine()`,
     `await stop(grace_s)`. `only` restricts loading to these model names (the offline client loads a single
     model). `acknowledge`, when given, is awaited after a version is retired and before its engine stops
-    taking requests (see the module docstring).
+    taking requests (see the module docstring). `loader(directory)` loads a version (default: onnxruntime
+    with the settings' provider and threads; tests give one whose step model is a fake).
     """
 
     def __init__(
@@ -75,8 +76,10 @@ class ModelManager:
         *,
         only: Collection[str] | None = None,
         acknowledge: Callable[[], Awaitable[None]] | None = None,
+        loader: Callable[[Path], LoadedModel] | None = None,
     ) -> None:
         self.settings = settings
+        self._loader = loader if loader is not None else self._load_onnx
         self.metrics = metrics
         self._only = set(only) if only is not None else None
         self._acknowledge = acknowledge
@@ -141,13 +144,7 @@ class ModelManager:
             fingerprint = await asyncio.to_thread(_fingerprint, directory)
         started = time.monotonic()
         try:
-            model = await asyncio.to_thread(
-                load_model,
-                directory,
-                provider=self.settings.provider,
-                intra_op_threads=self.settings.intra_op_threads,
-                inter_op_threads=self.settings.inter_op_threads,
-            )
+            model = await asyncio.to_thread(self._loader, directory)
             if model.document.name != name or model.document.version != version:
                 log.warning(
                     "%s: model.json says name %r version %s; serving it as %s version %s (its folder)",
@@ -192,6 +189,14 @@ class ModelManager:
         self._failed_fingerprints.pop((name, version), None)
         self._emit(ModelEvent(ModelEventKind.LOADED, name, version))
         return True
+
+    def _load_onnx(self, directory: Path) -> LoadedModel:
+        return load_model(
+            directory,
+            provider=self.settings.provider,
+            intra_op_threads=self.settings.intra_op_threads,
+            inter_op_threads=self.settings.inter_op_threads,
+        )
 
     def _record_failure(self, name: str, version: int, entry: ModelEntry, why: str, fingerprint: Fingerprint) -> None:
         entry.failures[version] = why

@@ -24,5 +24,5 @@ if "$venv/bin/python" -c 'import importlib.util, sys; sys.exit(0 if importlib.ut
 fi
 # The entry point resolves and every serving module imports.
 "$venv/bin/attnserve" serve --help > /dev/null
-"$venv/bin/python" -c 'import service.server, service.client, onnxruntime, grpc'
+"$venv/bin/python" -c 'import service.server, service.processes.__main__, onnxruntime, grpc'
 echo "install-serving.sh: attnserve serving path installed in $venv"

@@ -41,6 +41,7 @@ from service.errors import AttnServeError, EngineFailure, InvalidRequest, Overlo
 log = logging.getLogger(__name__)
 
 _Stat = TypeVar("_Stat")
+_SNAPSHOT_TRIES = 100  # a consistent read needs a second try only when the worker dequeued in between
 
 
 class _Lifecycle(enum.Enum):
@@ -85,9 +86,17 @@ class AsyncEngine:
 
     @property
     def waiting(self) -> int:
-        """Requests queued, not yet in the batch (any thread; exact once the worker has taken in the latest
-        cancellations)."""
-        return self._added - self._core.dequeued
+        """Requests queued, not yet in the batch (any thread). A snapshot: `dequeued` is read on both sides of
+        `_added`, so the two are of one instant (a reader between the loop's add and the worker's dequeue
+        could otherwise see fewer than zero, or more than the limit). Cancellations count once the worker
+        has taken them in."""
+        core = self._core
+        for _ in range(_SNAPSHOT_TRIES):
+            dequeued = core.dequeued
+            added = self._added
+            if core.dequeued == dequeued:
+                break
+        return added - dequeued
 
     @property
     def running(self) -> int:

@@ -8,22 +8,29 @@ so a call always reaches a version that still takes requests.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
 
 from service.engine import AsyncEngine, EngineRequest, RequestHandle
 from service.errors import Unavailable
 from service.metrics import ServerMetrics
 from service.models import ModelManager
 from service.registry import ModelEvent, ModelRegistry, ServedVersion
+from service.runtime.model import LoadedModel
 from service.settings import Settings
 
 
 class InProcessClient:
-    """The engines of this process behind the EngineClient protocol. `only`: see ModelManager."""
+    """The engines of this process behind the EngineClient protocol. `only` and `loader`: see ModelManager."""
 
     def __init__(
-        self, settings: Settings, metrics: ServerMetrics | None = None, *, only: Collection[str] | None = None
+        self,
+        settings: Settings,
+        metrics: ServerMetrics | None = None,
+        *,
+        only: Collection[str] | None = None,
+        loader: Callable[[Path], LoadedModel] | None = None,
     ) -> None:
-        self.manager = ModelManager(settings, metrics, only=only)
+        self.manager = ModelManager(settings, metrics, only=only, loader=loader)
 
     @property
     def registry(self) -> ModelRegistry:

@@ -18,6 +18,7 @@ import asyncio
 import functools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from service.engine import RequestHandle
@@ -37,6 +38,7 @@ from service.ipc.messages import (
 from service.metrics import ServerMetrics
 from service.models import ModelManager
 from service.registry import ModelEvent
+from service.runtime.model import LoadedModel
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -124,9 +126,16 @@ class EngineServer:
     """Loads the repository and serves its engines to front-end processes over a Unix socket. Event-loop
     thread only."""
 
-    def __init__(self, settings: Settings, metrics: ServerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: ServerMetrics | None = None,
+        *,
+        loader: Callable[[Path], LoadedModel] | None = None,
+    ) -> None:
+        """`loader`: see ModelManager."""
         self.settings = settings
-        self.manager = ModelManager(settings, metrics, acknowledge=self._acknowledged_by_all)
+        self.manager = ModelManager(settings, metrics, acknowledge=self._acknowledged_by_all, loader=loader)
         self.connections: set[_Connection] = set()
         self.generation = 0  # of the last Registry report sent
         self.acknowledged = asyncio.Event()  # set whenever an acknowledgement arrives or a connection ends

@@ -3,8 +3,9 @@
 Transport: one Unix stream socket per front-end, in a directory only the server's user can open. Each
 write is a frame: a 4-byte little-endian length, then a msgpack array of messages (msgspec Structs,
 tagged by class name). The messages carry the engine's own records (service/engine/records.py) and the
-registry's report as they are: nothing is converted by hand on either side. Both sides buffer what they send during one turn of their event loop and write it
-as one frame, so a busy loop pays one system call and one encode per turn, not one per message.
+registry's report as they are: nothing is converted by hand on either side. Both sides buffer what they
+send during one turn of their event loop and write it as one frame, so a busy loop pays one system call and
+one encode per turn, not one per message.
 
 Why a stream socket rather than ZeroMQ: the front-end must learn at once that the engine died (its calls
 fail with UNAVAILABLE rather than hang); a connection-oriented socket reports that as end-of-file, where a

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import yaml
-from service.ipc.processes import Supervisor
 
 from deploy import tool
 from deploy.tool import (
@@ -39,6 +38,7 @@ from deploy.tool import (
 from service import settings as settings_module
 from service.grpc_api.server import LIVENESS_SERVICE
 from service.metrics import ServerMetrics
+from service.processes.supervisor import Supervisor
 from service.settings import ENV_PREFIX, Settings
 from tests.deploy.binaries import require_binary
 from tests.deploy.dockerfiles import parse_dockerfile
@@ -382,8 +382,8 @@ def _exposed_sample_names() -> set[str]:
     }
     supervisor = Supervisor(Settings(), [], frontends=1)  # its children are not started
     shutil.rmtree(supervisor.runtime_dir)
-    for registry in (ServerMetrics().registry, supervisor.registry):
-        for family in registry.collect():
+    for collectors in (ServerMetrics().collectors, supervisor.collectors):
+        for family in collectors.collect():
             names |= {family.name + suffix for suffix in suffixes[family.type]}
     return names
 

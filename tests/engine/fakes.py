@@ -127,6 +127,7 @@ class FakeStepModel:
     bos_id: int = BOS
     memory_names: tuple[str, ...] = ("memory", "keys")
     state_names: tuple[str, ...] = ("hidden", "position")
+    provider: str = "fake"  # what a served version reports as its execution provider
     step_calls: list[StepCall] = field(default_factory=list)
     encode_batches: list[int] = field(default_factory=list)
 
@@ -442,6 +443,18 @@ class FakeClock:
         self.now = now
 
     def __call__(self) -> float:
+        return self.now
+
+
+class TickingClock(FakeClock):
+    """A clock that moves `tick` seconds at every reading: every interval the engine measures is > 0."""
+
+    def __init__(self, now: float = 50.0, tick: float = 0.001) -> None:
+        super().__init__(now)
+        self.tick = tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
         return self.now
 
 

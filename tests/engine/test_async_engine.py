@@ -32,6 +32,7 @@ from .fakes import (
     FakeStepModel,
     RecordingRecorder,
     StepGate,
+    TickingClock,
     engine_limits,
     make_request,
     outcome,
@@ -662,10 +663,16 @@ def test_stats_records_are_filled_per_step_and_per_request():
     model = FakeStepModel(support=NO_EOS)
     recorder = RecordingRecorder()
 
+    clock = TickingClock()
+
     async def main():
-        async with running(model, recorder=recorder) as engine:
-            beam = engine.submit(make_request(source(3, 4, 5), beam=3, max_length=3))
-            greedy = engine.submit(make_request(source(6), max_length=2))
+        async with running(model, recorder=recorder, clock=clock) as engine:
+            beam, greedy = engine.submit_all(
+                [
+                    make_request(source(3, 4, 5), beam=3, max_length=3, arrival=clock.now),
+                    make_request(source(6), max_length=2, arrival=clock.now),
+                ]
+            )
             return await beam.result(), await greedy.result()
 
     beam, greedy = asyncio.run(main())
@@ -674,12 +681,16 @@ def test_stats_records_are_filled_per_step_and_per_request():
     assert [s.tokens_generated for s in steps] == [4, 4, 3]
     assert [s.requests for s in steps] == [2, 2, 1]
     assert [s.admitted for s in steps] == [2, 0, 0] and steps[0].encoder_batch == 2
-    assert steps[0].encode_seconds > 0 and all(s.step_seconds > 0 for s in steps)
     assert [s.padded_source_len for s in steps] == [4, 4, 4]
     assert [s.retired for s in steps] == [0, 1, 1]
     by_beam = {stats.beam_size: stats for stats in recorder.done}
     assert by_beam[3].generated_tokens == 3 and by_beam[3].source_tokens == 4
     assert by_beam[1].generated_tokens == 2 and by_beam[1].finish_reason is FinishReason.LENGTH
-    assert by_beam[3].mean_inter_token_s is not None and by_beam[3].mean_inter_token_s >= 0
-    for result in (beam, greedy):
-        assert 0 <= result.queue_wait_s <= result.first_token_s <= result.total_s
+    # Every reading of the ticking clock is later than the one before: each interval is > 0, and a request's
+    # total is its first token plus its mean gap times the gaps.
+    assert all(s.encode_seconds > 0 for s in steps[:1]) and all(s.step_seconds > 0 for s in steps)
+    for result, stats in ((beam, by_beam[3]), (greedy, by_beam[1])):
+        assert 0 < result.queue_wait_s < result.first_token_s < result.total_s
+        assert stats.mean_inter_token_s is not None and stats.mean_inter_token_s > 0
+        gaps = stats.generated_tokens - 1
+        assert result.total_s - result.first_token_s == pytest.approx(stats.mean_inter_token_s * gaps)

@@ -19,7 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loadtests.reliability.common import child_processes
+from loadtests.procfs import child_processes
 from loadtests.servers import serve_command
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
@@ -87,7 +87,7 @@ class MultiProcessServer:
                 command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"service.ipc.processes" in command and role.encode() in command:
+            if b"service.processes" in command and role.encode() in command:
                 found.append(pid)
         return found
 

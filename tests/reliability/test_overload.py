@@ -12,9 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from loadtests.procfs import rss_bytes
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
-from tests.reliability.reliability_support import CallOutcome, metric, metric_sum, rss_bytes, scrape, wait_for
+from tests.reliability.reliability_support import CallOutcome, metric, metric_sum, scrape, wait_for
 from tests.service.server_harness import ServerThread, free_port, make_settings, start_subprocess, wait_until_serving
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from client.plot import plot_alignment
-from service import client
+from client import translate as client
 from service.dataplane import Dataplane
 from service.runtime.tokenizers import EOS, UNK, CharTokenizer, WordTokenizer
 from service.settings import Settings

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service import protogen
+from tools import protogen
 
 
 def _tree(root: Path) -> dict[Path, bytes]:
