@@ -49,6 +49,11 @@ models: $(STAMP)
 test: $(STAMP) $(INTEROP_STAMP)
 	$(BIN)/python -m pytest -q
 
+# The edit-test loop: everything but the tests marked `slow` (they train models or start servers); CI runs all.
+.PHONY: test-fast
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
 # Style, formatting, types and layers (settings in pyproject.toml): ruff on the whole tree, mypy on service/,
 # client/, export/, loadtests/ and tools/ (the engine and the runtime with --strict's checks; the generated stubs
 # in service/gen are left out), and import-linter's contracts (the server's layers, ipc only behind the client).

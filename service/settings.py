@@ -374,8 +374,8 @@ def _what_is_wrong(detail: ErrorDetails, setting: FieldInfo) -> str:
         return "must be a finite number"
     if kind.startswith("bool_"):
         return "must be true or false"
-    if kind == "literal_error":
-        return f"must be one of {', '.join(get_args(setting.annotation))}"
+    if kind in ("literal_error", "enum"):
+        return f"must be one of {', '.join(_choices(setting))}"
     if kind.startswith("path_"):
         return "must be a path"
     if kind == "string_type":
@@ -434,13 +434,16 @@ def _help(setting: FieldInfo) -> str:
     return " ".join((setting.description or "").split())
 
 
-def _metavar(setting: FieldInfo) -> str:
+def _choices(setting: FieldInfo) -> tuple[Any, ...]:
+    """The values a Literal or enum setting takes (() for any other)."""
     annotation = setting.annotation
-    choices = (
-        tuple(member.value for member in annotation)
-        if isinstance(annotation, type) and issubclass(annotation, enum.Enum)
-        else get_args(annotation)
-    )
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return tuple(member.value for member in annotation)
+    return get_args(annotation)
+
+
+def _metavar(setting: FieldInfo) -> str:
+    choices = _choices(setting)
     if choices and all(isinstance(choice, str) for choice in choices):
         return "{" + ",".join(choices) + "}"
     if setting.annotation is bool:

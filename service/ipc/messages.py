@@ -98,25 +98,28 @@ class Token(msgspec.Struct, tag=True, array_like=True):
 
 Message = Submit | Cancel | RegistryApplied | Registry | QueueDepth | Result | Failed | Token
 
-# numpy arrays (token ids, attention) travel as msgpack extension NDARRAY: the dtype's text, a NUL, the shape
-# as little-endian uint32s after a count byte, then the raw bytes.
+# numpy arrays (token ids, attention) travel as msgpack extension NDARRAY: a byte for the dtype (ARRAY_DTYPES), a
+# byte for the number of dimensions, each dimension as a little-endian uint32, then the raw little-endian data.
 NDARRAY = 1
+ARRAY_DTYPES = (np.dtype("<i8"), np.dtype("<f4"), np.dtype("<i4"), np.dtype("<f8"), np.dtype("|b1"))
+_DTYPE_CODES = {dtype: code for code, dtype in enumerate(ARRAY_DTYPES)}
+_DIMENSIONS = [struct.Struct(f"<BB{ndim}I") for ndim in range(8)]
 
 
 def _encode_array(array: np.ndarray) -> msgspec.msgpack.Ext:
-    array = np.ascontiguousarray(array)
-    header = array.dtype.str.encode("ascii") + b"\0" + struct.pack(f"<B{array.ndim}I", array.ndim, *array.shape)
-    return msgspec.msgpack.Ext(NDARRAY, header + array.tobytes())
+    code = _DTYPE_CODES.get(array.dtype)
+    if code is None or array.ndim >= len(_DIMENSIONS):
+        raise NotImplementedError(f"cannot send an array of {array.dtype} with {array.ndim} dimensions")
+    return msgspec.msgpack.Ext(NDARRAY, _DIMENSIONS[array.ndim].pack(code, array.ndim, *array.shape) + array.tobytes())
 
 
 def _decode_array(data: memoryview) -> np.ndarray:
-    raw = bytes(data)
-    end = raw.index(b"\0")
-    dtype = np.dtype(raw[:end].decode("ascii"))
-    ndim = raw[end + 1]
-    shape = struct.unpack_from(f"<{ndim}I", raw, end + 2)
-    offset = end + 2 + 4 * ndim
-    return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(shape)
+    code, ndim = data[0], data[1]
+    if code >= len(ARRAY_DTYPES) or ndim >= len(_DIMENSIONS):
+        raise ValueError(f"an array extension with dtype code {code} and {ndim} dimensions")
+    shape = _DIMENSIONS[ndim].unpack_from(data)[2:]
+    # A copy: `data` is a view of the frame being decoded, which the reader reuses.
+    return np.frombuffer(data, dtype=ARRAY_DTYPES[code], offset=2 + 4 * ndim).reshape(shape).copy()
 
 
 def _enc_hook(value: object) -> object:

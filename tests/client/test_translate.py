@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.plot import plot_alignment
 from client import translate as client
+from client.plot import plot_alignment
 from service.dataplane import Dataplane
 from service.runtime.tokenizers import EOS, UNK, CharTokenizer, WordTokenizer
 from service.settings import Settings
 from tests.service.server_harness import ServerThread, make_settings
+
+pytestmark = pytest.mark.slow  # trains models or starts servers
 
 TEXT = "samedi 21 novembre 2026"
 

@@ -43,6 +43,8 @@ from service.settings import ENV_PREFIX, Settings
 from tests.deploy.binaries import require_binary
 from tests.deploy.dockerfiles import parse_dockerfile
 
+pytestmark = pytest.mark.slow  # trains models or starts servers
+
 OVERLAY_NAMES = ("cpu", "gpu")
 DOCS = REPOSITORY_ROOT / "docs" / "deploy.md"
 

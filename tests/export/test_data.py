@@ -25,6 +25,8 @@ from export.data import (
 )
 from export.data.dates import NUMERIC_GROUP, render_date, select_date_formats
 
+pytestmark = pytest.mark.slow  # trains models or starts servers
+
 ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 SMALL_DATES = {"n_train": 3000, "n_valid": 300, "n_test": 300}
 

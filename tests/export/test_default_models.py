@@ -15,6 +15,8 @@ import pytest
 from export.acceptance import acceptance_set, check
 from export.zoo import DEFAULT_MODELS, DEFAULT_VERSION
 
+pytestmark = pytest.mark.slow  # trains models or starts servers
+
 REPOSITORY = Path(__file__).resolve().parents[2] / "models"
 ENTRIES = {entry.name: entry for entry in DEFAULT_MODELS}
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from service.engine import AsyncEngine
 from service.runtime.model import load_model
 from tests.engine.fakes import RecordingRecorder, engine_limits, make_request
+
+pytestmark = pytest.mark.slow  # trains models or starts servers
 
 
 def decode_all(step_model, sources: list[list[int]], recorder: RecordingRecorder | None = None) -> list[list[int]]:

@@ -29,6 +29,8 @@ from service.runtime.model import LoadedModel, read_text_side
 from service.settings import Settings
 from tests.engine.fakes import NO_EOS, FakeStepModel, StepGate, make_request, outcome, source
 
+pytestmark = pytest.mark.slow  # trains models or starts servers
+
 NAME = "dates"
 
 

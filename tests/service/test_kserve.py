@@ -46,6 +46,8 @@ from service.grpc_api.kserve import (
 )
 from tests.service.server_harness import PROJECT_ROOT, ServerThread, make_settings, metric, scrape
 
+pytestmark = pytest.mark.slow  # trains models or starts servers
+
 DATES = ["samedi 21 novembre 2026", "3 mars 1999", "14 juillet 1789", "1 janvier 2000"]
 NUMBERS = ["quarante-deux", "cent vingt-trois"]
 INTEROP_PYTHON = Path(os.environ.get("ATTNSERVE_INTEROP_PYTHON", PROJECT_ROOT / ".venv-interop" / "bin" / "python"))
