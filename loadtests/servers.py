@@ -59,6 +59,7 @@ class ServerProcess:
     log_path: Path | None = None
     environment: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
+    cwd: Path = PROJECT_ROOT  # the checkout whose code the command runs (`python -m` imports from here)
 
     @property
     def address(self) -> str:
@@ -73,7 +74,7 @@ class ServerProcess:
         environment = dict(os.environ, PYTHONUNBUFFERED="1", **self.environment)
         self.process = subprocess.Popen(
             self.command,
-            cwd=PROJECT_ROOT,
+            cwd=self.cwd,
             env=environment,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
 
 from service.engine_client import EngineClient
 from service.errors import AttnServeError
+from service.settings import Settings, SettingsError
 
 log = logging.getLogger("attnserve.server")
 
 
-def configure_logging(level: str) -> None:
+def settings_from(argv: list[str] | None) -> Settings | None:
+    """The settings from these `attnserve serve` flags (None = sys.argv[1:]) and the environment, with logging
+    configured at their level; None, with the problem printed, when a value is bad."""
+    try:
+        settings = Settings.from_sources(argv, os.environ)
+    except SettingsError as error:
+        print(f"attnserve serve: {error}", file=sys.stderr)
+        return None
+    _configure_logging(settings.log_level)
+    return settings
+
+
+def _configure_logging(level: str) -> None:
     """Plain single-line logs on stderr at `level`."""
     logging.basicConfig(
         level=getattr(logging, level),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Callable
 
@@ -22,9 +21,9 @@ from service.dataplane import Dataplane
 from service.engine_client.in_process import InProcessClient
 from service.grpc_api.security import SecurityConfigError
 from service.grpc_api.server import GrpcServer, PortInUse
-from service.lifecycle import configure_logging, remove_signal_handlers, start_client, stop_event
+from service.lifecycle import remove_signal_handlers, settings_from, start_client, stop_event
 from service.metrics import ServerMetrics
-from service.settings import Settings, SettingsError
+from service.settings import Settings
 
 log = logging.getLogger("attnserve.server")
 
@@ -96,12 +95,9 @@ async def serve(
 
 def main(argv: list[str] | None = None) -> int:
     """`attnserve serve [flags]`; returns the process exit status."""
-    try:
-        settings = Settings.from_sources(argv, os.environ)
-    except SettingsError as error:
-        print(f"attnserve serve: {error}", file=sys.stderr)
+    settings = settings_from(argv)
+    if settings is None:
         return 2
-    configure_logging(settings.log_level)
     frontends = settings.frontend_processes
     if frontends:
         from service.processes.supervisor import supervise

@@ -4,13 +4,11 @@ supervisor (service/processes/supervisor.py starts them)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 
-from service.lifecycle import configure_logging
+from service.lifecycle import settings_from
 from service.processes.child import stop_with_parent
-from service.settings import Settings, SettingsError
 
 
 def child_main(argv: list[str]) -> int:
@@ -23,12 +21,9 @@ def child_main(argv: list[str]) -> int:
         )
         return 2
     stop_with_parent(int(supervisor))
-    try:
-        settings = Settings.from_sources(flags, os.environ)
-    except SettingsError as error:
-        print(f"attnserve serve: {error}", file=sys.stderr)
+    settings = settings_from(flags)
+    if settings is None:
         return 2
-    configure_logging(settings.log_level)
     if role == "engine":
         from service.processes.engine import run_engine as run
     else:
