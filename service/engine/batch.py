@@ -26,11 +26,11 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 
-from service.engine.records import EngineRequest
+from service.engine.records import EngineRequest, FinishReason
 
 #: Per-row int64 fields: the token fed next, the source length, the owning slot, the index in its beam, the
 #: tokens generated so far, the most allowed, whether the row's request streams or keeps attention, and the
@@ -45,6 +45,23 @@ ROW_FIELDS = (
     "row_extras",
     "row_width",
 )
+
+
+class FinishedCandidate(NamedTuple):
+    """A beam candidate that finished: an entry of its slot's n-best, kept best first. Its tokens are the path
+    through the slot's history that ends at (`prefix_step`, `prefix_row`), then `last_token`."""
+
+    score: float
+    """The ranking score (log_prob over the length penalty)."""
+    order: int
+    """How many candidates of the slot finished before it (ties keep the earlier one first)."""
+    log_prob: float
+    prefix_step: int
+    prefix_row: int
+    last_token: int
+    last_alignment: int
+    last_attention: np.ndarray | None
+    reason: FinishReason
 
 
 def bucketed(length: int, bucket: int) -> int:
@@ -126,7 +143,7 @@ class DecodeBatch:
         self.slot_admitted_at: list[float] = []
         self.slot_first_step_at: list[float] = []
         self.slot_attention: list[list[np.ndarray] | None] = []  # attention rows, when asked for
-        self.slot_finished: list[list[tuple[Any, ...]]] = []  # finished beam candidates (a bounded n-best)
+        self.slot_finished: list[list[FinishedCandidate]] = []  # finished beam candidates (a bounded n-best)
         self._grow(min(max_rows, 16), 16, 1)
 
     # ----- storage -----------------------------------------------------------------------------------
