@@ -16,6 +16,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -24,6 +25,7 @@ from prometheus_client.registry import Collector
 from service.engine.async_engine import AsyncEngine
 from service.engine.records import FinishReason
 from service.engine.stats import RequestStats, StepStats
+from service.runtime.model import RuntimeThreads
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +213,8 @@ class ServerMetrics:
         )
         self.model_info = Info(
             "attnserve_model",
-            "A loaded model version and the onnxruntime execution provider it runs on.",
+            "A loaded model version, the onnxruntime execution provider it runs on, its intra-op threads and "
+            "whether they spin between runs.",
             MODEL_LABELS,
             registry=r,
         )
@@ -229,6 +232,7 @@ class ServerMetrics:
             ("model",),
             registry=r,
         )
+        self._rpc_children: dict[tuple[str, int | None, str, str], tuple[Any, Any]] = {}
         self._queues = _QueueCollector()
         r.register(self._queues)
         self._http_server: object | None = None
@@ -238,14 +242,27 @@ class ServerMetrics:
     def observe_rpc(self, method: str, code: str, seconds: float, model: str = "", version: int | None = None) -> None:
         """One finished RPC: `method` e.g. 'Translate', `code` a gRPC status name ('OK', 'NOT_FOUND'),
         `seconds` its wall time; model/version as resolved by the server ('' / None when it never resolved one)."""
-        version_label = "" if version is None else str(version)
-        self.requests.labels(model, version_label, method, code).inc()
-        self.request_duration.labels(model, version_label, method).observe(seconds)
+        key = (model, version, method, code)
+        children = self._rpc_children.get(key)
+        if children is None:  # once per label set, a bounded one: prometheus-client's lookup is not free per call
+            version_label = "" if version is None else str(version)
+            children = self._rpc_children[key] = (
+                self.requests.labels(model, version_label, method, code),
+                self.request_duration.labels(model, version_label, method),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
-    def model_loaded(self, model: str, version: int, provider: str, load_seconds: float) -> None:
-        """A model version finished loading on `provider` (e.g. 'CPUExecutionProvider') in `load_seconds`."""
+    def model_loaded(
+        self, model: str, version: int, provider: str, load_seconds: float, threads: RuntimeThreads | None = None
+    ) -> None:
+        """A model version finished loading on `provider` (e.g. 'CPUExecutionProvider') in `load_seconds`, its
+        onnxruntime sessions running with `threads`."""
         self.model_load.labels(model, str(version)).set(load_seconds)
-        self.model_info.labels(model, str(version)).info({"provider": provider})
+        info = {"provider": provider}
+        if threads is not None:
+            info |= {"intra_op_threads": str(threads.intra_op), "spinning": "true" if threads.spinning else "false"}
+        self.model_info.labels(model, str(version)).info(info)
 
     def model_load_failed(self, model: str, version: int) -> None:
         """An attempt to load a model version failed (the version is not served)."""

@@ -66,7 +66,8 @@ class ModelManager:
     `await stop(grace_s)`. `only` restricts loading to these model names (the offline client loads a single
     model). `acknowledge`, when given, is awaited after a version is retired and before its engine stops
     taking requests (see the module docstring). `loader(directory)` loads a version (default: onnxruntime
-    with the settings' provider and threads; tests give one whose step model is a fake).
+    with the settings' provider and threads; tests give one whose step model is a fake). `engines_on_loop`:
+    step every engine on the event loop rather than on a worker thread of its own (AsyncEngine.on_loop).
     """
 
     def __init__(
@@ -77,8 +78,10 @@ class ModelManager:
         only: Collection[str] | None = None,
         acknowledge: Callable[[], Awaitable[None]] | None = None,
         loader: Callable[[Path], LoadedModel] | None = None,
+        engines_on_loop: bool = False,
     ) -> None:
         self.settings = settings
+        self._engines_on_loop = engines_on_loop
         self._loader = loader if loader is not None else self._load_onnx
         self.metrics = metrics
         self._only = set(only) if only is not None else None
@@ -170,18 +173,20 @@ class ModelManager:
             policy=self.settings.batching,
             recorder=self.metrics.recorder(name, version) if self.metrics is not None else None,
             label=served.label,
+            on_loop=self._engines_on_loop,
         )
         await engine.start()
         self._engines[(name, version)] = engine
         entry.served[version] = served
         if self.metrics is not None:
-            self.metrics.model_loaded(name, version, model.provider, model.load_seconds)
+            self.metrics.model_loaded(name, version, model.provider, model.load_seconds, model.threads)
             self.metrics.watch_queue(name, version, engine)
         log.info(
-            "loaded model %s version %s on %s in %.2f s (ready after %.2f s with warm-up)",
+            "loaded model %s version %s on %s with %s in %.2f s (ready after %.2f s with warm-up)",
             name,
             version,
             model.provider,
+            model.threads.describe(),
             model.load_seconds,
             time.monotonic() - started,
         )
@@ -196,6 +201,8 @@ class ModelManager:
             provider=self.settings.provider,
             intra_op_threads=self.settings.intra_op_threads,
             inter_op_threads=self.settings.inter_op_threads,
+            spinning=self.settings.onnx_spinning,
+            cpus=self.settings.usable_cpus,
         )
 
     def _record_failure(self, name: str, version: int, entry: ModelEntry, why: str, fingerprint: Fingerprint) -> None:

@@ -106,10 +106,15 @@ class Settings(BaseSettings):
     """onnxruntime execution provider: `cuda`, `cpu`, or `auto` (CUDA when available, else CPU)."""
 
     intra_op_threads: Annotated[int, Field(ge=0, le=1024)] = 0
-    """Threads onnxruntime uses inside one operator; 0 = onnxruntime's default (one per core)."""
+    """Threads onnxruntime uses inside one operator; 0 = chosen per model: 1 on a GPU and for small models
+    (a decoder graph under 16 MiB), half the usable CPUs (at most 4) for larger ones."""
 
     inter_op_threads: Annotated[int, Field(ge=0, le=1024)] = 1
     """Threads onnxruntime uses to run independent operators in parallel; 0 = onnxruntime's default."""
+
+    onnx_spinning: bool = False
+    """Let onnxruntime's threads spin between runs (session.intra_op.allow_spinning). Off by default: the
+    engine runs a step every few hundred microseconds, so spinning threads never sleep and take a core."""
 
     batching: Annotated[BatchingPolicy, BeforeValidator(_lower)] = BatchingPolicy.CONTINUOUS
     """How requests share decoder steps: `continuous` (join and leave at every step), `request`
@@ -209,8 +214,12 @@ class Settings(BaseSettings):
     frontends: Annotated[str, BeforeValidator(_lower), AfterValidator(_frontends)] = "auto"
     """gRPC front-end processes: N >= 1 runs N processes sharing the port (validation, tokenizing, the RPC
     work) in front of one engine process that decodes; 0 runs everything in one process. auto: 0 with
-    fewer than 3 usable CPUs, else one per usable CPU but one (at most 8); usable CPUs count the CPU
-    affinity and the cgroup CPU limit (a Kubernetes CPU limit)."""
+    fewer than 3 usable CPUs (see `cpus`), else one per usable CPU but one (at most 8)."""
+
+    cpus: Annotated[int, Field(ge=0, le=4096)] = 0
+    """CPUs the server may use, for what is chosen from them (front-end processes, onnxruntime threads);
+    0 = counted: the CPU affinity, lowered by a cgroup CPU limit (a Kubernetes CPU limit). Set it from the
+    CPU request where there is no limit (a pod would otherwise count every core of its node)."""
 
     def __init__(self, **values: Any) -> None:
         # Built in code (tests, `attnserve translate --offline`, the acceptance check) the settings are exactly
@@ -286,8 +295,13 @@ class Settings(BaseSettings):
         """`frontends` with auto resolved for this process's CPUs (0 = one process for everything)."""
         if self.frontends != "auto":
             return int(self.frontends)
-        cpus = usable_cpus()
+        cpus = self.usable_cpus
         return 0 if cpus < 3 else min(cpus - 1, 8)
+
+    @property
+    def usable_cpus(self) -> int:
+        """`cpus`, or when 0 the CPUs this process may use (usable_cpus())."""
+        return self.cpus or usable_cpus()
 
     @property
     def grpc_address(self) -> str:

@@ -1,16 +1,20 @@
-"""`AsyncEngine`: one model version's EngineCore, run on a worker thread for asyncio callers.
+"""`AsyncEngine`: one model version's EngineCore, run for asyncio callers on a worker thread or on the loop.
 
-Concurrency model (one, on purpose):
+Concurrency model:
 - The server is asyncio. `submit_all()`, `check_room()`, every RequestHandle and `stop()` run on the
   event-loop thread, and every handle is resolved there.
-- One dedicated worker thread per model version owns the core and steps it back to back while it has work
-  (vLLM's engine-core busy loop, in a thread): it never waits for the event loop between steps, so a
-  request's latency is its model time plus RPC, not plus a thread round trip per token. Arrivals and
-  cancellations reach it through the core's inbox (`add()` / `abort()`), and a threading.Event wakes it when
-  it sleeps; it never polls.
-- What a step produced for callers (results, failures, streamed tokens) goes back to the event loop through
-  one coalescing outbox: at most one loop callback is pending at a time, however many steps ran meanwhile.
-  A step's own numbers are recorded on the worker thread and never wake the loop.
+- Where the core steps is the driver's one choice (`on_loop`):
+  - On a worker thread (the default): one thread per model version owns the core and steps it back to back
+    while it has work (vLLM's engine-core busy loop, in a thread), so the runtime's calls, which release the
+    GIL, overlap with the RPC work on the loop. Arrivals and cancellations reach it through the core's inbox
+    (`add()` / `abort()`), and a threading.Event wakes it when it sleeps; it never polls. What a step produced
+    for callers (results, failures, streamed tokens) goes back to the event loop through one coalescing
+    outbox: at most one loop callback is pending at a time, however many steps ran meanwhile.
+  - On the loop (`on_loop=True`): the loop itself runs one step per turn while there is work, and polls its
+    sockets between steps, so nothing crosses a thread: no wake-up either way, and outputs are delivered in
+    the turn that produced them. For a process whose loop has little else to do (the engine process of
+    `--frontends N`), and for models whose steps cost less than a thread hop.
+- A step's own numbers are recorded where it ran and never wake the loop.
 - Each counter has one writer: the loop thread counts what it added (`_added`), the worker thread what left
   the queue (`EngineCore.dequeued`) and what is in the batch (`EngineCore.running`). The queue length is their
   difference, so a reader on any thread (the metrics scrape) only reads.
@@ -63,8 +67,10 @@ class AsyncEngine:
         recorder: StatsRecorder | None = None,
         label: str = "unnamed",
         clock: Callable[[], float] = time.monotonic,
+        on_loop: bool = False,
     ) -> None:
         self.model = model
+        self.on_loop = on_loop
         self.limits = limits
         self.label = label
         self._recorder: StatsRecorder = recorder if recorder is not None else NullRecorder()
@@ -80,6 +86,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._outbox: deque[CoreOutput | BaseException] = deque()
         self._delivery_pending = False
+        self._turn_scheduled = False  # on the loop: a turn is pending (call_soon), or a timer for the next wakeup
+        self._timer: asyncio.TimerHandle | None = None
         self._all_resolved = asyncio.Event()
 
     # ----- public surface -------------------------------------------------------------------------
@@ -114,8 +122,9 @@ class AsyncEngine:
             raise RuntimeError(f"the engine of model {self.label} was already started")
         self._loop = asyncio.get_running_loop()
         self._lifecycle = _Lifecycle.RUNNING
-        self._thread = threading.Thread(target=self._work, name=f"engine {self.label}", daemon=True)
-        self._thread.start()
+        if not self.on_loop:
+            self._thread = threading.Thread(target=self._work, name=f"engine {self.label}", daemon=True)
+            self._thread.start()
 
     def check_room(self, count: int) -> None:
         """Raise Overloaded now unless the queue has room for `count` more requests (InvalidRequest when
@@ -158,7 +167,7 @@ class AsyncEngine:
             handles.append(handle)
         self._added += len(requests)
         self._all_resolved.clear()
-        self._wake.set()
+        self._kick()
         return handles
 
     async def stop(self, grace_s: float) -> None:
@@ -167,7 +176,7 @@ class AsyncEngine:
         if self._lifecycle is _Lifecycle.RUNNING:
             self._lifecycle = _Lifecycle.STOPPING
             self._core.draining = True
-            self._wake.set()
+            self._kick()
         if self._lifecycle is _Lifecycle.STOPPING and self._outstanding:  # a second stop() waits as well
             try:
                 await asyncio.wait_for(self._all_resolved.wait(), max(grace_s, 0.0))
@@ -178,10 +187,55 @@ class AsyncEngine:
         # since every handle is resolved here and the worker exits at its next turn.
         self._closing = True
         self._wake.set()
+        if self._timer is not None:
+            self._timer.cancel()
         for handle in list(self._outstanding.values()):
             self._fail(
                 handle, Unavailable(f"model {self.label} stopped before the request finished"), FinishReason.ERROR
             )
+
+    def _kick(self) -> None:
+        """There is something new for the core (arrivals, cancellations, a stop): make it look."""
+        if not self.on_loop:
+            self._wake.set()
+        elif not self._turn_scheduled and self._loop is not None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._turn_scheduled = True
+            self._loop.call_soon(self._turn)
+
+    # ----- on the loop ---------------------------------------------------------------------------------
+
+    def _turn(self) -> None:
+        """One step of the core, then the loop's other work (its sockets, its callbacks), then the next step."""
+        self._turn_scheduled = False
+        self._timer = None
+        core, loop = self._core, self._loop
+        if self._closing or loop is None:
+            return
+        try:
+            if core.has_work:
+                try:
+                    output = core.step()
+                except Exception as exc:  # a bug in the engine itself: fail what it touched, keep serving
+                    log.exception("engine iteration failed (model %s)", self.label)
+                    output = core.recover(exc)
+                if output.stats is not None:
+                    self._record(self._recorder.on_step, output.stats)
+                if output.answers:
+                    self._deliver_safely(output)
+                if core.has_work:
+                    self._turn_scheduled = True
+                    loop.call_soon(self._turn)
+                    return
+            wakeup = core.next_wakeup()
+            if wakeup is not None:
+                self._timer = loop.call_later(max(wakeup - self._clock(), 0.0), self._turn)
+        except Exception as exc:  # the driver itself broke: every caller must still get an answer
+            log.error("the engine of model %s stopped on an error", self.label, exc_info=exc)
+            self._closing = True
+            self._worker_died(exc)
 
     # ----- the worker thread -----------------------------------------------------------------------
 
@@ -228,12 +282,15 @@ class AsyncEngine:
             item = self._outbox.popleft()
             if isinstance(item, BaseException):
                 self._worker_died(item)
-                continue
-            try:
-                self._deliver(item)
-            except Exception as exc:  # a bug in delivery: fail what it touched, keep serving
-                log.exception("delivering an engine step failed (model %s)", self.label)
-                self._fail_touched(item, exc)
+            else:
+                self._deliver_safely(item)
+
+    def _deliver_safely(self, output: CoreOutput) -> None:
+        try:
+            self._deliver(output)
+        except Exception as exc:  # a bug in delivery: fail what it touched, keep serving
+            log.exception("delivering an engine step failed (model %s)", self.label)
+            self._fail_touched(output, exc)
 
     def _deliver(self, output: CoreOutput) -> None:
         outstanding = self._outstanding
@@ -260,7 +317,7 @@ class AsyncEngine:
             handle = self._outstanding.get(key)
             if handle is not None and self._fail(handle, error, FinishReason.ERROR):
                 self._core.abort(key)
-        self._wake.set()
+        self._kick()
 
     def _worker_died(self, exc: BaseException) -> None:
         self._lifecycle = _Lifecycle.STOPPED
@@ -291,7 +348,7 @@ class AsyncEngine:
     def _cancel(self, handle: RequestHandle) -> None:
         if self._fail(handle, RequestCancelled(f"request cancelled (model {self.label})"), FinishReason.CANCELLED):
             self._core.abort(handle.key)
-            self._wake.set()
+            self._kick()
 
     def _record(self, method: Callable[[_Stat], None], value: _Stat) -> None:
         try:

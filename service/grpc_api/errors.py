@@ -117,6 +117,10 @@ class RpcInterceptor(aio.ServerInterceptor):
 
     def __init__(self, metrics: ServerMetrics | None = None) -> None:
         self._metrics = metrics
+        # gRPC asks for a method's handler at every call, and gets the same handler object for every call of a
+        # method (the token check's refusals too: one per shape and reason), so each is wrapped once:
+        # id(handler) -> (handler, wrapper), the handler kept so its id stays its own.
+        self._wrapped: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -126,7 +130,14 @@ class RpcInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        cached = self._wrapped.get(id(handler))
+        if cached is not None:
+            return cached[1]
+        wrapped = self._wrap(handler_call_details.method.rsplit("/", 1)[-1], handler)
+        self._wrapped[id(handler)] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),

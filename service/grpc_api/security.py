@@ -301,6 +301,9 @@ class TokenAuthInterceptor(aio.ServerInterceptor):
     def __init__(self, tokens: BearerTokens, open_prefixes: Sequence[str] = (HEALTH_METHOD_PREFIX,)) -> None:
         self._tokens = tokens
         self._open_prefixes = tuple(open_prefixes)
+        # One refusing handler per (handler it stands in for, reason), made once: a bounded set, since unknown
+        # methods (handler None) share theirs, so a wrapping interceptor can wrap each once too.
+        self._refusals: dict[tuple[int, str], tuple[grpc.RpcMethodHandler | None, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -318,7 +321,12 @@ class TokenAuthInterceptor(aio.ServerInterceptor):
             if token is None
             else "the bearer token is not valid"
         )
-        return _refusing_handler(await continuation(handler_call_details), message)
+        handler = await continuation(handler_call_details)
+        key = (id(handler), message)
+        cached = self._refusals.get(key)
+        if cached is None:
+            cached = self._refusals[key] = (handler, _refusing_handler(handler, message))
+        return cached[1]
 
 
 # ----- client side ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Nothing here knows the architecture: the memory and state tensor names come from
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,52 @@ def choose_providers(provider: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+LARGE_DECODER_BYTES = 16 * 2**20
+"""A decoder graph of this size or more (about 4M float32 weights, e.g. hidden 512 over an 8,000-piece
+vocabulary) has operators large enough that more than one onnxruntime thread shortens a step; below it, a
+second thread costs more in hand-offs than it saves."""
+
+
+@dataclass(frozen=True)
+class RuntimeThreads:
+    """How onnxruntime runs one model version's sessions on the CPU.
+
+    `intra_op`: threads inside one operator (1 = the calling thread alone, no pool); `spinning`: whether the
+    pool's threads spin between runs; `chosen`: True when the server chose `intra_op` (setting 0)."""
+
+    intra_op: int
+    inter_op: int
+    spinning: bool
+    chosen: bool
+
+    def describe(self) -> str:
+        how = "chosen for the model" if self.chosen else "as set"
+        return f"{self.intra_op} intra-op thread{'s' if self.intra_op != 1 else ''} ({how}), spinning " + (
+            "on" if self.spinning else "off"
+        )
+
+
+ONE_THREAD = RuntimeThreads(intra_op=1, inter_op=1, spinning=False, chosen=False)
+"""What a step model made directly (export's parity checks, tools) runs with: one thread, no pool."""
+
+
+def choose_threads(
+    intra_op_threads: int, inter_op_threads: int, spinning: bool, *, on_gpu: bool, decoder_bytes: int, cpus: int
+) -> RuntimeThreads:
+    """The onnxruntime threads for a model version. `intra_op_threads` 0 lets the server choose: 1 on a GPU (the
+    device does the work) and for models whose decoder graph is under LARGE_DECODER_BYTES; for larger models
+    half the usable `cpus` (at most 4), leaving the rest to the RPC work. onnxruntime's own default (a thread
+    per core, spinning between runs) is never used: the engine calls Run every few hundred microseconds, so
+    such a pool never sleeps and burns a core the RPC path needs."""
+    if intra_op_threads > 0:
+        return RuntimeThreads(intra_op_threads, inter_op_threads, spinning, chosen=False)
+    if on_gpu or decoder_bytes < LARGE_DECODER_BYTES:
+        chosen = 1
+    else:
+        chosen = max(1, min(4, cpus // 2))
+    return RuntimeThreads(chosen, inter_op_threads, spinning, chosen=True)
+
+
 def _create_session(ort: Any, path: Path, options: Any, providers: list[str]) -> Any:
     """Create a session; without a usable GPU, the CUDA provider's failure is expected, so keep it quiet."""
     if providers[0] == "CPUExecutionProvider":
@@ -64,18 +111,20 @@ class OnnxStepModel:
         directory: Path,
         *,
         providers: list[str],
-        intra_op_threads: int = 0,
-        inter_op_threads: int = 1,
+        threads: RuntimeThreads = ONE_THREAD,
         require_cuda: bool = False,
         io_binding: bool | None = None,
     ) -> None:
         import onnxruntime as ort
 
         self._ort = ort
-
+        self.threads = threads
         options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = inter_op_threads
+        options.intra_op_num_threads = threads.intra_op
+        options.inter_op_num_threads = threads.inter_op
+        spin = "1" if threads.spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         decoder = document.decoder
@@ -190,6 +239,10 @@ class LoadedModel:
     def provider(self) -> str:
         return str(self.step_model.provider)
 
+    @property
+    def threads(self) -> RuntimeThreads:
+        return self.step_model.threads
+
     def warm_up(self) -> None:
         """Run the encoder and a few decoder steps at two shapes so the first real request is not slow."""
         for batch, length in ((1, 4), (4, min(16, self.document.limits.max_source_tokens))):
@@ -229,18 +282,35 @@ def load_model(
     provider: str = "auto",
     intra_op_threads: int = 0,
     inter_op_threads: int = 1,
+    spinning: bool = False,
+    cpus: int | None = None,
     io_binding: bool | None = None,
 ) -> LoadedModel:
-    """Load the model version in ``directory`` (``models/NAME/VERSION``); raises ModelLoadError with the cause."""
+    """Load the model version in ``directory`` (``models/NAME/VERSION``); raises ModelLoadError with the cause.
+
+    Threads: see choose_threads (`intra_op_threads` 0 = chosen for the model; `cpus` usable, default the CPU
+    affinity's)."""
     started = time.monotonic()
     directory = Path(directory)
     document, source, target = read_text_side(directory)
+    providers = choose_providers(provider)
+    try:
+        decoder_bytes = (directory / document.decoder.file).stat().st_size
+    except OSError as exc:
+        raise ModelLoadError(f"{directory}: cannot read {document.decoder.file}: {exc}") from exc
+    threads = choose_threads(
+        intra_op_threads,
+        inter_op_threads,
+        spinning,
+        on_gpu=providers[0] == "CUDAExecutionProvider",
+        decoder_bytes=decoder_bytes,
+        cpus=cpus if cpus is not None else len(os.sched_getaffinity(0)),
+    )
     step_model = OnnxStepModel(
         document,
         directory,
-        providers=choose_providers(provider),
-        intra_op_threads=intra_op_threads,
-        inter_op_threads=inter_op_threads,
+        providers=providers,
+        threads=threads,
         require_cuda=provider == "cuda",
         io_binding=io_binding,
     )

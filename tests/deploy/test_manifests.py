@@ -35,7 +35,6 @@ from deploy.tool import (
     variable_queries,
     write_rule_file,
 )
-from service import settings as settings_module
 from service.grpc_api.server import LIVENESS_SERVICE
 from service.metrics import ServerMetrics
 from service.processes.supervisor import Supervisor
@@ -198,23 +197,25 @@ def test_settings_configmap_is_read_by_the_server(rendered: dict[str, list[dict[
     assert settings.max_connection_age_seconds > 0  # clients re-resolve the headless Service
     assert settings.provider == {"cpu": "cpu", "gpu": "cuda"}[name]
     assert any(ref["configMapRef"]["name"] == configmap["metadata"]["name"] for ref in container["envFrom"])
-    thread_env = {e["name"]: e for e in container["env"]}[f"{ENV_PREFIX}INTRA_OP_THREADS"]
-    assert thread_env["valueFrom"]["resourceFieldRef"]["resource"] == "requests.cpu"
+    cpus_env = {e["name"]: e for e in container["env"]}[f"{ENV_PREFIX}CPUS"]
+    assert cpus_env["valueFrom"]["resourceFieldRef"]["resource"] == "requests.cpu"
 
 
-@pytest.mark.parametrize("name", OVERLAY_NAMES)
-def test_frontends_are_what_auto_gives_for_the_cpu_request(
-    rendered: dict[str, list[dict[str, Any]]], name: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("name", "frontends"), [("cpu", 0), ("gpu", 3)])
+def test_cpu_derived_choices_follow_the_cpu_request(
+    rendered: dict[str, list[dict[str, Any]]], name: str, frontends: int
 ) -> None:
-    # Set explicitly: with no CPU limit, `auto` would count every core of the node.
+    # With no CPU limit the server would count every core of the node: the request is passed as ATTNSERVE_CPUS,
+    # and nothing CPU-derived (front-end processes, onnxruntime threads) is set apart from it.
     container = _container(rendered[name])
-    assert "cpu" not in container["resources"].get("limits", {}), "with a CPU limit, auto would count it: revisit"
-    value = {e["name"]: e for e in container["env"]}[f"{ENV_PREFIX}FRONTENDS"]["value"]
+    assert "cpu" not in container["resources"].get("limits", {}), "with a CPU limit, cpus would count it: revisit"
+    env = {e["name"] for e in container["env"]}
+    assert not env & {f"{ENV_PREFIX}FRONTENDS", f"{ENV_PREFIX}INTRA_OP_THREADS"}
     request = str(container["resources"]["requests"]["cpu"])
     cores = math.ceil(int(request[:-1]) / 1000 if request.endswith("m") else float(request))
-    monkeypatch.setattr(settings_module, "usable_cpus", lambda: cores)
-    explicit = Settings.from_sources([], {f"{ENV_PREFIX}FRONTENDS": value}).frontend_processes
-    assert explicit == Settings(frontends="auto").frontend_processes, f"{cores} cores requested"
+    # The kubelet gives requests.cpu with divisor 1 as whole cores, rounded up.
+    settings = Settings.from_sources([], {f"{ENV_PREFIX}CPUS": str(cores)})
+    assert settings.frontend_processes == frontends, f"{cores} cores requested"
 
 
 @pytest.mark.parametrize("name", OVERLAY_NAMES)

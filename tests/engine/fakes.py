@@ -484,6 +484,7 @@ async def running(
     policy: BatchingPolicy = BatchingPolicy.CONTINUOUS,
     recorder: RecordingRecorder | None = None,
     clock: Callable[[], float] = time.monotonic,
+    on_loop: bool = False,
 ) -> AsyncIterator[AsyncEngine]:
     """A started engine on the fake (source bucket 1 unless `limits` says otherwise); on exit the gate (if any)
     is opened and the engine stopped."""
@@ -494,6 +495,7 @@ async def running(
         recorder=recorder,
         label="fake version 1",
         clock=clock,
+        on_loop=on_loop,
     )
     await engine.start()
     try:

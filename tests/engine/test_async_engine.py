@@ -41,6 +41,9 @@ from .fakes import (
     source,
 )
 
+BOTH_DRIVERS = pytest.mark.parametrize("on_loop", [False, True], ids=["worker-thread", "on-the-loop"])
+"""For tests without a step gate (a held step would hold the loop itself): run them with either driver."""
+
 
 def rows_per_step(model: FakeStepModel) -> list[int]:
     return [call.rows for call in model.step_calls]
@@ -72,11 +75,12 @@ def test_a_request_joins_a_running_batch_and_a_short_one_retires_first():
     assert [step.memory_generation for step in recorder.steps if step.rows] == [1, 2, 2, 3, 3, 3]
 
 
-def test_retirement_of_the_longest_source_trims_the_padding():
+@BOTH_DRIVERS
+def test_retirement_of_the_longest_source_trims_the_padding(on_loop):
     model = FakeStepModel(support=NO_EOS)
 
     async def main():
-        async with running(model) as engine:
+        async with running(model, on_loop=on_loop) as engine:
             wide = engine.submit(make_request(source(*range(3, 12)), max_length=2))
             narrow = engine.submit(make_request(source(4, 5), max_length=4))
             await wide.result()
@@ -88,12 +92,13 @@ def test_retirement_of_the_longest_source_trims_the_padding():
     assert [call.padded_len for call in model.step_calls] == [10, 10, 3, 3]
 
 
-def test_beam_reordering_never_rebuilds_memory():
+@BOTH_DRIVERS
+def test_beam_reordering_never_rebuilds_memory(on_loop):
     model = FakeStepModel(support=NO_EOS)
     recorder = RecordingRecorder()
 
     async def main():
-        async with running(model, recorder=recorder) as engine:
+        async with running(model, on_loop=on_loop, recorder=recorder) as engine:
             await engine.submit(make_request(source(3, 4, 5), beam=4, hypotheses=2, max_length=6)).result()
 
     asyncio.run(main())
@@ -101,13 +106,14 @@ def test_beam_reordering_never_rebuilds_memory():
     assert [step.memory_generation for step in recorder.steps] == [1] * 6
 
 
-def test_budgets_bound_every_step_and_admission_is_first_come_first_served():
+@BOTH_DRIVERS
+def test_budgets_bound_every_step_and_admission_is_first_come_first_served(on_loop):
     limits = engine_limits(max_active_hypotheses=4, max_padded_source_tokens=24, source_bucket=1)
     model = FakeStepModel(support=NO_EOS)
     lengths = [3, 8, 2, 6, 5, 1, 4]
 
     async def main():
-        async with running(model, limits=limits) as engine:
+        async with running(model, on_loop=on_loop, limits=limits) as engine:
             requests = [
                 make_request(source(*([5] * (n - 1))), beam=1 + i % 3, max_length=3 + i) for i, n in enumerate(lengths)
             ]
@@ -193,11 +199,12 @@ def test_a_cancelled_waiting_request_is_never_encoded():
     assert model.encode_batches == [1]
 
 
-def test_a_request_already_past_its_deadline_is_not_encoded():
+@BOTH_DRIVERS
+def test_a_request_already_past_its_deadline_is_not_encoded(on_loop):
     model = FakeStepModel(support=NO_EOS)
 
     async def main():
-        async with running(model) as engine:
+        async with running(model, on_loop=on_loop) as engine:
             late = engine.submit(make_request(source(4), deadline=time.monotonic() - 1.0))
             return await outcome(late)
 
@@ -230,12 +237,13 @@ def test_a_full_queue_fails_fast_while_others_continue():
     assert all(isinstance(result, EngineResult) for result in [*results, later])
 
 
-def test_requests_that_can_never_fit_are_invalid():
+@BOTH_DRIVERS
+def test_requests_that_can_never_fit_are_invalid(on_loop):
     model = FakeStepModel(top_k=8)
     limits = engine_limits(max_active_hypotheses=6, max_padded_source_tokens=30, source_bucket=1)
 
     async def main():
-        engine = AsyncEngine(model, limits=limits, label="dates version 3")
+        engine = AsyncEngine(model, on_loop=on_loop, limits=limits, label="dates version 3")
         with pytest.raises(Unavailable):
             engine.submit(make_request(source(3)))  # not started
         await engine.start()
@@ -260,12 +268,15 @@ def test_requests_that_can_never_fit_are_invalid():
 # ----- model failures -----
 
 
-def test_a_failing_step_fails_only_its_requests():
+@BOTH_DRIVERS
+def test_a_failing_step_fails_only_its_requests(on_loop):
     model = FakeStepModel(support=NO_EOS, fail_steps={1})
     recorder = RecordingRecorder()
 
     async def main():
-        async with running(model, limits=engine_limits(max_active_hypotheses=2), recorder=recorder) as engine:
+        async with running(
+            model, on_loop=on_loop, limits=engine_limits(max_active_hypotheses=2), recorder=recorder
+        ) as engine:
             stepping = engine.submit(make_request(source(3), max_length=5))
             waiting = engine.submit(make_request(source(4), beam=2, max_length=3))  # no room: waits
             failed, survivor = await outcome(stepping), await outcome(waiting)
@@ -312,11 +323,12 @@ class MalformedStepModel(FakeStepModel):
         return output
 
 
-def test_a_malformed_step_output_is_an_engine_failure():
+@BOTH_DRIVERS
+def test_a_malformed_step_output_is_an_engine_failure(on_loop):
     model = MalformedStepModel(support=NO_EOS)
 
     async def main():
-        async with running(model) as engine:
+        async with running(model, on_loop=on_loop) as engine:
             broken = engine.submit(make_request(source(3), beam=2, max_length=4))
             failed = await outcome(broken)
             later = await outcome(engine.submit(make_request(source(4), max_length=2)))
@@ -327,14 +339,15 @@ def test_a_malformed_step_output_is_an_engine_failure():
     assert isinstance(later, EngineResult)
 
 
-def test_a_bug_in_delivery_fails_the_requests_it_left_half_done_and_the_engine_goes_on():
+@BOTH_DRIVERS
+def test_a_bug_in_delivery_fails_the_requests_it_left_half_done_and_the_engine_goes_on(on_loop):
     model = FakeStepModel(support=NO_EOS)
 
     def broken_callback(handle):
         raise KeyError("simulated bookkeeping bug")
 
     async def main():
-        async with running(model) as engine:
+        async with running(model, on_loop=on_loop) as engine:
             # One call: both are admitted by the same step, finish by the same step, and are delivered in row order.
             first, second = engine.submit_all(
                 [make_request(source(3), max_length=2), make_request(source(4), max_length=2)]
@@ -382,7 +395,8 @@ def test_if_the_loop_itself_dies_every_handle_is_still_answered(monkeypatch):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_every_request_is_resolved_exactly_once_under_a_random_mix(seed):
+@BOTH_DRIVERS
+def test_every_request_is_resolved_exactly_once_under_a_random_mix(seed, on_loop):
     """The driver under real concurrency: the operations (requests, cancellations, pauses, injected failures)
     come from the seed, so a failing seed replays them; how they interleave with the worker thread varies
     from run to run, which is the point here. Exact outcomes are checked on the core, stepped by hand
@@ -398,7 +412,7 @@ def test_every_request_is_resolved_exactly_once_under_a_random_mix(seed):
     policy = rng.choice(list(BatchingPolicy))
 
     async def main():
-        engine = AsyncEngine(model, limits=limits, policy=policy, recorder=recorder, label="mix")
+        engine = AsyncEngine(model, on_loop=on_loop, limits=limits, policy=policy, recorder=recorder, label="mix")
         await engine.start()
         handles, requests, refused = [], [], 0
         for _ in range(70):
@@ -460,11 +474,12 @@ def test_every_request_is_resolved_exactly_once_under_a_random_mix(seed):
         assert call.rows * call.padded_len <= limits.max_padded_source_tokens
 
 
-def test_stop_lets_queued_and_active_requests_finish_within_the_grace_period():
+@BOTH_DRIVERS
+def test_stop_lets_queued_and_active_requests_finish_within_the_grace_period(on_loop):
     model = FakeStepModel(support=NO_EOS)
 
     async def main():
-        engine = AsyncEngine(model, limits=engine_limits(max_active_hypotheses=1))
+        engine = AsyncEngine(model, on_loop=on_loop, limits=engine_limits(max_active_hypotheses=1))
         await engine.start()
         handles = [engine.submit(make_request(source(3 + i), max_length=3)) for i in range(3)]
         stopping = asyncio.create_task(engine.stop(grace_s=30.0))
@@ -554,12 +569,13 @@ def test_results_do_not_depend_on_the_rest_of_the_batch(policy, stagger):
 # ----- the request and none policies -----
 
 
-def test_request_policy_gathers_arrivals_within_the_delay():
+@BOTH_DRIVERS
+def test_request_policy_gathers_arrivals_within_the_delay(on_loop):
     model = FakeStepModel(support=NO_EOS)
     limits = engine_limits(batch_size=8, batch_delay_s=0.3)
 
     async def main():
-        async with running(model, limits=limits, policy=BatchingPolicy.REQUEST) as engine:
+        async with running(model, on_loop=on_loop, limits=limits, policy=BatchingPolicy.REQUEST) as engine:
             early = engine.submit(make_request(source(3), max_length=2))
             later = engine.submit(make_request(source(4), max_length=2))
             return await early.result(), await later.result()
@@ -568,11 +584,12 @@ def test_request_policy_gathers_arrivals_within_the_delay():
     assert model.encode_batches == [2]  # the worker waited for the window, then took both
 
 
-def test_none_policy_decodes_one_request_at_a_time():
+@BOTH_DRIVERS
+def test_none_policy_decodes_one_request_at_a_time(on_loop):
     model = FakeStepModel(support=NO_EOS)
 
     async def main():
-        async with running(model, policy=BatchingPolicy.NONE) as engine:
+        async with running(model, on_loop=on_loop, policy=BatchingPolicy.NONE) as engine:
             handles = [engine.submit(make_request(source(3 + i), beam=2, max_length=2 + i)) for i in range(3)]
             return [await handle.result() for handle in handles]
 
@@ -609,11 +626,12 @@ def test_greedy_streaming_delivers_each_token_as_it_is_decoded():
     np.testing.assert_array_equal(np.stack([event.attention for event in events]), best.attention)
 
 
-def test_streaming_includes_the_eos_token():
+@BOTH_DRIVERS
+def test_streaming_includes_the_eos_token(on_loop):
     model = FakeStepModel(seed=4, eos_bias=3.0)
 
     async def main():
-        async with running(model) as engine:
+        async with running(model, on_loop=on_loop) as engine:
             handle = engine.submit(make_request(source(3), max_length=6, stream=True))
             return [event async for event in handle.tokens()], await handle.result()
 
@@ -622,11 +640,12 @@ def test_streaming_includes_the_eos_token():
     assert [event.token_id for event in events] == result.best.token_ids
 
 
-def test_beam_streaming_yields_nothing_then_ends():
+@BOTH_DRIVERS
+def test_beam_streaming_yields_nothing_then_ends(on_loop):
     model = FakeStepModel(seed=2)
 
     async def main():
-        async with running(model) as engine:
+        async with running(model, on_loop=on_loop) as engine:
             handle = engine.submit(make_request(source(3, 9), beam=3, hypotheses=2, max_length=4, stream=True))
             events = [event async for event in handle.tokens()]
             return events, await handle.result()
@@ -635,11 +654,12 @@ def test_beam_streaming_yields_nothing_then_ends():
     assert events == [] and len(result.hypotheses) == 2
 
 
-def test_streaming_raises_the_failure_and_tokens_needs_stream():
+@BOTH_DRIVERS
+def test_streaming_raises_the_failure_and_tokens_needs_stream(on_loop):
     model = FakeStepModel(support=NO_EOS, fail_steps={2})
 
     async def main():
-        async with running(model) as engine:
+        async with running(model, on_loop=on_loop) as engine:
             plain = engine.submit(make_request(source(4), max_length=2))
             with pytest.raises(ValueError):
                 plain.tokens()
@@ -659,14 +679,15 @@ def test_streaming_raises_the_failure_and_tokens_needs_stream():
 # ----- stats -----
 
 
-def test_stats_records_are_filled_per_step_and_per_request():
+@BOTH_DRIVERS
+def test_stats_records_are_filled_per_step_and_per_request(on_loop):
     model = FakeStepModel(support=NO_EOS)
     recorder = RecordingRecorder()
 
     clock = TickingClock()
 
     async def main():
-        async with running(model, recorder=recorder, clock=clock) as engine:
+        async with running(model, on_loop=on_loop, recorder=recorder, clock=clock) as engine:
             beam, greedy = engine.submit_all(
                 [
                     make_request(source(3, 4, 5), beam=3, max_length=3, arrival=clock.now),

@@ -92,7 +92,8 @@ async def connected(
         repository_poll_seconds=0,
     )
     metrics = ServerMetrics()
-    server = EngineServer(settings, metrics, loader=fake_loader(model))
+    # A held step would hold the loop itself (both ends share it here): with a gate, the engine steps on a thread.
+    server = EngineServer(settings, metrics, loader=fake_loader(model), engines_on_loop=gate is None)
     socket_path = tmp_path / "engine.sock"
     await server.start(socket_path)
     model.gate = gate
