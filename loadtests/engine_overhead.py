@@ -104,7 +104,7 @@ def measure_overhead(rows: int, beam: int = 1, *, tokens: int = 16, steps: int =
         core.add(added, EngineRequest(source_ids, options, deadline=None, stream=False, arrival=0.0), 0.0)
 
     def top_up() -> None:  # keep enough waiting that every freed row is taken at the next step
-        while added - core.dequeued + core.running < requests + per_step:
+        while added - core.counts.dequeued + core.counts.running < requests + per_step:
             add()
 
     # Fill the batch a few requests per step, so that their ages spread evenly over 0..tokens-1: then as

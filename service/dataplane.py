@@ -151,7 +151,10 @@ class Dataplane:
             ],
         )
         try:
-            results = await asyncio.gather(*(handle.result() for handle in handles))
+            if len(handles) == 1:  # most calls: no task of its own to wait in
+                results = [await handles[0].result()]
+            else:
+                results = await asyncio.gather(*(handle.result() for handle in handles))
         except BaseException:
             for handle in handles:  # idempotent; a resolved handle ignores it
                 handle.cancel()

@@ -49,8 +49,8 @@ class _QueueSource:
 class _QueueCollector(Collector):
     """Reports each engine's waiting and running requests and its queue limit when /metrics is scraped.
 
-    Runs on the HTTP server's thread and only reads: each figure is derived from counters that one other
-    thread writes (AsyncEngine.waiting and .running), so a scrape never changes what the queue limit uses.
+    Runs on the HTTP server's thread and only reads (AsyncEngine.queue_counts: counters each written by one
+    other thread), so a scrape never changes what the queue limit uses.
     """
 
     def __init__(self) -> None:
@@ -81,8 +81,9 @@ class _QueueCollector(Collector):
             sources = list(self._sources.values())
         for source in sources:
             labels = [source.model, source.version]
-            waiting.add_metric(labels, source.engine.waiting)
-            running.add_metric(labels, source.engine.running)
+            queued, decoding = source.engine.queue_counts()  # one snapshot: a request is counted once
+            waiting.add_metric(labels, queued)
+            running.add_metric(labels, decoding)
             waiting_limit.add_metric(labels, source.engine.limits.max_waiting_requests)
         yield waiting
         yield running

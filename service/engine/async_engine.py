@@ -15,9 +15,9 @@ Concurrency model:
     the turn that produced them. For a process whose loop has little else to do (the engine process of
     `--frontends N`), and for models whose steps cost less than a thread hop.
 - A step's own numbers are recorded where it ran and never wake the loop.
-- Each counter has one writer: the loop thread counts what it added (`_added`), the worker thread what left
-  the queue (`EngineCore.dequeued`) and what is in the batch (`EngineCore.running`). The queue length is their
-  difference, so a reader on any thread (the metrics scrape) only reads.
+- Each counter has one writer: the loop thread counts what it added (`_added`), the core what left the queue and
+  what is in the batch (`EngineCore.counts`, replaced whole). The queue length is the difference, so a reader on
+  any thread (the metrics scrape) only reads.
 
 Every submitted request is resolved exactly once: with a result, or with an AttnServeError (cancelled,
 deadline, model failure, engine stopped). A resolved handle ignores whatever the core reports later, which
@@ -45,7 +45,6 @@ from service.errors import AttnServeError, EngineFailure, InvalidRequest, Overlo
 log = logging.getLogger(__name__)
 
 _Stat = TypeVar("_Stat")
-_SNAPSHOT_TRIES = 100  # a consistent read needs a second try only when the worker dequeued in between
 
 
 class _Lifecycle(enum.Enum):
@@ -92,24 +91,22 @@ class AsyncEngine:
 
     # ----- public surface -------------------------------------------------------------------------
 
+    def queue_counts(self) -> tuple[int, int]:
+        """(waiting, running): requests queued and not yet in the batch, and requests in the batch, from one
+        snapshot of the core (any thread). `waiting` may count for a moment a request the engine has just
+        taken in, never one twice; a cancellation counts once the engine has taken it in (its next step)."""
+        dequeued, running = self._core.counts  # read before `_added`, so waiting is never below zero
+        return self._added - dequeued, running
+
     @property
     def waiting(self) -> int:
-        """Requests queued, not yet in the batch (any thread). A snapshot: `dequeued` is read on both sides of
-        `_added`, so the two are of one instant (a reader between the loop's add and the worker's dequeue
-        could otherwise see fewer than zero, or more than the limit). Cancellations count once the worker
-        has taken them in."""
-        core = self._core
-        for _ in range(_SNAPSHOT_TRIES):
-            dequeued = core.dequeued
-            added = self._added
-            if core.dequeued == dequeued:
-                break
-        return added - dequeued
+        """Requests queued, not yet in the batch (any thread; see queue_counts)."""
+        return self.queue_counts()[0]
 
     @property
     def running(self) -> int:
         """Requests in the batch (any thread)."""
-        return self._core.running
+        return self._core.counts.running
 
     @property
     def outstanding(self) -> int:

@@ -15,8 +15,8 @@ drives it step by step with a fake model and a fake clock, and asserts exact out
 (async_engine.py) is the thin driver that runs it on a worker thread and resolves the callers' handles.
 
 Thread safety: `check()`, `add()` and `abort()` may be called from any thread (they only read the limits or
-append to deques); `dequeued` and `running` may be read from any thread (each is written by the driving thread
-only); every other method belongs to the one thread that drives the core.
+append to deques); `counts` may be read from any thread (the driving thread replaces it whole, so a reader gets
+a consistent pair); every other method belongs to the one thread that drives the core.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -115,6 +116,15 @@ class CoreOutput:
         return bool(self.events or self.finished or self.failed)
 
 
+class QueueCounts(NamedTuple):
+    """What the core held at one instant: `dequeued`, the requests that have left the queue since the core was
+    made (admitted, the encoder failing them included; cancelled or expired while waiting); `running`, the
+    requests in the batch. A driver that counts what it added has the queue's length as added - dequeued."""
+
+    dequeued: int
+    running: int
+
+
 @dataclass(frozen=True)
 class _Waiting:
     key: int
@@ -150,11 +160,10 @@ class EngineCore:
         self._queued = 0  # requests waiting (entries of _waiting still in _slot_of as _QUEUED)
         self._deadlines: list[tuple[float, int]] = []  # heap of (deadline, key)
         self._requests: dict[int, EngineRequest] = {}  # the same keys as _slot_of
-        # Requests that have left the queue since the core was made: admitted (the encoder failing them
-        # included), cancelled or expired while waiting. Only the driving thread writes it; a driver that
-        # counts what it added derives the queue length from it without a lock (added - dequeued).
-        self.dequeued = 0
+        self._dequeued = 0  # see QueueCounts
         self.batch = self._new_batch()
+        # Published by the driving thread (replaced whole) after admission and after each step.
+        self.counts = QueueCounts(0, 0)
 
     def _new_batch(self) -> DecodeBatch:
         return DecodeBatch(
@@ -225,11 +234,6 @@ class EngineCore:
             times.append(head.submitted_at + self.limits.batch_delay_s)
         return min(times) if times else None
 
-    @property
-    def running(self) -> int:
-        """Requests in the batch (read from any thread: one attribute of the batch the driving thread writes)."""
-        return self.batch.requests
-
     # ----- one iteration -----------------------------------------------------------------------------
 
     def step(self) -> CoreOutput:
@@ -241,34 +245,32 @@ class EngineCore:
         encode_seconds, admitted, admitted_slots = self._admit_waiting(now, output)
         batch = self.batch
         batch.compact()  # holes that admissions did not fill take the last rows
-        rows = batch.rows
-        # The step's record; what the decoder call did is filled in below when there was one.
-        stats = StepStats(
-            rows=rows,
-            requests=batch.requests,
-            step_seconds=0.0,
-            encode_seconds=encode_seconds,
-            encoder_batch=admitted,
-            admitted=admitted,
-            padded_source_len=batch.padded_source_len if rows else 0,
-            tokens_generated=0,
-            retired=len(output.failed),
-            memory_generation=batch.memory_generation,
-        )
-        if rows == 0:
-            output.stats = stats if admitted else None
-            return output
-        started = self.clock()
-        step_output = self._run_step(output)
-        step_seconds = self.clock() - started
-        if step_output is None:  # every request of the step failed
-            output.stats = replace(stats, step_seconds=step_seconds, retired=len(output.failed))
-            return output
-        stepped_rows = batch.rows  # fewer than `rows` when requests failed on their own and left
-        finished = self._update_from_output(step_output, self.clock(), admitted_slots, output)
-        output.stats = replace(
-            stats, step_seconds=step_seconds, tokens_generated=stepped_rows, retired=finished + len(output.failed)
-        )
+        # Published before the decoder call, which may be long: who waits and who decodes is known now.
+        self.counts = QueueCounts(self._dequeued, batch.requests)
+        rows, requests, generation = batch.rows, batch.requests, batch.memory_generation
+        padded_source_len = batch.padded_source_len if rows else 0
+        step_seconds, stepped_rows, finished = 0.0, 0, 0
+        if rows:
+            started = self.clock()
+            step_output = self._run_step(output)
+            step_seconds = self.clock() - started
+            if step_output is not None:  # None: every request of the step failed
+                stepped_rows = batch.rows  # fewer than `rows` when requests failed on their own and left
+                finished = self._update_from_output(step_output, self.clock(), admitted_slots, output)
+            self.counts = QueueCounts(self._dequeued, batch.requests)
+        if rows or admitted:
+            output.stats = StepStats(
+                rows=rows,
+                requests=requests,
+                step_seconds=step_seconds,
+                encode_seconds=encode_seconds,
+                encoder_batch=admitted,
+                admitted=admitted,
+                padded_source_len=padded_source_len,
+                tokens_generated=stepped_rows,
+                retired=finished + len(output.failed),
+                memory_generation=generation,
+            )
         return output
 
     def recover(self, exc: Exception) -> CoreOutput:
@@ -288,6 +290,7 @@ class EngineCore:
                     )
                 )
         self.batch = self._new_batch()
+        self.counts = QueueCounts(self._dequeued, 0)
         return output
 
     # ----- plan --------------------------------------------------------------------------------------
@@ -329,7 +332,7 @@ class EngineCore:
         del self._requests[key]
         if slot == _QUEUED:
             self._queued -= 1  # its queue entry is skipped when it reaches the head
-            self.dequeued += 1
+            self._dequeued += 1
         else:
             retire.append(slot)
 
@@ -381,7 +384,7 @@ class EngineCore:
                 break
             self._waiting.popleft()
             self._queued -= 1
-            self.dequeued += 1
+            self._dequeued += 1
             chosen.append(head)
             rows, longest = new_rows, new_longest
         if not chosen:

@@ -20,19 +20,24 @@ class RequestHandle:
     """One submitted request, as its caller sees it; resolved exactly once (result or error).
 
     `key` identifies the request to its owner. `on_cancel(handle)` is the owner's: called by `cancel()` while
-    the handle is unresolved, it must fail the handle (with RequestCancelled) and drop the request."""
+    the handle is unresolved, it must fail the handle (with RequestCancelled) and drop the request.
 
-    __slots__ = ("key", "_future", "_events", "_stream_taken", "_on_cancel", "_when_resolved")
+    The outcome is kept on the handle itself; a future exists only while a caller awaits `result()`, so a
+    handle whose owner answers through `when_resolved` (the engine process's server) never makes one."""
+
+    __slots__ = ("key", "_loop", "_waiters", "_events", "_stream_taken", "_on_cancel", "_when_resolved", "_outcome")
 
     def __init__(
         self, key: int, stream: bool, loop: asyncio.AbstractEventLoop, on_cancel: Callable[[RequestHandle], None]
     ) -> None:
         self.key = key
-        self._future: asyncio.Future[EngineResult] = loop.create_future()
+        self._loop = loop
+        self._waiters: list[asyncio.Future[None]] | None = None
         self._events: asyncio.Queue[object] | None = asyncio.Queue() if stream else None
         self._stream_taken = False
         self._on_cancel = on_cancel
         self._when_resolved: Callable[[RequestHandle], None] | None = None
+        self._outcome: EngineResult | AttnServeError | None = None
 
     # ----- for the caller ----------------------------------------------------------------------------
 
@@ -44,19 +49,29 @@ class RequestHandle:
     @property
     def done(self) -> bool:
         """True once the request is resolved (result, error or cancellation)."""
-        return self._future.done()
+        return self._outcome is not None
 
     async def result(self) -> EngineResult:
         """Wait for the result; raises the AttnServeError that ended the request otherwise.
 
         If the awaiting task is cancelled (e.g. the RPC was), the request is cancelled too.
         """
-        try:
-            return await asyncio.shield(self._future)
-        except asyncio.CancelledError:
-            if not self._future.done():
+        if self._outcome is None:
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            if self._waiters is None:
+                self._waiters = [waiter]
+            else:
+                self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
                 self.cancel()
-            raise
+                raise
+        outcome = self._outcome
+        if isinstance(outcome, AttnServeError):
+            raise outcome
+        assert outcome is not None
+        return outcome
 
     def tokens(self) -> AsyncIterator[TokenEvent]:
         """The tokens of a streaming request (submitted with stream=True) as they are decoded; iterate it once.
@@ -76,7 +91,7 @@ class RequestHandle:
     def cancel(self) -> None:
         """Cancel the request (idempotent): result() raises RequestCancelled at once; its rows leave the
         batch at the next step. No effect once the request is resolved."""
-        if not self._future.done():
+        if self._outcome is None:
             self._on_cancel(self)
 
     def when_resolved(self, callback: Callable[[RequestHandle], None]) -> None:
@@ -86,11 +101,9 @@ class RequestHandle:
 
     def outcome(self) -> EngineResult | AttnServeError:
         """A resolved request's result, or the AttnServeError that ended it (InvalidStateError before then)."""
-        error = self._future.exception()
-        if error is None:
-            return self._future.result()
-        assert isinstance(error, AttnServeError)  # fail() is the only way an error gets in
-        return error
+        if self._outcome is None:
+            raise asyncio.InvalidStateError("the request is not resolved yet")
+        return self._outcome
 
     async def _iterate_events(self, events: asyncio.Queue[object]) -> AsyncIterator[TokenEvent]:
         while True:
@@ -112,28 +125,28 @@ class RequestHandle:
 
     def push(self, event: TokenEvent) -> None:
         """Deliver a streamed token (ignored once resolved, or when the request does not stream)."""
-        if self._events is not None and not self._future.done():
+        if self._events is not None and self._outcome is None:
             self._events.put_nowait(event)
 
     def resolve(self, result: EngineResult) -> bool:
         """End the request with its result."""
-        if self._future.done():
-            return False
-        self._future.set_result(result)
-        if self._events is not None:
-            self._events.put_nowait(_END_OF_STREAM)
-        if self._when_resolved is not None:
-            self._when_resolved(self)
-        return True
+        return self._end(result, _END_OF_STREAM)
 
     def fail(self, error: AttnServeError) -> bool:
         """End the request with `error`."""
-        if self._future.done():
+        return self._end(error, error)
+
+    def _end(self, outcome: EngineResult | AttnServeError, last_event: object) -> bool:
+        if self._outcome is not None:
             return False
-        self._future.set_exception(error)
-        self._future.exception()  # marks it retrieved: nobody need await a cancelled request's result
+        self._outcome = outcome
+        if self._waiters is not None:
+            for waiter in self._waiters:
+                if not waiter.done():  # a waiter whose task was cancelled is done already
+                    waiter.set_result(None)
+            self._waiters = None
         if self._events is not None:
-            self._events.put_nowait(error)
+            self._events.put_nowait(last_event)
         if self._when_resolved is not None:
             self._when_resolved(self)
         return True
