@@ -36,6 +36,18 @@ def configure_logging(level: str) -> None:
     )
 
 
+def configure_onnxruntime_telemetry(enabled: bool) -> None:
+    """Turn onnxruntime's telemetry off unless `enabled`. onnxruntime reads ORT_DISABLE_TELEMETRY when it loads
+    (its disable_telemetry_events() comes too late for the device id it writes then, and warns about on a
+    read-only root), and the processes this one starts inherit the variable."""
+    if enabled:
+        return
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+    loaded = sys.modules.get("onnxruntime")
+    if loaded is not None:  # loaded before the settings were known (in-process use): stop its events at least
+        loaded.disable_telemetry_events()
+
+
 async def start_models(manager: ModelManager) -> bool:
     """Load the repository (ModelManager.start); False, with the reason logged, when not a single model loads."""
     try:
@@ -125,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attnserve serve: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    configure_onnxruntime_telemetry(settings.onnxruntime_telemetry)
     frontends = settings.frontend_processes
     if frontends:
         from service.ipc.processes import supervise
