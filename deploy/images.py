@@ -543,12 +543,19 @@ def check_drain(container: Container) -> int:
 
 
 _NOT_QUIET = re.compile(r" (WARNING|ERROR|CRITICAL) |\[[WEF]:onnxruntime|Traceback|Warning:")
+"""attnserve's log lines at WARNING and above, onnxruntime's own warnings and errors, Python's tracebacks and
+warnings."""
+
+
+def noisy_lines(log_text: str) -> list[str]:
+    """The lines of a server's log that are warnings or errors (of attnserve, onnxruntime or Python)."""
+    return [line for line in log_text.splitlines() if _NOT_QUIET.search(line)]
 
 
 def check_quiet_log(container: Container) -> None:
     output = container.logs()
     expect("attnserve listening on" in output and "draining" in output, f"unexpected log:\n{output}")
-    noisy = [line for line in output.splitlines() if _NOT_QUIET.search(line)]
+    noisy = noisy_lines(output)
     expect(not noisy, "the log holds warnings or errors:\n" + "\n".join(noisy))
 
 
