@@ -2,9 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Two installs into the one .venv: serving only (`make serve`: no torch, no test or deploy tools), and
-# everything (`make test` and the rest: the plot, train and dev extras on top). onnxruntime comes from the `gpu`
-# extra in both (onnxruntime-gpu, which also runs on the CPU); the CPU image installs the `cpu` extra instead.
+# Two installs into the one .venv: serving and the client (`make serve`: no torch, no test or deploy tools), and
+# everything (`make test` and the rest: the train and dev extras on top). onnxruntime comes from the `gpu` extra
+# in both (onnxruntime-gpu, which also runs on the CPU; the CPU image installs the `cpu` extra instead), and
+# matplotlib from `plot` (the client's --plot; the images leave it out).
 SERVE_STAMP := $(VENV)/.installed-serve
 STAMP := $(VENV)/.installed
 # The default model repository ships in models/ (`make models` rebuilds it).
@@ -14,7 +15,7 @@ MODELS ?= models
 
 $(SERVE_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[gpu]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[gpu,plot]'
 	touch $(SERVE_STAMP)
 
 $(STAMP): pyproject.toml
