@@ -54,6 +54,7 @@ VERSION = tomllib.loads((REPOSITORY_ROOT / "pyproject.toml").read_text())["proje
 CPU_IMAGE = f"localhost/attnserve:{VERSION}-cpu"
 CPU_BAKED_IMAGE = f"localhost/attnserve:{VERSION}-cpu-models"
 GPU_IMAGE = f"localhost/attnserve:{VERSION}-gpu"
+CPU_BUILD_STAGE = f"localhost/attnserve-build-stage:{VERSION}-cpu"
 BAKED_MODELS = "models"
 """The build context folder baked into CPU_BAKED_IMAGE, and mounted as the volume of CPU_IMAGE: the default models."""
 IMAGE_SIZE_LIMIT_MB = 300
@@ -298,21 +299,38 @@ def cpu_base(timings: dict[str, float]) -> str:
 # ----- building -------------------------------------------------------------------------------------------------------
 
 
-def build(dockerfile: Path, tag: str, build_arguments: dict[str, str]) -> None:
+def image_id(name: str) -> str | None:
+    if not image_exists(name):
+        return None
+    return podman("image", "inspect", "--format", "{{.Id}}", name).strip()
+
+
+def build(dockerfile: Path, tag: str, build_arguments: dict[str, str], target: str | None = None) -> None:
+    """`podman build` of one stage (`target`) or the whole Dockerfile, tagged `tag`; the image `tag` named before
+    is removed, with the cached layers only it used, so that podman's store does not grow with every change."""
+    previous = image_id(tag)
     arguments = ["build", "--network", "host", *ulimit_flags(), "--file", str(dockerfile), "--tag", tag]
+    if target is not None:
+        arguments += ["--target", target]
     if CA_STORE.is_dir():
         arguments += ["--volume", f"{CA_STORE}:{CA_STORE}:ro"]
     for key, value in build_arguments.items():
         arguments += ["--build-arg", f"{key}={value}"]
     podman(*arguments, str(REPOSITORY_ROOT), capture=False, timeout_s=1800.0)
+    if previous is not None and previous != image_id(tag):
+        podman("rmi", previous, check=False)  # fails, harmlessly, while a container or another tag uses it
 
 
 def build_cpu_images(timings: dict[str, float]) -> None:
     base = cpu_base(timings)
+    arguments = {"PYTHON_IMAGE": base}
     with timed(f"build {CPU_IMAGE}", timings):
-        build(CPU_DOCKERFILE, CPU_IMAGE, {"PYTHON_IMAGE": base})
+        # The build stage under a tag of its own: its layers are the cache of the next build, and the old ones
+        # go when it changes (untagged, only the images built from it would keep them).
+        build(CPU_DOCKERFILE, CPU_BUILD_STAGE, arguments, target="build")
+        build(CPU_DOCKERFILE, CPU_IMAGE, arguments)
     with timed(f"build {CPU_BAKED_IMAGE}", timings):
-        build(CPU_DOCKERFILE, CPU_BAKED_IMAGE, {"PYTHON_IMAGE": base, "MODEL_REPOSITORY": BAKED_MODELS})
+        build(CPU_DOCKERFILE, CPU_BAKED_IMAGE, {**arguments, "MODEL_REPOSITORY": BAKED_MODELS})
     for image in (CPU_IMAGE, CPU_BAKED_IMAGE):
         log(f"{image}: {image_size_mb(image):.0f} MB")
 
