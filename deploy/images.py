@@ -619,7 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DeployToolError, ImageCheckFailed) as error:
         print(f"images: {error}", file=sys.stderr)
         return 1
-    log(f"{arguments.command}: everything passed in {time.monotonic() - started:.1f} s")
+    outcome = "everything passed" if arguments.command == "check" else "done"
+    log(f"{arguments.command}: {outcome} in {time.monotonic() - started:.1f} s")
     return 0
 
 
