@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Two installs into the one .venv: serving only (`make serve`: no torch, no test or deploy tools), and
-# everything (`make test` and the rest: the train and dev extras on top).
+# Two installs into the one .venv: serving and the client (`make serve`: no torch, no test or deploy tools), and
+# everything (`make test` and the rest: the train and dev extras on top). onnxruntime comes from the `gpu` extra
+# in both (onnxruntime-gpu, which also runs on the CPU; the CPU image installs the `cpu` extra instead), and
+# matplotlib from `plot` (the client's --plot; the images leave it out).
 SERVE_STAMP := $(VENV)/.installed-serve
 STAMP := $(VENV)/.installed
 # The default model repository ships in models/ (`make models` rebuilds it).
@@ -13,13 +15,13 @@ MODELS ?= models
 
 $(SERVE_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[gpu,plot]'
 	touch $(SERVE_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[train,dev]'
+	$(BIN)/pip install --quiet -e '.[gpu,plot,train,dev]'
 	touch $(SERVE_STAMP) $(STAMP)
 
 install: $(STAMP)
@@ -123,8 +125,24 @@ deploy-check: $(STAMP) prometheus-tools
 monitor: $(STAMP) prometheus-tools
 	$(BIN)/python -m deploy.tool monitor
 
+# The serving images, built with podman from deploy/docker (docs/deploy.md, "Building the images with podman").
+# podman, runc and debootstrap come from Debian, installed only when missing, as prometheus-tools does.
+# `make images`: the CPU image (models from a volume, and baked in), and the GPU image where its CUDA base can be
+# pulled. `make image-check` (CI): the CPU images run as deploy/k8s runs them, and are checked from outside.
+.PHONY: container-tools images image-check
+container-tools:
+	@if command -v podman >/dev/null 2>&1 && command -v runc >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1; \
+	then :; else apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+		podman runc debootstrap debian-archive-keyring; fi
+
+images: $(STAMP) container-tools
+	$(BIN)/python -m deploy.images build
+
+image-check: $(STAMP) container-tools
+	$(BIN)/python -m deploy.images check
+
 # What CI runs (.ci/run): the test suite, then every further check the issues ask CI to make.
-ci: prometheus-tools lint test deploy-check loadtest-smoke bench-quick newcomer
+ci: prometheus-tools lint test deploy-check loadtest-smoke bench-quick newcomer image-check
 	$(MAKE) gpu-check GPU_CHECK_ARGS='--provider cpu --quick'
 
 # The GPU check (docs/gpu.md): provider, parity against the CPU, the device tests and a short benchmark, in one

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import sys
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="IMAGE",
         help="draw the best hypothesis' attention heatmap to IMAGE (.png, .svg, .pdf); with several "
-        "texts, IMAGE-1.png, IMAGE-2.png, ...",
+        "texts, IMAGE-1.png, IMAGE-2.png, ... (needs matplotlib: pip install 'attnserve[plot]')",
     )
     parser.add_argument("--json", action="store_true", help="print the whole response as JSON")
     parser.add_argument(
@@ -231,6 +232,7 @@ async def _translate_offline(arguments: argparse.Namespace, request: pb.Translat
     from service.engine_client.in_process import InProcessClient
     from service.errors import AttnServeError
     from service.grpc_api.servicer import options_from_grpc, outcome_to_grpc
+    from service.lifecycle import configure_onnxruntime_telemetry
     from service.models import describe_repository_path
     from service.settings import Settings
 
@@ -245,6 +247,7 @@ async def _translate_offline(arguments: argparse.Namespace, request: pb.Translat
         loaded_versions=0 if version else 1,
         max_texts_per_request=max(len(request.texts), 1),
     )
+    configure_onnxruntime_telemetry(settings.onnxruntime_telemetry)
     client = InProcessClient(settings, only={model} if model else None)
     try:
         await client.start()
@@ -305,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--stream takes exactly one text and needs a server (not --offline)")
     if arguments.beam < 0 or arguments.n_best < 0 or arguments.max_length < 0:
         parser.error("--beam, --n-best and --max-length must be >= 0")
+    if arguments.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        # Before the call, so nobody waits for a translation whose heatmap cannot be drawn.
+        parser.error("--plot draws with matplotlib, which is not installed: pip install 'attnserve[plot]'")
     request = _request(arguments)
     streamed = False
     try:

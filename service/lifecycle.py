@@ -18,14 +18,27 @@ log = logging.getLogger("attnserve.server")
 
 def settings_from(argv: list[str] | None) -> Settings | None:
     """The settings from these `attnserve serve` flags (None = sys.argv[1:]) and the environment, with logging
-    configured at their level; None, with the problem printed, when a value is bad."""
+    and onnxruntime's telemetry configured by them; None, with the problem printed, when a value is bad."""
     try:
         settings = Settings.from_sources(argv, os.environ)
     except SettingsError as error:
         print(f"attnserve serve: {error}", file=sys.stderr)
         return None
     _configure_logging(settings.log_level)
+    configure_onnxruntime_telemetry(settings.onnxruntime_telemetry)
     return settings
+
+
+def configure_onnxruntime_telemetry(enabled: bool) -> None:
+    """Turn onnxruntime's telemetry off unless `enabled`. onnxruntime reads ORT_DISABLE_TELEMETRY when it loads
+    (its disable_telemetry_events() comes too late for the device id it writes then, and warns about on a
+    read-only root), and the processes this one starts inherit the variable."""
+    if enabled:
+        return
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+    loaded = sys.modules.get("onnxruntime")
+    if loaded is not None:  # loaded before the settings were known (in-process use): stop its events at least
+        loaded.disable_telemetry_events()
 
 
 def _configure_logging(level: str) -> None:

@@ -195,6 +195,11 @@ class Settings(BaseSettings):
     reflection: bool = True
     """Serve gRPC server reflection (lets grpcurl and similar tools list the API): true or false."""
 
+    onnxruntime_telemetry: bool = False
+    """Let onnxruntime collect and send its usage telemetry (its Linux wheels do by default, and keep a device id
+    under $HOME/.cache): true or false. false sets ORT_DISABLE_TELEMETRY=1 for the server and every
+    process it starts; true leaves onnxruntime's own default."""
+
     max_concurrent_streams: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     """Most calls one client connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS);
     0 = no limit. Calls beyond it are refused by the transport (REFUSED_STREAM, seen as UNAVAILABLE: nothing

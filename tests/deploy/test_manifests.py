@@ -469,6 +469,10 @@ def test_hadolint_accepts_both_dockerfiles() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# The project's extra that brings onnxruntime into each image: the CPU package, or onnxruntime-gpu.
+RUNTIME_EXTRAS = {"Dockerfile": "cpu", "Dockerfile.gpu": "gpu"}
+
+
 @pytest.mark.parametrize("path", DOCKERFILES, ids=[p.name for p in DOCKERFILES])
 def test_dockerfile_is_multi_stage_non_root_and_torch_free(path: Path) -> None:
     stages = parse_dockerfile(path)
@@ -476,7 +480,7 @@ def test_dockerfile_is_multi_stage_non_root_and_torch_free(path: Path) -> None:
     build, serving = stages
     assert build["base"] == serving["base"]  # the venv is copied across: same interpreter in both
     runs = [arguments for instruction, arguments in build["instructions"] if instruction == "RUN"]
-    assert "sh deploy/docker/install-serving.sh /opt/attnserve /src" in runs
+    assert f"sh deploy/docker/install-serving.sh /opt/attnserve /src {RUNTIME_EXTRAS[path.name]}" in runs
     copies = [arguments for instruction, arguments in serving["instructions"] if instruction == "COPY"]
     assert "--from=build /opt/attnserve /opt/attnserve" in copies
     assert "${MODEL_REPOSITORY}/ /models/" in copies
@@ -500,10 +504,15 @@ def test_dockerfile_is_multi_stage_non_root_and_torch_free(path: Path) -> None:
 def test_both_images_install_the_same_way() -> None:
     cpu, gpu = (parse_dockerfile(path) for path in DOCKERFILES)
 
-    def install_steps(stages: list[dict[str, Any]]) -> list[tuple[str, str]]:
-        return [(i, a) for i, a in stages[0]["instructions"] if i in ("COPY", "WORKDIR") or "install-serving.sh" in a]
+    def install_steps(stages: list[dict[str, Any]], extra: str) -> list[tuple[str, str]]:
+        # The same steps, but for the runtime extra install-serving.sh is given.
+        return [
+            (i, a.removesuffix(f" {extra}"))
+            for i, a in stages[0]["instructions"]
+            if i in ("COPY", "WORKDIR") or "install-serving.sh" in a
+        ]
 
-    assert install_steps(cpu) == install_steps(gpu)
+    assert install_steps(cpu, "cpu") == install_steps(gpu, "gpu")
     assert "nvidia/cuda:13." in DOCKERFILES[1].read_text() and "cudnn" in DOCKERFILES[1].read_text()
 
 
