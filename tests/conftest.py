@@ -7,13 +7,18 @@ server (another scope, another repository) defines `server`, and `channel` and `
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from loadtests.smoke import build_smoke_repository
+# onnxruntime's telemetry is off in the servers (the onnxruntime_telemetry setting); the tests that load models
+# in-process turn it off too, before anything imports onnxruntime.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+from loadtests.smoke import build_smoke_repository  # noqa: E402
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.settings import Settings
 from tests.service.server_harness import ServerThread, make_settings
