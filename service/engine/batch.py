@@ -207,12 +207,13 @@ class DecodeBatch:
 
     def admit(
         self,
-        new: Sequence[tuple[int, EngineRequest]],
+        keys: Sequence[int],
+        new: Sequence[EngineRequest],
         admitted_at: float,
         memory: dict[str, np.ndarray],
         state: dict[str, np.ndarray],
     ) -> list[int]:
-        """Add the rows of the `new` (key, request) pairs, encoded together (`memory` [B, S, ...], `state`
+        """Add the rows of the `new` requests (with their `keys`), encoded together (`memory` [B, S, ...], `state`
         [B, ...] in their order), into the holes first, then at the end; each request's rows start from bos with
         copies of its initial state. Returns their slots.
 
@@ -220,10 +221,10 @@ class DecodeBatch:
         is one numpy operation per packed table or tensor.
         """
         count = len(new)
-        options = [request.options for _, request in new]
+        options = [request.options for request in new]
         widths = [option.beam_size for option in options]
-        lengths = [request.source_length for _, request in new]
-        extras = [request.stream or option.return_attention for (_, request), option in zip(new, options, strict=True)]
+        lengths = [len(request.source_ids) for request in new]
+        extras = [request.stream or option.return_attention for request, option in zip(new, options, strict=True)]
         new_rows, widest = sum(widths), max(widths)
         appended = max(0, new_rows - len(self.holes))
         longest_output = max(option.max_length for option in options)
@@ -234,9 +235,14 @@ class DecodeBatch:
             length = max(2 * length, longest_output)
         if capacity > self._capacity or length > self._length_capacity or widest > self._beam_capacity:
             self._grow(capacity, length, widest)
+        longest = max(lengths)
+        counted = self._lengths
+        if longest >= len(counted):
+            counted += [0] * (longest + 1 - len(counted))
         for source_length in lengths:
-            self._count_length(source_length, +1)
-        self.longest_source = max(self.longest_source, *lengths)
+            counted[source_length] += 1
+        if longest > self.longest_source:
+            self.longest_source = longest
         if not self.memory:  # the first admission tells the tensors' trailing shapes and types
             self.memory = {
                 name: np.zeros((self._capacity, 0, *value.shape[2:]), dtype=value.dtype)
@@ -271,16 +277,20 @@ class DecodeBatch:
             beam_index = [beam for width in widths for beam in range(width)]
             row_max_length = [options[index].max_length for index in owner]
             row_extras = [extras[index] for index in owner]
+        # The encoder pads to its batch's longest source: beyond each request's own length its memory is zeroed
+        # (one mask for every tensor), as a step expects.
+        padding = None
+        if min(lengths) < longest:
+            padding = np.arange(longest) >= np.array(lengths)[:, None]  # [B, longest]
         for name, encoded in memory.items():
             target = self.memory[name]
             span = min(encoded.shape[1], self.padded_source_len)
+            if padding is not None:
+                encoded = encoded.copy()  # the model's array: not ours to change
+                encoded[padding[:, : encoded.shape[1]]] = 0
             target[rows_index, :span] = encoded[:, :span] if owner is None else encoded[owner, :span]
             if span < self.padded_source_len:
                 target[rows_index, span:] = 0
-            # Zero beyond each row's own length: the encoder pads to its batch's longest source.
-            for row, row_length in zip(targets, row_lengths, strict=False):
-                if row_length < span:
-                    target[row, row_length:span] = 0
         for name, value in state.items():
             self.state[name][rows_index] = value if owner is None else value[owner]
         row_widths = [1] * new_rows if owner is None else [widths[index] for index in owner]
@@ -300,27 +310,36 @@ class DecodeBatch:
         # Only each beam's first row is live at first: the copies start at -inf, so the first step's
         # candidates all come from one row and identical hypotheses never fill the beam.
         self.row_score[rows_index] = 0.0 if owner is None else [0.0 if b == 0 else -math.inf for b in beam_index]
-        for row, slot, beam in zip(targets, row_slots, beam_index, strict=False):
+        for row, slot, beam in zip(targets, row_slots, beam_index, strict=True):
             self.slot_rows[slot, beam] = row
-        for slot, (key, request), option in zip(slots, new, options, strict=True):
-            beam = option.beam_size
-            self.slot_key[slot] = key
-            self.slot_beam[slot] = beam
-            self.slot_source_length[slot] = request.source_length
-            self.slot_stream[slot] = request.stream
-            self.slot_admitted_at[slot] = admitted_at
-            self.slot_first_step_at[slot] = math.nan
-            self.slot_alpha[slot] = option.length_penalty
+        slot_key, slot_beam, slot_source_length = self.slot_key, self.slot_beam, self.slot_source_length
+        slot_stream, slot_admitted_at, slot_first_step_at = (
+            self.slot_stream,
+            self.slot_admitted_at,
+            self.slot_first_step_at,
+        )
+        for slot, key, request, width, length in zip(slots, keys, new, widths, lengths, strict=True):
+            slot_key[slot] = key
+            slot_beam[slot] = width
+            slot_source_length[slot] = length
+            slot_stream[slot] = request.stream
+            slot_admitted_at[slot] = admitted_at
+            slot_first_step_at[slot] = math.nan
             self.streaming += request.stream
+        slot_alpha, slot_attention = self.slot_alpha, self.slot_attention
+        for slot, option in zip(slots, options, strict=True):
+            slot_alpha[slot] = option.length_penalty
             if option.return_attention:
-                self.slot_attention[slot] = []
+                slot_attention[slot] = []
                 self.any_attention += 1
-            if beam > 1:
-                self.slot_wanted[slot] = option.num_hypotheses
-                self.slot_threshold[slot] = -math.inf
-                self.slot_finished_count[slot] = 0
-                self.widths[beam] += 1
-                self.beam_rows += beam
+        if widest > 1:
+            for slot, option, width in zip(slots, options, widths, strict=True):
+                if width > 1:
+                    self.slot_wanted[slot] = option.num_hypotheses
+                    self.slot_threshold[slot] = -math.inf
+                    self.slot_finished_count[slot] = 0
+                    self.widths[width] += 1
+                    self.beam_rows += width
         self.requests += count
         self.memory_generation += 1
         return slots
@@ -338,7 +357,7 @@ class DecodeBatch:
                     del self.widths[beam]
                 self.beam_rows -= beam
                 self.slot_finished[slot] = []
-            self._count_length(self.slot_source_length[slot], -1)
+            self._lengths[self.slot_source_length[slot]] -= 1
             self.streaming -= self.slot_stream[slot]
             if self.slot_attention[slot] is not None:
                 self.slot_attention[slot] = None
@@ -371,12 +390,6 @@ class DecodeBatch:
             changed = True
         if changed:
             self.memory_generation += 1
-
-    def _count_length(self, length: int, change: int) -> None:
-        """Active requests per source length, for the longest source without a scan of the batch."""
-        if length >= len(self._lengths):
-            self._lengths += [0] * (length + 1 - len(self._lengths))
-        self._lengths[length] += change
 
     @property
     def live_rows(self) -> int:

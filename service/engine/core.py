@@ -35,7 +35,7 @@ import numpy as np
 
 from service.engine.batch import DecodeBatch, bucketed
 from service.engine.records import EngineRequest, EngineResult, FinishReason, StepModel, TokenEvent
-from service.engine.search import advance_beam_group, advance_greedy, beam_hypotheses, greedy_hypothesis
+from service.engine.search import advance_beam_group, advance_greedy, beam_hypotheses, greedy_hypotheses
 from service.engine.stats import RequestStats, StepStats
 from service.errors import AttnServeError, DeadlineExceeded, EngineFailure, InvalidRequest
 from service.runtime.step import StepOutput
@@ -90,8 +90,7 @@ class BatchingPolicy(enum.StrEnum):
     """One request at a time, to completion."""
 
 
-@dataclass(frozen=True)
-class FinishedRequest:
+class FinishedRequest(NamedTuple):
     """A request that finished with hypotheses: its result for the caller and its numbers for the metrics."""
 
     key: int
@@ -125,11 +124,12 @@ class QueueCounts(NamedTuple):
     running: int
 
 
-@dataclass(frozen=True)
-class _Waiting:
+class _Waiting(NamedTuple):
     key: int
     request: EngineRequest
     submitted_at: float
+    source_length: int  # the request's, read once (admission looks at it for every candidate)
+    beam: int
 
 
 _QUEUED = -1  # `_slot_of` value of a request that waits (active requests map to their slot)
@@ -204,7 +204,7 @@ class EngineCore:
 
     def add(self, key: int, request: EngineRequest, submitted_at: float) -> None:
         """Queue a request (passed `check()` first). Any thread."""
-        self._inbox.append(_Waiting(key, request, submitted_at))
+        self._inbox.append(_Waiting(key, request, submitted_at, len(request.source_ids), request.options.beam_size))
 
     def abort(self, key: int) -> None:
         """Drop a request (cancelled by its caller): from the queue, or from the batch at the next step."""
@@ -368,47 +368,56 @@ class EngineCore:
             most = 1
         chosen: list[_Waiting] = []
         rows, longest = batch.live_rows, batch.longest_source
-        while len(chosen) < most:
-            head = self._head()
-            if head is None:
-                break
-            beam = head.request.options.beam_size
-            new_rows, new_longest = rows + beam, max(longest, head.request.source_length)
-            over = (
-                new_rows > limits.max_active_hypotheses
-                or new_rows * bucketed(new_longest, limits.source_bucket) > limits.max_padded_source_tokens
-            )
+        max_rows, max_padded, bucket = (
+            limits.max_active_hypotheses,
+            limits.max_padded_source_tokens,
+            limits.source_bucket,
+        )
+        waiting, slot_of = self._waiting, self._slot_of
+        while len(chosen) < most and waiting:
+            head = waiting[0]
+            if slot_of.get(head.key) != _QUEUED:  # cancelled or expired while it waited
+                waiting.popleft()
+                continue
+            new_rows = rows + head.beam
+            new_longest = head.source_length if head.source_length > longest else longest
             # An empty batch always takes the head (it was checked to fit alone), so the loop always
             # progresses; otherwise strict FIFO: a big request at the head is not overtaken, so it cannot starve.
-            if over and rows > 0:
+            if rows > 0 and (
+                new_rows > max_rows or new_rows * max(bucket, -(-new_longest // bucket) * bucket) > max_padded
+            ):
                 break
-            self._waiting.popleft()
-            self._queued -= 1
-            self._dequeued += 1
+            waiting.popleft()
             chosen.append(head)
             rows, longest = new_rows, new_longest
         if not chosen:
             return 0.0, 0, None
+        self._queued -= len(chosen)
+        self._dequeued += len(chosen)
         started = self.clock()
         try:
-            lengths = np.array([w.request.source_length for w in chosen], dtype=np.int64)
-            source_ids = np.zeros((len(chosen), int(lengths.max())), dtype=np.int64)
-            for row, waiting in enumerate(chosen):
-                source_ids[row, : lengths[row]] = waiting.request.source_ids
+            lengths = np.array([w.source_length for w in chosen], dtype=np.int64)
+            sources = [w.request.source_ids for w in chosen]
+            longest = int(lengths.max())
+            if longest == int(lengths.min()):  # one request, or sources of one length: no padding
+                source_ids = np.stack(sources)
+            else:  # every source into its row in one write: the positions below each row's length, in row order
+                source_ids = np.zeros((len(chosen), longest), dtype=np.int64)
+                source_ids[np.arange(longest) < lengths[:, None]] = np.concatenate(sources)
             encoded = self.model.encode(source_ids, lengths)
             _check_tensors("encoder memory", encoded.memory, self.model.memory_names, len(chosen), source_ids.shape[1])
             _check_tensors("encoder state", encoded.state, self.model.state_names, len(chosen), None)
         except Exception as exc:
             log.error("the encoder of model %s failed for %d requests", self.label, len(chosen), exc_info=exc)
-            for waiting in chosen:
-                self._slot_of.pop(waiting.key, None)
-                self._requests.pop(waiting.key, None)
-                output.failed.append((waiting.key, self._model_failure("encoder", exc), FinishReason.ERROR))
+            for entry in chosen:
+                self._slot_of.pop(entry.key, None)
+                self._requests.pop(entry.key, None)
+                output.failed.append((entry.key, self._model_failure("encoder", exc), FinishReason.ERROR))
             return self.clock() - started, len(chosen), None
-        slots = batch.admit([(w.key, w.request) for w in chosen], now, encoded.memory, encoded.state)
-        for waiting, slot in zip(chosen, slots, strict=True):
-            self._slot_of[waiting.key] = slot
-            output.admitted.append(waiting.key)
+        keys = [entry.key for entry in chosen]
+        slots = batch.admit(keys, [entry.request for entry in chosen], now, encoded.memory, encoded.state)
+        slot_of.update(zip(keys, slots, strict=True))
+        output.admitted.extend(keys)
         return self.clock() - started, len(chosen), slots
 
     # ----- step --------------------------------------------------------------------------------------
@@ -560,43 +569,44 @@ class EngineCore:
                 batch.slot_first_step_at[slot] = now  # their first step is this one
 
         finished = done[0] if len(done) == 1 else [slot for slots in done for slot in slots]
-        for slot in finished:
-            key = batch.slot_key[slot]
-            output.finished.append(self._finished(slot, self._requests.pop(key), now))
-            del self._slot_of[key]
-        batch.retire(finished)
+        if finished:
+            self._finish(finished, now, output)
         return len(finished)
 
-    def _finished(self, slot: int, request: EngineRequest, now: float) -> FinishedRequest:
-        """The result and the numbers of the request in `slot`, which finished at `now` (rare path: once per
-        request)."""
+    def _finish(self, slots: list[int], now: float, output: CoreOutput) -> None:
+        """Report the requests in `slots` finished at `now` (their results and numbers) and retire them."""
         batch = self.batch
-        steps = int(batch.row_steps[int(batch.slot_rows[slot, 0])])
-        hypotheses = (
-            [greedy_hypothesis(batch, slot, self.model.eos_id)]
-            if batch.slot_beam[slot] == 1
-            else beam_hypotheses(batch, slot)
-        )
-        arrival, first_step_at = request.arrival, batch.slot_first_step_at[slot]
-        result = EngineResult(
-            hypotheses=hypotheses,
-            queue_wait_s=batch.slot_admitted_at[slot] - arrival,
-            first_token_s=first_step_at - arrival,
-            total_s=now - arrival,
-            generated_tokens=steps,
-        )
-        stats = RequestStats(
-            queue_wait_s=result.queue_wait_s,
-            first_token_s=result.first_token_s,
-            mean_inter_token_s=(now - first_step_at) / (steps - 1) if steps > 1 else None,
-            total_s=result.total_s,
-            generated_tokens=steps,
-            source_tokens=request.source_length,
+        slot_beam, slot_key, requests, slot_of = batch.slot_beam, batch.slot_key, self._requests, self._slot_of
+        greedy = [slot for slot in slots if slot_beam[slot] == 1]
+        greedy_of = dict(zip(greedy, greedy_hypotheses(batch, greedy, self.model.eos_id), strict=True))
+        finished = output.finished
+        for slot in slots:
+            key = slot_key[slot]
+            arrival = requests.pop(key).arrival
+            del slot_of[key]
+            beam = slot_beam[slot]
+            if beam == 1:
+                hypotheses = [greedy_of[slot]]
+                steps = len(hypotheses[0].token_ids)
+            else:
+                hypotheses = beam_hypotheses(batch, slot)
+                steps = int(batch.row_steps[batch.slot_rows[slot, 0]])
+            first_step_at = batch.slot_first_step_at[slot]
+            queue_wait, first_token, total = (
+                batch.slot_admitted_at[slot] - arrival,
+                first_step_at - arrival,
+                now - arrival,
+            )
             # No hypothesis at all only when the model gave no candidate with a finite score until max_length.
-            finish_reason=hypotheses[0].finish_reason if hypotheses else FinishReason.LENGTH,
-            beam_size=request.options.beam_size,
-        )
-        return FinishedRequest(batch.slot_key[slot], result, stats)
+            reason = hypotheses[0].finish_reason if hypotheses else FinishReason.LENGTH
+            mean_gap = (now - first_step_at) / (steps - 1) if steps > 1 else None
+            stats = RequestStats(
+                queue_wait, first_token, mean_gap, total, steps, batch.slot_source_length[slot], reason, beam
+            )
+            finished.append(
+                FinishedRequest(key, EngineResult(hypotheses, queue_wait, first_token, total, steps), stats)
+            )
+        batch.retire(slots)
 
 
 def _check_tensors(

@@ -107,20 +107,47 @@ def advance_greedy(
     return finished
 
 
-def greedy_hypothesis(batch: DecodeBatch, slot: int, eos_id: int) -> Hypothesis:
-    row = int(batch.slot_rows[slot, 0])
-    steps = int(batch.row_steps[row])
-    tokens = batch.out_token[slot, :steps].tolist()
-    log_prob = float(batch.row_score[row])
-    kept = batch.slot_attention[slot]
-    return Hypothesis(
-        token_ids=tokens,
-        score=normalised_score(log_prob, steps, float(batch.slot_alpha[slot])),
-        log_prob=log_prob,
-        finish_reason=FinishReason.EOS if tokens and tokens[-1] == eos_id else FinishReason.LENGTH,
-        alignment=batch.out_alignment[slot, :steps].tolist(),
-        attention=np.stack(kept) if kept is not None else None,
-    )
+GATHER_FROM = 6
+"""From this many requests finishing in one step, their outputs are gathered with one numpy call per table;
+below, a few scalar reads per request cost less than the gathers' fixed cost."""
+
+
+def greedy_hypotheses(batch: DecodeBatch, slots: list[int], eos_id: int) -> list[Hypothesis]:
+    """The hypothesis of each finished greedy request in `slots`, in their order."""
+    if len(slots) < GATHER_FROM:
+        steps, tokens, alignments, log_probs, alphas = [], [], [], [], []
+        for slot in slots:
+            row = int(batch.slot_rows[slot, 0])
+            length = int(batch.row_steps[row])
+            steps.append(length)
+            tokens.append(batch.out_token[slot, :length].tolist())
+            alignments.append(batch.out_alignment[slot, :length].tolist())
+            log_probs.append(float(batch.row_score[row]))
+            alphas.append(float(batch.slot_alpha[slot]))
+    else:
+        indices = np.array(slots)
+        row_index = batch.slot_rows[indices, 0]
+        steps = batch.row_steps[row_index].tolist()
+        longest = max(steps)
+        tokens = batch.out_token[indices, :longest].tolist()
+        alignments = batch.out_alignment[indices, :longest].tolist()
+        log_probs = batch.row_score[row_index].tolist()
+        alphas = batch.slot_alpha[indices].tolist()
+    hypotheses = []
+    for index, (slot, length) in enumerate(zip(slots, steps, strict=True)):
+        own = tokens[index][:length]
+        kept = batch.slot_attention[slot]
+        hypotheses.append(
+            Hypothesis(
+                token_ids=own,
+                score=normalised_score(log_probs[index], length, alphas[index]),
+                log_prob=log_probs[index],
+                finish_reason=FinishReason.EOS if own and own[-1] == eos_id else FinishReason.LENGTH,
+                alignment=alignments[index][:length],
+                attention=np.stack(kept) if kept is not None else None,
+            )
+        )
+    return hypotheses
 
 
 # ----- beam ----------------------------------------------------------------------------------------------

@@ -8,14 +8,12 @@ imports a metrics library, so the hot loop never touches one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from service.engine.records import FinishReason
 
 
-@dataclass(frozen=True)
-class StepStats:
+class StepStats(NamedTuple):
     """One engine iteration that ran the encoder, the decoder step, or both.
 
     `rows`: decoder rows in the step (0 when only the encoder ran); `requests`: requests in the step;
@@ -40,8 +38,7 @@ class StepStats:
     memory_generation: int = 0
 
 
-@dataclass(frozen=True)
-class RequestStats:
+class RequestStats(NamedTuple):
     """One request that finished with a result (finish reason eos or length).
 
     Times are seconds from the request's arrival: `queue_wait_s` until it entered the batch,

@@ -13,12 +13,14 @@ from service.engine.batch import DecodeBatch, bucketed
 from .fakes import BOS, make_request
 
 
-def admissions(*requests: tuple[int, int, int], attention: bool = False) -> list[tuple[int, EngineRequest]]:
-    """New (key, request) pairs from (key, beam, source length), each wanting 4 tokens and 1 hypothesis."""
-    return [
-        (key, make_request(np.arange(4, 4 + length), beam=beam, max_length=4, attention=attention))
-        for key, beam, length in requests
+def admissions(*requests: tuple[int, int, int], attention: bool = False) -> tuple[list[int], list[EngineRequest]]:
+    """The keys and the requests of (key, beam, source length) triples, each wanting 4 tokens and 1 hypothesis."""
+    keys = [key for key, _, _ in requests]
+    made = [
+        make_request(np.arange(4, 4 + length), beam=beam, max_length=4, attention=attention)
+        for _, beam, length in requests
     ]
+    return keys, made
 
 
 def encoded(*requests: tuple[int, int, float]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -37,7 +39,7 @@ def filled_batch(bucket: int = 1) -> DecodeBatch:
         max_rows=64, memory_names=("memory",), state_names=("hidden",), bos_id=BOS, source_bucket=bucket
     )
     memory, state = encoded((1, 5, 1.0), (2, 2, 2.0))
-    batch.admit(admissions((1, 1, 5), (2, 3, 2)), 0.0, memory, state)
+    batch.admit(*admissions((1, 1, 5), (2, 3, 2)), 0.0, memory, state)
     return batch
 
 
@@ -78,7 +80,7 @@ def test_an_admission_fills_the_holes_before_it_appends():
     batch = filled_batch()
     batch.retire([1])  # the beam of 3 leaves rows 1, 2, 3
     memory, state = encoded((3, 3, 3.0), (4, 2, 4.0))
-    slots = batch.admit(admissions((3, 1, 3), (4, 3, 2)), 0.0, memory, state)
+    slots = batch.admit(*admissions((3, 1, 3), (4, 3, 2)), 0.0, memory, state)
     assert batch.rows == 5 and batch.holes == []  # 4 new rows: the 3 holes, then one more
     assert batch.rows_of(slots[0]).tolist() == [1] and batch.rows_of(slots[1]).tolist() == [2, 3, 4]
     assert batch.state["hidden"][:5, 0].tolist() == [1.0, 3.0, 4.0, 4.0, 4.0]
@@ -92,7 +94,7 @@ def test_slots_are_reused_and_rows_stay_consistent_after_admitting_again():
     batch.compact()
     assert batch.rows == 1 and batch.state["hidden"][:1, 0].tolist() == [1.0]
     memory, state = encoded((3, 3, 3.0))
-    [slot] = batch.admit(admissions((3, 2, 3)), 0.0, memory, state)
+    [slot] = batch.admit(*admissions((3, 2, 3)), 0.0, memory, state)
     assert slot == 1  # the freed slot
     assert batch.rows_of(slot).tolist() == [1, 2]
     assert batch.state["hidden"][:3, 0].tolist() == [1.0, 3.0, 3.0]
@@ -106,10 +108,10 @@ def test_the_source_axis_is_padded_to_buckets_and_relaid_only_across_them():
     assert batch.longest_source == 5 and batch.padded_source_len == 8
     memory_before = batch.memory["memory"]
     memory, state = encoded((3, 7, 3.0))
-    batch.admit(admissions((3, 1, 7)), 0.0, memory, state)
+    batch.admit(*admissions((3, 1, 7)), 0.0, memory, state)
     assert batch.padded_source_len == 8 and batch.memory["memory"] is memory_before  # same bucket: in place
     memory, state = encoded((4, 11, 4.0))
-    batch.admit(admissions((4, 1, 11)), 0.0, memory, state)
+    batch.admit(*admissions((4, 1, 11)), 0.0, memory, state)
     assert batch.padded_source_len == 16 and not batch.memory["memory"][:, 11:].any()
     batch.retire([3])  # slot 3 is the 11-token source
     batch.compact()
@@ -121,7 +123,7 @@ def test_capacity_grows_past_its_first_allocation_up_to_the_budget():
     batch = DecodeBatch(max_rows=100, memory_names=("memory",), state_names=("hidden",), bos_id=BOS, source_bucket=1)
     keys = range(1, 41)
     memory, state = encoded(*[(key, 1 + key % 4, float(key)) for key in keys])
-    slots = batch.admit(admissions(*[(key, 2, 1 + key % 4) for key in keys]), 0.0, memory, state)
+    slots = batch.admit(*admissions(*[(key, 2, 1 + key % 4) for key in keys]), 0.0, memory, state)
     assert batch.rows == 80 and len(set(slots)) == 40
     for key, slot in zip(keys, slots, strict=False):
         rows = batch.rows_of(slot)
