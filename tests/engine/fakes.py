@@ -41,6 +41,7 @@ from service.engine import (
     normalised_score,
 )
 from service.errors import AttnServeError
+from service.runtime.model import ONE_THREAD, RuntimeThreads
 from service.runtime.tokenizers import BOS, EOS
 from service.settings import Settings
 
@@ -128,6 +129,7 @@ class FakeStepModel:
     memory_names: tuple[str, ...] = ("memory", "keys")
     state_names: tuple[str, ...] = ("hidden", "position")
     provider: str = "fake"  # what a served version reports as its execution provider
+    threads: RuntimeThreads = ONE_THREAD  # and its runtime's threads
     step_calls: list[StepCall] = field(default_factory=list)
     encode_batches: list[int] = field(default_factory=list)
 
