@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     from loadtests.bench import link_repository
 
     repository, _ = link_repository(args.repository, args.cache_dir, set(models), log=print)
+    repository = repository.resolve()  # the servers of another checkout run from there
     args.out.mkdir(parents=True, exist_ok=True)
     trees = [("", PROJECT_ROOT), *((f" [{tree.name}]", tree.resolve()) for tree in args.tree)]
     results: list[dict[str, object]] = []
