@@ -191,12 +191,14 @@ def measure_engine(repository: Path, model: str, text: str) -> EngineFigures:
     return EngineFigures(model, 1e3 * single.latency_s, full.requests_per_s)
 
 
-def attnserve(repository: Path, label: str, tree: Path, frontends: int, log_dir: Path) -> ServerProcess:
-    """`attnserve serve` from the checkout `tree` with its default settings but the repository, ports, log level
-    and front-end processes."""
+def attnserve(
+    repository: Path, label: str, tree: Path, frontends: int, log_dir: Path, extra: tuple[str, ...] = ()
+) -> ServerProcess:
+    """`attnserve serve` from the checkout `tree` with its default settings but the repository, ports, log level,
+    front-end processes and `extra` flags."""
     port, metrics_port = free_port(), free_port()
     command = [*serve_command(repository, port, metrics_port, "cpu"), "--log-level", "WARNING"]
-    command += ["--frontends", str(frontends)]
+    command += ["--frontends", str(frontends), *extra]
     process = ServerProcess(label, command, port, metrics_port, log_dir / f"{label}.log")
     process.cwd = tree
     return process
@@ -223,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         "--tree", type=Path, action="append", default=[], help="another checkout whose servers to measure as well"
     )
     parser.add_argument("--no-frontends", action="store_true", help="leave out the --frontends 1 servers")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="'FLAGS'",
+        help="one more one-process attnserve server with these serve flags, e.g. '--engine-driver thread'",
+    )
     parser.add_argument("--out", type=Path, default=Path("reports/rpc-cost"))
     args = parser.parse_args(argv)
     if shutil.which("h2load") is None:
@@ -251,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_frontends:
                 label = f"attnserve --frontends 1{suffix}"
                 servers.append((label, attnserve(repository, label.replace(" ", "_"), tree, 1, args.out)))
+        for flags in args.variant:
+            label = f"attnserve {flags}"
+            extra = tuple(flags.split())
+            servers.append((label, attnserve(repository, label.replace(" ", "_"), PROJECT_ROOT, 0, args.out, extra)))
         # The CPU window's rate: below every contender's capacity.
         figures = []
         rate = args.rate

@@ -57,6 +57,38 @@ def _normalised(log_probs: np.ndarray, lengths: np.ndarray, alphas: np.ndarray) 
 
 # ----- greedy --------------------------------------------------------------------------------------------
 
+GATHER_FROM = 6
+"""From this many rows (advancing) or requests (finishing), the batch's tables are read and written with one numpy
+call each; below, a few scalar reads and writes per row cost less than those calls' fixed cost (a request decoded
+alone pays it at every step)."""
+
+
+def _advance_few_greedy(batch: DecodeBatch, count: int, output: StepOutput, eos_id: int) -> list[int]:
+    """advance_greedy for a batch of fewer than GATHER_FROM greedy rows that neither stream nor keep attention:
+    the same updates, row by row with scalars (the numbers are the same: one float64 addition per step)."""
+    tokens = output.topk_ids[:count, 0].tolist()
+    log_probs = output.topk_log_probs[:count, 0].tolist()
+    alignment = output.attention[:count].argmax(axis=1).tolist()
+    row_slot, row_steps, row_score, row_token, row_max_length = (
+        batch.row_slot,
+        batch.row_steps,
+        batch.row_score,
+        batch.row_token,
+        batch.row_max_length,
+    )
+    finished = []
+    for row in range(count):
+        slot, position, token = int(row_slot[row]), int(row_steps[row]), tokens[row]
+        batch.out_token[slot, position] = token
+        batch.out_log_prob[slot, position] = log_probs[row]
+        batch.out_alignment[slot, position] = alignment[row]
+        row_score[row] += log_probs[row]  # a float32 value, exact as a Python float
+        row_steps[row] = position + 1
+        row_token[row] = token
+        if token == eos_id or position + 1 >= row_max_length[row]:
+            finished.append(slot)
+    return finished
+
 
 def advance_greedy(
     batch: DecodeBatch, rows: np.ndarray | None, output: StepOutput, eos_id: int, events: list[tuple[int, TokenEvent]]
@@ -67,6 +99,8 @@ def advance_greedy(
     streamed tokens (key, event) to `events`, and returns the slots that finished.
     """
     count = batch.rows
+    if rows is None and count < GATHER_FROM and not (batch.streaming or batch.any_attention):
+        return _advance_few_greedy(batch, count, output, eos_id)
     index: slice | np.ndarray = slice(0, count) if rows is None else rows
     tokens = output.topk_ids[index, 0]
     log_probs = output.topk_log_probs[index, 0]
@@ -105,11 +139,6 @@ def advance_greedy(
                 events.append((batch.slot_key[slot], event))
     finished: list[int] = slots[done].tolist()
     return finished
-
-
-GATHER_FROM = 6
-"""From this many requests finishing in one step, their outputs are gathered with one numpy call per table;
-below, a few scalar reads per request cost less than the gathers' fixed cost."""
 
 
 def greedy_hypotheses(batch: DecodeBatch, slots: list[int], eos_id: int) -> list[Hypothesis]:
