@@ -234,9 +234,16 @@ def test_refused_calls_are_counted_and_no_token_reaches_the_logs(
                 version="",
                 method="Translate",
                 code="UNAUTHENTICATED",
+                protocol="grpc",
             )
             - metric(
-                before, "attnserve_requests_total", model="", version="", method="Translate", code="UNAUTHENTICATED"
+                before,
+                "attnserve_requests_total",
+                model="",
+                version="",
+                method="Translate",
+                code="UNAUTHENTICATED",
+                protocol="grpc",
             )
             == 3
         ),
