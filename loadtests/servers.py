@@ -114,8 +114,9 @@ class ServerProcess:
         self.stop()
 
 
-def serve_command(repository: Path, port: int, metrics_port: int, provider: str) -> list[str]:
-    """`attnserve serve` (through the real CLI dispatch) on loopback: the start of every command line here."""
+def serve_command(repository: Path, port: int, metrics_port: int, provider: str, http_port: int = 0) -> list[str]:
+    """`attnserve serve` (through the real CLI dispatch) on loopback: the start of every command line here. HTTP
+    is off unless `http_port` is given (its default port would be shared by every server started here)."""
     return [
         sys.executable,
         "-m",
@@ -129,6 +130,8 @@ def serve_command(repository: Path, port: int, metrics_port: int, provider: str)
         str(port),
         "--metrics-port",
         str(metrics_port),
+        "--http-port",
+        str(http_port),
         "--provider",
         provider,
     ]

@@ -63,9 +63,11 @@ class _Route:
     open: bool  # answered without a bearer token
 
 
+_CALL = web.RequestKey("attnserve_call", _Call)
+
+
 def _call(request: web.Request) -> _Call:
-    call: _Call = request["attnserve_call"]
-    return call
+    return request[_CALL]
 
 
 def _set_code(request: web.Request, code: str) -> None:
@@ -164,7 +166,7 @@ class HttpServer:
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         route = self._routes.get(request.match_info.route.handler)
         call = _Call()
-        request["attnserve_call"] = call
+        request[_CALL] = call
         started = time.perf_counter()
         try:
             response = await self._answer(request, handler, route, call)

@@ -49,12 +49,13 @@ class MultiProcessServer:
     def __init__(self, repository: Path, *extra: str, frontends: int = FRONTENDS) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port()
         # Output to a file, not a pipe: a test that reads it only at the end would block the processes'
         # logging once a pipe's buffer is full (a killed engine makes every front-end log).
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             [
-                *serve_command(repository, self.port, 0, "cpu"),
+                *serve_command(repository, self.port, 0, "cpu", self.http_port),
                 "--frontends",
                 str(frontends),
                 "--metrics-port",
