@@ -7,6 +7,7 @@ calls are counted with protocol="http"; a drain answers the calls that are in fl
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -29,7 +30,8 @@ from service.http_api.kserve import HEADER_LENGTH
 from service.kserve import decode_raw_bytes, encode_raw_bytes
 from service.settings import Settings
 from tests.service.http_client import Reply, call, events
-from tests.service.server_harness import ServerThread, make_settings, metric, scrape, wait_for
+from tests.service.server_harness import PROJECT_ROOT, ServerThread, make_settings, metric, scrape, wait_for
+from tests.service.test_kserve import INTEROP_PYTHON
 
 pytestmark = pytest.mark.slow  # starts servers
 
@@ -432,6 +434,74 @@ def test_curl_gets_what_grpc_gets(
     assert final.final and list(final.hypotheses) == list(
         stub.Translate(pb.TranslateRequest(texts=[DATES[1]]), timeout=60).translations[0].hypotheses
     )
+
+
+# ----- interoperability: tritonclient[http] from its own virtualenv ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tritonclient_http_report(server: ServerThread) -> dict:
+    if not INTEROP_PYTHON.exists():
+        message = f"no interop virtualenv at {INTEROP_PYTHON}: run `make interop` (tests/interop/requirements.txt)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    probe = PROJECT_ROOT / "tests" / "interop" / "tritonclient_http_probe.py"
+    completed = subprocess.run(
+        [str(INTEROP_PYTHON), str(probe), "--url", server.http_url.removeprefix("http://"), "--model", "dates"]
+        + ["--texts", json.dumps(DATES)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=PROJECT_ROOT,
+        env={key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")},
+    )
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout)
+
+
+def test_tritonclient_http_health_and_metadata(tritonclient_http_report: dict) -> None:
+    report = tritonclient_http_report
+    assert report["live"] == report["ready"] == report["model_ready"] == {"value": True}
+    assert report["model_ready_missing_version"] == report["model_ready_unknown_model"] == {"value": False}
+    assert report["server_metadata"]["value"]["name"] == "attnserve"
+    metadata = report["model_metadata"]["value"]
+    assert (metadata["name"], metadata["versions"], metadata["platform"]) == ("dates", ["1"], "attnserve_seq2seq")
+    assert metadata["inputs"] == [{"name": "TEXT", "datatype": "BYTES", "shape": [-1]}]
+
+
+def test_tritonclient_http_infer_equals_grpc_bit_for_bit(
+    tritonclient_http_report: dict, v2: v2_grpc.GRPCInferenceServiceStub
+) -> None:
+    for key, parameters in (
+        ("infer_binary", {}),
+        ("infer_json", {}),
+        ("infer_beam", {"beam_size": 3, "num_hypotheses": 2}),
+    ):
+        expected = grpc_v2_infer(v2, DATES, **parameters)
+        got = tritonclient_http_report[key]["value"]
+        assert (got["id"], got["model_version"]) == ("http-1", "1"), key
+        translation, score = got["tensors"]["TRANSLATION"], got["tensors"]["SCORE"]
+        assert translation["shape"] == score["shape"] == list(expected.outputs[0].shape), key
+        assert translation["values"] == [
+            item.decode() for item in decode_raw_bytes(expected.raw_output_contents[0], "T")
+        ]
+        grpc_bits = [value.tobytes().hex() for value in np.frombuffer(expected.raw_output_contents[1], dtype="<f4")]
+        assert (score["dtype"], score["values"]) == ("float32", grpc_bits), key
+
+
+def test_tritonclient_http_errors_are_clear(tritonclient_http_report: dict) -> None:
+    report = tritonclient_http_report
+    assert report["unknown_model"]["error"] == {
+        "status": "404",
+        "message": "model 'no-such-model' not found; available models: dates, numbers",
+    }
+    assert report["wrong_input_name"]["error"] == {
+        "status": "400",
+        "message": "unknown input 'SOURCE' for model dates; its only input is TEXT (BYTES, shape [-1])",
+    }
+    assert report["unknown_parameter"]["error"]["status"] == "400"
+    assert report["unknown_parameter"]["error"]["message"].startswith("unknown parameter 'beam'")
 
 
 # ----- metrics ---------------------------------------------------------------------------------------------
