@@ -60,10 +60,16 @@ class ServerProcess:
     environment: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
     cwd: Path = PROJECT_ROOT  # the checkout whose code the command runs (`python -m` imports from here)
+    http_port: int = 0
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_address(self) -> str:
+        """host:port of the HTTP port ('' when the server has none)."""
+        return f"127.0.0.1:{self.http_port}" if self.http_port else ""
 
     @property
     def metrics_url(self) -> str | None:
@@ -146,11 +152,13 @@ def attnserve_server(
     log_dir: Path,
     extra: tuple[str, ...] = (),
     label: str = "",
+    http: bool = False,
 ) -> ServerProcess:
-    """`attnserve serve` with `--batching` on free loopback ports (gRPC and metrics)."""
+    """`attnserve serve` with `--batching` on free loopback ports (gRPC and metrics; HTTP too with `http`)."""
     port, metrics_port = free_port(), free_port()
+    http_port = free_port() if http else 0
     command = [
-        *serve_command(repository, port, metrics_port, provider),
+        *serve_command(repository, port, metrics_port, provider, http_port),
         "--intra-op-threads",
         str(threads),
         "--inter-op-threads",
@@ -164,7 +172,7 @@ def attnserve_server(
         *extra,
     ]
     name = label or f"attnserve-{batching}"
-    return ServerProcess(name, command, port, metrics_port, log_dir / f"{name}.log")
+    return ServerProcess(name, command, port, metrics_port, log_dir / f"{name}.log", http_port=http_port)
 
 
 def noop_server(log_dir: Path) -> ServerProcess:

@@ -338,7 +338,7 @@ def openapi_document() -> dict[str, Any]:
             },
         ),
     }
-    bearer = {"bearer": []}
+    bearer: dict[str, list[str]] = {"bearer": []}
     for path, item in paths.items():
         for key, operation in item.items():
             if key != "parameters" and not path.startswith("/v2/health/"):
