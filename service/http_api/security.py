@@ -28,7 +28,9 @@ class TlsFiles:
         # The gRPC port's checks (readable PEM files, a key that matches the certificate, a CA bundle), and its
         # change detection.
         self._files = CertificateFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        # A bare server context: no system CA is trusted for client certificates, only tls_client_ca_file's.
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self._load()
 
     @classmethod
