@@ -151,7 +151,7 @@ class Settings(BaseSettings):
     """Largest text, in UTF-8 bytes."""
 
     max_receive_message_bytes: Annotated[int, Field(ge=1024, le=2**31 - 1)] = 4 * 1024 * 1024
-    """Largest gRPC request message the server accepts, in bytes."""
+    """Largest gRPC request message, and HTTP request body, the server accepts, in bytes (HTTP: 413 beyond)."""
 
     max_send_message_bytes: Annotated[int, Field(ge=1024, le=2**31 - 1)] = 16 * 1024 * 1024
     """Largest gRPC response message the server sends, in bytes (attention matrices can be large)."""
