@@ -110,6 +110,14 @@ overload: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python -m loadtests.reliability.soak --repository $(MODELS) --minutes $(SOAK_MINUTES) --out reports/soak $(SOAK_ARGS)
 
+# The page's browser test (tests/service/test_page.py) and the HTTP tests' curl: Debian's chromium, chromium-driver and
+# curl, installed only when missing (CI runs as root; elsewhere run it with sudo or install the packages yourself).
+.PHONY: browser-tools
+browser-tools:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 && command -v curl >/dev/null 2>&1; \
+		then :; else apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+		chromium chromium-driver curl; fi
+
 # Deployment (docs/deploy.md). Prometheus and promtool come from Debian's `prometheus` package, installed only
 # when missing (CI runs as root; elsewhere run it with sudo or install the package yourself).
 .PHONY: prometheus-tools deploy-check monitor
@@ -142,7 +150,7 @@ image-check: $(STAMP) container-tools
 	$(BIN)/python -m deploy.images check
 
 # What CI runs (.ci/run): the test suite, then every further check the issues ask CI to make.
-ci: prometheus-tools lint test deploy-check loadtest-smoke bench-quick newcomer image-check
+ci: prometheus-tools browser-tools lint test deploy-check loadtest-smoke bench-quick newcomer image-check
 	$(MAKE) gpu-check GPU_CHECK_ARGS='--provider cpu --quick'
 
 # The GPU check (docs/gpu.md): provider, parity against the CPU, the device tests and a short benchmark, in one

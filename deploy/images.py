@@ -381,6 +381,7 @@ class Container:
     image: str
     port: int
     metrics_port: int
+    http_port: int
 
     @property
     def address(self) -> str:
@@ -397,7 +398,7 @@ class Container:
 def start_container(image: str, volume: Path | None, label: str) -> Container:
     from loadtests.servers import free_port
 
-    container = Container(f"attnserve-image-check-{label}-{os.getpid()}", image, free_port(), free_port())
+    container = Container(f"attnserve-image-check-{label}-{os.getpid()}", image, free_port(), free_port(), free_port())
     arguments = [
         "run",
         "--detach",
@@ -422,6 +423,8 @@ def start_container(image: str, volume: Path | None, label: str) -> Container:
         f"ATTNSERVE_PORT={container.port}",
         "--env",
         f"ATTNSERVE_METRICS_PORT={container.metrics_port}",
+        "--env",
+        f"ATTNSERVE_HTTP_PORT={container.http_port}",
         "--env",
         "ATTNSERVE_BATCHING=none",
         "--env",
@@ -510,6 +513,19 @@ def check_api(container: Container) -> None:
         expect(client.call("inference.GRPCInferenceService/ServerReady", {}) == {"ready": True}, "KServe ServerReady")
 
 
+def check_http(container: Container) -> None:
+    """The HTTP port: KServe v2 readiness, and one translation through the JSON API."""
+    base = f"http://127.0.0.1:{container.http_port}"
+    with urllib.request.urlopen(f"{base}/v2/health/ready", timeout=10) as response:
+        expect(response.status == 200, f"{base}/v2/health/ready: HTTP {response.status}")
+    model, (text, expected) = next(iter(TRANSLATIONS.items()))
+    body = json.dumps({"model": model, "texts": [text]}).encode()
+    request = urllib.request.Request(f"{base}/v1/translate", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        got = json.load(response)["translations"][0]["hypotheses"][0]["text"]
+    expect(got == expected, f"{base}/v1/translate {model}: {text!r} -> {got!r}, expected {expected!r}")
+
+
 def check_metrics(container: Container) -> None:
     """The page is Prometheus text and counts exactly the one Translate call per model check_api made."""
     from loadtests.servers import metric, scrape
@@ -521,7 +537,9 @@ def check_metrics(container: Container) -> None:
     expect(content_type.startswith("text/plain"), f"{url}: Content-Type {content_type}")
     samples = scrape(url, timeout_s=10)
     for model in TRANSLATIONS:
-        counted = metric(samples, "attnserve_requests_total", method="Translate", code="OK", model=model)
+        counted = metric(
+            samples, "attnserve_requests_total", method="Translate", code="OK", model=model, protocol="grpc"
+        )
         expect(counted == 1.0, f"{url}: {counted} Translate calls of {model} counted, 1 made")
         provider = metric(samples, "attnserve_model_info", model=model, provider="CPUExecutionProvider")
         expect(provider == 1.0, f"{url}: attnserve_model_info of {model}: {provider}")
@@ -585,6 +603,7 @@ def check_image(image: str, volume: Path | None, label: str, timings: dict[str, 
             check_inside(container)
             check_api(container)
             check_metrics(container)
+            check_http(container)
             check_drain(container)
             check_quiet_log(container)
     except Exception:

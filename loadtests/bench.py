@@ -6,6 +6,7 @@ Contenders (see docs/benchmarks.md):
     none             attnserve serve --batching none        (onnxruntime, one request at a time)
     request          attnserve serve --batching request     (whole requests batched; tuned per level)
     continuous       attnserve serve --batching continuous  (iteration-level batching)
+    http             the same server, called with JSON over HTTP/1.1 (POST /v1/translate) instead of gRPC
     rpc-ceiling      a no-op server with the same gRPC API (returns a fixed translation)
     engine-ceiling   the bare encoder + decoder-step loop on pre-batched input, no gRPC, no scheduler
     roofline         FLOPs per generated token x tokens/s against the measured matrix-multiply peak
@@ -34,8 +35,8 @@ from pathlib import Path
 
 from loadtests.phrasebook import PhrasebookRecipe
 
-CONTENDERS = ("pytorch-eager", "none", "request", "continuous", "rpc-ceiling", "engine-ceiling", "roofline")
-SERVER_CONTENDERS = ("rpc-ceiling", "continuous", "none", "request", "pytorch-eager")
+CONTENDERS = ("pytorch-eager", "none", "request", "continuous", "http", "rpc-ceiling", "engine-ceiling", "roofline")
+SERVER_CONTENDERS = ("rpc-ceiling", "continuous", "http", "none", "request", "pytorch-eager")
 
 
 @dataclass(frozen=True)
@@ -543,7 +544,8 @@ class Bench:
         for spec in workloads or self.specs:
             for level in levels_for(spec) if levels_for else self.config.levels:
                 plan = CellPlan(
-                    address=server.address,
+                    address=server.http_address if contender == "http" else server.address,
+                    protocol="http" if contender == "http" else "grpc",
                     model=spec.model,
                     texts=self.texts[spec.name],
                     beam_size=spec.beam_size,
@@ -615,14 +617,16 @@ class Bench:
                 if contender == "rpc-ceiling":
                     with noop_server(self.log_dir) as server:
                         self.results += self.measure_server(contender, server, generator)
-                elif contender in ("continuous", "none"):
+                elif contender in ("continuous", "none", "http"):
                     with attnserve_server(
                         self.repository,
-                        batching=contender,
+                        batching="continuous" if contender == "http" else contender,
                         threads=config.threads,
                         provider=config.provider,
                         log_dir=self.log_dir,
                         extra=common,
+                        http=contender == "http",
+                        label=f"attnserve-{contender}",
                     ) as server:
                         self.results += self.measure_server(contender, server, generator)
                 elif contender == "request":

@@ -6,7 +6,7 @@ Two producers feed them, neither of which touches prometheus-client in its hot p
 - the transport reports every finished RPC through `ServerMetrics.observe_rpc`.
 Queue depths are read from the engines at scrape time, so they are exact even when idle.
 
-Labels come only from a bounded set: model, version, method, code, reason. Never a request id or
+Labels come only from a bounded set: model, version, method, code, protocol, reason. Never a request id or
 any other client-chosen text (an unknown model name is reported as model="").
 """
 
@@ -111,14 +111,15 @@ class ServerMetrics:
         # Transport: one observation per finished RPC.
         self.requests = Counter(
             "attnserve_requests",
-            "RPCs finished, by method and gRPC status code.",
-            ("model", "version", "method", "code"),
+            "Calls finished, by method, gRPC status code (HTTP calls: the gRPC status of the same outcome) and "
+            "protocol (grpc or http).",
+            ("model", "version", "method", "code", "protocol"),
             registry=r,
         )
         self.request_duration = Histogram(
             "attnserve_request_duration_seconds",
-            "Wall time of an RPC, from the handler's start to its last message.",
-            ("model", "version", "method"),
+            "Wall time of a call, from the handler's start to its last message, by protocol (grpc or http).",
+            ("model", "version", "method", "protocol"),
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
@@ -233,23 +234,32 @@ class ServerMetrics:
             ("model",),
             registry=r,
         )
-        self._rpc_children: dict[tuple[str, int | None, str, str], tuple[Any, Any]] = {}
+        self._rpc_children: dict[tuple[str, int | None, str, str, str], tuple[Any, Any]] = {}
         self._queues = _QueueCollector()
         r.register(self._queues)
         self._http_server: object | None = None
 
     # ----- producers --------------------------------------------------------------------------------
 
-    def observe_rpc(self, method: str, code: str, seconds: float, model: str = "", version: int | None = None) -> None:
-        """One finished RPC: `method` e.g. 'Translate', `code` a gRPC status name ('OK', 'NOT_FOUND'),
-        `seconds` its wall time; model/version as resolved by the server ('' / None when it never resolved one)."""
-        key = (model, version, method, code)
+    def observe_rpc(
+        self,
+        method: str,
+        code: str,
+        seconds: float,
+        model: str = "",
+        version: int | None = None,
+        protocol: str = "grpc",
+    ) -> None:
+        """One finished call: `method` e.g. 'Translate' (an HTTP endpoint is named after the RPC it mirrors),
+        `code` a gRPC status name ('OK', 'NOT_FOUND'), `seconds` its wall time; model/version as resolved by the
+        server ('' / None when it never resolved one); `protocol` 'grpc' or 'http'."""
+        key = (model, version, method, code, protocol)
         children = self._rpc_children.get(key)
         if children is None:  # once per label set, a bounded one: prometheus-client's lookup is not free per call
             version_label = "" if version is None else str(version)
             children = self._rpc_children[key] = (
-                self.requests.labels(model, version_label, method, code),
-                self.request_duration.labels(model, version_label, method),
+                self.requests.labels(model, version_label, method, code, protocol),
+                self.request_duration.labels(model, version_label, method, protocol),
             )
         children[0].inc()
         children[1].observe(seconds)

@@ -1,8 +1,8 @@
-"""`attnserve serve`: load the model repository and serve it over gRPC until SIGTERM/SIGINT.
+"""`attnserve serve`: load the model repository and serve it over gRPC and HTTP until SIGTERM/SIGINT.
 
-With `--frontends 0` (the default on fewer than 3 CPUs) everything runs in this process: the gRPC server,
-the dataplane and the engines, behind an InProcessClient. Otherwise the supervisor (service/processes/) runs an
-engine process and front-end processes.
+With `--frontends 0` (the default on fewer than 3 CPUs) everything runs in this process: the gRPC and HTTP
+servers (on one event loop), the dataplane and the engines, behind an InProcessClient. Otherwise the
+supervisor (service/processes/) runs an engine process and front-end processes.
 
 On SIGTERM or SIGINT the server drains (health NOT_SERVING, new calls UNAVAILABLE, in-flight calls
 get drain_grace_seconds to finish) and exits with status 0. SIGHUP scans the model repository at once
@@ -21,6 +21,7 @@ from service.dataplane import Dataplane
 from service.engine_client.in_process import InProcessClient
 from service.grpc_api.security import SecurityConfigError
 from service.grpc_api.server import GrpcServer, PortInUse
+from service.http_api.server import HttpServer
 from service.lifecycle import remove_signal_handlers, settings_from, start_client, stop_event
 from service.metrics import ServerMetrics
 from service.settings import Settings
@@ -45,23 +46,32 @@ async def serve(
     try:
         # Before loading any model: a TLS or token file that does not load fails the start at once.
         server = GrpcServer(settings, client, dataplane, metrics)
+        http = HttpServer(settings, dataplane, metrics) if settings.http_port else None
     except SecurityConfigError as error:
         log.error("cannot start: %s", error)
         return 2
     if not await start_client(client):
         return 1
+    also_stop = [http.stop] if http is not None else []
     try:
         port = await server.start()
     except PortInUse as error:
         log.error("cannot start: %s", error)
         await client.stop(0.0)
         return 1
+    if http is not None:
+        try:
+            await http.start()
+        except PortInUse as error:
+            log.error("cannot start: %s", error)
+            await server.drain(0.0)
+            return 1
     if settings.metrics_port:
         try:
             metrics.serve(settings.metrics_port, host=settings.metrics_address)
         except OSError as error:
             log.error("cannot serve metrics on port %d: %s", settings.metrics_port, error)
-            await server.drain(0.0)
+            await server.drain(0.0, also_stop)
             return 1
 
     own_signals = stop is None
@@ -72,12 +82,14 @@ async def serve(
         f"{served.name} v{served.version} ({served.model.provider})" for served in registry.served_versions()
     )
     metrics_text = f", metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else ""
+    http_text = f", HTTP on :{http.port}" if http is not None else ""
     log.info(
-        "attnserve listening on %s:%d (default model %s) serving %s%s",
+        "attnserve listening on %s:%d (default model %s) serving %s%s%s",
         settings.host,
         port,
         registry.default_model,
         models,
+        http_text,
         metrics_text,
     )
     if on_ready is not None:
@@ -85,7 +97,7 @@ async def serve(
     try:
         await stop.wait()
         log.info("shutting down: draining for up to %.1f s", settings.drain_grace_seconds)
-        await server.drain(settings.drain_grace_seconds)
+        await server.drain(settings.drain_grace_seconds, also_stop)
     finally:
         if own_signals:
             remove_signal_handlers()

@@ -88,13 +88,22 @@ class Settings(BaseSettings):
     """Folder holding the model repository (`<name>/<version>/model.json`, see docs/model-format.md)."""
 
     host: Annotated[str, AfterValidator(_not_empty_host)] = "0.0.0.0"
-    """Address the gRPC server and the metrics endpoint listen on, e.g. `0.0.0.0`, `127.0.0.1`, `[::]`."""
+    """Address the gRPC server, the HTTP server and the metrics endpoint listen on, e.g. `0.0.0.0`, `127.0.0.1`,
+    `[::]`."""
 
     port: Annotated[int, Field(ge=1, le=65535)] = 50051
     """TCP port of the gRPC server (Translator, KServe v2 GRPCInferenceService, Health and Reflection services)."""
 
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 8002
     """TCP port of the Prometheus endpoint (`/metrics`); 0 turns it off."""
+
+    http_port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    """TCP port of the HTTP server (KServe v2 REST, the JSON API with server-sent events, the page at `/`,
+    `/openapi.json`); 0 turns it off. Same models, limits, TLS and bearer tokens as the gRPC port."""
+
+    http_body_timeout_seconds: Annotated[float, Field(ge=0.01, le=3600.0, allow_inf_nan=False)] = 30.0
+    """Seconds an HTTP client may take to send a request body; a slower one is answered 408 and its
+    connection closed, so a client that never finishes its body holds nothing for long."""
 
     default_model: Annotated[str, AfterValidator(_model_name)] = ""
     """Model used when a request names none; empty = the only model, else the alphabetically first."""
@@ -147,7 +156,7 @@ class Settings(BaseSettings):
     """Largest text, in UTF-8 bytes."""
 
     max_receive_message_bytes: Annotated[int, Field(ge=1024, le=2**31 - 1)] = 4 * 1024 * 1024
-    """Largest gRPC request message the server accepts, in bytes."""
+    """Largest gRPC request message, and HTTP request body, the server accepts, in bytes (HTTP: 413 beyond)."""
 
     max_send_message_bytes: Annotated[int, Field(ge=1024, le=2**31 - 1)] = 16 * 1024 * 1024
     """Largest gRPC response message the server sends, in bytes (attention matrices can be large)."""
@@ -253,6 +262,11 @@ class Settings(BaseSettings):
                 f"metrics_port={self.metrics_port} and port={self.port} must differ "
                 "(or metrics_port=0 to turn metrics off)"
             )
+        if self.http_port and self.http_port in (self.port, self.metrics_port):
+            raise ValueError(
+                f"http_port={self.http_port} must differ from port={self.port} and metrics_port={self.metrics_port} "
+                "(or http_port=0 to turn HTTP off)"
+            )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError(
                 f"tls_cert_file={_show(self.tls_cert_file)} and tls_key_file={_show(self.tls_key_file)}: "
@@ -312,6 +326,11 @@ class Settings(BaseSettings):
     def grpc_address(self) -> str:
         """`host:port` for grpc's add_insecure_port."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def http_address(self) -> str:
+        """The host without IPv6 brackets, as asyncio's create_server wants it."""
+        return self.host.strip("[]")
 
     @property
     def metrics_address(self) -> str:

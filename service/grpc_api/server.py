@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Sequence
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -178,10 +179,11 @@ class GrpcServer:
         self._health_updates.add(update)
         update.add_done_callback(self._health_updates.discard)
 
-    async def drain(self, grace_s: float) -> None:
+    async def drain(self, grace_s: float, also_stop: Sequence[Callable[[float], Awaitable[None]]] = ()) -> None:
         """Graceful stop: health NOT_SERVING for everything and new translations refused (UNAVAILABLE)
         at once; in-flight calls get up to `grace_s` seconds to finish, then are cancelled; finally the
-        engines stop. Idempotent."""
+        engines stop. `also_stop`: the stop(grace_s) of the other transports' servers on the same engine client,
+        run beside this server's own stop, before the engines stop. Idempotent."""
         if self._draining:
             return
         self._draining = True
@@ -193,7 +195,8 @@ class GrpcServer:
         # (the client sees CANCELLED, which is not safe to retry). Clients with health checking take this
         # server out of rotation as soon as it reports NOT_SERVING; meanwhile new calls get UNAVAILABLE.
         await asyncio.sleep(min(self.settings.drain_delay_seconds, grace_s))
-        await self._server.stop(max(grace_s - (time.monotonic() - started), 0.0))
+        remaining = max(grace_s - (time.monotonic() - started), 0.0)
+        await asyncio.gather(self._server.stop(remaining), *(stop(remaining) for stop in also_stop))
         remaining = max(grace_s - (time.monotonic() - started), 0.0)
         await self.client.stop(remaining)
         log.info("stopped after %.2f s of draining", time.monotonic() - started)

@@ -68,8 +68,11 @@ class Supervisor:
         self._metrics_server: object | None = None
 
     async def run(self) -> int:
-        reservation = self._reserve_port()
-        if reservation is None:
+        reservations = [self._reserve_port(port) for port in (self.settings.port, self.settings.http_port) if port]
+        if None in reservations:
+            for reservation in reservations:
+                if reservation is not None:
+                    reservation.close()
             return 1
         loop = asyncio.get_running_loop()
         stop = stop_event(on_hangup=self._forward_hangup)
@@ -90,8 +93,9 @@ class Supervisor:
                     await self._stop_children(self.frontends + [self.engine], loop.time() + STOP_MARGIN_S)
                     return self._exit_status(child)
             log.info(
-                "attnserve listening on %s with %d front-end processes and one engine process%s",
+                "attnserve listening on %s%s with %d front-end processes and one engine process%s",
                 self.settings.grpc_address,
+                f" (HTTP on :{self.settings.http_port})" if self.settings.http_port else "",
                 len(self.frontends),
                 f", metrics on :{self.settings.metrics_port}/metrics" if self.settings.metrics_port else "",
             )
@@ -108,24 +112,24 @@ class Supervisor:
             await asyncio.gather(*watchers, return_exceptions=True)
             return 0
         finally:
-            reservation.close()
+            for reservation in reservations:
+                if reservation is not None:
+                    reservation.close()
             if self._metrics_server is not None:
                 self._metrics_server.shutdown()  # type: ignore[attr-defined]
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
-    def _reserve_port(self) -> socket.socket | None:
-        """Bind the gRPC port with SO_REUSEPORT (not listening), so a server without it cannot take the port
-        while the front-ends hold it, and a port already in use fails the start at once."""
+    def _reserve_port(self, port: int) -> socket.socket | None:
+        """Bind `port` (gRPC's or HTTP's) with SO_REUSEPORT (not listening), so a server without it cannot take
+        the port while the front-ends hold it, and a port already in use fails the start at once."""
         host = self.settings.host.strip("[]")
         try:
-            family, kind, protocol, _, address = socket.getaddrinfo(host, self.settings.port, type=socket.SOCK_STREAM)[
-                0
-            ]
+            family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
             reservation = socket.socket(family, kind, protocol)
             reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             reservation.bind(address)
         except OSError as error:
-            log.error("cannot start: cannot listen on %s: %s", self.settings.grpc_address, error)
+            log.error("cannot start: cannot listen on %s:%d: %s", self.settings.host, port, error)
             return None
         return reservation
 

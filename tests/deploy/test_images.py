@@ -144,12 +144,13 @@ def test_the_build_stage_installs_a_torch_free_server_that_serves(tiny_repositor
         if instruction == "ENV":
             environment.update(_env_pairs(arguments))
     environment["PATH"] = environment["PATH"].replace("/opt/attnserve", str(venv)).replace("$PATH", "/usr/bin:/bin")
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     environment.update(
         ATTNSERVE_MODEL_REPOSITORY=str(tiny_repository),
         ATTNSERVE_HOST="127.0.0.1",  # loopback only in tests
         ATTNSERVE_PORT=str(port),
         ATTNSERVE_METRICS_PORT=str(metrics_port),
+        ATTNSERVE_HTTP_PORT=str(http_port),
         ATTNSERVE_INTRA_OP_THREADS="1",
     )
     assert environment["ATTNSERVE_PROVIDER"] == "cpu"

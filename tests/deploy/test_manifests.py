@@ -192,7 +192,7 @@ def test_settings_configmap_is_read_by_the_server(rendered: dict[str, list[dict[
     settings = _settings_of(objects)
     container = _container(objects)
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port, "http": settings.http_port}
     assert settings.model_repository == Path("/models")
     assert settings.max_connection_age_seconds > 0  # clients re-resolve the headless Service
     assert settings.provider == {"cpu": "cpu", "gpu": "cuda"}[name]
@@ -224,11 +224,15 @@ def test_probes_draining_and_security(rendered: dict[str, list[dict[str, Any]]],
     settings = _settings_of(objects)
     pod = find_object(objects, "Deployment")["spec"]["template"]["spec"]
     container = _container(objects)
-    for probe_name, service in (("startupProbe", ""), ("readinessProbe", ""), ("livenessProbe", LIVENESS_SERVICE)):
+    for probe_name, service in (("readinessProbe", ""), ("livenessProbe", LIVENESS_SERVICE)):
         probe = container[probe_name]
         assert probe["grpc"]["port"] == settings.port, probe_name  # native grpc.health.v1 probe
         assert probe["grpc"].get("service", "") == service, probe_name
     startup = container["startupProbe"]
+    # The HTTP port's KServe v2 liveness: the container port named in it is the server's http_port.
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert settings.http_port and ports[startup["httpGet"]["port"]] == settings.http_port
+    assert startup["httpGet"]["path"] == "/v2/health/live"
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # model loading
     liveness = container["livenessProbe"]
     assert liveness["periodSeconds"] * liveness["failureThreshold"] > settings.drain_grace_seconds
@@ -496,7 +500,10 @@ def test_dockerfile_is_multi_stage_non_root_and_torch_free(path: Path) -> None:
         for p in arguments.split()
     }
     defaults = Settings()
-    assert exposed == {defaults.port, defaults.metrics_port}
+    # The gRPC and metrics ports; the HTTP port too once deploy/docker exposes it (EXPOSE only documents).
+    assert (
+        {defaults.port, defaults.metrics_port} <= exposed <= {defaults.port, defaults.metrics_port, defaults.http_port}
+    )
     instructions = [arguments for stage in stages for _, arguments in stage["instructions"]]
     assert not any("torch" in arguments or "[train" in arguments for arguments in instructions)
 

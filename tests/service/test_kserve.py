@@ -38,12 +38,10 @@ from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.grpc_api.kserve import (
     FINAL_RESPONSE_PARAMETER,
     KSERVE_SERVICE,
-    InferCall,
-    decode_raw_bytes,
-    encode_raw_bytes,
     infer_call_from_grpc,
     infer_response_to_grpc,
 )
+from service.kserve import InferCall, decode_raw_bytes, encode_raw_bytes
 from tests.service.server_harness import PROJECT_ROOT, ServerThread, make_settings, metric, scrape
 
 pytestmark = pytest.mark.slow  # trains models or starts servers
@@ -508,8 +506,8 @@ def test_v2_calls_share_the_engine_metrics(server: ServerThread, v2: pb_grpc.GRP
     def grew(name: str, **extra: str) -> float:
         return metric(after, name, **labels, **extra) - metric(before, name, **labels, **extra)
 
-    assert grew("attnserve_requests_total", method="ModelInfer", code="OK") == 1
-    assert grew("attnserve_requests_total", method="ModelInfer", code="INVALID_ARGUMENT") == 1
+    assert grew("attnserve_requests_total", method="ModelInfer", code="OK", protocol="grpc") == 1
+    assert grew("attnserve_requests_total", method="ModelInfer", code="INVALID_ARGUMENT", protocol="grpc") == 1
     assert grew("attnserve_queue_wait_seconds_count") == len(NUMBERS)  # the same engine as Translate
 
 

@@ -105,13 +105,16 @@ def test_rpc_observations_and_model_info() -> None:
     metrics.observe_rpc("Translate", "OK", 0.02, model="dates", version=1)
     metrics.observe_rpc("Translate", "OK", 0.04, model="dates", version=1)
     metrics.observe_rpc("Translate", "NOT_FOUND", 0.001)
+    metrics.observe_rpc("Translate", "RESOURCE_EXHAUSTED", 0.003, model="dates", version=1, protocol="http")
     metrics.model_loaded("dates", 1, "CPUExecutionProvider", 0.75)
     s = _samples(metrics)
-    assert _value(s, "attnserve_requests_total", model="dates", version="1", method="Translate", code="OK") == 2
-    assert _value(s, "attnserve_requests_total", model="", version="", method="Translate", code="NOT_FOUND") == 1
-    assert _value(
-        s, "attnserve_request_duration_seconds_sum", model="dates", version="1", method="Translate"
-    ) == pytest.approx(0.06)
+    dates = {"model": "dates", "version": "1", "method": "Translate"}
+    assert _value(s, "attnserve_requests_total", code="OK", protocol="grpc", **dates) == 2
+    assert _value(s, "attnserve_requests_total", code="RESOURCE_EXHAUSTED", protocol="http", **dates) == 1
+    unknown = {"model": "", "version": "", "method": "Translate", "protocol": "grpc"}
+    assert _value(s, "attnserve_requests_total", code="NOT_FOUND", **unknown) == 1
+    assert _value(s, "attnserve_request_duration_seconds_sum", protocol="grpc", **dates) == pytest.approx(0.06)
+    assert _value(s, "attnserve_request_duration_seconds_sum", protocol="http", **dates) == pytest.approx(0.003)
     assert _value(s, "attnserve_model_info", model="dates", version="1", provider="CPUExecutionProvider") == 1
     assert _value(s, "attnserve_model_load_seconds", model="dates", version="1") == 0.75
 
@@ -203,7 +206,7 @@ def test_registries_are_private_and_served_over_http() -> None:
     first.observe_rpc("ListModels", "OK", 0.001)
     assert (
         "attnserve_requests_total",
-        (("code", "OK"), ("method", "ListModels"), ("model", ""), ("version", "")),
+        (("code", "OK"), ("method", "ListModels"), ("model", ""), ("protocol", "grpc"), ("version", "")),
     ) not in _samples(second)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -213,6 +216,6 @@ def test_registries_are_private_and_served_over_http() -> None:
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:
         first.close()
-    assert 'attnserve_requests_total{code="OK",method="ListModels",model="",version=""} 1.0' in body
+    assert 'attnserve_requests_total{code="OK",method="ListModels",model="",protocol="grpc",version=""} 1.0' in body
     resident = next(line for line in body.splitlines() if line.startswith("process_resident_memory_bytes "))
     assert float(resident.split()[1]) > 0
