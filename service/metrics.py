@@ -2,8 +2,10 @@
 
 Two producers feed them, neither of which touches prometheus-client in its hot path:
 - each model version's AsyncEngine hands plain `StepStats` / `RequestStats` records to a `ModelStatsRecorder`
-  (one per model version, its label children resolved once), which turns them into metrics;
-- the transport reports every finished RPC through `ServerMetrics.observe_rpc`.
+  (one per model version), which adds them to plain numbers;
+- the transport reports every finished RPC through `ServerMetrics.observe_rpc`, which does the same.
+Those numbers become metric families only when /metrics is scraped (`_CountsCollector`): a call then costs a
+dictionary lookup and a few additions, not prometheus-client's locked children.
 Queue depths are read from the engines at scrape time, so they are exact even when idle.
 
 Labels come only from a bounded set: model, version, method, code, protocol, reason. Never a request id or
@@ -14,13 +16,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from service.engine.async_engine import AsyncEngine
 from service.engine.records import FinishReason
@@ -108,104 +113,10 @@ class ServerMetrics:
         # The process's memory, CPU seconds and open files (process_*): memory staying flat under overload is
         # one of the things an operator checks.
         ProcessCollector(registry=r)
-        # Transport: one observation per finished RPC.
-        self.requests = Counter(
-            "attnserve_requests",
-            "Calls finished, by method, gRPC status code (HTTP calls: the gRPC status of the same outcome) and "
-            "protocol (grpc or http).",
-            ("model", "version", "method", "code", "protocol"),
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "attnserve_request_duration_seconds",
-            "Wall time of a call, from the handler's start to its last message, by protocol (grpc or http).",
-            ("model", "version", "method", "protocol"),
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
-        )
-        # Engine, per text (one engine request).
-        self.queue_wait = Histogram(
-            "attnserve_queue_wait_seconds",
-            "Seconds a text waited in the queue before joining the batch.",
-            MODEL_LABELS,
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
-        )
-        self.time_to_first_token = Histogram(
-            "attnserve_time_to_first_token_seconds",
-            "Seconds from a text's arrival to its first decoded token.",
-            MODEL_LABELS,
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
-        )
-        self.inter_token_latency = Histogram(
-            "attnserve_inter_token_latency_seconds",
-            "Mean seconds between consecutive decoder steps of one text (one observation per text of 2+ tokens).",
-            MODEL_LABELS,
-            buckets=STEP_BUCKETS_S,
-            registry=r,
-        )
-        self.engine_request_duration = Histogram(
-            "attnserve_engine_request_duration_seconds",
-            "Seconds from a text's arrival to its result (queue included).",
-            MODEL_LABELS,
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
-        )
-        self.generated_tokens = Counter(
-            "attnserve_generated_tokens",
-            "Decoder steps run for finished texts (tokens of the longest hypothesis).",
-            MODEL_LABELS,
-            registry=r,
-        )
-        self.source_tokens = Counter(
-            "attnserve_source_tokens",
-            "Source tokens (</s> included) of finished texts.",
-            MODEL_LABELS,
-            registry=r,
-        )
-        self.finished = Counter(
-            "attnserve_finished_requests",
-            "Texts that left the engine, by reason: eos or length (the best hypothesis' reason), or cancelled, "
-            "deadline, error.",
-            ("model", "version", "reason"),
-            registry=r,
-        )
-        # Engine, per iteration.
-        self.decoder_batch = Histogram(
-            "attnserve_decoder_batch_hypotheses",
-            "Hypotheses (decoder rows) in one decoder step.",
-            MODEL_LABELS,
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
-        self.decoder_step_duration = Histogram(
-            "attnserve_decoder_step_duration_seconds",
-            "Wall time of one decoder step call.",
-            MODEL_LABELS,
-            buckets=STEP_BUCKETS_S,
-            registry=r,
-        )
-        self.encoder_batch = Histogram(
-            "attnserve_encoder_batch_sources",
-            "Sources encoded in one encoder call.",
-            MODEL_LABELS,
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
-        self.encoder_duration = Histogram(
-            "attnserve_encoder_duration_seconds",
-            "Wall time of one encoder call.",
-            MODEL_LABELS,
-            buckets=STEP_BUCKETS_S,
-            registry=r,
-        )
-        self.decoder_steps = Counter(
-            "attnserve_decoder_steps",
-            "Decoder steps run.",
-            MODEL_LABELS,
-            registry=r,
-        )
+        # Calls and engines: counted in plain numbers by their producers, turned into families at scrape time.
+        self._calls: dict[tuple[str, int | None, str, str, str], _CallStats] = {}
+        self._recorders: dict[tuple[str, str], ModelStatsRecorder] = {}
+        r.register(_CountsCollector(self._calls, self._recorders))
         # Models.
         self.model_load = Gauge(
             "attnserve_model_load_seconds",
@@ -234,7 +145,6 @@ class ServerMetrics:
             ("model",),
             registry=r,
         )
-        self._rpc_children: dict[tuple[str, int | None, str, str, str], tuple[Any, Any]] = {}
         self._queues = _QueueCollector()
         r.register(self._queues)
         self._http_server: object | None = None
@@ -254,15 +164,11 @@ class ServerMetrics:
         `code` a gRPC status name ('OK', 'NOT_FOUND'), `seconds` its wall time; model/version as resolved by the
         server ('' / None when it never resolved one); `protocol` 'grpc' or 'http'."""
         key = (model, version, method, code, protocol)
-        children = self._rpc_children.get(key)
-        if children is None:  # once per label set, a bounded one: prometheus-client's lookup is not free per call
-            version_label = "" if version is None else str(version)
-            children = self._rpc_children[key] = (
-                self.requests.labels(model, version_label, method, code, protocol),
-                self.request_duration.labels(model, version_label, method, protocol),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
+        stats = self._calls.get(key)
+        if stats is None:
+            stats = self._calls[key] = _CallStats()
+        stats.count += 1
+        stats.duration.observe(seconds)
 
     def model_loaded(
         self, model: str, version: int, provider: str, load_seconds: float, threads: RuntimeThreads | None = None
@@ -289,8 +195,12 @@ class ServerMetrics:
                 pass
 
     def recorder(self, model: str, version: int) -> ModelStatsRecorder:
-        """The StatsRecorder for one model version's engine."""
-        return ModelStatsRecorder(self, model, str(version))
+        """The StatsRecorder for one model version's engine (one per version: a reloaded version counts on)."""
+        key = (model, str(version))
+        recorder = self._recorders.get(key)
+        if recorder is None:
+            recorder = self._recorders[key] = ModelStatsRecorder()
+        return recorder
 
     def watch_queue(self, model: str, version: int, engine: AsyncEngine) -> None:
         """Report `engine.waiting` / `.running` under these labels at every scrape, with its queue limit
@@ -319,46 +229,183 @@ class ServerMetrics:
             server.server_close()  # type: ignore[attr-defined]
 
 
-class ModelStatsRecorder:
-    """The engine's StatsRecorder for one model version: plain stats in, Prometheus metrics out.
+class _Histogram:
+    """One label set of a histogram as plain numbers: `observe` is a bisection and two additions (a
+    prometheus-client child takes a lock and several calls per observation, a few microseconds that every call
+    and every engine step would pay). Exactly one thread writes it; a scrape reads a copy of the counts."""
 
-    Label children are resolved once here, so each callback is a handful of float additions.
-    Called by the engine (see StatsRecorder for which thread calls what).
+    __slots__ = ("upper_bounds", "counts", "total")
+
+    def __init__(self, upper_bounds: tuple[float, ...]) -> None:
+        self.upper_bounds = upper_bounds
+        self.counts = [0] * (len(upper_bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        # A value equal to a bound belongs to that bound's bucket (Prometheus' `le`), which bisect_left finds.
+        self.counts[bisect_left(self.upper_bounds, value)] += 1
+        self.total += value
+
+    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
+        counts = list(self.counts)
+        total = self.total
+        cumulative = list(accumulate(counts))
+        buckets = [(floatToGoString(bound), float(n)) for bound, n in zip(self.upper_bounds, cumulative, strict=False)]
+        buckets.append(("+Inf", float(cumulative[-1])))
+        family.add_metric(labels, buckets, total)
+
+
+class _CallStats:
+    """The calls of one (model, version, method, code, protocol): written on the event loop's thread."""
+
+    __slots__ = ("count", "duration")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.duration = _Histogram(LATENCY_BUCKETS_S)
+
+
+class ModelStatsRecorder:
+    """The engine's StatsRecorder for one model version: plain stats in, plain numbers kept.
+
+    `on_step` runs on the engine's thread and writes only the step figures; the others run on the event loop's
+    thread and write only the request figures: each number has one writer, so no lock is needed and none of
+    them is lost. `_CountsCollector` turns them into metric families when /metrics is scraped.
     """
 
-    def __init__(self, metrics: ServerMetrics, model: str, version: str) -> None:
-        labels = (model, version)
-        self._queue_wait = metrics.queue_wait.labels(*labels)
-        self._first_token = metrics.time_to_first_token.labels(*labels)
-        self._inter_token = metrics.inter_token_latency.labels(*labels)
-        self._duration = metrics.engine_request_duration.labels(*labels)
-        self._generated = metrics.generated_tokens.labels(*labels)
-        self._source = metrics.source_tokens.labels(*labels)
-        self._finished = {reason: metrics.finished.labels(model, version, reason.value) for reason in FinishReason}
-        self._decoder_batch = metrics.decoder_batch.labels(*labels)
-        self._decoder_step = metrics.decoder_step_duration.labels(*labels)
-        self._decoder_steps = metrics.decoder_steps.labels(*labels)
-        self._encoder_batch = metrics.encoder_batch.labels(*labels)
-        self._encoder_duration = metrics.encoder_duration.labels(*labels)
+    def __init__(self) -> None:
+        # Per text.
+        self.queue_wait = _Histogram(LATENCY_BUCKETS_S)
+        self.first_token = _Histogram(LATENCY_BUCKETS_S)
+        self.inter_token = _Histogram(STEP_BUCKETS_S)
+        self.duration = _Histogram(LATENCY_BUCKETS_S)
+        self.generated_tokens = 0
+        self.source_tokens = 0
+        self.finished = dict.fromkeys(FinishReason, 0)
+        # Per iteration.
+        self.decoder_batch = _Histogram(BATCH_BUCKETS)
+        self.decoder_step = _Histogram(STEP_BUCKETS_S)
+        self.decoder_steps = 0
+        self.encoder_batch = _Histogram(BATCH_BUCKETS)
+        self.encoder_duration = _Histogram(STEP_BUCKETS_S)
 
     def on_step(self, stats: StepStats) -> None:
         if stats.encoder_batch > 0:
-            self._encoder_batch.observe(stats.encoder_batch)
-            self._encoder_duration.observe(stats.encode_seconds)
+            self.encoder_batch.observe(stats.encoder_batch)
+            self.encoder_duration.observe(stats.encode_seconds)
         if stats.rows > 0:
-            self._decoder_batch.observe(stats.rows)
-            self._decoder_step.observe(stats.step_seconds)
-            self._decoder_steps.inc()
+            self.decoder_batch.observe(stats.rows)
+            self.decoder_step.observe(stats.step_seconds)
+            self.decoder_steps += 1
 
     def on_request_done(self, stats: RequestStats) -> None:
-        self._queue_wait.observe(stats.queue_wait_s)
-        self._first_token.observe(stats.first_token_s)
+        self.queue_wait.observe(stats.queue_wait_s)
+        self.first_token.observe(stats.first_token_s)
         if stats.mean_inter_token_s is not None:
-            self._inter_token.observe(stats.mean_inter_token_s)
-        self._duration.observe(stats.total_s)
-        self._generated.inc(stats.generated_tokens)
-        self._source.inc(stats.source_tokens)
-        self._finished[stats.finish_reason].inc()
+            self.inter_token.observe(stats.mean_inter_token_s)
+        self.duration.observe(stats.total_s)
+        self.generated_tokens += stats.generated_tokens
+        self.source_tokens += stats.source_tokens
+        self.finished[stats.finish_reason] += 1
 
     def on_request_failed(self, reason: FinishReason) -> None:
-        self._finished[reason].inc()
+        self.finished[reason] += 1
+
+
+# The engine's histograms: (family name, help, the recorder's attribute).
+_ENGINE_HISTOGRAMS = (
+    ("attnserve_queue_wait_seconds", "Seconds a text waited in the queue before joining the batch.", "queue_wait"),
+    (
+        "attnserve_time_to_first_token_seconds",
+        "Seconds from a text's arrival to its first decoded token.",
+        "first_token",
+    ),
+    (
+        "attnserve_inter_token_latency_seconds",
+        "Mean seconds between consecutive decoder steps of one text (one observation per text of 2+ tokens).",
+        "inter_token",
+    ),
+    (
+        "attnserve_engine_request_duration_seconds",
+        "Seconds from a text's arrival to its result (queue included).",
+        "duration",
+    ),
+    ("attnserve_decoder_batch_hypotheses", "Hypotheses (decoder rows) in one decoder step.", "decoder_batch"),
+    ("attnserve_decoder_step_duration_seconds", "Wall time of one decoder step call.", "decoder_step"),
+    ("attnserve_encoder_batch_sources", "Sources encoded in one encoder call.", "encoder_batch"),
+    ("attnserve_encoder_duration_seconds", "Wall time of one encoder call.", "encoder_duration"),
+)
+_ENGINE_COUNTERS = (
+    (
+        "attnserve_generated_tokens",
+        "Decoder steps run for finished texts (tokens of the longest hypothesis).",
+        "generated_tokens",
+    ),
+    ("attnserve_source_tokens", "Source tokens (</s> included) of finished texts.", "source_tokens"),
+    ("attnserve_decoder_steps", "Decoder steps run.", "decoder_steps"),
+)
+
+
+class _CountsCollector(Collector):
+    """The call and engine families, built from the producers' plain numbers at scrape time."""
+
+    def __init__(
+        self,
+        calls: dict[tuple[str, int | None, str, str, str], _CallStats],
+        recorders: dict[tuple[str, str], ModelStatsRecorder],
+    ) -> None:
+        self._calls = calls
+        self._recorders = recorders
+
+    def collect(self) -> Iterator[Metric]:
+        # Copies first: the producers may add a label set while this runs on the metrics thread.
+        calls = list(self._calls.items())
+        recorders = list(self._recorders.items())
+        requests = CounterMetricFamily(
+            "attnserve_requests",
+            "Calls finished, by method, gRPC status code (HTTP calls: the gRPC status of the same outcome) and "
+            "protocol (grpc or http).",
+            labels=("model", "version", "method", "code", "protocol"),
+        )
+        durations = HistogramMetricFamily(
+            "attnserve_request_duration_seconds",
+            "Wall time of a call, from the handler's start to its last message, by protocol (grpc or http).",
+            labels=("model", "version", "method", "protocol"),
+        )
+        for (model, version, method, code, protocol), stats in calls:
+            version_label = "" if version is None else str(version)
+            requests.add_metric([model, version_label, method, code, protocol], stats.count)
+        # One duration series per (model, version, method, protocol), whatever the codes.
+        merged: dict[tuple[str, str, str, str], _Histogram] = {}
+        for (model, version, method, _code, protocol), stats in calls:
+            key = (model, "" if version is None else str(version), method, protocol)
+            into = merged.get(key)
+            if into is None:
+                into = merged[key] = _Histogram(LATENCY_BUCKETS_S)
+            into.counts = [a + b for a, b in zip(into.counts, stats.duration.counts, strict=True)]
+            into.total += stats.duration.total
+        for key, histogram in merged.items():
+            histogram.add_to(durations, list(key))
+        yield requests
+        yield durations
+
+        for name, documentation, attribute in _ENGINE_HISTOGRAMS:
+            family = HistogramMetricFamily(name, documentation, labels=MODEL_LABELS)
+            for labels, recorder in recorders:
+                getattr(recorder, attribute).add_to(family, list(labels))
+            yield family
+        for name, documentation, attribute in _ENGINE_COUNTERS:
+            counter = CounterMetricFamily(name, documentation, labels=MODEL_LABELS)
+            for labels, recorder in recorders:
+                counter.add_metric(list(labels), getattr(recorder, attribute))
+            yield counter
+        finished = CounterMetricFamily(
+            "attnserve_finished_requests",
+            "Texts that left the engine, by reason: eos or length (the best hypothesis' reason), or cancelled, "
+            "deadline, error.",
+            labels=("model", "version", "reason"),
+        )
+        for (model_label, version_label), recorder in recorders:
+            for reason, count in list(recorder.finished.items()):
+                finished.add_metric([model_label, version_label, reason.value], count)
+        yield finished

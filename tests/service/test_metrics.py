@@ -100,6 +100,25 @@ def test_recorder_turns_stats_into_metric_families() -> None:
     assert _value(s, "attnserve_finished_requests_total", model="numbers", version="2", reason="error") == 1
 
 
+def test_histogram_buckets_hold_values_up_to_their_bound_cumulatively() -> None:
+    # Prometheus' `le`: a value equal to a bound counts in that bound's bucket; buckets are cumulative, and +Inf
+    # is the count. Durations of one method are one series whatever the status codes of its calls.
+    metrics = ServerMetrics()
+    for seconds, code in ((0.001, "OK"), (0.0011, "OK"), (0.0025, "NOT_FOUND"), (61.0, "OK")):
+        metrics.observe_rpc("Translate", code, seconds, model="dates", version=3)
+    s = _samples(metrics)
+    call = {"model": "dates", "version": "3", "method": "Translate", "protocol": "grpc"}
+    bucket = "attnserve_request_duration_seconds_bucket"
+    assert _value(s, bucket, le="0.001", **call) == 1
+    assert _value(s, bucket, le="0.0025", **call) == 3
+    assert _value(s, bucket, le="60.0", **call) == 3
+    assert _value(s, bucket, le="+Inf", **call) == 4
+    assert _value(s, "attnserve_request_duration_seconds_count", **call) == 4
+    assert _value(s, "attnserve_request_duration_seconds_sum", **call) == pytest.approx(61.0046)
+    assert _value(s, "attnserve_requests_total", code="OK", **call) == 3
+    assert _value(s, "attnserve_requests_total", code="NOT_FOUND", **call) == 1
+
+
 def test_rpc_observations_and_model_info() -> None:
     metrics = ServerMetrics()
     metrics.observe_rpc("Translate", "OK", 0.02, model="dates", version=1)
