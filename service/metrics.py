@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -115,7 +115,7 @@ class ServerMetrics:
         ProcessCollector(registry=r)
         # Calls and engines: counted in plain numbers by their producers, turned into families at scrape time.
         self._calls: dict[tuple[str, int | None, str, str, str], _CallStats] = {}
-        self._recorders: dict[tuple[str, str], ModelStatsRecorder] = {}
+        self._recorders: dict[tuple[str, str], list[ModelStatsRecorder]] = {}
         r.register(_CountsCollector(self._calls, self._recorders))
         # Models.
         self.model_load = Gauge(
@@ -195,11 +195,11 @@ class ServerMetrics:
                 pass
 
     def recorder(self, model: str, version: int) -> ModelStatsRecorder:
-        """The StatsRecorder for one model version's engine (one per version: a reloaded version counts on)."""
-        key = (model, str(version))
-        recorder = self._recorders.get(key)
-        if recorder is None:
-            recorder = self._recorders[key] = ModelStatsRecorder()
+        """A StatsRecorder for a new engine of one model version. Each engine gets its own (a version loaded
+        again while its old engine drains has two engines at once, and each recorder must have one writer);
+        a scrape adds up the recorders of one version, so its counts go on across reloads."""
+        recorder = ModelStatsRecorder()
+        self._recorders.setdefault((model, str(version)), []).append(recorder)
         return recorder
 
     def watch_queue(self, model: str, version: int, engine: AsyncEngine) -> None:
@@ -246,11 +246,19 @@ class _Histogram:
         self.counts[bisect_left(self.upper_bounds, value)] += 1
         self.total += value
 
-    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
-        counts = list(self.counts)
-        total = self.total
+    @staticmethod
+    def add_to(family: HistogramMetricFamily, labels: list[str], histograms: Sequence[_Histogram]) -> None:
+        """Add the sum of `histograms` (same bounds) to `family` under `labels`. Each one's counts are copied
+        before its total is read, so while its writer goes on the sum may hold one observation the count does
+        not yet: harmless for a rate or a quantile, and the buckets and the count always agree."""
+        counts = [0] * len(histograms[0].counts)
+        total = 0.0
+        for histogram in histograms:
+            counts = [a + b for a, b in zip(counts, list(histogram.counts), strict=True)]
+            total += histogram.total
         cumulative = list(accumulate(counts))
-        buckets = [(floatToGoString(bound), float(n)) for bound, n in zip(self.upper_bounds, cumulative, strict=False)]
+        bounds = histograms[0].upper_bounds
+        buckets = [(floatToGoString(bound), float(n)) for bound, n in zip(bounds, cumulative, strict=False)]
         buckets.append(("+Inf", float(cumulative[-1])))
         family.add_metric(labels, buckets, total)
 
@@ -352,7 +360,7 @@ class _CountsCollector(Collector):
     def __init__(
         self,
         calls: dict[tuple[str, int | None, str, str, str], _CallStats],
-        recorders: dict[tuple[str, str], ModelStatsRecorder],
+        recorders: dict[tuple[str, str], list[ModelStatsRecorder]],
     ) -> None:
         self._calls = calls
         self._recorders = recorders
@@ -360,7 +368,7 @@ class _CountsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         # Copies first: the producers may add a label set while this runs on the metrics thread.
         calls = list(self._calls.items())
-        recorders = list(self._recorders.items())
+        recorders = [(labels, list(of_version)) for labels, of_version in list(self._recorders.items())]
         requests = CounterMetricFamily(
             "attnserve_requests",
             "Calls finished, by method, gRPC status code (HTTP calls: the gRPC status of the same outcome) and "
@@ -376,28 +384,24 @@ class _CountsCollector(Collector):
             version_label = "" if version is None else str(version)
             requests.add_metric([model, version_label, method, code, protocol], stats.count)
         # One duration series per (model, version, method, protocol), whatever the codes.
-        merged: dict[tuple[str, str, str, str], _Histogram] = {}
+        merged: dict[tuple[str, str, str, str], list[_Histogram]] = {}
         for (model, version, method, _code, protocol), stats in calls:
             key = (model, "" if version is None else str(version), method, protocol)
-            into = merged.get(key)
-            if into is None:
-                into = merged[key] = _Histogram(LATENCY_BUCKETS_S)
-            into.counts = [a + b for a, b in zip(into.counts, stats.duration.counts, strict=True)]
-            into.total += stats.duration.total
-        for key, histogram in merged.items():
-            histogram.add_to(durations, list(key))
+            merged.setdefault(key, []).append(stats.duration)
+        for key, histograms in merged.items():
+            _Histogram.add_to(durations, list(key), histograms)
         yield requests
         yield durations
 
         for name, documentation, attribute in _ENGINE_HISTOGRAMS:
             family = HistogramMetricFamily(name, documentation, labels=MODEL_LABELS)
-            for labels, recorder in recorders:
-                getattr(recorder, attribute).add_to(family, list(labels))
+            for labels, of_version in recorders:
+                _Histogram.add_to(family, list(labels), [getattr(recorder, attribute) for recorder in of_version])
             yield family
         for name, documentation, attribute in _ENGINE_COUNTERS:
             counter = CounterMetricFamily(name, documentation, labels=MODEL_LABELS)
-            for labels, recorder in recorders:
-                counter.add_metric(list(labels), getattr(recorder, attribute))
+            for labels, of_version in recorders:
+                counter.add_metric(list(labels), sum(getattr(recorder, attribute) for recorder in of_version))
             yield counter
         finished = CounterMetricFamily(
             "attnserve_finished_requests",
@@ -405,7 +409,8 @@ class _CountsCollector(Collector):
             "deadline, error.",
             labels=("model", "version", "reason"),
         )
-        for (model_label, version_label), recorder in recorders:
-            for reason, count in list(recorder.finished.items()):
+        for (model_label, version_label), of_version in recorders:
+            for reason in FinishReason:
+                count = sum(recorder.finished[reason] for recorder in of_version)
                 finished.add_metric([model_label, version_label, reason.value], count)
         yield finished

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import enum
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from service.engine.core import BatchingPolicy, EngineLimits
+from service.runtime.model import usable_cpus
 from service.runtime.providers import Provider
 from service.validation import error_text
 
@@ -336,18 +336,6 @@ class Settings(BaseSettings):
     def metrics_address(self) -> str:
         """The host without IPv6 brackets, as http.server wants it."""
         return self.host.strip("[]")
-
-
-def usable_cpus() -> int:
-    """CPUs this process may use: its CPU affinity, lowered by a cgroup v2 CPU limit (cpu.max) if one is set."""
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max" and int(period) > 0:
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):  # no cgroup v2 CPU controller here, or a file we do not understand
-        pass
-    return cpus
 
 
 class _Environment(EnvSettingsSource):

@@ -85,8 +85,9 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._outbox: deque[CoreOutput | BaseException] = deque()
         self._delivery_pending = False
-        self._turn_scheduled = False  # on the loop: a turn is pending (call_soon), or a timer for the next wakeup
-        self._timer: asyncio.TimerHandle | None = None
+        # On the loop: a turn is pending (call_soon) or running; there is only ever one chain of turns.
+        self._turn_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None  # on the loop, while idle: the turn at the next wakeup
         self._all_resolved = asyncio.Event()
 
     # ----- public surface -------------------------------------------------------------------------
@@ -206,10 +207,13 @@ class AsyncEngine:
 
     def _turn(self) -> None:
         """One step of the core, then the loop's other work (its sockets, its callbacks), then the next step."""
-        self._turn_scheduled = False
-        self._timer = None
+        # The flag stays set for the whole turn: a kick from inside it (a resolved caller's callback that submits
+        # or cancels) must not start a second chain; the has_work check at the end sees what it added.
+        self._turn_scheduled = True
+        self._timer = None  # this turn is the timer's, or there was none
         core, loop = self._core, self._loop
         if self._closing or loop is None:
+            self._turn_scheduled = False
             return
         try:
             if core.has_work:
@@ -223,9 +227,9 @@ class AsyncEngine:
                 if output.answers:
                     self._deliver_safely(output)
                 if core.has_work:
-                    self._turn_scheduled = True
                     loop.call_soon(self._turn)
                     return
+            self._turn_scheduled = False
             wakeup = core.next_wakeup()
             if wakeup is not None:
                 self._timer = loop.call_later(max(wakeup - self._clock(), 0.0), self._turn)

@@ -59,8 +59,10 @@ class RequestStats(NamedTuple):
 
 
 class StatsRecorder(Protocol):
-    """Receives the engine's numbers: `on_step` on the worker thread, the others on the event-loop thread;
-    every method must be quick and thread-safe."""
+    """Receives one engine's numbers: `on_step` on the thread that steps the core (its worker thread, or the
+    event loop's in `on_loop` mode), the others on the event loop's thread. Every method must be quick; each
+    is called by one thread only, so a recorder that keeps the numbers of `on_step` apart from the others'
+    needs no lock."""
 
     def on_step(self, stats: StepStats) -> None:
         """After each iteration that ran the encoder or the decoder."""

@@ -13,7 +13,7 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +108,10 @@ def _status_name(context: aio.ServicerContext, fallback: str) -> str:
     return fallback
 
 
+UNKNOWN_METHOD = "unknown"
+"""The method label of calls to paths the server does not serve."""
+
+
 class RpcInterceptor(aio.ServerInterceptor):
     """Maps exceptions to statuses with STATUS_BY_CODE and reports each finished RPC to the metrics.
 
@@ -115,12 +119,17 @@ class RpcInterceptor(aio.ServerInterceptor):
     methods (reflection) pass through untouched.
     """
 
-    def __init__(self, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, metrics: ServerMetrics | None = None, methods: Collection[str] | None = None) -> None:
+        """`methods`: the full paths ('/package.Service/Method') the server serves; a call to any other path
+        (refused by the token check before gRPC answers UNIMPLEMENTED) is counted as method UNKNOWN_METHOD, so
+        a client cannot add label values. None: every call is counted under its own method name."""
         self._metrics = metrics
+        self._methods = frozenset(methods) if methods is not None else None
         # gRPC asks for a method's handler at every call, and gets the same handler object for every call of a
-        # method (the token check's refusals too: one per shape and reason), so each is wrapped once:
-        # id(handler) -> (handler, wrapper), the handler kept so its id stays its own.
-        self._wrapped: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        # method, so each is wrapped once: (id(handler), method label) -> (handler, wrapper), the handler kept
+        # so its id stays its own. The label is in the key because one handler may stand for several paths
+        # (the token check's refusal of every unknown method); the labels are a bounded set.
+        self._wrapped: dict[tuple[int, str], tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -130,11 +139,13 @@ class RpcInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        cached = self._wrapped.get(id(handler))
+        path = handler_call_details.method
+        method = path.rsplit("/", 1)[-1] if self._methods is None or path in self._methods else UNKNOWN_METHOD
+        cached = self._wrapped.get((id(handler), method))
         if cached is not None:
             return cached[1]
-        wrapped = self._wrap(handler_call_details.method.rsplit("/", 1)[-1], handler)
-        self._wrapped[id(handler)] = (handler, wrapped)
+        wrapped = self._wrap(method, handler)
+        self._wrapped[(id(handler), method)] = (handler, wrapped)
         return wrapped
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

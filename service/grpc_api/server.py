@@ -23,6 +23,7 @@ from service.dataplane import Dataplane
 from service.engine_client import EngineClient
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
+from service.gen.inference import grpc_service_pb2 as kserve_pb
 from service.gen.inference import grpc_service_pb2_grpc as kserve_pb_grpc
 from service.grpc_api.errors import RpcInterceptor, check_status_table
 from service.grpc_api.kserve import KSERVE_SERVICE, KServeServicer
@@ -103,7 +104,13 @@ class GrpcServer:
         # Both raise SecurityConfigError (a missing, unreadable or empty file) before anything binds.
         self._credentials = server_credentials(settings)
         self._tokens = BearerTokens.from_settings(settings)
-        interceptors: list[aio.ServerInterceptor] = [RpcInterceptor(metrics)]
+        served = (
+            pb.DESCRIPTOR.services_by_name["Translator"],
+            kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+        )
+        methods = [f"/{service.full_name}/{method.name}" for service in served for method in service.methods]
+        interceptors: list[aio.ServerInterceptor] = [RpcInterceptor(metrics, methods)]
         if self._tokens is not None:
             # After RpcInterceptor, so refused calls are counted (code UNAUTHENTICATED) like any other.
             interceptors.append(TokenAuthInterceptor(self._tokens))

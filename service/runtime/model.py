@@ -7,6 +7,7 @@ Nothing here knows the architecture: the memory and state tensor names come from
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -66,6 +67,18 @@ class RuntimeThreads:
 
 ONE_THREAD = RuntimeThreads(intra_op=1, inter_op=1, spinning=False, chosen=False)
 """What a step model made directly (export's parity checks, tools) runs with: one thread, no pool."""
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its CPU affinity, lowered by a cgroup v2 CPU limit (cpu.max) if one is set."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 CPU controller here, or a file we do not understand
+        pass
+    return cpus
 
 
 def choose_threads(
@@ -304,7 +317,7 @@ def load_model(
         spinning,
         on_gpu=providers[0] == "CUDAExecutionProvider",
         decoder_bytes=decoder_bytes,
-        cpus=cpus if cpus is not None else len(os.sched_getaffinity(0)),
+        cpus=cpus if cpus is not None else usable_cpus(),
     )
     step_model = OnnxStepModel(
         document,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from service.engine import DecodeOptions, EngineCore, EngineRequest, FinishReason, length_penalty, normalised_score
+from service.engine.search import GATHER_FROM
 
 from .fakes import (
     EOS,
@@ -339,3 +340,33 @@ def test_greedy_matches_direct_decoding(seed):
         assert hypothesis.alignment == list(reference.alignment)
         np.testing.assert_array_equal(hypothesis.attention, reference.attention)
         assert result.generated_tokens == len(hypothesis.token_ids)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_greedy_rows_alone_and_together_decode_alike(seed):
+    # A request alone takes the scalar path (fewer than GATHER_FROM rows); eight together take the numpy path,
+    # and several finishing at one step are gathered together. Both give exactly the reference's numbers.
+    assert 8 >= GATHER_FROM
+    model = FakeStepModel(seed=seed, eos_bias=-0.5)
+    rng = np.random.default_rng(seed)
+    sources = [source(*rng.integers(3, 32, size=int(rng.integers(1, 7))).tolist()) for _ in range(8)]
+    expected = [greedy_reference(model, src, max_length=9, alpha=0.5) for src in sources]
+
+    async def decode(batches):
+        async with running(model) as engine:
+            results = []
+            for batch in batches:
+                handles = engine.submit_all([make_request(src, max_length=9, alpha=0.5) for src in batch])
+                results += [await handle.result() for handle in handles]
+            return results
+
+    alone = asyncio.run(decode([[src] for src in sources]))
+    together = asyncio.run(decode([sources]))
+    for one, many, reference in zip(alone, together, expected, strict=True):
+        for result in (one, many):
+            (hypothesis,) = result.hypotheses
+            assert hypothesis.token_ids == list(reference.tokens)
+            assert hypothesis.log_prob == reference.log_prob
+            assert hypothesis.score == reference.score
+            assert hypothesis.alignment == list(reference.alignment)
+            assert hypothesis.finish_reason.value == reference.reason

@@ -286,6 +286,18 @@ def test_refused_calls_are_counted_and_no_token_reaches_the_logs(
         for _ in range(3):
             refused(lambda: translate(channel, bearer("guess-token-xyz")))
         translate(channel, bearer("env-token-1"))
+        # Paths the server does not serve are counted under one method label, whatever a client names.
+        for path in ("/attnserve.v1.Translator/Nope", "/made.up.Service/Anything"):
+            refused(lambda path=path: channel.unary_unary(path)(b"", timeout=15))
+    unknown = {"model": "", "version": "", "method": "unknown", "code": "UNAUTHENTICATED", "protocol": "grpc"}
+    wait_for(
+        lambda: metric(scrape(guarded.metrics_url), "attnserve_requests_total", **unknown)
+        - metric(before, "attnserve_requests_total", **unknown)
+        == 2,
+        what="the refused calls to unknown methods to be counted",
+    )
+    after = scrape(guarded.metrics_url)
+    assert not any(("method", "Nope") in labels or ("method", "Anything") in labels for _, labels in after)
     wait_for(
         lambda: (
             metric(

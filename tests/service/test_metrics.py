@@ -100,6 +100,26 @@ def test_recorder_turns_stats_into_metric_families() -> None:
     assert _value(s, "attnserve_finished_requests_total", model="numbers", version="2", reason="error") == 1
 
 
+def test_engines_of_one_version_add_up() -> None:
+    # A version loaded again while its old engine drains has two engines, each with its own recorder (one
+    # writer each); the scrape shows their sum under the version's labels.
+    metrics = ServerMetrics()
+    draining, reloaded = metrics.recorder("dates", 1), metrics.recorder("dates", 1)
+    draining.on_step(_step(rows=3, step_seconds=0.001))
+    reloaded.on_step(_step(rows=5, step_seconds=0.002))
+    draining.on_request_done(_done(FinishReason.EOS, tokens=4))
+    reloaded.on_request_failed(FinishReason.CANCELLED)
+    s = _samples(metrics)
+    model = {"model": "dates", "version": "1"}
+    assert _value(s, "attnserve_decoder_batch_hypotheses_sum", **model) == 8
+    assert _value(s, "attnserve_decoder_steps_total", **model) == 2
+    assert _value(s, "attnserve_decoder_step_duration_seconds_bucket", le="0.001", **model) == 1
+    assert _value(s, "attnserve_decoder_step_duration_seconds_bucket", le="0.0025", **model) == 2
+    assert _value(s, "attnserve_generated_tokens_total", **model) == 4
+    assert _value(s, "attnserve_finished_requests_total", reason="eos", **model) == 1
+    assert _value(s, "attnserve_finished_requests_total", reason="cancelled", **model) == 1
+
+
 def test_histogram_buckets_hold_values_up_to_their_bound_cumulatively() -> None:
     # Prometheus' `le`: a value equal to a bound counts in that bound's bucket; buckets are cumulative, and +Inf
     # is the count. Durations of one method are one series whatever the status codes of its calls.
