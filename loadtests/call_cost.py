@@ -339,7 +339,7 @@ def verdicts(entry: ModelCallCost) -> list[Verdict]:
             found.append(
                 Verdict(
                     f"{where}: CPU per call at {entry.rate:,} calls/s <= {CPU_RATIO_BAR:g} x the no-op's",
-                    f"{figures.cpu_us_per_call:,.0f} / {noop_cpu:,.0f} us = {ratio:.1f}x",
+                    f"{figures.cpu_us_per_call:,.0f} / {noop_cpu:,.0f} us = {ratio:.2f}x",
                     f"<= {CPU_RATIO_BAR:g}x",
                     _at_most(ratio, CPU_RATIO_BAR),
                 )
@@ -389,7 +389,7 @@ def table_rows(entries: Sequence[ModelCallCost]) -> list[list[str]]:
                     _format(figures.p50_ms_1, 2),
                     "" if reference else _format(entry.latency_ratio(figures), 2),
                     _format(figures.cpu_us_per_call, 0),
-                    _format(entry.cpu_ratio(figures), 1),
+                    _format(entry.cpu_ratio(figures), 2),
                     f"{entry.rate:,}",
                     str(figures.errors),
                 ]
