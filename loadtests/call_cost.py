@@ -175,8 +175,10 @@ def measure_cpu(
     server: ServerProcess, body: Path, seconds: float, warmup_s: float, rate: int
 ) -> tuple[float, int, int]:
     """A fresh start of `server`, `rate` calls/s offered for a warm-up and then for `seconds`: (CPU microseconds
-    per answered call over the second run, calls it answered, errors the server counted)."""
-    per_connection = max(1, rate // CONNECTIONS)
+    per answered call over the second run, calls it answered, errors the server counted). h2load offers a whole
+    number of calls/s per connection: the rate is spread over up to CONNECTIONS connections (`offered_rate`)."""
+    connections = max(1, min(CONNECTIONS, rate))
+    per_connection = max(1, rate // connections)
     with server:
         assert server.process is not None
         before = scrape(server.metrics_url) if server.metrics_url else {}
@@ -184,7 +186,7 @@ def measure_cpu(
             h2load.run(
                 server.address,
                 body,
-                connections=CONNECTIONS,
+                connections=connections,
                 streams=IN_FLIGHT,
                 seconds=warmup_s,
                 warmup_s=0.0,
@@ -195,7 +197,7 @@ def measure_cpu(
         offered = h2load.run(
             server.address,
             body,
-            connections=CONNECTIONS,
+            connections=connections,
             streams=IN_FLIGHT,
             seconds=seconds,
             warmup_s=0.0,
@@ -205,6 +207,13 @@ def measure_cpu(
         errors = counted_errors(before, scrape(server.metrics_url)) if server.metrics_url else {}
     cpu_us = used / offered.answered * 1e6 if offered.answered else math.nan
     return cpu_us, offered.answered, sum(errors.values())
+
+
+def offered_rate(rate: int) -> int:
+    """The calls/s h2load offers when asked for `rate` (see measure_cpu): at least 1, and a multiple of the
+    connections it is spread over."""
+    rate = max(1, rate)
+    return rate - rate % min(CONNECTIONS, rate)
 
 
 def measure_engine(
@@ -246,7 +255,8 @@ def measure_model(
     figures = [measure_capacity(server, body, seconds, warmup_s) for server in servers]
     for measured in figures:
         if measured.server != NOOP and measured.calls_per_s_64 > 0:
-            rate = min(rate, max(1, int(0.5 * measured.calls_per_s_64)))
+            rate = min(rate, int(0.5 * measured.calls_per_s_64))
+    rate = offered_rate(rate)
     for server, measured in zip(servers, figures, strict=True):
         measured.cpu_us_per_call, measured.cpu_calls, errors = measure_cpu(server, body, seconds, warmup_s, rate)
         measured.errors += errors

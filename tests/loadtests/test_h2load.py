@@ -28,6 +28,11 @@ def test_closed_loop_shapes_keep_exactly_the_calls_in_flight() -> None:
         h2load.closed_loop_shape(0)
 
 
+def test_the_cpu_windows_rate_is_one_h2load_can_offer() -> None:
+    # h2load offers whole calls/s per connection, over up to 8 connections.
+    assert [call_cost.offered_rate(rate) for rate in (0, 1, 5, 8, 9, 629, 800)] == [1, 1, 5, 8, 8, 624, 800]
+
+
 def test_the_summary_line_is_read_by_name() -> None:
     output = (
         "finished in 2.00s\nrequests: 90 total, 90 started, 88 done, 80 succeeded, 8 failed, 3 errored, 0 timeout\n"
