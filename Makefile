@@ -86,13 +86,26 @@ loadtest: $(STAMP)
 loadtest-smoke: $(STAMP)
 	$(BIN)/python -m loadtests.loadtest --smoke --out reports/loadtest-smoke
 
+# h2load (Debian's nghttp2-client), the C load generator of the benchmark's cpu-per-call section and of
+# `--load-generator h2load`: installed when missing and running as root (CI); otherwise say how, and go on
+# (the benchmark then reports the section as not measured).
+.PHONY: h2load-tools
+h2load-tools:
+	@if command -v h2load >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+		--no-install-recommends nghttp2-client; \
+	else echo "h2load is missing: install it with 'sudo apt-get install nghttp2-client' (Debian, Ubuntu); without it" \
+		"attnserve bench leaves out its cpu-per-call section and refuses --load-generator h2load" >&2; fi
+
 # The side-by-side benchmark: every contender, every workload (about 25 minutes on 2 cores; the phrasebook
-# model is trained once into build/bench). Report: reports/bench/bench.{json,md}, throughput.png, latency.png.
-bench: $(STAMP)
+# model is trained once into build/bench), and the cpu-per-call section (h2load). Report:
+# reports/bench/bench.{json,md}, throughput.png, latency.png. BENCH_ARGS: e.g. --load-generator h2load.
+bench: $(STAMP) h2load-tools
 	$(BIN)/attnserve bench --repository $(MODELS) $(BENCH_ARGS)
 
-# The benchmark's quick mode on the smoke models (about 2 minutes): dates and numbers, levels 1 and 8.
-bench-quick: $(STAMP)
+# The benchmark's quick mode on the smoke models (about 3 minutes): dates and numbers, levels 1 and 8, and
+# the cpu-per-call section on dates.
+bench-quick: $(STAMP) h2load-tools
 	$(BIN)/python -m loadtests.smoke
 	$(BIN)/attnserve bench --quick --repository build/smoke/models --runs build/smoke/runs \
 		--cache-dir build/bench-quick --out reports/bench-quick $(BENCH_ARGS)
@@ -150,7 +163,7 @@ image-check: $(STAMP) container-tools
 	$(BIN)/python -m deploy.images check
 
 # What CI runs (.ci/run): the test suite, then every further check the issues ask CI to make.
-ci: prometheus-tools browser-tools lint test deploy-check loadtest-smoke bench-quick newcomer image-check
+ci: prometheus-tools browser-tools h2load-tools lint test deploy-check loadtest-smoke bench-quick newcomer image-check
 	$(MAKE) gpu-check GPU_CHECK_ARGS='--provider cpu --quick'
 
 # The GPU check (docs/gpu.md): provider, parity against the CPU, the device tests and a short benchmark, in one

@@ -10,8 +10,12 @@ Contenders (see docs/benchmarks.md):
     rpc-ceiling      a no-op server with the same gRPC API (returns a fixed translation)
     engine-ceiling   the bare encoder + decoder-step loop on pre-batched input, no gRPC, no scheduler
     roofline         FLOPs per generated token x tokens/s against the measured matrix-multiply peak
+    cpu-per-call     h2load against the no-op server and attnserve with its default settings (one process and
+                     --frontends 1) on near-free, dates and phrasebook: calls/s at 64 in flight, p50 at 1, server
+                     CPU per 1,000 calls at a fixed offered rate, and issue 21's ratios (loadtests/call_cost.py)
 
-Every server runs in its own process; the clients run in their own processes (closed loop, loopback gRPC).
+Every server runs in its own process; the clients run in their own processes (closed loop, loopback gRPC), or
+with `--load-generator h2load` a C load generator drives the server contenders (loadgen.H2loadGenerator).
 Each cell (contender x workload x concurrency) has a warm-up and a measurement window bounded in time and
 in requests, so the whole run is bounded. Output: bench.json, bench.md and PNG plots in --out.
 
@@ -35,7 +39,17 @@ from pathlib import Path
 
 from loadtests.phrasebook import PhrasebookRecipe
 
-CONTENDERS = ("pytorch-eager", "none", "request", "continuous", "http", "rpc-ceiling", "engine-ceiling", "roofline")
+CONTENDERS = (
+    "pytorch-eager",
+    "none",
+    "request",
+    "continuous",
+    "http",
+    "rpc-ceiling",
+    "engine-ceiling",
+    "roofline",
+    "cpu-per-call",
+)
 SERVER_CONTENDERS = ("rpc-ceiling", "continuous", "http", "none", "request", "pytorch-eager")
 
 
@@ -108,6 +122,8 @@ class BenchConfig:
     ceiling_seconds: float
     quick: bool = False
     frontends: str = "0"
+    load_generator: str = "python"
+    cpu_rate: int = 800
 
 
 @dataclass
@@ -254,6 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ceiling-seconds", type=float, default=None, help="seconds per engine-ceiling point (default 1.5)"
     )
+    parser.add_argument(
+        "--load-generator",
+        choices=("python", "h2load"),
+        default="python",
+        help="what drives the server contenders: Python gRPC/HTTP clients in processes of their own (default), or "
+        "h2load, a C load generator that is not the bottleneck (one text per workload; needs nghttp2-client)",
+    )
+    parser.add_argument(
+        "--cpu-rate",
+        type=int,
+        default=800,
+        help="cpu-per-call: offered calls/s of the CPU window (default 800; lowered to half the slowest server's "
+        "calls/s at 64 in flight)",
+    )
     return parser
 
 
@@ -265,6 +295,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     unknown += [name for name in contenders if name not in CONTENDERS]
     if unknown:
         raise SystemExit(f"attnserve bench: unknown workload or contender: {', '.join(unknown)}")
+    if args.load_generator == "h2load" and args.report is None:
+        from loadtests import h2load
+
+        if not h2load.available():
+            raise SystemExit(f"attnserve bench --load-generator h2load: {h2load.MISSING}")
     duration = args.duration if args.duration is not None else (1.0 if quick else 4.0)
     return BenchConfig(
         repository=args.repository,
@@ -290,6 +325,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         ceiling_seconds=args.ceiling_seconds if args.ceiling_seconds is not None else (0.5 if quick else 1.5),
         quick=quick,
         frontends=args.frontends,
+        load_generator=args.load_generator,
+        cpu_rate=args.cpu_rate,
     )
 
 
@@ -397,6 +434,8 @@ class Bench:
         self.ceilings: dict[str, list] = {}
         self.tuning: list[dict] = []
         self.engine_overhead: list[dict] = []
+        self.call_cost: list[dict] = []
+        self.call_cost_skipped = ""
         self.log_dir = config.cache_dir / "logs"
 
     # -- setup
@@ -537,7 +576,8 @@ class Bench:
         duration_s: float | None = None,
         details: dict | None = None,
     ) -> list[CellResult]:
-        from loadtests.loadgen import CellPlan
+        from loadtests.call_cost import counted_errors
+        from loadtests.loadgen import CellPlan, H2loadGenerator, count_server_errors
         from loadtests.servers import engine_window, scrape, wait_until_idle
 
         cells = []
@@ -562,6 +602,8 @@ class Bench:
                 after = scrape(server.metrics_url) if server.metrics_url else None
                 cpu_after = server.cpu_seconds()
                 measured = generator.collect()
+                if isinstance(generator, H2loadGenerator) and before is not None and after is not None:
+                    measured = count_server_errors(measured, counted_errors(before, after))
                 wait_until_idle(server.metrics_url)
                 cell = CellResult(
                     workload=spec.name,
@@ -603,12 +645,19 @@ class Bench:
         return cells
 
     def run_contenders(self) -> None:
-        from loadtests.loadgen import LoadGenerator
+        from loadtests.loadgen import H2loadGenerator, LoadGenerator
         from loadtests.servers import attnserve_server, eager_server, noop_server
 
         config = self.config
         common = ("--max-active-hypotheses", str(config.max_active_hypotheses), "--frontends", config.frontends)
-        with LoadGenerator(config.client_processes) as generator:
+        if not any(contender in config.contenders for contender in SERVER_CONTENDERS):
+            return
+        generator: LoadGenerator | H2loadGenerator = (
+            H2loadGenerator(config.cache_dir / "h2load")
+            if config.load_generator == "h2load"
+            else LoadGenerator(config.client_processes)
+        )
+        with generator:
             for contender in SERVER_CONTENDERS:
                 if contender not in config.contenders:
                     continue
@@ -728,6 +777,53 @@ class Bench:
                 )
         return final
 
+    # -- what a call costs (h2load, default settings)
+    def measure_call_cost(self) -> None:
+        """The cpu-per-call section: for near-free, dates and phrasebook (those of this run's workloads), the
+        no-op server and `attnserve serve` with its default settings, one process and `--frontends 1`, driven by
+        h2load (loadtests/call_cost.py), each window `--duration` after `--warmup`."""
+        from tabulate import tabulate
+
+        from loadtests import call_cost, h2load
+
+        config = self.config
+        models = [model for model in call_cost.SECTION_MODELS if any(spec.model == model for spec in self.specs)]
+        if not models:
+            self.call_cost_skipped = f"none of {', '.join(call_cost.SECTION_MODELS)} among this run's workloads"
+        elif not h2load.available():
+            self.call_cost_skipped = h2load.MISSING
+        if self.call_cost_skipped:
+            self.log(f"cpu-per-call: skipped: {self.call_cost_skipped}")
+            return
+        started = time.monotonic()
+        self.log("cpu-per-call (h2load; attnserve with its default settings):")
+        repository = self.repository.resolve()
+        entries = []
+        for model in models:
+            servers = [
+                call_cost.noop(self.log_dir),
+                call_cost.default_attnserve(repository, "attnserve", self.log_dir, provider=config.provider),
+                call_cost.default_attnserve(
+                    repository, "attnserve --frontends 1", self.log_dir, frontends=1, provider=config.provider
+                ),
+            ]
+            entry = call_cost.measure_model(
+                repository,
+                model,
+                servers,
+                self.log_dir,
+                seconds=config.duration_s,
+                warmup_s=config.warmup_s,
+                rate=config.cpu_rate,
+                provider=config.provider,
+                engine_seconds=config.ceiling_seconds,
+                log=self.log,
+            )
+            entries.append(entry)
+            self.call_cost.append(entry.to_json())
+        self.log(tabulate(call_cost.table_rows(entries), headers=call_cost.TABLE_HEADERS, disable_numparse=True))
+        self.log(f"  ({time.monotonic() - started:.0f} s)")
+
     # -- derived figures
     def finish(self) -> None:
         peak = self.peak.get("flops_per_s", math.nan)
@@ -743,6 +839,8 @@ class Bench:
         self.measure_engine_overhead()
         self.measure_offline()  # always: the ceiling and the FLOPs feed the targets and the % of peak column
         self.run_contenders()
+        if "cpu-per-call" in self.config.contenders:
+            self.measure_call_cost()
         self.finish()
         machine["load_average_at_end"] = list(os.getloadavg())
         results = [cell for cell in self.results if cell.contender in self.config.contenders]
@@ -756,6 +854,8 @@ class Bench:
             "results": [_jsonable(asdict(cell)) for cell in results],
             "request_tuning": _jsonable(self.tuning),
             "engine_overhead": _jsonable(self.engine_overhead),
+            "call_cost": self.call_cost,
+            "call_cost_skipped": self.call_cost_skipped,
             "seconds": time.monotonic() - started,
         }
 

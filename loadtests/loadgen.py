@@ -1,4 +1,4 @@
-"""The benchmark's load generator: closed-loop gRPC (or HTTP) clients in their own processes.
+"""The benchmark's load generators: closed-loop gRPC (or HTTP) clients in their own processes, or h2load.
 
 A *cell* is one contender at one concurrency level on one workload: `concurrency` virtual clients each send
 a Translate call, wait for the answer, and send the next (closed loop), for a warm-up and then a
@@ -20,9 +20,15 @@ import multiprocessing
 import multiprocessing.connection
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from loadtests.h2load import H2loadProcess
+    from service.gen.attnserve.v1 import translator_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -236,23 +242,33 @@ async def _closed_loop(share: _Share, send: Send) -> WorkerReport:
     return report
 
 
+def grpc_request(plan: CellPlan, text: str) -> pb.TranslateRequest:
+    """The Translate request of one of the plan's texts."""
+    from service.gen.attnserve.v1 import translator_pb2 as pb
+
+    return pb.TranslateRequest(
+        model=plan.model, texts=[text], options=pb.DecodeOptions(beam_size=plan.beam_size, max_length=plan.max_length)
+    )
+
+
+def http_body(plan: CellPlan, text: str) -> str:
+    """The JSON body of POST /v1/translate for one of the plan's texts (the TranslateRequest's JSON mapping)."""
+    import json
+
+    return json.dumps(
+        {"model": plan.model, "texts": [text], "options": {"beamSize": plan.beam_size, "maxLength": plan.max_length}}
+    )
+
+
 async def _run_share(share: _Share) -> WorkerReport:
     if share.plan.protocol == "http":
         return await _run_http_share(share)
     from grpc import aio
 
-    from service.gen.attnserve.v1 import translator_pb2 as pb
     from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 
     plan = share.plan
-    requests = [
-        pb.TranslateRequest(
-            model=plan.model,
-            texts=[text],
-            options=pb.DecodeOptions(beam_size=plan.beam_size, max_length=plan.max_length),
-        )
-        for text in plan.texts
-    ]
+    requests = [grpc_request(plan, text) for text in plan.texts]
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     async with aio.insecure_channel(plan.address, options=options) as channel:
         await asyncio.wait_for(channel.channel_ready(), timeout=30.0)
@@ -271,21 +287,10 @@ async def _run_share(share: _Share) -> WorkerReport:
 async def _run_http_share(share: _Share) -> WorkerReport:
     """HTTP/1.1 clients: each POSTs a TranslateRequest as JSON to /v1/translate on a keep-alive connection; the
     status code name is the error body's `code` (UNAVAILABLE when the connection fails)."""
-    import json
-
     import aiohttp
 
     plan = share.plan
-    bodies = [
-        json.dumps(
-            {
-                "model": plan.model,
-                "texts": [text],
-                "options": {"beamSize": plan.beam_size, "maxLength": plan.max_length},
-            }
-        )
-        for text in plan.texts
-    ]
+    bodies = [http_body(plan, text) for text in plan.texts]
     url = f"http://{plan.address}/v1/translate"
     headers = {"Content-Type": "application/json"}
     timeout = aiohttp.ClientTimeout(total=plan.timeout_s)
@@ -377,3 +382,141 @@ class LoadGenerator:
         """Measure one cell (blocks for setup + warm-up + window + drain)."""
         self.schedule(plan)
         return self.collect()
+
+
+# ----- h2load ----------------------------------------------------------------------------------------------
+
+
+class H2loadGenerator:
+    """The same cells driven by h2load (loadtests/h2load.py), a C load generator that is not the bottleneck.
+
+    h2load sends one request body over and over, so a cell sends one text of the workload: the one of median
+    length. Before h2load starts, one call from a Python client checks that the server answers it OK and counts
+    the generated tokens of its best hypothesis (the same text always decodes to the same tokens, so tokens/s is
+    calls/s times that count). gRPC cells keep `concurrency` calls in flight over up to 8 HTTP/2 connections;
+    HTTP cells (JSON to POST /v1/translate) open one keep-alive HTTP/1.1 connection per client, as the Python
+    clients do. The window is h2load's own measurement window after its warm-up, bounded in time (h2load's count
+    limit does not combine with a duration); the calls in flight when it ends are reset (`cut`). h2load counts
+    an HTTP 200 as answered whatever its grpc-status: `count_server_errors` corrects a cell with a server's own
+    counters. Use as a context manager, like LoadGenerator.
+    """
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+        self._pending: tuple[CellPlan, H2loadProcess | None, str, int, tuple[float, float]] | None = None
+
+    def __enter__(self) -> H2loadGenerator:
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._pending = None
+
+    def schedule(self, plan: CellPlan) -> tuple[float, float, float]:
+        """Probe the server, then start h2load on the cell; returns (load_starts, window_starts, window_ends) in
+        monotonic seconds. Call `collect()` for the result."""
+        from loadtests import h2load
+
+        text = sorted(plan.texts, key=len)[len(plan.texts) // 2]
+        http = plan.protocol == "http"
+        code, tokens = probe_call(plan, text)
+        process = None
+        load_starts = time.monotonic()
+        if code == "OK":
+            body = self.scratch / f"{plan.protocol}-{plan.model}-{plan.beam_size}.body"
+            body.write_bytes(http_body(plan, text).encode() if http else h2load.grpc_body(grpc_request(plan, text)))
+            shape = (plan.concurrency, 1) if http else h2load.closed_loop_shape(plan.concurrency)
+            process = h2load.start(
+                plan.address,
+                body,
+                connections=shape[0],
+                streams=shape[1],
+                seconds=plan.duration_s,
+                warmup_s=plan.warmup_s,
+                http1=http,
+            )
+        window = (load_starts + plan.warmup_s, load_starts + plan.warmup_s + plan.duration_s)
+        self._pending = (plan, process, code, tokens, window)
+        return load_starts, *window
+
+    def collect(self, timeout_s: float = 600.0) -> CellMeasurement:
+        """Wait for h2load's figures of the scheduled cell (a cell whose probe failed: that failure alone)."""
+        if self._pending is None:
+            raise RuntimeError("no cell scheduled")
+        plan, process, code, tokens, (starts, ends) = self._pending
+        self._pending = None
+        if process is None:
+            return summarize(
+                [WorkerReport(latencies=[0.0], codes=[code], tokens=[0], window_starts=starts, window_ends=ends)]
+            )
+        measured = process.wait(timeout_s)
+        values = np.asarray(measured.latencies_s, dtype=np.float64)
+
+        def percentile(q: float) -> float:
+            return float(np.percentile(values, q)) if values.size else math.nan
+
+        failures = {"HTTP_ERROR": measured.failed - measured.errored, "STREAM_RESET": measured.errored}
+        return CellMeasurement(
+            ok=measured.answered,
+            failures={name: count for name, count in failures.items() if count > 0},
+            window_s=measured.seconds,
+            requests_per_s=measured.calls_per_s,
+            tokens_per_s=measured.calls_per_s * tokens,
+            mean_tokens=float(tokens) if measured.answered else math.nan,
+            latency_p50_s=percentile(50),
+            latency_p90_s=percentile(90),
+            latency_p99_s=percentile(99),
+            latency_mean_s=float(values.mean()) if values.size else math.nan,
+            cut=plan.concurrency,
+            client_cpu_s=measured.client_cpu_s,
+            window_starts=starts,
+            window_ends=ends,
+        )
+
+
+def count_server_errors(measured: CellMeasurement, errors: dict[str, int]) -> CellMeasurement:
+    """A cell whose load generator counted every HTTP answer as OK, corrected by the calls the server's own
+    counters saw fail in the window (`errors`, by status): they leave the OK count and its rates."""
+    failed = min(sum(errors.values()), measured.ok)
+    if not failed:
+        return measured
+    kept = (measured.ok - failed) / measured.ok
+    return replace(
+        measured,
+        ok=measured.ok - failed,
+        failures={**measured.failures, **errors},
+        requests_per_s=measured.requests_per_s * kept,
+        tokens_per_s=measured.tokens_per_s * kept,
+    )
+
+
+def probe_call(plan: CellPlan, text: str) -> tuple[str, int]:
+    """One call of `text` from a Python client: (status code name, generated tokens of the best hypothesis)."""
+    if plan.protocol == "http":
+        import json
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(
+            f"http://{plan.address}/v1/translate",
+            data=http_body(plan, text).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=plan.timeout_s) as response:
+                document = json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return str(json.loads(error.read() or b"{}").get("code", f"HTTP_{error.code}")), 0
+        except OSError:
+            return "UNAVAILABLE", 0
+        return "OK", len(document["translations"][0]["hypotheses"][0]["targetTokens"])
+    import grpc
+
+    from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(plan.address) as channel:
+        try:
+            response = pb_grpc.TranslatorStub(channel).Translate(grpc_request(plan, text), timeout=plan.timeout_s)
+        except grpc.RpcError as error:
+            return error.code().name, 0
+    return "OK", len(response.translations[0].hypotheses[0].target_tokens)

@@ -300,6 +300,26 @@ def check_targets(report: dict) -> list[TargetCheck]:
     # 5. mixed lengths: continuous vs request-level
     if "phrasebook-mixed" in workloads:
         checks.append(_mixed_check(report))
+    # 6. what a call costs, measured with h2load (issue 21)
+    checks += _call_cost_checks(report)
+    return checks
+
+
+def _call_cost_checks(report: dict) -> list[TargetCheck]:
+    """Issue 21's bars on the cpu-per-call section: each attnserve server against the composed ceiling, the
+    latency floor and the no-op server's CPU per call (near-free, dates), or the engine alone (phrasebook)."""
+    from loadtests.call_cost import ModelCallCost, verdicts
+
+    checks = []
+    for document in report.get("call_cost") or ():
+        entry = ModelCallCost.from_json(document)
+        for verdict in verdicts(entry):
+            note = (
+                ""
+                if verdict.met is not False
+                else f"h2load, default settings; see the cpu-per-call table ({entry.model})"
+            )
+            checks.append(TargetCheck(verdict.target, verdict.figure, verdict.bar, verdict.met, note))
     return checks
 
 
@@ -534,9 +554,15 @@ def markdown(report: dict, checks: Sequence[TargetCheck]) -> str:
         f"{', '.join(f'{v:.2f}' for v in machine.get('load_average_at_end', []))}.  ",
         f"Matrix-multiply peak (measured): {report['peak'].get('flops_per_s', 0) / 1e9:.1f} GFLOP/s "
         f"(float32 {report['peak'].get('size')}^3 MatMul in onnxruntime).  ",
-        f"Each cell: {config['warmup_s']:g} s warm-up, then a {config['duration_s']:g} s window (at most "
-        f"{config['max_requests']} calls); clients closed-loop over loopback gRPC in up to "
-        f"{config['client_processes']} processes of their own. Run time {report['seconds'] / 60:.1f} min.",
+        f"Each cell: {config['warmup_s']:g} s warm-up, then a {config['duration_s']:g} s window "
+        + (
+            "driven by h2load (a C load generator; one text per workload, the one of median length; the window "
+            "bounded in time only; tokens/s = calls/s x the tokens of that text's answer)."
+            if config.get("load_generator") == "h2load"
+            else f"(at most {config['max_requests']} calls); clients closed-loop over loopback gRPC in up to "
+            f"{config['client_processes']} processes of their own."
+        )
+        + f" Run time {report['seconds'] / 60:.1f} min.",
         "",
         "Columns: tokens/s and req/s finished OK in the window; latencies at the client; rows = hypotheses per "
         "decoder step; % peak = FLOPs per generated token x tokens/s / peak. `*` = not steady (fewer calls "
@@ -627,6 +653,7 @@ def markdown(report: dict, checks: Sequence[TargetCheck]) -> str:
         ]
         headers = ["beam", "rows", "us per step (median)", "p90", "us per row", "requests finished per step"]
         lines += [*_table(headers, overhead, "rrrrrr"), ""]
+    lines += _call_cost_section(report)
     met = {True: "yes", False: "**no**", None: "n/a"}
     targets = [[check.target, check.figure, check.bar, met[check.met]] for check in checks]
     lines += ["## Targets", "", *_table(["target", "measured", "bar", "met"], targets, "llll")]
@@ -643,6 +670,41 @@ def markdown(report: dict, checks: Sequence[TargetCheck]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _call_cost_section(report: dict) -> list[str]:
+    """The cpu-per-call section: every server on each model, the references, or why the section is missing."""
+    from loadtests.call_cost import (
+        REFERENCE_HEADERS,
+        TABLE_ALIGN,
+        TABLE_HEADERS,
+        ModelCallCost,
+        reference_rows,
+        table_rows,
+    )
+
+    if not report.get("call_cost"):
+        skipped = report.get("call_cost_skipped")
+        return ["## CPU per call (h2load)", "", f"Not measured: {skipped}.", ""] if skipped else []
+    entries = [ModelCallCost.from_json(document) for document in report["call_cost"]]
+    rates = sorted({entry.rate for entry in entries})
+    return [
+        "## CPU per call (h2load)",
+        "",
+        "h2load sends one text of each model's workload (the one of median length) to the no-op gRPC server and to "
+        "`attnserve serve` with its default settings (one process, and `--frontends 1`), each server started "
+        "afresh: calls/s at 64 in flight (8 connections x 8 streams), p50 latency at 1 in flight, and the "
+        "server's CPU (user + system, every process of it) per 1,000 calls answered at a fixed offered rate below "
+        f"every server's capacity ({', '.join(f'{rate:,}' for rate in rates)} calls/s). `/ composed`: calls/s over "
+        "1/(1/engine + 1/no-op) at 64; `/ engine`: over the engine alone at 64 rows; `/ floor`: p50 over the "
+        "engine's single-request latency + the no-op's p50; `/ no-op`: CPU per call over the no-op's. Errors: "
+        "calls the server counted with another status than OK (h2load counts every HTTP answer).",
+        "",
+        *_table(list(TABLE_HEADERS), table_rows(entries), TABLE_ALIGN),
+        "",
+        *_table(list(REFERENCE_HEADERS), reference_rows(entries), "llrrrr"),
+        "",
+    ]
 
 
 def plot(report: dict, out: Path) -> list[Path]:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -29,6 +27,7 @@ from pathlib import Path
 import grpc
 from tabulate import tabulate
 
+from loadtests import h2load
 from loadtests.procfs import rss_bytes
 from loadtests.servers import attnserve_server, scrape
 from service.gen.attnserve.v1 import translator_pb2 as pb
@@ -36,12 +35,6 @@ from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 
 CONNECTIONS = 30
 TEXT = "samedi 21 novembre 2026"
-
-
-def grpc_body(request: pb.TranslateRequest) -> bytes:
-    """The HTTP/2 DATA of a unary gRPC call: an uncompressed length-prefixed message."""
-    message = request.SerializeToString()
-    return b"\x00" + struct.pack(">I", len(message)) + message
 
 
 @dataclass
@@ -86,7 +79,9 @@ def run_at(
     work.mkdir(parents=True, exist_ok=True)
     body = work / "translate.bin"
     body.write_bytes(
-        grpc_body(pb.TranslateRequest(model="dates", texts=[TEXT] * texts, options=pb.DecodeOptions(beam_size=beam)))
+        h2load.grpc_body(
+            pb.TranslateRequest(model="dates", texts=[TEXT] * texts, options=pb.DecodeOptions(beam_size=beam))
+        )
     )
     with attnserve_server(
         repository,
@@ -101,23 +96,16 @@ def run_at(
         before = _counted(scrape(server.metrics_url))
         rss_before = rss_bytes(server.process.pid)
         load = subprocess.Popen(
-            [
-                "h2load",
-                f"http://{server.address}/attnserve.v1.Translator/Translate",
-                "-d",
-                str(body),
-                "-H",
-                "content-type: application/grpc",
-                "-H",
-                "te: trailers",
-                "-c",
-                str(CONNECTIONS),
-                "-m",
-                str(streams),
-                f"--rps={max(1, rate // CONNECTIONS)}",
-                "-D",
-                str(seconds),
-            ],
+            h2load.command(
+                server.address,
+                body,
+                None,
+                connections=CONNECTIONS,
+                streams=streams,
+                seconds=seconds,
+                warmup_s=0.0,
+                rate_per_connection=max(1, rate // CONNECTIONS),
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -139,8 +127,8 @@ def run_at(
     # "requests: T total, S started, D done, OK succeeded, F failed, E errored, 0 timeout". h2load counts every
     # call answered with HTTP 200 as succeeded, whatever its grpc-status (so gRPC core's CANCELLED too); errored
     # are the streams reset without an answer: refused by the server's transport (REFUSED_STREAM).
-    fields = summary.split()
-    done, answered, errored = (int(fields[5]), int(fields[7]), int(fields[11])) if summary else (0, 0, 0)
+    counts = h2load.parse_summary(summary) if summary else None
+    done, answered, errored = (counts.done, counts.succeeded, counts.errored) if counts else (0, 0, 0)
     return OpenLoopRun(
         rate=rate,
         seconds=seconds,
@@ -215,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("build/open-loop"), help="body file and server logs")
     parser.add_argument("server_args", nargs="*", help="extra `attnserve serve` flags (after --)")
     args = parser.parse_args(argv)
-    if shutil.which("h2load") is None:
-        parser.error("h2load is missing: install Debian's nghttp2-client")
+    if not h2load.available():
+        parser.error(h2load.MISSING)
     try:
         rates = [int(rate) for rate in args.rate.split(",")]
     except ValueError:

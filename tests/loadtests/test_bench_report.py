@@ -269,3 +269,80 @@ def test_engine_targets_from_the_overhead_table_and_the_near_free_and_dates_cell
     paths = write_report(data, tmp_path)
     assert "engine_overhead.png" in [path.name for path in paths]
     assert ("4", "256", "700", "1,400", "2.73", "16.0") in table_rows((tmp_path / "bench.md").read_text())
+
+
+def call_cost_entry(model: str, servers: list[tuple[str, float, float, float]], engine: tuple[float, float]) -> dict:
+    """A cpu-per-call entry as bench.json holds it: (server, calls/s at 64, p50 ms at 1, CPU us per call)."""
+    from loadtests.call_cost import EngineFigures, ModelCallCost, ServerFigures
+
+    figures = [ServerFigures(name, calls, p50, cpu, cpu_calls=800) for name, calls, p50, cpu in servers]
+    return ModelCallCost(model, "21.11.2026", EngineFigures(*engine), 400, figures).to_json()
+
+
+def test_the_cpu_per_call_section_is_judged_by_the_issues_ratios(tmp_path: Path) -> None:
+    near_free = call_cost_entry(
+        "near-free",
+        [
+            ("no-op", 4000.0, 0.30, 200.0),
+            ("attnserve", 500.0, 0.40, 450.0),
+            ("attnserve --frontends 1", 300.0, 0.5, 600.0),
+        ],
+        engine=(0.10, 1000.0),
+    )
+    phrasebook = call_cost_entry(
+        "phrasebook", [("no-op", 4000.0, 0.30, 200.0), ("attnserve", 95.0, 30.0, 9000.0)], engine=(25.0, 100.0)
+    )
+    data = dict(report([], ("near-free", "phrasebook")), call_cost=[near_free, phrasebook])
+    checks = {check.target: check for check in check_targets(data) if check.target.startswith(("near-free,", "phrase"))}
+    # Composed ceiling 1/(1/1000 + 1/4000) = 800 calls/s; latency floor 0.10 + 0.30 = 0.40 ms.
+    composed = "calls/s at 64 in flight >= 0.5 x the composed ceiling 1/(1/engine + 1/no-op)"
+    assert checks[f"near-free, attnserve: {composed}"].met is True
+    assert checks[f"near-free, attnserve: {composed}"].figure == "500 / 800 = 0.62"
+    assert checks[f"near-free, attnserve --frontends 1: {composed}"].met is False
+    floor = "p50 at 1 in flight <= 1.15 x (engine single-request + no-op p50)"
+    assert checks[f"near-free, attnserve: {floor}"].met is True  # 0.40 / 0.40
+    assert checks[f"near-free, attnserve --frontends 1: {floor}"].met is False  # 0.50 / 0.40 = 1.25
+    cpu = "CPU per call at 400 calls/s <= 2.5 x the no-op's"
+    assert checks[f"near-free, attnserve: {cpu}"].met is True and checks[
+        f"near-free, attnserve: {cpu}"
+    ].figure.endswith("= 2.25x")
+    assert checks[f"near-free, attnserve --frontends 1: {cpu}"].met is False  # 600 / 200 = 3.0
+    assert "cpu-per-call table" in checks[f"near-free, attnserve --frontends 1: {cpu}"].note
+    heavy = checks["phrasebook, attnserve: calls/s at 64 in flight >= 0.9 x the engine alone at 64 rows"]
+    assert heavy.met is True and heavy.figure.endswith("= 0.95")
+    assert len(checks) == 7  # the no-op server is the reference, never judged
+    write_report(data, tmp_path)
+    rows = table_rows((tmp_path / "bench.md").read_text())
+    assert (
+        "near-free",
+        "attnserve --frontends 1",
+        "300",
+        "0.38",
+        "0.30",
+        "0.50",
+        "1.25",
+        "600",
+        "3.00",
+        "400",
+        "0",
+    ) in rows
+    assert ("near-free", "'21.11.2026'", "0.10", "1,000", "800", "0.40") in rows
+
+
+def test_a_cpu_per_call_section_without_figures_says_why(tmp_path: Path) -> None:
+    from loadtests.call_cost import ModelCallCost
+
+    unmeasured = call_cost_entry(
+        "dates", [("no-op", 0.0, math.nan, math.nan), ("attnserve", 0.0, math.nan, math.nan)], (0.2, 900.0)
+    )
+    assert unmeasured["composed_ceiling"] is None  # JSON has no NaN
+    entry = ModelCallCost.from_json(json.loads(json.dumps(unmeasured)))
+    assert math.isnan(entry.composed_ceiling) and math.isnan(entry.servers[1].cpu_us_per_call)
+    checks = [
+        check
+        for check in check_targets(dict(report([], ("dates",)), call_cost=[unmeasured]))
+        if "dates," in check.target
+    ]
+    assert len(checks) == 3 and all(check.met is None for check in checks)
+    write_report(dict(report([], ("dates",)), call_cost=[], call_cost_skipped="h2load is missing"), tmp_path)
+    assert "Not measured: h2load is missing." in (tmp_path / "bench.md").read_text()

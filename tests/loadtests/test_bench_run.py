@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtests import h2load
 from loadtests.bench import CONTENDERS, Bench, build_parser, config_from_args
 from loadtests.report import write_report
 from service.cli import main as attnserve
@@ -52,7 +53,8 @@ def test_bench_measures_every_contender(tiny_repository: Path, tmp_path: Path) -
     assert config.levels == (1, 3) and not config.phrasebook
     report = Bench(config, log=lambda _line: None).run()
     cells = {(cell["contender"], cell["level"]): cell for cell in report["results"]}
-    assert set(cells) == {(contender, level) for contender in CONTENDERS for level in (1, 3)}
+    per_level = [contender for contender in CONTENDERS if contender != "cpu-per-call"]  # a section of its own
+    assert set(cells) == {(contender, level) for contender in per_level for level in (1, 3)}
     for (contender, level), cell in cells.items():
         assert cell["workload"] == "dates"
         assert not cell["failures"], (contender, level, cell["failures"])
@@ -67,8 +69,25 @@ def test_bench_measures_every_contender(tiny_repository: Path, tmp_path: Path) -
     assert [entry["level"] for entry in report["request_tuning"]] == [1, 3]
     assert all(len(entry["trials"]) == 2 for entry in report["request_tuning"])
     assert cells[("request", 3)]["details"]["batch_size"] in (2, 8)
+    # The cpu-per-call section: h2load against the no-op server and attnserve's defaults, one process and
+    # --frontends 1, with every bar of the issue judged.
+    if h2load.available():
+        (entry,) = report["call_cost"]
+        assert entry["model"] == "dates" and 0 < entry["rate"] <= 800
+        servers = {figures["server"]: figures for figures in entry["servers"]}
+        assert list(servers) == ["no-op", "attnserve", "attnserve --frontends 1"]
+        for figures in servers.values():
+            assert figures["calls_per_s_64"] > 0 and figures["p50_ms_1"] > 0 and figures["errors"] == 0
+            assert figures["cpu_us_per_call"] > 0 and figures["cpu_calls"] > 0
+        assert entry["composed_ceiling"] > 0 and entry["latency_floor_ms"] > 0
+    else:
+        assert report["call_cost"] == [] and "h2load" in report["call_cost_skipped"]
     paths = write_report(report, tmp_path / "out")
-    assert json.loads(paths[0].read_text())["workloads"] == {"dates": report["workloads"]["dates"]}
+    document = json.loads(paths[0].read_text())
+    assert document["workloads"] == {"dates": report["workloads"]["dates"]}
+    judged = [target for target in document["targets"] if target["target"].startswith("dates, attnserve")]
+    assert len(judged) == (6 if h2load.available() else 0)
+    assert all(target["met"] in (True, False) for target in judged)
 
 
 def test_bench_is_an_attnserve_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
