@@ -55,7 +55,8 @@ class _Lifecycle(enum.Enum):
 
 
 class AsyncEngine:
-    """Continuous-batching decoder for one model version; owns that version's StepModel and its worker."""
+    """Continuous-batching decoder for one model version; owns that version's StepModel and what steps it (a worker
+    thread, or with `on_loop` the event loop itself: see docs/engine.md)."""
 
     def __init__(
         self,
@@ -115,7 +116,7 @@ class AsyncEngine:
         return len(self._outstanding)
 
     async def start(self) -> None:
-        """Start the worker thread (called once, on the running event loop)."""
+        """Start stepping: the worker thread, or (on_loop) turns on this loop (called once, on the running loop)."""
         if self._lifecycle is not _Lifecycle.NEW:
             raise RuntimeError(f"the engine of model {self.label} was already started")
         self._loop = asyncio.get_running_loop()
