@@ -16,12 +16,20 @@ import pytest
 
 from service.engine import DecodeOptions, EngineCore, EngineLimits, TranslationRequest
 from service.runtime.model import load_model
+from service.runtime.repository import discover
 from service.runtime.tokenizers import EOS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = PROJECT_ROOT / "models"
 PROVIDER = os.environ.get("ATTNSERVE_TEST_PROVIDER", "cpu")
 EXPECTED_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[PROVIDER]
+
+
+def newest_version(repository: Path, name: str) -> Path:
+    """The newest version of model `name`: what a server with the default settings serves."""
+    return repository / name / str(max(discover(repository)[name]))
+
+
 INPUTS = json.loads((PROJECT_ROOT / "loadtests" / "data" / "default_model_inputs.json").read_text(encoding="utf-8"))
 
 
@@ -45,7 +53,7 @@ def test_the_session_runs_on_the_requested_provider_and_decodes_correctly(name: 
         import onnxruntime
 
         onnxruntime.preload_dlls()
-    model = load_model(REPOSITORY / name / "1", provider=PROVIDER, intra_op_threads=1)
+    model = load_model(newest_version(REPOSITORY, name), provider=PROVIDER, intra_op_threads=1)
     assert model.provider == EXPECTED_PROVIDER
     pairs = INPUTS[name]
     outputs = decode(model.step_model, model.source_tokenizer, [source for source, _ in pairs])
@@ -56,8 +64,8 @@ def test_the_session_runs_on_the_requested_provider_and_decodes_correctly(name: 
 
 @pytest.mark.parametrize("name", ["dates", "numbers"])
 def test_io_binding_and_batching_give_what_each_request_gets_alone_on_the_cpu(name: str) -> None:
-    on_device = load_model(REPOSITORY / name / "1", provider=PROVIDER, intra_op_threads=1, io_binding=True)
-    on_cpu = load_model(REPOSITORY / name / "1", provider="cpu", intra_op_threads=1)
+    on_device = load_model(newest_version(REPOSITORY, name), provider=PROVIDER, intra_op_threads=1, io_binding=True)
+    on_cpu = load_model(newest_version(REPOSITORY, name), provider="cpu", intra_op_threads=1)
     texts = [source for source, _ in INPUTS[name][:40]]
     batched = decode(on_device.step_model, on_device.source_tokenizer, texts, beam=4)
     alone = [decode(on_cpu.step_model, on_cpu.source_tokenizer, [text], beam=4)[0] for text in texts]

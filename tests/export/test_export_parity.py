@@ -99,3 +99,31 @@ def test_export_leaves_a_dropout_model_in_eval_mode_and_in_parity(tmp_path: Path
     assert not any(module.training for module in model.modules())
     sources = [[5, 6, 7, 2], [8, 2], [9, 10, 11, 12, 13, 2]]
     assert verify(model, tmp_path / "v", sources, max_source_len=model.config.max_source_len).parity["greedy_identical"]
+
+
+def test_parity_allows_for_the_models_own_float32_error_but_not_for_a_wrong_graph(tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from export.onnx_export import FLOAT32_ERROR_FACTOR, ExportError
+
+    torch.manual_seed(5)
+    options = {"attention": "general", "style": "luong", "encoder": "gru", "decoder": "gru"}
+    model = Seq2Seq(
+        Architecture(source_vocab=25, target_vocab=18, hidden=16, embedding=8, top_k=6, max_source_len=30, **options)
+    ).eval()
+    write_version(tmp_path / "v", model)
+    sources = [[5, 6, 7, 2], [8, 9, 2]]
+    parity = verify(model, tmp_path / "v", sources, max_source_len=30).parity
+    # The float32 error of PyTorch itself is measured (against float64) and sets the limit when it is larger.
+    error = parity["float32_error"]["log_prob_difference_over_max_1_abs"]
+    assert 0.0 <= error < PARITY_TOLERANCE
+    assert parity["tolerance_used"]["log_probs_relative"] == max(PARITY_TOLERANCE, FLOAT32_ERROR_FACTOR * error)
+    # A graph whose largest weight matrix is 1% off is refused: that is far beyond any float32 rounding.
+    decoder = onnx.load(tmp_path / "v" / "decoder.onnx")
+    biggest = max(decoder.graph.initializer, key=lambda tensor: int(np.prod(tensor.dims)))
+    weights = numpy_helper.to_array(biggest) * np.float32(1.01)
+    biggest.CopyFrom(numpy_helper.from_array(weights, biggest.name))
+    onnx.save(decoder, tmp_path / "v" / "decoder.onnx")
+    with pytest.raises(ExportError, match="differs from PyTorch beyond"):
+        verify(model, tmp_path / "v", sources, max_source_len=30)

@@ -16,6 +16,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from export.data.dates import DATES_NORMALIZATION
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from tests.service.server_harness import (
@@ -67,8 +68,8 @@ def test_translate_greedy(stub: pb_grpc.TranslatorStub) -> None:
         assert len(translation.hypotheses) == 1
         best = translation.hypotheses[0]
         assert best.score <= 0.0 and math.isfinite(best.score)
-        # char tokenizers: the source pieces are the characters, then </s>
-        assert list(best.source_tokens) == [*source, "</s>"]
+        # char tokenizers: the source pieces are the characters of the normalised text, then </s>
+        assert list(best.source_tokens) == [*DATES_NORMALIZATION(source), "</s>"]
         generated = [token for token in best.target_tokens if token != "</s>"]
         assert best.text == "".join(generated)
         assert "</s>" not in best.target_tokens[:-1]
@@ -295,7 +296,7 @@ def test_metrics_after_traffic(server: ServerThread, stub: pb_grpc.TranslatorStu
     assert grew("attnserve_requests_total", method="Translate", code="OK", **numbers) == 1
     assert grew("attnserve_requests_total", method="Translate", code="INVALID_ARGUMENT", **dates) == 1
     assert grew("attnserve_request_duration_seconds_count", method="Translate", **dates) == 2
-    assert grew("attnserve_source_tokens_total", **dates) == sum(len(text) + 1 for text in DATES[:3])
+    assert grew("attnserve_source_tokens_total", **dates) == sum(len(DATES_NORMALIZATION(t)) + 1 for t in DATES[:3])
     assert grew("attnserve_generated_tokens_total", **dates) >= 3
     assert grew("attnserve_queue_wait_seconds_count", **dates) == 3
     assert grew("attnserve_time_to_first_token_seconds_count", **numbers) == 2
