@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Two installs into the one .venv: serving only (`make serve`: no torch, no test or deploy tools), and
-# everything (`make test` and the rest: the train and dev extras on top).
+# Two installs into the one .venv: serving and the client (`make serve`: no torch, no test or deploy tools), and
+# everything (`make test` and the rest: the train and dev extras on top). onnxruntime comes from the `gpu` extra
+# in both (onnxruntime-gpu, which also runs on the CPU; the CPU image installs the `cpu` extra instead), and
+# matplotlib from `plot` (the client's --plot; the images leave it out).
 SERVE_STAMP := $(VENV)/.installed-serve
 STAMP := $(VENV)/.installed
 # The default model repository ships in models/ (`make models` rebuilds it).
@@ -13,13 +15,13 @@ MODELS ?= models
 
 $(SERVE_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[gpu,plot]'
 	touch $(SERVE_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[train,dev]'
+	$(BIN)/pip install --quiet -e '.[gpu,plot,train,dev]'
 	touch $(SERVE_STAMP) $(STAMP)
 
 install: $(STAMP)
@@ -38,7 +40,7 @@ $(INTEROP_STAMP): tests/interop/requirements.txt
 interop: $(INTEROP_STAMP)
 
 protos: $(STAMP)
-	$(BIN)/python -m service.protogen
+	$(BIN)/python -m tools.protogen
 
 # Rebuild the default models (about 10 minutes on 2 cores): each is trained, exported, checked on fresh inputs
 # and installed into $(MODELS) only if it meets its bar (export/zoo.py). BUILD_ARGS: e.g. --only dates.
@@ -49,13 +51,20 @@ models: $(STAMP)
 test: $(STAMP) $(INTEROP_STAMP)
 	$(BIN)/python -m pytest -q
 
-# Style, formatting and types (settings in pyproject.toml): ruff on the whole tree, mypy on service/, export/
-# and loadtests/ (the engine and the runtime with --strict's checks). The generated stubs in service/gen are left out.
+# The edit-test loop: everything but the tests marked `slow` (they train models or start servers); CI runs all.
+.PHONY: test-fast
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Style, formatting, types and layers (settings in pyproject.toml): ruff on the whole tree, mypy on service/,
+# client/, export/, loadtests/ and tools/ (the engine and the runtime with --strict's checks; the generated stubs
+# in service/gen are left out), and import-linter's contracts (the server's layers, ipc only behind the client).
 .PHONY: lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Load tests and benchmarks (docs/benchmarks.md). `make loadtest LOADTEST_HOST=host:port` targets a running
 # server; without LOADTEST_HOST one is started on $(MODELS). Locust's CSV stats and HTML report go to
@@ -101,6 +110,14 @@ overload: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python -m loadtests.reliability.soak --repository $(MODELS) --minutes $(SOAK_MINUTES) --out reports/soak $(SOAK_ARGS)
 
+# The page's browser test (tests/service/test_page.py) and the HTTP tests' curl: Debian's chromium, chromium-driver and
+# curl, installed only when missing (CI runs as root; elsewhere run it with sudo or install the packages yourself).
+.PHONY: browser-tools
+browser-tools:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 && command -v curl >/dev/null 2>&1; \
+		then :; else apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+		chromium chromium-driver curl; fi
+
 # Deployment (docs/deploy.md). Prometheus and promtool come from Debian's `prometheus` package, installed only
 # when missing (CI runs as root; elsewhere run it with sudo or install the package yourself).
 .PHONY: prometheus-tools deploy-check monitor
@@ -116,8 +133,24 @@ deploy-check: $(STAMP) prometheus-tools
 monitor: $(STAMP) prometheus-tools
 	$(BIN)/python -m deploy.tool monitor
 
+# The serving images, built with podman from deploy/docker (docs/deploy.md, "Building the images with podman").
+# podman, runc and debootstrap come from Debian, installed only when missing, as prometheus-tools does.
+# `make images`: the CPU image (models from a volume, and baked in), and the GPU image where its CUDA base can be
+# pulled. `make image-check` (CI): the CPU images run as deploy/k8s runs them, and are checked from outside.
+.PHONY: container-tools images image-check
+container-tools:
+	@if command -v podman >/dev/null 2>&1 && command -v runc >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1; \
+	then :; else apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+		podman runc debootstrap debian-archive-keyring; fi
+
+images: $(STAMP) container-tools
+	$(BIN)/python -m deploy.images build
+
+image-check: $(STAMP) container-tools
+	$(BIN)/python -m deploy.images check
+
 # What CI runs (.ci/run): the test suite, then every further check the issues ask CI to make.
-ci: prometheus-tools lint test deploy-check loadtest-smoke bench-quick newcomer
+ci: prometheus-tools browser-tools lint test deploy-check loadtest-smoke bench-quick newcomer image-check
 	$(MAKE) gpu-check GPU_CHECK_ARGS='--provider cpu --quick'
 
 # The GPU check (docs/gpu.md): provider, parity against the CPU, the device tests and a short benchmark, in one

@@ -229,14 +229,15 @@ def _numbers_set(seed: int, options: dict, written: bool) -> AcceptanceSet:
 
 def translate_as_served(version_dir: Path, texts: Sequence[str], *, beam_size: int = 0) -> list[Served]:
     """The best translation of every text by the model version in `version_dir` (`REPO/NAME/VERSION`), with
-    its score, decoded by the server's own ModelManager and Dataplane on onnxruntime's CPU provider."""
+    its score, decoded by the server's own engine client and Dataplane on onnxruntime's CPU provider."""
     return asyncio.run(_translate_as_served(Path(version_dir), list(texts), beam_size))
 
 
 async def _translate_as_served(version_dir: Path, texts: list[str], beam_size: int) -> list[Served]:
-    from service.dataplane import Dataplane, RequestedDecodeOptions
+    from service.dataplane import Dataplane
+    from service.engine import DecodeOptions
+    from service.engine_client.in_process import InProcessClient
     from service.errors import InvalidRequest
-    from service.models import ModelManager
     from service.settings import Settings
 
     name, version = version_dir.parent.name, version_dir.name
@@ -249,11 +250,11 @@ async def _translate_as_served(version_dir: Path, texts: list[str], beam_size: i
         max_texts_per_request=TEXTS_PER_CALL,
         max_waiting_requests=max(len(texts), 1),
     )
-    manager = ModelManager(settings, only={name})
-    await manager.start()
+    client = InProcessClient(settings, only={name})
+    await client.start()
     try:
-        dataplane = Dataplane(manager.registry, settings)
-        options = RequestedDecodeOptions(beam_size=beam_size)
+        dataplane = Dataplane(client, settings)
+        options = DecodeOptions(beam_size=beam_size)
 
         async def call(chunk: list[str]) -> list[Served]:
             try:
@@ -268,7 +269,7 @@ async def _translate_as_served(version_dir: Path, texts: list[str], beam_size: i
         chunks = [texts[start : start + TEXTS_PER_CALL] for start in range(0, len(texts), TEXTS_PER_CALL)]
         answers = await asyncio.gather(*(call(chunk) for chunk in chunks))
     finally:
-        await manager.stop(0.0)
+        await client.stop(0.0)
     return [served for chunk in answers for served in chunk]
 
 

@@ -27,8 +27,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from export.host import cpu_model
 from service.errors import ModelLoadError
-from service.host import cpu_model
 from service.runtime.model_format import ModelDocument
 from service.runtime.repository import discover
 

@@ -6,6 +6,7 @@ Contenders (see docs/benchmarks.md):
     none             attnserve serve --batching none        (onnxruntime, one request at a time)
     request          attnserve serve --batching request     (whole requests batched; tuned per level)
     continuous       attnserve serve --batching continuous  (iteration-level batching)
+    http             the same server, called with JSON over HTTP/1.1 (POST /v1/translate) instead of gRPC
     rpc-ceiling      a no-op server with the same gRPC API (returns a fixed translation)
     engine-ceiling   the bare encoder + decoder-step loop on pre-batched input, no gRPC, no scheduler
     roofline         FLOPs per generated token x tokens/s against the measured matrix-multiply peak
@@ -34,8 +35,8 @@ from pathlib import Path
 
 from loadtests.phrasebook import PhrasebookRecipe
 
-CONTENDERS = ("pytorch-eager", "none", "request", "continuous", "rpc-ceiling", "engine-ceiling", "roofline")
-SERVER_CONTENDERS = ("rpc-ceiling", "continuous", "none", "request", "pytorch-eager")
+CONTENDERS = ("pytorch-eager", "none", "request", "continuous", "http", "rpc-ceiling", "engine-ceiling", "roofline")
+SERVER_CONTENDERS = ("rpc-ceiling", "continuous", "http", "none", "request", "pytorch-eager")
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,7 @@ def machine_description(provider: str, threads: int) -> dict:
     import grpc
     import onnxruntime
 
-    from service.host import cpu_model
+    from export.host import cpu_model
 
     return {
         "cpu": cpu_model(),
@@ -315,40 +316,58 @@ def machine_description(provider: str, threads: int) -> dict:
     }
 
 
-def prepare_repository(config: BenchConfig, log: Callable[[str], None]) -> tuple[Path, dict[str, Path]]:
-    """The benchmark's repository (the default models linked in, plus phrasebook) and the training run of
-    each model for the eager contender."""
-    from loadtests.phrasebook import PhrasebookRecipe, ensure_phrasebook
+def link_repository(
+    repository: Path,
+    cache_dir: Path,
+    models: set[str],
+    *,
+    phrasebook: bool = True,
+    phrasebook_steps: int = PhrasebookRecipe.train_steps,
+    log: Callable[[str], None] = print,
+) -> tuple[Path, dict[str, Path]]:
+    """The benchmark's repository `cache_dir/repository` holding `models`: the default models linked in from
+    `repository`, near-free and phrasebook built (once, cached in `cache_dir`); and the training run of the
+    phrasebook model when it is one of them."""
+    from loadtests.phrasebook import ensure_near_free, ensure_phrasebook
     from service.runtime.repository import discover
 
-    bench_repository = config.cache_dir / "repository"
+    bench_repository = cache_dir / "repository"
     bench_repository.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, Path] = {}
-    wanted = {WORKLOADS[name].model for name in config.workloads}
-    for name in sorted(wanted - {"phrasebook", "near-free"}):
-        source = config.repository / name
+    for name in sorted(models - {"phrasebook", "near-free"}):
         link = bench_repository / name
         if link.is_symlink() or link.exists():
             link.unlink() if link.is_symlink() else shutil.rmtree(link)
-        if discover(config.repository).get(name):
-            link.symlink_to(source.resolve(), target_is_directory=True)
-            run_dir = config.runs / name
-            if (run_dir / "best.pt").is_file():
-                runs[name] = run_dir
+        if discover(repository).get(name):
+            link.symlink_to((repository / name).resolve(), target_is_directory=True)
         else:
-            log(f"{name}: not in {config.repository} (run 'make models'); its workloads are skipped")
-    if "near-free" in wanted:
-        from loadtests.phrasebook import ensure_near_free
-
-        ensure_near_free(config.cache_dir, bench_repository, log=log)
-    if "phrasebook" in wanted:
-        if config.phrasebook:
-            model = ensure_phrasebook(
-                config.cache_dir, bench_repository, PhrasebookRecipe(train_steps=config.phrasebook_steps), log=log
-            )
-            runs["phrasebook"] = model.run_dir
+            log(f"{name}: not in {repository} (run 'make models'); its workloads are skipped")
+    if "near-free" in models:
+        ensure_near_free(cache_dir, bench_repository, log=log)
+    built: dict[str, Path] = {}
+    if "phrasebook" in models:
+        if phrasebook:
+            recipe = PhrasebookRecipe(train_steps=phrasebook_steps)
+            built["phrasebook"] = ensure_phrasebook(cache_dir, bench_repository, recipe, log=log).run_dir
         elif not (bench_repository / "phrasebook" / "1" / "model.json").is_file():
             log("phrasebook: not built (--no-phrasebook); its workloads are skipped")
+    return bench_repository, built
+
+
+def prepare_repository(config: BenchConfig, log: Callable[[str], None]) -> tuple[Path, dict[str, Path]]:
+    """The benchmark's repository (link_repository) and the training run of each model for the eager
+    contender."""
+    wanted = {WORKLOADS[name].model for name in config.workloads}
+    bench_repository, runs = link_repository(
+        config.repository,
+        config.cache_dir,
+        wanted,
+        phrasebook=config.phrasebook,
+        phrasebook_steps=config.phrasebook_steps,
+        log=log,
+    )
+    for name in sorted(wanted - {"phrasebook", "near-free"}):
+        if (config.runs / name / "best.pt").is_file() and (bench_repository / name).exists():
+            runs[name] = config.runs / name
     return bench_repository, runs
 
 
@@ -525,7 +544,8 @@ class Bench:
         for spec in workloads or self.specs:
             for level in levels_for(spec) if levels_for else self.config.levels:
                 plan = CellPlan(
-                    address=server.address,
+                    address=server.http_address if contender == "http" else server.address,
+                    protocol="http" if contender == "http" else "grpc",
                     model=spec.model,
                     texts=self.texts[spec.name],
                     beam_size=spec.beam_size,
@@ -597,14 +617,16 @@ class Bench:
                 if contender == "rpc-ceiling":
                     with noop_server(self.log_dir) as server:
                         self.results += self.measure_server(contender, server, generator)
-                elif contender in ("continuous", "none"):
+                elif contender in ("continuous", "none", "http"):
                     with attnserve_server(
                         self.repository,
-                        batching=contender,
+                        batching="continuous" if contender == "http" else contender,
                         threads=config.threads,
                         provider=config.provider,
                         log_dir=self.log_dir,
                         extra=common,
+                        http=contender == "http",
+                        label=f"attnserve-{contender}",
                     ) as server:
                         self.results += self.measure_server(contender, server, generator)
                 elif contender == "request":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from export.model import Seq2Seq
 from export.train import load_checkpoint
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
+from service.lifecycle import stop_event
 from service.runtime.tokenizers import BOS, EOS, EOS_PIECE, Tokenizer, load_tokenizer
 
 
@@ -216,10 +216,7 @@ async def serve(models: dict[str, EagerModel], host: str, port: int) -> None:
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(number, stop.set)
+    stop = stop_event()
     print(f"eager server listening on {host}:{bound} serving {', '.join(sorted(models))}", flush=True)
     await stop.wait()
     await server.stop(1.0)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from service.engine import DecodeOptions, EngineCore, EngineLimits, TranslationRequest
+from service.engine import DecodeOptions, EngineCore, EngineRequest
 from service.runtime.step import EncoderOutput, StepOutput
+from service.settings import Settings
 
 HIDDEN = 64
 SOURCE_TOKENS = 12
@@ -84,25 +85,33 @@ class OverheadPoint:
 def measure_overhead(rows: int, beam: int = 1, *, tokens: int = 16, steps: int = 400) -> OverheadPoint:
     """Steady-state engine cost per step with the batch full at `rows` rows (see the module docstring)."""
     model = FreeStepModel(max_rows=rows)
-    core = EngineCore(
-        model,
-        EngineLimits(max_active_hypotheses=rows, max_padded_source_tokens=rows * 64, max_waiting_requests=1 << 20),
+    limits = replace(
+        Settings().engine_limits(),
+        max_active_hypotheses=rows,
+        max_padded_source_tokens=rows * 64,
+        max_waiting_requests=1 << 20,
     )
+    core = EngineCore(model, limits)
     options = DecodeOptions(beam_size=beam, num_hypotheses=1, max_length=tokens)
     source_ids = np.arange(4, 4 + SOURCE_TOKENS, dtype=np.int64)
-    keys = iter(range(1, 1 << 30))
+    added = 0
     requests = max(1, rows // beam)
     per_step = max(1, requests // tokens)  # the requests that finish, and join, at each step
 
+    def add() -> None:
+        nonlocal added
+        added += 1
+        core.add(added, EngineRequest(source_ids, options, deadline=None, stream=False, arrival=0.0), 0.0)
+
     def top_up() -> None:  # keep enough waiting that every freed row is taken at the next step
-        while core.holds() < requests + per_step:
-            core.add(next(keys), TranslationRequest(source_ids, options, arrival=0.0), 0.0)
+        while added - core.dequeued + core.running < requests + per_step:
+            add()
 
     # Fill the batch a few requests per step, so that their ages spread evenly over 0..tokens-1: then as
     # many finish at every step as join, the steady state of a loaded server.
     for _ in range(tokens):
         for _ in range(per_step):
-            core.add(next(keys), TranslationRequest(source_ids, options, arrival=0.0), 0.0)
+            add()
         core.step()
     for _ in range(tokens):
         top_up()

@@ -4,7 +4,8 @@
 
 A call crosses twice: a Submit (one source of 12 token ids) to the engine, a Result (one hypothesis of 11 tokens)
 back. Prints microseconds per call (encode + decode of both messages) and bytes, for msgspec's msgpack into typed
-Structs (what service/ipc/messages.py uses), pickle of the same Structs, and json of the same fields as plain lists.
+Structs (what service/ipc/messages.py uses, frames and numpy extensions included), pickle of the same Structs, and
+json of the same fields as plain lists.
 """
 
 from __future__ import annotations
@@ -17,31 +18,32 @@ from collections.abc import Callable
 import msgspec
 import numpy as np
 
-from service.ipc.messages import HypothesisRecord, Message, Options, Result, Submit
+from service.engine.records import DecodeOptions, EngineRequest, EngineResult, FinishReason, Hypothesis
+from service.ipc.messages import FrameReader, Message, Result, Submit, encode_frame
 
 ROUNDS = 20_000
 
 
 def sample() -> list[Message]:
-    submit = Submit(
-        ids=[1],
-        name="dates",
-        version=1,
-        sources=[np.arange(12, dtype=np.int64).tobytes()],
-        options=Options(1, 1, 64, 0.0, False),
-        deadline=None,
-        stream=False,
-        arrival=12345.678,
-    )
-    result = Result(
-        id=1,
-        hypotheses=[HypothesisRecord(list(range(4, 15)), -0.01, -0.01, "eos", list(range(11)), None, 0)],
-        queue_wait_s=0.0003,
-        first_token_s=0.001,
-        total_s=0.004,
-        generated_tokens=11,
-    )
-    return [submit, result]
+    options = DecodeOptions(beam_size=1, num_hypotheses=1, max_length=64)
+    request = EngineRequest(np.arange(12, dtype=np.int64), options, deadline=None, stream=False, arrival=12345.678)
+    hypothesis = Hypothesis(list(range(4, 15)), -0.01, -0.01, FinishReason.EOS, list(range(11)))
+    return [
+        Submit(ids=[1], name="dates", version=1, requests=[request]),
+        Result(id=1, result=EngineResult([hypothesis], 0.0003, 0.001, 0.004, 11)),
+    ]
+
+
+def decode_frame(frame: bytes) -> list[Message]:
+    received: list[Message] = []
+    FrameReader(received.extend).feed(frame)
+    return received
+
+
+def _builtin(value: object) -> object:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise NotImplementedError
 
 
 def per_call_us(encode: Callable[[object], bytes], decode: Callable[[bytes], object], messages: list) -> float:
@@ -54,10 +56,9 @@ def per_call_us(encode: Callable[[object], bytes], decode: Callable[[bytes], obj
 
 def main() -> int:
     messages = sample()
-    plain = [msgspec.to_builtins(message) for message in messages]  # lists, bytes as base64 text
-    decoder = msgspec.msgpack.Decoder(list[Message])
+    plain = [msgspec.to_builtins(message, enc_hook=_builtin) for message in messages]  # arrays as lists
     rows: list[tuple[str, Callable[[object], bytes], Callable[[bytes], object], list]] = [
-        ("msgspec msgpack (typed)", msgspec.msgpack.encode, decoder.decode, messages),
+        ("msgspec msgpack (typed)", encode_frame, decode_frame, messages),  # type: ignore[list-item]
         ("pickle", pickle.dumps, pickle.loads, messages),
         ("json (plain lists)", lambda value: json.dumps(value).encode(), json.loads, plain),
     ]

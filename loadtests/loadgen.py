@@ -1,11 +1,12 @@
-"""The benchmark's load generator: closed-loop gRPC clients in their own processes.
+"""The benchmark's load generator: closed-loop gRPC (or HTTP) clients in their own processes.
 
 A *cell* is one contender at one concurrency level on one workload: `concurrency` virtual clients each send
 a Translate call, wait for the answer, and send the next (closed loop), for a warm-up and then a
 measurement window. Calls that finish inside the window are measured; calls still in flight when it closes
 are cancelled and counted as `cut`.
 
-The clients run in `processes` worker processes (asyncio + grpc.aio, one channel each), started once and
+The clients run in `processes` worker processes (asyncio + grpc.aio, one channel each; or aiohttp, one
+keep-alive connection per client, JSON to POST /v1/translate, for protocol "http"), started once and
 reused for every cell, so that neither the server nor the client shares an interpreter with the other and
 one Python client process is not the bottleneck. The window is given in `time.monotonic()` seconds, which
 on Linux is one clock for every process, so all workers measure the same window.
@@ -18,7 +19,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +33,8 @@ class CellPlan:
     `beam_size`: 0 = greedy; `max_length`: 0 = the server's default; `concurrency`: virtual clients;
     `warmup_s` then `duration_s`: seconds of load before and during the measurement window;
     `max_requests`: the window closes early once this many calls finished in it (all processes together);
-    `timeout_s`: deadline of each call.
+    `timeout_s`: deadline of each call; `protocol`: "grpc" (Translate) or "http" (POST /v1/translate, JSON), with
+    `address` the host:port of that protocol's port.
     """
 
     address: str
@@ -45,6 +47,7 @@ class CellPlan:
     max_requests: int
     max_length: int = 0
     timeout_s: float = 300.0
+    protocol: str = "grpc"
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -55,6 +58,8 @@ class CellPlan:
             raise ValueError(f"need duration_s > 0 and warmup_s >= 0, got {self.duration_s}, {self.warmup_s}")
         if self.max_requests < 1:
             raise ValueError(f"max_requests must be >= 1, got {self.max_requests}")
+        if self.protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be grpc or http, got {self.protocol!r}")
 
 
 @dataclass(frozen=True)
@@ -181,8 +186,59 @@ def _worker_main(connection: multiprocessing.connection.Connection) -> None:
         connection.send(report)
 
 
+Send = Callable[[int], Awaitable[tuple[str, int]]]
+"""Sends the workload's text number i and returns (status code name, generated tokens of the best hypothesis)."""
+
+
+async def _closed_loop(share: _Share, send: Send) -> WorkerReport:
+    """The share's clients, each sending its next call as soon as the previous one is answered, measured over
+    the share's window; calls still in flight when it closes are cancelled (the server drops their requests)."""
+    plan = share.plan
+    report = WorkerReport(window_starts=share.window_starts, window_ends=share.window_ends)
+    window_closed = asyncio.Event()
+    in_window = 0
+
+    async def client(index: int) -> None:
+        nonlocal in_window
+        position = (index * 7919) % len(plan.texts)  # spread the clients' starting points over the workload
+        while not window_closed.is_set():
+            started = time.monotonic()
+            code, generated = await send(position)
+            position = (position + 1) % len(plan.texts)
+            finished = time.monotonic()
+            if window_closed.is_set():
+                return
+            if started >= share.load_starts and share.window_starts <= finished <= share.window_ends:
+                report.latencies.append(finished - started)
+                report.codes.append(code)
+                report.tokens.append(generated)
+                in_window += 1
+                if in_window >= share.max_requests:
+                    report.window_ends = finished
+                    window_closed.set()
+            if code not in ("OK", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"):
+                await asyncio.sleep(0.01)  # a broken server must not turn the loop into a busy spin
+
+    await asyncio.sleep(max(0.0, share.load_starts - time.monotonic()))
+    tasks = [asyncio.ensure_future(client(share.first_client + i)) for i in range(share.clients)]
+    try:
+        await asyncio.wait_for(window_closed.wait(), timeout=max(0.0, share.window_ends - time.monotonic()))
+    except TimeoutError:
+        pass
+    window_closed.set()
+    pending = [task for task in tasks if not task.done()]
+    report.cut = len(pending)
+    for task in pending:
+        task.cancel()
+    for result in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(result, Exception):
+            raise result
+    return report
+
+
 async def _run_share(share: _Share) -> WorkerReport:
-    import grpc
+    if share.plan.protocol == "http":
+        return await _run_http_share(share)
     from grpc import aio
 
     from service.gen.attnserve.v1 import translator_pb2 as pb
@@ -197,58 +253,55 @@ async def _run_share(share: _Share) -> WorkerReport:
         )
         for text in plan.texts
     ]
-    report = WorkerReport(window_starts=share.window_starts, window_ends=share.window_ends)
-    window_closed = asyncio.Event()
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     async with aio.insecure_channel(plan.address, options=options) as channel:
         await asyncio.wait_for(channel.channel_ready(), timeout=30.0)
         stub = pb_grpc.TranslatorStub(channel)
-        in_window = 0
 
-        async def client(index: int) -> None:
-            nonlocal in_window
-            position = (index * 7919) % len(requests)  # spread the clients' starting points over the workload
-            while not window_closed.is_set():
-                request = requests[position]
-                position = (position + 1) % len(requests)
-                started = time.monotonic()
-                try:
-                    response = await stub.Translate(request, timeout=plan.timeout_s)
-                    code, generated = "OK", len(response.translations[0].hypotheses[0].target_tokens)
-                except aio.AioRpcError as error:
-                    code, generated = error.code().name, 0
-                finished = time.monotonic()
-                if window_closed.is_set():
-                    return
-                if started >= share.load_starts and share.window_starts <= finished <= share.window_ends:
-                    report.latencies.append(finished - started)
-                    report.codes.append(code)
-                    report.tokens.append(generated)
-                    in_window += 1
-                    if in_window >= share.max_requests:
-                        report.window_ends = finished
-                        window_closed.set()
-                if code not in ("OK", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"):
-                    await asyncio.sleep(0.01)  # a broken server must not turn the loop into a busy spin
+        async def send(position: int) -> tuple[str, int]:
+            try:
+                response = await stub.Translate(requests[position], timeout=plan.timeout_s)
+            except aio.AioRpcError as error:
+                return error.code().name, 0
+            return "OK", len(response.translations[0].hypotheses[0].target_tokens)
 
-        await asyncio.sleep(max(0.0, share.load_starts - time.monotonic()))
-        tasks = [asyncio.ensure_future(client(share.first_client + i)) for i in range(share.clients)]
-        try:
-            await asyncio.wait_for(window_closed.wait(), timeout=max(0.0, share.window_ends - time.monotonic()))
-        except TimeoutError:
-            pass
-        window_closed.set()
-        pending = [task for task in tasks if not task.done()]
-        report.cut = len(pending)
-        for task in pending:
-            task.cancel()  # cancels the in-flight call; the server drops the request
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for task in tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                error = task.exception()
-                if error is not None and not isinstance(error, grpc.RpcError):
-                    raise error
-    return report
+        return await _closed_loop(share, send)
+
+
+async def _run_http_share(share: _Share) -> WorkerReport:
+    """HTTP/1.1 clients: each POSTs a TranslateRequest as JSON to /v1/translate on a keep-alive connection; the
+    status code name is the error body's `code` (UNAVAILABLE when the connection fails)."""
+    import json
+
+    import aiohttp
+
+    plan = share.plan
+    bodies = [
+        json.dumps(
+            {
+                "model": plan.model,
+                "texts": [text],
+                "options": {"beamSize": plan.beam_size, "maxLength": plan.max_length},
+            }
+        )
+        for text in plan.texts
+    ]
+    url = f"http://{plan.address}/v1/translate"
+    headers = {"Content-Type": "application/json"}
+    timeout = aiohttp.ClientTimeout(total=plan.timeout_s)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+
+        async def send(position: int) -> tuple[str, int]:
+            try:
+                async with session.post(url, data=bodies[position], headers=headers) as response:
+                    document = await response.json(content_type=None)
+            except (aiohttp.ClientError, TimeoutError):
+                return "UNAVAILABLE", 0
+            if response.status != 200:
+                return str(document.get("code", f"HTTP_{response.status}")), 0
+            return "OK", len(document["translations"][0]["hypotheses"][0]["targetTokens"])
+
+        return await _closed_loop(share, send)
 
 
 class LoadGenerator:

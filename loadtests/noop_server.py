@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import AsyncIterator
 
@@ -21,6 +20,7 @@ from grpc_health.v1._async import HealthServicer
 
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
+from service.lifecycle import stop_event
 
 MODEL_NAME = "noop"
 #: The fixed answer: about the size of a real one (a dates translation with its pieces).
@@ -92,10 +92,7 @@ async def serve(host: str, port: int, stop: asyncio.Event | None = None) -> None
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for number in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(number, stop.set)
+        stop = stop_event()
     print(f"noop server listening on {host}:{bound}", flush=True)
     await stop.wait()
     await server.stop(1.0)

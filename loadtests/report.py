@@ -15,7 +15,16 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-CONTENDER_ORDER = ("pytorch-eager", "none", "request", "continuous", "rpc-ceiling", "engine-ceiling", "roofline")
+CONTENDER_ORDER = (
+    "pytorch-eager",
+    "none",
+    "request",
+    "continuous",
+    "http",
+    "rpc-ceiling",
+    "engine-ceiling",
+    "roofline",
+)
 TARGET_LEVEL = 64
 
 
@@ -650,6 +659,7 @@ def plot(report: dict, out: Path) -> list[Path]:
         "none": ("tab:red", "s"),
         "request": ("tab:orange", "D"),
         "continuous": ("tab:blue", "o"),
+        "http": ("tab:purple", "P"),
         "rpc-ceiling": ("tab:gray", "x"),
         "engine-ceiling": ("tab:green", "^"),
         "roofline": ("black", ""),

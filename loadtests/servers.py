@@ -15,6 +15,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadtests.procfs import cpu_seconds
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,10 +59,17 @@ class ServerProcess:
     log_path: Path | None = None
     environment: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
+    cwd: Path = PROJECT_ROOT  # the checkout whose code the command runs (`python -m` imports from here)
+    http_port: int = 0
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_address(self) -> str:
+        """host:port of the HTTP port ('' when the server has none)."""
+        return f"127.0.0.1:{self.http_port}" if self.http_port else ""
 
     @property
     def metrics_url(self) -> str | None:
@@ -71,7 +80,7 @@ class ServerProcess:
         environment = dict(os.environ, PYTHONUNBUFFERED="1", **self.environment)
         self.process = subprocess.Popen(
             self.command,
-            cwd=PROJECT_ROOT,
+            cwd=self.cwd,
             env=environment,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -102,19 +111,7 @@ class ServerProcess:
     def cpu_seconds(self) -> float:
         """User + system CPU seconds the server has used so far, its child processes (front-ends, engine)
         included (Linux /proc; NaN elsewhere)."""
-        if self.process is None:
-            return math.nan
-        from loadtests.reliability.common import child_processes
-
-        total = 0.0
-        for pid in (self.process.pid, *child_processes(self.process.pid)):
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            except (OSError, IndexError, ValueError):
-                if pid == self.process.pid:
-                    return math.nan
-        return total
+        return math.nan if self.process is None else cpu_seconds(self.process.pid)
 
     def __enter__(self) -> ServerProcess:
         return self.start()
@@ -123,8 +120,9 @@ class ServerProcess:
         self.stop()
 
 
-def serve_command(repository: Path, port: int, metrics_port: int, provider: str) -> list[str]:
-    """`attnserve serve` (through the real CLI dispatch) on loopback: the start of every command line here."""
+def serve_command(repository: Path, port: int, metrics_port: int, provider: str, http_port: int = 0) -> list[str]:
+    """`attnserve serve` (through the real CLI dispatch) on loopback: the start of every command line here. HTTP
+    is off unless `http_port` is given (its default port would be shared by every server started here)."""
     return [
         sys.executable,
         "-m",
@@ -138,6 +136,8 @@ def serve_command(repository: Path, port: int, metrics_port: int, provider: str)
         str(port),
         "--metrics-port",
         str(metrics_port),
+        "--http-port",
+        str(http_port),
         "--provider",
         provider,
     ]
@@ -152,11 +152,13 @@ def attnserve_server(
     log_dir: Path,
     extra: tuple[str, ...] = (),
     label: str = "",
+    http: bool = False,
 ) -> ServerProcess:
-    """`attnserve serve` with `--batching` on free loopback ports (gRPC and metrics)."""
+    """`attnserve serve` with `--batching` on free loopback ports (gRPC and metrics; HTTP too with `http`)."""
     port, metrics_port = free_port(), free_port()
+    http_port = free_port() if http else 0
     command = [
-        *serve_command(repository, port, metrics_port, provider),
+        *serve_command(repository, port, metrics_port, provider, http_port),
         "--intra-op-threads",
         str(threads),
         "--inter-op-threads",
@@ -170,7 +172,7 @@ def attnserve_server(
         *extra,
     ]
     name = label or f"attnserve-{batching}"
-    return ServerProcess(name, command, port, metrics_port, log_dir / f"{name}.log")
+    return ServerProcess(name, command, port, metrics_port, log_dir / f"{name}.log", http_port=http_port)
 
 
 def noop_server(log_dir: Path) -> ServerProcess:

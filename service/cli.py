@@ -13,7 +13,7 @@ SUBCOMMANDS = {
     "export": ("export.cli", "export_main", "export a trained run to the model repository (ONNX)"),
     "build-models": ("export.cli", "build_models_main", "train and export the default model repository"),
     "serve": ("service.server", "main", "serve a model repository over gRPC"),
-    "translate": ("service.client", "main", "translate with a running server or a local model version"),
+    "translate": ("client.translate", "main", "translate with a running server or a local model version"),
     "bench": ("loadtests.bench", "main", "benchmark the serving contenders side by side (see docs/benchmarks.md)"),
 }
 
@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if exc.name == "torch":
             print(f"attnserve {command} needs the training extra: pip install 'attnserve[train]'", file=sys.stderr)
+            return 2
+        if exc.name == module_name.split(".")[0]:  # e.g. the serving image ships the server, not the client
+            print(f"attnserve {command} is not installed here (no module {exc.name!r})", file=sys.stderr)
             return 2
         raise
     return int(getattr(module, function_name)(rest) or 0)

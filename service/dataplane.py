@@ -1,9 +1,9 @@
 """The dataplane: text in, text out, shared by every transport (native gRPC, KServe v2, offline client).
 
 It validates user values (with client-facing messages that name the limit), tokenizes, submits ONE
-engine request per text (so texts batch with everyone else's), awaits them and detokenizes. It knows
-nothing of gRPC: deadlines are `time.monotonic()` seconds, errors are `service.errors` exceptions,
-results are the small records below.
+engine request per text to the engine client (so texts batch with everyone else's), awaits them and
+detokenizes. It knows nothing of gRPC, nor whether the engine runs in this process or in another: deadlines
+are `time.monotonic()` seconds, errors are `service.errors` exceptions, results are the small records below.
 """
 
 from __future__ import annotations
@@ -12,39 +12,19 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.engine.records import DecodeOptions, FinishReason, Hypothesis, TranslationRequest, TranslationResult
-from service.engine.scheduler import RequestHandle
-from service.errors import InvalidRequest, VersionRetired
-from service.registry import ModelDescription, ModelRegistry, ServedVersion
+from service.engine.records import DecodeOptions, EngineRequest, EngineResult, FinishReason, Hypothesis
+from service.engine_client import EngineClient
+from service.errors import InvalidRequest
+from service.registry import ModelDescription, ServedVersion
 from service.runtime.tokenizers import EOS, EOS_PIECE, UNK, Tokenizer
 from service.settings import Settings
 
-OnResolved = Callable[[str, str], None]
+OnResolved = Callable[[str, int], None]
 """Called with (model name, version) as soon as a call's model is resolved (e.g. for metric labels)."""
-
-
-@dataclass(frozen=True)
-class RequestedDecodeOptions:
-    """Decoding options as a client sends them (the proto's DecodeOptions, from either API); 0 / 0.0 means "the
-    default". The dataplane checks them against the model and the settings and resolves the defaults into the
-    engine's DecodeOptions, where every value is concrete; `replace_unknowns` stays here (it is applied to the
-    text, after decoding).
-
-    `beam_size` 0 or 1 = greedy; `num_hypotheses` 0 = 1; `max_length` 0 = the server's default (the
-    model's max_target_tokens unless --default-max-length lowers it); `length_penalty` alpha >= 0.
-    """
-
-    beam_size: int = 0
-    num_hypotheses: int = 0
-    max_length: int = 0
-    length_penalty: float = 0.0
-    return_attention: bool = False
-    replace_unknowns: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,7 +62,7 @@ class TranslateOutcome:
     """A whole Translate call: the model version that served it and one TextTranslation per text, in order."""
 
     model: str
-    version: str
+    version: int
     translations: list[TextTranslation]
 
 
@@ -97,7 +77,7 @@ class StreamUpdate:
     """
 
     model: str
-    version: str
+    version: int
     token: str
     text: str
     index: int
@@ -112,10 +92,11 @@ class _PreparedText:
 
 
 class Dataplane:
-    """Validates, tokenizes, decodes through the engine and detokenizes. One per server process."""
+    """Validates, tokenizes, decodes through the engine client and detokenizes. One per server process."""
 
-    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
-        self.registry = registry
+    def __init__(self, client: EngineClient, settings: Settings) -> None:
+        self.client = client
+        self.registry = client.registry
         self.settings = settings
 
     # ----- model metadata ---------------------------------------------------------------------------
@@ -146,48 +127,30 @@ class Dataplane:
         model: str,
         version: str,
         texts: Sequence[str],
-        options: RequestedDecodeOptions,
+        options: DecodeOptions,
         deadline: float | None = None,
         *,
         on_resolved: OnResolved | None = None,
     ) -> TranslateOutcome:
         """Translate every text with model `model` ('' = default) version `version` ('' = latest).
 
-        `deadline`: time.monotonic() seconds, None = none. Raises InvalidRequest, ModelNotFound,
-        Overloaded, DeadlineExceeded, Unavailable, EngineFailure. If one text fails the call fails with
-        that error and the other texts are cancelled; cancelling the awaiting task cancels them all.
+        `options` as the client sent them (0 = default). `deadline`: time.monotonic() seconds, None = none.
+        Raises InvalidRequest, ModelNotFound, Overloaded, DeadlineExceeded, Unavailable, EngineFailure. If
+        one text fails the call fails with that error and the other texts are cancelled; cancelling the
+        awaiting task cancels them all.
         """
         arrival = time.monotonic()
-        try:
-            return await self._translate_once(model, version, texts, options, deadline, arrival, on_resolved)
-        except VersionRetired:
-            if version:  # the client asked for that version, and it is gone
-                raise
-            # The latest version changed while the call was on its way to the engine process: once more, on
-            # the new one (its report reached this process before the refusal did).
-            return await self._translate_once(model, version, texts, options, deadline, arrival, on_resolved)
-
-    async def _translate_once(
-        self,
-        model: str,
-        version: str,
-        texts: Sequence[str],
-        options: RequestedDecodeOptions,
-        deadline: float | None,
-        arrival: float,
-        on_resolved: OnResolved | None,
-    ) -> TranslateOutcome:
-        served, decode = self._admit(model, version, texts, options, on_resolved)
+        served, decode = self._resolve_call(model, version, texts, options, on_resolved)
         prepared = [self._prepare(served, index, text) for index, text in enumerate(texts)]
-        handles: list[RequestHandle] = []
+        # All texts or none: a call refused for a full queue leaves nothing behind in it.
+        handles = self.client.submit(
+            served,
+            [
+                EngineRequest(text.source_ids, decode, deadline=deadline, stream=False, arrival=arrival)
+                for text in prepared
+            ],
+        )
         try:
-            # All texts or none: a call refused for a full queue leaves nothing behind in it.
-            handles = served.scheduler.submit_all(
-                [
-                    TranslationRequest(text.source_ids, decode, deadline=deadline, stream=False, arrival=arrival)
-                    for text in prepared
-                ]
-            )
             results = await asyncio.gather(*(handle.result() for handle in handles))
         except BaseException:
             for handle in handles:  # idempotent; a resolved handle ignores it
@@ -197,54 +160,31 @@ class Dataplane:
             TextTranslation(self._hypotheses(served, text, result, options.replace_unknowns))
             for text, result in zip(prepared, results, strict=True)
         ]
-        return TranslateOutcome(served.name, str(served.version), translations)
+        return TranslateOutcome(served.name, served.version, translations)
 
     async def translate_stream(
         self,
         model: str,
         version: str,
         text: str,
-        options: RequestedDecodeOptions,
+        options: DecodeOptions,
         deadline: float | None = None,
         *,
         on_resolved: OnResolved | None = None,
     ) -> AsyncGenerator[StreamUpdate, None]:
         """Translate ONE text, yielding token updates as they are decoded (greedy) and a final update.
 
-        Validation happens at the first iteration. Same errors as translate(); closing the iterator or
-        cancelling the iterating task cancels the engine request.
+        Validation happens at the first iteration. Same errors as translate(); closing the iterator (the
+        callers use contextlib.aclosing, so a client that goes away mid-stream cancels now, not at
+        collection) or cancelling the iterating task cancels the engine request.
         """
         arrival = time.monotonic()
-        for attempt in (1, 2):
-            index = 0
-            try:
-                # aclosing: a client that goes away mid-stream cancels the engine request now, not at collection.
-                async with aclosing(
-                    self._stream_once(model, version, text, options, deadline, arrival, on_resolved)
-                ) as updates:
-                    async for update in updates:
-                        yield update
-                        index += 1
-                return
-            except VersionRetired:
-                if version or index or attempt == 2:  # see translate()
-                    raise
-
-    async def _stream_once(
-        self,
-        model: str,
-        version: str,
-        text: str,
-        options: RequestedDecodeOptions,
-        deadline: float | None,
-        arrival: float,
-        on_resolved: OnResolved | None,
-    ) -> AsyncGenerator[StreamUpdate, None]:
-        served, decode = self._admit(model, version, [text], options, on_resolved)
+        served, decode = self._resolve_call(model, version, [text], options, on_resolved)
         prepared = self._prepare(served, 0, text)
-        name, number = served.name, str(served.version)
-        handle = served.scheduler.submit(
-            TranslationRequest(prepared.source_ids, decode, deadline=deadline, stream=decode.greedy, arrival=arrival)
+        name, number = served.name, served.version
+        (handle,) = self.client.submit(
+            served,
+            [EngineRequest(prepared.source_ids, decode, deadline=deadline, stream=decode.greedy, arrival=arrival)],
         )
         try:
             index = 0
@@ -278,22 +218,22 @@ class Dataplane:
 
     # ----- validation and conversion ----------------------------------------------------------------
 
-    def _admit(
+    def _resolve_call(
         self,
         model: str,
         version: str,
         texts: Sequence[str],
-        options: RequestedDecodeOptions,
+        options: DecodeOptions,
         on_resolved: OnResolved | None,
     ) -> tuple[ServedVersion, DecodeOptions]:
         """What both translate calls check first: the model version, the texts, room in its queue (before any
         tokenizing: refusing under overload must be cheap) and the options, resolved for the engine."""
         served = self.registry.resolve(model, version)
         if on_resolved is not None:
-            on_resolved(served.name, str(served.version))
+            on_resolved(served.name, served.version)
         self._check_texts(texts)
-        served.scheduler.check_room(len(texts))
-        return served, self._decode_options(served, options)
+        self.client.check_room(served, len(texts))
+        return served, self._resolved_options(served, options)
 
     def _check_texts(self, texts: Sequence[str]) -> None:
         if len(texts) == 0:
@@ -312,7 +252,10 @@ class Dataplane:
                     f"texts[{index}] is {size} bytes of UTF-8, the maximum is {self.settings.max_text_bytes}"
                 )
 
-    def _decode_options(self, served: ServedVersion, options: RequestedDecodeOptions) -> DecodeOptions:
+    def _resolved_options(self, served: ServedVersion, options: DecodeOptions) -> DecodeOptions:
+        """`options` as the client sent them (0 = default), checked against the model and the settings, with
+        every default resolved: `beam_size` 0 or 1 = greedy; `num_hypotheses` 0 = 1; `max_length` 0 = the
+        model's max_target_tokens unless --default-max-length lowers it; `length_penalty` alpha >= 0."""
         limits = served.model.document.limits
         widest = min(self.settings.max_beam_size, limits.top_k)
         beam = max(int(options.beam_size), 1)
@@ -346,6 +289,7 @@ class Dataplane:
             max_length=max_length,
             length_penalty=penalty,
             return_attention=bool(options.return_attention),
+            replace_unknowns=bool(options.replace_unknowns),
         )
 
     def _prepare(self, served: ServedVersion, index: int, text: str) -> _PreparedText:
@@ -361,7 +305,7 @@ class Dataplane:
         return _PreparedText(np.array([*ids, EOS], dtype=np.int64), pieces)
 
     def _hypotheses(
-        self, served: ServedVersion, text: _PreparedText, result: TranslationResult, replace_unknowns: bool
+        self, served: ServedVersion, text: _PreparedText, result: EngineResult, replace_unknowns: bool
     ) -> list[TranslatedHypothesis]:
         return [self._hypothesis(served, text, hypothesis, replace_unknowns) for hypothesis in result.hypotheses]
 

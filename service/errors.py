@@ -61,11 +61,6 @@ class Unavailable(AttnServeError):
     code = "UNAVAILABLE"
 
 
-class VersionRetired(Unavailable):
-    """A front-end process sent a call to a model version that the engine process retired (hot reload) while
-    the call was on its way; a call that asked for the latest version is sent again to the new one."""
-
-
 class Unauthenticated(AttnServeError):
     """The call lacks valid credentials."""
 
@@ -96,7 +91,6 @@ ALL_ERRORS: tuple[type[AttnServeError], ...] = (
     DeadlineExceeded,
     RequestCancelled,
     Unavailable,
-    VersionRetired,
     Unauthenticated,
     EngineFailure,
     ModelLoadError,
@@ -104,8 +98,13 @@ ALL_ERRORS: tuple[type[AttnServeError], ...] = (
 """Every error class, so the transport can check at start-up that its status table covers each `code`."""
 
 
-def status_code_name(error: BaseException) -> str:
-    """The gRPC status code name for any exception: the error's `code`, or 'INTERNAL' for anything else."""
-    if isinstance(error, AttnServeError):
-        return error.code
-    return "INTERNAL"
+_ERROR_BY_CODE: dict[str, type[AttnServeError]] = {
+    error.code: error for error in ALL_ERRORS if error is not AttnServeError
+}
+assert len(_ERROR_BY_CODE) == len(ALL_ERRORS) - 1, "every concrete error class has a status code of its own"
+
+
+def error_from_status(code: str, message: str) -> AttnServeError:
+    """The error that `code` (an AttnServeError.code) and `message` stand for: how an error raised in the engine
+    process is raised again in a front-end process. An unknown code is an INTERNAL error."""
+    return _ERROR_BY_CODE.get(code, EngineFailure)(message)

@@ -1,12 +1,12 @@
 """Prometheus metrics of the server, on their own registry and their own HTTP port (`/metrics`).
 
 Two producers feed them, neither of which touches prometheus-client in its hot path:
-- the engine's scheduler hands plain `StepStats` / `RequestStats` records to a `ModelStatsRecorder`
+- each model version's AsyncEngine hands plain `StepStats` / `RequestStats` records to a `ModelStatsRecorder`
   (one per model version, its label children resolved once), which turns them into metrics;
 - the transport reports every finished RPC through `ServerMetrics.observe_rpc`.
-Queue depths are read from the schedulers at scrape time, so they are exact even when idle.
+Queue depths are read from the engines at scrape time, so they are exact even when idle.
 
-Labels come only from a bounded set: model, version, method, code, reason. Never a request id or
+Labels come only from a bounded set: model, version, method, code, protocol, reason. Never a request id or
 any other client-chosen text (an unknown model name is reported as model="").
 """
 
@@ -16,12 +16,12 @@ import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.engine.async_engine import AsyncEngine
 from service.engine.records import FinishReason
 from service.engine.stats import RequestStats, StepStats
 
@@ -37,38 +37,27 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 MODEL_LABELS = ("model", "version")
 
 
-class QueueDepth(Protocol):
-    """What the scrape-time collector reads from a scheduler (both are plain len() reads)."""
-
-    @property
-    def waiting(self) -> int: ...
-
-    @property
-    def running(self) -> int: ...
-
-
 @dataclass(frozen=True)
 class _QueueSource:
     model: str
     version: str
-    scheduler: QueueDepth
-    waiting_limit: int | None = None
+    engine: AsyncEngine
 
 
 class _QueueCollector(Collector):
-    """Reports each scheduler's waiting and running requests when /metrics is scraped.
+    """Reports each engine's waiting and running requests and its queue limit when /metrics is scraped.
 
-    Runs on the HTTP server's thread; `waiting` and `running` are single len() calls, which are atomic
-    under the GIL, so no lock with the event loop is needed.
+    Runs on the HTTP server's thread and only reads: each figure is derived from counters that one other
+    thread writes (AsyncEngine.waiting and .running), so a scrape never changes what the queue limit uses.
     """
 
     def __init__(self) -> None:
         self._sources: dict[tuple[str, str], _QueueSource] = {}
         self._lock = threading.Lock()
 
-    def add(self, model: str, version: str, scheduler: QueueDepth, waiting_limit: int | None = None) -> None:
+    def add(self, model: str, version: str, engine: AsyncEngine) -> None:
         with self._lock:
-            self._sources[(model, version)] = _QueueSource(model, version, scheduler, waiting_limit)
+            self._sources[(model, version)] = _QueueSource(model, version, engine)
 
     def remove(self, model: str, version: str) -> None:
         with self._lock:
@@ -89,16 +78,16 @@ class _QueueCollector(Collector):
         with self._lock:
             sources = list(self._sources.values())
         for source in sources:
-            waiting.add_metric([source.model, source.version], source.scheduler.waiting)
-            running.add_metric([source.model, source.version], source.scheduler.running)
-            if source.waiting_limit is not None:
-                waiting_limit.add_metric([source.model, source.version], source.waiting_limit)
+            labels = [source.model, source.version]
+            waiting.add_metric(labels, source.engine.waiting)
+            running.add_metric(labels, source.engine.running)
+            waiting_limit.add_metric(labels, source.engine.limits.max_waiting_requests)
         yield waiting
         yield running
         yield waiting_limit
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
-        # Names only, so registering does not call collect() before any scheduler exists.
+        # Names only, so registering does not call collect() before any engine exists.
         yield GaugeMetricFamily("attnserve_requests_waiting", "", labels=MODEL_LABELS)
         yield GaugeMetricFamily("attnserve_requests_running", "", labels=MODEL_LABELS)
         yield GaugeMetricFamily("attnserve_requests_waiting_limit", "", labels=MODEL_LABELS)
@@ -110,23 +99,24 @@ class ServerMetrics:
     Create one per process (tests create several; each has its own registry, so they never clash).
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        r = self.registry
+    def __init__(self, collectors: CollectorRegistry | None = None) -> None:
+        self.collectors = collectors if collectors is not None else CollectorRegistry(auto_describe=True)
+        r = self.collectors
         # The process's memory, CPU seconds and open files (process_*): memory staying flat under overload is
         # one of the things an operator checks.
         ProcessCollector(registry=r)
         # Transport: one observation per finished RPC.
         self.requests = Counter(
             "attnserve_requests",
-            "RPCs finished, by method and gRPC status code.",
-            ("model", "version", "method", "code"),
+            "Calls finished, by method, gRPC status code (HTTP calls: the gRPC status of the same outcome) and "
+            "protocol (grpc or http).",
+            ("model", "version", "method", "code", "protocol"),
             registry=r,
         )
         self.request_duration = Histogram(
             "attnserve_request_duration_seconds",
-            "Wall time of an RPC, from the handler's start to its last message.",
-            ("model", "version", "method"),
+            "Wall time of a call, from the handler's start to its last message, by protocol (grpc or http).",
+            ("model", "version", "method", "protocol"),
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
@@ -246,48 +236,58 @@ class ServerMetrics:
 
     # ----- producers --------------------------------------------------------------------------------
 
-    def observe_rpc(self, method: str, code: str, seconds: float, model: str = "", version: str = "") -> None:
-        """One finished RPC: `method` e.g. 'Translate', `code` a gRPC status name ('OK', 'NOT_FOUND'),
-        `seconds` its wall time; model/version as resolved by the server ('' when it never resolved one)."""
-        self.requests.labels(model, version, method, code).inc()
-        self.request_duration.labels(model, version, method).observe(seconds)
+    def observe_rpc(
+        self,
+        method: str,
+        code: str,
+        seconds: float,
+        model: str = "",
+        version: int | None = None,
+        protocol: str = "grpc",
+    ) -> None:
+        """One finished call: `method` e.g. 'Translate' (an HTTP endpoint is named after the RPC it mirrors),
+        `code` a gRPC status name ('OK', 'NOT_FOUND'), `seconds` its wall time; model/version as resolved by the
+        server ('' / None when it never resolved one); `protocol` 'grpc' or 'http'."""
+        version_label = "" if version is None else str(version)
+        self.requests.labels(model, version_label, method, code, protocol).inc()
+        self.request_duration.labels(model, version_label, method, protocol).observe(seconds)
 
-    def model_loaded(self, model: str, version: str, provider: str, load_seconds: float) -> None:
+    def model_loaded(self, model: str, version: int, provider: str, load_seconds: float) -> None:
         """A model version finished loading on `provider` (e.g. 'CPUExecutionProvider') in `load_seconds`."""
-        self.model_load.labels(model, version).set(load_seconds)
-        self.model_info.labels(model, version).info({"provider": provider})
+        self.model_load.labels(model, str(version)).set(load_seconds)
+        self.model_info.labels(model, str(version)).info({"provider": provider})
 
-    def model_load_failed(self, model: str, version: str) -> None:
+    def model_load_failed(self, model: str, version: int) -> None:
         """An attempt to load a model version failed (the version is not served)."""
-        self.model_load_failures.labels(model, version).inc()
+        self.model_load_failures.labels(model, str(version)).inc()
 
-    def model_unloaded(self, model: str, version: str) -> None:
+    def model_unloaded(self, model: str, version: int) -> None:
         """A model version was retired: it no longer appears as loaded."""
         self.model_retirements.labels(model).inc()
         for family in (self.model_load, self.model_info):
             try:
-                family.remove(model, version)
+                family.remove(model, str(version))
             except KeyError:  # never reported as loaded
                 pass
 
-    def recorder(self, model: str, version: str) -> ModelStatsRecorder:
-        """The StatsRecorder for one model version's scheduler."""
-        return ModelStatsRecorder(self, model, version)
+    def recorder(self, model: str, version: int) -> ModelStatsRecorder:
+        """The StatsRecorder for one model version's engine."""
+        return ModelStatsRecorder(self, model, str(version))
 
-    def watch_queue(self, model: str, version: str, scheduler: QueueDepth, waiting_limit: int | None = None) -> None:
-        """Report `scheduler.waiting` / `.running` under these labels at every scrape, and `waiting_limit`
-        (the queue's capacity, max_waiting_requests) when given, so alerts can compare the two."""
-        self._queues.add(model, version, scheduler, waiting_limit)
+    def watch_queue(self, model: str, version: int, engine: AsyncEngine) -> None:
+        """Report `engine.waiting` / `.running` under these labels at every scrape, with its queue limit
+        (max_waiting_requests), so alerts can compare the two."""
+        self._queues.add(model, str(version), engine)
 
-    def unwatch_queue(self, model: str, version: str) -> None:
-        self._queues.remove(model, version)
+    def unwatch_queue(self, model: str, version: int) -> None:
+        self._queues.remove(model, str(version))
 
     # ----- exposition -------------------------------------------------------------------------------
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Serve /metrics over HTTP on host:port (0 = a free port) from a daemon thread (prometheus-client's
         server); returns the port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        server, _thread = start_http_server(port, addr=host, registry=self.collectors)
         self._http_server = server
         port = int(server.server_port)
         log.info("metrics on http://%s:%d/metrics", host, port)
@@ -305,7 +305,7 @@ class ModelStatsRecorder:
     """The engine's StatsRecorder for one model version: plain stats in, Prometheus metrics out.
 
     Label children are resolved once here, so each callback is a handful of float additions.
-    Called on the event-loop thread after each scheduler iteration.
+    Called by the engine (see StatsRecorder for which thread calls what).
     """
 
     def __init__(self, metrics: ServerMetrics, model: str, version: str) -> None:

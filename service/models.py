@@ -1,18 +1,20 @@
 """The model manager: keeps the registry (service/registry.py) in step with the model repository.
 
 At start it discovers the repository, loads the newest `settings.loaded_versions` versions of every
-model (0 = all) that load, warms each up and starts one engine Scheduler per version. Lookups go to the
-registry, which holds in-memory tables only.
+model (0 = all) that load, warms each up and starts one AsyncEngine per version. Lookups go to the
+registry, which holds in-memory tables only; the engines are the manager's (`engine()`), and what uses them
+is an engine client (service/engine_client/) or the engine process's server (service/ipc/engine_server.py).
 
 Hot reload: every `settings.repository_poll_seconds` the repository is scanned again (a directory
 listing, off the request path) and the served versions are reconciled with it. A new version is
 loaded and warmed up while the current one keeps serving, then switched to in one step on the event
 loop (new requests go to it; requests already queued on the old one finish there), and the old version
-is retired: it drains, then its engine stops. A version that fails to load (corrupt or missing file,
-mismatched tokenizer, failed warm-up) is logged, counted in `attnserve_model_load_failures_total` and
-never served; the versions already serving go on. It is tried again only when its files change. When
-the newest versions are removed from disk, the newest remaining one is loaded (a rollback); the last
-served version of a model is never dropped because its files disappeared.
+is retired: it drains, then its engine stops (after `acknowledge`, when given: the engine process waits
+until every front-end process has heard that the version was replaced). A version that fails to load
+(corrupt or missing file, mismatched tokenizer, failed warm-up) is logged, counted in
+`attnserve_model_load_failures_total` and never served; the versions already serving go on. It is tried
+again only when its files change. When the newest versions are removed from disk, the newest remaining one
+is loaded (a rollback); the last served version of a model is never dropped because its files disappeared.
 
 Loading and warm-up are blocking onnxruntime calls; they run in a worker thread so the event loop
 (and the health service) stays responsive while a large repository loads.
@@ -21,67 +23,21 @@ Loading and warm-up are blocking onnxruntime calls; they run in a worker thread 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import os
 import time
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
-from typing import Protocol
 
-from service.engine import BatchingPolicy, EngineLimits, Scheduler
+from service.engine import AsyncEngine
 from service.errors import ModelLoadError, ModelNotFound
 from service.metrics import ServerMetrics
-from service.registry import ModelEntry, ModelRegistry, ServedVersion
-from service.runtime.model import load_model
+from service.registry import ModelEntry, ModelEvent, ModelEventKind, ModelRegistry, ServedVersion, notify_listeners
+from service.runtime.model import LoadedModel, load_model
 from service.runtime.repository import discover, is_valid_version, version_directory
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class ModelEventKind(enum.Enum):
-    """What happened to a model version."""
-
-    LOADED = "loaded"
-    """Loaded, warmed up and serving (at start or by a repository scan)."""
-    RETIRED = "retired"
-    """Taken out of service by a repository scan (replaced or removed); it drains its requests."""
-    FAILED = "failed"
-    """A load attempt failed; the version is not served."""
-
-
-@dataclass(frozen=True)
-class ModelEvent:
-    """A change in what the manager serves, given to listeners on the event-loop thread.
-    `detail`: why a load failed ('' otherwise)."""
-
-    kind: ModelEventKind
-    name: str
-    version: int
-    detail: str = ""
-
-
-class ModelSource(Protocol):
-    """Where a process's served versions come from: the ModelManager below, or in a front-end process the
-    engine process's client (service/ipc/frontend_side.py). What the gRPC server and the engine endpoint use."""
-
-    registry: ModelRegistry
-
-    def add_listener(self, listener: Callable[[ModelEvent], None]) -> None: ...
-    def begin_draining(self) -> None: ...
-    async def stop(self, grace_s: float) -> None: ...
-
-
-def notify_listeners(listeners: list[Callable[[ModelEvent], None]], event: ModelEvent) -> None:
-    """Give `event` to every listener; one that raises is logged and the others still hear of it (a broken
-    listener must not stop a reload half-way)."""
-    for listener in listeners:
-        try:
-            listener(event)
-        except Exception:
-            log.exception("model event listener failed on %s", event)
 
 
 Fingerprint = tuple[tuple[str, int, int], ...]
@@ -106,8 +62,11 @@ def _fingerprint(directory: Path) -> Fingerprint:
 class ModelManager:
     """The reconciler: loads the repository's models into `registry` and keeps it in step with the repository.
 
-    Use on the event-loop thread: `await start()`, lookups through `registry`, `await stop(grace_s)`.
-    `only` restricts loading to these model names (the offline client loads a single model).
+    Use on the event-loop thread: `await start()`, lookups through `registry` and `engine()`,
+    `await stop(grace_s)`. `only` restricts loading to these model names (the offline client loads a single
+    model). `acknowledge`, when given, is awaited after a version is retired and before its engine stops
+    taking requests (see the module docstring). `loader(directory)` loads a version (default: onnxruntime
+    with the settings' provider and threads; tests give one whose step model is a fake).
     """
 
     def __init__(
@@ -116,17 +75,23 @@ class ModelManager:
         metrics: ServerMetrics | None = None,
         *,
         only: Collection[str] | None = None,
+        acknowledge: Callable[[], Awaitable[None]] | None = None,
+        loader: Callable[[Path], LoadedModel] | None = None,
     ) -> None:
         self.settings = settings
+        self._loader = loader if loader is not None else self._load_onnx
         self.metrics = metrics
         self._only = set(only) if only is not None else None
+        self._acknowledge = acknowledge
         self.registry = ModelRegistry(settings.loaded_versions)
+        # Every version's engine, from its load until it stopped (retired versions stay while they drain).
+        self._engines: dict[tuple[str, int], AsyncEngine] = {}
         self._started = False
         self._listeners: list[Callable[[ModelEvent], None]] = []
         self._scan_lock = asyncio.Lock()
         self._scan_task: asyncio.Task[None] | None = None
         self._refreshes: set[asyncio.Task[None]] = set()  # scans asked for by refresh_soon(), until they end
-        self._retiring: dict[asyncio.Task[None], ServedVersion] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
         # (name, version) -> its files when it failed: it is tried again only once they change.
         self._failed_fingerprints: dict[tuple[str, int], Fingerprint] = {}
         # Models whose versions all vanished from disk while one still serves (logged once, not every scan).
@@ -155,18 +120,18 @@ class ModelManager:
         if not found:
             wanted = f" named {sorted(self._only)}" if self._only else ""
             raise ModelLoadError(f"no models{wanted} in the model repository {root} (expected NAME/VERSION/model.json)")
+        entries = []
         for name, versions in sorted(found.items()):
             entry = ModelEntry(versions_on_disk=tuple(versions))
-            self.registry.entries[name] = entry
+            self.registry.add_model(name, entry)
             await self._reconcile(name, entry)
-        if not any(entry.served for entry in self.registry.entries.values()):
+            entries.append((name, entry))
+        if not any(entry.served for _, entry in entries):
             failures = "; ".join(
-                f"{name} version {version}: {why}"
-                for name, entry in self.registry.entries.items()
-                for version, why in entry.failures.items()
+                f"{name} version {version}: {why}" for name, entry in entries for version, why in entry.failures.items()
             )
             raise ModelLoadError(f"no model version could be loaded from {root}: {failures}")
-        self.registry.default_model = self._choose_default()
+        self.registry.set_default_model(self._choose_default())
         if self.settings.repository_poll_seconds > 0:
             self._scan_task = asyncio.get_running_loop().create_task(self._scan_loop(), name="repository scan")
 
@@ -179,13 +144,7 @@ class ModelManager:
             fingerprint = await asyncio.to_thread(_fingerprint, directory)
         started = time.monotonic()
         try:
-            model = await asyncio.to_thread(
-                load_model,
-                directory,
-                provider=self.settings.provider,
-                intra_op_threads=self.settings.intra_op_threads,
-                inter_op_threads=self.settings.inter_op_threads,
-            )
+            model = await asyncio.to_thread(self._loader, directory)
             if model.document.name != name or model.document.version != version:
                 log.warning(
                     "%s: model.json says name %r version %s; serving it as %s version %s (its folder)",
@@ -204,27 +163,20 @@ class ModelManager:
             log.exception("model %s version %s is not served: loading or warm-up failed", name, version)
             self._record_failure(name, version, entry, f"{type(error).__name__}: {error}", fingerprint)
             return False
-        recorder = self.metrics.recorder(name, str(version)) if self.metrics is not None else None
-        scheduler = Scheduler(
+        served = ServedVersion(name, version, model)
+        engine = AsyncEngine(
             model.step_model,
-            limits=EngineLimits(
-                max_active_hypotheses=self.settings.max_active_hypotheses,
-                max_padded_source_tokens=self.settings.max_padded_source_tokens,
-                max_waiting_requests=self.settings.max_waiting_requests,
-                batch_size=self.settings.batch_size,
-                batch_delay_s=self.settings.batch_delay_ms / 1000.0,
-                source_bucket=self.settings.source_bucket_tokens,
-            ),
-            policy=BatchingPolicy(self.settings.batching),
-            recorder=recorder,
-            name=name,
-            version=str(version),
+            limits=self.settings.engine_limits(),
+            policy=self.settings.batching,
+            recorder=self.metrics.recorder(name, version) if self.metrics is not None else None,
+            label=served.label,
         )
-        await scheduler.start()
-        entry.served[version] = ServedVersion(name, version, model, scheduler)
+        await engine.start()
+        self._engines[(name, version)] = engine
+        entry.served[version] = served
         if self.metrics is not None:
-            self.metrics.model_loaded(name, str(version), model.provider, model.load_seconds)
-            self.metrics.watch_queue(name, str(version), scheduler, waiting_limit=scheduler.limits.max_waiting_requests)
+            self.metrics.model_loaded(name, version, model.provider, model.load_seconds)
+            self.metrics.watch_queue(name, version, engine)
         log.info(
             "loaded model %s version %s on %s in %.2f s (ready after %.2f s with warm-up)",
             name,
@@ -238,11 +190,19 @@ class ModelManager:
         self._emit(ModelEvent(ModelEventKind.LOADED, name, version))
         return True
 
+    def _load_onnx(self, directory: Path) -> LoadedModel:
+        return load_model(
+            directory,
+            provider=self.settings.provider,
+            intra_op_threads=self.settings.intra_op_threads,
+            inter_op_threads=self.settings.inter_op_threads,
+        )
+
     def _record_failure(self, name: str, version: int, entry: ModelEntry, why: str, fingerprint: Fingerprint) -> None:
         entry.failures[version] = why
         self._failed_fingerprints[(name, version)] = fingerprint
         if self.metrics is not None:
-            self.metrics.model_load_failed(name, str(version))
+            self.metrics.model_load_failed(name, version)
         self._emit(ModelEvent(ModelEventKind.FAILED, name, version, why))
 
     # ----- hot reload -------------------------------------------------------------------------------
@@ -280,16 +240,16 @@ class ModelManager:
             found = await asyncio.to_thread(discover, self.settings.model_repository)
             if self._only is not None:
                 found = {name: versions for name, versions in found.items() if name in self._only}
-            for name in sorted(set(found) | set(self.registry.entries)):
+            for name in sorted(set(found) | set(self.registry.all_model_names)):
                 if self.registry.draining:
                     return
                 versions = tuple(found.get(name, ()))
-                entry = self.registry.entries.get(name)
+                entry = self.registry.entry(name)
                 if entry is None:
                     log.info("model %s appeared in the repository with versions %s", name, list(versions))
                     entry = ModelEntry(versions_on_disk=versions)
                     await self._reconcile(name, entry)
-                    self.registry.entries[name] = entry  # only now: until it loaded, the name was simply unknown
+                    self.registry.add_model(name, entry)  # only now: until it loaded, the name was simply unknown
                     continue
                 entry.versions_on_disk = versions
                 await self._reconcile(name, entry)
@@ -330,28 +290,40 @@ class ModelManager:
         for version in stale:
             self._retire(entry, entry.served[version])
 
+    def engine(self, name: str, version: int) -> AsyncEngine | None:
+        """The engine of a loaded version, or of a retired one until it stopped (None otherwise)."""
+        return self._engines.get((name, version))
+
     def _retire(self, entry: ModelEntry, served: ServedVersion) -> None:
         """Take a version out of the lookup tables now (new requests go to the others) and drain it in
         the background: its queued and running requests finish, then its engine stops."""
         del entry.served[served.version]
+        engine = self._engines[(served.name, served.version)]
         log.info(
             "model %s: retiring version %s (serving %s); %d requests in it finish first",
             served.name,
             served.version,
             sorted(entry.served),
-            served.scheduler.waiting + served.scheduler.running,
+            engine.outstanding,
         )
         task = asyncio.get_running_loop().create_task(self._drain_retired(served), name=f"retire {served.label}")
-        self._retiring[task] = served
-        task.add_done_callback(lambda done: self._retiring.pop(done, None))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
         self._emit(ModelEvent(ModelEventKind.RETIRED, served.name, served.version))
 
     async def _drain_retired(self, served: ServedVersion) -> None:
-        await served.scheduler.stop(self.settings.drain_grace_seconds)
+        if self._acknowledge is not None:
+            await self._acknowledge()
+        await self._engines[(served.name, served.version)].stop(self.settings.drain_grace_seconds)
+        self._forget(served.name, served.version)
         if self.metrics is not None:
-            self.metrics.unwatch_queue(served.name, str(served.version))
-            self.metrics.model_unloaded(served.name, str(served.version))
+            self.metrics.model_unloaded(served.name, served.version)
         log.info("model %s: version %s drained and stopped", served.name, served.version)
+
+    def _forget(self, name: str, version: int) -> None:
+        """Drop a stopped engine (idempotent: a stop and a retirement's drain may both end it)."""
+        if self._engines.pop((name, version), None) is not None and self.metrics is not None:
+            self.metrics.unwatch_queue(name, version)
 
     async def _scan_loop(self) -> None:
         interval = self.settings.repository_poll_seconds
@@ -365,7 +337,7 @@ class ModelManager:
     def _choose_default(self) -> str:
         configured = self.settings.default_model
         if configured:
-            entry = self.registry.entries.get(configured)
+            entry = self.registry.entry(configured)
             if entry is None or not entry.served:
                 available = ", ".join(self.registry.model_names) or "none"
                 raise ModelLoadError(f"default_model={configured} is not a loaded model (loaded: {available})")
@@ -374,21 +346,20 @@ class ModelManager:
 
     def begin_draining(self) -> None:
         """From now on every version reports not ready and new translations raise Unavailable."""
-        self.registry.draining = True
+        self.registry.begin_draining()
 
     async def stop(self, grace_s: float) -> None:
-        """Drain every scheduler (in-flight requests get up to `grace_s` seconds), then stop them."""
+        """Drain every engine, retired ones still draining included (in-flight requests get up to `grace_s`
+        seconds), then stop them."""
         self.begin_draining()
         if self._scan_task is not None:
             self._scan_task.cancel()  # a load in progress is abandoned: its version was never served
             await asyncio.gather(self._scan_task, return_exceptions=True)
-        served = [version for entry in self.registry.entries.values() for version in entry.served.values()]
-        served += list(self._retiring.values())  # still draining after a reload: same grace, same end
-        await asyncio.gather(*(version.scheduler.stop(grace_s) for version in served))
+        engines = dict(self._engines)
+        await asyncio.gather(*(engine.stop(grace_s) for engine in engines.values()))
         await asyncio.gather(*self._retiring, return_exceptions=True)
-        if self.metrics is not None:
-            for version in served:
-                self.metrics.unwatch_queue(version.name, str(version.version))
+        for name, version in engines:
+            self._forget(name, version)
 
 
 def describe_repository_path(path: Path) -> tuple[Path, str | None, str | None]:

@@ -1,22 +1,28 @@
-"""The registry: which model versions are served now, and looking one up by a request's name and version.
+"""The registry: which model versions a process serves now, and looking one up by a request's name and version.
 
-It holds in-memory tables only; the reconciler (service/models.py) fills them from the repository. A
-client-supplied name is checked against the strict model-name pattern first and is never turned into a path.
-Use on the event-loop thread.
+It holds in-memory tables only, changed through its methods by one writer per process: the model manager
+(service/models.py) in the process that decodes, the socket client (service/engine_client/socket_client.py)
+in a front-end process, which applies the engine process's reports. A client-supplied name is checked
+against the strict model-name pattern first and is never turned into a path. Use on the event-loop thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import enum
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from service.engine import RequestHandle, TranslationRequest
+import msgspec
+
 from service.errors import InvalidRequest, ModelLoadError, ModelNotFound, Unavailable
 from service.runtime.model_format import ModelDocument
 from service.runtime.repository import is_valid_model_name, is_valid_version
 from service.runtime.tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class ServedModel(Protocol):
@@ -37,28 +43,13 @@ class ServedModel(Protocol):
     def load_seconds(self) -> float: ...
 
 
-class DecodeQueue(Protocol):
-    """What the dataplane and the reconciler need of a version's decoder: engine.Scheduler in the process that
-    decodes, a proxy to the engine process's scheduler in a front-end process."""
-
-    @property
-    def waiting(self) -> int: ...
-    @property
-    def running(self) -> int: ...
-    def check_room(self, count: int) -> None: ...
-    def submit(self, request: TranslationRequest) -> RequestHandle: ...
-    def submit_all(self, requests: Sequence[TranslationRequest]) -> list[RequestHandle]: ...
-    async def stop(self, grace_s: float) -> None: ...
-
-
-@dataclass
+@dataclass(frozen=True)
 class ServedVersion:
-    """One loaded model version and the scheduler that decodes with it."""
+    """One loaded model version: its name, number and what the dataplane reads of it (document, tokenizers)."""
 
     name: str
     version: int
     model: ServedModel
-    scheduler: DecodeQueue
 
     @property
     def label(self) -> str:
@@ -108,6 +99,72 @@ class ModelEntry:
         return self.served[max(self.served)] if self.served else None
 
 
+# ----- what a front-end process learns of the served versions -------------------------------------------------
+
+
+class ServedVersionReport(msgspec.Struct, array_like=True):
+    """One loaded version, as the engine process reports it: a front-end reads its model.json and tokenizers
+    from `directory`."""
+
+    version: int
+    directory: str
+    provider: str
+    load_seconds: float
+
+
+class ModelReport(msgspec.Struct, array_like=True):
+    """One model name's ModelEntry, as the engine process reports it."""
+
+    name: str
+    versions_on_disk: list[int]
+    served: list[ServedVersionReport]
+    failures: dict[int, str]
+
+
+class RegistryReport(msgspec.Struct, array_like=True):
+    """Everything a registry serves, as a front-end process needs it to fill its own (ModelRegistry.report)."""
+
+    default_model: str
+    draining: bool
+    models: list[ModelReport]
+
+
+LoadTextSide = Callable[[str, ServedVersionReport], ServedModel]
+"""Loads a reported version's text side (model.json and tokenizers); raises ModelLoadError."""
+
+
+class ModelEventKind(enum.Enum):
+    """What happened to a model version."""
+
+    LOADED = "loaded"
+    """Loaded, warmed up and serving (at start or by a repository scan)."""
+    RETIRED = "retired"
+    """Taken out of service by a repository scan (replaced or removed); it drains its requests."""
+    FAILED = "failed"
+    """A load attempt failed; the version is not served."""
+
+
+@dataclass(frozen=True)
+class ModelEvent:
+    """A change in what the manager serves, given to listeners on the event-loop thread.
+    `detail`: why a load failed ('' otherwise)."""
+
+    kind: ModelEventKind
+    name: str
+    version: int
+    detail: str = ""
+
+
+def notify_listeners(listeners: list[Callable[[ModelEvent], None]], event: ModelEvent) -> None:
+    """Give `event` to every listener; one that raises is logged and the others still hear of it (a broken
+    listener must not stop a reload half-way)."""
+    for listener in listeners:
+        try:
+            listener(event)
+        except Exception:
+            log.exception("model event listener failed on %s", event)
+
+
 class ModelRegistry:
     """Resolves (name, version) to a ServedVersion and describes what is served.
 
@@ -116,22 +173,40 @@ class ModelRegistry:
 
     def __init__(self, loaded_versions: int) -> None:
         self.loaded_versions = loaded_versions
-        self.entries: dict[str, ModelEntry] = {}
-        self.default_model = ""  # the model used when a request names none; '' until the first load finished
-        self.draining = False
+        self._entries: dict[str, ModelEntry] = {}
+        self._default_model = ""  # the model used when a request names none; '' until the first load finished
+        self._draining = False
         # Why no model accepts requests now although versions are loaded ('' = they do): a front-end process
         # sets it while it has no connection to the engine process.
-        self.unavailable = ""
+        self._unavailable = ""
+
+    # ----- reading ----------------------------------------------------------------------------------
+
+    @property
+    def default_model(self) -> str:
+        return self._default_model
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def unavailable(self) -> str:
+        return self._unavailable
 
     @property
     def model_names(self) -> list[str]:
         """Names with at least one loaded version, sorted."""
-        return sorted(name for name, entry in self.entries.items() if entry.served)
+        return sorted(name for name, entry in self._entries.items() if entry.served)
 
     @property
     def all_model_names(self) -> list[str]:
         """Every name found in the repository (loaded or not), sorted."""
-        return sorted(self.entries)
+        return sorted(self._entries)
+
+    def entry(self, name: str) -> ModelEntry | None:
+        """The entry of a model name (None when unknown). The writer may change it through its methods."""
+        return self._entries.get(name)
 
     @property
     def all_loaded(self) -> bool:
@@ -139,10 +214,10 @@ class ModelRegistry:
         draining begins; False while starting, while some model has no version that loaded, and while
         draining. (A version that failed while another version of its model serves does not count.)"""
         return (
-            bool(self.default_model)
-            and not self.draining
-            and not self.unavailable
-            and all(entry.served for entry in self.entries.values())
+            bool(self._default_model)
+            and not self._draining
+            and not self._unavailable
+            and all(entry.served for entry in self._entries.values())
         )
 
     def is_ready(self, name: str, version: str) -> bool:
@@ -158,7 +233,7 @@ class ModelRegistry:
     def served_versions(self) -> list[ServedVersion]:
         """Every loaded version, by name then version."""
         return [
-            entry.served[version] for name, entry in sorted(self.entries.items()) for version in sorted(entry.served)
+            entry.served[version] for name, entry in sorted(self._entries.items()) for version in sorted(entry.served)
         ]
 
     def resolve(self, name: str, version: str) -> ServedVersion:
@@ -169,10 +244,10 @@ class ModelRegistry:
         that failed to load, Unavailable while draining.
         """
         served = self._pick(name, version)[1]
-        if self.draining:
+        if self._draining:
             raise Unavailable(f"the server is shutting down; model {served.label} accepts no new requests")
-        if self.unavailable:
-            raise Unavailable(f"model {served.label} accepts no requests now: {self.unavailable}")
+        if self._unavailable:
+            raise Unavailable(f"model {served.label} accepts no requests now: {self._unavailable}")
         return served
 
     def describe(self, name: str, version: str) -> ModelDescription:
@@ -183,11 +258,78 @@ class ModelRegistry:
 
     def describe_all(self) -> list[ModelDescription]:
         """ListModels: the latest loaded version of every model with one, by name."""
-        return [self._description(entry, entry.latest) for _, entry in sorted(self.entries.items()) if entry.latest]
+        return [self._description(entry, entry.latest) for _, entry in sorted(self._entries.items()) if entry.latest]
+
+    def report(self) -> RegistryReport:
+        """What is served now, for a front-end process (apply_report)."""
+        return RegistryReport(
+            default_model=self._default_model,
+            draining=self._draining,
+            models=[
+                ModelReport(
+                    name=name,
+                    versions_on_disk=list(entry.versions_on_disk),
+                    served=[
+                        ServedVersionReport(
+                            version, str(served.model.directory), served.model.provider, served.model.load_seconds
+                        )
+                        for version, served in sorted(entry.served.items())
+                    ],
+                    failures=dict(entry.failures),
+                )
+                for name, entry in sorted(self._entries.items())
+            ],
+        )
+
+    # ----- writing (one writer per process) ---------------------------------------------------------
+
+    def add_model(self, name: str, entry: ModelEntry) -> None:
+        """Make a model name known (with the versions loaded into `entry` so far)."""
+        self._entries[name] = entry
+
+    def set_default_model(self, name: str) -> None:
+        self._default_model = name
+
+    def begin_draining(self) -> None:
+        """From now on every version reports not ready and new translations raise Unavailable."""
+        self._draining = True
+
+    def set_unavailable(self, why: str) -> None:
+        """Refuse every request with Unavailable(`why`) until called with '' (the engine process is away)."""
+        self._unavailable = why
+
+    def apply_report(self, report: RegistryReport, load: LoadTextSide) -> list[ServedVersion]:
+        """Become what `report` says is served (a front-end process following the engine process). Versions
+        already held from the same directory are kept; new ones are loaded with `load`, and one that fails
+        to load is recorded as failed. Returns the newly served versions."""
+        added: list[ServedVersion] = []
+        entries: dict[str, ModelEntry] = {}
+        for model in report.models:
+            previous = self._entries.get(model.name)
+            entry = ModelEntry(versions_on_disk=tuple(model.versions_on_disk), failures=dict(model.failures))
+            for reported in model.served:
+                known = previous.served.get(reported.version) if previous is not None else None
+                if known is not None and str(known.model.directory) == reported.directory:
+                    entry.served[reported.version] = known
+                    continue
+                try:
+                    served = ServedVersion(model.name, reported.version, load(model.name, reported))
+                except ModelLoadError as error:
+                    entry.failures[reported.version] = error.message
+                    continue
+                entry.served[reported.version] = served
+                added.append(served)
+            entries[model.name] = entry
+        self._entries = entries
+        self._default_model = report.default_model
+        self._draining = self._draining or report.draining
+        return added
+
+    # ----- lookups ------------------------------------------------------------------------------------
 
     def _pick(self, name: str, version: str) -> tuple[ModelEntry, ServedVersion]:
         """The one place a request's (name, version) becomes a served version; the errors say why not."""
-        entry, name = self._entry(name)
+        entry, name = self._named_entry(name)
         if not version:
             if entry.latest is None:
                 raise ModelLoadError(f"model {name} has no loaded version: {self._failure_text(entry)}")
@@ -198,8 +340,8 @@ class ModelRegistry:
             raise self._version_error(name, number, entry)
         return entry, served
 
-    def _entry(self, name: str) -> tuple[ModelEntry, str]:
-        name = name or self.default_model
+    def _named_entry(self, name: str) -> tuple[ModelEntry, str]:
+        name = name or self._default_model
         if not name:
             raise Unavailable("the server has not finished loading its models")
         if not is_valid_model_name(name):
@@ -208,7 +350,7 @@ class ModelRegistry:
                 f"model name {shown!r} is not valid: use letters, digits, '_', '.', '-' (at most 64, "
                 "starting with a letter or digit, no '..')"
             )
-        entry = self.entries.get(name)
+        entry = self._entries.get(name)
         if entry is None:
             raise ModelNotFound(
                 f"model {name!r} not found; available models: {', '.join(self.all_model_names) or 'none'}"
@@ -247,7 +389,7 @@ class ModelRegistry:
             version=served.version,
             versions=entry.versions_on_disk,
             loaded_versions=tuple(sorted(entry.served)),
-            ready=not (self.draining or self.unavailable),
+            ready=not (self._draining or self._unavailable),
             attention=str(document.architecture.get("attention") or ""),
             architecture=_scalars_as_text(document.architecture),
             task_kind=str(task.get("kind") or ""),
@@ -259,7 +401,7 @@ class ModelRegistry:
             max_source_tokens=limits.max_source_tokens,
             max_target_tokens=limits.max_target_tokens,
             top_k=limits.top_k,
-            is_default=served.name == self.default_model,
+            is_default=served.name == self._default_model,
             load_seconds=served.model.load_seconds,
         )
 

@@ -1,4 +1,8 @@
-"""`attnserve serve`: load the model repository and serve it over gRPC until SIGTERM/SIGINT.
+"""`attnserve serve`: load the model repository and serve it over gRPC and HTTP until SIGTERM/SIGINT.
+
+With `--frontends 0` (the default on fewer than 3 CPUs) everything runs in this process: the gRPC and HTTP
+servers (on one event loop), the dataplane and the engines, behind an InProcessClient. Otherwise the
+supervisor (service/processes/) runs an engine process and front-end processes.
 
 On SIGTERM or SIGINT the server drains (health NOT_SERVING, new calls UNAVAILABLE, in-flight calls
 get drain_grace_seconds to finish) and exits with status 0. SIGHUP scans the model repository at once
@@ -10,41 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import sys
 from collections.abc import Callable
 
 from service.dataplane import Dataplane
-from service.errors import AttnServeError
+from service.engine_client.in_process import InProcessClient
 from service.grpc_api.security import SecurityConfigError
 from service.grpc_api.server import GrpcServer, PortInUse
+from service.http_api.server import HttpServer
+from service.lifecycle import remove_signal_handlers, settings_from, start_client, stop_event
 from service.metrics import ServerMetrics
-from service.models import ModelManager
-from service.settings import Settings, SettingsError
+from service.settings import Settings
 
 log = logging.getLogger("attnserve.server")
-
-
-def configure_logging(level: str) -> None:
-    """Plain single-line logs on stderr at `level`, quiet third-party loggers."""
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-
-
-async def start_models(manager: ModelManager) -> bool:
-    """Load the repository (ModelManager.start); False, with the reason logged, when not a single model loads."""
-    try:
-        await manager.start()
-    except AttnServeError as error:
-        log.error("cannot start: %s", error.message)
-        await manager.stop(0.0)
-        return False
-    return True
 
 
 async def serve(
@@ -53,55 +35,61 @@ async def serve(
     stop: asyncio.Event | None = None,
     on_ready: Callable[[int], None] | None = None,
 ) -> int:
-    """Run the server until `stop` is set, then drain; returns the exit status.
+    """Run the one-process server until `stop` is set, then drain; returns the exit status.
 
     Without `stop`, one is created and set by SIGTERM/SIGINT (main thread only). `on_ready(port)` is
     called once the port is bound and the models are SERVING.
     """
     metrics = ServerMetrics()
-    manager = ModelManager(settings, metrics)
-    dataplane = Dataplane(manager.registry, settings)
+    client = InProcessClient(settings, metrics)
+    dataplane = Dataplane(client, settings)
     try:
         # Before loading any model: a TLS or token file that does not load fails the start at once.
-        server = GrpcServer(settings, manager, dataplane, metrics)
+        server = GrpcServer(settings, client, dataplane, metrics)
+        http = HttpServer(settings, dataplane, metrics) if settings.http_port else None
     except SecurityConfigError as error:
         log.error("cannot start: %s", error)
         return 2
-    if not await start_models(manager):
+    if not await start_client(client):
         return 1
+    also_stop = [http.stop] if http is not None else []
     try:
         port = await server.start()
     except PortInUse as error:
         log.error("cannot start: %s", error)
-        await manager.stop(0.0)
+        await client.stop(0.0)
         return 1
+    if http is not None:
+        try:
+            await http.start()
+        except PortInUse as error:
+            log.error("cannot start: %s", error)
+            await server.drain(0.0)
+            return 1
     if settings.metrics_port:
         try:
             metrics.serve(settings.metrics_port, host=settings.metrics_address)
         except OSError as error:
             log.error("cannot serve metrics on port %d: %s", settings.metrics_port, error)
-            await server.drain(0.0)
+            await server.drain(0.0, also_stop)
             return 1
 
-    loop = asyncio.get_running_loop()
-    handled: list[signal.Signals] = []
+    own_signals = stop is None
     if stop is None:
-        stop = asyncio.Event()
-        for signal_number in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signal_number, stop.set)
-            handled.append(signal_number)
-        loop.add_signal_handler(signal.SIGHUP, manager.refresh_soon, "SIGHUP")
-        handled.append(signal.SIGHUP)
+        stop = stop_event(on_hangup=lambda: client.refresh_soon("SIGHUP"))
+    registry = client.registry
     models = ", ".join(
-        f"{served.name} v{served.version} ({served.model.provider})" for served in manager.registry.served_versions()
+        f"{served.name} v{served.version} ({served.model.provider})" for served in registry.served_versions()
     )
     metrics_text = f", metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else ""
+    http_text = f", HTTP on :{http.port}" if http is not None else ""
     log.info(
-        "attnserve listening on %s:%d (default model %s) serving %s%s",
+        "attnserve listening on %s:%d (default model %s) serving %s%s%s",
         settings.host,
         port,
-        manager.registry.default_model,
+        registry.default_model,
         models,
+        http_text,
         metrics_text,
     )
     if on_ready is not None:
@@ -109,25 +97,22 @@ async def serve(
     try:
         await stop.wait()
         log.info("shutting down: draining for up to %.1f s", settings.drain_grace_seconds)
-        await server.drain(settings.drain_grace_seconds)
+        await server.drain(settings.drain_grace_seconds, also_stop)
     finally:
-        for signal_number in handled:
-            loop.remove_signal_handler(signal_number)
+        if own_signals:
+            remove_signal_handlers()
         metrics.close()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """`attnserve serve [flags]`; returns the process exit status."""
-    try:
-        settings = Settings.from_sources(argv, os.environ)
-    except SettingsError as error:
-        print(f"attnserve serve: {error}", file=sys.stderr)
+    settings = settings_from(argv)
+    if settings is None:
         return 2
-    configure_logging(settings.log_level)
     frontends = settings.frontend_processes
     if frontends:
-        from service.ipc.processes import supervise
+        from service.processes.supervisor import supervise
 
         return supervise(settings, list(sys.argv[1:] if argv is None else argv), frontends)
     return asyncio.run(serve(settings))

@@ -14,6 +14,7 @@ flag at all; and a message in our words that names where a bad value came from, 
 from __future__ import annotations
 
 import argparse
+import enum
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -25,12 +26,12 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from service.engine.core import BatchingPolicy, EngineLimits
 from service.runtime.providers import Provider
 from service.validation import error_text
 
 ENV_PREFIX = "ATTNSERVE_"
 
-BatchingPolicy = Literal["continuous", "request", "none"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
@@ -87,13 +88,22 @@ class Settings(BaseSettings):
     """Folder holding the model repository (`<name>/<version>/model.json`, see docs/model-format.md)."""
 
     host: Annotated[str, AfterValidator(_not_empty_host)] = "0.0.0.0"
-    """Address the gRPC server and the metrics endpoint listen on, e.g. `0.0.0.0`, `127.0.0.1`, `[::]`."""
+    """Address the gRPC server, the HTTP server and the metrics endpoint listen on, e.g. `0.0.0.0`, `127.0.0.1`,
+    `[::]`."""
 
     port: Annotated[int, Field(ge=1, le=65535)] = 50051
     """TCP port of the gRPC server (Translator, KServe v2 GRPCInferenceService, Health and Reflection services)."""
 
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 8002
     """TCP port of the Prometheus endpoint (`/metrics`); 0 turns it off."""
+
+    http_port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    """TCP port of the HTTP server (KServe v2 REST, the JSON API with server-sent events, the page at `/`,
+    `/openapi.json`); 0 turns it off. Same models, limits, TLS and bearer tokens as the gRPC port."""
+
+    http_body_timeout_seconds: Annotated[float, Field(ge=0.01, le=3600.0, allow_inf_nan=False)] = 30.0
+    """Seconds an HTTP client may take to send a request body; a slower one is answered 408 and its
+    connection closed, so a client that never finishes its body holds nothing for long."""
 
     default_model: Annotated[str, AfterValidator(_model_name)] = ""
     """Model used when a request names none; empty = the only model, else the alphabetically first."""
@@ -110,7 +120,7 @@ class Settings(BaseSettings):
     inter_op_threads: Annotated[int, Field(ge=0, le=1024)] = 1
     """Threads onnxruntime uses to run independent operators in parallel; 0 = onnxruntime's default."""
 
-    batching: Annotated[BatchingPolicy, BeforeValidator(_lower)] = "continuous"
+    batching: Annotated[BatchingPolicy, BeforeValidator(_lower)] = BatchingPolicy.CONTINUOUS
     """How requests share decoder steps: `continuous` (join and leave at every step), `request`
     (a batch of whole requests runs to completion), `none` (one request at a time)."""
 
@@ -141,7 +151,7 @@ class Settings(BaseSettings):
     """Largest text, in UTF-8 bytes."""
 
     max_receive_message_bytes: Annotated[int, Field(ge=1024, le=2**31 - 1)] = 4 * 1024 * 1024
-    """Largest gRPC request message the server accepts, in bytes."""
+    """Largest gRPC request message, and HTTP request body, the server accepts, in bytes (HTTP: 413 beyond)."""
 
     max_send_message_bytes: Annotated[int, Field(ge=1024, le=2**31 - 1)] = 16 * 1024 * 1024
     """Largest gRPC response message the server sends, in bytes (attention matrices can be large)."""
@@ -188,6 +198,11 @@ class Settings(BaseSettings):
 
     reflection: bool = True
     """Serve gRPC server reflection (lets grpcurl and similar tools list the API): true or false."""
+
+    onnxruntime_telemetry: bool = False
+    """Let onnxruntime collect and send its usage telemetry (its Linux wheels do by default, and keep a device id
+    under $HOME/.cache): true or false. false sets ORT_DISABLE_TELEMETRY=1 for the server and every
+    process it starts; true leaves onnxruntime's own default."""
 
     max_concurrent_streams: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     """Most calls one client connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS);
@@ -238,6 +253,11 @@ class Settings(BaseSettings):
                 f"metrics_port={self.metrics_port} and port={self.port} must differ "
                 "(or metrics_port=0 to turn metrics off)"
             )
+        if self.http_port and self.http_port in (self.port, self.metrics_port):
+            raise ValueError(
+                f"http_port={self.http_port} must differ from port={self.port} and metrics_port={self.metrics_port} "
+                "(or http_port=0 to turn HTTP off)"
+            )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError(
                 f"tls_cert_file={_show(self.tls_cert_file)} and tls_key_file={_show(self.tls_key_file)}: "
@@ -269,6 +289,17 @@ class Settings(BaseSettings):
         except SettingsError as error:
             raise SettingsError(error.problems, origins) from None
 
+    def engine_limits(self) -> EngineLimits:
+        """The engine's budgets for each model version, from these settings (their one source)."""
+        return EngineLimits(
+            max_active_hypotheses=self.max_active_hypotheses,
+            max_padded_source_tokens=self.max_padded_source_tokens,
+            max_waiting_requests=self.max_waiting_requests,
+            batch_size=self.batch_size,
+            batch_delay_s=self.batch_delay_ms / 1000.0,
+            source_bucket=self.source_bucket_tokens,
+        )
+
     @property
     def frontend_processes(self) -> int:
         """`frontends` with auto resolved for this process's CPUs (0 = one process for everything)."""
@@ -281,6 +312,11 @@ class Settings(BaseSettings):
     def grpc_address(self) -> str:
         """`host:port` for grpc's add_insecure_port."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def http_address(self) -> str:
+        """The host without IPv6 brackets, as asyncio's create_server wants it."""
+        return self.host.strip("[]")
 
     @property
     def metrics_address(self) -> str:
@@ -362,8 +398,8 @@ def _what_is_wrong(detail: ErrorDetails, setting: FieldInfo) -> str:
         return "must be a finite number"
     if kind.startswith("bool_"):
         return "must be true or false"
-    if kind == "literal_error":
-        return f"must be one of {', '.join(get_args(setting.annotation))}"
+    if kind in ("literal_error", "enum"):
+        return f"must be one of {', '.join(_choices(setting))}"
     if kind.startswith("path_"):
         return "must be a path"
     if kind == "string_type":
@@ -378,6 +414,8 @@ def _show(value: Any, name: str | None = None) -> str:
         return "(unset)"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
     return str(value)
 
 
@@ -420,8 +458,16 @@ def _help(setting: FieldInfo) -> str:
     return " ".join((setting.description or "").split())
 
 
+def _choices(setting: FieldInfo) -> tuple[Any, ...]:
+    """The values a Literal or enum setting takes (() for any other)."""
+    annotation = setting.annotation
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return tuple(member.value for member in annotation)
+    return get_args(annotation)
+
+
 def _metavar(setting: FieldInfo) -> str:
-    choices = get_args(setting.annotation)
+    choices = _choices(setting)
     if choices and all(isinstance(choice, str) for choice in choices):
         return "{" + ",".join(choices) + "}"
     if setting.annotation is bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from loadtests.procfs import rss_bytes
 from loadtests.servers import ServerProcess, attnserve_server
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
@@ -70,38 +71,6 @@ def workload_texts(address: str) -> dict[str, list[str]]:
     if not texts:
         raise RuntimeError(f"no workload can be generated for the served models {models}")
     return texts
-
-
-def rss_bytes(pid: int, *, with_children: bool = True) -> int:
-    """Resident memory of a process (Linux /proc), bytes; with its child processes' added by default (a server
-    with front-end processes is a supervisor and its children)."""
-    total = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            total = int(line.split()[1]) * 1024
-            break
-    else:
-        raise RuntimeError(f"no VmRSS for process {pid}")
-    if with_children:
-        for child in child_processes(pid):
-            try:
-                total += rss_bytes(child, with_children=False)
-            except (OSError, RuntimeError):  # it exited meanwhile
-                pass
-    return total
-
-
-def child_processes(pid: int) -> list[int]:
-    """Process ids of the processes whose parent is `pid` (Linux /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
 
 
 @dataclass

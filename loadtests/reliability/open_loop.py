@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 from tabulate import tabulate
 
-from loadtests.reliability.common import rss_bytes
+from loadtests.procfs import rss_bytes
 from loadtests.servers import attnserve_server, scrape
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc

@@ -26,9 +26,11 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
+
+from service.engine.records import EngineRequest, FinishReason
 
 #: Per-row int64 fields: the token fed next, the source length, the owning slot, the index in its beam, the
 #: tokens generated so far, the most allowed, whether the row's request streams or keeps attention, and the
@@ -45,17 +47,21 @@ ROW_FIELDS = (
 )
 
 
-class NewRequest(NamedTuple):
-    """A request entering the batch."""
+class FinishedCandidate(NamedTuple):
+    """A beam candidate that finished: an entry of its slot's n-best, kept best first. Its tokens are the path
+    through the slot's history that ends at (`prefix_step`, `prefix_row`), then `last_token`."""
 
-    key: int
-    beam: int
-    source_length: int
-    max_length: int
-    wanted: int
-    stream: bool
-    attention: bool
-    alpha: float
+    score: float
+    """The ranking score (log_prob over the length penalty)."""
+    order: int
+    """How many candidates of the slot finished before it (ties keep the earlier one first)."""
+    log_prob: float
+    prefix_step: int
+    prefix_row: int
+    last_token: int
+    last_alignment: int
+    last_attention: np.ndarray | None
+    reason: FinishReason
 
 
 def bucketed(length: int, bucket: int) -> int:
@@ -137,7 +143,7 @@ class DecodeBatch:
         self.slot_admitted_at: list[float] = []
         self.slot_first_step_at: list[float] = []
         self.slot_attention: list[list[np.ndarray] | None] = []  # attention rows, when asked for
-        self.slot_finished: list[list[tuple[Any, ...]]] = []  # finished beam candidates (a bounded n-best)
+        self.slot_finished: list[list[FinishedCandidate]] = []  # finished beam candidates (a bounded n-best)
         self._grow(min(max_rows, 16), 16, 1)
 
     # ----- storage -----------------------------------------------------------------------------------
@@ -200,21 +206,27 @@ class DecodeBatch:
     # ----- admission and retirement ------------------------------------------------------------------
 
     def admit(
-        self, new: Sequence[NewRequest], admitted_at: float, memory: dict[str, np.ndarray], state: dict[str, np.ndarray]
+        self,
+        new: Sequence[tuple[int, EngineRequest]],
+        admitted_at: float,
+        memory: dict[str, np.ndarray],
+        state: dict[str, np.ndarray],
     ) -> list[int]:
-        """Add the rows of the `new` requests, encoded together (`memory` [B, S, ...], `state` [B, ...] in
-        their order), into the holes first, then at the end; each request's rows start from bos with copies of
-        its initial state. Returns their slots.
+        """Add the rows of the `new` (key, request) pairs, encoded together (`memory` [B, S, ...], `state`
+        [B, ...] in their order), into the holes first, then at the end; each request's rows start from bos with
+        copies of its initial state. Returns their slots.
 
         Per-request bookkeeping is plain Python over the few requests that join a step; what touches arrays
         is one numpy operation per packed table or tensor.
         """
         count = len(new)
-        widths = [request.beam for request in new]
-        lengths = [request.source_length for request in new]
+        options = [request.options for _, request in new]
+        widths = [option.beam_size for option in options]
+        lengths = [request.source_length for _, request in new]
+        extras = [request.stream or option.return_attention for (_, request), option in zip(new, options, strict=True)]
         new_rows, widest = sum(widths), max(widths)
         appended = max(0, new_rows - len(self.holes))
-        longest_output = max(request.max_length for request in new)
+        longest_output = max(option.max_length for option in options)
         capacity, length = self._capacity, self._length_capacity
         if self.rows + appended > capacity or len(self._free_slots) < count:
             capacity = max(2 * capacity, self.rows + appended)
@@ -250,15 +262,15 @@ class DecodeBatch:
         if widest == 1:
             owner = None
             row_slots, row_lengths, beam_index = slots, lengths, [0] * count
-            row_max_length = [request.max_length for request in new]
-            row_extras = [request.stream or request.attention for request in new]
+            row_max_length = [option.max_length for option in options]
+            row_extras = extras
         else:  # the request of each new row, and the row's place in its beam
             owner = [index for index, width in enumerate(widths) for _ in range(width)]
             row_slots = [slots[index] for index in owner]
             row_lengths = [lengths[index] for index in owner]
             beam_index = [beam for width in widths for beam in range(width)]
-            row_max_length = [new[index].max_length for index in owner]
-            row_extras = [new[index].stream or new[index].attention for index in owner]
+            row_max_length = [options[index].max_length for index in owner]
+            row_extras = [extras[index] for index in owner]
         for name, encoded in memory.items():
             target = self.memory[name]
             span = min(encoded.shape[1], self.padded_source_len)
@@ -290,24 +302,25 @@ class DecodeBatch:
         self.row_score[rows_index] = 0.0 if owner is None else [0.0 if b == 0 else -math.inf for b in beam_index]
         for row, slot, beam in zip(targets, row_slots, beam_index, strict=False):
             self.slot_rows[slot, beam] = row
-        for slot, request in zip(slots, new, strict=False):
-            self.slot_key[slot] = request.key
-            self.slot_beam[slot] = request.beam
+        for slot, (key, request), option in zip(slots, new, options, strict=True):
+            beam = option.beam_size
+            self.slot_key[slot] = key
+            self.slot_beam[slot] = beam
             self.slot_source_length[slot] = request.source_length
             self.slot_stream[slot] = request.stream
             self.slot_admitted_at[slot] = admitted_at
             self.slot_first_step_at[slot] = math.nan
-            self.slot_alpha[slot] = request.alpha
+            self.slot_alpha[slot] = option.length_penalty
             self.streaming += request.stream
-            if request.attention:
+            if option.return_attention:
                 self.slot_attention[slot] = []
                 self.any_attention += 1
-            if request.beam > 1:
-                self.slot_wanted[slot] = request.wanted
+            if beam > 1:
+                self.slot_wanted[slot] = option.num_hypotheses
                 self.slot_threshold[slot] = -math.inf
                 self.slot_finished_count[slot] = 0
-                self.widths[request.beam] += 1
-                self.beam_rows += request.beam
+                self.widths[beam] += 1
+                self.beam_rows += beam
         self.requests += count
         self.memory_generation += 1
         return slots

@@ -11,11 +11,12 @@
    finished ones, and return what happened as a `CoreOutput`.
 
 The core knows nothing of asyncio, threads or gRPC, and reads time only from the injected `clock`: a test
-drives it step by step with a fake model and a fake clock, and asserts exact outcomes. The scheduler
-(scheduler.py) is the thin driver that runs it on a worker thread and resolves the callers' futures.
+drives it step by step with a fake model and a fake clock, and asserts exact outcomes. `AsyncEngine`
+(async_engine.py) is the thin driver that runs it on a worker thread and resolves the callers' handles.
 
-Thread safety: `add()` and `abort()` may be called from any thread (they only append to deques); every other
-method belongs to the one thread that drives the core.
+Thread safety: `check()`, `add()` and `abort()` may be called from any thread (they only read the limits or
+append to deques); `dequeued` and `running` may be read from any thread (each is written by the driving thread
+only); every other method belongs to the one thread that drives the core.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import enum
 import heapq
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -30,11 +32,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from service.engine.batch import DecodeBatch, NewRequest, bucketed
-from service.engine.records import FinishReason, Hypothesis, StepModel, TokenEvent, TranslationRequest
+from service.engine.batch import DecodeBatch, bucketed
+from service.engine.records import EngineRequest, EngineResult, FinishReason, StepModel, TokenEvent
 from service.engine.search import advance_beam_group, advance_greedy, beam_hypotheses, greedy_hypothesis
-from service.engine.stats import StepStats
-from service.errors import AttnServeError, DeadlineExceeded, EngineFailure
+from service.engine.stats import RequestStats, StepStats
+from service.errors import AttnServeError, DeadlineExceeded, EngineFailure, InvalidRequest
 from service.runtime.step import StepOutput
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EngineLimits:
-    """Per-model-version budgets of the engine (validated by the settings; re-checked here).
+    """Per-model-version budgets of the engine. They have no defaults here: the settings are their one
+    source (`Settings.engine_limits()`), and they are re-checked here.
 
     `max_active_hypotheses`: most decoder rows (beam width x requests) in one decoder step.
     `max_padded_source_tokens`: most rows x padded source length (tokens: the longest source in the step,
@@ -54,12 +57,12 @@ class EngineLimits:
         only when the longest active source crosses a bucket, not whenever it changes.
     """
 
-    max_active_hypotheses: int = 256
-    max_padded_source_tokens: int = 65536
-    max_waiting_requests: int = 1024
-    batch_size: int = 32
-    batch_delay_s: float = 0.005
-    source_bucket: int = 8
+    max_active_hypotheses: int
+    max_padded_source_tokens: int
+    max_waiting_requests: int
+    batch_size: int
+    batch_delay_s: float
+    source_bucket: int
 
     def __post_init__(self) -> None:
         for name in (
@@ -75,8 +78,8 @@ class EngineLimits:
             raise ValueError(f"batch_delay_s must be >= 0, got {self.batch_delay_s}")
 
 
-class BatchingPolicy(enum.Enum):
-    """How requests share decoder steps."""
+class BatchingPolicy(enum.StrEnum):
+    """How requests share decoder steps (the values are the `batching` setting's)."""
 
     CONTINUOUS = "continuous"
     """Requests join the batch at any step and leave as soon as they finish (iteration-level batching)."""
@@ -88,19 +91,17 @@ class BatchingPolicy(enum.Enum):
 
 @dataclass(frozen=True)
 class FinishedRequest:
-    """A request that finished with hypotheses; times are the core's clock readings."""
+    """A request that finished with hypotheses: its result for the caller and its numbers for the metrics."""
 
     key: int
-    hypotheses: list[Hypothesis]
-    admitted_at: float
-    first_step_at: float
-    last_step_at: float
-    steps: int
+    result: EngineResult
+    stats: RequestStats
 
 
 @dataclass
 class CoreOutput:
-    """What one `step()` did, for the driver to deliver: admissions, streamed tokens, results, failures."""
+    """What one `step()` did, for the driver to deliver: the keys it admitted into the batch, streamed tokens,
+    results, failures, and the step's numbers."""
 
     admitted: list[int] = field(default_factory=list)
     events: list[tuple[int, TokenEvent]] = field(default_factory=list)
@@ -108,14 +109,16 @@ class CoreOutput:
     failed: list[tuple[int, AttnServeError, FinishReason]] = field(default_factory=list)
     stats: StepStats | None = None
 
-    def __bool__(self) -> bool:
-        return bool(self.admitted or self.events or self.finished or self.failed or self.stats)
+    @property
+    def answers(self) -> bool:
+        """True when a caller waits for something in it (a result, a failure, a streamed token)."""
+        return bool(self.events or self.finished or self.failed)
 
 
 @dataclass(frozen=True)
 class _Waiting:
     key: int
-    request: TranslationRequest
+    request: EngineRequest
     submitted_at: float
 
 
@@ -146,10 +149,11 @@ class EngineCore:
         self._slot_of: dict[int, int] = {}  # every request the core holds: key -> slot, or _QUEUED
         self._queued = 0  # requests waiting (entries of _waiting still in _slot_of as _QUEUED)
         self._deadlines: list[tuple[float, int]] = []  # heap of (deadline, key)
-        self._requests: dict[int, TranslationRequest] = {}  # the same keys as _slot_of
-        # Called with the keys a step admits, right after it encodes them (before its decoder call), so a
-        # driver can count them as running at once.
-        self.on_admitted: Callable[[list[int]], None] | None = None
+        self._requests: dict[int, EngineRequest] = {}  # the same keys as _slot_of
+        # Requests that have left the queue since the core was made: admitted (the encoder failing them
+        # included), cancelled or expired while waiting. Only the driving thread writes it; a driver that
+        # counts what it added derives the queue length from it without a lock (added - dequeued).
+        self.dequeued = 0
         self.batch = self._new_batch()
 
     def _new_batch(self) -> DecodeBatch:
@@ -163,8 +167,34 @@ class EngineCore:
 
     # ----- the inbox (any thread) --------------------------------------------------------------------
 
-    def add(self, key: int, request: TranslationRequest, submitted_at: float) -> None:
-        """Queue a request (checked by the caller: it fits the model and the budgets alone)."""
+    def check(self, request: EngineRequest) -> None:
+        """Raise InvalidRequest when the request can never fit the model or the budgets, even alone in the
+        batch (ValueError for options the dataplane should have resolved). Any thread."""
+        options = request.options
+        beam = options.beam_size
+        if (
+            beam < 1
+            or not 1 <= options.num_hypotheses <= beam
+            or options.max_length < 1
+            or not (math.isfinite(options.length_penalty) and options.length_penalty >= 0.0)
+        ):
+            raise ValueError(f"unresolved decoding options reached the engine: {options}")
+        if beam > self.model.top_k:
+            raise InvalidRequest(f"beam_size {beam} exceeds the maximum {self.model.top_k} for model {self.label}")
+        if beam > self.limits.max_active_hypotheses:
+            raise InvalidRequest(
+                f"beam_size {beam} exceeds the {self.limits.max_active_hypotheses} hypotheses model "
+                f"{self.label} decodes at once"
+            )
+        padded = beam * bucketed(request.source_length, self.limits.source_bucket)
+        if padded > self.limits.max_padded_source_tokens:
+            raise InvalidRequest(
+                f"a source of {request.source_length} tokens with beam_size {beam} needs {padded} padded source "
+                f"tokens, above the limit {self.limits.max_padded_source_tokens} for model {self.label}"
+            )
+
+    def add(self, key: int, request: EngineRequest, submitted_at: float) -> None:
+        """Queue a request (passed `check()` first). Any thread."""
         self._inbox.append(_Waiting(key, request, submitted_at))
 
     def abort(self, key: int) -> None:
@@ -195,9 +225,10 @@ class EngineCore:
             times.append(head.submitted_at + self.limits.batch_delay_s)
         return min(times) if times else None
 
-    def holds(self) -> int:
-        """Requests the core holds (queued or in the batch), inbox included."""
-        return len(self._slot_of) + len(self._inbox)
+    @property
+    def running(self) -> int:
+        """Requests in the batch (read from any thread: one attribute of the batch the driving thread writes)."""
+        return self.batch.requests
 
     # ----- one iteration -----------------------------------------------------------------------------
 
@@ -207,7 +238,7 @@ class EngineCore:
         output = CoreOutput()
         now = self.clock()
         self._take_in(now, output)
-        encode_seconds, admitted, admitted_slots = self._admit(now, output)
+        encode_seconds, admitted, admitted_slots = self._admit_waiting(now, output)
         batch = self.batch
         batch.compact()  # holes that admissions did not fill take the last rows
         rows = batch.rows
@@ -261,7 +292,7 @@ class EngineCore:
 
     # ----- plan --------------------------------------------------------------------------------------
 
-    def _take_in(self, now: float, output: CoreOutput, *, expire: bool = True) -> None:
+    def _take_in(self, now: float, output: CoreOutput) -> None:
         """Queue arrivals, apply cancellations, fail expired requests."""
         while self._inbox:
             waiting = self._inbox.popleft()
@@ -274,24 +305,21 @@ class EngineCore:
         retire: list[int] = []
         while self._aborts:
             self._drop(self._aborts.popleft(), retire)
-        if expire:
-            while self._deadlines and self._deadlines[0][0] <= now:
-                _, key = heapq.heappop(self._deadlines)
-                slot = self._slot_of.get(key)
-                if slot is None:
-                    continue  # already finished or cancelled
-                where = "waiting" if slot == _QUEUED else "decoding"
-                waited = now - self._requests[key].arrival
-                output.failed.append(
-                    (
-                        key,
-                        DeadlineExceeded(
-                            f"the deadline passed after {waited:.3f} s while {where} (model {self.label})"
-                        ),
-                        FinishReason.DEADLINE,
-                    )
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, key = heapq.heappop(self._deadlines)
+            slot = self._slot_of.get(key)
+            if slot is None:
+                continue  # already finished or cancelled
+            where = "waiting" if slot == _QUEUED else "decoding"
+            waited = now - self._requests[key].arrival
+            output.failed.append(
+                (
+                    key,
+                    DeadlineExceeded(f"the deadline passed after {waited:.3f} s while {where} (model {self.label})"),
+                    FinishReason.DEADLINE,
                 )
-                self._drop(key, retire)
+            )
+            self._drop(key, retire)
         self.batch.retire(retire)
 
     def _drop(self, key: int, retire: list[int]) -> None:
@@ -301,6 +329,7 @@ class EngineCore:
         del self._requests[key]
         if slot == _QUEUED:
             self._queued -= 1  # its queue entry is skipped when it reaches the head
+            self.dequeued += 1
         else:
             retire.append(slot)
 
@@ -320,7 +349,7 @@ class EngineCore:
             or now >= head.submitted_at + self.limits.batch_delay_s
         )
 
-    def _admit(self, now: float, output: CoreOutput) -> tuple[float, int, list[int] | None]:
+    def _admit_waiting(self, now: float, output: CoreOutput) -> tuple[float, int, list[int] | None]:
         """Admit waiting requests first come first served while the budgets allow, and encode them in one
         call. Returns (encoder seconds, requests taken from the queue, the slots of those in the batch)."""
         batch, limits = self.batch, self.limits
@@ -352,6 +381,7 @@ class EngineCore:
                 break
             self._waiting.popleft()
             self._queued -= 1
+            self.dequeued += 1
             chosen.append(head)
             rows, longest = new_rows, new_longest
         if not chosen:
@@ -372,25 +402,10 @@ class EngineCore:
                 self._requests.pop(waiting.key, None)
                 output.failed.append((waiting.key, self._model_failure("encoder", exc), FinishReason.ERROR))
             return self.clock() - started, len(chosen), None
-        new = [
-            NewRequest(
-                w.key,
-                w.request.options.beam_size,
-                w.request.source_length,
-                w.request.options.max_length,
-                w.request.options.num_hypotheses,
-                w.request.stream,
-                w.request.options.return_attention,
-                w.request.options.length_penalty,
-            )
-            for w in chosen
-        ]
-        slots = batch.admit(new, now, encoded.memory, encoded.state)
-        for waiting, slot in zip(chosen, slots, strict=False):
+        slots = batch.admit([(w.key, w.request) for w in chosen], now, encoded.memory, encoded.state)
+        for waiting, slot in zip(chosen, slots, strict=True):
             self._slot_of[waiting.key] = slot
             output.admitted.append(waiting.key)
-        if self.on_admitted is not None:
-            self.on_admitted(output.admitted)
         return self.clock() - started, len(chosen), slots
 
     # ----- step --------------------------------------------------------------------------------------
@@ -544,25 +559,41 @@ class EngineCore:
         finished = done[0] if len(done) == 1 else [slot for slots in done for slot in slots]
         for slot in finished:
             key = batch.slot_key[slot]
-            first_row = int(batch.slot_rows[slot, 0])
-            output.finished.append(
-                FinishedRequest(
-                    key=key,
-                    hypotheses=(
-                        [greedy_hypothesis(batch, slot, eos_id)]
-                        if batch.slot_beam[slot] == 1
-                        else beam_hypotheses(batch, slot)
-                    ),
-                    admitted_at=batch.slot_admitted_at[slot],
-                    first_step_at=batch.slot_first_step_at[slot],
-                    last_step_at=now,
-                    steps=int(batch.row_steps[first_row]),
-                )
-            )
+            output.finished.append(self._finished(slot, self._requests.pop(key), now))
             del self._slot_of[key]
-            del self._requests[key]
         batch.retire(finished)
         return len(finished)
+
+    def _finished(self, slot: int, request: EngineRequest, now: float) -> FinishedRequest:
+        """The result and the numbers of the request in `slot`, which finished at `now` (rare path: once per
+        request)."""
+        batch = self.batch
+        steps = int(batch.row_steps[int(batch.slot_rows[slot, 0])])
+        hypotheses = (
+            [greedy_hypothesis(batch, slot, self.model.eos_id)]
+            if batch.slot_beam[slot] == 1
+            else beam_hypotheses(batch, slot)
+        )
+        arrival, first_step_at = request.arrival, batch.slot_first_step_at[slot]
+        result = EngineResult(
+            hypotheses=hypotheses,
+            queue_wait_s=batch.slot_admitted_at[slot] - arrival,
+            first_token_s=first_step_at - arrival,
+            total_s=now - arrival,
+            generated_tokens=steps,
+        )
+        stats = RequestStats(
+            queue_wait_s=result.queue_wait_s,
+            first_token_s=result.first_token_s,
+            mean_inter_token_s=(now - first_step_at) / (steps - 1) if steps > 1 else None,
+            total_s=result.total_s,
+            generated_tokens=steps,
+            source_tokens=request.source_length,
+            # No hypothesis at all only when the model gave no candidate with a finite score until max_length.
+            finish_reason=hypotheses[0].finish_reason if hypotheses else FinishReason.LENGTH,
+            beam_size=request.options.beam_size,
+        )
+        return FinishedRequest(batch.slot_key[slot], result, stats)
 
 
 def _check_tensors(

@@ -1,22 +1,35 @@
 """The engine's records: what goes into a decode, what comes out, and the step model it drives.
 
 The engine works on token ids only. Above it, the dataplane validates user values, tokenizes and
-detokenizes; below it, the runtime implements `StepModel` on onnxruntime. Constructors here check
-invariants (a violated one is a programming error, hence ValueError, never a client-facing status).
+detokenizes; below it, the runtime implements `StepModel` on onnxruntime.
+
+The records are msgspec Structs because they are also what crosses between a front-end process and the
+engine process (service/ipc/messages.py sends them as they are): one type per concept on both sides, nothing
+converted by hand. Their numpy arrays travel as msgpack extensions (see the codec there).
 """
 
 from __future__ import annotations
 
 import enum
-import math
-import time
-from dataclasses import dataclass, field
 from typing import Protocol
 
+import msgspec
 import numpy as np
 
 # The step records belong to the runtime layer below; the engine only reads them.
 from service.runtime.step import EncoderOutput, StepOutput
+
+__all__ = [
+    "DecodeOptions",
+    "EncoderOutput",
+    "EngineRequest",
+    "EngineResult",
+    "FinishReason",
+    "Hypothesis",
+    "StepModel",
+    "StepOutput",
+    "TokenEvent",
+]
 
 
 class StepModel(Protocol):
@@ -60,9 +73,12 @@ class StepModel(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class DecodeOptions:
-    """How one source is decoded. User values are validated (with client-facing messages) by the dataplane.
+class DecodeOptions(msgspec.Struct, frozen=True, array_like=True):
+    """How one text is decoded, with the field names of the API's DecodeOptions message, from the transport
+    down to the core.
+
+    As a client sends them, 0 / 0.0 mean "the default"; the dataplane checks them against the model and the
+    settings and returns them resolved (`DecodeOptions.resolved`), and only resolved options reach the engine.
 
     `beam_size`: hypotheses kept per step; 1 = greedy (top-1 each step, no beam bookkeeping).
     `num_hypotheses`: how many finished hypotheses to return, best first (1..beam_size).
@@ -70,56 +86,47 @@ class DecodeOptions:
     `length_penalty`: GNMT alpha >= 0; hypotheses are ranked by sum(log p) / ((5 + length) / 6) ** alpha,
         where length counts the generated tokens (eos included); alpha 0 ranks by the raw sum.
     `return_attention`: keep each hypothesis' attention rows (the argmax alignment is always kept).
+    `replace_unknowns`: replace each unknown target token by the source token it attends to most (applied
+        to the text by the dataplane, after decoding; the engine ignores it).
     """
 
-    beam_size: int = 1
-    num_hypotheses: int = 1
-    max_length: int = 64
+    beam_size: int = 0
+    num_hypotheses: int = 0
+    max_length: int = 0
     length_penalty: float = 0.0
     return_attention: bool = False
-
-    def __post_init__(self) -> None:
-        if self.beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
-        if not 1 <= self.num_hypotheses <= self.beam_size:
-            raise ValueError(f"num_hypotheses must be 1..beam_size={self.beam_size}, got {self.num_hypotheses}")
-        if self.max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
-        if not (math.isfinite(self.length_penalty) and self.length_penalty >= 0.0):
-            raise ValueError(f"length_penalty must be a finite number >= 0, got {self.length_penalty}")
+    replace_unknowns: bool = False
 
     @property
     def greedy(self) -> bool:
-        """True when the request decodes greedily (beam_size 1)."""
-        return self.beam_size == 1
+        """True when the text decodes greedily (beam_size 0 or 1)."""
+        return self.beam_size <= 1
 
 
-@dataclass(frozen=True, eq=False)
-class TranslationRequest:
+class EngineRequest(msgspec.Struct, array_like=True):
     """One source to decode, as token ids.
 
     `source_ids`: int64 [S], S >= 1, already ending with eos.
+    `options`: resolved decoding options (every value concrete, beam_size >= 1).
     `deadline`: time.monotonic() seconds after which the request fails with DeadlineExceeded; None = none.
     `stream`: deliver tokens as they are decoded (greedy only; a beam request streams nothing per step).
-    `arrival`: time.monotonic() seconds when the request reached the server; every timing reported for the
-        request (queue wait, first token, total) is measured from it.
-    `tag`: an opaque label for logs (e.g. the RPC's request id); never used as a metric label.
+    `arrival`: time.monotonic() seconds when the call reached the server; every timing reported for the
+        request (queue wait, first token, total) is measured from it. CLOCK_MONOTONIC is one clock for every
+        process of a host, so it crosses to the engine process unchanged.
     """
 
     source_ids: np.ndarray
-    options: DecodeOptions = field(default_factory=DecodeOptions)
-    deadline: float | None = None
-    stream: bool = False
-    arrival: float = field(default_factory=time.monotonic)
-    tag: str = ""
+    options: DecodeOptions
+    deadline: float | None
+    stream: bool
+    arrival: float
 
     def __post_init__(self) -> None:
-        ids = np.asarray(self.source_ids)
-        if ids.ndim != 1 or ids.size < 1:
-            raise ValueError(f"source_ids must be a non-empty 1-D array, got shape {ids.shape}")
+        ids = self.source_ids
+        if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.size < 1:
+            raise ValueError(f"source_ids must be a non-empty 1-D array, got {np.shape(ids)}")
         if ids.dtype != np.int64:
-            ids = ids.astype(np.int64)
-        object.__setattr__(self, "source_ids", ids)
+            self.source_ids = ids.astype(np.int64)
 
     @property
     def source_length(self) -> int:
@@ -142,8 +149,7 @@ class FinishReason(enum.Enum):
     """The model failed, or the engine stopped before the request finished."""
 
 
-@dataclass(frozen=True, eq=False)
-class Hypothesis:
+class Hypothesis(msgspec.Struct, array_like=True):
     """One finished hypothesis.
 
     `token_ids`: generated tokens (eos included when it ended by eos; bos never included).
@@ -161,15 +167,14 @@ class Hypothesis:
     attention: np.ndarray | None = None
 
 
-@dataclass(frozen=True, eq=False)
-class TranslationResult:
+class EngineResult(msgspec.Struct, array_like=True):
     """A finished request.
 
     `hypotheses`: up to num_hypotheses, best (highest score) first; fewer only when the model gave fewer
         candidates with a finite log probability.
     `queue_wait_s`: seconds from `arrival` until the request entered the batch.
     `first_token_s`: seconds from `arrival` until its first decoder step finished.
-    `total_s`: seconds from `arrival` until the result was delivered.
+    `total_s`: seconds from `arrival` until its last decoder step finished.
     `generated_tokens`: decoder steps the request ran (= tokens of its longest hypothesis).
     """
 
@@ -185,8 +190,7 @@ class TranslationResult:
         return self.hypotheses[0]
 
 
-@dataclass(frozen=True, eq=False)
-class TokenEvent:
+class TokenEvent(msgspec.Struct, array_like=True):
     """One token of a streaming greedy request, delivered as soon as its decoder step finishes.
 
     `position`: 0-based index in the hypothesis; `log_prob`: the token's own log probability;

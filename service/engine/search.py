@@ -24,10 +24,11 @@ Beam search, exactly:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
-from service.engine.batch import DecodeBatch
+from service.engine.batch import DecodeBatch, FinishedCandidate
 from service.engine.records import FinishReason, Hypothesis, TokenEvent
 from service.runtime.step import StepOutput
 
@@ -230,17 +231,19 @@ def _add_finished(
     finished = batch.slot_finished[slot]
     order = int(batch.slot_finished_count[slot])
     batch.slot_finished_count[slot] = order + 1
-    entry = (score, order, log_prob, prefix_step, prefix_row, last_token, last_alignment, last_attention, reason)
+    entry = FinishedCandidate(
+        score, order, log_prob, prefix_step, prefix_row, last_token, last_alignment, last_attention, reason
+    )
     wanted = int(batch.slot_wanted[slot])
     position = len(finished)
-    while position and finished[position - 1][0] < score:  # stable: after equal scores
+    while position and finished[position - 1].score < score:  # stable: after equal scores
         position -= 1
     if position >= wanted:
         return
     finished.insert(position, entry)
     del finished[wanted:]
     if len(finished) == wanted:
-        batch.slot_threshold[slot] = finished[-1][0]
+        batch.slot_threshold[slot] = finished[-1].score
 
 
 def _finish_live(batch: DecodeBatch, slot: int, step: int, *, finite_only: bool) -> None:
@@ -272,20 +275,11 @@ def beam_hypotheses(batch: DecodeBatch, slot: int) -> list[Hypothesis]:
         _finish_live(batch, slot, int(batch.row_steps[batch.slot_rows[slot, 0]]) - 1, finite_only=False)
     kept = batch.slot_attention[slot]
     hypotheses = []
-    for (
-        score,
-        _,
-        log_prob,
-        prefix_step,
-        prefix_row,
-        last_token,
-        last_alignment,
-        last_attention,
-        reason,
-    ) in batch.slot_finished[slot]:
-        tokens, alignment, attention = [last_token], [last_alignment], [last_attention]
-        row = prefix_row
-        for step in range(prefix_step, -1, -1):
+    for candidate in batch.slot_finished[slot]:
+        tokens, alignment = [candidate.last_token], [candidate.last_alignment]
+        attention: list[Any] = [candidate.last_attention]  # arrays when kept is not None
+        row = candidate.prefix_row
+        for step in range(candidate.prefix_step, -1, -1):
             tokens.append(int(batch.history_token[slot, step, row]))
             alignment.append(int(batch.history_alignment[slot, step, row]))
             if kept is not None:
@@ -297,9 +291,9 @@ def beam_hypotheses(batch: DecodeBatch, slot: int) -> list[Hypothesis]:
         hypotheses.append(
             Hypothesis(
                 token_ids=tokens,
-                score=score,
-                log_prob=log_prob,
-                finish_reason=reason,
+                score=candidate.score,
+                log_prob=candidate.log_prob,
+                finish_reason=candidate.reason,
                 alignment=alignment,
                 attention=np.stack(attention).astype(np.float32, copy=False) if kept is not None else None,
             )

@@ -1,8 +1,9 @@
-"""Plain numbers the scheduler records, and the protocol of whoever turns them into metrics.
+"""Plain numbers the engine records, and the protocol of whoever turns them into metrics.
 
-The loop fills these records and hands them to a `StatsRecorder` on the event-loop thread after each
-iteration; the recorder (e.g. a Prometheus one, elsewhere) must be cheap and must not block. Nothing
-here imports a metrics library, so the hot loop never touches one.
+The core fills these records; its driver hands them to a `StatsRecorder` after each iteration (on the worker
+thread) and when a request ends (on the event-loop thread, where the request is resolved exactly once). The
+recorder (e.g. a Prometheus one, elsewhere) must be cheap, thread-safe and must not block. Nothing here
+imports a metrics library, so the hot loop never touches one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from service.engine.records import FinishReason
 
 @dataclass(frozen=True)
 class StepStats:
-    """One scheduler iteration that ran the encoder, the decoder step, or both.
+    """One engine iteration that ran the encoder, the decoder step, or both.
 
     `rows`: decoder rows in the step (0 when only the encoder ran); `requests`: requests in the step;
     `step_seconds` / `encode_seconds`: wall time of the decoder / encoder call (0.0 when not run);
@@ -44,7 +45,7 @@ class RequestStats:
     """One request that finished with a result (finish reason eos or length).
 
     Times are seconds from the request's arrival: `queue_wait_s` until it entered the batch,
-    `first_token_s` until its first decoder step finished, `total_s` until the result was delivered.
+    `first_token_s` until its first decoder step finished, `total_s` until its last one finished.
     `mean_inter_token_s`: mean seconds between its consecutive decoder steps (None after one step).
     `generated_tokens`: decoder steps it ran; `source_tokens`: its source length, eos included;
     `finish_reason`: the best hypothesis' reason; `beam_size`: its beam width.
@@ -61,7 +62,8 @@ class RequestStats:
 
 
 class StatsRecorder(Protocol):
-    """Receives the engine's numbers; called on the event-loop thread, so every method must be quick."""
+    """Receives the engine's numbers: `on_step` on the worker thread, the others on the event-loop thread;
+    every method must be quick and thread-safe."""
 
     def on_step(self, stats: StepStats) -> None:
         """After each iteration that ran the encoder or the decoder."""
@@ -73,7 +75,7 @@ class StatsRecorder(Protocol):
 
     def on_request_failed(self, reason: FinishReason) -> None:
         """When an accepted request ends without a result: CANCELLED, DEADLINE, or ERROR (the model
-        failed, or the engine stopped first). Requests refused by `submit()` are not reported here; they
+        failed, or the engine stopped first). Requests refused at submission are not reported here; they
         raise to the caller."""
         ...
 

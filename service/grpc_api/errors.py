@@ -58,13 +58,13 @@ class CallLabels:
     """The model a call resolved to, for its metric labels; '' until (unless) it resolves one."""
 
     model: str = ""
-    version: str = ""
+    version: int | None = None
 
 
 _current_call: contextvars.ContextVar[CallLabels | None] = contextvars.ContextVar("attnserve_call", default=None)
 
 
-def note_model(model: str, version: str) -> None:
+def note_model(model: str, version: int) -> None:
     """Record the model version serving the current RPC (a servicer calls it once it has resolved one)."""
     labels = _current_call.get()
     if labels is not None:

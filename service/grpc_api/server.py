@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Sequence
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,6 +20,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from service.dataplane import Dataplane
+from service.engine_client import EngineClient
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.gen.inference import grpc_service_pb2_grpc as kserve_pb_grpc
@@ -27,7 +29,7 @@ from service.grpc_api.kserve import KSERVE_SERVICE, KServeServicer
 from service.grpc_api.security import BearerTokens, TokenAuthInterceptor, server_credentials
 from service.grpc_api.servicer import TranslatorServicer
 from service.metrics import ServerMetrics
-from service.models import ModelEvent, ModelEventKind, ModelSource
+from service.registry import ModelEvent, ModelEventKind
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ def _stream_limit_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 class GrpcServer:
-    """The process's gRPC server over a started ModelManager (or engine client). Use on the event-loop thread.
+    """The process's gRPC server over a started engine client. Use on the event-loop thread.
 
     `start()` binds and serves; `drain(grace_s)` stops it gracefully (see its docstring). `share_port`: let
     the other front-end processes of this server bind the same port (SO_REUSEPORT; the kernel spreads
@@ -88,7 +90,7 @@ class GrpcServer:
     def __init__(
         self,
         settings: Settings,
-        manager: ModelSource,
+        client: EngineClient,
         dataplane: Dataplane,
         metrics: ServerMetrics | None = None,
         *,
@@ -96,7 +98,7 @@ class GrpcServer:
     ) -> None:
         check_status_table()
         self.settings = settings
-        self.manager = manager
+        self.client = client
         self.health = HealthServicer()
         # Both raise SecurityConfigError (a missing, unreadable or empty file) before anything binds.
         self._credentials = server_credentials(settings)
@@ -142,14 +144,14 @@ class GrpcServer:
         if self.port == 0:
             raise PortInUse(f"cannot listen on {self.settings.grpc_address}")
         await self._server.start()
-        loaded = set(self.manager.registry.model_names)
-        for name in self.manager.registry.all_model_names:
+        loaded = set(self.client.registry.model_names)
+        for name in self.client.registry.all_model_names:
             await self.health.set(name, SERVING if name in loaded else NOT_SERVING)
         await self.health.set(TRANSLATOR_SERVICE, SERVING)
         await self.health.set(KSERVE_SERVICE, SERVING)
         await self.health.set("", SERVING)
         await self.health.set(LIVENESS_SERVICE, SERVING)
-        self.manager.add_listener(self._on_model_event)
+        self.client.add_listener(self._on_model_event)
         if self._tokens is not None and self._credentials is None:
             log.warning(
                 "bearer tokens are required but the port is plaintext: tokens cross the network readable "
@@ -163,8 +165,8 @@ class GrpcServer:
         if self._draining:
             return
         status = SERVING if serving else NOT_SERVING
-        loaded = set(self.manager.registry.model_names)
-        for name in self.manager.registry.all_model_names:
+        loaded = set(self.client.registry.model_names)
+        for name in self.client.registry.all_model_names:
             await self.health.set(name, status if name in loaded else NOT_SERVING)
         for service in (TRANSLATOR_SERVICE, KSERVE_SERVICE, ""):
             await self.health.set(service, status)
@@ -177,25 +179,24 @@ class GrpcServer:
         self._health_updates.add(update)
         update.add_done_callback(self._health_updates.discard)
 
-    async def drain(self, grace_s: float) -> None:
+    async def drain(self, grace_s: float, also_stop: Sequence[Callable[[float], Awaitable[None]]] = ()) -> None:
         """Graceful stop: health NOT_SERVING for everything and new translations refused (UNAVAILABLE)
         at once; in-flight calls get up to `grace_s` seconds to finish, then are cancelled; finally the
-        engines stop. Idempotent."""
+        engines stop. `also_stop`: the stop(grace_s) of the other transports' servers on the same engine client,
+        run beside this server's own stop, before the engines stop. Idempotent."""
         if self._draining:
             return
         self._draining = True
         started = time.monotonic()
         await self.health.enter_graceful_shutdown()
-        self.manager.begin_draining()
+        self.client.begin_draining()
         log.info("draining: in-flight calls have %.1f s to finish", grace_s)
         # Closing the server at once would cancel calls that reached its transport but not yet a handler
         # (the client sees CANCELLED, which is not safe to retry). Clients with health checking take this
         # server out of rotation as soon as it reports NOT_SERVING; meanwhile new calls get UNAVAILABLE.
         await asyncio.sleep(min(self.settings.drain_delay_seconds, grace_s))
-        await self._server.stop(max(grace_s - (time.monotonic() - started), 0.0))
         remaining = max(grace_s - (time.monotonic() - started), 0.0)
-        await self.manager.stop(remaining)
+        await asyncio.gather(self._server.stop(remaining), *(stop(remaining) for stop in also_stop))
+        remaining = max(grace_s - (time.monotonic() - started), 0.0)
+        await self.client.stop(remaining)
         log.info("stopped after %.2f s of draining", time.monotonic() - started)
-
-    async def wait_for_termination(self) -> None:
-        await self._server.wait_for_termination()

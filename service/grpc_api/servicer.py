@@ -15,12 +15,12 @@ from grpc import aio
 
 from service.dataplane import (
     Dataplane,
-    RequestedDecodeOptions,
     StreamUpdate,
     TextTranslation,
     TranslatedHypothesis,
     TranslateOutcome,
 )
+from service.engine.records import DecodeOptions
 from service.errors import InvalidRequest
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
@@ -30,9 +30,9 @@ from service.registry import ModelDescription
 # ----- converters -------------------------------------------------------------------------------------
 
 
-def options_from_grpc(options: pb.DecodeOptions) -> RequestedDecodeOptions:
-    """The request's DecodeOptions as dataplane options (0 still means "default")."""
-    return RequestedDecodeOptions(
+def options_from_grpc(options: pb.DecodeOptions) -> DecodeOptions:
+    """The request's DecodeOptions as the dataplane takes them (0 still means "default")."""
+    return DecodeOptions(
         beam_size=options.beam_size,
         num_hypotheses=options.num_hypotheses,
         max_length=options.max_length,
@@ -71,7 +71,7 @@ def translation_to_grpc(translation: TextTranslation) -> pb.Translation:
 def outcome_to_grpc(outcome: TranslateOutcome) -> pb.TranslateResponse:
     return pb.TranslateResponse(
         model=outcome.model,
-        version=outcome.version,
+        version=str(outcome.version),
         translations=[translation_to_grpc(translation) for translation in outcome.translations],
     )
 
@@ -84,7 +84,7 @@ def update_to_grpc(update: StreamUpdate) -> pb.TranslateStreamResponse:
         final=update.final,
         hypotheses=hypotheses_to_grpc(update.hypotheses),
         model=update.model,
-        version=update.version,
+        version=str(update.version),
     )
 
 
@@ -164,5 +164,5 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
 
     async def GetModel(self, request: pb.GetModelRequest, context: aio.ServicerContext) -> pb.ModelInfo:
         model = self.dataplane.get_model(request.name, request.version)
-        note_model(model.name, str(model.version))
+        note_model(model.name, model.version)
         return model_to_grpc(model)

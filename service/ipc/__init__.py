@@ -1,9 +1,8 @@
-"""Serving from several processes: gRPC front-ends and one engine process, joined by Unix sockets.
+"""Serving from several processes: how front-end processes and the engine process talk over Unix sockets.
 
-- messages.py: the records that cross the boundary and their framing;
-- engine_side.py: the engine process's endpoint, which hands front-ends' requests to the schedulers;
-- frontend_side.py: a front-end's view of the engine: a registry of the served versions whose schedulers
-  are proxies with the engine Scheduler's surface, so the dataplane runs unchanged;
-- processes.py: `attnserve serve --frontends N`: the engine and front-end processes' main functions, and
-  the supervisor that starts, watches, restarts and stops them and serves one /metrics for all of them.
+- messages.py: the messages (carrying the engine's own records) and their framing;
+- engine_server.py: the engine process's server, which hands front-ends' requests to its engines.
+
+The front-end's end is an engine client (service/engine_client/socket_client.py); nothing else uses this
+package, and the programs that run these processes are in service/processes/.
 """

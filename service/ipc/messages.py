@@ -2,8 +2,10 @@
 
 Transport: one Unix stream socket per front-end, in a directory only the server's user can open. Each
 write is a frame: a 4-byte little-endian length, then a msgpack array of messages (msgspec Structs,
-tagged by class name). Both sides buffer what they send during one turn of their event loop and write it
-as one frame, so a busy loop pays one system call and one encode per turn, not one per message.
+tagged by class name). The messages carry the engine's own records (service/engine/records.py) and the
+registry's report as they are: nothing is converted by hand on either side. Both sides buffer what they
+send during one turn of their event loop and write it as one frame, so a busy loop pays one system call and
+one encode per turn, not one per message.
 
 Why a stream socket rather than ZeroMQ: the front-end must learn at once that the engine died (its calls
 fail with UNAVAILABLE rather than hang); a connection-oriented socket reports that as end-of-file, where a
@@ -21,34 +23,22 @@ import struct
 from collections.abc import Callable
 
 import msgspec
+import numpy as np
+
+from service.engine.records import EngineRequest, EngineResult, TokenEvent
+from service.registry import RegistryReport
 
 # ----- front-end -> engine ----------------------------------------------------------------------------------
 
 
-class Options(msgspec.Struct, array_like=True):
-    """engine.DecodeOptions, as validated by the front-end's dataplane."""
-
-    beam_size: int
-    num_hypotheses: int
-    max_length: int
-    length_penalty: float
-    return_attention: bool
-
-
 class Submit(msgspec.Struct, tag=True, array_like=True):
-    """One call's texts for model `name` version `version`, all or none (Scheduler.submit_all).
-
-    `ids`: one request id per source, unique per connection; `sources`: int64 token ids as raw bytes.
-    """
+    """One call's requests for model `name` version `version`, all or none (AsyncEngine.submit_all); `ids`:
+    one request id per request, unique per connection."""
 
     ids: list[int]
     name: str
     version: int
-    sources: list[bytes]
-    options: Options
-    deadline: float | None
-    stream: bool
-    arrival: float
+    requests: list[EngineRequest]
 
 
 class Cancel(msgspec.Struct, tag=True, array_like=True):
@@ -57,35 +47,26 @@ class Cancel(msgspec.Struct, tag=True, array_like=True):
     id: int
 
 
+class RegistryApplied(msgspec.Struct, tag=True, array_like=True):
+    """The front-end now serves what `Registry` number `generation` said: whatever it sends from here on names
+    only versions of that report."""
+
+    generation: int
+
+
 # ----- engine -> front-end ----------------------------------------------------------------------------------
 
 
-class ServedVersionInfo(msgspec.Struct, array_like=True):
-    """One loaded model version: the front-end reads its model.json and tokenizers from `directory`."""
+class Registry(msgspec.Struct, tag=True, array_like=True):
+    """What the engine serves now, report number `generation`: sent when a front-end connects and after every
+    change (load, failure, retirement, drain)."""
 
-    version: int
-    directory: str
-    provider: str
-    load_seconds: float
-
-
-class ModelInfo(msgspec.Struct, array_like=True):
-    name: str
-    versions_on_disk: list[int]
-    served: list[ServedVersionInfo]
-    failures: dict[int, str]
-
-
-class Models(msgspec.Struct, tag=True, array_like=True):
-    """What the engine serves now: sent when a front-end connects and after every change (load, retire, drain)."""
-
-    default_model: str
-    draining: bool
-    models: list[ModelInfo]
+    generation: int
+    report: RegistryReport
 
 
 class QueueDepth(msgspec.Struct, tag=True, array_like=True):
-    """Texts waiting in model `name` version `version`'s queue (sent when it changed), so a front-end can
+    """Requests waiting in model `name` version `version`'s queue (sent when it changed), so a front-end can
     refuse a call for a full queue without asking the engine."""
 
     name: str
@@ -93,56 +74,78 @@ class QueueDepth(msgspec.Struct, tag=True, array_like=True):
     waiting: int
 
 
-class HypothesisRecord(msgspec.Struct, array_like=True):
-    """engine.Hypothesis; `attention` float32 [len(token_ids), `attention_columns`] as raw bytes, or None."""
-
-    token_ids: list[int]
-    score: float
-    log_prob: float
-    finish_reason: str
-    alignment: list[int]
-    attention: bytes | None
-    attention_columns: int
-
-
 class Result(msgspec.Struct, tag=True, array_like=True):
-    """Request `id` finished (engine.TranslationResult)."""
+    """Request `id` finished."""
 
     id: int
-    hypotheses: list[HypothesisRecord]
-    queue_wait_s: float
-    first_token_s: float
-    total_s: float
-    generated_tokens: int
+    result: EngineResult
 
 
 class Failed(msgspec.Struct, tag=True, array_like=True):
-    """Request `id` ended with the AttnServeError class named `error` (e.g. 'Overloaded') and `message`."""
+    """Request `id` ended with an AttnServeError: its status `code` and `message` (errors.error_from_status)."""
 
     id: int
-    error: str
+    code: str
     message: str
 
 
 class Token(msgspec.Struct, tag=True, array_like=True):
-    """One streamed token of request `id` (engine.TokenEvent); `attention` float32 [source_len] bytes or None."""
+    """One streamed token of request `id`."""
 
     id: int
-    token_id: int
-    position: int
-    log_prob: float
-    alignment: int
-    attention: bytes | None
+    event: TokenEvent
 
 
-Message = Submit | Cancel | Models | QueueDepth | Result | Failed | Token
+Message = Submit | Cancel | RegistryApplied | Registry | QueueDepth | Result | Failed | Token
+
+# numpy arrays (token ids, attention) travel as msgpack extension NDARRAY: a byte for the dtype (ARRAY_DTYPES), a
+# byte for the number of dimensions, each dimension as a little-endian uint32, then the raw little-endian data.
+NDARRAY = 1
+ARRAY_DTYPES = (np.dtype("<i8"), np.dtype("<f4"), np.dtype("<i4"), np.dtype("<f8"), np.dtype("|b1"))
+_DTYPE_CODES = {dtype: code for code, dtype in enumerate(ARRAY_DTYPES)}
+_DIMENSIONS = [struct.Struct(f"<BB{ndim}I") for ndim in range(8)]
+
+
+def _encode_array(array: np.ndarray) -> msgspec.msgpack.Ext:
+    code = _DTYPE_CODES.get(array.dtype)
+    if code is None or array.ndim >= len(_DIMENSIONS):
+        raise NotImplementedError(f"cannot send an array of {array.dtype} with {array.ndim} dimensions")
+    return msgspec.msgpack.Ext(NDARRAY, _DIMENSIONS[array.ndim].pack(code, array.ndim, *array.shape) + array.tobytes())
+
+
+def _decode_array(data: memoryview) -> np.ndarray:
+    code, ndim = data[0], data[1]
+    if code >= len(ARRAY_DTYPES) or ndim >= len(_DIMENSIONS):
+        raise ValueError(f"an array extension with dtype code {code} and {ndim} dimensions")
+    shape = _DIMENSIONS[ndim].unpack_from(data)[2:]
+    # A copy: `data` is a view of the frame being decoded, which the reader reuses.
+    return np.frombuffer(data, dtype=ARRAY_DTYPES[code], offset=2 + 4 * ndim).reshape(shape).copy()
+
+
+def _enc_hook(value: object) -> object:
+    if isinstance(value, np.ndarray):
+        return _encode_array(value)
+    raise NotImplementedError(f"cannot send {type(value).__name__}")
+
+
+def _ext_hook(code: int, data: memoryview) -> object:
+    if code != NDARRAY:
+        raise ValueError(f"unknown msgpack extension {code}")
+    return _decode_array(data)
+
+
+def _dec_hook(kind: type, value: object) -> object:
+    if kind is np.ndarray and isinstance(value, np.ndarray):
+        return value
+    raise NotImplementedError(f"cannot receive {kind}")
+
 
 _LENGTH = struct.Struct("<I")
 MAX_FRAME_BYTES = 1 << 30
 """A frame this large means a broken peer, not a busy one: the connection is closed."""
 
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(list[Message])
+_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+_decoder = msgspec.msgpack.Decoder(list[Message], ext_hook=_ext_hook, dec_hook=_dec_hook)
 
 
 def encode_frame(messages: list[Message]) -> bytes:

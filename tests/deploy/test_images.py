@@ -1,11 +1,14 @@
 """The serving image's build, without a container engine: the CPU Dockerfile's `build` stage is replayed
 instruction by instruction (its WORKDIR, ENV and COPY set, filtered by .dockerignore, and its RUN of
 deploy/docker/install-serving.sh) into a scratch root, then the installed entry point serves a real model with
-the `serving` stage's environment, from outside the checkout. So the exact install step of both images (they
-share it: test_manifests.py) is proven on every CI run; only the base images and apt steps are not exercised."""
+the `serving` stage's environment, from outside the checkout, with a home folder nothing can be written to (as
+on the image's read-only root). So the exact install step of both images (they share it: test_manifests.py) is
+proven by the test suite on any machine; `make image-check` (deploy/images.py) builds and runs the images
+themselves where podman is available."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -16,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from deploy.images import noisy_lines
 from deploy.tool import DOCKERFILES, REPOSITORY_ROOT
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
@@ -99,37 +103,54 @@ def test_the_build_stage_installs_a_torch_free_server_that_serves(tiny_repositor
     venv = replay_build_stage(tmp_path / "rootfs")
     python = venv / "bin" / "python"
 
-    # No torch, no training code: only what the image COPYs.
+    # No torch, no training code, no plotting: only what the image COPYs and the CPU runtime; no pip, no bytecode.
     script = (
-        "import importlib.util as u, service; "
-        "print(u.find_spec('torch') is None, u.find_spec('export') is None, service.__file__)"
+        "import importlib.metadata as m, importlib.util as u, json, service; print(json.dumps({"
+        "'missing': [n for n in ('torch', 'export', 'matplotlib', 'pip') if u.find_spec(n) is None], "
+        "'onnxruntime': sorted(d.metadata['Name'] for d in m.distributions() if 'onnxruntime' in d.metadata['Name']),"
+        "'service': service.__file__}))"
     )
     probe = subprocess.run(
         [str(python), "-c", script],
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin"},
+        env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"},
         check=True,
     )
-    no_torch, no_export, service_file = probe.stdout.split()
-    assert no_torch == "True" and no_export == "True"
-    assert Path(service_file).is_relative_to(venv), service_file  # the installed copy, not the checkout
+    found = json.loads(probe.stdout)
+    assert found["missing"] == ["torch", "export", "matplotlib", "pip"]
+    assert found["onnxruntime"] == ["onnxruntime"]  # the CPU package, not onnxruntime-gpu
+    assert Path(found["service"]).is_relative_to(venv), found["service"]  # the installed copy, not the checkout
+    assert not list(venv.rglob("*.pyc"))
 
-    # Serve with the serving stage's environment; the tiny repository stands for the /models volume.
+    # --plot says how to get it, before calling any server.
+    plot = subprocess.run(
+        [str(venv / "bin" / "attnserve"), "translate", "--server", "127.0.0.1:1", "--plot", "a.png", "3 mars 1999"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert plot.returncode == 2
+    assert "--plot draws with matplotlib, which is not installed: pip install 'attnserve[plot]'" in plot.stderr
+
+    # Serve with the serving stage's environment; the tiny repository stands for the /models volume. The home
+    # folder cannot be made (its parent is a file; the image's, /nonexistent, is on a read-only root).
+    (tmp_path / "read-only").write_text("")
     serving = parse_dockerfile(CPU_DOCKERFILE)[1]
-    environment: dict[str, str] = {"HOME": str(tmp_path)}
+    environment: dict[str, str] = {"HOME": str(tmp_path / "read-only" / "home")}
     for instruction, arguments in serving["instructions"]:
         if instruction == "ENV":
             environment.update(_env_pairs(arguments))
     environment["PATH"] = environment["PATH"].replace("/opt/attnserve", str(venv)).replace("$PATH", "/usr/bin:/bin")
-    environment["MPLCONFIGDIR"] = str(tmp_path / "matplotlib")
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     environment.update(
         ATTNSERVE_MODEL_REPOSITORY=str(tiny_repository),
         ATTNSERVE_HOST="127.0.0.1",  # loopback only in tests
         ATTNSERVE_PORT=str(port),
         ATTNSERVE_METRICS_PORT=str(metrics_port),
+        ATTNSERVE_HTTP_PORT=str(http_port),
         ATTNSERVE_INTRA_OP_THREADS="1",
     )
     assert environment["ATTNSERVE_PROVIDER"] == "cpu"
@@ -147,7 +168,11 @@ def test_the_build_stage_installs_a_torch_free_server_that_serves(tiny_repositor
         assert response.model == "dates" and response.translations[0].hypotheses[0].text
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=60)
-        assert process.returncode == 0, output.decode(errors="replace")
+        log = output.decode(errors="replace")
+        assert process.returncode == 0, log
+        # Quiet on a read-only root: onnxruntime's telemetry (on in its own default) would warn that it cannot
+        # persist its device id.
+        assert "attnserve listening on" in log and noisy_lines(log) == [], log
     finally:
         if process.poll() is None:
             process.kill()

@@ -37,11 +37,13 @@ from deploy.tool import (
 )
 from service import settings as settings_module
 from service.grpc_api.server import LIVENESS_SERVICE
-from service.ipc.processes import Supervisor
 from service.metrics import ServerMetrics
+from service.processes.supervisor import Supervisor
 from service.settings import ENV_PREFIX, Settings
 from tests.deploy.binaries import require_binary
 from tests.deploy.dockerfiles import parse_dockerfile
+
+pytestmark = pytest.mark.slow  # trains models or starts servers
 
 OVERLAY_NAMES = ("cpu", "gpu")
 DOCS = REPOSITORY_ROOT / "docs" / "deploy.md"
@@ -191,7 +193,7 @@ def test_settings_configmap_is_read_by_the_server(rendered: dict[str, list[dict[
     settings = _settings_of(objects)
     container = _container(objects)
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port, "http": settings.http_port}
     assert settings.model_repository == Path("/models")
     assert settings.max_connection_age_seconds > 0  # clients re-resolve the headless Service
     assert settings.provider == {"cpu": "cpu", "gpu": "cuda"}[name]
@@ -221,11 +223,15 @@ def test_probes_draining_and_security(rendered: dict[str, list[dict[str, Any]]],
     settings = _settings_of(objects)
     pod = find_object(objects, "Deployment")["spec"]["template"]["spec"]
     container = _container(objects)
-    for probe_name, service in (("startupProbe", ""), ("readinessProbe", ""), ("livenessProbe", LIVENESS_SERVICE)):
+    for probe_name, service in (("readinessProbe", ""), ("livenessProbe", LIVENESS_SERVICE)):
         probe = container[probe_name]
         assert probe["grpc"]["port"] == settings.port, probe_name  # native grpc.health.v1 probe
         assert probe["grpc"].get("service", "") == service, probe_name
     startup = container["startupProbe"]
+    # The HTTP port's KServe v2 liveness: the container port named in it is the server's http_port.
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert settings.http_port and ports[startup["httpGet"]["port"]] == settings.http_port
+    assert startup["httpGet"]["path"] == "/v2/health/live"
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # model loading
     liveness = container["livenessProbe"]
     assert liveness["periodSeconds"] * liveness["failureThreshold"] > settings.drain_grace_seconds
@@ -382,8 +388,8 @@ def _exposed_sample_names() -> set[str]:
     }
     supervisor = Supervisor(Settings(), [], frontends=1)  # its children are not started
     shutil.rmtree(supervisor.runtime_dir)
-    for registry in (ServerMetrics().registry, supervisor.registry):
-        for family in registry.collect():
+    for collectors in (ServerMetrics().collectors, supervisor.collectors):
+        for family in collectors.collect():
             names |= {family.name + suffix for suffix in suffixes[family.type]}
     return names
 
@@ -466,6 +472,10 @@ def test_hadolint_accepts_both_dockerfiles() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# The project's extra that brings onnxruntime into each image: the CPU package, or onnxruntime-gpu.
+RUNTIME_EXTRAS = {"Dockerfile": "cpu", "Dockerfile.gpu": "gpu"}
+
+
 @pytest.mark.parametrize("path", DOCKERFILES, ids=[p.name for p in DOCKERFILES])
 def test_dockerfile_is_multi_stage_non_root_and_torch_free(path: Path) -> None:
     stages = parse_dockerfile(path)
@@ -473,7 +483,7 @@ def test_dockerfile_is_multi_stage_non_root_and_torch_free(path: Path) -> None:
     build, serving = stages
     assert build["base"] == serving["base"]  # the venv is copied across: same interpreter in both
     runs = [arguments for instruction, arguments in build["instructions"] if instruction == "RUN"]
-    assert "sh deploy/docker/install-serving.sh /opt/attnserve /src" in runs
+    assert f"sh deploy/docker/install-serving.sh /opt/attnserve /src {RUNTIME_EXTRAS[path.name]}" in runs
     copies = [arguments for instruction, arguments in serving["instructions"] if instruction == "COPY"]
     assert "--from=build /opt/attnserve /opt/attnserve" in copies
     assert "${MODEL_REPOSITORY}/ /models/" in copies
@@ -489,7 +499,10 @@ def test_dockerfile_is_multi_stage_non_root_and_torch_free(path: Path) -> None:
         for p in arguments.split()
     }
     defaults = Settings()
-    assert exposed == {defaults.port, defaults.metrics_port}
+    # The gRPC and metrics ports; the HTTP port too once deploy/docker exposes it (EXPOSE only documents).
+    assert (
+        {defaults.port, defaults.metrics_port} <= exposed <= {defaults.port, defaults.metrics_port, defaults.http_port}
+    )
     instructions = [arguments for stage in stages for _, arguments in stage["instructions"]]
     assert not any("torch" in arguments or "[train" in arguments for arguments in instructions)
 
@@ -497,10 +510,15 @@ def test_dockerfile_is_multi_stage_non_root_and_torch_free(path: Path) -> None:
 def test_both_images_install_the_same_way() -> None:
     cpu, gpu = (parse_dockerfile(path) for path in DOCKERFILES)
 
-    def install_steps(stages: list[dict[str, Any]]) -> list[tuple[str, str]]:
-        return [(i, a) for i, a in stages[0]["instructions"] if i in ("COPY", "WORKDIR") or "install-serving.sh" in a]
+    def install_steps(stages: list[dict[str, Any]], extra: str) -> list[tuple[str, str]]:
+        # The same steps, but for the runtime extra install-serving.sh is given.
+        return [
+            (i, a.removesuffix(f" {extra}"))
+            for i, a in stages[0]["instructions"]
+            if i in ("COPY", "WORKDIR") or "install-serving.sh" in a
+        ]
 
-    assert install_steps(cpu) == install_steps(gpu)
+    assert install_steps(cpu, "cpu") == install_steps(gpu, "gpu")
     assert "nvidia/cuda:13." in DOCKERFILES[1].read_text() and "cudnn" in DOCKERFILES[1].read_text()
 
 

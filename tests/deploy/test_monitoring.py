@@ -200,7 +200,10 @@ def test_prometheus_evaluates_every_dashboard_query_and_alert(server: ServerThre
         api.wait_until(
             lambda: api.value('sum(attnserve_requests_total{job="attnserve"})') == expected, "scraping the traffic"
         )
-        time.sleep(2.0)  # two more scrapes, so rate() windows that end now see the last increase
+        # Two more scrapes, so rate() windows that end now see the last increase.
+        scrapes = 'count_over_time(up{job="attnserve"}[1h])'
+        seen = api.value(scrapes) or 0.0
+        api.wait_until(lambda: (api.value(scrapes) or 0.0) >= seen + 2, "two more scrapes")
         end = time.time()
 
         # Every alert: loaded and evaluated by the rule manager without error, and its expression parses.

@@ -1,5 +1,5 @@
 """Scale-out on one machine: three `attnserve serve` replicas on loopback, and a client that balances over them
-with round_robin and retries UNAVAILABLE (service.balancing, what deploy/k8s's headless Service is for). Under
+with round_robin and retries UNAVAILABLE (client.balancing, what deploy/k8s's headless Service is for). Under
 load one replica receives SIGTERM and drains: no call fails, the replica exits 0, and every replica's own request
 counter shows the load was spread."""
 
@@ -16,7 +16,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.balancing import balanced_channel_options, service_config
+from client.balancing import balanced_channel_options, service_config
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.grpc_api.server import _connection_age_options

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.engine import DecodeOptions, EngineCore, EngineLimits, TranslationRequest
+from service.engine import DecodeOptions, EngineCore, EngineRequest
 from service.runtime.model import load_model
 from service.runtime.repository import discover
 from service.runtime.tokenizers import EOS
+from service.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = PROJECT_ROOT / "models"
@@ -33,17 +34,24 @@ def newest_version(repository: Path, name: str) -> Path:
 INPUTS = json.loads((PROJECT_ROOT / "loadtests" / "data" / "default_model_inputs.json").read_text(encoding="utf-8"))
 
 
-def decode(step_model, tokenizer, texts: list[str], beam: int = 1) -> list[list[int]]:
-    """Every text decoded together by one engine core over `step_model` (its first hypothesis' tokens)."""
-    core = EngineCore(step_model, EngineLimits(max_active_hypotheses=1024, max_padded_source_tokens=1 << 20))
+def decode(
+    step_model, tokenizer, texts: list[str], beam: int = 1, memory_versions: list[int] | None = None
+) -> list[list[int]]:
+    """Every text decoded together by one engine core over `step_model` (its first hypothesis' tokens); the
+    memory version of each decoder step is appended to `memory_versions` when given."""
+    limits = Settings(max_active_hypotheses=1024, max_padded_source_tokens=1 << 20).engine_limits()
+    core = EngineCore(step_model, limits)
+    options = DecodeOptions(beam_size=beam, num_hypotheses=1, max_length=40)
     for key, text in enumerate(texts):
         source = np.array(tokenizer.encode(text) + [EOS], dtype=np.int64)
-        core.add(key, TranslationRequest(source, DecodeOptions(beam_size=beam, max_length=40)), 0.0)
+        core.add(key, EngineRequest(source, options, deadline=None, stream=False, arrival=0.0), 0.0)
     results: dict[int, list[int]] = {}
     while core.has_work:
         output = core.step()
         assert not output.failed, output.failed
-        results.update({done.key: done.hypotheses[0].token_ids for done in output.finished})
+        if memory_versions is not None and output.stats is not None and output.stats.rows:
+            memory_versions.append(output.stats.memory_generation)
+        results.update({done.key: done.result.hypotheses[0].token_ids for done in output.finished})
     return [results[key] for key in range(len(texts))]
 
 
@@ -67,10 +75,13 @@ def test_io_binding_and_batching_give_what_each_request_gets_alone_on_the_cpu(na
     on_device = load_model(newest_version(REPOSITORY, name), provider=PROVIDER, intra_op_threads=1, io_binding=True)
     on_cpu = load_model(newest_version(REPOSITORY, name), provider="cpu", intra_op_threads=1)
     texts = [source for source, _ in INPUTS[name][:40]]
-    batched = decode(on_device.step_model, on_device.source_tokenizer, texts, beam=4)
+    versions: list[int] = []
+    batched = decode(on_device.step_model, on_device.source_tokenizer, texts, beam=4, memory_versions=versions)
     alone = [decode(on_cpu.step_model, on_cpu.source_tokenizer, [text], beam=4)[0] for text in texts]
     assert batched == alone
-    assert 1 <= on_device.step_model.memory_uploads < 40  # once per memory version, not per step
+    # Memory goes to the device once per memory version, not per step.
+    changes = sum(1 for before, after in zip([None, *versions], versions, strict=False) if before != after)
+    assert len(versions) > changes and on_device.step_model.memory_uploads == changes
 
 
 def test_a_translate_call_through_a_real_server() -> None:

@@ -16,30 +16,33 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
 from service.engine import (
+    AsyncEngine,
     BatchingPolicy,
     DecodeOptions,
     EncoderOutput,
     EngineLimits,
+    EngineRequest,
+    EngineResult,
     FinishReason,
     Hypothesis,
     RequestHandle,
     RequestStats,
-    Scheduler,
     StepOutput,
     StepStats,
-    TranslationRequest,
-    TranslationResult,
     normalised_score,
 )
 from service.errors import AttnServeError
 from service.runtime.tokenizers import BOS, EOS
+from service.settings import Settings
 
 SOURCE_VOCAB = 32
 STEP_PATTERN = 5  # the per-position bias repeats with this period
@@ -124,6 +127,7 @@ class FakeStepModel:
     bos_id: int = BOS
     memory_names: tuple[str, ...] = ("memory", "keys")
     state_names: tuple[str, ...] = ("hidden", "position")
+    provider: str = "fake"  # what a served version reports as its execution provider
     step_calls: list[StepCall] = field(default_factory=list)
     encode_batches: list[int] = field(default_factory=list)
 
@@ -412,7 +416,9 @@ def make_request(
     stream: bool = False,
     deadline: float | None = None,
     arrival: float | None = None,
-) -> TranslationRequest:
+) -> EngineRequest:
+    """An engine request with resolved options; `arrival` a fake clock's reading (default: now, as for a real
+    call)."""
     options = DecodeOptions(
         beam_size=beam,
         num_hypotheses=hypotheses,
@@ -420,12 +426,36 @@ def make_request(
         length_penalty=alpha,
         return_attention=attention,
     )
-    request = TranslationRequest(source_ids=source_ids, options=options, stream=stream, deadline=deadline)
-    if arrival is not None:  # a fake clock's reading (the default is time.monotonic(), as for a real call)
-        request = TranslationRequest(
-            source_ids=source_ids, options=options, stream=stream, deadline=deadline, arrival=arrival
-        )
-    return request
+    return EngineRequest(
+        source_ids, options, deadline=deadline, stream=stream, arrival=time.monotonic() if arrival is None else arrival
+    )
+
+
+def engine_limits(**changes: Any) -> EngineLimits:
+    """The engine limits the default settings give, with `changes`."""
+    return replace(Settings().engine_limits(), **changes)
+
+
+class FakeClock:
+    """A clock that moves only when a test moves it (`now`, seconds)."""
+
+    def __init__(self, now: float = 50.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TickingClock(FakeClock):
+    """A clock that moves `tick` seconds at every reading: every interval the engine measures is > 0."""
+
+    def __init__(self, now: float = 50.0, tick: float = 0.001) -> None:
+        super().__init__(now)
+        self.tick = tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
 
 
 @dataclass
@@ -453,26 +483,28 @@ async def running(
     limits: EngineLimits | None = None,
     policy: BatchingPolicy = BatchingPolicy.CONTINUOUS,
     recorder: RecordingRecorder | None = None,
-) -> AsyncIterator[Scheduler]:
-    """A started scheduler on the fake; on exit the gate (if any) is opened and the scheduler stopped."""
-    scheduler = Scheduler(
+    clock: Callable[[], float] = time.monotonic,
+) -> AsyncIterator[AsyncEngine]:
+    """A started engine on the fake (source bucket 1 unless `limits` says otherwise); on exit the gate (if any)
+    is opened and the engine stopped."""
+    engine = AsyncEngine(
         model,
-        limits=limits or EngineLimits(source_bucket=1),
+        limits=limits or engine_limits(source_bucket=1),
         policy=policy,
         recorder=recorder,
-        name="fake",
-        version="1",
+        label="fake version 1",
+        clock=clock,
     )
-    await scheduler.start()
+    await engine.start()
     try:
-        yield scheduler
+        yield engine
     finally:
         if model.gate is not None:
             model.gate.open()
-        await scheduler.stop(grace_s=5.0)
+        await engine.stop(grace_s=5.0)
 
 
-async def outcome(handle: RequestHandle) -> TranslationResult | AttnServeError:
+async def outcome(handle: RequestHandle) -> EngineResult | AttnServeError:
     """The handle's result, or the AttnServeError it raised."""
     try:
         return await handle.result()

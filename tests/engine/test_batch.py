@@ -7,14 +7,18 @@ import math
 
 import numpy as np
 
-from service.engine.batch import DecodeBatch, NewRequest, bucketed
+from service.engine import EngineRequest
+from service.engine.batch import DecodeBatch, bucketed
 
-from .fakes import BOS
+from .fakes import BOS, make_request
 
 
-def admissions(*requests: tuple[int, int, int], attention: bool = False) -> list[NewRequest]:
-    """New requests (key, beam, source length), each wanting 4 tokens and 1 hypothesis."""
-    return [NewRequest(key, beam, length, 4, 1, False, attention, 0.0) for key, beam, length in requests]
+def admissions(*requests: tuple[int, int, int], attention: bool = False) -> list[tuple[int, EngineRequest]]:
+    """New (key, request) pairs from (key, beam, source length), each wanting 4 tokens and 1 hypothesis."""
+    return [
+        (key, make_request(np.arange(4, 4 + length), beam=beam, max_length=4, attention=attention))
+        for key, beam, length in requests
+    ]
 
 
 def encoded(*requests: tuple[int, int, float]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from service.engine import BatchingPolicy, EngineCore, EngineLimits, FinishReason
+from service.engine import BatchingPolicy, EngineCore, FinishReason
 from service.errors import DeadlineExceeded
 
-from .fakes import NO_EOS, FakeStepModel, make_request, source
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 50.0
-
-    def __call__(self) -> float:
-        return self.now
+from .fakes import NO_EOS, FakeClock, FakeStepModel, engine_limits, make_request, source
 
 
 def test_an_expired_request_leaves_at_the_next_step_and_the_others_continue():
     clock, model = FakeClock(), FakeStepModel(support=NO_EOS)
-    core = EngineCore(model, EngineLimits(source_bucket=1), clock=clock)
+    core = EngineCore(model, engine_limits(source_bucket=1), clock=clock)
     core.add(1, make_request(source(4), max_length=4), clock.now)
     core.add(2, make_request(source(5, 6), max_length=50, deadline=clock.now + 0.3, arrival=clock.now), clock.now)
     assert core.step().admitted == [1, 2]
@@ -36,7 +28,7 @@ def test_an_expired_request_leaves_at_the_next_step_and_the_others_continue():
 
 def test_a_queued_request_expires_where_it_waits_and_is_never_encoded():
     clock, model = FakeClock(), FakeStepModel(support=NO_EOS)
-    core = EngineCore(model, EngineLimits(max_active_hypotheses=1, source_bucket=1), clock=clock)
+    core = EngineCore(model, engine_limits(max_active_hypotheses=1, source_bucket=1), clock=clock)
     core.add(1, make_request(source(4), max_length=3), clock.now)
     core.add(2, make_request(source(5), max_length=3, deadline=clock.now + 1.0), clock.now)
     core.step()  # only the first fits
@@ -48,15 +40,15 @@ def test_a_queued_request_expires_where_it_waits_and_is_never_encoded():
 
 def test_request_policy_takes_a_full_batch_at_once_and_a_lone_request_after_its_delay():
     clock, model = FakeClock(), FakeStepModel(support=NO_EOS)
-    limits = EngineLimits(batch_size=2, batch_delay_s=0.2, source_bucket=1)
+    limits = engine_limits(batch_size=2, batch_delay_s=0.2, source_bucket=1)
     core = EngineCore(model, limits, BatchingPolicy.REQUEST, clock=clock)
-    core.add(1, make_request(source(3), max_length=3), clock.now)
-    core.add(2, make_request(source(4), max_length=3), clock.now)
+    core.add(1, make_request(source(3), max_length=3, arrival=clock.now), clock.now)
+    core.add(2, make_request(source(4), max_length=3, arrival=clock.now), clock.now)
     assert core.step().admitted == [1, 2]  # a full batch does not wait for the delay
     clock.now += 0.01
     core.add(3, make_request(source(5), max_length=2), clock.now)
     finished = [done for _ in range(2) for done in core.step().finished]
-    assert [done.key for done in finished] == [1, 2] and finished[0].admitted_at == 50.0
+    assert [done.key for done in finished] == [1, 2] and finished[0].result.queue_wait_s == 0.0
     # The batch is done; the lone request waits for company until 0.2 s after it arrived.
     assert not core.has_work and core.next_wakeup() == 50.01 + 0.2
     clock.now = 50.01 + 0.2
@@ -67,7 +59,7 @@ def test_request_policy_takes_a_full_batch_at_once_and_a_lone_request_after_its_
 
 def test_request_policy_gathers_arrivals_within_the_delay():
     clock, model = FakeClock(), FakeStepModel(support=NO_EOS)
-    core = EngineCore(model, EngineLimits(batch_size=8, batch_delay_s=0.3), BatchingPolicy.REQUEST, clock=clock)
+    core = EngineCore(model, engine_limits(batch_size=8, batch_delay_s=0.3), BatchingPolicy.REQUEST, clock=clock)
     core.add(1, make_request(source(3), max_length=2), clock.now)
     assert not core.step().admitted and not core.has_work  # taken in; the window is open
     clock.now += 0.29

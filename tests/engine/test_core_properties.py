@@ -15,12 +15,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from service.engine import EngineCore, EngineLimits, FinishReason
+from service.engine import EngineCore, FinishReason
 from service.errors import DeadlineExceeded, EngineFailure
 
-from .fakes import EOS, FakeStepModel, make_request, source
+from .fakes import EOS, FakeStepModel, engine_limits, make_request, source
 
-LIMITS = EngineLimits(max_active_hypotheses=10, max_padded_source_tokens=64, source_bucket=4)
+LIMITS = engine_limits(max_active_hypotheses=10, max_padded_source_tokens=64, source_bucket=4)
 
 
 class FakeClock:
@@ -52,7 +52,7 @@ def decode_alone(request) -> list:  # type: ignore[no-untyped-def]
         output = core.step()
         assert not output.failed
         if output.finished:
-            return output.finished[0].hypotheses
+            return output.finished[0].result.hypotheses
 
 
 class CoreMachine(RuleBasedStateMachine):
@@ -140,7 +140,7 @@ class CoreMachine(RuleBasedStateMachine):
             if isinstance(outcome, str) or isinstance(outcome, Exception):
                 continue
             expected = decode_alone(request)
-            got = outcome.hypotheses
+            got = outcome.result.hypotheses
             assert [h.token_ids for h in got] == [h.token_ids for h in expected]
             assert [h.log_prob for h in got] == [h.log_prob for h in expected]
             assert [h.score for h in got] == [h.score for h in expected]

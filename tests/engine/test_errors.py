@@ -16,7 +16,7 @@ from service.errors import (
     RequestCancelled,
     Unauthenticated,
     Unavailable,
-    status_code_name,
+    error_from_status,
 )
 
 GRPC_STATUS_NAMES = {
@@ -54,14 +54,17 @@ GRPC_STATUS_NAMES = {
         (ModelLoadError, "FAILED_PRECONDITION"),
     ],
 )
-def test_each_error_names_its_status(error, code):
+def test_each_error_names_its_status_and_is_raised_again_from_it(error, code):
     instance = error("beam_size 9 exceeds the maximum 8 for model dates")
     assert isinstance(instance, AttnServeError)
-    assert instance.code == code == status_code_name(instance)
+    assert instance.code == code
     assert instance.message == "beam_size 9 exceeds the maximum 8 for model dates"
+    # How an error raised in the engine process reaches a front-end process: as its status and message.
+    again = error_from_status(instance.code, instance.message)
+    assert type(again) is error and again.message == instance.message
 
 
-def test_every_code_is_a_real_grpc_status_and_everything_else_is_internal():
+def test_every_code_is_a_real_grpc_status_and_an_unknown_one_is_internal():
     assert {error.code for error in ALL_ERRORS} <= GRPC_STATUS_NAMES
-    assert status_code_name(ValueError("a bug")) == "INTERNAL"
+    assert type(error_from_status("DATA_LOSS", "?")) is EngineFailure
     assert AttnServeError().message == "AttnServeError"

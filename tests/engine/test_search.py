@@ -8,12 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from service.engine import DecodeOptions, EngineCore, EngineLimits, FinishReason, length_penalty, normalised_score
+from service.engine import DecodeOptions, EngineCore, EngineRequest, FinishReason, length_penalty, normalised_score
 
 from .fakes import (
     EOS,
     FakeStepModel,
     ScriptedStepModel,
+    engine_limits,
     exhaustive_search,
     greedy_reference,
     make_request,
@@ -29,14 +30,15 @@ class Scripted:
     """One request decoded by an EngineCore over hand-made step outputs, advanced one step at a time."""
 
     def __init__(self, options: DecodeOptions, *, stream: bool = False) -> None:
+        """`options` as a client gives them: beam_size and num_hypotheses 0 mean 1."""
         self.model = ScriptedStepModel()
-        self.core = EngineCore(self.model, EngineLimits(source_bucket=1))
+        self.core = EngineCore(self.model, engine_limits(source_bucket=1))
         self.core.add(
             1,
             make_request(
                 source(7, 8),
-                beam=options.beam_size,
-                hypotheses=options.num_hypotheses,
+                beam=max(options.beam_size, 1),
+                hypotheses=max(options.num_hypotheses, 1),
                 max_length=options.max_length,
                 alpha=options.length_penalty,
                 attention=options.return_attention,
@@ -61,7 +63,7 @@ class Scripted:
     @property
     def hypotheses(self):
         [finished] = self.output.finished
-        return finished.hypotheses
+        return finished.result.hypotheses
 
     @property
     def parents(self) -> list[int]:
@@ -79,13 +81,9 @@ class Scripted:
         from service.engine.search import beam_hypotheses
 
         batch = self.core.batch
-        saved = list(batch.slot_finished[0])
-        try:
-            if not saved:
-                return []
-            return [h.token_ids for h in beam_hypotheses(batch, 0)]
-        finally:
-            batch.slot_finished[0] = saved
+        if not batch.slot_finished[0]:  # (beam_hypotheses would then finish the live beams)
+            return []
+        return [h.token_ids for h in beam_hypotheses(batch, 0)]
 
 
 def test_length_penalty_is_gnmt():
@@ -223,15 +221,21 @@ def test_beam_ignores_impossible_candidates():
     assert all(math.isfinite(h.score) for h in hypotheses)
 
 
-def test_decode_options_reject_broken_invariants():
-    with pytest.raises(ValueError):
-        DecodeOptions(beam_size=0)
-    with pytest.raises(ValueError):
-        DecodeOptions(beam_size=2, num_hypotheses=3)
-    with pytest.raises(ValueError):
-        DecodeOptions(max_length=0)
-    with pytest.raises(ValueError):
-        DecodeOptions(length_penalty=-0.1)
+@pytest.mark.parametrize(
+    "broken",
+    [
+        DecodeOptions(beam_size=0, num_hypotheses=1, max_length=4),
+        DecodeOptions(beam_size=2, num_hypotheses=3, max_length=4),
+        DecodeOptions(beam_size=1, num_hypotheses=0, max_length=4),
+        DecodeOptions(beam_size=1, num_hypotheses=1, max_length=0),
+        DecodeOptions(beam_size=1, num_hypotheses=1, max_length=4, length_penalty=-0.1),
+        DecodeOptions(beam_size=1, num_hypotheses=1, max_length=4, length_penalty=math.nan),
+    ],
+)
+def test_the_core_refuses_options_nobody_resolved(broken):
+    core = EngineCore(ScriptedStepModel(), engine_limits())
+    with pytest.raises(ValueError, match="unresolved decoding options"):
+        core.check(EngineRequest(source(7), broken, deadline=None, stream=False, arrival=0.0))
 
 
 # ----- through the scheduler, on the fake model -----

@@ -34,6 +34,8 @@ from export.data.dates import (
 from export.data.numbers import NUMBERS_NORMALIZATION, german_parts, number_spellings
 from export.data.written import upper
 
+pytestmark = pytest.mark.slow  # trains models or starts servers
+
 ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 SMALL_DATES = {"n_train": 3000, "n_valid": 300, "n_test": 300}
 

@@ -22,6 +22,8 @@ from export.zoo import ACCEPTANCE_BEAMS, DEFAULT_MODELS, DEFAULT_VERSION
 from service.runtime.normalization import LEGACY
 from service.runtime.tokenizers import UNK, Tokenizer, load_tokenizer
 
+pytestmark = pytest.mark.slow  # trains models or starts servers
+
 REPOSITORY = Path(__file__).resolve().parents[2] / "models"
 ENTRIES = {entry.name: entry for entry in DEFAULT_MODELS}
 DECLARED = {

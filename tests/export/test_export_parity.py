@@ -15,6 +15,8 @@ from service.runtime.model import OnnxStepModel
 from service.runtime.model_format import ModelDocument
 from tests.export.test_model import CONFIGS
 
+pytestmark = pytest.mark.slow  # trains models or starts servers
+
 
 def write_version(directory: Path, model: Seq2Seq, **export_options) -> dict:
     """The graphs plus the parts of model.json the runtime reads (tokenizers are not needed here)."""

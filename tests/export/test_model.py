@@ -9,6 +9,8 @@ from export.attention import ATTENTION_KINDS, Attention
 from export.model import Architecture, Seq2Seq, reverse_within_length
 from service.runtime.tokenizers import EOS, PAD
 
+pytestmark = pytest.mark.slow  # trains models or starts servers
+
 HIDDEN = 16
 
 

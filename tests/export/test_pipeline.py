@@ -25,6 +25,8 @@ from service.runtime.normalization import IDENTITY, LEGACY
 from service.runtime.repository import discover
 from service.runtime.tokenizers import EOS
 
+pytestmark = pytest.mark.slow  # trains models or starts servers
+
 
 def test_repository_versions_carry_the_contract(tiny_repository: Path) -> None:
     assert discover(tiny_repository) == {"dates": [1], "numbers": [1]}

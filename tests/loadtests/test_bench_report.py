@@ -6,8 +6,12 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from loadtests.bench import CellResult, pick_best
 from loadtests.report import ceiling_at_rows, check_targets, find, nearest_level, write_report
+
+pytestmark = pytest.mark.slow  # trains models or starts servers
 
 
 def table_rows(markdown: str) -> list[tuple[str, ...]]:

@@ -11,6 +11,8 @@ from loadtests.bench import CONTENDERS, Bench, build_parser, config_from_args
 from loadtests.report import write_report
 from service.cli import main as attnserve
 
+pytestmark = pytest.mark.slow  # trains models or starts servers
+
 
 @pytest.mark.slow
 def test_bench_measures_every_contender(tiny_repository: Path, tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.runtime.model import load_model
 from service.runtime.tokenizers import EOS
 
+pytestmark = pytest.mark.slow  # trains models or starts servers
+
 
 @pytest.fixture(scope="module")
 def eager_dates(tiny_repository: Path) -> EagerModel:

@@ -14,6 +14,8 @@ from loadtests.flops import ModelFlops, measure_matmul_peak, measure_model_flops
 from loadtests.workload import task_texts
 from service.runtime.model import load_model
 
+pytestmark = pytest.mark.slow  # trains models or starts servers
+
 
 @pytest.fixture(scope="module")
 def dates_model(tiny_repository: Path):

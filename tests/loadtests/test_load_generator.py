@@ -12,6 +12,8 @@ from loadtests.noop_server import FIXED_TOKENS
 from loadtests.servers import attnserve_server, engine_window, metric, noop_server, scrape, wait_until_idle
 from loadtests.workload import task_texts
 
+pytestmark = pytest.mark.slow  # trains models or starts servers
+
 
 def test_summarize_counts_each_worker_over_its_own_window() -> None:
     first = WorkerReport(

@@ -7,8 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from loadtests.servers import PROJECT_ROOT, attnserve_server, noop_server
 from loadtests.workload import WorkloadItem, read_workload, write_workload
+
+pytestmark = pytest.mark.slow  # trains models or starts servers
 
 
 def run_locust(host: str, out: Path, workload: Path, *extra: str) -> subprocess.CompletedProcess[str]:

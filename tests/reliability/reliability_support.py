@@ -159,14 +159,6 @@ class Traffic:
 # ----- processes ----------------------------------------------------------------------------------------
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process (Linux /proc), bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
 # ----- certificates -------------------------------------------------------------------------------------
 
 

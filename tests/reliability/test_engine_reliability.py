@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-from service.engine import EngineLimits, FinishReason, TranslationResult
+from service.engine import EngineResult, FinishReason
 from service.errors import AttnServeError, EngineFailure, InvalidRequest, Overloaded, RequestCancelled
 from tests.engine.fakes import (
     NO_EOS,
+    FakeClock,
     FakeStepModel,
     InjectedFailure,
     RecordingRecorder,
     StepGate,
+    engine_limits,
     make_request,
     outcome,
     running,
@@ -41,18 +42,18 @@ def test_a_cancelled_request_leaves_at_the_next_step_and_a_waiting_one_takes_its
 
     async def main() -> tuple[object, object]:
         # Room for one row only: the second request can run only in the first one's slot.
-        async with running(model, limits=EngineLimits(max_active_hypotheses=1)) as scheduler:
-            long = scheduler.submit(make_request(source(3, 3, 3), max_length=50))  # 4 source tokens
+        async with running(model, limits=engine_limits(max_active_hypotheses=1)) as engine:
+            long = engine.submit(make_request(source(3, 3, 3), max_length=50))  # 4 source tokens
             await gate.until_blocked()  # step 0 holds the long request
-            waiting = scheduler.submit(make_request(source(4), max_length=3))  # 2 source tokens
-            assert (scheduler.running, scheduler.waiting) == (1, 1)
+            waiting = engine.submit(make_request(source(4), max_length=3))  # 2 source tokens
+            assert (engine.running, engine.waiting) == (1, 1)
             long.cancel()
             gate.open()
             return await outcome(long), await outcome(waiting)
 
     cancelled, result = asyncio.run(main())
     assert isinstance(cancelled, RequestCancelled)
-    assert isinstance(result, TranslationResult) and len(result.best.token_ids) == 3
+    assert isinstance(result, EngineResult) and len(result.best.token_ids) == 3
     # Step 0 was the long request's; from step 1 on the slot is the waiting request's.
     assert source_lengths_per_step(model) == [(4,), (2,), (2,), (2,)]
 
@@ -62,20 +63,24 @@ def test_an_expired_request_leaves_at_the_next_step_and_a_waiting_one_takes_its_
     model = FakeStepModel(support=NO_EOS, gate=gate)
     recorder = RecordingRecorder()
 
+    clock = FakeClock()
+
     async def main() -> tuple[object, object]:
-        async with running(model, limits=EngineLimits(max_active_hypotheses=2), recorder=recorder) as scheduler:
-            deadline = time.monotonic() + 0.2
-            doomed = scheduler.submit(make_request(source(3, 3, 3), beam=2, max_length=50, deadline=deadline))
+        limits = engine_limits(max_active_hypotheses=2)
+        async with running(model, limits=limits, recorder=recorder, clock=clock) as engine:
+            deadline = clock.now + 0.2
+            doomed = engine.submit(
+                make_request(source(3, 3, 3), beam=2, max_length=50, deadline=deadline, arrival=clock.now)
+            )
             await gate.until_blocked()
-            waiting = scheduler.submit(make_request(source(4), beam=2, max_length=2))
-            while (left := deadline - time.monotonic()) > 0:  # let the deadline pass while step 0 is held
-                await asyncio.sleep(left)
+            waiting = engine.submit(make_request(source(4), beam=2, max_length=2, arrival=clock.now))
+            clock.now = deadline  # the deadline passes while step 0 is held
             gate.open()
             return await outcome(doomed), await outcome(waiting)
 
     expired, result = asyncio.run(main())
     assert expired.code == "DEADLINE_EXCEEDED" and "deadline" in str(expired)
-    assert isinstance(result, TranslationResult)
+    assert isinstance(result, EngineResult)
     assert source_lengths_per_step(model) == [(4, 4), (2, 2), (2, 2)]
     assert recorder.failed == [FinishReason.DEADLINE] and len(recorder.done) == 1
 
@@ -85,17 +90,17 @@ def test_a_request_cancelled_while_queued_never_takes_a_slot() -> None:
     model = FakeStepModel(support=NO_EOS, gate=gate)
 
     async def main() -> list[object]:
-        async with running(model, limits=EngineLimits(max_active_hypotheses=1)) as scheduler:
-            first = scheduler.submit(make_request(source(3), max_length=2))
+        async with running(model, limits=engine_limits(max_active_hypotheses=1)) as engine:
+            first = engine.submit(make_request(source(3), max_length=2))
             await gate.until_blocked()
-            gone = scheduler.submit(make_request(source(5, 5, 5, 5), max_length=2))
-            kept = scheduler.submit(make_request(source(6, 6), max_length=2))
+            gone = engine.submit(make_request(source(5, 5, 5, 5), max_length=2))
+            kept = engine.submit(make_request(source(6, 6), max_length=2))
             gone.cancel()
             gate.open()
             return [await outcome(handle) for handle in (first, gone, kept)]
 
     first, gone, kept = asyncio.run(main())
-    assert isinstance(first, TranslationResult) and isinstance(kept, TranslationResult)
+    assert isinstance(first, EngineResult) and isinstance(kept, EngineResult)
     assert isinstance(gone, RequestCancelled)
     assert 5 not in {length for lengths in source_lengths_per_step(model) for length in lengths}
     assert model.encode_batches == [1, 1]
@@ -123,18 +128,18 @@ def test_a_step_that_raises_for_one_request_fails_only_that_request() -> None:
     poisoned = source(*([8] * 8))  # 9 tokens with </s>
 
     async def main() -> tuple[list[object], list[object], object]:
-        async with running(model) as scheduler:
-            first = scheduler.submit(make_request(good_sources[0], beam=2, max_length=4))
+        async with running(model) as engine:
+            first = engine.submit(make_request(good_sources[0], beam=2, max_length=4))
             await gate.until_blocked()  # step 0 is held; the next two join at step 1, with the poison
-            bad = scheduler.submit(make_request(poisoned, max_length=4))
-            second = scheduler.submit(make_request(good_sources[1], max_length=4, stream=True))
+            bad = engine.submit(make_request(poisoned, max_length=4))
+            second = engine.submit(make_request(good_sources[1], max_length=4, stream=True))
             gate.open()
             tokens = [event.token_id async for event in second.tokens()]
             ended = [await outcome(handle) for handle in (first, bad, second)]
-        async with running(reference) as scheduler:
+        async with running(reference) as engine:
             alone = [
-                await outcome(scheduler.submit(make_request(good_sources[0], beam=2, max_length=4))),
-                await outcome(scheduler.submit(make_request(good_sources[1], max_length=4))),
+                await outcome(engine.submit(make_request(good_sources[0], beam=2, max_length=4))),
+                await outcome(engine.submit(make_request(good_sources[1], max_length=4))),
             ]
         return ended, alone, tokens
 
@@ -142,7 +147,7 @@ def test_a_step_that_raises_for_one_request_fails_only_that_request() -> None:
     assert isinstance(bad, EngineFailure) and bad.code == "INTERNAL"
     assert "poisoned source of 9 tokens" in str(bad) and "decoder step" in str(bad)
     # The requests that shared the failing step finished as if they had been alone.
-    assert isinstance(first, TranslationResult) and isinstance(second, TranslationResult)
+    assert isinstance(first, EngineResult) and isinstance(second, EngineResult)
     assert same_hypotheses(first.hypotheses, alone[0].hypotheses)
     assert same_hypotheses(second.hypotheses, alone[1].hypotheses)
     assert tokens == second.best.token_ids
@@ -161,9 +166,9 @@ def test_poisoned_requests_fail_alone_and_every_request_is_answered_exactly_once
     resolutions: dict[int, int] = {}
     poisoned: set[int] = set()
 
-    async def consume(index: int, handle) -> object:  # type: ignore[no-untyped-def]
+    async def consume(index: int, handle, stream: bool) -> object:  # type: ignore[no-untyped-def]
         ended: object
-        if handle.request.stream:
+        if stream:
             try:
                 async for _ in handle.tokens():
                     pass
@@ -177,7 +182,7 @@ def test_poisoned_requests_fail_alone_and_every_request_is_answered_exactly_once
         return ended
 
     async def main() -> tuple[list[object], object]:
-        async with running(model, limits=EngineLimits(max_active_hypotheses=8), recorder=recorder) as scheduler:
+        async with running(model, limits=engine_limits(max_active_hypotheses=8), recorder=recorder) as engine:
             tasks = []
             for index in range(30):
                 beam = rng.choice((1, 1, 2, 3))
@@ -188,41 +193,41 @@ def test_poisoned_requests_fail_alone_and_every_request_is_answered_exactly_once
                 else:
                     tokens = [rng.randrange(3, 30) for _ in range(rng.randint(1, 6))]
                 request = make_request(source(*tokens), beam=beam, max_length=rng.randint(1, 6), stream=stream)
-                tasks.append(asyncio.create_task(consume(index, scheduler.submit(request))))
+                tasks.append(asyncio.create_task(consume(index, engine.submit(request), stream)))
                 if rng.random() < 0.3:
                     await asyncio.sleep(0)
             ended = await asyncio.gather(*tasks)
-            after = await outcome(scheduler.submit(make_request(source(3), max_length=3)))
+            after = await outcome(engine.submit(make_request(source(3), max_length=3)))
             return ended, after
 
     ended, after = asyncio.run(main())
     assert poisoned, "no poisoned request: the test proved nothing"
     assert resolutions == {index: 1 for index in range(30)}
-    failed = {index for index, result in enumerate(ended) if not isinstance(result, TranslationResult)}
+    failed = {index for index, result in enumerate(ended) if not isinstance(result, EngineResult)}
     assert failed == poisoned
     assert all(isinstance(ended[index], EngineFailure) and "poisoned source" in str(ended[index]) for index in failed)
     assert len(recorder.done) + len(recorder.failed) == 31  # the recorder saw each request once too
     assert recorder.failed == [FinishReason.ERROR] * len(poisoned)
-    assert isinstance(after, TranslationResult)
+    assert isinstance(after, EngineResult)
 
 
 def test_a_step_that_fails_for_everyone_fails_everyone_once_and_the_engine_goes_on() -> None:
     """A fault not tied to one request (here: two failing calls in a row) fails the step's requests."""
     model = FakeStepModel(support=NO_EOS, fail_steps={2, 3, 4})
-    gate_free_limits = EngineLimits(max_active_hypotheses=4)
+    gate_free_limits = engine_limits(max_active_hypotheses=4)
 
     async def main() -> tuple[list[object], object]:
-        async with running(model, limits=gate_free_limits) as scheduler:
-            handles = [scheduler.submit(make_request(source(3 + index), max_length=5)) for index in range(2)]
+        async with running(model, limits=gate_free_limits) as engine:
+            handles = [engine.submit(make_request(source(3 + index), max_length=5)) for index in range(2)]
             ended = [await outcome(handle) for handle in handles]
-            after = await outcome(scheduler.submit(make_request(source(9), max_length=2)))
+            after = await outcome(engine.submit(make_request(source(9), max_length=2)))
             return ended, after
 
     ended, after = asyncio.run(main())
     # Steps 0-1 ran both; step 2 failed; each alone (calls 3 and 4) failed too.
     assert all(isinstance(result, EngineFailure) for result in ended)
     assert [call.rows for call in model.step_calls][:5] == [2, 2, 2, 1, 1]
-    assert isinstance(after, TranslationResult)
+    assert isinstance(after, EngineResult)
 
 
 def test_a_call_of_several_texts_is_queued_whole_or_refused_whole() -> None:
@@ -230,22 +235,22 @@ def test_a_call_of_several_texts_is_queued_whole_or_refused_whole() -> None:
     model = FakeStepModel(support=NO_EOS, gate=gate)
 
     async def main() -> None:
-        async with running(model, limits=EngineLimits(max_waiting_requests=4, max_active_hypotheses=1)) as scheduler:
-            first = scheduler.submit(make_request(source(3), max_length=2))
+        async with running(model, limits=engine_limits(max_waiting_requests=4, max_active_hypotheses=1)) as engine:
+            first = engine.submit(make_request(source(3), max_length=2))
             await gate.until_blocked()
-            queued = scheduler.submit_all([make_request(source(4), max_length=2) for _ in range(2)])
-            assert scheduler.waiting == 2
+            queued = engine.submit_all([make_request(source(4), max_length=2) for _ in range(2)])
+            assert engine.waiting == 2
             with pytest.raises(Overloaded) as refused:
-                scheduler.submit_all([make_request(source(5), max_length=2) for _ in range(3)])
+                engine.submit_all([make_request(source(5), max_length=2) for _ in range(3)])
             assert "2 requests waiting and this call brings 3; the limit is 4" in str(refused.value)
-            assert scheduler.waiting == 2  # nothing of the refused call was left in the queue
+            assert engine.waiting == 2  # nothing of the refused call was left in the queue
             with pytest.raises(InvalidRequest) as never:
-                scheduler.submit_all([make_request(source(5), max_length=2) for _ in range(5)])
+                engine.submit_all([make_request(source(5), max_length=2) for _ in range(5)])
             assert "brings 5 texts" in str(never.value) and "at most 4" in str(never.value)
-            queued += scheduler.submit_all([make_request(source(6), max_length=2) for _ in range(2)])
-            assert scheduler.waiting == 4
+            queued += engine.submit_all([make_request(source(6), max_length=2) for _ in range(2)])
+            assert engine.waiting == 4
             gate.open()
             results = [await outcome(handle) for handle in [first, *queued]]
-            assert all(isinstance(result, TranslationResult) for result in results)
+            assert all(isinstance(result, EngineResult) for result in results)
 
     asyncio.run(main())

@@ -116,8 +116,9 @@ def test_a_decoder_step_that_raises_fails_only_its_requests_and_the_server_goes_
             def grew(name: str, **labels: str) -> float:
                 return metric(after, name, **labels) - metric(before, name, **labels)
 
-            assert grew("attnserve_requests_total", method="Translate", code="INTERNAL", **TRAPPED) == internal
-            assert grew("attnserve_requests_total", method="Translate", code="OK", **TRAPPED) == len(endings) - internal
+            grpc_translate = {"method": "Translate", "protocol": "grpc"}
+            assert grew("attnserve_requests_total", code="INTERNAL", **grpc_translate, **TRAPPED) == internal
+            assert grew("attnserve_requests_total", code="OK", **grpc_translate, **TRAPPED) == len(endings) - internal
             assert grew("attnserve_finished_requests_total", reason="error", **TRAPPED) == internal
             # Every engine request left the engine exactly once: finished (any reason) = texts sent.
             assert metric_sum(after, "attnserve_finished_requests_total", **TRAPPED) - metric_sum(

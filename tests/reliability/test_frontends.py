@@ -19,7 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loadtests.reliability.common import child_processes
+from loadtests.procfs import child_processes
 from loadtests.servers import serve_command
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
@@ -49,12 +49,13 @@ class MultiProcessServer:
     def __init__(self, repository: Path, *extra: str, frontends: int = FRONTENDS) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port()
         # Output to a file, not a pipe: a test that reads it only at the end would block the processes'
         # logging once a pipe's buffer is full (a killed engine makes every front-end log).
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             [
-                *serve_command(repository, self.port, 0, "cpu"),
+                *serve_command(repository, self.port, 0, "cpu", self.http_port),
                 "--frontends",
                 str(frontends),
                 "--metrics-port",
@@ -87,7 +88,7 @@ class MultiProcessServer:
                 command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"service.ipc.processes" in command and role.encode() in command:
+            if b"service.processes" in command and role.encode() in command:
                 found.append(pid)
         return found
 
@@ -167,6 +168,33 @@ def test_kserve_health_and_errors_cross_the_processes(multi: MultiProcessServer)
             stub.Translate(pb.TranslateRequest(texts=["x"], options=pb.DecodeOptions(beam_size=99)), timeout=10)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "beam_size 99" in (raised.value.details() or "")
+
+
+def test_http_is_served_by_every_frontend_on_the_shared_port(multi: MultiProcessServer, single: ServerThread) -> None:
+    """Each request on a new connection (the kernel spreads them over the front-ends): the same answers as the
+    single-process server's HTTP port, and each front-end counts the calls it served."""
+    from google.protobuf import json_format
+
+    from tests.service.http_client import call
+
+    before = scrape(multi.metrics_url)
+    base = f"http://127.0.0.1:{multi.http_port}"
+    for request in _requests():
+        body = json_format.MessageToDict(request)
+        got = call("POST", f"{base}/v1/translate", body)
+        expected = call("POST", f"{single.http_url}/v1/translate", body)
+        assert got.status == expected.status == 200
+        mine = json_format.Parse(got.body, pb.TranslateResponse())
+        theirs = json_format.Parse(expected.body, pb.TranslateResponse())
+        for a, b in zip(mine.translations, theirs.translations, strict=True):
+            assert [h.text for h in a.hypotheses] == [h.text for h in b.hypotheses]
+            assert [h.score for h in a.hypotheses] == pytest.approx([h.score for h in b.hypotheses], abs=1e-5)
+    assert call("GET", f"{base}/v2/health/ready").json() == {"ready": True}
+    missing = call("POST", f"{base}/v2/models/nope/infer", {"inputs": []})
+    assert (missing.status, missing.json()["code"]) == (404, "NOT_FOUND")
+    after = scrape(multi.metrics_url)
+    served = metric_sum(after, "attnserve_requests_total", method="Translate", code="OK", protocol="http")
+    assert served - metric_sum(before, "attnserve_requests_total", method="Translate", code="OK", protocol="http") == 4
 
 
 def test_one_metrics_page_with_every_process(multi: MultiProcessServer) -> None:

@@ -12,9 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from loadtests.procfs import rss_bytes
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
-from tests.reliability.reliability_support import CallOutcome, metric, metric_sum, rss_bytes, scrape, wait_for
+from tests.reliability.reliability_support import CallOutcome, metric, metric_sum, scrape, wait_for
 from tests.service.server_harness import ServerThread, free_port, make_settings, start_subprocess, wait_until_serving
 
 pytestmark = pytest.mark.slow
@@ -101,8 +102,9 @@ def test_load_beyond_capacity_is_shed_fast_and_every_call_is_answered_once(tiny_
             def grew(name: str, **labels: str) -> float:
                 return metric(after, name, **labels) - metric(before, name, **labels)
 
-            assert grew("attnserve_requests_total", method="Translate", code="OK", **DATES) == len(served)
-            assert grew("attnserve_requests_total", method="Translate", code="RESOURCE_EXHAUSTED", **DATES) == len(shed)
+            grpc_translate = {"method": "Translate", "protocol": "grpc"}
+            assert grew("attnserve_requests_total", code="OK", **grpc_translate, **DATES) == len(served)
+            assert grew("attnserve_requests_total", code="RESOURCE_EXHAUSTED", **grpc_translate, **DATES) == len(shed)
             finished = metric_sum(after, "attnserve_finished_requests_total", **DATES) - metric_sum(
                 before, "attnserve_finished_requests_total", **DATES
             )

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import http.client
 import logging
 import os
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,13 +18,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from service.client import main as client_main
+from client.translate import main as client_main
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.grpc_api.security import BearerTokens, SecurityConfigError, bearer_token, channel_credentials, open_channel
 from service.server import serve
 from service.settings import Settings, SettingsError
 from tests.reliability.reliability_support import CertificateAuthority, metric, scrape, wait_for
+from tests.service.http_client import call
 from tests.service.server_harness import ServerThread, make_settings, with_settings
 
 pytestmark = pytest.mark.slow
@@ -82,6 +85,26 @@ def tls_channel(address: str, ca: Path, cert: Path | None = None, key: Path | No
     return grpc.secure_channel(address, channel_credentials(ca, cert, key))
 
 
+def tls_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """An HTTPS client's context: trust `ca`, present `cert` (mutual TLS) when given."""
+    context = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def https_translate(server: ServerThread, context: ssl.SSLContext, host: str = "127.0.0.1") -> int:
+    """POST /v1/translate on the HTTP port over TLS; the HTTP status."""
+    url = f"https://{host}:{server.settings.http_port}/v1/translate"
+    return call("POST", url, {"texts": [TEXT]}, context=context).status
+
+
+def https_refused(server: ServerThread, context: ssl.SSLContext) -> None:
+    """The TLS handshake on the HTTP port fails (ssl.SSLError, or the connection is reset by the peer)."""
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        https_translate(server, context)
+
+
 # ----- TLS and mutual TLS --------------------------------------------------------------------------------
 
 
@@ -100,6 +123,12 @@ def test_tls_serves_tls_clients_only(tiny_repository: Path, pki: Pki) -> None:
         with tls_channel(server.address, pki.rogue.cert_file) as untrusting:  # trusts another CA only
             code, _ = refused(lambda: translate(untrusting))
             assert code == grpc.StatusCode.UNAVAILABLE
+        # The HTTP port: the same certificate, TLS only.
+        assert https_translate(server, tls_context(pki.ca.cert_file)) == 200
+        assert https_translate(server, tls_context(pki.ca.cert_file), host="localhost") == 200
+        https_refused(server, tls_context(pki.rogue.cert_file))
+        with pytest.raises((ConnectionResetError, http.client.RemoteDisconnected, http.client.BadStatusLine)):
+            call("GET", f"{server.http_url}/v2/health/live")  # plaintext on the TLS port
     finally:
         assert server.stop() == 0
 
@@ -118,6 +147,9 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(tiny_repo
         with tls_channel(server.address, pki.ca.cert_file, pki.rogue_client_cert, pki.rogue_client_key) as rogue:
             code, _ = refused(lambda: translate(rogue))
             assert code == grpc.StatusCode.UNAVAILABLE
+        assert https_translate(server, tls_context(pki.ca.cert_file, pki.client_cert, pki.client_key)) == 200
+        https_refused(server, tls_context(pki.ca.cert_file))
+        https_refused(server, tls_context(pki.ca.cert_file, pki.rogue_client_cert, pki.rogue_client_key))
     finally:
         assert server.stop() == 0
 
@@ -148,6 +180,15 @@ def test_a_renewed_certificate_is_used_without_a_restart(tiny_repository: Path, 
         with tls_channel(server.address, pki.ca.cert_file) as old_trust:
             code, _ = refused(lambda: translate(old_trust))
             assert code == grpc.StatusCode.UNAVAILABLE
+
+        def renewed_in_use_over_http() -> bool:
+            try:
+                return https_translate(server, tls_context(renewed_ca.cert_file)) == 200
+            except (ssl.SSLError, ConnectionResetError):
+                return False
+
+        wait_for(renewed_in_use_over_http, what="new HTTPS connections to get the renewed certificate")
+        https_refused(server, tls_context(pki.ca.cert_file))
     finally:
         assert server.stop() == 0
 
@@ -207,6 +248,26 @@ def test_calls_need_a_valid_bearer_token(guarded: ServerThread) -> None:
         assert stub.ListModels(pb.ListModelsRequest(), timeout=15, metadata=bearer("env-token-2")).models
 
 
+def test_http_calls_need_a_valid_bearer_token_and_health_stays_open(guarded: ServerThread) -> None:
+    base = guarded.http_url
+    missing = call("POST", f"{base}/v1/translate", {"texts": [TEXT]})
+    assert missing.status == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert missing.json() == {
+        "error": "this server needs a bearer token: send the header 'Authorization: Bearer <token>'",
+        "code": "UNAUTHENTICATED",
+    }
+    wrong = call("POST", f"{base}/v2/models/dates/infer", {}, {"Authorization": "Bearer file-token-alph"})
+    assert (wrong.status, wrong.json()["error"]) == (401, "the bearer token is not valid")
+    for path in ("/v1/models", "/v2", "/v2/models/dates", "/v2/models/dates/ready"):
+        assert call("GET", base + path).status == 401, path
+        assert call("GET", base + path, headers={"Authorization": "Bearer file-token-beta"}).status == 200, path
+    good = call("POST", f"{base}/v1/translate", {"texts": [TEXT]}, {"Authorization": "bearer env-token-2"})
+    assert good.status == 200 and good.json()["translations"]
+    # Probes, the page and the API's description carry no token.
+    for path in ("/v2/health/live", "/v2/health/ready", "/", "/static/app.js", "/openapi.json"):
+        assert call("GET", base + path).status == 200, path
+
+
 def test_health_checks_stay_open_and_reflection_needs_a_token(guarded: ServerThread) -> None:
     with grpc.insecure_channel(guarded.address) as channel:
         for service in ("", "dates", "attnserve.v1.Translator"):
@@ -234,9 +295,16 @@ def test_refused_calls_are_counted_and_no_token_reaches_the_logs(
                 version="",
                 method="Translate",
                 code="UNAUTHENTICATED",
+                protocol="grpc",
             )
             - metric(
-                before, "attnserve_requests_total", model="", version="", method="Translate", code="UNAUTHENTICATED"
+                before,
+                "attnserve_requests_total",
+                model="",
+                version="",
+                method="Translate",
+                code="UNAUTHENTICATED",
+                protocol="grpc",
             )
             == 3
         ),

@@ -57,12 +57,13 @@ def has_sample(samples: Samples, name: str, **labels: str) -> bool:
 
 
 def make_settings(repository: Path, **overrides: object) -> Settings:
-    """Settings for a loopback test server with free gRPC and metrics ports."""
+    """Settings for a loopback test server with free gRPC, HTTP and metrics ports."""
     values: dict[str, object] = dict(
         model_repository=repository,
         host="127.0.0.1",
         port=free_port(),
         metrics_port=free_port(),
+        http_port=free_port(),
         provider="cpu",
         intra_op_threads=1,
         drain_grace_seconds=10.0,
@@ -87,6 +88,11 @@ class ServerThread:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.settings.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP port's base URL (no trailing slash)."""
+        return f"http://127.0.0.1:{self.settings.http_port}"
 
     @property
     def metrics_url(self) -> str:

@@ -292,10 +292,11 @@ def test_metrics_after_traffic(server: ServerThread, stub: pb_grpc.TranslatorStu
     def grew(name: str, **labels: str) -> float:
         return metric(after, name, **labels) - metric(before, name, **labels)
 
-    assert grew("attnserve_requests_total", method="Translate", code="OK", **dates) == 1
-    assert grew("attnserve_requests_total", method="Translate", code="OK", **numbers) == 1
-    assert grew("attnserve_requests_total", method="Translate", code="INVALID_ARGUMENT", **dates) == 1
-    assert grew("attnserve_request_duration_seconds_count", method="Translate", **dates) == 2
+    grpc_translate = {"method": "Translate", "protocol": "grpc"}
+    assert grew("attnserve_requests_total", code="OK", **grpc_translate, **dates) == 1
+    assert grew("attnserve_requests_total", code="OK", **grpc_translate, **numbers) == 1
+    assert grew("attnserve_requests_total", code="INVALID_ARGUMENT", **grpc_translate, **dates) == 1
+    assert grew("attnserve_request_duration_seconds_count", **grpc_translate, **dates) == 2
     assert grew("attnserve_source_tokens_total", **dates) == sum(len(DATES_NORMALIZATION(t)) + 1 for t in DATES[:3])
     assert grew("attnserve_generated_tokens_total", **dates) >= 3
     assert grew("attnserve_queue_wait_seconds_count", **dates) == 3

@@ -1,7 +1,8 @@
-"""The boundary between front-end and engine processes, on its own: a real EngineEndpoint and EngineClient over a
-real Unix socket, a real Scheduler decoding with the engine tests' gated fake step model. What crosses must
-arrive exactly as an in-process scheduler would give it (results, streamed tokens, errors), cancellations and
-deadlines must reach the engine, and a lost engine must fail the calls in flight at once.
+"""The boundary between front-end and engine processes, on its own: a real EngineServer and SocketClient over a
+real Unix socket, the engine's real ModelManager and AsyncEngine decoding with the engine tests' gated fake step
+model. What crosses must arrive exactly as an in-process engine would give it (results, streamed tokens,
+errors), cancellations and deadlines must reach the engine, a reload must never refuse a call on its way, and a
+lost engine must fail the calls in flight at once.
 
 Both ends run on one event loop here; tests/reliability/test_frontends.py runs them as real processes.
 """
@@ -9,86 +10,93 @@ Both ends run on one event loop here; tests/reliability/test_frontends.py runs t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.engine import EngineLimits, FinishReason, Scheduler, TranslationRequest
+from service.engine import AsyncEngine, EngineRequest
+from service.engine_client.socket_client import SocketClient
 from service.errors import DeadlineExceeded, Overloaded, RequestCancelled, Unavailable
-from service.ipc.engine_side import EngineEndpoint
-from service.ipc.frontend_side import EngineClient, RemoteScheduler, TextSide
-from service.ipc.messages import FrameReader, Models, QueueDepth, encode_frame
-from service.models import ModelEvent
-from service.registry import ModelEntry, ModelRegistry, ServedVersion
-from service.runtime.model import read_text_side
+from service.ipc.engine_server import EngineServer
+from service.ipc.messages import FrameReader, QueueDepth, Registry, Submit, encode_frame
+from service.metrics import ServerMetrics
+from service.registry import ModelEvent, ModelEventKind, RegistryReport, ServedVersion
+from service.runtime.model import LoadedModel, read_text_side
 from service.settings import Settings
-from tests.engine.fakes import NO_EOS, FakeStepModel, RecordingRecorder, StepGate, make_request, outcome, source
+from tests.engine.fakes import NO_EOS, FakeStepModel, StepGate, make_request, outcome, source
+
+pytestmark = pytest.mark.slow  # trains models or starts servers
 
 NAME = "dates"
 
 
 @dataclass
-class OneModel:
-    """The engine side's model source: one version whose scheduler decodes with the fake step model (the
-    ModelManager's part, loading from disk, is what the real-process tests cover)."""
-
-    registry: ModelRegistry
-    listeners: list[Callable[[ModelEvent], None]] = field(default_factory=list)
-
-    def add_listener(self, listener: Callable[[ModelEvent], None]) -> None:
-        self.listeners.append(listener)
-
-    def begin_draining(self) -> None:
-        self.registry.draining = True
-
-    async def stop(self, grace_s: float) -> None:
-        self.begin_draining()
-        for served in self.registry.served_versions():
-            await served.scheduler.stop(grace_s)
-
-
-@dataclass
 class Pair:
-    endpoint: EngineEndpoint
-    client: EngineClient
-    engine_scheduler: Scheduler
-    recorder: RecordingRecorder
+    server: EngineServer
+    client: SocketClient
+    metrics: ServerMetrics
     availability: list[bool]
     availability_changed: asyncio.Event
 
     @property
-    def remote(self) -> RemoteScheduler:
-        scheduler = self.client.registry.entries[NAME].served[1].scheduler
-        assert isinstance(scheduler, RemoteScheduler)
-        return scheduler
+    def served(self) -> ServedVersion:
+        """The front-end's view of the served version (what the dataplane resolves)."""
+        return self.client.registry.resolve(NAME, "")
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine process's engine of that version."""
+        engine = self.server.manager.engine(NAME, 1)
+        assert engine is not None
+        return engine
+
+    def submit(self, *requests: EngineRequest) -> list:  # type: ignore[type-arg]
+        return self.client.submit(self.served, requests)
+
+    def finished(self, reason: str) -> float:
+        """The engine's attnserve_finished_requests_total for `reason`."""
+        value = self.metrics.collectors.get_sample_value(
+            "attnserve_finished_requests_total", {"model": NAME, "version": "1", "reason": reason}
+        )
+        return value or 0.0
+
+
+def fake_loader(model: FakeStepModel):  # type: ignore[no-untyped-def]
+    """A ModelManager loader: the version's real model.json and tokenizers, the fake step model."""
+
+    def load(directory: Path) -> LoadedModel:
+        document, source_tokenizer, target_tokenizer = read_text_side(directory)
+        return LoadedModel(document, directory, source_tokenizer, target_tokenizer, model)  # type: ignore[arg-type]
+
+    return load
 
 
 @asynccontextmanager
 async def connected(
-    tmp_path: Path, version_dir: Path, model: FakeStepModel, *, waiting: int = 64
+    tmp_path: Path, version_dir: Path, model: FakeStepModel, *, waiting: int = 64, gate: StepGate | None = None
 ) -> AsyncIterator[Pair]:
-    recorder = RecordingRecorder()
-    scheduler = Scheduler(
-        model,
-        limits=EngineLimits(source_bucket=1, max_waiting_requests=waiting),
-        recorder=recorder,
-        name=NAME,
-        version="1",
+    """An engine server on a repository holding `version_dir` alone, and a socket client connected to it. The
+    fake's `gate` is set once the version has loaded (its warm-up steps pass freely)."""
+    repository = tmp_path / "repository"
+    (repository / NAME).mkdir(parents=True)
+    (repository / NAME / "1").symlink_to(version_dir, target_is_directory=True)
+    settings = Settings(
+        model_repository=repository,
+        metrics_port=0,
+        max_waiting_requests=waiting,
+        source_bucket_tokens=1,
+        repository_poll_seconds=0,
     )
-    await scheduler.start()
-    document, source_tokenizer, target_tokenizer = read_text_side(version_dir)
-    registry = ModelRegistry(loaded_versions=1)
-    text_side = TextSide(document, version_dir, source_tokenizer, target_tokenizer, "fake", 0.0)
-    registry.entries[NAME] = ModelEntry(versions_on_disk=(1,), served={1: ServedVersion(NAME, 1, text_side, scheduler)})
-    registry.default_model = NAME
-    endpoint = EngineEndpoint(OneModel(registry))
+    metrics = ServerMetrics()
+    server = EngineServer(settings, metrics, loader=fake_loader(model))
     socket_path = tmp_path / "engine.sock"
-    await endpoint.start(socket_path)
-    client = EngineClient(Settings(max_waiting_requests=waiting), socket_path)
+    await server.start(socket_path)
+    model.gate = gate
+    client = SocketClient(settings, socket_path)
     availability: list[bool] = []
     changed = asyncio.Event()
 
@@ -99,12 +107,22 @@ async def connected(
     client.on_availability = follow
     await client.start()
     try:
-        yield Pair(endpoint, client, scheduler, recorder, availability, changed)
+        yield Pair(server, client, metrics, availability, changed)
     finally:
-        if model.gate is not None:
-            model.gate.open()
+        if gate is not None:
+            gate.open()
         await client.stop(5.0)
-        await endpoint.stop(5.0)
+        await server.stop(5.0)
+
+
+async def until(condition, changed: asyncio.Event | None = None, turns: int = 10_000) -> None:  # type: ignore[no-untyped-def]
+    """Let the event loop run until `condition()` holds: at most `turns` turns (a message crossing the socket
+    takes a few), then fail."""
+    for _ in range(turns):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")
 
 
 @pytest.fixture
@@ -113,7 +131,7 @@ def version_dir(tiny_repository: Path) -> Path:
 
 
 def test_frames_split_anywhere_decode_to_the_same_messages() -> None:
-    messages = [Models(NAME, False, []), QueueDepth(NAME, 1, 3)]
+    messages = [Registry(3, RegistryReport(NAME, False, [])), QueueDepth(NAME, 1, 3)]
     frame = encode_frame(messages) + encode_frame(messages[1:])
     for cut in range(len(frame) + 1):
         received: list[object] = []
@@ -123,9 +141,21 @@ def test_frames_split_anywhere_decode_to_the_same_messages() -> None:
         assert received == [*messages, messages[1]]
 
 
+def test_engine_records_cross_as_they_are() -> None:
+    """Token ids and attention are numpy arrays inside the records; they arrive with their dtype and shape."""
+    request = make_request(source(3, 4), beam=2, hypotheses=2, attention=True, arrival=1.5)
+    received: list[object] = []
+    FrameReader(received.extend).feed(encode_frame([Submit([7], NAME, 1, [request])]))
+    [submit] = received
+    assert isinstance(submit, Submit) and (submit.ids, submit.name, submit.version) == ([7], NAME, 1)
+    [got] = submit.requests
+    assert got.source_ids.dtype == np.int64 and got.source_ids.tolist() == request.source_ids.tolist()
+    assert (got.options, got.deadline, got.stream, got.arrival) == (request.options, None, False, 1.5)
+
+
 def test_results_and_streams_cross_unchanged(tmp_path: Path, version_dir: Path) -> None:
     """Greedy, beam with attention, and streamed tokens: what the front-end gets is what the engine's own
-    scheduler gives for the same request."""
+    AsyncEngine gives for the same request."""
 
     requests = [
         make_request(source(3, 4, 5)),
@@ -136,8 +166,8 @@ def test_results_and_streams_cross_unchanged(tmp_path: Path, version_dir: Path) 
     async def main() -> None:
         async with connected(tmp_path, version_dir, FakeStepModel(vocab_size=12, top_k=8)) as pair:
             for request in requests:
-                [remote] = pair.remote.submit_all([request])
-                [local] = pair.engine_scheduler.submit_all([request])
+                [remote] = pair.submit(request)
+                local = pair.engine.submit(request)
                 if request.stream:
                     remote_tokens = [event async for event in remote.tokens()]
                     local_tokens = [event async for event in local.tokens()]
@@ -147,7 +177,7 @@ def test_results_and_streams_cross_unchanged(tmp_path: Path, version_dir: Path) 
                     for a, b in zip(remote_tokens, local_tokens, strict=True):
                         assert np.array_equal(a.attention, b.attention)
                 got, expected = await remote.result(), await local.result()
-                assert len(got.hypotheses) == len(expected.hypotheses) >= 1
+                assert len(got.hypotheses) == len(expected.hypotheses) == request.options.num_hypotheses
                 for a, b in zip(got.hypotheses, expected.hypotheses, strict=True):
                     assert (a.token_ids, a.score, a.log_prob, a.finish_reason, a.alignment) == (
                         b.token_ids,
@@ -156,7 +186,7 @@ def test_results_and_streams_cross_unchanged(tmp_path: Path, version_dir: Path) 
                         b.finish_reason,
                         b.alignment,
                     )
-                    assert (a.attention is None) == (b.attention is None)
+                    assert (a.attention is None) == (b.attention is None) == (not request.options.return_attention)
                     if a.attention is not None:
                         assert np.array_equal(a.attention, b.attention)
 
@@ -167,16 +197,15 @@ def test_a_cancellation_reaches_the_engine(tmp_path: Path, version_dir: Path) ->
     gate = StepGate()
 
     async def main() -> None:
-        model = FakeStepModel(vocab_size=12, support=NO_EOS, gate=gate)
-        async with connected(tmp_path, version_dir, model) as pair:
-            [handle] = pair.remote.submit_all([make_request(source(3, 4), max_length=8)])
+        model = FakeStepModel(vocab_size=12, support=NO_EOS)
+        async with connected(tmp_path, version_dir, model, gate=gate) as pair:
+            [handle] = pair.submit(make_request(source(3, 4), max_length=8))
             await gate.until_blocked()  # the request is decoding in the engine
             handle.cancel()
             assert isinstance(await outcome(handle), RequestCancelled)
             # The decoder step is still held: only the Cancel message can end the request in the engine.
-            while not pair.recorder.failed:
-                await asyncio.sleep(0)  # lets the Cancel message cross and the engine handle it
-            assert pair.recorder.failed == [FinishReason.CANCELLED] and pair.recorder.done == []
+            await until(lambda: pair.finished("cancelled") == 1)
+            assert pair.engine.outstanding == 0 and pair.finished("eos") + pair.finished("length") == 0
 
     asyncio.run(main())
 
@@ -185,10 +214,10 @@ def test_a_deadline_set_in_the_front_end_is_kept_by_the_engine(tmp_path: Path, v
     async def main() -> None:
         async with connected(tmp_path, version_dir, FakeStepModel(vocab_size=12)) as pair:
             passed = asyncio.get_running_loop().time() - 1.0  # the loop's clock is time.monotonic()
-            [handle] = pair.remote.submit_all([make_request(source(3, 4), deadline=passed)])
+            [handle] = pair.submit(make_request(source(3, 4), deadline=passed))
             error = await outcome(handle)
             assert isinstance(error, DeadlineExceeded), error
-            assert pair.recorder.failed == [FinishReason.DEADLINE]
+            assert pair.finished("deadline") == 1
 
     asyncio.run(main())
 
@@ -197,20 +226,57 @@ def test_the_engine_queue_limit_holds_for_all_front_ends(tmp_path: Path, version
     gate = StepGate()
 
     async def main() -> None:
-        model = FakeStepModel(vocab_size=12, support=NO_EOS, gate=gate)
-        async with connected(tmp_path, version_dir, model, waiting=2) as pair:
-            first = pair.remote.submit_all([make_request(source(3, 4))])
+        model = FakeStepModel(vocab_size=12, support=NO_EOS)
+        async with connected(tmp_path, version_dir, model, waiting=2, gate=gate) as pair:
+            first = pair.submit(make_request(source(3, 4)))
             await gate.until_blocked()  # the first request is in the batch; the queue is empty
             # The front-end's last view of the queue says it is empty, so it sends all of these; the engine refuses
             # what does not fit, each call whole, with the limit in the message.
-            calls = [pair.remote.submit_all([make_request(source(3, 4 + index))]) for index in range(4)]
+            calls = [pair.submit(make_request(source(3, 4 + index))) for index in range(4)]
             endings = [await outcome(handles[0]) for handles in calls[2:]]
             assert all(isinstance(ending, Overloaded) for ending in endings), endings
             assert all(str(ending).endswith("the limit is 2; retry later") for ending in endings)
-            assert pair.remote.published_waiting == 2  # the engine told the front-end
+            # The engine told the front-end, which now refuses at once, without a round trip.
+
+            def refuses_at_once() -> bool:
+                try:
+                    pair.client.check_room(pair.served, 1)
+                except Overloaded:
+                    return True
+                return False
+
+            await until(refuses_at_once)
             gate.open()
             for handles in [first, *calls[:2]]:
                 assert (await handles[0].result()).hypotheses
+
+    asyncio.run(main())
+
+
+def test_a_reload_never_refuses_a_call_on_its_way(tmp_path: Path, version_dir: Path) -> None:
+    """A front-end resolved the latest version from its last report; the engine retires that version before the
+    call arrives. The retired version keeps taking calls until the front-end acknowledged the report that
+    retired it, so the call decodes there; afterwards the version drains and stops."""
+
+    async def main() -> None:
+        async with connected(tmp_path, version_dir, FakeStepModel(vocab_size=12)) as pair:
+            version_one = pair.served
+            on_its_way = []
+
+            def submit_when_retired(event: ModelEvent) -> None:
+                # The engine has just retired version 1 and queued its report; the front-end has not read it, and
+                # sends a call for version 1 now: the engine reads the call after the retirement.
+                if event.kind is ModelEventKind.RETIRED:
+                    on_its_way.extend(pair.client.submit(version_one, [make_request(source(3, 4))]))
+
+            pair.server.manager.add_listener(submit_when_retired)
+            (pair.server.settings.model_repository / NAME / "2").symlink_to(version_dir, target_is_directory=True)
+            await pair.server.manager.refresh()
+            assert pair.server.manager.registry.resolve(NAME, "").version == 2
+            [handle] = on_its_way
+            assert (await handle.result()).hypotheses  # decoded by version 1, after its retirement
+            await until(lambda: pair.client.registry.resolve(NAME, "").version == 2)
+            await until(lambda: pair.server.manager.engine(NAME, 1) is None)  # drained and stopped
 
     asyncio.run(main())
 
@@ -219,11 +285,12 @@ def test_a_lost_engine_fails_the_calls_in_flight_with_unavailable(tmp_path: Path
     gate = StepGate()
 
     async def main() -> None:
-        model = FakeStepModel(vocab_size=12, support=NO_EOS, gate=gate)
-        async with connected(tmp_path, version_dir, model) as pair:
-            [handle] = pair.remote.submit_all([make_request(source(3, 4))])
+        model = FakeStepModel(vocab_size=12, support=NO_EOS)
+        async with connected(tmp_path, version_dir, model, gate=gate) as pair:
+            served = pair.served
+            [handle] = pair.submit(make_request(source(3, 4)))
             await gate.until_blocked()
-            for connection in list(pair.endpoint.connections):  # as when the engine process dies
+            for connection in list(pair.server.connections):  # as when the engine process dies
                 connection.channel.abort()
             error = await outcome(handle)
             assert isinstance(error, Unavailable) and "engine process stopped" in str(error)
@@ -231,13 +298,13 @@ def test_a_lost_engine_fails_the_calls_in_flight_with_unavailable(tmp_path: Path
             with pytest.raises(Unavailable, match="engine process"):
                 pair.client.registry.resolve(NAME, "")
             with pytest.raises(Unavailable):
-                pair.remote.submit_all([make_request(source(3, 4))])
-            while pair.availability != [True, False, True]:  # it reconnects on its own (the endpoint still listens)
+                pair.client.submit(served, [make_request(source(3, 4))])
+            while pair.availability != [True, False, True]:  # it reconnects on its own (the server still listens)
                 pair.availability_changed.clear()
                 await pair.availability_changed.wait()
             assert pair.client.registry.resolve(NAME, "").version == 1
             gate.open()
-            [again] = pair.remote.submit_all([make_request(source(3, 4))])
+            [again] = pair.submit(make_request(source(3, 4)))
             assert (await again.result()).hypotheses
 
     asyncio.run(main())
@@ -249,8 +316,8 @@ def test_requests_record_their_arrival_in_the_front_end(tmp_path: Path, version_
     async def main() -> None:
         async with connected(tmp_path, version_dir, FakeStepModel(vocab_size=12)) as pair:
             arrival = asyncio.get_running_loop().time() - 5.0
-            request = TranslationRequest(source(3, 4), make_request(source(3)).options, arrival=arrival)
-            result = await pair.remote.submit_all([request])[0].result()
+            [handle] = pair.submit(make_request(source(3, 4), arrival=arrival))
+            result = await handle.result()
             assert result.queue_wait_s >= 5.0 and result.total_s >= result.queue_wait_s
 
     asyncio.run(main())

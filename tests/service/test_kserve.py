@@ -26,8 +26,10 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from service.dataplane import Dataplane, RequestedDecodeOptions, TextTranslation, TranslatedHypothesis, TranslateOutcome
+from service.dataplane import Dataplane, TextTranslation, TranslatedHypothesis, TranslateOutcome
+from service.engine import DecodeOptions
 from service.engine.records import FinishReason
+from service.engine_client.in_process import InProcessClient
 from service.errors import InvalidRequest
 from service.gen.attnserve.v1 import translator_pb2 as native_pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as native_grpc
@@ -36,14 +38,13 @@ from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.grpc_api.kserve import (
     FINAL_RESPONSE_PARAMETER,
     KSERVE_SERVICE,
-    InferCall,
-    decode_raw_bytes,
-    encode_raw_bytes,
     infer_call_from_grpc,
     infer_response_to_grpc,
 )
-from service.models import ModelManager
+from service.kserve import InferCall, decode_raw_bytes, encode_raw_bytes
 from tests.service.server_harness import PROJECT_ROOT, ServerThread, make_settings, metric, scrape
+
+pytestmark = pytest.mark.slow  # trains models or starts servers
 
 DATES = ["samedi 21 novembre 2026", "3 mars 1999", "14 juillet 1789", "1 janvier 2000"]
 NUMBERS = ["quarante-deux", "cent vingt-trois"]
@@ -143,7 +144,7 @@ def test_raw_and_typed_requests_convert_to_the_same_call() -> None:
     typed = infer_call_from_grpc(infer_request(texts, raw=False, beam_size=4, num_hypotheses=2, length_penalty=0.6))
     assert raw.texts == typed.texts == texts
     assert (raw.raw, typed.raw) == (True, False)
-    assert raw.options == typed.options == RequestedDecodeOptions(beam_size=4, num_hypotheses=2, length_penalty=0.6)
+    assert raw.options == typed.options == DecodeOptions(beam_size=4, num_hypotheses=2, length_penalty=0.6)
     assert raw.outputs == ("TRANSLATION", "SCORE") and raw.request_id == "req-1"
 
 
@@ -151,7 +152,7 @@ def test_parameters_convert_with_their_types() -> None:
     request = infer_request(["x"], max_length=7, replace_unknowns=True, length_penalty=1, timeout=250_000, priority=3)
     request.parameters["beam_size"].uint64_param = 2
     call = infer_call_from_grpc(request)
-    assert call.options == RequestedDecodeOptions(beam_size=2, max_length=7, length_penalty=1.0, replace_unknowns=True)
+    assert call.options == DecodeOptions(beam_size=2, max_length=7, length_penalty=1.0, replace_unknowns=True)
     assert call.timeout_s == pytest.approx(0.25)
     # the earlier of the gRPC deadline and the timeout parameter wins
     assert call.deadline(None, now=100.0) == pytest.approx(100.25)
@@ -225,14 +226,12 @@ def test_parameter_and_output_validation_messages() -> None:
 
 
 def _call(raw: bool, num_hypotheses: int = 0, outputs: tuple[str, ...] = ("TRANSLATION", "SCORE")) -> InferCall:
-    return InferCall(
-        "dates", "", "id-7", ["a", "b"], RequestedDecodeOptions(num_hypotheses=num_hypotheses), outputs, raw
-    )
+    return InferCall("dates", "", "id-7", ["a", "b"], DecodeOptions(num_hypotheses=num_hypotheses), outputs, raw)
 
 
 def test_response_encodings_follow_the_request() -> None:
     outcome = TranslateOutcome(
-        "dates", "1", [TextTranslation([hypothesis("1999-03-03", -0.5)]), TextTranslation([hypothesis("été", -1.25)])]
+        "dates", 1, [TextTranslation([hypothesis("1999-03-03", -0.5)]), TextTranslation([hypothesis("été", -1.25)])]
     )
     for raw in (True, False):
         response = infer_response_to_grpc(_call(raw), outcome)
@@ -246,7 +245,7 @@ def test_response_encodings_follow_the_request() -> None:
 def test_n_best_outputs_are_n_by_k_and_padded() -> None:
     outcome = TranslateOutcome(
         "dates",
-        "1",
+        1,
         [
             TextTranslation([hypothesis("a", -1.0), hypothesis("b", -2.0)]),
             TextTranslation([hypothesis("c", -3.0)]),  # the beam found only one
@@ -272,10 +271,10 @@ def test_readiness_follows_loading_and_draining(tiny_repository: Path, tmp_path:
 
     async def scenario() -> None:
         settings = make_settings(repository)
-        manager = ModelManager(settings)
-        dataplane = Dataplane(manager.registry, settings)
+        client = InProcessClient(settings)
+        dataplane = Dataplane(client, settings)
         assert not dataplane.server_ready()  # not started
-        await manager.start()
+        await client.start()
         try:
             # one model of the repository has no loadable version: the server is not ready, its models are
             assert not dataplane.server_ready()
@@ -286,22 +285,22 @@ def test_readiness_follows_loading_and_draining(tiny_repository: Path, tmp_path:
             with pytest.raises(InvalidRequest):
                 dataplane.model_ready("dates", "one")
         finally:
-            await manager.stop(0.0)
+            await client.stop(0.0)
         assert not dataplane.model_ready("dates", "")  # draining
 
     asyncio.run(scenario())
 
     async def healthy() -> None:
         settings = make_settings(tiny_repository)
-        manager = ModelManager(settings)
-        dataplane = Dataplane(manager.registry, settings)
-        await manager.start()
+        client = InProcessClient(settings)
+        dataplane = Dataplane(client, settings)
+        await client.start()
         try:
             assert dataplane.server_ready()
-            manager.begin_draining()
+            client.begin_draining()
             assert not dataplane.server_ready()
         finally:
-            await manager.stop(0.0)
+            await client.stop(0.0)
 
     asyncio.run(healthy())
 
@@ -507,8 +506,8 @@ def test_v2_calls_share_the_engine_metrics(server: ServerThread, v2: pb_grpc.GRP
     def grew(name: str, **extra: str) -> float:
         return metric(after, name, **labels, **extra) - metric(before, name, **labels, **extra)
 
-    assert grew("attnserve_requests_total", method="ModelInfer", code="OK") == 1
-    assert grew("attnserve_requests_total", method="ModelInfer", code="INVALID_ARGUMENT") == 1
+    assert grew("attnserve_requests_total", method="ModelInfer", code="OK", protocol="grpc") == 1
+    assert grew("attnserve_requests_total", method="ModelInfer", code="INVALID_ARGUMENT", protocol="grpc") == 1
     assert grew("attnserve_queue_wait_seconds_count") == len(NUMBERS)  # the same engine as Translate
 
 

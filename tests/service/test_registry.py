@@ -1,7 +1,7 @@
 """The registry on its own: a request's (name, version) to a served version, and the errors that say why not.
 
-Filled by hand with the shipped dates model (real onnxruntime sessions; the schedulers are never started: the
-registry only looks versions up)."""
+Filled through its writer's methods with the shipped dates model (real onnxruntime sessions; nothing decodes:
+the registry only looks versions up)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from service.engine import EngineLimits, Scheduler
 from service.errors import InvalidRequest, ModelLoadError, ModelNotFound, Unavailable
 from service.registry import ModelEntry, ModelRegistry, ServedVersion
 from service.runtime.model import LoadedModel, load_model
@@ -22,21 +21,22 @@ def dates_model() -> LoadedModel:
     return load_model(DATES, provider="cpu", intra_op_threads=1)
 
 
-def served(name: str, version: int, model: LoadedModel) -> ServedVersion:
-    return ServedVersion(name, version, model, Scheduler(model.step_model, limits=EngineLimits()))
+def dates_entry(model: LoadedModel) -> ModelEntry:
+    """dates with versions 1..4 on disk, 2 and 3 served, 4 failed."""
+    return ModelEntry(
+        versions_on_disk=(1, 2, 3, 4),
+        served={2: ServedVersion("dates", 2, model), 3: ServedVersion("dates", 3, model)},
+        failures={4: "decoder.onnx: truncated"},
+    )
 
 
 @pytest.fixture
 def registry(dates_model: LoadedModel) -> ModelRegistry:
-    """dates with versions 1..4 on disk, 2 and 3 served, 4 failed; numbers on disk, nothing of it loaded."""
+    """dates (see dates_entry); numbers on disk, nothing of it loaded."""
     registry = ModelRegistry(loaded_versions=2)
-    registry.entries["dates"] = ModelEntry(
-        versions_on_disk=(1, 2, 3, 4),
-        served={2: served("dates", 2, dates_model), 3: served("dates", 3, dates_model)},
-        failures={4: "decoder.onnx: truncated"},
-    )
-    registry.entries["numbers"] = ModelEntry(versions_on_disk=(1,), failures={1: "model.json is missing"})
-    registry.default_model = "dates"
+    registry.add_model("dates", dates_entry(dates_model))
+    registry.add_model("numbers", ModelEntry(versions_on_disk=(1,), failures={1: "model.json is missing"}))
+    registry.set_default_model("dates")
     return registry
 
 
@@ -76,7 +76,7 @@ def test_every_lookup_that_fails_says_why(
 
 def test_draining_refuses_translations_but_still_describes(registry: ModelRegistry) -> None:
     assert registry.describe("", "").ready is True
-    registry.draining = True
+    registry.begin_draining()
     with pytest.raises(Unavailable, match="shutting down; model dates version 3 accepts no new requests"):
         registry.resolve("", "")
     description = registry.describe("dates", "2")
@@ -84,14 +84,21 @@ def test_draining_refuses_translations_but_still_describes(registry: ModelRegist
     assert registry.is_ready("dates", "3") is False
 
 
-def test_readiness_before_start_and_with_a_model_that_has_no_loaded_version(registry: ModelRegistry) -> None:
+def test_readiness_before_start_and_with_a_model_that_has_no_loaded_version(
+    registry: ModelRegistry, dates_model: LoadedModel
+) -> None:
     assert registry.all_loaded is False  # numbers has no loaded version
-    del registry.entries["numbers"]
-    assert registry.all_loaded is True
-    registry.default_model = ""
-    assert registry.all_loaded is False
+    starting = ModelRegistry(loaded_versions=2)
+    starting.add_model("dates", dates_entry(dates_model))
+    assert starting.all_loaded is False  # loaded, but the start has not finished (no default model yet)
     with pytest.raises(Unavailable, match="has not finished loading"):
-        registry.resolve("", "")
+        starting.resolve("", "")
+    starting.set_default_model("dates")
+    assert starting.all_loaded is True
+    starting.set_unavailable("the engine process is restarting")
+    assert starting.all_loaded is False
+    with pytest.raises(Unavailable, match="accepts no requests now: the engine process is restarting"):
+        starting.resolve("dates", "3")
 
 
 def test_list_models_describes_the_latest_loaded_version_of_each_model(registry: ModelRegistry) -> None:

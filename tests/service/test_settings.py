@@ -87,6 +87,11 @@ def test_direct_construction_is_validated_too() -> None:
         Settings(port=0)
     with pytest.raises(SettingsError, match="metrics_port=7000 and port=7000 must differ"):
         Settings(port=7000, metrics_port=7000)
+    with pytest.raises(SettingsError, match="http_port=8002 must differ from port=50051 and metrics_port=8002"):
+        Settings(http_port=8002)
+    assert (Settings().http_port, Settings(http_port=0).http_port) == (8000, 0)
+    with pytest.raises(SettingsError, match=r"http_body_timeout_seconds=0: http_body_timeout_seconds must be"):
+        Settings(http_body_timeout_seconds=0)
 
 
 def test_settings_are_frozen() -> None:

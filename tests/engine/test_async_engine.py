@@ -1,4 +1,4 @@
-"""The scheduler on the fake model: admission, retirement, budgets, failures, policies, streaming, stop."""
+"""The engine on the fake model: admission, retirement, budgets, failures, policies, streaming, stop."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 
 from service.engine import (
+    AsyncEngine,
     BatchingPolicy,
     EngineCore,
-    EngineLimits,
+    EngineResult,
     FinishReason,
-    Scheduler,
-    TranslationResult,
 )
 from service.errors import (
     AttnServeError,
@@ -33,6 +32,8 @@ from .fakes import (
     FakeStepModel,
     RecordingRecorder,
     StepGate,
+    TickingClock,
+    engine_limits,
     make_request,
     outcome,
     running,
@@ -54,11 +55,11 @@ def test_a_request_joins_a_running_batch_and_a_short_one_retires_first():
     recorder = RecordingRecorder()
 
     async def main():
-        async with running(model, recorder=recorder) as scheduler:
-            long = scheduler.submit(make_request(source(3, 4, 5), max_length=6))
+        async with running(model, recorder=recorder) as engine:
+            long = engine.submit(make_request(source(3, 4, 5), max_length=6))
             await gate.until_blocked()  # the long request's first step is in flight
-            short = scheduler.submit(make_request(source(9), max_length=2))
-            assert scheduler.waiting == 1 and scheduler.running == 1
+            short = engine.submit(make_request(source(9), max_length=2))
+            assert engine.waiting == 1 and engine.running == 1
             gate.open()
             return await long.result(), await short.result()
 
@@ -75,9 +76,9 @@ def test_retirement_of_the_longest_source_trims_the_padding():
     model = FakeStepModel(support=NO_EOS)
 
     async def main():
-        async with running(model) as scheduler:
-            wide = scheduler.submit(make_request(source(*range(3, 12)), max_length=2))
-            narrow = scheduler.submit(make_request(source(4, 5), max_length=4))
+        async with running(model) as engine:
+            wide = engine.submit(make_request(source(*range(3, 12)), max_length=2))
+            narrow = engine.submit(make_request(source(4, 5), max_length=4))
             await wide.result()
             await narrow.result()
 
@@ -92,8 +93,8 @@ def test_beam_reordering_never_rebuilds_memory():
     recorder = RecordingRecorder()
 
     async def main():
-        async with running(model, recorder=recorder) as scheduler:
-            await scheduler.submit(make_request(source(3, 4, 5), beam=4, hypotheses=2, max_length=6)).result()
+        async with running(model, recorder=recorder) as engine:
+            await engine.submit(make_request(source(3, 4, 5), beam=4, hypotheses=2, max_length=6)).result()
 
     asyncio.run(main())
     assert rows_per_step(model) == [4] * 6
@@ -101,20 +102,20 @@ def test_beam_reordering_never_rebuilds_memory():
 
 
 def test_budgets_bound_every_step_and_admission_is_first_come_first_served():
-    limits = EngineLimits(max_active_hypotheses=4, max_padded_source_tokens=24, source_bucket=1)
+    limits = engine_limits(max_active_hypotheses=4, max_padded_source_tokens=24, source_bucket=1)
     model = FakeStepModel(support=NO_EOS)
     lengths = [3, 8, 2, 6, 5, 1, 4]
 
     async def main():
-        async with running(model, limits=limits) as scheduler:
-            handles = [
-                scheduler.submit(make_request(source(*([5] * (n - 1))), beam=1 + i % 3, max_length=3 + i))
-                for i, n in enumerate(lengths)
+        async with running(model, limits=limits) as engine:
+            requests = [
+                make_request(source(*([5] * (n - 1))), beam=1 + i % 3, max_length=3 + i) for i, n in enumerate(lengths)
             ]
-            return [(handle.request, await handle.result()) for handle in handles]
+            handles = [engine.submit(request) for request in requests]
+            return [(request, await handle.result()) for request, handle in zip(requests, handles, strict=True)]
 
     finished = asyncio.run(main())
-    assert all(isinstance(result, TranslationResult) for _, result in finished)
+    assert all(isinstance(result, EngineResult) for _, result in finished)
     for call in model.step_calls:
         assert call.rows <= 4 and call.rows * call.padded_len <= 24
     assert max(rows_per_step(model)) == 4  # the budget was used, not just respected
@@ -132,9 +133,9 @@ def test_cancel_frees_rows_at_the_next_step():
     recorder = RecordingRecorder()
 
     async def main():
-        async with running(model, recorder=recorder) as scheduler:
-            beam = scheduler.submit(make_request(source(3, 4), beam=4, max_length=5))
-            greedy = scheduler.submit(make_request(source(5), max_length=5))
+        async with running(model, recorder=recorder) as engine:
+            beam = engine.submit(make_request(source(3, 4), beam=4, max_length=5))
+            greedy = engine.submit(make_request(source(5), max_length=5))
             await gate.until_blocked()  # step 0 (5 rows) is in flight
             greedy.cancel()
             greedy.cancel()  # idempotent
@@ -148,7 +149,7 @@ def test_cancel_frees_rows_at_the_next_step():
 
     result = asyncio.run(main())
     assert rows_per_step(model) == [5, 4, 4, 4, 4]
-    assert isinstance(result, TranslationResult)
+    assert isinstance(result, EngineResult)
     assert recorder.failed == [FinishReason.CANCELLED] and len(recorder.done) == 1
 
 
@@ -157,8 +158,8 @@ def test_cancelling_the_awaiting_task_cancels_the_request():
     model = FakeStepModel(support=NO_EOS, gate=gate)
 
     async def main():
-        async with running(model) as scheduler:
-            handle = scheduler.submit(make_request(source(3), max_length=50))
+        async with running(model) as engine:
+            handle = engine.submit(make_request(source(3), max_length=50))
             waiter = asyncio.create_task(handle.result())
             await gate.until_blocked()
             waiter.cancel()
@@ -168,7 +169,7 @@ def test_cancelling_the_awaiting_task_cancels_the_request():
             with pytest.raises(RequestCancelled):
                 await handle.result()
             gate.open()
-            await scheduler.submit(make_request(source(4), max_length=2)).result()
+            await engine.submit(make_request(source(4), max_length=2)).result()
 
     asyncio.run(main())
     assert rows_per_step(model) == [1, 1, 1]  # the cancelled request stepped once; the next took two
@@ -179,10 +180,10 @@ def test_a_cancelled_waiting_request_is_never_encoded():
     model = FakeStepModel(support=NO_EOS, gate=gate)
 
     async def main():
-        async with running(model, limits=EngineLimits(max_active_hypotheses=1)) as scheduler:
-            first = scheduler.submit(make_request(source(3), max_length=3))
+        async with running(model, limits=engine_limits(max_active_hypotheses=1)) as engine:
+            first = engine.submit(make_request(source(3), max_length=3))
             await gate.until_blocked()
-            queued = scheduler.submit(make_request(source(4), max_length=3))
+            queued = engine.submit(make_request(source(4), max_length=3))
             queued.cancel()
             gate.open()
             await first.result()
@@ -196,8 +197,8 @@ def test_a_request_already_past_its_deadline_is_not_encoded():
     model = FakeStepModel(support=NO_EOS)
 
     async def main():
-        async with running(model) as scheduler:
-            late = scheduler.submit(make_request(source(4), deadline=time.monotonic() - 1.0))
+        async with running(model) as engine:
+            late = engine.submit(make_request(source(4), deadline=time.monotonic() - 1.0))
             return await outcome(late)
 
     assert isinstance(asyncio.run(main()), DeadlineExceeded)
@@ -212,45 +213,45 @@ def test_a_full_queue_fails_fast_while_others_continue():
     model = FakeStepModel(support=NO_EOS, gate=gate)
 
     async def main():
-        async with running(model, limits=EngineLimits(max_waiting_requests=2)) as scheduler:
-            running_one = scheduler.submit(make_request(source(3), max_length=3))
+        async with running(model, limits=engine_limits(max_waiting_requests=2)) as engine:
+            running_one = engine.submit(make_request(source(3), max_length=3))
             await gate.until_blocked()
-            queued = [scheduler.submit(make_request(source(4), max_length=2)) for _ in range(2)]
+            queued = [engine.submit(make_request(source(4), max_length=2)) for _ in range(2)]
             with pytest.raises(Overloaded) as refused:
-                scheduler.submit(make_request(source(5)))
+                engine.submit(make_request(source(5)))
             assert refused.value.code == "RESOURCE_EXHAUSTED"
             assert "2 requests waiting" in str(refused.value) and "limit is 2" in str(refused.value)
             gate.open()
             results = [await handle.result() for handle in [running_one, *queued]]
-            later = await scheduler.submit(make_request(source(6), max_length=2)).result()  # room again
+            later = await engine.submit(make_request(source(6), max_length=2)).result()  # room again
             return results, later
 
     results, later = asyncio.run(main())
-    assert all(isinstance(result, TranslationResult) for result in [*results, later])
+    assert all(isinstance(result, EngineResult) for result in [*results, later])
 
 
 def test_requests_that_can_never_fit_are_invalid():
     model = FakeStepModel(top_k=8)
-    limits = EngineLimits(max_active_hypotheses=6, max_padded_source_tokens=30, source_bucket=1)
+    limits = engine_limits(max_active_hypotheses=6, max_padded_source_tokens=30, source_bucket=1)
 
     async def main():
-        scheduler = Scheduler(model, limits=limits, name="dates", version="3")
+        engine = AsyncEngine(model, limits=limits, label="dates version 3")
         with pytest.raises(Unavailable):
-            scheduler.submit(make_request(source(3)))  # not started
-        await scheduler.start()
+            engine.submit(make_request(source(3)))  # not started
+        await engine.start()
         with pytest.raises(InvalidRequest) as wide:
-            scheduler.submit(make_request(source(3), beam=9, max_length=4))
+            engine.submit(make_request(source(3), beam=9, max_length=4))
         assert str(wide.value) == "beam_size 9 exceeds the maximum 8 for model dates version 3"
         with pytest.raises(InvalidRequest) as rows:
-            scheduler.submit(make_request(source(3), beam=7, max_length=4))
+            engine.submit(make_request(source(3), beam=7, max_length=4))
         assert "6 hypotheses" in str(rows.value)
         with pytest.raises(InvalidRequest) as padded:
-            scheduler.submit(make_request(source(*([4] * 19)), beam=2))
+            engine.submit(make_request(source(*([4] * 19)), beam=2))
         assert "40 padded source tokens" in str(padded.value) and "limit 30" in str(padded.value)
         assert padded.value.code == "INVALID_ARGUMENT"
-        await scheduler.stop(grace_s=1.0)
+        await engine.stop(grace_s=1.0)
         with pytest.raises(Unavailable):
-            scheduler.submit(make_request(source(3)))
+            engine.submit(make_request(source(3)))
 
     asyncio.run(main())
     assert model.encode_batches == []
@@ -264,17 +265,17 @@ def test_a_failing_step_fails_only_its_requests():
     recorder = RecordingRecorder()
 
     async def main():
-        async with running(model, limits=EngineLimits(max_active_hypotheses=2), recorder=recorder) as scheduler:
-            stepping = scheduler.submit(make_request(source(3), max_length=5))
-            waiting = scheduler.submit(make_request(source(4), beam=2, max_length=3))  # no room: waits
+        async with running(model, limits=engine_limits(max_active_hypotheses=2), recorder=recorder) as engine:
+            stepping = engine.submit(make_request(source(3), max_length=5))
+            waiting = engine.submit(make_request(source(4), beam=2, max_length=3))  # no room: waits
             failed, survivor = await outcome(stepping), await outcome(waiting)
-            later = await outcome(scheduler.submit(make_request(source(5), max_length=2)))
+            later = await outcome(engine.submit(make_request(source(5), max_length=2)))
             return failed, survivor, later
 
     failed, survivor, later = asyncio.run(main())
     assert isinstance(failed, EngineFailure) and failed.code == "INTERNAL"
     assert "injected step failure on call 1" in str(failed)
-    assert isinstance(survivor, TranslationResult) and isinstance(later, TranslationResult)
+    assert isinstance(survivor, EngineResult) and isinstance(later, EngineResult)
     assert rows_per_step(model) == [1, 1, 2, 2, 2, 1, 1]
     assert recorder.failed == [FinishReason.ERROR] and len(recorder.done) == 2
 
@@ -284,17 +285,17 @@ def test_a_failing_encoder_fails_only_the_admitted_requests():
     model = FakeStepModel(support=NO_EOS, fail_encodes={1}, gate=gate)
 
     async def main():
-        async with running(model) as scheduler:
-            active = scheduler.submit(make_request(source(3), max_length=4))
+        async with running(model) as engine:
+            active = engine.submit(make_request(source(3), max_length=4))
             await gate.until_blocked()
-            newcomers = [scheduler.submit(make_request(source(4, 4), max_length=2)) for _ in range(2)]
+            newcomers = [engine.submit(make_request(source(4, 4), max_length=2)) for _ in range(2)]
             gate.open()
             results = [await outcome(handle) for handle in [active, *newcomers]]
-            results.append(await outcome(scheduler.submit(make_request(source(5), max_length=2))))
+            results.append(await outcome(engine.submit(make_request(source(5), max_length=2))))
             return results
 
     active, first, second, later = asyncio.run(main())
-    assert isinstance(active, TranslationResult) and isinstance(later, TranslationResult)
+    assert isinstance(active, EngineResult) and isinstance(later, EngineResult)
     assert isinstance(first, EngineFailure) and isinstance(second, EngineFailure)
     assert "injected encoder failure" in str(first)
     assert model.encode_batches == [1, 2, 1]
@@ -315,40 +316,38 @@ def test_a_malformed_step_output_is_an_engine_failure():
     model = MalformedStepModel(support=NO_EOS)
 
     async def main():
-        async with running(model) as scheduler:
-            broken = scheduler.submit(make_request(source(3), beam=2, max_length=4))
+        async with running(model) as engine:
+            broken = engine.submit(make_request(source(3), beam=2, max_length=4))
             failed = await outcome(broken)
-            later = await outcome(scheduler.submit(make_request(source(4), max_length=2)))
+            later = await outcome(engine.submit(make_request(source(4), max_length=2)))
             return failed, later
 
     failed, later = asyncio.run(main())
     assert isinstance(failed, EngineFailure) and "topk_log_probs" in str(failed)
-    assert isinstance(later, TranslationResult)
+    assert isinstance(later, EngineResult)
 
 
-def test_a_bug_in_the_loop_fails_the_touched_requests_and_the_loop_goes_on(monkeypatch):
+def test_a_bug_in_delivery_fails_the_requests_it_left_half_done_and_the_engine_goes_on():
     model = FakeStepModel(support=NO_EOS)
 
+    def broken_callback(handle):
+        raise KeyError("simulated bookkeeping bug")
+
     async def main():
-        async with running(model) as scheduler:
-            original = scheduler._deliver
-            calls = {"n": 0}
+        async with running(model) as engine:
+            # One call: both are admitted by the same step, finish by the same step, and are delivered in row order.
+            first, second = engine.submit_all(
+                [make_request(source(3), max_length=2), make_request(source(4), max_length=2)]
+            )
+            first.when_resolved(broken_callback)
+            results = await outcome(first), await outcome(second)
+            later = await outcome(engine.submit(make_request(source(5), max_length=2)))
+            return results, later, engine.running, engine.outstanding
 
-            def flaky(outcome_):
-                calls["n"] += 1
-                if calls["n"] == 2:
-                    raise KeyError("simulated bookkeeping bug")
-                original(outcome_)
-
-            monkeypatch.setattr(scheduler, "_deliver", flaky)
-            hit = scheduler.submit(make_request(source(3), max_length=5))
-            failed = await outcome(hit)
-            later = await outcome(scheduler.submit(make_request(source(4), max_length=2)))
-            return failed, later, scheduler.running
-
-    failed, later, still_running = asyncio.run(main())
-    assert isinstance(failed, EngineFailure) and "simulated bookkeeping bug" in str(failed)
-    assert isinstance(later, TranslationResult) and still_running == 0
+    (first, second), later, still_running, outstanding = asyncio.run(main())
+    assert isinstance(first, EngineResult)  # resolved before its callback broke
+    assert isinstance(second, EngineFailure) and "simulated bookkeeping bug" in str(second)
+    assert isinstance(later, EngineResult) and (still_running, outstanding) == (0, 0)
 
 
 def test_if_the_loop_itself_dies_every_handle_is_still_answered(monkeypatch):
@@ -356,10 +355,10 @@ def test_if_the_loop_itself_dies_every_handle_is_still_answered(monkeypatch):
     model = FakeStepModel(support=NO_EOS, gate=gate)
 
     async def main():
-        scheduler = Scheduler(model, limits=EngineLimits(max_active_hypotheses=1), name="fragile")
-        await scheduler.start()
-        active = scheduler.submit(make_request(source(3), max_length=3))
-        queued = scheduler.submit(make_request(source(4), max_length=3))
+        engine = AsyncEngine(model, limits=engine_limits(max_active_hypotheses=1), label="fragile")
+        await engine.start()
+        active = engine.submit(make_request(source(3), max_length=3))
+        queued = engine.submit(make_request(source(4), max_length=3))
         await gate.until_blocked()
 
         def broken(core):
@@ -370,8 +369,8 @@ def test_if_the_loop_itself_dies_every_handle_is_still_answered(monkeypatch):
         gate.open()
         results = await outcome(active), await outcome(queued)
         with pytest.raises(Unavailable):
-            scheduler.submit(make_request(source(5)))
-        await scheduler.stop(grace_s=1.0)
+            engine.submit(make_request(source(5)))
+        await engine.stop(grace_s=1.0)
         return results
 
     active, queued = asyncio.run(main())
@@ -392,16 +391,16 @@ def test_every_request_is_resolved_exactly_once_under_a_random_mix(seed):
     model = FakeStepModel(
         seed=seed, eos_bias=-0.5, fail_steps={rng.randrange(3, 30)}, fail_encodes={rng.randrange(1, 8)}
     )
-    limits = EngineLimits(
+    limits = engine_limits(
         max_active_hypotheses=10, max_padded_source_tokens=90, max_waiting_requests=12, source_bucket=1
     )
     recorder = RecordingRecorder()
     policy = rng.choice(list(BatchingPolicy))
 
     async def main():
-        scheduler = Scheduler(model, limits=limits, policy=policy, recorder=recorder, name="mix")
-        await scheduler.start()
-        handles, refused = [], 0
+        engine = AsyncEngine(model, limits=limits, policy=policy, recorder=recorder, label="mix")
+        await engine.start()
+        handles, requests, refused = [], [], 0
         for _ in range(70):
             roll = rng.random()
             if roll < 0.55:
@@ -415,7 +414,8 @@ def test_every_request_is_resolved_exactly_once_under_a_random_mix(seed):
                     deadline=time.monotonic() + rng.uniform(0.0, 0.05) if rng.random() < 0.2 else None,
                 )
                 try:
-                    handles.append(scheduler.submit(request))
+                    handles.append(engine.submit(request))
+                    requests.append(request)
                 except Overloaded:
                     refused += 1
             elif roll < 0.7 and handles:
@@ -423,13 +423,13 @@ def test_every_request_is_resolved_exactly_once_under_a_random_mix(seed):
             else:
                 # A pause, not a wait for anything: it lets the worker thread step between operations.
                 await asyncio.sleep(rng.choice([0.0, 0.0, 0.001]))
-        await scheduler.stop(grace_s=rng.choice([0.0, 0.005, 5.0]))
+        await engine.stop(grace_s=rng.choice([0.0, 0.005, 5.0]))
         assert all(handle.done for handle in handles)
         with pytest.raises(Unavailable):
-            scheduler.submit(make_request(source(3)))
+            engine.submit(make_request(source(3)))
         outcomes = [await outcome(handle) for handle in handles]
-        for handle, ended in zip(handles, outcomes, strict=True):
-            if not handle.request.stream:
+        for handle, request, ended in zip(handles, requests, outcomes, strict=True):
+            if not request.stream:
                 continue
             events = []
             try:
@@ -440,20 +440,20 @@ def test_every_request_is_resolved_exactly_once_under_a_random_mix(seed):
             # Greedy streams: each token once, in order, and a finished one carried exactly its hypothesis' tokens.
             # Beam streams yield nothing per step.
             assert [event.position for event in events] == list(range(len(events)))
-            if handle.request.options.beam_size > 1:
+            if request.options.beam_size > 1:
                 assert events == []
-            elif isinstance(ended, TranslationResult):
+            elif isinstance(ended, EngineResult):
                 assert [event.token_id for event in events] == ended.best.token_ids
         return outcomes
 
     outcomes = asyncio.run(main())
-    results = [o for o in outcomes if isinstance(o, TranslationResult)]
-    errors = [o for o in outcomes if isinstance(o, AttnServeError)]
-    assert len(results) + len(errors) == len(outcomes)
+    results = [o for o in outcomes if isinstance(o, EngineResult)]
+    errors = [o for o in outcomes if not isinstance(o, EngineResult)]
+    assert all(isinstance(error, AttnServeError) for error in errors)
     assert len(recorder.done) == len(results)  # one report per request: resolved once, never twice
-    assert len(recorder.done) + len(recorder.failed) == len(outcomes)
+    assert len(recorder.failed) == len(errors)
     for result in results:
-        assert 1 <= len(result.hypotheses)
+        assert result.hypotheses
         assert result.queue_wait_s <= result.first_token_s <= result.total_s
     for call in model.step_calls:
         assert call.rows <= limits.max_active_hypotheses
@@ -464,17 +464,17 @@ def test_stop_lets_queued_and_active_requests_finish_within_the_grace_period():
     model = FakeStepModel(support=NO_EOS)
 
     async def main():
-        scheduler = Scheduler(model, limits=EngineLimits(max_active_hypotheses=1))
-        await scheduler.start()
-        handles = [scheduler.submit(make_request(source(3 + i), max_length=3)) for i in range(3)]
-        stopping = asyncio.create_task(scheduler.stop(grace_s=30.0))
+        engine = AsyncEngine(model, limits=engine_limits(max_active_hypotheses=1))
+        await engine.start()
+        handles = [engine.submit(make_request(source(3 + i), max_length=3)) for i in range(3)]
+        stopping = asyncio.create_task(engine.stop(grace_s=30.0))
         await asyncio.sleep(0)
         with pytest.raises(Unavailable):
-            scheduler.submit(make_request(source(3)))
+            engine.submit(make_request(source(3)))
         await stopping
         return [await outcome(handle) for handle in handles]
 
-    assert all(isinstance(o, TranslationResult) for o in asyncio.run(main()))
+    assert all(isinstance(o, EngineResult) for o in asyncio.run(main()))
 
 
 def test_stop_fails_what_is_left_after_the_grace_period():
@@ -483,13 +483,13 @@ def test_stop_fails_what_is_left_after_the_grace_period():
     recorder = RecordingRecorder()
 
     async def main():
-        scheduler = Scheduler(model, limits=EngineLimits(max_active_hypotheses=1), recorder=recorder)
-        await scheduler.start()
-        stuck = scheduler.submit(make_request(source(3), max_length=3, stream=True))
-        queued = scheduler.submit(make_request(source(4), max_length=3))
+        engine = AsyncEngine(model, limits=engine_limits(max_active_hypotheses=1), recorder=recorder)
+        await engine.start()
+        stuck = engine.submit(make_request(source(3), max_length=3, stream=True))
+        queued = engine.submit(make_request(source(4), max_length=3))
         await gate.until_blocked()
         try:
-            await scheduler.stop(grace_s=0.05)
+            await engine.stop(grace_s=0.05)
         finally:
             gate.open()  # let the held step finish on the worker thread
         with pytest.raises(Unavailable):
@@ -515,15 +515,15 @@ MIXED = [
 ]
 
 
-def decode(requests: list[dict], *, policy=BatchingPolicy.CONTINUOUS, stagger: bool = False) -> list[TranslationResult]:
+def decode(requests: list[dict], *, policy=BatchingPolicy.CONTINUOUS, stagger: bool = False) -> list[EngineResult]:
     gate = StepGate() if stagger else None
     model = FakeStepModel(seed=7, eos_bias=-0.5, gate=gate)
 
     async def main():
-        async with running(model, policy=policy) as scheduler:
+        async with running(model, policy=policy) as engine:
             handles = []
             for index, spec in enumerate(requests):
-                handles.append(scheduler.submit(make_request(**spec)))
+                handles.append(engine.submit(make_request(**spec)))
                 if stagger and index == 1:  # the rest join while the first two are mid-decode
                     await gate.until_blocked()
                     gate.allow(2)
@@ -556,12 +556,12 @@ def test_results_do_not_depend_on_the_rest_of_the_batch(policy, stagger):
 
 def test_request_policy_gathers_arrivals_within_the_delay():
     model = FakeStepModel(support=NO_EOS)
-    limits = EngineLimits(batch_size=8, batch_delay_s=0.3)
+    limits = engine_limits(batch_size=8, batch_delay_s=0.3)
 
     async def main():
-        async with running(model, limits=limits, policy=BatchingPolicy.REQUEST) as scheduler:
-            early = scheduler.submit(make_request(source(3), max_length=2))
-            later = scheduler.submit(make_request(source(4), max_length=2))
+        async with running(model, limits=limits, policy=BatchingPolicy.REQUEST) as engine:
+            early = engine.submit(make_request(source(3), max_length=2))
+            later = engine.submit(make_request(source(4), max_length=2))
             return await early.result(), await later.result()
 
     asyncio.run(main())
@@ -572,8 +572,8 @@ def test_none_policy_decodes_one_request_at_a_time():
     model = FakeStepModel(support=NO_EOS)
 
     async def main():
-        async with running(model, policy=BatchingPolicy.NONE) as scheduler:
-            handles = [scheduler.submit(make_request(source(3 + i), beam=2, max_length=2 + i)) for i in range(3)]
+        async with running(model, policy=BatchingPolicy.NONE) as engine:
+            handles = [engine.submit(make_request(source(3 + i), beam=2, max_length=2 + i)) for i in range(3)]
             return [await handle.result() for handle in handles]
 
     asyncio.run(main())
@@ -590,8 +590,8 @@ def test_greedy_streaming_delivers_each_token_as_it_is_decoded():
     model = FakeStepModel(seed=2, support=NO_EOS, gate=gate)
 
     async def main():
-        async with running(model) as scheduler:
-            handle = scheduler.submit(make_request(source(3, 9), max_length=4, stream=True, attention=True))
+        async with running(model) as engine:
+            handle = engine.submit(make_request(source(3, 9), max_length=4, stream=True, attention=True))
             tokens = handle.tokens()
             gate.allow(1)
             first = await anext(tokens)
@@ -613,8 +613,8 @@ def test_streaming_includes_the_eos_token():
     model = FakeStepModel(seed=4, eos_bias=3.0)
 
     async def main():
-        async with running(model) as scheduler:
-            handle = scheduler.submit(make_request(source(3), max_length=6, stream=True))
+        async with running(model) as engine:
+            handle = engine.submit(make_request(source(3), max_length=6, stream=True))
             return [event async for event in handle.tokens()], await handle.result()
 
     events, result = asyncio.run(main())
@@ -626,8 +626,8 @@ def test_beam_streaming_yields_nothing_then_ends():
     model = FakeStepModel(seed=2)
 
     async def main():
-        async with running(model) as scheduler:
-            handle = scheduler.submit(make_request(source(3, 9), beam=3, hypotheses=2, max_length=4, stream=True))
+        async with running(model) as engine:
+            handle = engine.submit(make_request(source(3, 9), beam=3, hypotheses=2, max_length=4, stream=True))
             events = [event async for event in handle.tokens()]
             return events, await handle.result()
 
@@ -639,11 +639,11 @@ def test_streaming_raises_the_failure_and_tokens_needs_stream():
     model = FakeStepModel(support=NO_EOS, fail_steps={2})
 
     async def main():
-        async with running(model) as scheduler:
-            plain = scheduler.submit(make_request(source(4), max_length=2))
+        async with running(model) as engine:
+            plain = engine.submit(make_request(source(4), max_length=2))
             with pytest.raises(ValueError):
                 plain.tokens()
-            streamed = scheduler.submit(make_request(source(3), max_length=6, stream=True))
+            streamed = engine.submit(make_request(source(3), max_length=6, stream=True))
             tokens = streamed.tokens()
             with pytest.raises(RuntimeError):
                 streamed.tokens()  # one consumer only
@@ -663,10 +663,16 @@ def test_stats_records_are_filled_per_step_and_per_request():
     model = FakeStepModel(support=NO_EOS)
     recorder = RecordingRecorder()
 
+    clock = TickingClock()
+
     async def main():
-        async with running(model, recorder=recorder) as scheduler:
-            beam = scheduler.submit(make_request(source(3, 4, 5), beam=3, max_length=3))
-            greedy = scheduler.submit(make_request(source(6), max_length=2))
+        async with running(model, recorder=recorder, clock=clock) as engine:
+            beam, greedy = engine.submit_all(
+                [
+                    make_request(source(3, 4, 5), beam=3, max_length=3, arrival=clock.now),
+                    make_request(source(6), max_length=2, arrival=clock.now),
+                ]
+            )
             return await beam.result(), await greedy.result()
 
     beam, greedy = asyncio.run(main())
@@ -675,12 +681,16 @@ def test_stats_records_are_filled_per_step_and_per_request():
     assert [s.tokens_generated for s in steps] == [4, 4, 3]
     assert [s.requests for s in steps] == [2, 2, 1]
     assert [s.admitted for s in steps] == [2, 0, 0] and steps[0].encoder_batch == 2
-    assert steps[0].encode_seconds > 0 and all(s.step_seconds > 0 for s in steps)
     assert [s.padded_source_len for s in steps] == [4, 4, 4]
     assert [s.retired for s in steps] == [0, 1, 1]
     by_beam = {stats.beam_size: stats for stats in recorder.done}
     assert by_beam[3].generated_tokens == 3 and by_beam[3].source_tokens == 4
     assert by_beam[1].generated_tokens == 2 and by_beam[1].finish_reason is FinishReason.LENGTH
-    assert by_beam[3].mean_inter_token_s is not None and by_beam[3].mean_inter_token_s >= 0
-    for result in (beam, greedy):
-        assert 0 <= result.queue_wait_s <= result.first_token_s <= result.total_s
+    # Every reading of the ticking clock is later than the one before: each interval is > 0, and a request's
+    # total is its first token plus its mean gap times the gaps.
+    assert all(s.encode_seconds > 0 for s in steps[:1]) and all(s.step_seconds > 0 for s in steps)
+    for result, stats in ((beam, by_beam[3]), (greedy, by_beam[1])):
+        assert 0 < result.queue_wait_s < result.first_token_s < result.total_s
+        assert stats.mean_inter_token_s is not None and stats.mean_inter_token_s > 0
+        gaps = stats.generated_tokens - 1
+        assert result.total_s - result.first_token_s == pytest.approx(stats.mean_inter_token_s * gaps)

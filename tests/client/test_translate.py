@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service import client
+from client import translate as client
+from client.plot import plot_alignment
 from service.dataplane import Dataplane
-from service.plot import plot_alignment
 from service.runtime.tokenizers import EOS, UNK, CharTokenizer, WordTokenizer
 from service.settings import Settings
 from tests.service.server_harness import ServerThread, make_settings
+
+pytestmark = pytest.mark.slow  # trains models or starts servers
 
 TEXT = "samedi 21 novembre 2026"
 
@@ -119,8 +121,9 @@ def test_serving_modules_never_import_torch() -> None:
     import sys
 
     modules = (
-        "service.server, service.client, service.grpc_api.server, service.dataplane, service.models, "
-        "service.metrics, service.plot"
+        "service.server, client.translate, service.grpc_api.server, service.dataplane, service.models, "
+        "service.metrics, client.plot, service.processes.supervisor, service.processes.__main__, "
+        "service.engine_client.socket_client, service.ipc.engine_server"
     )
     probe = f"import sys; import {modules}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)

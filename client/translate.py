@@ -5,8 +5,8 @@
     attnserve translate --plot alignment.png "samedi 21 novembre 2026"  # also draw the attention
     attnserve translate --offline models/dates "samedi 21 novembre 2026"  # no server
 
-Offline mode builds the same ModelManager and Dataplane the server uses, in-process (onnxruntime,
-no torch), so its output is what the server would answer. Exit status: 0 ok, 1 the translation
+Offline mode builds the same engine client and Dataplane a one-process server uses, in-process
+(onnxruntime, no torch), so its output is what the server would answer. Exit status: 0 ok, 1 the translation
 failed (the status code is printed), 2 bad arguments.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import sys
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="IMAGE",
         help="draw the best hypothesis' attention heatmap to IMAGE (.png, .svg, .pdf); with several "
-        "texts, IMAGE-1.png, IMAGE-2.png, ...",
+        "texts, IMAGE-1.png, IMAGE-2.png, ... (needs matplotlib: pip install 'attnserve[plot]')",
     )
     parser.add_argument("--json", action="store_true", help="print the whole response as JSON")
     parser.add_argument(
@@ -228,9 +229,11 @@ def _stream(
 
 async def _translate_offline(arguments: argparse.Namespace, request: pb.TranslateRequest) -> pb.TranslateResponse:
     from service.dataplane import Dataplane
+    from service.engine_client.in_process import InProcessClient
     from service.errors import AttnServeError
     from service.grpc_api.servicer import options_from_grpc, outcome_to_grpc
-    from service.models import ModelManager, describe_repository_path
+    from service.lifecycle import configure_onnxruntime_telemetry
+    from service.models import describe_repository_path
     from service.settings import Settings
 
     repository, model, version = describe_repository_path(arguments.offline)
@@ -244,16 +247,17 @@ async def _translate_offline(arguments: argparse.Namespace, request: pb.Translat
         loaded_versions=0 if version else 1,
         max_texts_per_request=max(len(request.texts), 1),
     )
-    manager = ModelManager(settings, only={model} if model else None)
+    configure_onnxruntime_telemetry(settings.onnxruntime_telemetry)
+    client = InProcessClient(settings, only={model} if model else None)
     try:
-        await manager.start()
-        outcome = await Dataplane(manager.registry, settings).translate(
+        await client.start()
+        outcome = await Dataplane(client, settings).translate(
             model, version, list(request.texts), options_from_grpc(request.options), deadline=None
         )
     except AttnServeError as error:
         raise TranslateFailed(error.code, error.message) from None
     finally:
-        await manager.stop(0.0)
+        await client.stop(0.0)
     return outcome_to_grpc(outcome)
 
 
@@ -282,7 +286,7 @@ def format_response(texts: list[str], response: pb.TranslateResponse, n_best: in
 
 
 def _plot(arguments: argparse.Namespace, response: pb.TranslateResponse) -> list[Path]:
-    from service.plot import plot_alignment
+    from client.plot import plot_alignment
 
     written: list[Path] = []
     path: Path = arguments.plot
@@ -304,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--stream takes exactly one text and needs a server (not --offline)")
     if arguments.beam < 0 or arguments.n_best < 0 or arguments.max_length < 0:
         parser.error("--beam, --n-best and --max-length must be >= 0")
+    if arguments.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        # Before the call, so nobody waits for a translation whose heatmap cannot be drawn.
+        parser.error("--plot draws with matplotlib, which is not installed: pip install 'attnserve[plot]'")
     request = _request(arguments)
     streamed = False
     try:

@@ -1,8 +1,9 @@
 """Draw an attention alignment heatmap (source tokens on x, target tokens on y) into an image file.
 
-Used by `attnserve translate --plot` and offline. Uses matplotlib's non-interactive Agg canvas, so it
-works without a display. Tokens in scripts the default font lacks (CJK, ...) are drawn with an
-installed font that has them when there is one; otherwise they show as boxes, without warnings.
+Used by `attnserve translate --plot` and offline; needs matplotlib (the `plot` extra, which the serving images
+leave out). Uses matplotlib's non-interactive Agg canvas, so it works without a display. Tokens in scripts the
+default font lacks (CJK, ...) are drawn with an installed font that has them when there is one; otherwise they
+show as boxes, without warnings.
 """
 
 from __future__ import annotations

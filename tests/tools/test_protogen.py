@@ -1,10 +1,10 @@
-"""The committed stubs under service/gen/ are exactly what `python -m service.protogen` produces."""
+"""The committed stubs under service/gen/ are exactly what `python -m tools.protogen` produces."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from service import protogen
+from tools import protogen
 
 
 def _tree(root: Path) -> dict[Path, bytes]:
@@ -21,9 +21,9 @@ def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
     assert Path("attnserve/v1/translator_pb2.py") in written
     committed = _tree(protogen.GENERATED_ROOT)
     regenerated = _tree(fresh)
-    assert sorted(committed) == sorted(regenerated), "run `python -m service.protogen`: the file sets differ"
+    assert sorted(committed) == sorted(regenerated), "run `python -m tools.protogen`: the file sets differ"
     stale = [str(path) for path in regenerated if committed[path] != regenerated[path]]
-    assert not stale, f"stubs out of date with protos/ (run `python -m service.protogen`): {stale}"
+    assert not stale, f"stubs out of date with protos/ (run `python -m tools.protogen`): {stale}"
 
 
 def test_generation_is_deterministic(tmp_path: Path) -> None:

@@ -1,0 +1,300 @@
+"""`AsyncEngine`: one model version's EngineCore, run on a worker thread for asyncio callers.
+
+Concurrency model (one, on purpose):
+- The server is asyncio. `submit_all()`, `check_room()`, every RequestHandle and `stop()` run on the
+  event-loop thread, and every handle is resolved there.
+- One dedicated worker thread per model version owns the core and steps it back to back while it has work
+  (vLLM's engine-core busy loop, in a thread): it never waits for the event loop between steps, so a
+  request's latency is its model time plus RPC, not plus a thread round trip per token. Arrivals and
+  cancellations reach it through the core's inbox (`add()` / `abort()`), and a threading.Event wakes it when
+  it sleeps; it never polls.
+- What a step produced for callers (results, failures, streamed tokens) goes back to the event loop through
+  one coalescing outbox: at most one loop callback is pending at a time, however many steps ran meanwhile.
+  A step's own numbers are recorded on the worker thread and never wake the loop.
+- Each counter has one writer: the loop thread counts what it added (`_added`), the worker thread what left
+  the queue (`EngineCore.dequeued`) and what is in the batch (`EngineCore.running`). The queue length is their
+  difference, so a reader on any thread (the metrics scrape) only reads.
+
+Every submitted request is resolved exactly once: with a result, or with an AttnServeError (cancelled,
+deadline, model failure, engine stopped). A resolved handle ignores whatever the core reports later, which
+is how a cancellation racing a result stays exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from service.engine.core import BatchingPolicy, CoreOutput, EngineCore, EngineLimits, FinishedRequest
+from service.engine.handle import RequestHandle
+from service.engine.records import EngineRequest, FinishReason, StepModel
+from service.engine.stats import NullRecorder, StatsRecorder
+from service.errors import AttnServeError, EngineFailure, InvalidRequest, Overloaded, RequestCancelled, Unavailable
+
+log = logging.getLogger(__name__)
+
+_Stat = TypeVar("_Stat")
+_SNAPSHOT_TRIES = 100  # a consistent read needs a second try only when the worker dequeued in between
+
+
+class _Lifecycle(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class AsyncEngine:
+    """Continuous-batching decoder for one model version; owns that version's StepModel and its worker."""
+
+    def __init__(
+        self,
+        model: StepModel,
+        *,
+        limits: EngineLimits,
+        policy: BatchingPolicy = BatchingPolicy.CONTINUOUS,
+        recorder: StatsRecorder | None = None,
+        label: str = "unnamed",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model = model
+        self.limits = limits
+        self.label = label
+        self._recorder: StatsRecorder = recorder if recorder is not None else NullRecorder()
+        self._clock = clock
+        self._core = EngineCore(model, limits, policy, clock=clock, label=label)
+        self._keys = itertools.count(1)
+        self._outstanding: dict[int, RequestHandle] = {}  # every unresolved handle, by key
+        self._added = 0  # requests handed to the core (loop thread only)
+        self._lifecycle = _Lifecycle.NEW
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._outbox: deque[CoreOutput | BaseException] = deque()
+        self._delivery_pending = False
+        self._all_resolved = asyncio.Event()
+
+    # ----- public surface -------------------------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued, not yet in the batch (any thread). A snapshot: `dequeued` is read on both sides of
+        `_added`, so the two are of one instant (a reader between the loop's add and the worker's dequeue
+        could otherwise see fewer than zero, or more than the limit). Cancellations count once the worker
+        has taken them in."""
+        core = self._core
+        for _ in range(_SNAPSHOT_TRIES):
+            dequeued = core.dequeued
+            added = self._added
+            if core.dequeued == dequeued:
+                break
+        return added - dequeued
+
+    @property
+    def running(self) -> int:
+        """Requests in the batch (any thread)."""
+        return self._core.running
+
+    @property
+    def outstanding(self) -> int:
+        """Requests submitted and not yet resolved (event-loop thread)."""
+        return len(self._outstanding)
+
+    async def start(self) -> None:
+        """Start the worker thread (called once, on the running event loop)."""
+        if self._lifecycle is not _Lifecycle.NEW:
+            raise RuntimeError(f"the engine of model {self.label} was already started")
+        self._loop = asyncio.get_running_loop()
+        self._lifecycle = _Lifecycle.RUNNING
+        self._thread = threading.Thread(target=self._work, name=f"engine {self.label}", daemon=True)
+        self._thread.start()
+
+    def check_room(self, count: int) -> None:
+        """Raise Overloaded now unless the queue has room for `count` more requests (InvalidRequest when
+        it never will). Cheap: callers check before tokenizing, so refusing under overload costs little."""
+        limit = self.limits.max_waiting_requests
+        if count > limit:
+            raise InvalidRequest(
+                f"this call brings {count} texts but model {self.label} queues at most {limit}; "
+                "send fewer texts per call"
+            )
+        waiting = self.waiting
+        if count > limit - waiting:
+            raise Overloaded(
+                f"model {self.label} has {waiting} requests waiting and this call brings {count}; the limit is "
+                f"{limit}; retry later"
+            )
+
+    def submit(self, request: EngineRequest) -> RequestHandle:
+        """Queue one request (as submit_all with one)."""
+        return self.submit_all((request,))[0]
+
+    def submit_all(self, requests: Sequence[EngineRequest]) -> list[RequestHandle]:
+        """Queue one call's requests, all or none; never blocks. Raises Unavailable when not running
+        (stopping, stopped, not started), InvalidRequest when one can never fit the model or the budgets,
+        Overloaded when the queue has no room for all of them."""
+        loop = self._loop
+        if self._lifecycle is not _Lifecycle.RUNNING or loop is None:
+            state = "not started" if self._lifecycle is _Lifecycle.NEW else self._lifecycle.value
+            raise Unavailable(f"model {self.label} is {state} and accepts no requests")
+        core = self._core
+        for request in requests:
+            core.check(request)
+        self.check_room(len(requests))
+        submitted_at = self._clock()
+        handles = []
+        for request in requests:
+            handle = RequestHandle(next(self._keys), request.stream, loop, self._cancel)
+            self._outstanding[handle.key] = handle
+            core.add(handle.key, request, submitted_at)
+            handles.append(handle)
+        self._added += len(requests)
+        self._all_resolved.clear()
+        self._wake.set()
+        return handles
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop admitting (submit_all raises Unavailable), let queued and active requests finish for up to
+        `grace_s` seconds, then fail the rest with Unavailable. Every handle is resolved on return."""
+        if self._lifecycle is _Lifecycle.RUNNING:
+            self._lifecycle = _Lifecycle.STOPPING
+            self._core.draining = True
+            self._wake.set()
+        if self._lifecycle is _Lifecycle.STOPPING and self._outstanding:  # a second stop() waits as well
+            try:
+                await asyncio.wait_for(self._all_resolved.wait(), max(grace_s, 0.0))
+            except TimeoutError:
+                pass
+        self._lifecycle = _Lifecycle.STOPPED
+        # A step still in flight (after the grace period) finishes on its own; its outputs are dropped,
+        # since every handle is resolved here and the worker exits at its next turn.
+        self._closing = True
+        self._wake.set()
+        for handle in list(self._outstanding.values()):
+            self._fail(
+                handle, Unavailable(f"model {self.label} stopped before the request finished"), FinishReason.ERROR
+            )
+
+    # ----- the worker thread -----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        """Step the core back to back while it has work; sleep on the wake event otherwise."""
+        core = self._core
+        try:
+            while not self._closing:
+                self._wake.clear()
+                if core.has_work:
+                    try:
+                        output = core.step()
+                    except Exception as exc:  # a bug in the engine itself: fail what it touched, keep serving
+                        log.exception("engine iteration failed (model %s)", self.label)
+                        output = core.recover(exc)
+                    if output.stats is not None:
+                        self._record(self._recorder.on_step, output.stats)
+                    if output.answers:
+                        self._post(output)
+                    continue
+                wakeup = core.next_wakeup()
+                self._wake.wait(None if wakeup is None else max(wakeup - self._clock(), 0.0))
+        except BaseException as exc:  # the worker itself died: every caller must still get an answer
+            log.error("the engine worker of model %s stopped on an error", self.label, exc_info=exc)
+            self._post(exc)
+
+    def _post(self, item: CoreOutput | BaseException) -> None:
+        """Hand an output to the event loop, scheduling a delivery only when none is pending: waking the loop
+        costs both threads a turn of the GIL, and a busy loop takes several steps' outputs in one turn."""
+        self._outbox.append(item)
+        if not self._delivery_pending and self._loop is not None:
+            self._delivery_pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._deliver_outbox)
+            except RuntimeError:  # the loop is closed: nobody is left to answer
+                pass
+
+    # ----- delivery (loop thread) ------------------------------------------------------------------
+
+    def _deliver_outbox(self) -> None:
+        # Cleared before draining: an item posted after this point schedules a new delivery.
+        self._delivery_pending = False
+        while self._outbox:
+            item = self._outbox.popleft()
+            if isinstance(item, BaseException):
+                self._worker_died(item)
+                continue
+            try:
+                self._deliver(item)
+            except Exception as exc:  # a bug in delivery: fail what it touched, keep serving
+                log.exception("delivering an engine step failed (model %s)", self.label)
+                self._fail_touched(item, exc)
+
+    def _deliver(self, output: CoreOutput) -> None:
+        outstanding = self._outstanding
+        for key, event in output.events:
+            handle = outstanding.get(key)
+            if handle is not None:
+                handle.push(event)
+        for done in output.finished:
+            handle = outstanding.get(done.key)
+            if handle is not None:
+                self._resolve(handle, done)
+        for key, error, reason in output.failed:
+            handle = outstanding.get(key)
+            if handle is not None:
+                self._fail(handle, error, reason)
+
+    def _fail_touched(self, output: CoreOutput, exc: Exception) -> None:
+        """Fail the requests an output named (its delivery may have left them half done) and drop them."""
+        keys = {key for key, _ in output.events}
+        keys.update(done.key for done in output.finished)
+        keys.update(key for key, _, _ in output.failed)
+        error = EngineFailure(f"engine error in model {self.label}: {type(exc).__name__}: {exc}")
+        for key in keys:
+            handle = self._outstanding.get(key)
+            if handle is not None and self._fail(handle, error, FinishReason.ERROR):
+                self._core.abort(key)
+        self._wake.set()
+
+    def _worker_died(self, exc: BaseException) -> None:
+        self._lifecycle = _Lifecycle.STOPPED
+        for handle in list(self._outstanding.values()):
+            self._fail(handle, EngineFailure(f"the engine of model {self.label} stopped: {exc!r}"), FinishReason.ERROR)
+
+    # A handle leaves `_outstanding` before it is resolved: resolving runs the caller's callback, and whatever
+    # that does, the handle is resolved and counted once and never waited for again.
+
+    def _resolve(self, handle: RequestHandle, done: FinishedRequest) -> None:
+        self._forget(handle)
+        self._record(self._recorder.on_request_done, done.stats)
+        handle.resolve(done.result)
+
+    def _fail(self, handle: RequestHandle, error: AttnServeError, reason: FinishReason) -> bool:
+        if handle.done:
+            return False
+        self._forget(handle)
+        self._record(self._recorder.on_request_failed, reason)
+        handle.fail(error)
+        return True
+
+    def _forget(self, handle: RequestHandle) -> None:
+        self._outstanding.pop(handle.key, None)
+        if not self._outstanding:
+            self._all_resolved.set()
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        if self._fail(handle, RequestCancelled(f"request cancelled (model {self.label})"), FinishReason.CANCELLED):
+            self._core.abort(handle.key)
+            self._wake.set()
+
+    def _record(self, method: Callable[[_Stat], None], value: _Stat) -> None:
+        try:
+            method(value)
+        except Exception:  # a broken recorder must not break decoding
+            log.exception("stats recorder failed (model %s)", self.label)

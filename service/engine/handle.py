@@ -1,0 +1,139 @@
+"""The caller's side of one engine request: a future for its result, and its streamed tokens.
+
+Whoever owns the request's engine resolves the handle: `AsyncEngine` in the process that decodes, the socket
+client (service/engine_client/socket_client.py) in a front-end process. Callers await `result()` or iterate
+`tokens()`, and `cancel()` when they give up. Use a handle on its event loop's thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from service.engine.records import EngineResult, TokenEvent
+from service.errors import AttnServeError
+
+_END_OF_STREAM = object()
+
+
+class RequestHandle:
+    """One submitted request, as its caller sees it; resolved exactly once (result or error).
+
+    `key` identifies the request to its owner. `on_cancel(handle)` is the owner's: called by `cancel()` while
+    the handle is unresolved, it must fail the handle (with RequestCancelled) and drop the request."""
+
+    __slots__ = ("key", "_future", "_events", "_stream_taken", "_on_cancel", "_when_resolved")
+
+    def __init__(
+        self, key: int, stream: bool, loop: asyncio.AbstractEventLoop, on_cancel: Callable[[RequestHandle], None]
+    ) -> None:
+        self.key = key
+        self._future: asyncio.Future[EngineResult] = loop.create_future()
+        self._events: asyncio.Queue[object] | None = asyncio.Queue() if stream else None
+        self._stream_taken = False
+        self._on_cancel = on_cancel
+        self._when_resolved: Callable[[RequestHandle], None] | None = None
+
+    # ----- for the caller ----------------------------------------------------------------------------
+
+    @property
+    def streams(self) -> bool:
+        """True when the request was submitted with stream=True (its tokens are delivered as decoded)."""
+        return self._events is not None
+
+    @property
+    def done(self) -> bool:
+        """True once the request is resolved (result, error or cancellation)."""
+        return self._future.done()
+
+    async def result(self) -> EngineResult:
+        """Wait for the result; raises the AttnServeError that ended the request otherwise.
+
+        If the awaiting task is cancelled (e.g. the RPC was), the request is cancelled too.
+        """
+        try:
+            return await asyncio.shield(self._future)
+        except asyncio.CancelledError:
+            if not self._future.done():
+                self.cancel()
+            raise
+
+    def tokens(self) -> AsyncIterator[TokenEvent]:
+        """The tokens of a streaming request (submitted with stream=True) as they are decoded; iterate it once.
+
+        Greedy requests yield every generated token (eos included) right after its step; beam requests
+        yield nothing (await result() for the n-best). The iteration ends when the request finishes, or
+        raises the AttnServeError that ended it. Cancelling the iterating task cancels the request; a
+        caller that merely stops iterating should call cancel() itself.
+        """
+        if self._events is None:
+            raise ValueError("tokens() needs a request submitted with stream=True")
+        if self._stream_taken:
+            raise RuntimeError("tokens() can be iterated only once per request")
+        self._stream_taken = True
+        return self._iterate_events(self._events)
+
+    def cancel(self) -> None:
+        """Cancel the request (idempotent): result() raises RequestCancelled at once; its rows leave the
+        batch at the next step. No effect once the request is resolved."""
+        if not self._future.done():
+            self._on_cancel(self)
+
+    def when_resolved(self, callback: Callable[[RequestHandle], None]) -> None:
+        """Call `callback(self)` right when the request is resolved, in the same turn of the event loop (one
+        callback per handle; it must not raise or block); `outcome()` then says how it ended."""
+        self._when_resolved = callback
+
+    def outcome(self) -> EngineResult | AttnServeError:
+        """A resolved request's result, or the AttnServeError that ended it (InvalidStateError before then)."""
+        error = self._future.exception()
+        if error is None:
+            return self._future.result()
+        assert isinstance(error, AttnServeError)  # fail() is the only way an error gets in
+        return error
+
+    async def _iterate_events(self, events: asyncio.Queue[object]) -> AsyncIterator[TokenEvent]:
+        while True:
+            try:
+                item = await events.get()
+            except asyncio.CancelledError:
+                self.cancel()
+                raise
+            if item is _END_OF_STREAM:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, TokenEvent)
+            yield item
+
+    # ----- for the owner ------------------------------------------------------------------------------
+    # Each returns False when the handle was already resolved: that is how "exactly once" holds when a
+    # cancellation races a result.
+
+    def push(self, event: TokenEvent) -> None:
+        """Deliver a streamed token (ignored once resolved, or when the request does not stream)."""
+        if self._events is not None and not self._future.done():
+            self._events.put_nowait(event)
+
+    def resolve(self, result: EngineResult) -> bool:
+        """End the request with its result."""
+        if self._future.done():
+            return False
+        self._future.set_result(result)
+        if self._events is not None:
+            self._events.put_nowait(_END_OF_STREAM)
+        if self._when_resolved is not None:
+            self._when_resolved(self)
+        return True
+
+    def fail(self, error: AttnServeError) -> bool:
+        """End the request with `error`."""
+        if self._future.done():
+            return False
+        self._future.set_exception(error)
+        self._future.exception()  # marks it retrieved: nobody need await a cancelled request's result
+        if self._events is not None:
+            self._events.put_nowait(error)
+        if self._when_resolved is not None:
+            self._when_resolved(self)
+        return True

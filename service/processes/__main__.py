@@ -1,0 +1,35 @@
+"""`python -m service.processes {engine,frontend} RUNTIME_DIR SUPERVISOR_PID -- FLAGS...`: a child process of the
+supervisor (service/processes/supervisor.py starts them)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from service.lifecycle import settings_from
+from service.processes.child import stop_with_parent
+
+
+def child_main(argv: list[str]) -> int:
+    """`python -m service.processes {engine,frontend} RUNTIME_DIR SUPERVISOR_PID -- FLAGS...`"""
+    role, runtime_dir, supervisor, separator, *flags = argv
+    if separator != "--" or role not in ("engine", "frontend") or not supervisor.isdigit():
+        print(
+            "usage: python -m service.processes {engine,frontend} RUNTIME_DIR SUPERVISOR_PID -- FLAGS...",
+            file=sys.stderr,
+        )
+        return 2
+    stop_with_parent(int(supervisor))
+    settings = settings_from(flags)
+    if settings is None:
+        return 2
+    if role == "engine":
+        from service.processes.engine import run_engine as run
+    else:
+        from service.processes.frontend import run_frontend as run
+    return asyncio.run(run(settings, Path(runtime_dir)))
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))
