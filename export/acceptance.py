@@ -14,9 +14,9 @@ language (numbers), in two sets:
 
 Each set is scored overall and per group (dates: the script of the locale, LOCALE_GROUPS; numbers: the
 language), and a model meets its bar only when every group of both sets does. The inputs are decoded through
-the serving stack (ModelManager + Dataplane on onnxruntime), the path a `Translate` call takes, and the score
-the server returns with each answer is kept, so the build can say how the scores of right and wrong answers
-differ.
+the serving stack (the in-process engine client + Dataplane on onnxruntime), the path a `Translate` call
+takes, and the score the server returns with each answer is kept, so the build can say how the scores of right
+and wrong answers differ.
 
 Nothing here imports torch: the tests run this on the shipped models with the serving dependencies and the
 data generators (Babel, num2words) only.

@@ -230,4 +230,11 @@ def test_the_as_written_sets_hold_what_the_issue_names(dates_inputs: dict[int, d
 def test_version_1_still_loads_and_translates_plain_text_as_it_did() -> None:
     assert translate_as_served(shipped("dates", 1), ["samedi 21 novembre 2026"])[0].text == "2026-11-21"
     assert translate_as_served(shipped("numbers", 1), ["vierundachtzig"])[0].text == "eighty-four"
-    assert source_tokenizer("dates", 1).normalization == LEGACY
+    # Its tokenizer files are format 1: NFC and nothing else, exactly as it was trained.
+    dates, numbers = source_tokenizer("dates", 1), source_tokenizer("numbers", 1)
+    assert dates.normalization == numbers.normalization == LEGACY
+    assert dates.encode("1 de\u0301cembre 2026") == dates.encode("1 d\u00e9cembre 2026")
+    assert UNK not in dates.encode("1 d\u00e9cembre 2026")
+    assert dates.encode("1 D\u00c9CEMBRE 2026") != dates.encode("1 d\u00e9cembre 2026")
+    assert dates.pieces("1\u202fd\u00e9cembre\u200f 2026")[1:2] == ["<unk>"] and len(dates.pieces("a\u200fb")) == 3
+    assert numbers.encode("vier und achtzig") != numbers.encode("vierundachtzig")

@@ -38,6 +38,11 @@ def normalized_length(text: str) -> int:
     return max(len(DATES_NORMALIZATION(text)), len(NUMBERS_NORMALIZATION(text)))
 
 
+def shortest_normalized_length(text: str) -> int:
+    """... and the fewer of the two (0: a model's normalisation leaves nothing, and the text is refused)."""
+    return min(len(DATES_NORMALIZATION(text)), len(NUMBERS_NORMALIZATION(text)))
+
+
 MAX_SOURCE_TOKENS = 50  # the tiny dates model's limits.max_source_tokens (</s> included)
 MAX_TARGET_TOKENS = 16
 WIDEST_BEAM = 8
@@ -95,6 +100,20 @@ def test_an_empty_or_whitespace_only_text(stub: pb_grpc.TranslatorStub, text: st
     code, details = refused(lambda: translate(stub, [GOOD_TEXT, text]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert details == "texts[1] is empty or only whitespace"
+
+
+@pytest.mark.parametrize(
+    ("model", "text"),
+    [
+        ("dates", "\u200f\u200e\ufeff"),  # bidi marks and a byte order mark
+        ("dates", "\u200b\u00ad\u2060 \u200d"),  # zero-width characters, a soft hyphen, a word joiner
+        ("numbers", "- \u2010\u2013"),  # dashes, which the numbers model drops
+    ],
+)
+def test_a_text_the_models_normalisation_empties(stub: pb_grpc.TranslatorStub, model: str, text: str) -> None:
+    code, details = refused(lambda: translate(stub, [GOOD_TEXT, text], model=model))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith(f"texts[1] is empty once model {model} version 1 normalises it (NFKC; ignorables dropped")
 
 
 def test_a_text_of_one_megabyte(stub: pb_grpc.TranslatorStub) -> None:
@@ -405,7 +424,9 @@ def valid_options(draw: st.DrawFn) -> dict:  # type: ignore[type-arg]
 )
 @given(
     texts=st.lists(
-        ANY_TEXT.filter(lambda text: text.strip() and normalized_length(text) <= 40), min_size=1, max_size=4
+        ANY_TEXT.filter(lambda text: 1 <= shortest_normalized_length(text) and normalized_length(text) <= 40),
+        min_size=1,
+        max_size=4,
     ),
     model=st.sampled_from(["", "dates", "numbers"]),
     options=valid_options(),

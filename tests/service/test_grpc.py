@@ -20,6 +20,7 @@ from export.data.dates import DATES_NORMALIZATION
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from tests.service.server_harness import (
+    Samples,
     ServerThread,
     free_port,
     make_settings,
@@ -329,26 +330,33 @@ def test_cancelled_calls_cancel_their_engine_requests(tiny_repository: Path) -> 
             # 8 calls of 60 texts, decoded one text at a time: seconds of work even on a fast CPU.
             request = pb.TranslateRequest(texts=DATES * 12, options=pb.DecodeOptions(beam_size=8))
             labels = {"model": "dates", "version": "1"}
+            texts = 8 * len(request.texts)
 
-            def ended(reason: str) -> float:
-                return metric(scrape(running.metrics_url), "attnserve_finished_requests_total", reason=reason, **labels)
+            def ended_in_all(samples: Samples) -> float:
+                return sum(
+                    metric(samples, "attnserve_finished_requests_total", reason=reason, **labels)
+                    for reason in ("eos", "length", "cancelled")
+                )
 
-            def ended_in_all() -> float:
-                return sum(ended(reason) for reason in ("eos", "length", "cancelled"))
-
-            def held() -> float:  # texts in the engine: queued or decoding
-                samples = scrape(running.metrics_url)
+            def held(samples: Samples) -> float:  # texts in the engine: queued or decoding
                 return sum(metric(samples, f"attnserve_requests_{where}", **labels) for where in ("waiting", "running"))
 
+            def all_arrived_some_queued() -> bool:
+                samples = scrape(running.metrics_url)  # one page per look, so the figures are of one moment
+                return held(samples) + ended_in_all(samples) == texts and held(samples) > 1
+
             futures = [stub.Translate.future(request, timeout=120) for _ in range(8)]
-            # All 480 texts reached the engine (held or already ended), and some are still queued.
-            wait_for(lambda: held() + ended_in_all() == 8 * 60 and held() > 1, "every text to reach the engine")
+            # All the texts reached the engine (held or already ended), and some are still queued.
+            wait_for(all_arrived_some_queued, "every text to reach the engine")
             for future in futures:
                 future.cancel()
             # Every one of them ends exactly once: finished before the cancellation reached it, or cancelled.
-            wait_for(lambda: ended_in_all() == 8 * 60, "every text of the cancelled calls to end")
-            assert ended("cancelled") > 0 and held() == 0
+            wait_for(
+                lambda: ended_in_all(scrape(running.metrics_url)) == texts, "every text of the cancelled calls to end"
+            )
             samples = scrape(running.metrics_url)
+            assert metric(samples, "attnserve_finished_requests_total", reason="cancelled", **labels) > 0
+            assert held(samples) == 0
             assert metric(samples, "attnserve_requests_waiting", model="dates", version="1") == 0
             # The server still answers afterwards.
             assert translate(stub, DATES[:1]).translations[0].hypotheses[0].text
