@@ -7,6 +7,7 @@ export is checked for op types and for parity at shapes other than the export du
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import shutil
@@ -47,6 +48,12 @@ ALLOWED_OPS = frozenset(
 # Log probabilities are compared relative to their size beyond 1: a confident model's unlikely candidates sit
 # at -20 or -30, where float32 kernels that differ in summation order differ by a few 1e-4 in absolute terms.
 PARITY_TOLERANCE = 1e-4
+# Some trained models amplify float32 rounding over the parity check's random inputs and decoder steps: PyTorch's
+# own float32 result then differs from the same model computed in float64 by more than PARITY_TOLERANCE, and no
+# float32 implementation can agree with it more closely. The tolerance is therefore the larger of
+# PARITY_TOLERANCE and this many times that float32 error, measured on the same inputs; an export bug differs by
+# orders of magnitude more.
+FLOAT32_ERROR_FACTOR = 4.0
 
 
 class ExportError(RuntimeError):
@@ -201,13 +208,32 @@ def ort_greedy(
     return results
 
 
-def step_parity(model: Seq2Seq, step_model: OnnxStepModel, sources: list[list[int]], steps: int = 4) -> dict:
-    """Largest |ORT - torch| over a few decoder steps fed with the same tokens, for one padded batch."""
+def step_parity(
+    model: Seq2Seq,
+    step_model: OnnxStepModel,
+    sources: list[list[int]],
+    steps: int = 4,
+    *,
+    float64: Seq2Seq | None = None,
+) -> dict:
+    """Largest |ORT - torch| over a few decoder steps fed with the same tokens, for one padded batch; with
+    `float64` (the model in double precision), also the largest |torch float32 - torch float64|
+    (`float32_log_probs_relative`, `float32_attention`): how much float32 rounding alone moves the results."""
     ids, lengths = _pad(sources)
     with torch.no_grad():
         enc = model.encode(torch.from_numpy(ids), torch.from_numpy(lengths))
+        exact = float64.encode(torch.from_numpy(ids), torch.from_numpy(lengths)) if float64 is not None else None
     ort_enc = step_model.encode(ids, lengths)
-    worst = {"log_probs": 0.0, "log_probs_relative": 0.0, "attention": 0.0, "state": 0.0, "memory": 0.0}
+    worst = {
+        "log_probs": 0.0,
+        "log_probs_relative": 0.0,
+        "attention": 0.0,
+        "state": 0.0,
+        "memory": 0.0,
+        "float32_log_probs_relative": 0.0,
+        "float32_attention": 0.0,
+    }
+    state_x: dict[str, torch.Tensor] = exact.state if exact is not None else {}
     torch_memory = [enc.memory] + ([enc.keys] if enc.keys is not None else [])
     for name, value in zip(step_model.memory_names, torch_memory, strict=False):
         worst["memory"] = max(worst["memory"], float(np.abs(ort_enc.memory[name] - value.numpy()).max()))
@@ -219,6 +245,19 @@ def step_parity(model: Seq2Seq, step_model: OnnxStepModel, sources: list[list[in
             log_probs, weights, state_t = model.step(
                 torch.from_numpy(tokens), torch.from_numpy(lengths), enc.memory, enc.keys, state_t
             )
+            if float64 is not None and exact is not None:
+                log_probs_x, weights_x, state_x = float64.step(
+                    torch.from_numpy(tokens), torch.from_numpy(lengths), exact.memory, exact.keys, state_x
+                )
+                top_x = torch.topk(log_probs_x, step_model.top_k, dim=-1).values.numpy()
+                top_32 = torch.topk(log_probs, step_model.top_k, dim=-1).values.double().numpy()
+                worst["float32_log_probs_relative"] = max(
+                    worst["float32_log_probs_relative"],
+                    float((np.abs(top_32 - top_x) / np.maximum(1.0, np.abs(top_x))).max()),
+                )
+                worst["float32_attention"] = max(
+                    worst["float32_attention"], float(np.abs(weights.double().numpy() - weights_x.numpy()).max())
+                )
         out = step_model.step(tokens, lengths, ort_enc.memory, state_o)
         top_t = torch.topk(log_probs, step_model.top_k, dim=-1).values.numpy()
         difference = np.abs(out.topk_log_probs - top_t)
@@ -246,17 +285,22 @@ def verify(model: Seq2Seq, directory: Path, test_sources: list[list[int]], max_s
     step_model = OnnxStepModel(ModelDocument.read(directory), directory, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(7)
     shapes = [(1, 1), (1, max_source_len), (3, 9), (7, 23), (16, min(40, max_source_len))]
-    worst = {"log_probs": 0.0, "log_probs_relative": 0.0, "attention": 0.0, "state": 0.0, "memory": 0.0}
+    float64 = copy.deepcopy(model).double().eval()
+    worst: dict[str, float] = {}
     for batch, length in shapes:
         length = max(1, min(length, max_source_len))
         sources = []
         for row in range(batch):
             n = length if row == 0 else int(rng.integers(1, length + 1))
             sources.append([int(t) for t in rng.integers(4, model.config.source_vocab, size=n - 1)] + [EOS])
-        for key, value in step_parity(model, step_model, sources).items():
-            worst[key] = max(worst[key], value)
-    if worst["log_probs_relative"] > PARITY_TOLERANCE or worst["attention"] > PARITY_TOLERANCE:
-        raise ExportError(f"onnxruntime differs from PyTorch beyond {PARITY_TOLERANCE}: {worst}")
+        for key, value in step_parity(model, step_model, sources, float64=float64).items():
+            worst[key] = max(worst.get(key, 0.0), value)
+    tolerance = {
+        "log_probs_relative": max(PARITY_TOLERANCE, FLOAT32_ERROR_FACTOR * worst["float32_log_probs_relative"]),
+        "attention": max(PARITY_TOLERANCE, FLOAT32_ERROR_FACTOR * worst["float32_attention"]),
+    }
+    if worst["log_probs_relative"] > tolerance["log_probs_relative"] or worst["attention"] > tolerance["attention"]:
+        raise ExportError(f"onnxruntime differs from PyTorch beyond {tolerance}: {worst}")
     torch_out = greedy_ids(model, test_sources)
     ort_out = ort_greedy(step_model, test_sources, model.config.max_target_len)
     mismatches = sum(a != b for a, b in zip(torch_out, ort_out, strict=False))
@@ -272,12 +316,19 @@ def verify(model: Seq2Seq, directory: Path, test_sources: list[list[int]], max_s
         "greedy_examples": len(test_sources),
         "shapes": [[b, min(max(1, s), max_source_len)] for b, s in shapes],
         "tolerance": PARITY_TOLERANCE,
+        # PyTorch float32 against the model in float64 on the same inputs, and the tolerance that allowed for it.
+        "float32_error": {
+            "log_prob_difference_over_max_1_abs": worst["float32_log_probs_relative"],
+            "attention": worst["float32_attention"],
+        },
+        "tolerance_used": tolerance,
     }
     return Verification(parity=parity, greedy=ort_out)
 
 
 def _exact_match(predictions: list[list[int]], target: Tokenizer, references: list[str]) -> float:
-    return sum(target.decode(p) == r for p, r in zip(predictions, references, strict=False)) / max(len(references), 1)
+    right = sum(target.decode(p) == target.normalize(r) for p, r in zip(predictions, references, strict=False))
+    return right / max(len(references), 1)
 
 
 def quantize_int8(directory: Path) -> None:
@@ -343,8 +394,12 @@ def export_run(
                 "target_vocab": target_tok.vocab_size,
             },
             tokenizers=Tokenizers(
-                source=TokenizerFile(type=tokenizer_kind, file="source.tokenizer.json"),
-                target=TokenizerFile(type=tokenizer_kind, file="target.tokenizer.json"),
+                source=TokenizerFile(
+                    type=tokenizer_kind, file="source.tokenizer.json", normalization=source_tok.normalization
+                ),
+                target=TokenizerFile(
+                    type=tokenizer_kind, file="target.tokenizer.json", normalization=target_tok.normalization
+                ),
             ),
             limits=Limits(max_source_tokens=c.max_source_len, max_target_tokens=c.max_target_len, top_k=c.top_k),
             encoder=GraphFile(file="encoder.onnx"),

@@ -27,7 +27,16 @@ from torch import nn
 
 from export.data import Pair, Splits, load_tsv, make_dates, make_numbers
 from export.model import Architecture, Seq2Seq
+from service.runtime.normalization import IDENTITY, Normalization
 from service.runtime.tokenizers import BOS, EOS, PAD, Tokenizer, load_tokenizer, train_tokenizer
+
+#: The input normalisation of a user's corpus (tsv:PATH) with a char or word tokenizer: compatibility forms
+#: (full-width characters, no-break and other fixed-width spaces) as their plain forms, invisible characters
+#: (bidi marks, zero-width spaces, byte order marks) dropped, runs of whitespace as one space.
+CORPUS_SOURCE_NORMALIZATION = Normalization(unicode="NFKC", ignorables="drop", whitespace="fold")
+#: ... and of its targets, which is what the model learns to write: NFC (NFKC would rewrite the text's own
+#: full-width punctuation, and dropping ignorables its zero-width non-joiners), runs of whitespace as one space.
+CORPUS_TARGET_NORMALIZATION = Normalization(unicode="NFC", whitespace="fold")
 
 
 @dataclass
@@ -38,6 +47,10 @@ class TrainConfig:
     out: Path
     seed: int = 13
     tokenizer: str = ""  # '' = 'char' for bundled tasks, 'sentencepiece' for TSV corpora
+    # Input normalisation of each tokenizer ('' = the task's, else the kind's default; see `normalizations`),
+    # as `Normalization.parse` reads it: 'none', 'nfc', or 'unicode=NFKC,ignorables=drop,whitespace=fold', ...
+    source_normalization: str = ""
+    target_normalization: str = ""
     vocab_size: int = 8000  # for 'sentencepiece' and 'word' tokenizers
     batch_size: int = 128
     learning_rate: float = 3e-3
@@ -134,7 +147,8 @@ def evaluate(model: Seq2Seq, pairs: list[Pair], source: Tokenizer, target: Token
 
     pairs = pairs[:limit] if limit else pairs
     hypotheses = [target.decode(ids) for ids in greedy_ids(model, [source.encode(p.source) + [EOS] for p in pairs])]
-    references = [p.target for p in pairs]
+    # What the model can write is the target's normalised form (a word tokenizer's 'Hi , you !').
+    references = [target.normalize(p.target) for p in pairs]
     exact = sum(h == r for h, r in zip(hypotheses, references, strict=False)) / max(len(pairs), 1)
     return {
         "exact_match": round(exact, 5),
@@ -145,14 +159,36 @@ def evaluate(model: Seq2Seq, pairs: list[Pair], source: Tokenizer, target: Token
 
 
 # --------------------------------------------------------------------------------------------------- training
+def normalizations(config: TrainConfig, splits: Splits, kind: str) -> tuple[Normalization, Normalization]:
+    """The (source, target) normalisations of a run's tokenizers: the configuration's when given, else the task's
+    (a generated task declares the one it was made for), else the tokenizer kind's default (SentencePiece: none
+    but its own; char and word: CORPUS_SOURCE_NORMALIZATION and CORPUS_TARGET_NORMALIZATION)."""
+    if kind == "sentencepiece":
+        defaults = (IDENTITY, IDENTITY)
+    else:
+        defaults = (CORPUS_SOURCE_NORMALIZATION, CORPUS_TARGET_NORMALIZATION)
+    chosen = []
+    for given, declared, default in (
+        (config.source_normalization, splits.source_normalization, defaults[0]),
+        (config.target_normalization, splits.target_normalization, defaults[1]),
+    ):
+        chosen.append(Normalization.parse(given) if given else declared or default)
+    return chosen[0], chosen[1]
+
+
 def _tokenizers(config: TrainConfig, splits: Splits, out: Path, resume: bool) -> tuple[Tokenizer, Tokenizer]:
     kind = config.tokenizer or ("sentencepiece" if config.task.startswith("tsv:") else "char")
     paths = out / "source.tokenizer.json", out / "target.tokenizer.json"
     if resume and all(p.exists() for p in paths):
         return load_tokenizer(kind, paths[0]), load_tokenizer(kind, paths[1])
     vocab = None if kind == "char" else config.vocab_size
-    source = train_tokenizer(kind, [p.source for p in splits.train], vocab_size=vocab)
-    target = train_tokenizer(kind, [p.target for p in splits.train], vocab_size=vocab)
+    source_normalization, target_normalization = normalizations(config, splits, kind)
+    source = train_tokenizer(
+        kind, [p.source for p in splits.train], vocab_size=vocab, normalization=source_normalization
+    )
+    target = train_tokenizer(
+        kind, [p.target for p in splits.train], vocab_size=vocab, normalization=target_normalization
+    )
     source.save(paths[0])
     target.save(paths[1])
     return source, target
@@ -372,6 +408,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         "model_config": run.architecture.to_dict(),
         "data": splits.description,
         "tokenizer": source_tok.kind,
+        "normalization": {
+            "source": source_tok.normalization.to_document(),
+            "target": target_tok.normalization.to_document(),
+        },
         "training": {
             "steps": run.progress.step,
             "seconds": round(run.seconds, 1),

@@ -8,8 +8,12 @@ lucky evaluation. The wall-clock cap is a safety net only: hitting it fails the 
 whatever was reached by then, so the result never depends on the machine's speed.
 
 A build is checked as users meet the model (export/acceptance.py: fresh inputs over every claimed locale
-and format, or every number, decoded by the serving stack) and lands in the repository only if it meets
-the bar; a build that misses it exits non-zero and leaves the repository as it was.
+and format, or every number, in their plain form and as software and people write them, decoded by the
+serving stack greedy and with a beam of 4) and lands in the repository only if every group of every set
+meets the bar; a build that misses it exits non-zero and leaves the repository as it was.
+
+Versions: version 1 of each default model (built before tokenizers declared their normalisation: NFC only)
+stays in the repository for clients pinned to it; a build writes DEFAULT_VERSION.
 """
 
 from __future__ import annotations
@@ -29,10 +33,14 @@ from service.runtime.model_format import ModelDocument
 from service.runtime.repository import discover
 
 # Bump when a change to training or export code should rebuild the default models.
-ZOO_REVISION = 2
+ZOO_REVISION = 3
 
-#: The version number a default model is built as; a rebuild replaces it.
-DEFAULT_VERSION = 1
+#: The version number a default model is built as; a rebuild replaces it. Version 1 (ZOO_REVISION 2: plain
+#: text only, NFC) is kept as it was shipped.
+DEFAULT_VERSION = 2
+
+#: The decodings a build is checked with: greedy, and a beam of 4.
+ACCEPTANCE_BEAMS: dict[str, int] = {"greedy": 0, "beam_4": 4}
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class ZooEntry:
     model: dict
     description: str
     training: dict = field(default_factory=dict)
-    bar: float = 0.99  # exact match on the acceptance set the build must reach
+    bar: float = 0.99  # exact match every group of every acceptance set must reach
     acceptance_seed: int = 101  # the build's fresh draws; the tests use other seeds, training uses `seed`
 
     def fingerprint(self) -> str:
@@ -109,8 +117,11 @@ DEFAULT_MODELS = (
             "top_k": 16,
             "dropout": 0.25,
         },
-        # The model claims the whole range, so it trains on every number in both languages and validates on
-        # all 2,000 pairs (0.05% each): the target is every one of them, on 3 evaluations in a row.
+        # The model claims the whole range, so it trains on every number in both languages (and German's
+        # 'hundert' spelling) and validates on all 2,100 pairs (0.05% each): the target is every one of them, on
+        # 3 evaluations in a row. An evaluation that ties the best counts towards patience, and the best (every
+        # pair) is first reached long before min_steps, so patience covers the wobble before three in a row: 40
+        # evaluations (under torch's default kernels a build of this recipe needed until step 2,400).
         training={
             "batch_size": 64,
             "learning_rate": 3e-3,
@@ -119,7 +130,7 @@ DEFAULT_MODELS = (
             "target_evaluations": 3,
             "min_steps": 1500,
             "max_steps": 12000,
-            "patience": 20,
+            "patience": 40,
             "lr_patience": 2,
             "max_minutes": 45.0,
             "data_options": {"max_number": 999, "split_by": "none"},
@@ -163,12 +174,12 @@ def build_machine() -> dict:
 def build(
     entry: ZooEntry, repository: Path, runs: Path, *, threads: int | None = None, progress=print
 ) -> ModelDocument:
-    """Train, export and check `entry`; install it as `repository/NAME/1` only if it meets every bar.
+    """Train, export and check `entry`; install it as `repository/NAME/DEFAULT_VERSION` only if it meets every bar.
 
     Returns the model.json written. Raises BuildFailed (the repository untouched) when training stops
-    short of the recipe's target or the fresh-input check misses the bar.
+    short of the recipe's target or a group of the fresh-input checks misses the bar.
     """
-    from export.acceptance import acceptance_set, check
+    from export.acceptance import acceptance_sets, check_all
     from export.onnx_export import export_run
     from export.train import TrainConfig, train
 
@@ -205,22 +216,34 @@ def build(
             progress=progress,
             build={"fingerprint": entry.fingerprint(), "description": entry.description, "machine": machine},
         )
-        inputs = acceptance_set(
+        sets = acceptance_sets(
             entry.task, entry.acceptance_seed, training_seed=entry.training_seed, data_options=entry.data_options
         )
-        accepted = check(result.directory, inputs)
         document = result.document
-        document.acceptance = {"bar": entry.bar, "greedy": accepted.to_dict()}
+        acceptance: dict = {"bar": entry.bar, "seed": entry.acceptance_seed}
+        misses = []
+        for decoding, beam_size in ACCEPTANCE_BEAMS.items():
+            results = check_all(result.directory, sets, beam_size=beam_size)
+            acceptance[decoding] = {name: accepted.to_dict() for name, accepted in results.items()}
+            for name, accepted in results.items():
+                progress(
+                    f"{entry.name}, {decoding}, {name}: {accepted.exact_match:.4f} exact on {accepted.examples} fresh "
+                    f"inputs ({accepted.errors} wrong; bar {entry.bar} in every group: "
+                    + ", ".join(f"{group} {figures['exact_match']:.4f}" for group, figures in accepted.groups.items())
+                    + ")"
+                )
+                for group in accepted.below(entry.bar):
+                    misses.append(
+                        f"{decoding} {name} {group}: {accepted.groups[group]['exact_match']:.4f} "
+                        f"({accepted.groups[group]['errors']} of {accepted.groups[group]['examples']} wrong)"
+                    )
+        document.acceptance = acceptance
         document.write(result.directory)
-        progress(
-            f"{entry.name}: {accepted.exact_match:.4f} exact on {accepted.examples} fresh inputs "
-            f"({accepted.errors} wrong; bar {entry.bar})"
-        )
-        if accepted.exact_match < entry.bar:
+        # Kept with the run whether or not the build is installed: what a failed build missed, and by how much.
+        (run_dir / "acceptance.json").write_text(json.dumps(acceptance, indent=1, ensure_ascii=False) + "\n")
+        if misses:
             raise BuildFailed(
-                f"{entry.name}: {accepted.exact_match:.4f} exact match on {accepted.examples} fresh inputs "
-                f"({accepted.description}) is below the bar {entry.bar}; first errors: "
-                f"{accepted.examples_of_errors[:3]}; nothing was installed"
+                f"{entry.name}: below the bar {entry.bar} on fresh inputs: {'; '.join(misses)}; nothing was installed"
             )
         _install(result.directory, repository / entry.name / str(DEFAULT_VERSION))
         return document

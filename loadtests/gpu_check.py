@@ -40,6 +40,15 @@ import numpy as np
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 INPUTS = PROJECT_ROOT / "loadtests" / "data" / "default_model_inputs.json"
+
+
+def newest_version(repository: Path, name: str) -> Path:
+    """The folder of the newest version of model `name` (what a server with the default settings serves)."""
+    from service.runtime.repository import discover
+
+    return repository / name / str(max(discover(repository)[name]))
+
+
 MODELS = ("dates", "numbers")
 EXPECTED = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 LEVELS = (1, 64, 256)
@@ -91,7 +100,7 @@ def check_provider(provider: str, repository: Path) -> dict:
         "models": {},
     }
     for name in MODELS:
-        model = load_model(repository / name / "1", provider=provider, intra_op_threads=1)
+        model = load_model(newest_version(repository, name), provider=provider, intra_op_threads=1)
         result["models"][name] = {"provider": model.provider, "load_s": round(model.load_seconds, 3)}
     result["ok"] = all(entry["provider"] == EXPECTED[provider] for entry in result["models"].values())
     return result
@@ -152,8 +161,8 @@ def check_parity(provider: str, repository: Path) -> dict:
     inputs = json.loads(INPUTS.read_text(encoding="utf-8"))
     result: dict = {"models": {}}
     for name in MODELS:
-        device = load_model(repository / name / "1", provider=provider, intra_op_threads=1)
-        cpu = load_model(repository / name / "1", provider="cpu", intra_op_threads=1)
+        device = load_model(newest_version(repository, name), provider=provider, intra_op_threads=1)
+        cpu = load_model(newest_version(repository, name), provider="cpu", intra_op_threads=1)
         pairs = inputs[name]
         sources = [device.source_tokenizer.encode(source) + [EOS] for source, _ in pairs]
         limit = device.document.limits.max_target_tokens
@@ -236,7 +245,7 @@ def run_benchmark(provider: str, repository: Path, names: tuple[str, ...], *, qu
     _log(f"matrix-multiply peak: {peak.flops_per_s / 1e9:.0f} GFLOP/s")
     texts: dict[str, tuple[str, ...]] = {}
     for name in names:
-        model = load_model(repository / name / "1", provider=provider, intra_op_threads=1)
+        model = load_model(newest_version(repository, name), provider=provider, intra_op_threads=1)
         model.warm_up()
         if name in inputs:
             texts[name] = tuple(source for source, _ in inputs[name])

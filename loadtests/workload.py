@@ -75,7 +75,8 @@ def _draw(task: str, count: int, seed: int) -> list[str]:
     if task == "dates":
         from export.data import make_dates
 
-        splits = make_dates(seed=seed, n_train=0, n_valid=0, n_test=count)
+        # Plain dates, so that the benchmark's inputs stay what earlier reports measured.
+        splits = make_dates(seed=seed, n_train=0, n_valid=0, n_test=count, written=False)
         return [pair.source for pair in splits.test]
     if task == "numbers":
         from export.data.numbers import DEFAULT_SOURCE_LANGUAGES, number_words

@@ -298,6 +298,13 @@ class Dataplane:
     def _prepare(self, served: ServedVersion, index: int, text: str) -> _PreparedText:
         tokenizer = served.model.source_tokenizer
         ids = tokenizer.encode(text)
+        if not ids:
+            # Only characters the model's normalisation removes (bidi marks, zero-width characters, dashes, ...):
+            # nothing to translate, as for a text that is only whitespace.
+            raise InvalidRequest(
+                f"texts[{index}] is empty once model {served.label} normalises it "
+                f"({tokenizer.normalization.describe()})"
+            )
         limit = served.model.document.limits.max_source_tokens
         if len(ids) + 1 > limit:
             raise InvalidRequest(

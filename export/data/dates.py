@@ -10,10 +10,18 @@ Rules that keep the task well-posed:
 - Patterns with a two-digit year are never used: '26' could be 1926 or 2026 in the year range.
 - Numeric-only patterns that share separators but differ in field order (d/M/y against M/d/y) are
   ambiguous for days <= 12; only the most common order of each separator layout is kept.
-- Whatever slipped through is caught per string: a source rendered with two different targets is
-  dropped, so every source maps to exactly one target.
-- Invisible bidirectional marks (Babel puts U+200F into some Arabic patterns) are removed and every
-  Unicode space becomes ' ', because people do not type them; text is NFC-normalised.
+- Whatever slipped through is caught per string: a source whose normalised form (`DATES_NORMALIZATION`,
+  what the model sees) was drawn with two different targets is dropped, so every source maps to exactly
+  one target.
+
+Sources are drawn as software and people write them (`write_date`): Babel's output exactly as it comes
+(CLDR's narrow no-break spaces U+202F, no-break spaces, right-to-left marks U+200F), with, for most draws, a
+few of the changes people make (export/data/written.py: spaces added or left out, other spaces, full-width
+or native digits, capitals, invisible characters). The model's normalisation (NFKC, ignorables dropped,
+case folded, digits to ASCII, dashes folded, whitespace dropped) removes most of them; the rest (Turkish
+dotted capitals, Greek capitals without accents) are learnt, from a quarter of the Greek and Turkish
+training draws written in capitals (FOLDING_KEEPS_CAPITALS). `render_date` gives the plain form: no bidi
+marks, plain single spaces, NFC, as the acceptance's plain set writes dates.
 """
 
 from __future__ import annotations
@@ -24,11 +32,29 @@ import random
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from export.data.splits import Pair, Splits, sorted_counts, take_splits
+from export.data.written import (
+    COMMON_WRITERS,
+    Writer,
+    Written,
+    case_writer,
+    digits_in,
+    other_dashes,
+    upper,
+    write,
+)
+from service.runtime.normalization import LEGACY, Normalization
+
+#: The dates model's source normalisation: what its tokenizer declares and applies to every input.
+DATES_NORMALIZATION = Normalization(
+    unicode="NFKC", ignorables="drop", case="fold", digits="ascii", dashes="fold", whitespace="drop"
+)
+#: Its target normalisation: ISO dates are ASCII, NFC leaves them as they are.
+DATES_TARGET_NORMALIZATION = LEGACY
 
 #: Locales rendered by default: Latin, Cyrillic, Greek, CJK, Arabic, Devanagari, Hebrew and Thai scripts.
 DEFAULT_LOCALES: tuple[str, ...] = (
@@ -73,6 +99,34 @@ NUMERIC_PATTERNS: tuple[str, ...] = ("dd.MM.y", "d.M.y", "dd/MM/y", "dd-MM-y", "
 #: Name of the sampling group that holds NUMERIC_PATTERNS (not a locale).
 NUMERIC_GROUP = "numeric"
 
+#: Locales grouped by script, the groups the acceptance reports on (a locale not listed is its own group).
+LOCALE_GROUPS: dict[str, tuple[str, ...]] = {
+    "Latin": ("en", "en_GB", "fr", "de", "es", "it", "pt", "nl", "pl", "cs", "tr", "sv", "fi", "hu", "ro", "vi", "id"),
+    "Cyrillic": ("ru", "uk"),
+    "Greek": ("el",),
+    "CJK": ("ja", "zh", "ko"),
+    "Arabic": ("ar",),
+    "Hebrew": ("he",),
+    "Devanagari": ("hi",),
+    "Thai": ("th",),
+    "numeric": (NUMERIC_GROUP,),
+}
+
+#: Native digits people and software write dates with, by language (the zero of each digit set).
+NATIVE_DIGITS: dict[str, tuple[str, ...]] = {
+    "ar": ("\u0660", "\u06f0"),  # Arabic-Indic (ICU's default for ar), extended Arabic-Indic (Persian keyboards)
+    "hi": ("\u0966",),  # Devanagari
+    "th": ("\u0e50",),  # Thai
+}
+
+#: Share of training draws left exactly as Babel wrote them; the others get one to three changes.
+AS_FORMATTED_SHARE = 1 / 6
+
+#: Locales whose capitals case folding does not undo (Greek capitals drop their accents; Turkish capitals
+#: dot the i), and the share of their training draws written in capitals, so the model learns those forms.
+FOLDING_KEEPS_CAPITALS: tuple[str, ...] = ("el", "tr")
+CAPITALS_SHARE = 0.25
+
 _BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _SPACES = re.compile(r"\s+")
 _NUMERIC_FIELDS = {"d", "M", "y"}
@@ -94,6 +148,19 @@ class DateFormat:
 
 
 @dataclass(frozen=True, slots=True)
+class DrawnDate:
+    """A fresh date for checking a model: its format, its source as written, and its ISO target."""
+
+    format: DateFormat
+    written: Written
+    target: str
+
+    @property
+    def pair(self) -> Pair:
+        return Pair(self.written.text, self.target)
+
+
+@dataclass(frozen=True, slots=True)
 class DroppedFormat:
     """A format left out of the task, and why (for the task description)."""
 
@@ -109,8 +176,50 @@ def clean_date_text(text: str) -> str:
 
 
 def render_date(day: datetime.date, fmt: DateFormat) -> str:
-    """`day` written in `fmt`, cleaned as every dates source is (see clean_date_text)."""
-    return clean_date_text(_compile(fmt.pattern).apply(day, _locale(fmt.locale)))
+    """`day` written in `fmt`, in the plain form (see clean_date_text)."""
+    return clean_date_text(render_date_raw(day, fmt))
+
+
+def render_date_raw(day: datetime.date, fmt: DateFormat) -> str:
+    """`day` written in `fmt` exactly as Babel (CLDR) writes it, U+202F, U+00A0 and U+200F included."""
+    return str(_compile(fmt.pattern).apply(day, _locale(fmt.locale)))
+
+
+def locale_group(code: str) -> str:
+    """The LOCALE_GROUPS group of a locale (or NUMERIC_GROUP); the code itself for a locale not listed."""
+    for group, codes in LOCALE_GROUPS.items():
+        if code in codes:
+            return group
+    return code
+
+
+def date_writers(code: str) -> dict[str, Writer]:
+    """The changes people make to a date written in locale `code` (NUMERIC_GROUP: no letters, Latin digits)."""
+    language = code.split("_")[0]
+    writers: dict[str, Writer] = {}
+    if code != NUMERIC_GROUP and locale_group(code) in ("Latin", "Cyrillic", "Greek"):
+        writers["case"] = case_writer(language)
+    zeros = NATIVE_DIGITS.get(language, ())
+    if zeros:
+
+        def native(text: str, rng: random.Random) -> str:
+            return str(digits_in(rng.choice(zeros))(text, rng))
+
+        writers["native digits"] = native
+    writers["other dashes"] = other_dashes
+    writers.update(COMMON_WRITERS)
+    return writers
+
+
+def write_date(day: datetime.date, fmt: DateFormat, rng: random.Random, *, changed: bool | None = None) -> Written:
+    """`day` in `fmt` as software and people write it: Babel's raw output, and unless `changed` is False one to
+    three of `date_writers` (`changed` None: left as formatted with probability AS_FORMATTED_SHARE)."""
+    raw = render_date_raw(day, fmt)
+    if changed is None:
+        changed = rng.random() >= AS_FORMATTED_SHARE
+    if not changed:
+        return Written(raw, ())
+    return write(raw, date_writers(fmt.locale), rng, counts=(1, 1, 2, 2, 3))
 
 
 def select_date_formats(
@@ -171,14 +280,17 @@ def make_dates(
     first_year: int = 1900,
     last_year: int = 2099,
     max_source_chars: int = 60,
+    written: bool = True,
 ) -> Splits:
-    """Generate the dates task: `n_train + n_valid + n_test` pairs with distinct source strings.
+    """Generate the dates task: `n_train + n_valid + n_test` pairs whose sources are distinct once normalised.
 
     A draw picks one of the kept formats of every locale (and of the numeric group) uniformly, so every
     locale x format combination the task claims is trained on equally, then a day uniformly in
     [first_year-01-01, last_year-12-31], so every year of the range (whose digits the model must copy)
-    is as likely as any other. Sources longer than `max_source_chars` characters are skipped. Same arguments
-    -> byte-identical splits; only `random.Random(seed)` is used.
+    is as likely as any other, then (`written`) the way it is written (`write_date`); `written=False` gives
+    plain sources (`render_date`). Draws whose plain form is longer than `max_source_chars` characters are
+    skipped. Two sources that normalise alike (DATES_NORMALIZATION) count as one. Same arguments ->
+    byte-identical splits; only `random.Random(seed)` is used.
     Raises ValueError for bad arguments or when the formats cannot yield that many distinct sources.
     """
     for name, count in (("n_train", n_train), ("n_valid", n_valid), ("n_test", n_test)):
@@ -202,8 +314,11 @@ def make_dates(
     first_day = datetime.date(first_year, 1, 1).toordinal()
     day_span = datetime.date(last_year, 12, 31).toordinal() - first_day + 1
 
+    # Keyed by the normalised source, which is what the model sees: the first source drawn for it is kept.
     target_of: dict[str, str] = {}
+    source_of: dict[str, str] = {}
     format_of: dict[str, DateFormat] = {}
+    kinds_of: dict[str, tuple[str, ...]] = {}
     ambiguous: set[str] = set()
     too_long = 0
     max_draws = 20 * total + 10_000
@@ -217,22 +332,30 @@ def make_dates(
             )
         fmt = every_format[rng.randrange(len(every_format))]
         day = datetime.date.fromordinal(first_day + rng.randrange(day_span))
-        source = render_date(day, fmt)
-        if len(source) > max_source_chars:
+        plain = render_date(day, fmt)
+        if len(plain) > max_source_chars:
             too_long += 1
             continue
+        drawn = write_date(day, fmt, rng) if written else Written(plain, ())
+        if written and fmt.locale in FOLDING_KEEPS_CAPITALS and rng.random() < CAPITALS_SHARE:
+            drawn = Written(upper(drawn.text, fmt.locale), (*drawn.kinds, "upper case"))
+        key = DATES_NORMALIZATION(drawn.text)
         target = day.isoformat()
-        if target_of.setdefault(source, target) == target:
-            format_of.setdefault(source, fmt)
+        if target_of.setdefault(key, target) == target:
+            if key not in source_of:
+                source_of[key], format_of[key], kinds_of[key] = drawn.text, fmt, drawn.kinds
         else:
-            ambiguous.add(source)
+            ambiguous.add(key)
 
-    pairs = [Pair(source, target) for source, target in target_of.items() if source not in ambiguous]
-    rng.shuffle(pairs)
+    keys = [key for key in target_of if key not in ambiguous]
+    rng.shuffle(keys)
+    pairs = [Pair(source_of[key], target_of[key]) for key in keys]
     train, valid, test = take_splits(pairs, n_train, n_valid, n_test)
 
-    per_locale = Counter(format_of[pair.source].locale for pair in pairs)
-    per_format = Counter(format_of[pair.source].name for pair in pairs)
+    per_locale = Counter(format_of[key].locale for key in keys)
+    per_format = Counter(format_of[key].name for key in keys)
+    per_change = Counter(kind for key in keys for kind in kinds_of[key])
+    as_formatted = sum(1 for key in keys if not kinds_of[key])
     description: dict[str, Any] = {
         "kind": "dates",
         "description": "Human-readable dates in many locales (CLDR via Babel) to ISO 8601 (YYYY-MM-DD).",
@@ -254,6 +377,17 @@ def make_dates(
         ],
         "pairs_per_locale": sorted_counts(per_locale),
         "pairs_per_format": sorted_counts(per_format),
+        "written": (
+            {
+                "description": "Babel's output as it comes (U+202F, U+00A0, U+200F), most with one to three "
+                "changes people make (export/data/written.py)",
+                "as_formatted": as_formatted,
+                "changes": sorted_counts(per_change),
+            }
+            if written
+            else "plain (no bidi marks, single spaces, NFC)"
+        ),
+        "normalization": DATES_NORMALIZATION.to_document(),
         "draws": draws,
         "skipped_too_long": too_long,
         "dropped_ambiguous_sources": len(ambiguous),
@@ -261,44 +395,60 @@ def make_dates(
         "babel_version": _babel_version(),
         "cldr_version": _cldr_version(),
     }
-    return Splits(train=train, valid=valid, test=test, description=description)
+    return Splits(
+        train=train,
+        valid=valid,
+        test=test,
+        description=description,
+        source_normalization=DATES_NORMALIZATION,
+        target_normalization=DATES_TARGET_NORMALIZATION,
+    )
 
 
 def draw_dates(
     seed: int,
-    per_format: int,
+    per_format: int | Mapping[str, int],
     *,
     locales: Sequence[str] = DEFAULT_LOCALES,
     first_year: int = 1900,
     last_year: int = 2099,
     max_source_chars: int = 60,
     exclude: Collection[str] = (),
-) -> list[tuple[DateFormat, Pair]]:
-    """`per_format` fresh dates in every format of every locale the task claims, each with its format.
+    written: bool = False,
+) -> list[DrawnDate]:
+    """`per_format` fresh dates (a number, or one per locale code) in every format of every locale the task
+    claims, each with its format and target.
 
     For checking a trained model as its users meet it: the days are drawn uniformly from the year range
-    with `random.Random(seed)` (use a seed no training run used), and sources in `exclude` (the training
-    splits) or longer than `max_source_chars` are drawn again, so every pair is new to the model.
+    with `random.Random(seed)` (use a seed no training run used); a day whose source normalises like one in
+    `exclude` (the training splits) or whose plain form is longer than `max_source_chars` is drawn again, so
+    every pair is new to the model. Sources are plain (`render_date`), or with `written` as software and
+    people write them (`write_date`: Babel's raw output, most with changes people make), drawn with a second
+    generator so that the same seed gives the same days either way.
     """
     formats, _ = select_date_formats(locales)
     rng = random.Random(seed)
+    writing = random.Random(f"{seed}/written")
     first_day = datetime.date(first_year, 1, 1).toordinal()
     day_span = datetime.date(last_year, 12, 31).toordinal() - first_day + 1
-    excluded = set(exclude)
-    drawn: list[tuple[DateFormat, Pair]] = []
+    excluded = {DATES_NORMALIZATION(source) for source in exclude}
+    drawn: list[DrawnDate] = []
     for code in (*locales, NUMERIC_GROUP):
+        wanted = per_format if isinstance(per_format, int) else per_format.get(code, 0)
         for fmt in formats[code]:
             taken, tries = 0, 0
-            while taken < per_format:
+            while taken < wanted:
                 tries += 1
-                if tries > 100 * per_format:
-                    raise ValueError(f"could not draw {per_format} new dates in {fmt.locale} {fmt.name!r}")
+                if tries > 100 * wanted:
+                    raise ValueError(f"could not draw {wanted} new dates in {fmt.locale} {fmt.name!r}")
                 day = datetime.date.fromordinal(first_day + rng.randrange(day_span))
-                source = render_date(day, fmt)
-                if len(source) > max_source_chars or source in excluded:
+                plain = render_date(day, fmt)
+                key = DATES_NORMALIZATION(plain)
+                if len(plain) > max_source_chars or key in excluded:
                     continue
-                excluded.add(source)
-                drawn.append((fmt, Pair(source, day.isoformat())))
+                excluded.add(key)
+                source = write_date(day, fmt, writing, changed=None) if written else Written(plain, ())
+                drawn.append(DrawnDate(fmt, source, day.isoformat()))
                 taken += 1
     return drawn
 

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.runtime.normalization import Normalization
+
 
 @dataclass(frozen=True, slots=True)
 class Pair:
@@ -27,12 +29,16 @@ class Splits:
 
     `description` always has `kind` (the task), `source_languages`, `target_language`, `seed` and `counts`;
     tasks add what reproduces or explains the data (ranges, formats, library versions, ...).
+    `source_normalization` and `target_normalization` are the normalisations the task was made for (a generated
+    task tells sources apart by their normalised form); None leaves the choice to the tokenizer kind.
     """
 
     train: list[Pair]
     valid: list[Pair]
     test: list[Pair]
     description: dict[str, Any] = field(default_factory=dict)
+    source_normalization: Normalization | None = None
+    target_normalization: Normalization | None = None
 
     def counts(self) -> dict[str, int]:
         """Number of pairs in each split, keyed 'train', 'valid', 'test'."""

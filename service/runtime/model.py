@@ -286,6 +286,15 @@ def read_text_side(directory: Path) -> tuple[ModelDocument, Tokenizer, Tokenizer
             raise ModelLoadError(
                 f"{directory}: {side} tokenizer has {tok.vocab_size} tokens but the model was trained with {expected}"
             )
+    for side, tok, declared in (
+        ("source", source, tokenizers.source.normalization),
+        ("target", target, tokenizers.target.normalization),
+    ):
+        if declared is not None and declared != tok.normalization:
+            raise ModelLoadError(
+                f"{directory}: model.json says the {side} tokenizer normalises with {declared.describe()}, but its "
+                f"file declares {tok.normalization.describe()}"
+            )
     return document, source, target
 
 

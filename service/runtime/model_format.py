@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.errors import ModelLoadError
+from service.runtime.normalization import Normalization
 from service.runtime.repository import is_valid_model_name
 from service.runtime.tokenizers import SPECIAL_TOKENS, TokenizerKind
 from service.validation import error_text
@@ -77,6 +78,10 @@ class TokenizerFile(_Section):
 
     file: str
     """The tokenizer file's name in the version folder."""
+
+    normalization: Normalization | None = None
+    """The input normalisation the tokenizer file declares, repeated here for readers of model.json (absent in
+    models exported before it existed); the server refuses a version where the two differ."""
 
     _check_file = field_validator("file")(_file_in_version_folder)
 
@@ -173,6 +178,13 @@ class ModelDocument(BaseModel):
 
     def write(self, directory: Path) -> None:
         """Write `model.json` into a version folder (UTF-8, indented, keys in the order of the fields)."""
-        absent = {name for name in type(self).model_fields if getattr(self, name) is None}
+        absent: dict[str, Any] = {name: True for name in type(self).model_fields if getattr(self, name) is None}
+        # A model exported before tokenizers declared their normalisation is written back as it was read.
+        undeclared = {side: {"normalization"} for side in ("source", "target")}
+        undeclared = {
+            side: fields for side, fields in undeclared.items() if getattr(self.tokenizers, side).normalization is None
+        }
+        if undeclared:
+            absent["tokenizers"] = undeclared
         text = json.dumps(self.model_dump(mode="json", exclude=absent), indent=2, ensure_ascii=False)
         (directory / "model.json").write_text(text + "\n", encoding="utf-8")

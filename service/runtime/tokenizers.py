@@ -2,22 +2,29 @@
 
 Three kinds, one interface (`Tokenizer`), one file format:
 
-- `char`: one token per Unicode character after NFC normalisation.
+- `char`: one token per Unicode character of the normalised text.
 - `word`: words and punctuation marks, split on whitespace with every punctuation or symbol character
   a token of its own.
 - `sentencepiece`: a SentencePiece unigram or BPE model (the `sentencepiece` package is imported only
   when such a tokenizer is trained or loaded).
 
+Every tokenizer carries its input normalisation (`Normalization`, service/runtime/normalization.py) and
+`encode` applies it before anything else, so whoever encodes text (training, export, the server, the
+offline client, the benchmark) normalises it the same way. Files of format 1 carry no spec (only a name,
+'NFC' or 'nmt_nfkc', that the kind fixes) and keep exactly what they always did: NFC for char and word,
+nothing besides SentencePiece's own rules for sentencepiece.
+
 Every tokenizer reserves the same four ids, fixed by the model repository contract:
 PAD=0 '<pad>', BOS=1 '<s>', EOS=2 '</s>', UNK=3 '<unk>'. `encode` never adds BOS or EOS; the caller
-does. A tokenizer file is one UTF-8 JSON object `{"kind": ..., "format": 1, ...}`.
+does. A tokenizer file is one UTF-8 JSON object `{"kind": ..., "format": 2, "normalization": {...}, ...}`.
 
 What round-trips (`decode(encode(text)) == normalize(text)` when every token is known):
 
-- `char`: NFC text, exactly.
-- `word`: the text's words and punctuation joined by single spaces ("Hi, you!" -> "Hi , you !"), so
-  only text already written that way round-trips exactly.
-- `sentencepiece`: SentencePiece's normalisation (NFKC, runs of whitespace collapsed, stripped).
+- `char`: the normalised text, exactly.
+- `word`: the normalised text's words and punctuation joined by single spaces ("Hi, you!" -> "Hi , you !"),
+  so only text already written that way round-trips exactly.
+- `sentencepiece`: SentencePiece's own normalisation (NFKC, runs of whitespace collapsed, stripped) of the
+  normalised text.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
+
+from service.runtime.normalization import IDENTITY, LEGACY, Normalization, NormalizationError
 
 #: Id of the padding token.
 PAD = 0
@@ -54,8 +63,12 @@ SPECIAL_PIECES: tuple[str, ...] = (PAD_PIECE, BOS_PIECE, EOS_PIECE, UNK_PIECE)
 #: The reserved ids by name, as model.json's "special_tokens" writes them.
 SPECIAL_TOKENS: dict[str, int] = {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK}
 
-#: Version of the tokenizer file layout; bumped on incompatible change.
-FILE_FORMAT = 1
+#: Version of the tokenizer file layout written now; bumped on incompatible change. Format 2 added the
+#: `normalization` spec (an object); format 1 files carry none and normalise with NFC (char, word) or with
+#: SentencePiece's own rules only (sentencepiece).
+FILE_FORMAT = 2
+#: The formats `load_tokenizer` reads.
+READABLE_FORMATS: tuple[int, ...] = (1, 2)
 
 #: Tokenizer kinds, as named in model.json and in tokenizer files.
 TokenizerKind = Literal["char", "word", "sentencepiece"]
@@ -74,18 +87,35 @@ class Tokenizer(ABC):
     #: 'char', 'word' or 'sentencepiece'.
     kind: ClassVar[str]
 
+    def __init__(self, normalization: Normalization) -> None:
+        self._normalization = normalization
+
+    @property
+    def normalization(self) -> Normalization:
+        """The input normalisation `encode` applies first (declared by the tokenizer file)."""
+        return self._normalization
+
     @property
     @abstractmethod
     def vocab_size(self) -> int:
         """Number of ids, the four specials included; valid ids are 0 .. vocab_size - 1."""
 
-    @abstractmethod
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without BOS or EOS; unknown characters, words or pieces become UNK."""
+        """Token ids of `text` after the tokenizer's normalisation, without BOS or EOS; unknown characters,
+        words or pieces become UNK."""
+        return self._encode_normalized(self._normalization(text))
 
-    @abstractmethod
     def normalize(self, text: str) -> str:
         """The form of `text` that decode(encode(text)) gives back when every token is known."""
+        return self._render_normalized(self._normalization(text))
+
+    @abstractmethod
+    def _encode_normalized(self, text: str) -> list[int]:
+        """Token ids of text the normalisation has already been applied to."""
+
+    @abstractmethod
+    def _render_normalized(self, text: str) -> str:
+        """normalize() of text the normalisation has already been applied to."""
 
     @abstractmethod
     def id_to_piece(self, token_id: int) -> str:
@@ -150,7 +180,8 @@ class Tokenizer(ABC):
 class _VocabularyTokenizer(Tokenizer):
     """A tokenizer whose vocabulary is an explicit list of pieces, the specials first."""
 
-    def __init__(self, pieces: Sequence[str]) -> None:
+    def __init__(self, pieces: Sequence[str], normalization: Normalization = LEGACY) -> None:
+        super().__init__(normalization)
         pieces = list(pieces)
         if tuple(pieces[: len(SPECIAL_PIECES)]) != SPECIAL_PIECES:
             raise TokenizerError(f"a {self.kind} vocabulary must start with {list(SPECIAL_PIECES)}, got {pieces[:4]}")
@@ -176,42 +207,55 @@ class _VocabularyTokenizer(Tokenizer):
         self._check_id(token_id)
         return self._pieces[token_id]
 
-    def encode(self, text: str) -> list[int]:
+    def _encode_normalized(self, text: str) -> list[int]:
         ids = self._ids
         return [ids.get(token, UNK) for token in self._split(text)]
 
     def to_document(self) -> dict[str, Any]:
-        return {"kind": self.kind, "format": FILE_FORMAT, "normalization": "NFC", "pieces": self._pieces}
+        return {
+            "kind": self.kind,
+            "format": FILE_FORMAT,
+            "normalization": self._normalization.to_document(),
+            "pieces": self._pieces,
+        }
 
     @classmethod
     def from_document(cls, document: dict[str, Any]) -> _VocabularyTokenizer:
         pieces = document.get("pieces")
         if not isinstance(pieces, list) or not all(isinstance(piece, str) and piece for piece in pieces):
             raise TokenizerError(f"a {cls.kind} tokenizer file needs 'pieces': a list of non-empty strings")
-        return cls(pieces)
+        return cls(pieces, _declared_normalization(document, LEGACY))
 
     @classmethod
-    def train(cls, texts: Iterable[str], *, vocab_size: int | None, min_count: int) -> _VocabularyTokenizer:
-        """Vocabulary of the tokens seen in `texts` at least `min_count` times, the most frequent first
-        when `vocab_size` (specials included) caps it; ties are broken by the token's text."""
+    def train(
+        cls,
+        texts: Iterable[str],
+        *,
+        vocab_size: int | None,
+        min_count: int,
+        normalization: Normalization = LEGACY,
+    ) -> _VocabularyTokenizer:
+        """Vocabulary of the tokens seen in `texts` (normalised by `normalization`) at least `min_count` times,
+        the most frequent first when `vocab_size` (specials included) caps it; ties are broken by the token's
+        text."""
         if min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {min_count}")
         if vocab_size is not None and vocab_size <= len(SPECIAL_PIECES):
             raise ValueError(f"vocab_size must be > {len(SPECIAL_PIECES)} (the specials), got {vocab_size}")
         counts: Counter[str] = Counter()
         for text in texts:
-            counts.update(cls._split(text))
+            counts.update(cls._split(normalization(text)))
         for piece in SPECIAL_PIECES:
             counts.pop(piece, None)  # a word tokenizer never produces '<unk>' as one token, but be sure
         ranked = sorted((token for token, count in counts.items() if count >= min_count), key=lambda t: (-counts[t], t))
         if vocab_size is not None:
             ranked = ranked[: vocab_size - len(SPECIAL_PIECES)]
-        return cls([*SPECIAL_PIECES, *cls._order(ranked)])
+        return cls([*SPECIAL_PIECES, *cls._order(ranked)], normalization)
 
     @staticmethod
     @abstractmethod
     def _split(text: str) -> list[str]:
-        """The tokens of `text` (after normalisation), before the vocabulary lookup."""
+        """The tokens of normalised `text`, before the vocabulary lookup."""
 
     @staticmethod
     def _order(tokens: list[str]) -> list[str]:
@@ -247,7 +291,7 @@ class IncrementalDecoder:
 
 
 class CharTokenizer(_VocabularyTokenizer):
-    """One token per character of the NFC-normalised text; spaces are characters too.
+    """One token per character of the normalised text (NFC by default); spaces are characters too.
 
     Vocabulary ids (from 4) follow code point order, so they do not depend on corpus frequencies.
     """
@@ -256,14 +300,14 @@ class CharTokenizer(_VocabularyTokenizer):
 
     @staticmethod
     def _split(text: str) -> list[str]:
-        return list(unicodedata.normalize("NFC", text))
+        return list(text)
 
     @staticmethod
     def _order(tokens: list[str]) -> list[str]:
         return sorted(tokens)
 
-    def normalize(self, text: str) -> str:
-        return unicodedata.normalize("NFC", text)
+    def _render_normalized(self, text: str) -> str:
+        return text
 
     def _decode_known(self, ids: list[int]) -> str:
         return "".join(self._pieces[token_id] for token_id in ids)
@@ -273,7 +317,7 @@ class CharTokenizer(_VocabularyTokenizer):
 
 
 class WordTokenizer(_VocabularyTokenizer):
-    """Words and punctuation of the NFC-normalised text; ids (from 4) in order of training frequency.
+    """Words and punctuation of the normalised text (then NFC); ids (from 4) in order of training frequency.
 
     A word is a run of letters, combining marks, digits and connector punctuation ('_'); whitespace
     separates tokens; every other character (punctuation, symbols) is a token by itself, so "l'été,"
@@ -286,7 +330,7 @@ class WordTokenizer(_VocabularyTokenizer):
     def _split(text: str) -> list[str]:
         return split_words(text)
 
-    def normalize(self, text: str) -> str:
+    def _render_normalized(self, text: str) -> str:
         return " ".join(split_words(text))
 
     def _decode_known(self, ids: list[int]) -> str:
@@ -332,7 +376,8 @@ class SentencePieceTokenizer(Tokenizer):
 
     kind = "sentencepiece"
 
-    def __init__(self, model_proto: bytes, model_type: str) -> None:
+    def __init__(self, model_proto: bytes, model_type: str, normalization: Normalization = IDENTITY) -> None:
+        super().__init__(normalization)
         import sentencepiece  # native module: loaded only when a SentencePiece tokenizer is used
 
         processor = sentencepiece.SentencePieceProcessor()
@@ -367,10 +412,10 @@ class SentencePieceTokenizer(Tokenizer):
         """'unigram' or 'bpe'."""
         return self._model_type
 
-    def encode(self, text: str) -> list[int]:
+    def _encode_normalized(self, text: str) -> list[int]:
         return [int(token_id) for token_id in self._processor.EncodeAsIds(text)]
 
-    def normalize(self, text: str) -> str:
+    def _render_normalized(self, text: str) -> str:
         return str(self._processor.Normalize(text)).replace("\u2581", " ").strip()
 
     def id_to_piece(self, token_id: int) -> str:
@@ -386,7 +431,7 @@ class SentencePieceTokenizer(Tokenizer):
             "format": FILE_FORMAT,
             "model_type": self._model_type,
             "vocab_size": self._vocab_size,
-            "normalization": "nmt_nfkc",
+            "normalization": self._normalization.to_document(),
             "model": base64.b64encode(self._model_proto).decode("ascii"),
         }
 
@@ -400,7 +445,7 @@ class SentencePieceTokenizer(Tokenizer):
             proto = base64.b64decode(model.encode("ascii"), validate=True)
         except (binascii.Error, UnicodeEncodeError) as error:
             raise TokenizerError(f"'model' is not valid base64: {error}") from error
-        tokenizer = cls(proto, model_type)
+        tokenizer = cls(proto, model_type, _declared_normalization(document, IDENTITY))
         if document.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
             raise TokenizerError(
                 f"file says vocab_size {document.get('vocab_size')} but its model has {tokenizer.vocab_size} pieces"
@@ -417,8 +462,10 @@ class SentencePieceTokenizer(Tokenizer):
         input_sentence_size: int,
         character_coverage: float,
         seed: int,
+        normalization: Normalization = IDENTITY,
     ) -> SentencePieceTokenizer:
-        """Train on `texts` with one thread and a fixed seed, so the same input gives the same model.
+        """Train on `texts` (normalised by `normalization`, then by SentencePiece's own rules) with one thread
+        and a fixed seed, so the same input gives the same model.
 
         `vocab_size` is a soft limit (hard_vocab_limit=False): a small corpus yields fewer pieces
         instead of an error. At most `input_sentence_size` sentences are used (sampled with `seed`).
@@ -429,7 +476,7 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
         if vocab_size <= len(SPECIAL_PIECES):
             raise ValueError(f"vocab_size must be > {len(SPECIAL_PIECES)} (the specials), got {vocab_size}")
-        sentences = [text for text in texts if text.strip()]
+        sentences = [normalized for normalized in map(normalization, texts) if normalized.strip()]
         if not sentences:
             raise ValueError("cannot train a sentencepiece tokenizer on no text")
         # Both settings are process-wide in the sentencepiece library; the log level keeps training quiet.
@@ -459,7 +506,18 @@ class SentencePieceTokenizer(Tokenizer):
             )
         except RuntimeError as error:
             raise ValueError(f"sentencepiece training failed: {error}") from error
-        return cls(model.getvalue(), model_type)
+        return cls(model.getvalue(), model_type, normalization)
+
+
+def _declared_normalization(document: dict[str, Any], format_1: Normalization) -> Normalization:
+    """The normalisation a tokenizer file declares: `format_1` for a format 1 file (whose 'normalization', a
+    name, was never read), the spec object of a format 2 file."""
+    if document.get("format") == 1:
+        return format_1
+    try:
+        return Normalization.from_document(document.get("normalization"))
+    except NormalizationError as error:
+        raise TokenizerError(str(error)) from error
 
 
 DEFAULT_SENTENCEPIECE_VOCAB_SIZE = 8000
@@ -477,16 +535,21 @@ def train_tokenizer(
     input_sentence_size: int = 1_000_000,
     character_coverage: float = 1.0,
     seed: int = 13,
+    normalization: Normalization | None = None,
 ) -> Tokenizer:
     """Build a tokenizer of `kind` from training texts. Deterministic: same texts and options, same ids.
 
     `vocab_size` counts the four specials. For 'char' and 'word' it caps the vocabulary (None: every
     token seen at least `min_count` times); for 'sentencepiece' it is the target size (None: 8000,
     fewer if the corpus is too small). `model_type`, `input_sentence_size`, `character_coverage` and
-    `seed` only apply to 'sentencepiece'; `min_count` only to 'char' and 'word'.
+    `seed` only apply to 'sentencepiece'; `min_count` only to 'char' and 'word'. `normalization` is the
+    tokenizer's input normalisation, applied to the training texts too (None: NFC for 'char' and 'word',
+    none for 'sentencepiece', which normalises with its own rules).
     """
     if kind in _VOCABULARY_KINDS:
-        return _VOCABULARY_KINDS[kind].train(texts, vocab_size=vocab_size, min_count=min_count)
+        return _VOCABULARY_KINDS[kind].train(
+            texts, vocab_size=vocab_size, min_count=min_count, normalization=normalization or LEGACY
+        )
     if kind == SentencePieceTokenizer.kind:
         return SentencePieceTokenizer.train(
             texts,
@@ -495,6 +558,7 @@ def train_tokenizer(
             input_sentence_size=input_sentence_size,
             character_coverage=character_coverage,
             seed=seed,
+            normalization=normalization or IDENTITY,
         )
     raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {list(KINDS)}")
 
@@ -518,9 +582,10 @@ def load_tokenizer(kind: str, path: Path | str) -> Tokenizer:
         raise TokenizerError(f"{path}: a tokenizer file must hold a JSON object, got {type(document).__name__}")
     if document.get("kind") != kind:
         raise TokenizerError(f"{path}: expected a {kind!r} tokenizer, the file holds kind {document.get('kind')!r}")
-    if document.get("format") != FILE_FORMAT:
+    if document.get("format") not in READABLE_FORMATS:
         raise TokenizerError(
-            f"{path}: tokenizer file format {document.get('format')!r}, this version reads {FILE_FORMAT}"
+            f"{path}: tokenizer file format {document.get('format')!r}, this version reads "
+            f"{' and '.join(str(number) for number in READABLE_FORMATS)}"
         )
     try:
         if kind == SentencePieceTokenizer.kind:

@@ -46,6 +46,22 @@ def test_server_and_offline_modes_agree(
 
 
 @pytest.mark.slow
+def test_offline_normalises_as_the_server_does(
+    server: ServerThread, tiny_repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # CLDR's narrow no-break space and right-to-left mark, capitals and full-width digits: the model's declared
+    # normalisation makes this TEXT, offline as on the server.
+    written = "SAMEDI\u202f21 NOVEMBRE \uff12\uff10\uff12\uff16\u200f"
+    answers = [
+        json.loads(run(capsys, *where, "--json", text)[1])
+        for where in (("--offline", str(tiny_repository / "dates")), ("--server", server.address))
+        for text in (TEXT, written)
+    ]
+    assert answers[0]["translations"][0]["hypotheses"][0]["text"]
+    assert answers[1:] == [answers[0]] * 3
+
+
+@pytest.mark.slow
 def test_json_and_plot(server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     image = tmp_path / "alignment.png"
     status, out, err = run(capsys, "--server", server.address, "--json", "--plot", str(image), TEXT)

@@ -16,6 +16,7 @@ import pytest
 
 from service.engine import DecodeOptions, EngineCore, EngineRequest
 from service.runtime.model import load_model
+from service.runtime.repository import discover
 from service.runtime.tokenizers import EOS
 from service.settings import Settings
 
@@ -23,6 +24,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = PROJECT_ROOT / "models"
 PROVIDER = os.environ.get("ATTNSERVE_TEST_PROVIDER", "cpu")
 EXPECTED_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[PROVIDER]
+
+
+def newest_version(repository: Path, name: str) -> Path:
+    """The newest version of model `name`: what a server with the default settings serves."""
+    return repository / name / str(max(discover(repository)[name]))
+
+
 INPUTS = json.loads((PROJECT_ROOT / "loadtests" / "data" / "default_model_inputs.json").read_text(encoding="utf-8"))
 
 
@@ -53,7 +61,7 @@ def test_the_session_runs_on_the_requested_provider_and_decodes_correctly(name: 
         import onnxruntime
 
         onnxruntime.preload_dlls()
-    model = load_model(REPOSITORY / name / "1", provider=PROVIDER, intra_op_threads=1)
+    model = load_model(newest_version(REPOSITORY, name), provider=PROVIDER, intra_op_threads=1)
     assert model.provider == EXPECTED_PROVIDER
     pairs = INPUTS[name]
     outputs = decode(model.step_model, model.source_tokenizer, [source for source, _ in pairs])
@@ -64,8 +72,8 @@ def test_the_session_runs_on_the_requested_provider_and_decodes_correctly(name: 
 
 @pytest.mark.parametrize("name", ["dates", "numbers"])
 def test_io_binding_and_batching_give_what_each_request_gets_alone_on_the_cpu(name: str) -> None:
-    on_device = load_model(REPOSITORY / name / "1", provider=PROVIDER, intra_op_threads=1, io_binding=True)
-    on_cpu = load_model(REPOSITORY / name / "1", provider="cpu", intra_op_threads=1)
+    on_device = load_model(newest_version(REPOSITORY, name), provider=PROVIDER, intra_op_threads=1, io_binding=True)
+    on_cpu = load_model(newest_version(REPOSITORY, name), provider="cpu", intra_op_threads=1)
     texts = [source for source, _ in INPUTS[name][:40]]
     versions: list[int] = []
     batched = decode(on_device.step_model, on_device.source_tokenizer, texts, beam=4, memory_versions=versions)

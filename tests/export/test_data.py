@@ -23,7 +23,16 @@ from export.data import (
     write_splits,
     write_tsv,
 )
-from export.data.dates import NUMERIC_GROUP, render_date, select_date_formats
+from export.data.dates import (
+    DATES_NORMALIZATION,
+    FOLDING_KEEPS_CAPITALS,
+    NUMERIC_GROUP,
+    draw_dates,
+    render_date,
+    select_date_formats,
+)
+from export.data.numbers import NUMBERS_NORMALIZATION, german_parts, number_spellings
+from export.data.written import upper
 
 pytestmark = pytest.mark.slow  # trains models or starts servers
 
@@ -51,22 +60,26 @@ def test_dates_default_sizes_and_disjoint_unambiguous_splits(dates: Splits) -> N
     assert shared_sources(dates) == set()
     assert ambiguous_sources(dates.all_pairs()) == set()
     assert len({pair.source for pair in dates.all_pairs()}) == 44_000
+    # Distinct as the model sees them, too: no two sources normalise alike.
+    assert len({DATES_NORMALIZATION(pair.source) for pair in dates.all_pairs()}) == 44_000
 
 
 def test_dates_targets_are_iso_dates_in_range(dates: Splits) -> None:
     for pair in dates.all_pairs():
         assert ISO_DATE.fullmatch(pair.target), pair
         assert 1900 <= datetime.date.fromisoformat(pair.target).year <= 2099
-        assert 0 < len(pair.source) <= 60
+        assert 0 < len(DATES_NORMALIZATION(pair.source)) <= 60
 
 
 def test_dates_sources_are_renderings_of_their_targets(dates: Splits) -> None:
     formats, _ = select_date_formats(dates.description["source_languages"])
     every_format = [fmt for group in formats.values() for fmt in group]
-    for pair in dates.test[:150]:
+    for pair in dates.test[:300]:
         day = datetime.date.fromisoformat(pair.target)
         renderings = {render_date(day, fmt) for fmt in every_format}
-        assert pair.source in renderings, pair
+        # Greek and Turkish capitals are forms of their own once case-folded (see FOLDING_KEEPS_CAPITALS).
+        renderings |= {upper(render_date(day, fmt), fmt.locale) for fmt in every_format}
+        assert DATES_NORMALIZATION(pair.source) in {DATES_NORMALIZATION(text) for text in renderings}, pair
 
 
 def test_dates_cover_many_locales_and_scripts(dates: Splits) -> None:
@@ -82,12 +95,38 @@ def test_dates_cover_many_locales_and_scripts(dates: Splits) -> None:
     assert {"LATIN", "CYRILLIC", "GREEK", "CJK", "HANGUL", "ARABIC", "DEVANAGARI", "HEBREW", "THAI"} <= scripts
 
 
-def test_dates_sources_are_clean_text(dates: Splits) -> None:
-    for pair in dates.all_pairs():
+def test_dates_sources_are_written_as_software_and_people_write_them(dates: Splits) -> None:
+    text = "".join(pair.source for pair in dates.all_pairs())
+    # Babel's own characters (CLDR's narrow no-break space, the right-to-left mark), full-width and native
+    # digits, invisible characters, capitals, spaces added and left out.
+    assert {"\u202f", "\u00a0", "\u200f", "\uff12", "\u0662", "\u0968", "\ufeff", "\u200b"} <= set(text)
+    written = dates.description["written"]
+    assert written["as_formatted"] > 2_000
+    assert {"upper case", "capitalised", "missing spaces", "extra spaces", "full-width", "native digits"} <= set(
+        written["changes"]
+    )
+    assert dates.description["normalization"] == DATES_NORMALIZATION.to_document()
+    assert dates.source_normalization == DATES_NORMALIZATION
+    assert all(not any(char in pair.source for char in "\t\r\n") for pair in dates.all_pairs())  # TSV-safe
+
+
+def test_plain_dates_sources_are_clean_text() -> None:
+    plain = make_dates(written=False, **SMALL_DATES)
+    for pair in plain.all_pairs():
         assert pair.source == unicodedata.normalize("NFC", pair.source)
         assert "\u200f" not in pair.source and "\u200e" not in pair.source
         assert "  " not in pair.source and pair.source == pair.source.strip()
         assert all(char == " " or not char.isspace() for char in pair.source)
+
+
+def test_fresh_dates_written_and_plain_share_their_days_and_targets() -> None:
+    plain = draw_dates(3, 2, written=False)
+    written = draw_dates(3, 2, written=True)
+    assert [date.target for date in plain] == [date.target for date in written]
+    assert [date.format for date in plain] == [date.format for date in written]
+    for before, after in zip(plain, written, strict=True):
+        if before.format.locale not in FOLDING_KEEPS_CAPITALS:
+            assert DATES_NORMALIZATION(after.written.text) == DATES_NORMALIZATION(before.written.text), after
 
 
 def test_dates_french_full_example_is_producible() -> None:
@@ -117,6 +156,8 @@ def test_dates_numeric_formats_agree_on_day_month_order() -> None:
         for fmt in every_format:
             text = render_date(day, fmt)
             assert seen.setdefault(text, day) == day, (text, fmt)
+            # ... and once normalised as the model sees them (no spaces: '21. 11. 2026' is '21.11.2026').
+            assert seen.setdefault(DATES_NORMALIZATION(text), day) == day, (text, fmt)
 
 
 def test_dates_same_seed_identical_different_seed_different() -> None:
@@ -143,30 +184,61 @@ def test_dates_reject_bad_arguments() -> None:
 
 
 def test_numbers_examples(small_numbers: Splits) -> None:
-    pairs = set(small_numbers.all_pairs())
-    assert Pair("vierundachtzig", "eighty-four") in pairs
-    assert Pair("quatre-vingt-dix-sept", "ninety-seven") in pairs
-    assert Pair("einhundertfünf", "one hundred and five") in pairs
+    normalised = {(NUMBERS_NORMALIZATION(pair.source), pair.target) for pair in small_numbers.all_pairs()}
+    assert ("vierundachtzig", "eighty-four") in normalised
+    assert ("quatrevingtdixsept", "ninety-seven") in normalised
+    assert ("einhundertfünf", "one hundred and five") in normalised
+    assert ("hundertfünf", "one hundred and five") in normalised  # German's other spelling
+
+
+def test_numbers_spellings_and_german_parts() -> None:
+    assert number_spellings(97, "fr") == {"standard": "quatre-vingt-dix-sept", "1990": "quatre-vingt-dix-sept"}
+    assert number_spellings(221, "fr") == {"standard": "deux cent vingt et un", "1990": "deux-cent-vingt-et-un"}
+    assert number_spellings(84, "de") == {"standard": "vierundachtzig"}
+    assert german_parts("siebzehn") == ["siebzehn"]
+    assert german_parts("einhundertachtundachtzig") == ["ein", "hundert", "acht", "und", "achtzig"]
+    with pytest.raises(ValueError, match="not a German number word"):
+        german_parts("vierundachtzigx")
+
+
+def test_numbers_sources_are_written_as_people_write_them(small_numbers: Splits) -> None:
+    changes = small_numbers.description["written"]["changes"]
+    assert {"upper case", "capitalised", "spaced words", "hyphenated words", "invisible characters"} <= set(changes)
+    assert small_numbers.description["spellings"].keys() == {"standard", "1990", "hundert"}
+    assert any(pair.source.isupper() for pair in small_numbers.all_pairs())
+    assert small_numbers.source_normalization == NUMBERS_NORMALIZATION
+    plain = make_numbers(max_number=999, written=False)
+    assert Pair("vierundachtzig", "eighty-four") in set(plain.all_pairs())
+
+
+def _spellings(numbers: list[int]) -> int:
+    """Pairs of `numbers` in both languages: the two French spellings normalise alike; German has two for 100-199."""
+    return sum(3 if 100 <= number <= 199 else 2 for number in numbers)
 
 
 def test_numbers_split_by_number(small_numbers: Splits) -> None:
     # Targets name numbers: a number's German and French forms share a split, so each target appears
-    # exactly twice in its split and in no other split.
+    # exactly twice (three times for 100-199: German's 'hundert' spelling) in its split and in no other split.
     targets = {name: [pair.target for pair in getattr(small_numbers, name)] for name in ("train", "valid", "test")}
     for name, values in targets.items():
-        assert all(values.count(value) == 2 for value in set(values)), name
+        assert all(
+            values.count(value) == (3 if " hundred" in value and value.startswith("one ") else 2)
+            for value in set(values)
+        ), name
     assert not set(targets["train"]) & set(targets["test"])
     assert not set(targets["train"]) & set(targets["valid"])
     assert not set(targets["valid"]) & set(targets["test"])
     assert shared_sources(small_numbers) == set()
     assert ambiguous_sources(small_numbers.all_pairs()) == set()
-    assert small_numbers.counts() == {"train": 1800, "valid": 100, "test": 100}
+    per_split = small_numbers.description["numbers_per_split"]
+    assert per_split == {"valid": 50, "test": 50, "train": 900}
+    assert sum(small_numbers.counts().values()) == _spellings(list(range(1000)))
 
 
 def test_numbers_default_sizes() -> None:
     splits = make_numbers()
-    assert splits.counts() == {"train": 18_000, "valid": 1_000, "test": 1_000}
     assert splits.description["numbers_per_split"] == {"valid": 500, "test": 500, "train": 9000}
+    assert sum(splits.counts().values()) == _spellings(list(range(10_000)))
 
 
 def test_numbers_deterministic(small_numbers: Splits) -> None:

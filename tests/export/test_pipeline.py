@@ -12,8 +12,16 @@ import pytest
 import torch
 
 from export.onnx_export import ort_greedy
-from export.train import TrainConfig, load_checkpoint, train
+from export.train import (
+    CORPUS_SOURCE_NORMALIZATION,
+    CORPUS_TARGET_NORMALIZATION,
+    TrainConfig,
+    load_checkpoint,
+    normalizations,
+    train,
+)
 from service.runtime.model import load_model
+from service.runtime.normalization import IDENTITY, LEGACY
 from service.runtime.repository import discover
 from service.runtime.tokenizers import EOS
 
@@ -127,6 +135,55 @@ def test_user_corpus_trains_with_sentencepiece_and_exports(tmp_path: Path) -> No
     result = export_run(tmp_path / "run", tmp_path / "models", "toy", progress=lambda *_: None)
     assert result.document.tokenizers.source.type == "sentencepiece"
     assert load_model(result.directory, provider="cpu").source_tokenizer.vocab_size <= 40
+
+
+def test_a_user_corpus_gets_the_declared_normalisation_by_default(tmp_path: Path) -> None:
+    from export.onnx_export import export_run
+
+    # A corpus as people paste it: no-break spaces, full-width digits, a byte order mark, doubled spaces.
+    lines = [f"\ufeffroom\u00a0{number}\tsalle  {number}" for number in range(150)]
+    lines += [f"room {number}\tsalle {number}" for number in range(150, 300)]
+    lines += [f"ｒｏｏｍ {chr(0xFF10 + number % 10)}\tsalle {number % 10}" for number in range(300, 310)]
+    corpus = tmp_path / "rooms.tsv"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = TrainConfig(
+        task=f"tsv:{corpus}",
+        tokenizer="char",
+        out=tmp_path / "run",
+        max_steps=10,
+        eval_every=10,
+        batch_size=32,
+        model={"hidden": 16, "embedding": 8},
+    )
+    summary = train(config, progress=False)
+    assert summary["normalization"] == {
+        "source": CORPUS_SOURCE_NORMALIZATION.to_document(),
+        "target": CORPUS_TARGET_NORMALIZATION.to_document(),
+    }
+    result = export_run(tmp_path / "run", tmp_path / "models", "rooms", progress=lambda *_: None)
+    assert result.document.tokenizers.source.normalization == CORPUS_SOURCE_NORMALIZATION
+    served = load_model(result.directory, provider="cpu")
+    source = served.source_tokenizer
+    # The server tokenizes what people send as it tokenized the training sources.
+    assert source.encode("\ufeffroom\u00a042 ") == source.encode("room 42") == source.encode("ｒｏｏｍ ４２")
+    assert "\u00a0" not in source.vocabulary and "\ufeff" not in source.vocabulary
+    assert served.target_tokenizer.normalize("salle  42 ") == "salle 42"
+
+
+def test_the_normalisation_of_a_run_is_the_configurations_then_the_tasks_then_the_kinds(tmp_path: Path) -> None:
+    from export.data import Splits, make_numbers
+    from export.data.numbers import NUMBERS_NORMALIZATION
+
+    corpus = Splits(train=[], valid=[], test=[])
+    for kind in ("char", "word"):
+        config = TrainConfig(task="tsv:x.tsv", out=tmp_path, tokenizer=kind)
+        assert normalizations(config, corpus, kind) == (CORPUS_SOURCE_NORMALIZATION, CORPUS_TARGET_NORMALIZATION)
+    config = TrainConfig(task="tsv:x.tsv", out=tmp_path, tokenizer="sentencepiece")
+    assert normalizations(config, corpus, "sentencepiece") == (IDENTITY, IDENTITY)
+    numbers = make_numbers(max_number=20)
+    assert normalizations(TrainConfig(task="numbers", out=tmp_path), numbers, "char") == (NUMBERS_NORMALIZATION, LEGACY)
+    chosen = TrainConfig(task="numbers", out=tmp_path, source_normalization="nfc", target_normalization="none")
+    assert normalizations(chosen, numbers, "char") == (LEGACY, IDENTITY)
 
 
 def test_int8_export_records_the_accuracy_change_and_serves(tiny_repository: Path, tmp_path: Path) -> None:

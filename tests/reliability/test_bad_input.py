@@ -12,7 +12,6 @@ import math
 import shutil
 import sys
 import threading
-import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from export.data.dates import DATES_NORMALIZATION
+from export.data.numbers import NUMBERS_NORMALIZATION
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.settings import Settings
@@ -30,6 +31,18 @@ from tests.service.server_harness import make_settings
 pytestmark = pytest.mark.slow
 
 GOOD_TEXT = "3 mars 1999"
+
+
+def normalized_length(text: str) -> int:
+    """Characters of `text` once the tiny models normalise it (NFKC can write one character as several)."""
+    return max(len(DATES_NORMALIZATION(text)), len(NUMBERS_NORMALIZATION(text)))
+
+
+def shortest_normalized_length(text: str) -> int:
+    """... and the fewer of the two (0: a model's normalisation leaves nothing, and the text is refused)."""
+    return min(len(DATES_NORMALIZATION(text)), len(NUMBERS_NORMALIZATION(text)))
+
+
 MAX_SOURCE_TOKENS = 50  # the tiny dates model's limits.max_source_tokens (</s> included)
 MAX_TARGET_TOKENS = 16
 WIDEST_BEAM = 8
@@ -89,6 +102,20 @@ def test_an_empty_or_whitespace_only_text(stub: pb_grpc.TranslatorStub, text: st
     assert details == "texts[1] is empty or only whitespace"
 
 
+@pytest.mark.parametrize(
+    ("model", "text"),
+    [
+        ("dates", "\u200f\u200e\ufeff"),  # bidi marks and a byte order mark
+        ("dates", "\u200b\u00ad\u2060 \u200d"),  # zero-width characters, a soft hyphen, a word joiner
+        ("numbers", "- \u2010\u2013"),  # dashes, which the numbers model drops
+    ],
+)
+def test_a_text_the_models_normalisation_empties(stub: pb_grpc.TranslatorStub, model: str, text: str) -> None:
+    code, details = refused(lambda: translate(stub, [GOOD_TEXT, text], model=model))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith(f"texts[1] is empty once model {model} version 1 normalises it (NFKC; ignorables dropped")
+
+
 def test_a_text_of_one_megabyte(stub: pb_grpc.TranslatorStub) -> None:
     code, details = refused(lambda: translate(stub, ["7" * (1 << 20)]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -111,7 +138,7 @@ def test_characters_the_tokenizer_has_never_seen(stub: pb_grpc.TranslatorStub) -
     text = "☃ 3 mars 1999 🦄ᚠᛇᚻ"
     best = translate(stub, [text], replace_unknowns=True).translations[0].hypotheses[0]
     assert best.source_tokens[0] == "<unk>" and list(best.source_tokens).count("<unk>") == 5
-    assert len(best.source_tokens) == len(text) + 1
+    assert len(best.source_tokens) == len(DATES_NORMALIZATION(text)) + 1  # the model drops spaces
     assert best.text and math.isfinite(best.score)
 
 
@@ -128,8 +155,8 @@ def test_control_characters_and_mixed_scripts(stub: pb_grpc.TranslatorStub, text
     response = translate(stub, [text], beam_size=2, num_hypotheses=2, return_attention=True)
     hypotheses = response.translations[0].hypotheses
     assert len(hypotheses) == 2
-    # One piece per character (after the tokenizer's NFC normalisation), then </s>.
-    assert len(hypotheses[0].source_tokens) == len(unicodedata.normalize("NFC", text)) + 1
+    # One piece per character of the text as the dates model normalises it, then </s>.
+    assert len(hypotheses[0].source_tokens) == len(DATES_NORMALIZATION(text)) + 1
     assert all(math.isfinite(hypothesis.score) for hypothesis in hypotheses)
 
 
@@ -396,7 +423,11 @@ def valid_options(draw: st.DrawFn) -> dict:  # type: ignore[type-arg]
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(
-    texts=st.lists(ANY_TEXT.filter(lambda text: text.strip() and len(text) <= 40), min_size=1, max_size=4),
+    texts=st.lists(
+        ANY_TEXT.filter(lambda text: 1 <= shortest_normalized_length(text) and normalized_length(text) <= 40),
+        min_size=1,
+        max_size=4,
+    ),
     model=st.sampled_from(["", "dates", "numbers"]),
     options=valid_options(),
 )
@@ -413,6 +444,6 @@ def test_any_unicode_text_within_the_limits_is_translated(
     for text, translation in zip(texts, response.translations, strict=True):
         assert 1 <= len(translation.hypotheses) <= max(options["num_hypotheses"], 1)
         best = translation.hypotheses[0]
-        assert best.source_tokens[-1] == "</s>" and len(best.source_tokens) <= len(text) + 1
+        assert best.source_tokens[-1] == "</s>" and len(best.source_tokens) <= normalized_length(text) + 1
         assert len(best.target_tokens) <= (options["max_length"] or longest)
         assert all(math.isfinite(hypothesis.score) for hypothesis in translation.hypotheses)

@@ -16,6 +16,7 @@ import pytest
 
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
+from service.runtime.tokenizers import load_tokenizer
 from tests.reliability.reliability_support import (
     copy_version,
     make_decoder_fail_for_long_sources,
@@ -30,7 +31,8 @@ pytestmark = pytest.mark.slow
 
 TRAP_TOKENS = 20  # sources of 20 tokens or more (</s> included) make the trapped decoder raise
 GOOD = ["3 mars 1999", "1 janvier 2000", "5 mai 2015", "14 juillet 1789"]  # at most 15 tokens
-POISON = ["samedi 21 novembre 2026", "mardi 5 mai 2015 à midi", "dimanche 14 juillet 1789"]  # 24+ tokens
+# Tokens are counted after the dates model's normalisation, which drops spaces: 'samedi21novembre2026'.
+POISON = ["samedi 21 novembre 2026", "mardi 5 mai 2015 à midi pile", "dimanche 14 juillet 1789"]  # 21+ tokens
 TRAPPED = {"model": "trapped", "version": "1"}
 
 
@@ -46,7 +48,9 @@ def repository(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) 
         1,
         prepare=lambda folder: make_decoder_fail_for_long_sources(folder, TRAP_TOKENS),
     )
-    assert all(len(text) + 1 < TRAP_TOKENS for text in GOOD) and all(len(text) + 1 >= TRAP_TOKENS for text in POISON)
+    tokenizer = load_tokenizer("char", tiny_repository / "dates" / "1" / "source.tokenizer.json")
+    assert all(len(tokenizer.encode(text)) + 1 < TRAP_TOKENS for text in GOOD)
+    assert all(len(tokenizer.encode(text)) + 1 >= TRAP_TOKENS for text in POISON)
     return root
 
 

@@ -291,9 +291,11 @@ def test_refused_calls_are_counted_and_no_token_reaches_the_logs(
             refused(lambda path=path: channel.unary_unary(path)(b"", timeout=15))
     unknown = {"model": "", "version": "", "method": "unknown", "code": "UNAUTHENTICATED", "protocol": "grpc"}
     wait_for(
-        lambda: metric(scrape(guarded.metrics_url), "attnserve_requests_total", **unknown)
-        - metric(before, "attnserve_requests_total", **unknown)
-        == 2,
+        lambda: (
+            metric(scrape(guarded.metrics_url), "attnserve_requests_total", **unknown)
+            - metric(before, "attnserve_requests_total", **unknown)
+            == 2
+        ),
         what="the refused calls to unknown methods to be counted",
     )
     after = scrape(guarded.metrics_url)

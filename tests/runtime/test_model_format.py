@@ -16,7 +16,8 @@ from service.errors import ModelLoadError
 from service.runtime.model_format import ModelDocument
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = [ROOT / "models" / name / "1" for name in ("dates", "numbers")]
+# Every shipped version: version 1 (model.json without normalisation, format 1 tokenizers) and the current one.
+SHIPPED = sorted(path.parent for path in (ROOT / "models").glob("*/*/model.json"))
 
 
 def documented_example() -> dict[str, Any]:
@@ -47,10 +48,15 @@ def test_the_documented_example_validates_against_the_schema_and_shows_every_fie
     assert every_field - set(keys(example)) == set()
 
 
-@pytest.mark.parametrize("version_dir", SHIPPED, ids=lambda path: path.parent.name)
+def test_both_default_models_ship_version_1_and_a_newer_one() -> None:
+    versions = {(path.parent.name, path.name) for path in SHIPPED}
+    assert {("dates", "1"), ("numbers", "1"), ("dates", "2"), ("numbers", "2")} <= versions
+
+
+@pytest.mark.parametrize("version_dir", SHIPPED, ids=lambda path: f"{path.parent.name}/{path.name}")
 def test_shipped_documents_read_and_write_back_byte_for_byte(version_dir: Path, tmp_path: Path) -> None:
     document = ModelDocument.read(version_dir)
-    assert (document.name, document.version) == (version_dir.parent.name, 1)
+    assert (document.name, document.version) == (version_dir.parent.name, int(version_dir.name))
     document.write(tmp_path)
     assert (tmp_path / "model.json").read_bytes() == (version_dir / "model.json").read_bytes()
 
@@ -77,6 +83,10 @@ def broken(tmp_path: Path, change: Any) -> Path:
             "tokenizers.source.file: '../../etc/passwd' must be a file name in the version folder, not a path",
         ),
         (lambda d: d["tokenizers"]["target"].update(type="bpe"), "tokenizers.target.type"),
+        (
+            lambda d: d["tokenizers"]["source"].update(normalization={"unicode": "NFKC", "case": "lower"}),
+            "tokenizers.source.normalization.case: Input should be 'keep' or 'fold'",
+        ),
         (lambda d: d["decoder"].update(memory=[]), "decoder.memory"),
         (lambda d: d["limits"].pop("top_k"), "limits.top_k: Field required"),
         (lambda d: d["limits"].update(max_source_tokens=0), "limits.max_source_tokens"),
@@ -112,3 +122,18 @@ def test_an_unknown_top_level_field_is_kept_and_written_back(tmp_path: Path) -> 
     document = ModelDocument.read(folder)
     document.write(tmp_path)
     assert json.loads((tmp_path / "model.json").read_text(encoding="utf-8"))["license"] == "CC-BY-4.0"
+
+
+def test_a_model_json_whose_normalisation_differs_from_its_tokenizer_file_does_not_load(tmp_path: Path) -> None:
+    from service.runtime.model import read_text_side
+
+    current = max(path for path in SHIPPED if path.parent.name == "dates")
+    folder = tmp_path / "dates" / current.name
+    shutil.copytree(current, folder)
+    document, source, _ = read_text_side(folder)
+    assert document.tokenizers.source.normalization == source.normalization
+    data = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    data["tokenizers"]["source"]["normalization"]["case"] = "keep"
+    (folder / "model.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="model.json says the source tokenizer normalises with NFKC; ignorables"):
+        read_text_side(folder)

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from service.runtime.normalization import IDENTITY, LEGACY, Normalization
 from service.runtime.tokenizers import (
     BOS,
     EOS,
+    FILE_FORMAT,
     PAD,
     SPECIAL_PIECES,
     UNK,
@@ -218,7 +220,8 @@ def test_save_load_gives_same_ids(
         path = tmp_path / f"{index}.tokenizer.json"
         tokenizer.save(path)
         document = json.loads(path.read_text(encoding="utf-8"))
-        assert document["kind"] == tokenizer.kind and document["format"] == 1
+        assert document["kind"] == tokenizer.kind and document["format"] == FILE_FORMAT == 2
+        assert document["normalization"] == tokenizer.normalization.to_document()
         loaded = load_tokenizer(tokenizer.kind, path)
         assert type(loaded) is type(tokenizer)
         assert loaded.vocab_size == tokenizer.vocab_size
@@ -247,6 +250,15 @@ def test_corrupt_or_mismatched_files_raise_tokenizer_error(tmp_path: Path) -> No
         "JSON object": (write("list.json", "[1, 2]"), "char"),
         "expected a 'word'": (good, "word"),
         "format": (write("format.json", json.dumps({**document, "format": 99})), "char"),
+        "rules version 7": (
+            write("rules.json", json.dumps({**document, "normalization": {"version": 7, "unicode": "NFC"}})),
+            "char",
+        ),
+        "Input should be 'keep' or 'fold'": (
+            write("case.json", json.dumps({**document, "normalization": {"case": "upper"}})),
+            "char",
+        ),
+        "a JSON object": (write("no-spec.json", json.dumps({**document, "normalization": None})), "char"),
         "must start with": (write("specials.json", json.dumps({**document, "pieces": ["a", "b"]})), "char"),
         "repeats": (write("repeats.json", json.dumps({**document, "pieces": [*SPECIAL_PIECES, "a", "a"]})), "char"),
         "base64": (
@@ -311,3 +323,72 @@ def test_incremental_decoding_builds_exactly_the_text_of_the_whole_sequence(
             decoder = tokenizer.incremental_decoder()
             deltas = [decoder.push(token_id) for token_id in ids]
             assert "".join(deltas) == decoder.text == tokenizer.decode(ids), (tokenizer.kind, ids)
+
+
+# ---------------------------------------------------------------- normalisation
+
+
+def test_encode_applies_the_declared_normalisation_for_every_kind(number_corpus: list[str]) -> None:
+    spec = Normalization(unicode="NFKC", ignorables="drop", case="fold", dashes="drop", whitespace="drop")
+    tokenizers = [
+        train_tokenizer("char", number_corpus, normalization=spec),
+        train_tokenizer("word", number_corpus, normalization=spec),
+        train_tokenizer("sentencepiece", number_corpus, vocab_size=120, normalization=spec),
+    ]
+    for tokenizer in tokenizers:
+        assert tokenizer.normalization == spec
+        plain = tokenizer.encode("quatre-vingt-dix-sept")
+        assert UNK not in plain, tokenizer.kind
+        for raw in ("QUATRE VINGT DIX SEPT", "\ufeffQuatre\u00a0vingt\u2011dix\u200b-sept ", "quatre-vingt-dix-sept"):
+            assert tokenizer.encode(raw) == plain, (tokenizer.kind, raw)
+            assert tokenizer.normalize(raw) == tokenizer.normalize("quatrevingtdixsept"), (tokenizer.kind, raw)
+        assert tokenizer.decode(plain).replace(" ", "") == "quatrevingtdixsept", tokenizer.kind
+    # The vocabulary was built from normalised text: no capitals, no hyphens, no spaces.
+    assert not {"Q", "-", " "} & set(tokenizers[0].vocabulary)
+
+
+def test_the_defaults_keep_what_each_kind_always_did(number_corpus: list[str]) -> None:
+    assert train_tokenizer("char", ["abc"]).normalization == LEGACY
+    assert train_tokenizer("word", ["abc"]).normalization == LEGACY
+    sentencepiece = train_tokenizer("sentencepiece", number_corpus, vocab_size=120)
+    assert sentencepiece.normalization == IDENTITY
+    # SentencePiece's own normalisation still applies (NFKC, whitespace runs).
+    assert sentencepiece.normalize("  quatre\u00a0 vingts ") == "quatre vingts"
+
+
+def _format_1(document: dict) -> dict:
+    """A tokenizer document as this project wrote them before normalisation specs (format 1)."""
+    legacy = {**document, "format": 1}
+    legacy["normalization"] = "nmt_nfkc" if document["kind"] == "sentencepiece" else "NFC"
+    return legacy
+
+
+def test_a_format_1_file_keeps_exactly_its_old_behaviour(
+    tmp_path: Path, number_corpus: list[str], sentencepiece_tokenizers: dict[str, Tokenizer]
+) -> None:
+    probes = ["Cafe\u0301", "21\u202fр.", "\u200f21\u200f/11", "VIERUNDACHTZIG", "vier und achtzig", "２０２６"]
+    texts = [*number_corpus, *DATE_SAMPLES, "Café", "р."]
+    for tokenizer in [
+        train_tokenizer("char", texts),
+        train_tokenizer("word", texts),
+        *sentencepiece_tokenizers.values(),
+    ]:
+        path = tmp_path / f"{tokenizer.kind}.json"
+        path.write_text(json.dumps(_format_1(tokenizer.to_document())), encoding="utf-8")
+        loaded = load_tokenizer(tokenizer.kind, path)
+        assert loaded.normalization == (IDENTITY if tokenizer.kind == "sentencepiece" else LEGACY)
+        for text in probes:
+            assert loaded.encode(text) == tokenizer.encode(text), (tokenizer.kind, text)
+    char = load_tokenizer("char", tmp_path / "char.json")
+    assert char.encode("Cafe\u0301") == char.encode("Café")  # NFC, as before
+    # ... and nothing more: the narrow no-break space and the right-to-left mark are characters of their own.
+    assert char.encode("21\u202fр.") != char.encode("21 р.") and char.encode("\u200f21") != char.encode("21")
+
+
+def test_the_shipped_version_1_tokenizers_are_format_1_and_normalise_with_nfc_alone() -> None:
+    root = Path(__file__).resolve().parents[2] / "models"
+    for name in ("dates", "numbers"):
+        for side in ("source", "target"):
+            path = root / name / "1" / f"{side}.tokenizer.json"
+            assert json.loads(path.read_text(encoding="utf-8"))["format"] == 1
+            assert load_tokenizer("char", path).normalization == LEGACY

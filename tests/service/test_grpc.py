@@ -16,9 +16,11 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from export.data.dates import DATES_NORMALIZATION
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from tests.service.server_harness import (
+    Samples,
     ServerThread,
     free_port,
     make_settings,
@@ -67,8 +69,8 @@ def test_translate_greedy(stub: pb_grpc.TranslatorStub) -> None:
         assert len(translation.hypotheses) == 1
         best = translation.hypotheses[0]
         assert best.score <= 0.0 and math.isfinite(best.score)
-        # char tokenizers: the source pieces are the characters, then </s>
-        assert list(best.source_tokens) == [*source, "</s>"]
+        # char tokenizers: the source pieces are the characters of the normalised text, then </s>
+        assert list(best.source_tokens) == [*DATES_NORMALIZATION(source), "</s>"]
         generated = [token for token in best.target_tokens if token != "</s>"]
         assert best.text == "".join(generated)
         assert "</s>" not in best.target_tokens[:-1]
@@ -296,7 +298,7 @@ def test_metrics_after_traffic(server: ServerThread, stub: pb_grpc.TranslatorStu
     assert grew("attnserve_requests_total", code="OK", **grpc_translate, **numbers) == 1
     assert grew("attnserve_requests_total", code="INVALID_ARGUMENT", **grpc_translate, **dates) == 1
     assert grew("attnserve_request_duration_seconds_count", **grpc_translate, **dates) == 2
-    assert grew("attnserve_source_tokens_total", **dates) == sum(len(text) + 1 for text in DATES[:3])
+    assert grew("attnserve_source_tokens_total", **dates) == sum(len(DATES_NORMALIZATION(t)) + 1 for t in DATES[:3])
     assert grew("attnserve_generated_tokens_total", **dates) >= 3
     assert grew("attnserve_queue_wait_seconds_count", **dates) == 3
     assert grew("attnserve_time_to_first_token_seconds_count", **numbers) == 2
@@ -329,35 +331,37 @@ def test_cancelled_calls_cancel_their_engine_requests(tiny_repository: Path) -> 
             # 8 calls of 60 texts, decoded one text at a time: seconds of work even on a fast CPU.
             request = pb.TranslateRequest(texts=DATES * 12, options=pb.DecodeOptions(beam_size=8))
             labels = {"model": "dates", "version": "1"}
+            texts = 8 * len(request.texts)
 
-            def counts() -> tuple[float, float, float]:
-                """(texts in the engine, texts ended, of those cancelled), from one scrape."""
-                samples = scrape(running.metrics_url)
-                held = sum(metric(samples, f"attnserve_requests_{where}", **labels) for where in ("waiting", "running"))
-                ended = {
-                    reason: metric(samples, "attnserve_finished_requests_total", reason=reason, **labels)
+            def ended_in_all(samples: Samples) -> float:
+                return sum(
+                    metric(samples, "attnserve_finished_requests_total", reason=reason, **labels)
                     for reason in ("eos", "length", "cancelled")
-                }
-                return held, sum(ended.values()), ended["cancelled"]
+                )
 
-            def all_reached_and_some_queued() -> bool:
-                held, ended, _ = counts()
-                return held + ended == 8 * 60 and held > 1
+            def held(samples: Samples) -> float:  # texts in the engine: queued or decoding
+                return sum(metric(samples, f"attnserve_requests_{where}", **labels) for where in ("waiting", "running"))
 
-            def all_ended() -> bool:
-                held, ended, _ = counts()
-                return held == 0 and ended == 8 * 60
+            def all_arrived_some_queued() -> bool:
+                samples = scrape(running.metrics_url)  # one page per look, so the figures are of one moment
+                return held(samples) + ended_in_all(samples) == texts and held(samples) > 1
 
             futures = [stub.Translate.future(request, timeout=120) for _ in range(8)]
-            # All 480 texts reached the engine (held or already ended), and some are still queued.
-            wait_for(all_reached_and_some_queued, "every text to reach the engine")
+            # All the texts reached the engine (held or already ended), and some are still queued.
+            wait_for(all_arrived_some_queued, "every text to reach the engine")
             for future in futures:
                 future.cancel()
             # Every one of them ends exactly once: finished before the cancellation reached it, or cancelled; and
             # the engine lets go of the cancelled ones at its next step.
+
+            def all_ended() -> bool:
+                samples = scrape(running.metrics_url)
+                return ended_in_all(samples) == texts and held(samples) == 0
+
             wait_for(all_ended, "every text of the cancelled calls to end")
-            assert counts()[2] > 0
             samples = scrape(running.metrics_url)
+            assert metric(samples, "attnserve_finished_requests_total", reason="cancelled", **labels) > 0
+            assert held(samples) == 0
             assert metric(samples, "attnserve_requests_waiting", model="dates", version="1") == 0
             # The server still answers afterwards.
             assert translate(stub, DATES[:1]).translations[0].hypotheses[0].text

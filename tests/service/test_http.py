@@ -80,10 +80,10 @@ def v2_infer_json(texts: list[str], **parameters: object) -> dict:
 
 
 def grpc_v2_infer(
-    v2: v2_grpc.GRPCInferenceServiceStub, texts: list[str], **parameters: int
+    v2: v2_grpc.GRPCInferenceServiceStub, texts: list[str], *, model: str = "dates", **parameters: int
 ) -> v2_pb.ModelInferResponse:
     """ModelInfer on the gRPC port with raw input, so raw output: the bytes the REST binary output must equal."""
-    request = v2_pb.ModelInferRequest(model_name="dates", id="r-1")
+    request = v2_pb.ModelInferRequest(model_name=model, id="r-1")
     request.inputs.add(name="TEXT", datatype="BYTES", shape=[len(texts)])
     request.raw_input_contents.append(encode_raw_bytes(text.encode() for text in texts))
     for name, value in parameters.items():
@@ -192,6 +192,49 @@ def test_v2_errors_name_the_problem(base: str) -> None:
     short = v2_infer_json(["x"])
     short["inputs"][0]["shape"] = [2]
     assert error_of(call("POST", infer, short))[2] == "input TEXT has shape [2] but carries 1 elements"
+
+
+# ----- input normalisation on every protocol -------------------------------------------------------------
+
+# Texts as software and people write them, each beside the plain form the model's declared normalisation turns it
+# into (the tiny models declare the recipes' normalisations: export/data/dates.py, export/data/numbers.py).
+WRITTEN = {
+    "dates": [
+        ("SAMEDI\u00a021 NOVEMBRE \uff12\uff10\uff12\uff16\u200f", "samedi 21 novembre 2026"),
+        ("\ufeff3\u202fmars  1999", "3 mars 1999"),
+        ("14 Juillet\u20091789 ", "14 juillet 1789"),
+    ],
+    "numbers": [("VIER UND ACHTZIG", "vierundachtzig"), ("Quatre\u2010vingt\u00a0quatre\u200b", "quatre-vingt-quatre")],
+}
+
+
+@pytest.mark.parametrize("model", sorted(WRITTEN))
+def test_every_protocol_normalises_as_the_model_declares(
+    base: str, stub: pb_grpc.TranslatorStub, v2: v2_grpc.GRPCInferenceServiceStub, model: str
+) -> None:
+    """The written forms get exactly the plain forms' answers (texts, scores, source tokens) over gRPC, the JSON
+    API and KServe v2 on both ports: the server tokenises what the model's tokenizer declares, not the raw text."""
+    written, plain = [raw for raw, _ in WRITTEN[model]], [text for _, text in WRITTEN[model]]
+    options = {"beamSize": 2, "numHypotheses": 2}
+
+    def translate(texts: list[str]) -> pb.TranslateResponse:
+        request = json_format.ParseDict({"model": model, "texts": texts, "options": options}, pb.TranslateRequest())
+        return stub.Translate(request, timeout=60)
+
+    expected = translate(plain)
+    assert all(hypothesis.text for translation in expected.translations for hypothesis in translation.hypotheses)
+    assert translate(written) == expected
+    body = {"model": model, "texts": written, "options": options}
+    assert as_message(call("POST", f"{base}/v1/translate", body), pb.TranslateResponse) == expected
+    stream = call("POST", f"{base}/v1/translate:stream", {**body, "texts": written[:1]})
+    final = json_format.ParseDict(events(stream.body)[-1][1], pb.TranslateStreamResponse())
+    assert final.final and list(final.hypotheses) == list(expected.translations[0].hypotheses)
+
+    rest = [call("POST", f"{base}/v2/models/{model}/infer", v2_infer_json(texts)) for texts in (written, plain)]
+    assert rest[0].status == rest[1].status == 200
+    assert rest[0].json()["outputs"] == rest[1].json()["outputs"]
+    over_grpc = [grpc_v2_infer(v2, texts, model=model) for texts in (written, plain)]
+    assert over_grpc[0].raw_output_contents == over_grpc[1].raw_output_contents
 
 
 # ----- the native API as JSON ----------------------------------------------------------------------------
