@@ -165,30 +165,39 @@ def test_expired_deadlines_leave_the_engine_and_free_their_slots(repository: Pat
     """Calls whose deadline passes while queued or decoding get DEADLINE_EXCEEDED; each of their texts
     leaves the engine exactly once (at its next step at the latest), and a call behind them runs."""
     # One beam-8 text fills the batch: every text waits for the ones before it.
-    server = ServerThread(make_settings(repository, max_active_hypotheses=8)).start()
+    CALLS = 24  # noqa: N806
+    server = ServerThread(make_settings(repository, max_active_hypotheses=8, max_waiting_requests=4096)).start()
     dates = {"model": "dates", "version": "1"}
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.TranslatorStub(channel)
             slow = pb.TranslateRequest(model="dates", texts=["1" * 40] * 64, options=pb.DecodeOptions(beam_size=8))
-            # 384 texts decoded one at a time: far more than 0.3 s of work, so the later calls expire
-            # (an early one may finish in time on a fast machine).
-            doomed = [stub.Translate.future(slow, timeout=0.3) for _ in range(6)]
+            # 1,536 texts decoded one at a time: seconds of work even where a text takes two quick steps (an idle
+            # fast machine finished 384 of them within 0.3 s), so the later calls expire (an early one may finish).
+            doomed = [stub.Translate.future(slow, timeout=0.3) for _ in range(CALLS)]
             behind = call(stub, GOOD[:1], "dates")
             codes = [ending(future)[0] for future in doomed]
             assert set(codes) <= {"OK", "DEADLINE_EXCEEDED"} and codes[-1] == "DEADLINE_EXCEEDED"
             code, _, response = ending(behind)
             assert code == "OK" and response is not None
 
+            seen: list[tuple[float, float, float]] = []
+
             def settled() -> bool:
                 samples = scrape(server.metrics_url)
-                return (
-                    metric(samples, "attnserve_requests_waiting", **dates) == 0
-                    and metric(samples, "attnserve_requests_running", **dates) == 0
-                    and metric_sum(samples, "attnserve_finished_requests_total", **dates) == 6 * 64 + 1
+                seen.append(
+                    (
+                        metric(samples, "attnserve_requests_waiting", **dates),
+                        metric(samples, "attnserve_requests_running", **dates),
+                        metric_sum(samples, "attnserve_finished_requests_total", **dates),
+                    )
                 )
+                return seen[-1] == (0, 0, CALLS * 64 + 1)
 
-            wait_for(settled, what="every text of the expired calls to leave the engine exactly once")
+            try:
+                wait_for(settled, what="every text of the expired calls to leave the engine exactly once")
+            except AssertionError as timed_out:  # say where it stopped: (waiting, running, finished) at the end
+                raise AssertionError(f"{timed_out}; (waiting, running, finished) last seen {seen[-3:]}") from None
             samples = scrape(server.metrics_url)
             gave_up = sum(
                 metric(samples, "attnserve_finished_requests_total", reason=reason, **dates)
