@@ -103,9 +103,16 @@ bench-quick: $(STAMP)
 OVERLOAD_ARGS ?=
 SOAK_MINUTES ?= 10
 SOAK_ARGS ?=
-.PHONY: overload soak
+FUZZ_ARGS ?=
+.PHONY: overload soak fuzz
 overload: $(STAMP)
 	$(BIN)/python -m loadtests.reliability.overload --repository $(MODELS) --out reports/overload $(OVERLOAD_ARGS)
+
+# The fuzz campaign (docs/reliability.md): 100,000 gRPC and 50,000 HTTP inputs against a server on $(MODELS); fails on
+# any crash, hang, INTERNAL/UNKNOWN or 5xx, or a call the server did not count. FUZZ_ARGS: e.g. --seconds 300 --seed 7
+# --grpc-inputs 10000 --frontends 2; --replay grpc:N shows and sends one input again.
+fuzz: $(STAMP)
+	$(BIN)/python -m loadtests.reliability.fuzz --repository $(MODELS) --out reports/fuzz $(FUZZ_ARGS)
 
 soak: $(STAMP)
 	$(BIN)/python -m loadtests.reliability.soak --repository $(MODELS) --minutes $(SOAK_MINUTES) --out reports/soak $(SOAK_ARGS)
