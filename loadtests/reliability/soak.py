@@ -28,7 +28,9 @@ a fault's window. Anything else, a hang above all (a 30 s deadline that fires), 
 Figures per minute: calls by status, p50/p99 of the OK calls, the RSS and open file descriptors of every process
 (the supervisor, each front-end, the engine). Fails (exit 1) when a call was lost, when a process's RSS grew more
 than --max-rss-growth MB per minute after its own first minute (judged over processes that lived two more minutes),
-or when a process's open file descriptors grew by more than --max-fd-growth from its second minute to its last.
+when a process's open files other than sockets grew by more than --max-fd-growth from its second minute to its last,
+or when the sockets of all the server's processes together grew by more than --max-socket-growth (sockets follow the
+clients, who reconnect to the other front-ends when one is killed).
 """
 
 from __future__ import annotations
@@ -273,8 +275,20 @@ def server_processes(server: ServerProcess) -> dict[int, str]:
     return {root: "supervisor" if children else "server", **children}
 
 
-def open_files(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def open_files(pid: int) -> tuple[int, int]:
+    """(sockets, other open files) of a process. Counted apart because sockets follow the clients: when one
+    front-end dies, its clients reconnect to the others, whose sockets grow without any leak."""
+    sockets = files = 0
+    for entry in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{entry}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:"):
+            sockets += 1
+        else:
+            files += 1
+    return sockets, files
 
 
 @dataclass
@@ -283,7 +297,8 @@ class Sample:
     pid: int
     role: str
     rss: int
-    fds: int
+    sockets: int
+    fds: int  # open files other than sockets
 
 
 @dataclass
@@ -300,7 +315,7 @@ class Watcher:
             now = time.monotonic()
             for pid, role in server_processes(self.server).items():
                 try:
-                    sample = Sample(now, pid, role, rss_bytes(pid, with_children=False), open_files(pid))
+                    sample = Sample(now, pid, role, rss_bytes(pid, with_children=False), *open_files(pid))
                 except (OSError, RuntimeError):
                     continue  # it exited meanwhile
                 self.first_seen.setdefault(pid, now)
@@ -454,6 +469,20 @@ def process_figures(watcher: Watcher, soak_start: float) -> list[ProcessFigures]
     return figures
 
 
+def total_sockets(watcher: Watcher, soak_start: float) -> tuple[float, float]:
+    """The median, over the sampling rounds of the soak's second minute and of its last, of the sockets all the
+    server's processes hold together (clients that reconnect after a kill land on other processes)."""
+    rounds: dict[float, int] = defaultdict(int)
+    for sample in watcher.samples:
+        rounds[sample.at] += sample.sockets
+    if not rounds:
+        return math.nan, math.nan
+    last_round = max(rounds)
+    second = [count for at, count in rounds.items() if soak_start + 60 <= at < soak_start + 120]
+    last = [count for at, count in rounds.items() if at >= last_round - 60]
+    return (statistics.median(second) if second else math.nan), statistics.median(last)
+
+
 def minute_rows(calls: list[Call], faults: list[Fault], watcher: Watcher, soak_start: float) -> list[list[object]]:
     minutes: dict[int, list[Call]] = defaultdict(list)
     for call in calls:
@@ -469,9 +498,9 @@ def minute_rows(calls: list[Call], faults: list[Fault], watcher: Watcher, soak_s
         for sample in watcher.samples:
             if start <= sample.at < end:
                 latest[sample.pid] = sample
-        memory = " ".join(f"{sample.role[0]}{sample.rss / 1e6:.0f}" for sample in sorted(
-            latest.values(), key=lambda sample: (sample.role, sample.pid)))  # fmt: skip
-        files = " ".join(f"{sample.fds}" for sample in sorted(latest.values(), key=lambda s: (s.role, s.pid)))
+        by_process = sorted(latest.values(), key=lambda sample: (sample.role, sample.pid))
+        memory = " ".join(f"{sample.role[0]}{sample.rss / 1e6:.0f}" for sample in by_process)
+        files = " ".join(f"{sample.fds}/{sample.sockets}" for sample in by_process)
         events = [fault.what.split(" ")[0] for fault in faults if start <= fault.started < end]
         rows.append([
             minute + 1, len(group), ", ".join(f"{name} {count}" for name, count in statuses.most_common()),
@@ -496,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-in-flight", type=int, default=256, help="the most calls the load holds at once")
     parser.add_argument("--channels", type=int, default=4, help="gRPC connections (spread over the front-ends)")
     parser.add_argument("--max-rss-growth", type=float, default=1.0, help="MB per minute, per process")
-    parser.add_argument("--max-fd-growth", type=int, default=8, help="open files, second minute to last, per process")
+    parser.add_argument("--max-fd-growth", type=int, default=4, help="open files but sockets, per process")
+    parser.add_argument("--max-socket-growth", type=int, default=16, help="sockets, all processes together")
     parser.add_argument("--seed", type=int, default=23)
     return parser
 
@@ -587,13 +617,23 @@ def report(args: argparse.Namespace, load: Load, watcher: Watcher, faults: list[
     print_table(
         f"soak, minute by minute ({'one process' if not args.frontends else f'{args.frontends} front-ends + engine'};"
         f" load average {' '.join(load_average)} at the start)",
-        ["minute", "calls", "statuses", "ends", "p50 ms", "p99 ms", "RSS MB (s|f|e, by pid)", "open files", "faults"],
+        [
+            "minute",
+            "calls",
+            "statuses",
+            "ends",
+            "p50 ms",
+            "p99 ms",
+            "RSS MB (s|f|e, by pid)",
+            "files/sockets",
+            "faults",
+        ],
         minute_rows(calls, faults, watcher, soak_start),
     )
     figures = process_figures(watcher, soak_start)
     print_table(
         "processes (RSS growth: least squares after each one's first minute; judged when it lived two more)",
-        ["pid", "role", "lived", "RSS first -> last MB", "growth MB/min", "open files 2nd min -> last", "judged"],
+        ["pid", "role", "lived", "RSS first -> last MB", "growth MB/min", "files 2nd min -> last", "judged"],
         [[figure.pid, figure.role, f"{figure.lived_s / 60:.1f} min", f"{figure.rss_first_mb:.1f} -> "
           f"{figure.rss_last_mb:.1f}", f"{figure.growth_mb_per_minute:+.2f}", f"{figure.fds_second_minute:.0f} -> "
           f"{figure.fds_last_minute:.0f}", "yes" if figure.judged else "no"] for figure in figures],
@@ -627,6 +667,11 @@ def report(args: argparse.Namespace, load: Load, watcher: Watcher, faults: list[
         if figure.judged and not figure.fds_last_minute - figure.fds_second_minute <= args.max_fd_growth:
             problems.append(f"{figure.role} {figure.pid}: open files {figure.fds_second_minute:.0f} -> "
                             f"{figure.fds_last_minute:.0f}")  # fmt: skip
+    sockets_second, sockets_last = total_sockets(watcher, soak_start)
+    print(f"\n  sockets of all the server's processes together: {sockets_second:.0f} in the second minute, "
+          f"{sockets_last:.0f} in the last")  # fmt: skip
+    if not sockets_last - sockets_second <= args.max_socket_growth:
+        problems.append(f"the server's sockets grew from {sockets_second:.0f} to {sockets_last:.0f}")
     if any("NOT served" in line for line in reloads):
         problems.append("a reload was not served")
     for problem in problems:
