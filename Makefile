@@ -111,14 +111,23 @@ bench-quick: $(STAMP) h2load-tools
 		--cache-dir build/bench-quick --out reports/bench-quick $(BENCH_ARGS)
 
 # Reliability runs that print their figures (docs/reliability.md); not part of ci. `make overload`: about
-# 10x the measured capacity for 30 s, then recovery (about 2 minutes). `make soak`: Locust at 80% of the
-# measured capacity for SOAK_MINUTES. Both fail on a lost call or on memory growth of 10% or more.
+# 10x the measured capacity for 30 s, then recovery (about 2 minutes); fails on a lost call or memory growth of 10%
+# or more. `make soak`: a mixed load at 70% of the measured capacity for SOAK_MINUTES with faults (a hot reload every
+# minute; 2 front-ends, one of them and the engine killed in turn every two minutes); fails on a lost call, RSS growth
+# over 1 MB/min per process, or open files that grow. SOAK_ARGS: e.g. --frontends 0 --load 0.5 --kill-every 0.
 OVERLOAD_ARGS ?=
 SOAK_MINUTES ?= 10
 SOAK_ARGS ?=
-.PHONY: overload soak
+FUZZ_ARGS ?=
+.PHONY: overload soak fuzz
 overload: $(STAMP)
 	$(BIN)/python -m loadtests.reliability.overload --repository $(MODELS) --out reports/overload $(OVERLOAD_ARGS)
+
+# The fuzz campaign (docs/reliability.md): 100,000 gRPC and 50,000 HTTP inputs against a server on $(MODELS); fails on
+# any crash, hang, INTERNAL/UNKNOWN or 5xx, or a call the server did not count. FUZZ_ARGS: e.g. --seconds 300 --seed 7
+# --grpc-inputs 10000 --frontends 2; --replay grpc:N shows and sends one input again.
+fuzz: $(STAMP)
+	$(BIN)/python -m loadtests.reliability.fuzz --repository $(MODELS) --out reports/fuzz $(FUZZ_ARGS)
 
 soak: $(STAMP)
 	$(BIN)/python -m loadtests.reliability.soak --repository $(MODELS) --minutes $(SOAK_MINUTES) --out reports/soak $(SOAK_ARGS)

@@ -13,7 +13,7 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,10 +46,24 @@ def check_status_table() -> None:
         raise RuntimeError(f"service/grpc_api/errors.py STATUS_BY_CODE has no row for {missing}")
 
 
+MAX_DETAILS_CHARS = 1000
+"""The longest status message sent; a longer one is cut, saying how much was cut. Why: gRPC sends the message
+percent-encoded in a trailer (up to 12 bytes per character), and a client refuses trailers over 16 KiB, failing the
+call with RESOURCE_EXHAUSTED in place of its real status; a message quoting a long input would get there."""
+
+
+def bounded_details(details: str) -> str:
+    """`details`, cut to MAX_DETAILS_CHARS characters when longer."""
+    if len(details) <= MAX_DETAILS_CHARS:
+        return details
+    suffix = f"... ({len(details) - MAX_DETAILS_CHARS + 40} characters cut)"
+    return details[: MAX_DETAILS_CHARS - 40] + suffix
+
+
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status and details a client gets for `error`."""
+    """The status and details a client gets for `error` (details at most about MAX_DETAILS_CHARS characters)."""
     if isinstance(error, AttnServeError):
-        return STATUS_BY_CODE.get(error.code, grpc.StatusCode.INTERNAL), error.message
+        return STATUS_BY_CODE.get(error.code, grpc.StatusCode.INTERNAL), bounded_details(error.message)
     return grpc.StatusCode.INTERNAL, f"internal server error ({type(error).__name__}); see the server log"
 
 
@@ -97,6 +111,24 @@ def _check_decoded(method: str, request: Any) -> None:
         raise InvalidRequest(f"the {method} request is not a valid protobuf message: {request.error}")
 
 
+class _CheckedRequests:
+    """The request stream of a streaming-request call, where a message that did not parse raises InvalidRequest
+    from `__anext__` and the stream can be read on past it (the next message is unaffected: gRPC frames each
+    message with its length), so a servicer may answer that one message in-band and go on."""
+
+    def __init__(self, method: str, requests: AsyncIterator[Any]) -> None:
+        self._method = method
+        self._requests = requests.__aiter__()
+
+    def __aiter__(self) -> _CheckedRequests:
+        return self
+
+    async def __anext__(self) -> Any:
+        request = await self._requests.__anext__()
+        _check_decoded(self._method, request)
+        return request
+
+
 def _status_name(context: aio.ServicerContext, fallback: str) -> str:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
@@ -115,8 +147,8 @@ UNKNOWN_METHOD = "unknown"
 class RpcInterceptor(aio.ServerInterceptor):
     """Maps exceptions to statuses with STATUS_BY_CODE and reports each finished RPC to the metrics.
 
-    Wraps unary-unary and unary-stream handlers (every attnserve and health method); streaming-request
-    methods (reflection) pass through untouched.
+    Wraps unary-unary and unary-stream handlers (every attnserve and health method), counted in the metrics, and
+    streaming-request methods written as async generators (ModelStreamInfer, reflection), not counted.
     """
 
     def __init__(self, metrics: ServerMetrics | None = None, methods: Collection[str] | None = None) -> None:
@@ -164,6 +196,12 @@ class RpcInterceptor(aio.ServerInterceptor):
             )
             return grpc.unary_stream_rpc_method_handler(
                 wrapped,
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_bidi(method, handler.stream_stream),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
@@ -219,6 +257,29 @@ class RpcInterceptor(aio.ServerInterceptor):
                     self._observe(method, code, started, labels)
 
         return stream
+
+    def _wrap_bidi(
+        self, method: str, behavior: Callable[..., AsyncGenerator[Any, None]]
+    ) -> Callable[..., AsyncGenerator[Any, None]]:
+        """A streaming-request method: a request message that does not parse raises InvalidRequest where the
+        servicer reads it (ModelStreamInfer answers it in-band and reads on; a servicer that lets it propagate
+        fails the call with INVALID_ARGUMENT, as gRPC alone would answer UNKNOWN). These calls are not counted
+        in the per-call metrics (a stream of many requests is not one call's worth of latency)."""
+
+        async def bidi(requests: AsyncIterator[Any], context: aio.ServicerContext) -> AsyncGenerator[Any, None]:
+            responses = behavior(_CheckedRequests(method, requests), context)
+            try:
+                async for response in responses:
+                    yield response
+            except BaseException as error:
+                _, abort = self._classify(error, context, method)
+                if abort is not None:
+                    await context.abort(*abort)
+                raise
+            finally:
+                await responses.aclose()
+
+        return bidi
 
     @staticmethod
     def _classify(

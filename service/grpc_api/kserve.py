@@ -165,16 +165,17 @@ def model_metadata_to_grpc(model: ModelDescription) -> pb.ModelMetadataResponse:
     )
 
 
-def _stream_error(request: pb.ModelInferRequest, error: Exception) -> pb.ModelStreamInferResponse:
+def _stream_error(request: pb.ModelInferRequest | None, error: Exception) -> pb.ModelStreamInferResponse:
+    """The in-band error for `request` (None: a message that did not parse, so nothing of it can be echoed)."""
     status, details = status_for(error)
     if not isinstance(error, AttnServeError):
         log.error("ModelStreamInfer request failed with an unexpected error", exc_info=error)
-    return pb.ModelStreamInferResponse(
-        error_message=f"{status.name}: {details}",
-        infer_response=pb.ModelInferResponse(
-            model_name=request.model_name, model_version=request.model_version, id=request.id
-        ),
+    echo = (
+        pb.ModelInferResponse()
+        if request is None
+        else pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
     )
+    return pb.ModelStreamInferResponse(error_message=f"{status.name}: {details}", infer_response=echo)
 
 
 # ----- the servicer --------------------------------------------------------------------------------------
@@ -231,8 +232,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         pending: set[asyncio.Task[None]] = set()
 
         async def read_requests() -> None:
+            requests = aiter(request_iterator)
             try:
-                async for request in request_iterator:
+                while True:
+                    try:
+                        request = await anext(requests)
+                    except StopAsyncIteration:
+                        break
+                    except InvalidRequest as error:  # a message that does not parse: answered in-band, read on
+                        outbox.put_nowait(_stream_error(None, error))
+                        continue
                     task = asyncio.create_task(self._answer_on_stream(request, stream_deadline, outbox))
                     pending.add(task)
                     task.add_done_callback(pending.discard)

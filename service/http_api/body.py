@@ -48,3 +48,5 @@ def json_document(body: bytes, what: str) -> Any:
         raise HttpRequestError(f"the request body is not UTF-8 JSON ({error.reason} at byte {error.start})") from None
     except json.JSONDecodeError as error:
         raise HttpRequestError(f"the request body is not valid JSON ({error}); it should be {what}") from None
+    except RecursionError:  # the parser recurses once per nested array or object
+        raise HttpRequestError(f"the request body is JSON nested too deeply to read; it should be {what}") from None

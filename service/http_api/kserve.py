@@ -96,11 +96,22 @@ def _flag(parameters: dict[str, ParameterValue], name: str, what: str) -> bool |
     return value
 
 
+_END = object()
+
+
 def _flatten(data: list[Any]) -> list[Any]:
-    """Tensor data in row-major order: the protocol allows nested arrays."""
+    """Tensor data in row-major order: the protocol allows nested arrays. Without recursion: the JSON parser
+    accepts nesting deeper than Python's recursion limit leaves room for here."""
     flat: list[Any] = []
-    for item in data:
-        flat.extend(_flatten(item) if isinstance(item, list) else [item])
+    pending: list[Any] = [iter(data)]
+    while pending:
+        item = next(pending[-1], _END)
+        if item is _END:
+            pending.pop()
+        elif isinstance(item, list):
+            pending.append(iter(item))
+        else:
+            flat.append(item)
     return flat
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from service.dataplane import Dataplane
 from service.errors import AttnServeError
@@ -42,6 +43,21 @@ PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css
 
 CERTIFICATE_CHECK_S = 1.0
 """How often the TLS files are checked for a change (a stat of each)."""
+
+
+class _RefusedByTheParser(logging.Filter):
+    """aiohttp logs a request its HTTP parser refused (a request line or header over its limits, broken framing) at
+    ERROR with a traceback, though the client got its 400 and the server is fine: one client could fill the log.
+    Such records are lowered to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_REFUSED_BY_THE_PARSER = _RefusedByTheParser()
 
 
 @dataclass
@@ -96,6 +112,7 @@ class HttpServer:
         share_port: bool = False,
     ) -> None:
         check_http_table()
+        logging.getLogger("aiohttp.server").addFilter(_REFUSED_BY_THE_PARSER)  # once: the same filter object
         self.settings = settings
         self.dataplane = dataplane
         self._metrics = metrics

@@ -7,6 +7,7 @@ calls are counted with protocol="http"; a drain answers the calls that are in fl
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -314,6 +315,28 @@ def test_a_malformed_json_body(base: str, path: str) -> None:
 
 
 @pytest.mark.parametrize("path", ["/v1/translate", "/v2/models/dates/infer"])
+def test_json_nested_too_deeply(base: str, path: str) -> None:
+    """Found by the fuzz campaign: arrays nested 5,000 deep made the v2 endpoint's JSON parser raise RecursionError,
+    answered 500 INTERNAL."""
+    deep = "[" * 5000 + '"3 mars 1999"' + "]" * 5000
+    tensor = '{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ' + deep + "}"
+    body = '{"texts": ' + deep + "}" if path.startswith("/v1") else '{"inputs": [' + tensor + "]}"
+    status, code, message = error_of(call("POST", base + path, body, {"Content-Type": "application/json"}))
+    assert (status, code) == (400, "INVALID_ARGUMENT")
+    assert "nested too deeply" in message or "maximum recursion depth" in message
+
+
+def test_v2_data_nested_as_deep_as_the_parser_reads_is_flattened(base: str) -> None:
+    """Tensor data may be nested arrays; flattening them does not recurse, so any depth the JSON parser reads works."""
+    nested = "[" * 300 + '"3 mars 1999"' + "]" * 300
+    body = '{"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ' + nested + "}]}"
+    reply = call("POST", f"{base}/v2/models/dates/infer", body, {"Content-Type": "application/json"})
+    flat = call("POST", f"{base}/v2/models/dates/infer", v2_infer_json(["3 mars 1999"]))
+    assert reply.status == flat.status == 200
+    assert reply.json()["outputs"] == flat.json()["outputs"]
+
+
+@pytest.mark.parametrize("path", ["/v1/translate", "/v2/models/dates/infer"])
 def test_a_wrong_content_type(base: str, path: str) -> None:
     reply = call("POST", base + path, "texts=a", {"Content-Type": "application/x-www-form-urlencoded"})
     status, _, message = error_of(reply)
@@ -370,6 +393,17 @@ def test_a_client_that_never_finishes_its_body(base: str) -> None:
         "error": f"the request body did not arrive within {BODY_TIMEOUT_S:g} s (http_body_timeout_seconds)",
         "code": "INVALID_ARGUMENT",
     }
+
+
+def test_a_request_line_over_the_parsers_limit_is_refused_without_an_error_in_the_log(
+    base: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by the fuzz campaign: aiohttp answered a 20 KB request line 400 and logged it at ERROR with a traceback,
+    so one client could fill the server's log. It is logged at DEBUG now."""
+    with caplog.at_level(logging.INFO, logger="aiohttp.server"):
+        reply = call("GET", f"{base}/v2/models/{'x' * 20_000}")
+    assert reply.status == 400 and b"Got more than" in reply.body
+    assert [record for record in caplog.records if record.name == "aiohttp.server"] == []
 
 
 def test_unknown_paths_and_verbs(base: str) -> None:

@@ -35,6 +35,7 @@ from service.gen.attnserve.v1 import translator_pb2 as native_pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as native_grpc
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.grpc_api.errors import MAX_DETAILS_CHARS
 from service.grpc_api.kserve import (
     FINAL_RESPONSE_PARAMETER,
     KSERVE_SERVICE,
@@ -444,6 +445,49 @@ def test_stream_answers_every_request_with_errors_in_band(
     assert (
         first.parameters[FINAL_RESPONSE_PARAMETER].bool_param and last.parameters[FINAL_RESPONSE_PARAMETER].bool_param
     )
+
+
+@pytest.mark.slow
+def test_stream_answers_a_message_that_does_not_parse_in_band_and_reads_on(
+    channel: grpc.Channel, native: native_grpc.TranslatorStub
+) -> None:
+    """Found by the fuzz campaign: a request message on ModelStreamInfer that did not parse failed the whole stream
+    with UNKNOWN (or INTERNAL when messages followed), and the requests before it went unanswered."""
+    stream = channel.stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        request_serializer=lambda data: data,
+        response_deserializer=pb.ModelStreamInferResponse.FromString,
+    )
+    before, after = infer_request(DATES[:1]), infer_request(NUMBERS[:1], model="numbers")
+    before.id, after.id = "before", "after"
+    corrupt = b"\xff\xff\xff"
+    payloads = [before.SerializeToString(), corrupt, after.SerializeToString()]
+    responses = list(stream(iter(payloads), timeout=60))
+    assert len(responses) == 3
+    errors = [response.error_message for response in responses if response.error_message]
+    assert len(errors) == 1 and errors[0].startswith(
+        "INVALID_ARGUMENT: the ModelStreamInfer request is not a valid protobuf message"
+    )
+    by_id = {
+        response.infer_response.id: response.infer_response for response in responses if not response.error_message
+    }
+    assert output_values(by_id["before"], "TRANSLATION")[1] == [native_translations(native, DATES[:1])[0][0][0]]
+    assert output_values(by_id["after"], "TRANSLATION")[1] == [
+        native_translations(native, NUMBERS[:1], model="numbers")[0][0][0]
+    ]
+
+
+@pytest.mark.slow
+def test_a_refusal_that_quotes_a_long_input_keeps_its_status(v2: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """Found by the fuzz campaign: a message quoting 40,000 characters of the request travelled whole in the status
+    trailer, which the client refused (over 16 KiB), so the call failed with RESOURCE_EXHAUSTED ("Stream removed")
+    instead of its INVALID_ARGUMENT. Messages are cut to MAX_DETAILS_CHARS, saying so."""
+    request = infer_request(DATES[:1])
+    request.inputs[0].parameters["é" * 40_000].bool_param = True  # 2 bytes of UTF-8, 6 percent-encoded
+    code, details = status_of(lambda: v2.ModelInfer(request, timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("input TEXT has parameters ['éééé")
+    assert len(details) <= MAX_DETAILS_CHARS and details.endswith(" characters cut)")
 
 
 @pytest.mark.slow
