@@ -123,6 +123,14 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.shed_calls = Counter(
+            "attnserve_shed_calls",
+            "Calls refused at once for overload (RESOURCE_EXHAUSTED, counted in attnserve_requests_total too), by "
+            "reason: queue_full (the model version's queue holds max_waiting_requests texts) or queue_wait (the call "
+            "could not start within max_queue_wait_ms), and protocol (grpc or http).",
+            ("model", "version", "reason", "protocol"),
+            registry=r,
+        )
         # Engine, per text (one engine request).
         self.queue_wait = Histogram(
             "attnserve_queue_wait_seconds",
@@ -263,6 +271,10 @@ class ServerMetrics:
             )
         children[0].inc()
         children[1].observe(seconds)
+
+    def observe_shed(self, reason: str, model: str, version: int | None, protocol: str = "grpc") -> None:
+        """A call refused for overload, for `reason` (service.errors.OVERLOAD_REASONS)."""
+        self.shed_calls.labels(model, "" if version is None else str(version), reason, protocol).inc()
 
     def model_loaded(
         self, model: str, version: int, provider: str, load_seconds: float, threads: RuntimeThreads | None = None

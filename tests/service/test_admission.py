@@ -1,0 +1,161 @@
+"""Admission by expected wait (service/engine_client/admission.py): exact answers from given counts and times.
+
+The drain rate is measured from samples the test writes down (time, texts waiting, texts that have left the
+queue), so every rate, estimate and retry hint below is computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from service.engine_client.admission import (
+    LONGEST_RETRY_HINT_S,
+    MAX_INTERVAL_S,
+    MIN_INTERVAL_S,
+    SMOOTHING_S,
+    DrainRate,
+    QueueAdmission,
+    QueueSample,
+)
+from service.errors import QUEUE_FULL, QUEUE_WAIT, InvalidRequest, Overloaded
+
+
+def drained(*samples: tuple[float, int, int]) -> DrainRate:
+    rate = DrainRate()
+    for at, waiting, dequeued in samples:
+        rate.observe(QueueSample(at, waiting, dequeued))
+    return rate
+
+
+def admission(max_waiting: int = 1000, max_wait_s: float = 0.5, rate: float | None = 500.0) -> QueueAdmission:
+    """A QueueAdmission whose drain rate is `rate` texts/s (measured over one busy interval of 1 s)."""
+    gate = QueueAdmission("dates version 1", max_waiting, max_wait_s)
+    if rate is not None:
+        gate.observe(QueueSample(10.0, 50, 0))
+        gate.observe(QueueSample(11.0, 50, round(rate)))
+        assert gate.drain.rate == pytest.approx(rate)
+    return gate
+
+
+# ----- the drain rate ---------------------------------------------------------------------------------------
+
+
+def test_the_rate_is_what_left_a_backlogged_queue_per_second() -> None:
+    assert drained((0.0, 100, 0), (0.1, 100, 50)).rate == pytest.approx(500.0)
+
+
+def test_no_rate_before_a_first_busy_interval() -> None:
+    assert DrainRate().rate is None
+    assert drained((0.0, 100, 0)).rate is None
+
+
+def test_an_interval_that_began_or_ended_with_an_empty_queue_measures_nothing() -> None:
+    # While the queue is empty, texts leave as fast as they arrive: that says nothing of what the engine can do.
+    assert drained((0.0, 0, 0), (0.5, 10, 5)).rate is None
+    assert drained((0.0, 10, 0), (0.5, 0, 10)).rate is None
+    # An empty sample in between, even a short one, restarts the interval.
+    assert drained((0.0, 10, 0), (0.01, 0, 10), (0.5, 10, 20)).rate is None
+    assert drained((0.0, 10, 0), (0.01, 0, 10), (0.5, 10, 20), (0.6, 10, 70)).rate == pytest.approx(500.0)
+
+
+def test_samples_closer_than_the_shortest_interval_extend_it() -> None:
+    half = MIN_INTERVAL_S / 2
+    rate = drained((0.0, 100, 0), (half, 100, 7))
+    assert rate.rate is None
+    rate.observe(QueueSample(2 * MIN_INTERVAL_S, 100, 40))  # measured from the interval's start, at 0
+    assert rate.rate == pytest.approx(40 / (2 * MIN_INTERVAL_S))
+
+
+def test_an_interval_longer_than_the_longest_measures_nothing() -> None:
+    # The queue may have been empty (and the engine idle) in between without any sample showing it.
+    assert drained((0.0, 10, 0), (MAX_INTERVAL_S + 0.5, 10, 30)).rate is None
+
+
+def test_a_count_that_goes_backwards_starts_over() -> None:
+    # A new engine for the same version counts from 0 again.
+    assert drained((0.0, 10, 500), (0.2, 10, 3)).rate is None
+    assert drained((0.0, 10, 500), (0.2, 10, 3), (0.4, 10, 103)).rate == pytest.approx(500.0)
+
+
+def test_later_intervals_are_averaged_by_their_length() -> None:
+    rate = drained((0.0, 100, 0), (0.1, 100, 50))  # 500/s
+    rate.observe(QueueSample(0.3, 100, 50 + 200))  # 1000/s over 0.2 s
+    weight = 1.0 - math.exp(-0.2 / SMOOTHING_S)
+    assert rate.rate == pytest.approx(500.0 + weight * (1000.0 - 500.0))
+
+
+def test_a_stalled_queue_has_rate_zero() -> None:
+    assert drained((0.0, 10, 7), (0.5, 12, 7)).rate == 0.0
+
+
+# ----- the decision ------------------------------------------------------------------------------------------
+
+
+def test_a_call_that_could_start_within_the_bound_is_admitted() -> None:
+    gate = admission(rate=500.0)
+    assert gate.estimate(waiting=250, picked_up=0) is None  # 0.5 s: exactly the bound
+    gate.check(count=1, waiting=250)
+
+
+def test_a_call_that_could_not_start_within_the_bound_is_refused_with_a_retry_hint() -> None:
+    gate = admission(rate=500.0, max_wait_s=0.5)
+    estimate = gate.estimate(waiting=300, picked_up=0)
+    assert estimate is not None
+    assert (estimate.ahead, estimate.drain_rate) == (300, 500.0)
+    assert estimate.wait_s == pytest.approx(0.6)
+    assert estimate.retry_after_s == pytest.approx(0.1)
+    with pytest.raises(Overloaded) as refused:
+        gate.check(count=1, waiting=300)
+    assert refused.value.reason == QUEUE_WAIT
+    assert refused.value.retry_after_s == pytest.approx(0.1)
+    assert refused.value.message == (
+        "model dates version 1 cannot start this call within 0.500 s (max_queue_wait_ms): 300 texts are ahead of "
+        "it and the queue drains 500 texts/s; retry later"
+    )
+
+
+def test_texts_picked_up_but_not_yet_in_the_engines_count_are_ahead_too() -> None:
+    gate = admission(rate=500.0, max_wait_s=0.5)
+    assert gate.estimate(waiting=200, picked_up=50) is None  # 250 ahead: 0.5 s
+    estimate = gate.estimate(waiting=200, picked_up=100)
+    assert estimate is not None and estimate.ahead == 300
+    with pytest.raises(Overloaded, match="300 texts are ahead of it"):
+        gate.check(count=1, waiting=200, picked_up=100)
+
+
+def test_nothing_is_refused_for_time_before_the_rate_is_known_or_when_the_bound_is_off() -> None:
+    assert admission(rate=None).estimate(waiting=999, picked_up=0) is None
+    assert admission(max_wait_s=0.0).estimate(waiting=999, picked_up=0) is None
+    admission(rate=None).check(count=1, waiting=999)
+
+
+def test_a_stalled_queue_refuses_with_the_longest_hint() -> None:
+    gate = QueueAdmission("dates version 1", 1000, 0.5)
+    gate.observe(QueueSample(0.0, 10, 7))
+    gate.observe(QueueSample(0.5, 10, 7))
+    estimate = gate.estimate(waiting=10, picked_up=0)
+    assert estimate is not None and estimate.wait_s == math.inf
+    assert estimate.retry_after_s == LONGEST_RETRY_HINT_S
+    with pytest.raises(Overloaded, match="the queue has not moved lately; retry later"):
+        gate.check(count=1, waiting=10)
+
+
+def test_the_queue_limit_still_holds_and_says_when_there_will_be_room() -> None:
+    gate = admission(max_waiting=100, rate=500.0)
+    gate.check(count=4, waiting=96)  # exactly full after it (and 96 / 500 s is within the bound)
+    with pytest.raises(Overloaded) as refused:
+        gate.check(count=4, waiting=97)
+    assert refused.value.reason == QUEUE_FULL
+    assert refused.value.retry_after_s == pytest.approx(1 / 500.0)  # one text must leave first
+    assert refused.value.message == (
+        "model dates version 1 has 97 requests waiting and this call brings 4; the limit is 100; retry later"
+    )
+    with pytest.raises(Overloaded) as unknown_rate:
+        admission(max_waiting=100, rate=None).check(count=4, waiting=97)
+    assert unknown_rate.value.retry_after_s is None
+
+
+def test_a_call_larger_than_the_queue_is_invalid_not_overload() -> None:
+    with pytest.raises(InvalidRequest, match="this call brings 101 texts but model dates version 1 queues at most 100"):
+        admission(max_waiting=100).check(count=101, waiting=0)
