@@ -18,7 +18,8 @@ import numpy as np
 
 from service.engine.records import DecodeOptions, EngineRequest, EngineResult, FinishReason, Hypothesis
 from service.engine_client import EngineClient
-from service.errors import InvalidRequest
+from service.engine_client.admission import LONGEST_RETRY_HINT_S, PendingCalls
+from service.errors import BACKLOG_WAIT, InvalidRequest, Overloaded
 from service.registry import ModelDescription, ServedVersion
 from service.runtime.tokenizers import EOS, EOS_PIECE, UNK, Tokenizer
 from service.settings import Settings
@@ -92,12 +93,57 @@ class _PreparedText:
 
 
 class Dataplane:
-    """Validates, tokenizes, decodes through the engine client and detokenizes. One per server process."""
+    """Validates, tokenizes, decodes through the engine client and detokenizes. One per server process.
 
-    def __init__(self, client: EngineClient, settings: Settings) -> None:
+    `pending`: the translation calls the transports have picked up (`admit_pickup`) that have not reached
+    translate() or translate_stream() yet. `clock` (time.monotonic) times what admission measures.
+    """
+
+    def __init__(self, client: EngineClient, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.registry = client.registry
         self.settings = settings
+        self.pending = PendingCalls()
+        self._clock = clock
+
+    # ----- admission at pickup ----------------------------------------------------------------------
+
+    def admit_pickup(self) -> None:
+        """A transport has just picked up a translation call, in the task that will run it: refuse it now
+        (Overloaded, reason BACKLOG_WAIT, with a retry hint) when the calls picked up before it, at the rate they
+        have been reaching translate(), and then the shortest model queue mean it could not start within
+        max_queue_wait_ms; otherwise count it as pending until it reaches translate() or ends.
+
+        Why here: when the process cannot even pick calls up as fast as they come, they wait on the way to the
+        model queues, where the queues' own check never sees them; refused before its request is parsed, a call
+        costs the process least."""
+        pending, now = self.pending, self._clock()
+        pending.observe(now)
+        bound_s = self.settings.max_queue_wait_ms / 1000.0
+        ahead = pending.count
+        if bound_s > 0.0 and ahead > 0:
+            on_the_way_s = pending.drain.wait_s(ahead)
+            if on_the_way_s is not None:
+                queued_s = min(
+                    (self.client.expected_wait_s(served) for served in self.registry.served_versions()), default=0.0
+                )
+                wait_s = on_the_way_s + queued_s
+                if wait_s > bound_s:
+                    raise Overloaded(
+                        f"the server cannot start this call within {bound_s:.3f} s (max_queue_wait_ms): {ahead} calls "
+                        f"picked up before it are on their way to a model's queue (about {on_the_way_s:.3f} s), and "
+                        f"the shortest queue adds {queued_s:.3f} s; retry later",
+                        reason=BACKLOG_WAIT,
+                        retry_after_s=min(wait_s - bound_s, LONGEST_RETRY_HINT_S),
+                    )
+        task = asyncio.current_task()
+        if task is not None:
+            pending.add(task)
+
+    def _reached(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.pending.remove(task)
 
     # ----- model metadata ---------------------------------------------------------------------------
 
@@ -139,6 +185,7 @@ class Dataplane:
         one text fails the call fails with that error and the other texts are cancelled; cancelling the
         awaiting task cancels them all.
         """
+        self._reached()
         arrival = time.monotonic()
         served, decode = self._resolve_call(model, version, texts, options, on_resolved)
         prepared = [self._prepare(served, index, text) for index, text in enumerate(texts)]
@@ -181,6 +228,7 @@ class Dataplane:
         callers use contextlib.aclosing, so a client that goes away mid-stream cancels now, not at
         collection) or cancelling the iterating task cancels the engine request.
         """
+        self._reached()
         arrival = time.monotonic()
         served, decode = self._resolve_call(model, version, [text], options, on_resolved)
         prepared = self._prepare(served, 0, text)

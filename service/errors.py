@@ -40,8 +40,12 @@ class ModelNotFound(AttnServeError):
 QUEUE_FULL = "queue_full"
 """Overloaded because the model version's queue holds max_waiting_requests texts."""
 QUEUE_WAIT = "queue_wait"
-"""Overloaded because the call could not start within max_queue_wait_ms (service/engine_client/admission.py)."""
-OVERLOAD_REASONS = (QUEUE_FULL, QUEUE_WAIT)
+"""Overloaded because the call could not start within max_queue_wait_ms: the texts ahead of it in its model version's
+queue (service/engine_client/admission.py)."""
+BACKLOG_WAIT = "backlog_wait"
+"""Overloaded because the call could not start within max_queue_wait_ms, judged as soon as it was picked up: the
+calls picked up before it, still on their way to a model's queue, and the shortest queue (service/dataplane.py)."""
+OVERLOAD_REASONS = (QUEUE_FULL, QUEUE_WAIT, BACKLOG_WAIT)
 
 
 class Overloaded(AttnServeError):

@@ -36,6 +36,11 @@ class EngineClient(Protocol):
         when it never will). Cheap, so that refusing under overload costs little."""
         ...
 
+    def expected_wait_s(self, served: ServedVersion) -> float:
+        """Seconds a call arriving now would wait in `served`'s queue before its first text joins the batch, as
+        admission estimates it (0 while it cannot tell yet)."""
+        ...
+
     def submit(self, served: ServedVersion, requests: Sequence[EngineRequest]) -> list[RequestHandle]:
         """Queue one call's requests for `served`, all or none. Raises (or resolves every handle with)
         Unavailable, InvalidRequest or Overloaded when they are refused."""

@@ -22,8 +22,10 @@ see of the engine (service/engine_client/).
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from service.errors import QUEUE_FULL, QUEUE_WAIT, InvalidRequest, Overloaded
 
@@ -43,17 +45,6 @@ LONGEST_RETRY_HINT_S = 30.0
 
 
 @dataclass(frozen=True)
-class QueueSample:
-    """What one engine queue held at time `at` (seconds of the caller's monotonic clock): `waiting` texts
-    queued, and `dequeued` texts that have left the queue since the engine started (into the batch, or
-    cancelled or expired while waiting), a count that only grows."""
-
-    at: float
-    waiting: int
-    dequeued: int
-
-
-@dataclass(frozen=True)
 class WaitEstimate:
     """Why a call is refused: `ahead` texts before it (waiting in the engine and picked up here), draining at
     `drain_rate` texts/s, so it would wait about `wait_s` seconds, over `bound_s`. `retry_after_s`: when the
@@ -70,32 +61,77 @@ class WaitEstimate:
 
 
 class DrainRate:
-    """Texts per second one queue loses while it is backlogged: a moving average of the rates measured over
-    intervals that began and ended with texts waiting. `rate` is None until the first such interval."""
+    """How fast one queue empties while it is backlogged: a moving average of the rates measured over intervals
+    that began and ended with something waiting. `rate` (items/s) is None until the first such interval."""
 
     def __init__(self) -> None:
         self.rate: float | None = None
-        self._start: QueueSample | None = None
+        self._start: tuple[float, int, int] | None = None  # (at, waiting, dequeued) where the interval began
 
-    def observe(self, sample: QueueSample) -> None:
-        """Take what the queue holds now. A sample with an empty queue ends the interval without a measurement,
-        as does one whose count went backwards (a new engine for the same version) or one more than MAX_INTERVAL_S
-        after the interval's start; other samples closer than MIN_INTERVAL_S to the start only extend it."""
+    def observe(self, at: float, waiting: int, dequeued: int) -> None:
+        """Take what the queue holds at time `at` (seconds of the caller's monotonic clock): `waiting` items, and
+        `dequeued` items that have left it since it was made (a count that only grows).
+
+        A sample with an empty queue ends the interval without a measurement, as does one whose count went
+        backwards (a new engine for the same version) or one more than MAX_INTERVAL_S after the interval's start;
+        other samples closer than MIN_INTERVAL_S to the start only extend it."""
         start = self._start
-        if start is None or sample.waiting <= 0 or sample.dequeued < start.dequeued:
-            self._start = sample
+        if start is None or waiting <= 0 or dequeued < start[2]:
+            self._start = (at, waiting, dequeued)
             return
-        elapsed = sample.at - start.at
+        elapsed = at - start[0]
         if elapsed < MIN_INTERVAL_S:
             return
-        if start.waiting > 0 and elapsed <= MAX_INTERVAL_S:
-            measured = (sample.dequeued - start.dequeued) / elapsed
+        if start[1] > 0 and elapsed <= MAX_INTERVAL_S:
+            measured = (dequeued - start[2]) / elapsed
             if self.rate is None:
                 self.rate = measured
             else:
                 weight = 1.0 - math.exp(-elapsed / SMOOTHING_S)
                 self.rate += weight * (measured - self.rate)
-        self._start = sample
+        self._start = (at, waiting, dequeued)
+
+    def wait_s(self, ahead: int) -> float | None:
+        """Seconds until `ahead` items have left at the measured rate (infinite when it is 0), 0 when nothing is
+        ahead, None when there is no rate yet."""
+        if ahead <= 0:
+            return 0.0
+        rate = self.rate
+        if rate is None:
+            return None
+        return ahead / rate if rate > 0.0 else math.inf
+
+
+class PendingCalls:
+    """The first stage a call passes: picked up by a transport, its handler not yet in the dataplane (waiting for
+    its request to arrive, or for the event loop). `count` calls are there; `drain` measures the rate they leave it
+    at while some wait. A call is held by the asyncio task that runs it, and leaves when that task reaches the
+    dataplane or ends, so a call the client abandons on the way is never left counted. Event-loop thread only."""
+
+    def __init__(self) -> None:
+        self.drain = DrainRate()
+        self._tasks: set[asyncio.Future[object]] = set()
+        self._left = 0
+
+    @property
+    def count(self) -> int:
+        return len(self._tasks)
+
+    def observe(self, at: float) -> None:
+        """Feed the drain rate with what is pending at time `at`."""
+        self.drain.observe(at, len(self._tasks), self._left)
+
+    def add(self, task: asyncio.Future[Any]) -> None:
+        """`task` runs a call just picked up (a task is added once; adding it again changes nothing)."""
+        if task not in self._tasks:
+            self._tasks.add(task)
+            task.add_done_callback(self.remove)
+
+    def remove(self, task: asyncio.Future[Any]) -> None:
+        """`task`'s call reached the dataplane or ended (idempotent; unknown tasks are ignored)."""
+        if task in self._tasks:
+            self._tasks.discard(task)
+            self._left += 1
 
 
 class QueueAdmission:
@@ -109,22 +145,23 @@ class QueueAdmission:
         self.max_wait_s = max_wait_s
         self.drain = DrainRate()
 
-    def observe(self, sample: QueueSample) -> None:
-        """Feed the drain rate with what the queue holds now."""
-        self.drain.observe(sample)
+    def observe(self, at: float, waiting: int, dequeued: int) -> None:
+        """Feed the drain rate with what the queue holds at `at` (DrainRate.observe)."""
+        self.drain.observe(at, waiting, dequeued)
 
     def estimate(self, waiting: int, picked_up: int) -> WaitEstimate | None:
         """The wait of a call that arrives now behind `waiting` texts in the engine's queue and `picked_up` texts
         this process has sent the engine but the engine's count does not show yet, or None when it is within
         the bound (or nothing is known yet, or the bound is off)."""
         ahead = waiting + picked_up
-        rate = self.drain.rate
-        if self.max_wait_s <= 0.0 or rate is None or ahead <= 0:
+        wait_s = self.drain.wait_s(ahead)
+        if self.max_wait_s <= 0.0 or wait_s is None or wait_s <= self.max_wait_s:
             return None
-        wait_s = ahead / rate if rate > 0.0 else math.inf
-        if wait_s <= self.max_wait_s:
-            return None
-        return WaitEstimate(ahead=ahead, drain_rate=rate, wait_s=wait_s, bound_s=self.max_wait_s)
+        return WaitEstimate(ahead=ahead, drain_rate=self.drain.rate or 0.0, wait_s=wait_s, bound_s=self.max_wait_s)
+
+    def expected_wait_s(self, waiting: int, picked_up: int = 0) -> float:
+        """The wait of a call that arrives now (as estimate), 0 when the rate is not known yet."""
+        return self.drain.wait_s(waiting + picked_up) or 0.0
 
     def check(self, count: int, waiting: int, picked_up: int = 0) -> None:
         """Raise unless a call of `count` texts may be queued now behind `waiting` + `picked_up` texts (see

@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from service.engine import AsyncEngine, EngineRequest, RequestHandle
-from service.engine_client.admission import QueueAdmission, QueueSample
+from service.engine_client.admission import QueueAdmission
 from service.errors import Unavailable
 from service.metrics import ServerMetrics
 from service.models import ModelManager
@@ -54,9 +54,18 @@ class InProcessClient:
     def check_room(self, served: ServedVersion, count: int) -> None:
         waiting, dequeued = self._engine(served).queue_progress()
         admission = self.admission(served)
-        admission.observe(QueueSample(self._clock(), waiting, dequeued))
+        admission.observe(self._clock(), waiting, dequeued)
         # Calls are checked and submitted in one turn of the event loop: none is picked up and not yet queued.
         admission.check(count, waiting)
+
+    def expected_wait_s(self, served: ServedVersion) -> float:
+        engine = self.manager.engine(served.name, served.version)
+        if engine is None:
+            return 0.0
+        waiting, dequeued = engine.queue_progress()
+        admission = self.admission(served)
+        admission.observe(self._clock(), waiting, dequeued)
+        return admission.expected_wait_s(waiting)
 
     def admission(self, served: ServedVersion) -> QueueAdmission:
         """The admission state of `served` (made at its first call)."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.engine import EngineRequest, RequestHandle
-from service.engine_client.admission import QueueAdmission, QueueSample
+from service.engine_client.admission import QueueAdmission
 from service.errors import ModelLoadError, RequestCancelled, Unavailable, error_from_status
 from service.ipc.messages import (
     Cancel,
@@ -177,6 +177,10 @@ class SocketClient:
         queue = self._queue(served.name, served.version, served.label)
         queue.admission.check(count, queue.waiting, queue.picked_up)
 
+    def expected_wait_s(self, served: ServedVersion) -> float:
+        queue = self._queue(served.name, served.version, served.label)
+        return queue.admission.expected_wait_s(queue.waiting, queue.picked_up)
+
     def _queue(self, name: str, version: int, label: str) -> _QueueView:
         queue = self._queues.get((name, version))
         if queue is None:
@@ -228,7 +232,7 @@ class SocketClient:
             elif isinstance(message, QueueDepth):
                 queue = self._queue(message.name, message.version, f"{message.name} version {message.version}")
                 queue.waiting, queue.picked_up = message.waiting, 0
-                queue.admission.observe(QueueSample(self._clock(), message.waiting, message.dequeued))
+                queue.admission.observe(self._clock(), message.waiting, message.dequeued)
             elif isinstance(message, Registry):
                 self._apply(message)
             else:

@@ -24,6 +24,7 @@ from service.engine_client import EngineClient
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.gen.inference import grpc_service_pb2_grpc as kserve_pb_grpc
+from service.grpc_api.admission import PickupAdmissionInterceptor
 from service.grpc_api.errors import RpcInterceptor, check_status_table
 from service.grpc_api.kserve import KSERVE_SERVICE, KServeServicer
 from service.grpc_api.security import BearerTokens, TokenAuthInterceptor, server_credentials
@@ -37,6 +38,14 @@ log = logging.getLogger(__name__)
 TRANSLATOR_SERVICE = pb.DESCRIPTOR.services_by_name["Translator"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 LIVENESS_SERVICE = "liveness"
+
+ADMITTED_METHODS = (
+    f"/{TRANSLATOR_SERVICE}/Translate",
+    f"/{TRANSLATOR_SERVICE}/TranslateStream",
+    f"/{KSERVE_SERVICE}/ModelInfer",
+)
+"""The calls judged as soon as they are picked up (Dataplane.admit_pickup): those that decode one request. Health,
+metadata and reflection calls are never refused for load; ModelStreamInfer's requests are judged one by one."""
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -107,6 +116,7 @@ class GrpcServer:
         if self._tokens is not None:
             # After RpcInterceptor, so refused calls are counted (code UNAUTHENTICATED) like any other.
             interceptors.append(TokenAuthInterceptor(self._tokens))
+        interceptors.append(PickupAdmissionInterceptor(dataplane.admit_pickup, ADMITTED_METHODS))
         self._server = aio.server(
             interceptors=interceptors,
             options=[

@@ -67,6 +67,10 @@ class _Route:
 
 _CALL = web.RequestKey("attnserve_call", _Call)
 
+ADMITTED_METHODS = frozenset({"Translate", "TranslateStream", "ModelInfer"})
+"""The endpoints (by the RPC they mirror) judged as soon as a request arrives, before its body is read
+(Dataplane.admit_pickup), as over gRPC."""
+
 
 def _call(request: web.Request) -> _Call:
     return request[_CALL]
@@ -198,6 +202,8 @@ class HttpServer:
                     response = _json_error(401, why, call.code)
                     response.headers["WWW-Authenticate"] = "Bearer"
                     return response
+            if route is not None and route.method in ADMITTED_METHODS:
+                self.dataplane.admit_pickup()
             return await handler(request)
         except web.HTTPException as error:  # the router's own answers: no such path, or not that verb
             if error.status == 404:

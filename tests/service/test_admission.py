@@ -16,7 +16,6 @@ from service.engine_client.admission import (
     SMOOTHING_S,
     DrainRate,
     QueueAdmission,
-    QueueSample,
 )
 from service.errors import QUEUE_FULL, QUEUE_WAIT, InvalidRequest, Overloaded
 
@@ -24,7 +23,7 @@ from service.errors import QUEUE_FULL, QUEUE_WAIT, InvalidRequest, Overloaded
 def drained(*samples: tuple[float, int, int]) -> DrainRate:
     rate = DrainRate()
     for at, waiting, dequeued in samples:
-        rate.observe(QueueSample(at, waiting, dequeued))
+        rate.observe(at, waiting, dequeued)
     return rate
 
 
@@ -32,8 +31,8 @@ def admission(max_waiting: int = 1000, max_wait_s: float = 0.5, rate: float | No
     """A QueueAdmission whose drain rate is `rate` texts/s (measured over one busy interval of 1 s)."""
     gate = QueueAdmission("dates version 1", max_waiting, max_wait_s)
     if rate is not None:
-        gate.observe(QueueSample(10.0, 50, 0))
-        gate.observe(QueueSample(11.0, 50, round(rate)))
+        gate.observe(10.0, 50, 0)
+        gate.observe(11.0, 50, round(rate))
         assert gate.drain.rate == pytest.approx(rate)
     return gate
 
@@ -63,7 +62,7 @@ def test_samples_closer_than_the_shortest_interval_extend_it() -> None:
     half = MIN_INTERVAL_S / 2
     rate = drained((0.0, 100, 0), (half, 100, 7))
     assert rate.rate is None
-    rate.observe(QueueSample(2 * MIN_INTERVAL_S, 100, 40))  # measured from the interval's start, at 0
+    rate.observe(2 * MIN_INTERVAL_S, 100, 40)  # measured from the interval's start, at 0
     assert rate.rate == pytest.approx(40 / (2 * MIN_INTERVAL_S))
 
 
@@ -80,7 +79,7 @@ def test_a_count_that_goes_backwards_starts_over() -> None:
 
 def test_later_intervals_are_averaged_by_their_length() -> None:
     rate = drained((0.0, 100, 0), (0.1, 100, 50))  # 500/s
-    rate.observe(QueueSample(0.3, 100, 50 + 200))  # 1000/s over 0.2 s
+    rate.observe(0.3, 100, 50 + 200)  # 1000/s over 0.2 s
     weight = 1.0 - math.exp(-0.2 / SMOOTHING_S)
     assert rate.rate == pytest.approx(500.0 + weight * (1000.0 - 500.0))
 
@@ -132,8 +131,8 @@ def test_nothing_is_refused_for_time_before_the_rate_is_known_or_when_the_bound_
 
 def test_a_stalled_queue_refuses_with_the_longest_hint() -> None:
     gate = QueueAdmission("dates version 1", 1000, 0.5)
-    gate.observe(QueueSample(0.0, 10, 7))
-    gate.observe(QueueSample(0.5, 10, 7))
+    gate.observe(0.0, 10, 7)
+    gate.observe(0.5, 10, 7)
     estimate = gate.estimate(waiting=10, picked_up=0)
     assert estimate is not None and estimate.wait_s == math.inf
     assert estimate.retry_after_s == LONGEST_RETRY_HINT_S
