@@ -18,7 +18,7 @@ import numpy as np
 
 from service.engine.records import DecodeOptions, EngineRequest, EngineResult, FinishReason, Hypothesis
 from service.engine_client import EngineClient
-from service.engine_client.admission import LONGEST_RETRY_HINT_S, PendingCalls
+from service.engine_client.admission import LONGEST_RETRY_HINT_S, QUEUE_SHARE_KEPT, PendingCalls
 from service.errors import BACKLOG_WAIT, InvalidRequest, Overloaded
 from service.registry import ModelDescription, ServedVersion
 from service.runtime.tokenizers import EOS, EOS_PIECE, UNK, Tokenizer
@@ -108,42 +108,48 @@ class Dataplane:
 
     # ----- admission at pickup ----------------------------------------------------------------------
 
-    def admit_pickup(self) -> None:
-        """A transport has just picked up a translation call, in the task that will run it: refuse it now
-        (Overloaded, reason BACKLOG_WAIT, with a retry hint) when the calls picked up before it, at the rate they
-        have been reaching translate(), and then the shortest model queue mean it could not start within
-        max_queue_wait_ms; otherwise count it as pending until it reaches translate() or ends.
+    def admit_pickup(self, waited_s: float = 0.0) -> None:
+        """A transport has just picked up a translation call, in the task that will run it, after the call waited
+        about `waited_s` seconds to be picked up: refuse it now (Overloaded, reason BACKLOG_WAIT, with a retry
+        hint) when the calls picked up before it (at the rate they have been reaching translate()) and the
+        shortest model queue would keep it from starting within what is left of max_queue_wait_ms (never less than
+        QUEUE_SHARE_KEPT of it); otherwise count it as pending until it reaches translate() or ends.
 
-        Why here: when the process cannot even pick calls up as fast as they come, they wait on the way to the
-        model queues, where the queues' own check never sees them; refused before its request is parsed, a call
-        costs the process least."""
-        pending, now = self.pending, self._clock()
-        pending.observe(now)
+        Why here: refused before its request is parsed, a call costs the process least, so the process answers
+        more calls per second and the calls that wait to be picked up wait less. Why the share kept: the time a
+        call waited before pickup is spent; refusing it does not give that back to anyone (a client that keeps
+        its calls in flight sends the next at once), but a queue cut below what keeps the batch full wastes the
+        engine."""
+        pending = self.pending
+        pending.observe(self._clock())
         bound_s = self.settings.max_queue_wait_ms / 1000.0
+        if bound_s <= 0.0:
+            return self._pending(pending, waited_s)
         ahead = pending.count
-        if bound_s > 0.0 and ahead > 0:
-            on_the_way_s = pending.drain.wait_s(ahead)
-            if on_the_way_s is not None:
-                queued_s = min(
-                    (self.client.expected_wait_s(served) for served in self.registry.served_versions()), default=0.0
-                )
-                wait_s = on_the_way_s + queued_s
-                if wait_s > bound_s:
-                    raise Overloaded(
-                        f"the server cannot start this call within {bound_s:.3f} s (max_queue_wait_ms): {ahead} calls "
-                        f"picked up before it are on their way to a model's queue (about {on_the_way_s:.3f} s), and "
-                        f"the shortest queue adds {queued_s:.3f} s; retry later",
-                        reason=BACKLOG_WAIT,
-                        retry_after_s=min(wait_s - bound_s, LONGEST_RETRY_HINT_S),
-                    )
-        task = asyncio.current_task()
-        if task is not None:
-            pending.add(task)
+        on_the_way_s = (pending.drain.wait_s(ahead) or 0.0) if ahead else 0.0
+        queued_s = min((self.client.expected_wait_s(served) for served in self.registry.served_versions()), default=0.0)
+        allowed_s = max(bound_s - waited_s, QUEUE_SHARE_KEPT * bound_s)
+        if on_the_way_s + queued_s > allowed_s:
+            raise Overloaded(
+                f"the server cannot start this call within {bound_s:.3f} s (max_queue_wait_ms): it waited about "
+                f"{waited_s:.3f} s to be picked up, and would wait {on_the_way_s:.3f} s more behind {ahead} calls on "
+                f"their way to a model's queue and {queued_s:.3f} s in the shortest queue; retry later",
+                reason=BACKLOG_WAIT,
+                retry_after_s=min(on_the_way_s + queued_s - allowed_s, LONGEST_RETRY_HINT_S),
+            )
+        return self._pending(pending, waited_s)
 
-    def _reached(self) -> None:
+    @staticmethod
+    def _pending(pending: PendingCalls, waited_s: float) -> None:
         task = asyncio.current_task()
         if task is not None:
-            self.pending.remove(task)
+            pending.add(task, waited_s)
+
+    def _reached(self) -> float:
+        """The call of this task reached the dataplane: how long it waited before it was picked up (0 when no
+        transport said)."""
+        task = asyncio.current_task()
+        return self.pending.remove(task) if task is not None else 0.0
 
     # ----- model metadata ---------------------------------------------------------------------------
 
@@ -185,9 +191,9 @@ class Dataplane:
         one text fails the call fails with that error and the other texts are cancelled; cancelling the
         awaiting task cancels them all.
         """
-        self._reached()
+        waited_s = self._reached()
         arrival = time.monotonic()
-        served, decode = self._resolve_call(model, version, texts, options, on_resolved)
+        served, decode = self._resolve_call(model, version, texts, options, on_resolved, waited_s)
         prepared = [self._prepare(served, index, text) for index, text in enumerate(texts)]
         # All texts or none: a call refused for a full queue leaves nothing behind in it.
         handles = self.client.submit(
@@ -228,9 +234,9 @@ class Dataplane:
         callers use contextlib.aclosing, so a client that goes away mid-stream cancels now, not at
         collection) or cancelling the iterating task cancels the engine request.
         """
-        self._reached()
+        waited_s = self._reached()
         arrival = time.monotonic()
-        served, decode = self._resolve_call(model, version, [text], options, on_resolved)
+        served, decode = self._resolve_call(model, version, [text], options, on_resolved, waited_s)
         prepared = self._prepare(served, 0, text)
         name, number = served.name, served.version
         (handle,) = self.client.submit(
@@ -276,14 +282,16 @@ class Dataplane:
         texts: Sequence[str],
         options: DecodeOptions,
         on_resolved: OnResolved | None,
+        waited_s: float,
     ) -> tuple[ServedVersion, DecodeOptions]:
-        """What both translate calls check first: the model version, the texts, room in its queue (before any
-        tokenizing: refusing under overload must be cheap) and the options, resolved for the engine."""
+        """What both translate calls check first: the model version, the texts, room in its queue and time to start
+        within max_queue_wait_ms, `waited_s` of it spent before pickup (before any tokenizing: refusing under
+        overload must be cheap) and the options, resolved for the engine."""
         served = self.registry.resolve(model, version)
         if on_resolved is not None:
             on_resolved(served.name, served.version)
         self._check_texts(texts)
-        self.client.check_room(served, len(texts))
+        self.client.check_room(served, len(texts), waited_s)
         return served, self._resolved_options(served, options)
 
     def _check_texts(self, texts: Sequence[str]) -> None:

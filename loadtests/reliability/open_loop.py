@@ -46,6 +46,7 @@ from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 
 CONNECTIONS = 30
+SLOW_PROBE_S = 0.25
 TEXT = "samedi 21 novembre 2026"
 
 
@@ -427,7 +428,9 @@ def _probe(address: str, count: int, seconds: float) -> tuple[collections.Counte
     codes: collections.Counter[str] = collections.Counter()
     latencies = []
     pushbacks = []
+    slow = []
     spacing = max(seconds - 2.0, 1.0) / count
+    began = time.perf_counter()
     time.sleep(1.0)
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.TranslatorStub(channel)
@@ -442,7 +445,11 @@ def _probe(address: str, count: int, seconds: float) -> tuple[collections.Counte
                 if "grpc-retry-pushback-ms" in trailers:
                     pushbacks.append(int(trailers["grpc-retry-pushback-ms"]))
             latencies.append(time.perf_counter() - started)
+            if latencies[-1] > SLOW_PROBE_S:
+                slow.append(f"{latencies[-1]:.2f} s at {started - began:.1f} s")
             time.sleep(max(0.0, spacing - latencies[-1]))
+    if slow:
+        print(f"  probes over {SLOW_PROBE_S} s (their latency, and when they started in the run): {', '.join(slow)}")
     return codes, latencies, pushbacks
 
 

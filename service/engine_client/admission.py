@@ -40,6 +40,11 @@ between them, so such an interval gives no measurement."""
 SMOOTHING_S = 1.0
 """Time constant of the drain rate's moving average: a sample over `dt` seconds weighs 1 - exp(-dt / this)."""
 
+QUEUE_SHARE_KEPT = 0.2
+"""However long a call waited before it was picked up, a model queue may still make it wait this share of the bound:
+the time spent before pickup is gone, and refusing the call gives it back to nobody (a client that keeps its calls
+in flight sends the next at once), but a queue cut below what keeps the batch full wastes the engine."""
+
 LONGEST_RETRY_HINT_S = 30.0
 """The retry hint is never longer than this (a stalled engine, whose rate is 0, would otherwise say forever)."""
 
@@ -105,12 +110,13 @@ class DrainRate:
 class PendingCalls:
     """The first stage a call passes: picked up by a transport, its handler not yet in the dataplane (waiting for
     its request to arrive, or for the event loop). `count` calls are there; `drain` measures the rate they leave it
-    at while some wait. A call is held by the asyncio task that runs it, and leaves when that task reaches the
-    dataplane or ends, so a call the client abandons on the way is never left counted. Event-loop thread only."""
+    at while some wait. A call is held by the asyncio task that runs it, with how long it waited before it was
+    picked up, and leaves when that task reaches the dataplane or ends, so a call the client abandons on the way is
+    never left counted. Event-loop thread only."""
 
     def __init__(self) -> None:
         self.drain = DrainRate()
-        self._tasks: set[asyncio.Future[object]] = set()
+        self._tasks: dict[asyncio.Future[Any], float] = {}
         self._left = 0
 
     @property
@@ -121,17 +127,21 @@ class PendingCalls:
         """Feed the drain rate with what is pending at time `at`."""
         self.drain.observe(at, len(self._tasks), self._left)
 
-    def add(self, task: asyncio.Future[Any]) -> None:
-        """`task` runs a call just picked up (a task is added once; adding it again changes nothing)."""
+    def add(self, task: asyncio.Future[Any], waited_s: float = 0.0) -> None:
+        """`task` runs a call just picked up after waiting `waited_s` seconds (a task is added once; adding it
+        again changes nothing)."""
         if task not in self._tasks:
-            self._tasks.add(task)
+            self._tasks[task] = waited_s
             task.add_done_callback(self.remove)
 
-    def remove(self, task: asyncio.Future[Any]) -> None:
-        """`task`'s call reached the dataplane or ended (idempotent; unknown tasks are ignored)."""
-        if task in self._tasks:
-            self._tasks.discard(task)
-            self._left += 1
+    def remove(self, task: asyncio.Future[Any]) -> float:
+        """`task`'s call reached the dataplane or ended: how long it waited before it was picked up (0 for a task
+        that was not pending; idempotent)."""
+        waited_s = self._tasks.pop(task, None)
+        if waited_s is None:
+            return 0.0
+        self._left += 1
+        return waited_s
 
 
 class QueueAdmission:
@@ -149,25 +159,30 @@ class QueueAdmission:
         """Feed the drain rate with what the queue holds at `at` (DrainRate.observe)."""
         self.drain.observe(at, waiting, dequeued)
 
-    def estimate(self, waiting: int, picked_up: int) -> WaitEstimate | None:
-        """The wait of a call that arrives now behind `waiting` texts in the engine's queue and `picked_up` texts
-        this process has sent the engine but the engine's count does not show yet, or None when it is within
-        the bound (or nothing is known yet, or the bound is off)."""
+    def estimate(self, waiting: int, picked_up: int, waited_s: float = 0.0) -> WaitEstimate | None:
+        """The wait in this queue of a call that arrives now behind `waiting` texts in the engine's queue and
+        `picked_up` texts this process has sent the engine but the engine's count does not show yet, or None when
+        it is within the bound (or nothing is known yet, or the bound is off). A call that already waited
+        `waited_s` seconds to be picked up has that much less of the bound left, but never less than
+        QUEUE_SHARE_KEPT of it."""
         ahead = waiting + picked_up
         wait_s = self.drain.wait_s(ahead)
-        if self.max_wait_s <= 0.0 or wait_s is None or wait_s <= self.max_wait_s:
+        if self.max_wait_s <= 0.0 or wait_s is None:
             return None
-        return WaitEstimate(ahead=ahead, drain_rate=self.drain.rate or 0.0, wait_s=wait_s, bound_s=self.max_wait_s)
+        bound_s = max(self.max_wait_s - waited_s, QUEUE_SHARE_KEPT * self.max_wait_s)
+        if wait_s <= bound_s:
+            return None
+        return WaitEstimate(ahead=ahead, drain_rate=self.drain.rate or 0.0, wait_s=wait_s, bound_s=bound_s)
 
     def expected_wait_s(self, waiting: int, picked_up: int = 0) -> float:
         """The wait of a call that arrives now (as estimate), 0 when the rate is not known yet."""
         return self.drain.wait_s(waiting + picked_up) or 0.0
 
-    def check(self, count: int, waiting: int, picked_up: int = 0) -> None:
-        """Raise unless a call of `count` texts may be queued now behind `waiting` + `picked_up` texts (see
-        estimate): InvalidRequest when it never fits the queue, Overloaded (reason QUEUE_FULL) when the queue
-        has no room for it, Overloaded (reason QUEUE_WAIT) when it could not start within the bound. Both
-        Overloaded carry a retry hint when the drain rate is known."""
+    def check(self, count: int, waiting: int, picked_up: int = 0, waited_s: float = 0.0) -> None:
+        """Raise unless a call of `count` texts, which waited `waited_s` seconds to be picked up, may be queued now
+        behind `waiting` + `picked_up` texts (see estimate): InvalidRequest when it never fits the queue,
+        Overloaded (reason QUEUE_FULL) when the queue has no room for it, Overloaded (reason QUEUE_WAIT) when it
+        could not start within the bound. Both Overloaded carry a retry hint when the drain rate is known."""
         if count > self.max_waiting:
             raise InvalidRequest(
                 f"this call brings {count} texts but model {self.label} queues at most {self.max_waiting}; "
@@ -183,16 +198,17 @@ class QueueAdmission:
                 reason=QUEUE_FULL,
                 retry_after_s=None if not rate else min(excess / rate, LONGEST_RETRY_HINT_S),
             )
-        estimate = self.estimate(waiting, picked_up)
+        estimate = self.estimate(waiting, picked_up, waited_s)
         if estimate is not None:
             drains = (
                 f"the queue drains {estimate.drain_rate:.0f} texts/s"
                 if estimate.drain_rate > 0.0
                 else "the queue has not moved lately"
             )
+            before = f" after it waited {waited_s:.3f} s to be picked up" if waited_s > 0.0 else ""
             raise Overloaded(
-                f"model {self.label} cannot start this call within {self.max_wait_s:.3f} s (max_queue_wait_ms): "
-                f"{estimate.ahead} texts are ahead of it and {drains}; retry later",
+                f"model {self.label} cannot start this call within {self.max_wait_s:.3f} s (max_queue_wait_ms)"
+                f"{before}: {estimate.ahead} texts are ahead of it and {drains}; retry later",
                 reason=QUEUE_WAIT,
                 retry_after_s=estimate.retry_after_s,
             )

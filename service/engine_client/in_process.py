@@ -51,12 +51,12 @@ class InProcessClient:
         """Load the repository (ModelManager.start, with its errors)."""
         await self.manager.start()
 
-    def check_room(self, served: ServedVersion, count: int) -> None:
+    def check_room(self, served: ServedVersion, count: int, waited_s: float = 0.0) -> None:
         waiting, dequeued = self._engine(served).queue_progress()
         admission = self.admission(served)
         admission.observe(self._clock(), waiting, dequeued)
         # Calls are checked and submitted in one turn of the event loop: none is picked up and not yet queued.
-        admission.check(count, waiting)
+        admission.check(count, waiting, 0, waited_s)
 
     def expected_wait_s(self, served: ServedVersion) -> float:
         engine = self.manager.engine(served.name, served.version)

@@ -173,9 +173,9 @@ class SocketClient:
 
     # ----- requests ---------------------------------------------------------------------------------
 
-    def check_room(self, served: ServedVersion, count: int) -> None:
+    def check_room(self, served: ServedVersion, count: int, waited_s: float = 0.0) -> None:
         queue = self._queue(served.name, served.version, served.label)
-        queue.admission.check(count, queue.waiting, queue.picked_up)
+        queue.admission.check(count, queue.waiting, queue.picked_up, waited_s)
 
     def expected_wait_s(self, served: ServedVersion) -> float:
         queue = self._queue(served.name, served.version, served.label)

@@ -203,6 +203,8 @@ class HttpServer:
                     response.headers["WWW-Authenticate"] = "Bearer"
                     return response
             if route is not None and route.method in ADMITTED_METHODS:
+                # What waits before aiohttp hands a request over (the kernel's accept queue, requests behind
+                # another on a keep-alive connection) is not visible here.
                 self.dataplane.admit_pickup()
             return await handler(request)
         except web.HTTPException as error:  # the router's own answers: no such path, or not that verb
