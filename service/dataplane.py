@@ -19,7 +19,7 @@ import numpy as np
 from service.engine.records import DecodeOptions, EngineRequest, EngineResult, FinishReason, Hypothesis
 from service.engine_client import EngineClient
 from service.engine_client.admission import LONGEST_RETRY_HINT_S, QUEUE_SHARE_KEPT, PendingCalls
-from service.errors import BACKLOG_WAIT, InvalidRequest, Overloaded
+from service.errors import BACKLOG_WAIT, QUEUE_WAIT, InvalidRequest, Overloaded
 from service.registry import ModelDescription, ServedVersion
 from service.runtime.tokenizers import EOS, EOS_PIECE, UNK, Tokenizer
 from service.settings import Settings
@@ -130,11 +130,13 @@ class Dataplane:
         queued_s = min((self.client.expected_wait_s(served) for served in self.registry.served_versions()), default=0.0)
         allowed_s = max(bound_s - waited_s, QUEUE_SHARE_KEPT * bound_s)
         if on_the_way_s + queued_s > allowed_s:
+            queue = f"{queued_s:.3f} s" if math.isfinite(queued_s) else "forever (it has not moved lately)"
             raise Overloaded(
                 f"the server cannot start this call within {bound_s:.3f} s (max_queue_wait_ms): it waited about "
                 f"{waited_s:.3f} s to be picked up, and would wait {on_the_way_s:.3f} s more behind {ahead} calls on "
-                f"their way to a model's queue and {queued_s:.3f} s in the shortest queue; retry later",
-                reason=BACKLOG_WAIT,
+                f"their way to a model's queue, then {queue} in the shortest queue; retry later",
+                # The model queues alone keep it from starting: the same reason the queue's own check gives.
+                reason=QUEUE_WAIT if queued_s > allowed_s else BACKLOG_WAIT,
                 retry_after_s=min(on_the_way_s + queued_s - allowed_s, LONGEST_RETRY_HINT_S),
             )
         return self._pending(pending, waited_s)

@@ -79,9 +79,10 @@ class DrainRate:
 
         A sample with an empty queue ends the interval without a measurement, as does one whose count went
         backwards (a new engine for the same version) or one more than MAX_INTERVAL_S after the interval's start;
-        other samples closer than MIN_INTERVAL_S to the start only extend it."""
+        other samples closer than MIN_INTERVAL_S to the start only extend it. An interval begins at the first sample
+        with something waiting."""
         start = self._start
-        if start is None or waiting <= 0 or dequeued < start[2]:
+        if start is None or start[1] <= 0 or waiting <= 0 or dequeued < start[2]:
             self._start = (at, waiting, dequeued)
             return
         elapsed = at - start[0]

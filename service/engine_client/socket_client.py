@@ -86,11 +86,12 @@ def _same(channel: Channel) -> Channel:
 
 @dataclass
 class _QueueView:
-    """One model version's queue as this front-end sees it: what the engine last reported (`waiting`), the texts
-    this front-end has sent it since (`picked_up`: not in that count yet), and its admission state."""
+    """One model version's queue as this front-end sees it: what the engine last reported (`waiting`, `dequeued`),
+    the texts this front-end has sent it since (`picked_up`: not in that count yet), and its admission state."""
 
     admission: QueueAdmission
     waiting: int = 0
+    dequeued: int = 0
     picked_up: int = 0
 
 
@@ -175,11 +176,20 @@ class SocketClient:
 
     def check_room(self, served: ServedVersion, count: int, waited_s: float = 0.0) -> None:
         queue = self._queue(served.name, served.version, served.label)
+        # The engine reports every change, so no report since the last one means the queue still holds what it
+        # said: a sample now, which is how a stalled queue shows (its count does not move).
+        queue.admission.observe(self._clock(), queue.waiting, queue.dequeued)
         queue.admission.check(count, queue.waiting, queue.picked_up, waited_s)
 
     def expected_wait_s(self, served: ServedVersion) -> float:
         queue = self._queue(served.name, served.version, served.label)
+        queue.admission.observe(self._clock(), queue.waiting, queue.dequeued)
         return queue.admission.expected_wait_s(queue.waiting, queue.picked_up)
+
+    def reported_queue(self, served: ServedVersion) -> tuple[int, int]:
+        """(waiting, dequeued) of `served`'s queue as the engine last reported them ((0, 0) before any report)."""
+        queue = self._queues.get((served.name, served.version))
+        return (0, 0) if queue is None else (queue.waiting, queue.dequeued)
 
     def _queue(self, name: str, version: int, label: str) -> _QueueView:
         queue = self._queues.get((name, version))
@@ -231,7 +241,7 @@ class SocketClient:
                     handle.fail(error_from_status(message.code, message.message))
             elif isinstance(message, QueueDepth):
                 queue = self._queue(message.name, message.version, f"{message.name} version {message.version}")
-                queue.waiting, queue.picked_up = message.waiting, 0
+                queue.waiting, queue.dequeued, queue.picked_up = message.waiting, message.dequeued, 0
                 queue.admission.observe(self._clock(), message.waiting, message.dequeued)
             elif isinstance(message, Registry):
                 self._apply(message)

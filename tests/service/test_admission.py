@@ -1,10 +1,12 @@
-"""Admission by expected wait (service/engine_client/admission.py): exact answers from given counts and times.
+"""Admission by expected wait (service/engine_client/admission.py) and gRPC core's backlog
+(service/grpc_api/backlog.py): exact answers from given counts and times.
 
 The drain rate is measured from samples the test writes down (time, texts waiting, texts that have left the
 queue), so every rate, estimate and retry hint below is computed by hand."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
@@ -13,11 +15,14 @@ from service.engine_client.admission import (
     LONGEST_RETRY_HINT_S,
     MAX_INTERVAL_S,
     MIN_INTERVAL_S,
+    QUEUE_SHARE_KEPT,
     SMOOTHING_S,
     DrainRate,
+    PendingCalls,
     QueueAdmission,
 )
 from service.errors import QUEUE_FULL, QUEUE_WAIT, InvalidRequest, Overloaded
+from service.grpc_api.backlog import SAMPLE_INTERVAL_S, CoreBacklog
 
 
 def drained(*samples: tuple[float, int, int]) -> DrainRate:
@@ -158,3 +163,80 @@ def test_the_queue_limit_still_holds_and_says_when_there_will_be_room() -> None:
 def test_a_call_larger_than_the_queue_is_invalid_not_overload() -> None:
     with pytest.raises(InvalidRequest, match="this call brings 101 texts but model dates version 1 queues at most 100"):
         admission(max_waiting=100).check(count=101, waiting=0)
+
+
+def test_a_call_that_waited_to_be_picked_up_has_less_of_the_bound_left_but_never_less_than_a_share() -> None:
+    gate = admission(rate=500.0, max_wait_s=0.5)
+    assert gate.estimate(waiting=200, picked_up=0, waited_s=0.0) is None  # 0.4 s of 0.5
+    estimate = gate.estimate(waiting=200, picked_up=0, waited_s=0.2)  # 0.4 s of the 0.3 s left
+    assert estimate is not None and estimate.bound_s == pytest.approx(0.3)
+    assert estimate.retry_after_s == pytest.approx(0.1)
+    # However long it waited, the queue may still hold QUEUE_SHARE_KEPT of the bound's worth of texts.
+    kept = QUEUE_SHARE_KEPT * 0.5
+    assert gate.estimate(waiting=round(kept * 500), picked_up=0, waited_s=5.0) is None
+    assert gate.estimate(waiting=round(kept * 500) + 1, picked_up=0, waited_s=5.0) is not None
+    with pytest.raises(Overloaded, match="after it waited 5.000 s to be picked up: 51 texts are ahead of it"):
+        gate.check(count=1, waiting=51, waited_s=5.0)
+
+
+def test_an_interval_begins_at_the_first_sample_with_something_waiting() -> None:
+    assert drained((0.0, 0, 0), (0.2, 10, 0), (0.3, 10, 50)).rate == pytest.approx(500.0)
+
+
+def test_pending_calls_are_counted_until_they_reach_the_dataplane_or_end() -> None:
+    async def scenario() -> None:
+        pending = PendingCalls()
+        release = asyncio.Event()
+        reached = asyncio.get_running_loop().create_task(release.wait())
+        abandoned = asyncio.get_running_loop().create_task(release.wait())
+        pending.add(reached, waited_s=0.25)
+        pending.add(abandoned)
+        pending.add(reached, waited_s=9.0)  # once per call
+        assert pending.count == 2
+        pending.observe(0.0)
+        assert pending.remove(reached) == 0.25
+        assert pending.remove(reached) == 0.0  # idempotent
+        abandoned.cancel()  # the client went away before its call reached the dataplane
+        await asyncio.gather(abandoned, return_exceptions=True)
+        assert pending.count == 0
+        release.set()
+        await reached
+        pending.observe(0.0)
+
+    asyncio.run(scenario())
+
+
+def test_core_backlog_is_the_calls_core_holds_that_python_does_not_over_the_pickup_rate() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        counts = {"started": 0, "finished": 0}
+        backlog = CoreBacklog(7, clock, lambda server_id: (counts["started"], counts["finished"]))
+        release = asyncio.Event()
+        held = [asyncio.get_running_loop().create_task(release.wait()) for _ in range(3)]
+        for task in held:
+            backlog.picked_up(task)
+        counts["started"] = 3 + 100  # core took 103 calls; Python holds 3 of them
+        assert backlog.waited_s() == 0.0  # a backlog of 100, but no pickup rate yet
+        assert backlog.waiting == 100
+        clock.now += SAMPLE_INTERVAL_S  # 50 more picked up (and ended) while 100 still waited
+        for _ in range(50):
+            done = asyncio.get_running_loop().create_future()
+            backlog.picked_up(done)
+            done.set_result(None)
+        counts["started"] += 50
+        counts["finished"] += 50
+        await asyncio.sleep(0)  # the done callbacks run
+        assert backlog.waited_s() == pytest.approx(100 / (50 / SAMPLE_INTERVAL_S))
+        release.set()
+        await asyncio.gather(*held)
+        assert CoreBacklog(None, clock).waited_s() == 0.0  # unknown server: no backlog
+
+    asyncio.run(scenario())
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
