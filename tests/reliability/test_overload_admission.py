@@ -160,6 +160,12 @@ def test_a_call_that_could_not_start_in_time_is_refused_at_once_with_a_retry_hin
                 trailers = dict(error.trailing_metadata() or ())
                 assert trailers["grpc-retry-pushback-ms"] == str(round(LONGEST_RETRY_HINT_S * 1000))
                 assert shed(metrics, QUEUE_WAIT, "grpc") == 1
+                with pytest.raises(aio.AioRpcError) as refused_stream:  # a stream is refused the same way
+                    async for _ in stub.TranslateStream(request):
+                        pass
+                assert refused_stream.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert dict(refused_stream.value.trailing_metadata() or ())["grpc-retry-pushback-ms"] == "30000"
+                assert shed(metrics, QUEUE_WAIT, "grpc") == 2
 
                 reply = await asyncio.to_thread(
                     call, "POST", f"http://127.0.0.1:{http_server.port}/v1/translate", {"texts": ["3 mars 1999"]}
