@@ -100,7 +100,12 @@ class CoreBacklog:
         now = self._clock()
         if self._sampled_at is None or now - self._sampled_at >= SAMPLE_INTERVAL_S:
             self._sampled_at = now
-            started, finished = self._calls(self.server_id)
+            try:
+                started, finished = self._calls(self.server_id)
+            except (KeyError, ValueError) as error:  # the server is gone from channelz, or a document we do not know
+                log.warning("gRPC core's backlog cannot be read any more (%s); admission stops counting it", error)
+                self.server_id = None
+                return 0.0
             # Calls Python holds have started and not finished in core's count too; a call that just ended in
             # Python may not have ended in core's yet, so the difference can dip below 0 for a moment.
             self.waiting = max(0, started - finished - self._held)

@@ -240,3 +240,16 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def test_core_backlog_that_cannot_be_read_reads_0_and_stops_reading() -> None:
+    reads: list[int] = []
+
+    def gone(server_id: int) -> tuple[int, int]:
+        reads.append(server_id)
+        raise ValueError("Failed to get the server, please ensure the server_id is valid")
+
+    backlog = CoreBacklog(7, Clock(), gone)
+    assert backlog.waited_s() == 0.0
+    assert backlog.waited_s() == 0.0
+    assert reads == [7]
