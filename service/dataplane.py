@@ -24,6 +24,9 @@ from service.registry import ModelDescription, ServedVersion
 from service.runtime.tokenizers import EOS, EOS_PIECE, UNK, Tokenizer
 from service.settings import Settings
 
+QUEUE_LOOK_INTERVAL_S = 0.01
+"""Admission at pickup looks at the model queues at most this often (Dataplane.admit_pickup)."""
+
 OnResolved = Callable[[str, int], None]
 """Called with (model name, version) as soon as a call's model is resolved (e.g. for metric labels)."""
 
@@ -105,6 +108,8 @@ class Dataplane:
         self.settings = settings
         self.pending = PendingCalls()
         self._clock = clock
+        self._shortest_at: float | None = None
+        self._shortest_s = 0.0
 
     # ----- admission at pickup ----------------------------------------------------------------------
 
@@ -120,14 +125,14 @@ class Dataplane:
         call waited before pickup is spent; refusing it does not give that back to anyone (a client that keeps
         its calls in flight sends the next at once), but a queue cut below what keeps the batch full wastes the
         engine."""
-        pending = self.pending
-        pending.observe(self._clock())
+        pending, now = self.pending, self._clock()
+        pending.observe(now)
         bound_s = self.settings.max_queue_wait_ms / 1000.0
         if bound_s <= 0.0:
             return self._pending(pending, waited_s)
         ahead = pending.count
         on_the_way_s = (pending.drain.wait_s(ahead) or 0.0) if ahead else 0.0
-        queued_s = min((self.client.expected_wait_s(served) for served in self.registry.served_versions()), default=0.0)
+        queued_s = self._shortest_queue_s(now)
         allowed_s = max(bound_s - waited_s, QUEUE_SHARE_KEPT * bound_s)
         if on_the_way_s + queued_s > allowed_s:
             queue = f"{queued_s:.3f} s" if math.isfinite(queued_s) else "forever (it has not moved lately)"
@@ -140,6 +145,16 @@ class Dataplane:
                 retry_after_s=min(on_the_way_s + queued_s - allowed_s, LONGEST_RETRY_HINT_S),
             )
         return self._pending(pending, waited_s)
+
+    def _shortest_queue_s(self, now: float) -> float:
+        """The expected wait in the shortest model queue, looked up at most every QUEUE_LOOK_INTERVAL_S (it is an
+        estimate already, and looking costs every version's counts)."""
+        if self._shortest_at is None or now - self._shortest_at >= QUEUE_LOOK_INTERVAL_S:
+            self._shortest_at = now
+            self._shortest_s = min(
+                (self.client.expected_wait_s(served) for served in self.registry.served_versions()), default=0.0
+            )
+        return self._shortest_s
 
     @staticmethod
     def _pending(pending: PendingCalls, waited_s: float) -> None:

@@ -8,8 +8,9 @@ calls of those that are neither finished nor held by Python are the backlog, and
 calls up while some wait says how long the backlog takes to clear: about how long a call picked up now has
 waited (Little's law: the calls behind it arrived while it waited).
 
-Core's counts are read through grpcio's channelz functions (a JSON document per read, a few hundred
-microseconds), so they are read at most every SAMPLE_INTERVAL_S, and only while calls are being picked up.
+Core's counts are read through grpcio's channelz functions (a JSON document per read, about half a millisecond),
+so they are read at most every SAMPLE_INTERVAL_S while there is a backlog, every QUIET_SAMPLE_INTERVAL_S while
+there is none, and only while calls are being picked up.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from service.engine_client.admission import MIN_INTERVAL_S, DrainRate
 log = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL_S = MIN_INTERVAL_S
-"""Core's counts are read at most this often: as often as the pickup rate can be measured."""
+"""Core's counts are read at most this often while there is a backlog: as often as the pickup rate can be measured."""
+
+QUIET_SAMPLE_INTERVAL_S = 0.25
+"""... and at most this often while there is none (a read costs about half a millisecond)."""
 
 
 def server_ids() -> set[int]:
@@ -98,7 +102,8 @@ class CoreBacklog:
         if self.server_id is None:
             return 0.0
         now = self._clock()
-        if self._sampled_at is None or now - self._sampled_at >= SAMPLE_INTERVAL_S:
+        interval = SAMPLE_INTERVAL_S if self.waiting else QUIET_SAMPLE_INTERVAL_S
+        if self._sampled_at is None or now - self._sampled_at >= interval:
             self._sampled_at = now
             try:
                 started, finished = self._calls(self.server_id)

@@ -179,6 +179,7 @@ def test_a_call_that_could_not_start_in_time_is_refused_at_once_with_a_retry_hin
                 # The calls admitted before are answered as usual once the engine moves again.
                 gate.open()
                 answers = await asyncio.gather(first, *queued)
+                clock.now += 2 * MAX_INTERVAL_S  # later, with nothing waiting
                 alone = await stub.Translate(request)  # what the model answers with nothing else going on
                 assert answers == [alone] * 4
         finally:
