@@ -18,10 +18,14 @@ import numpy as np
 
 from service.engine.records import DecodeOptions, EngineRequest, EngineResult, FinishReason, Hypothesis
 from service.engine_client import EngineClient
-from service.errors import InvalidRequest
+from service.engine_client.admission import LONGEST_RETRY_HINT_S, QUEUE_SHARE_KEPT, PendingCalls
+from service.errors import BACKLOG_WAIT, QUEUE_WAIT, InvalidRequest, Overloaded
 from service.registry import ModelDescription, ServedVersion
 from service.runtime.tokenizers import EOS, EOS_PIECE, UNK, Tokenizer
 from service.settings import Settings
+
+QUEUE_LOOK_INTERVAL_S = 0.01
+"""Admission at pickup looks at the model queues at most this often (Dataplane.admit_pickup)."""
 
 OnResolved = Callable[[str, int], None]
 """Called with (model name, version) as soon as a call's model is resolved (e.g. for metric labels)."""
@@ -92,12 +96,77 @@ class _PreparedText:
 
 
 class Dataplane:
-    """Validates, tokenizes, decodes through the engine client and detokenizes. One per server process."""
+    """Validates, tokenizes, decodes through the engine client and detokenizes. One per server process.
 
-    def __init__(self, client: EngineClient, settings: Settings) -> None:
+    `pending`: the translation calls the transports have picked up (`admit_pickup`) that have not reached
+    translate() or translate_stream() yet. `clock` (time.monotonic) times what admission measures.
+    """
+
+    def __init__(self, client: EngineClient, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.registry = client.registry
         self.settings = settings
+        self.pending = PendingCalls()
+        self._clock = clock
+        self._shortest_at: float | None = None
+        self._shortest_s = 0.0
+
+    # ----- admission at pickup ----------------------------------------------------------------------
+
+    def admit_pickup(self, waited_s: float = 0.0) -> None:
+        """A transport has just picked up a translation call, in the task that will run it, after the call waited
+        about `waited_s` seconds to be picked up: refuse it now (Overloaded, reason BACKLOG_WAIT, with a retry
+        hint) when the calls picked up before it (at the rate they have been reaching translate()) and the
+        shortest model queue would keep it from starting within what is left of max_queue_wait_ms (never less than
+        QUEUE_SHARE_KEPT of it); otherwise count it as pending until it reaches translate() or ends.
+
+        Why here: refused before its request is parsed, a call costs the process least, so the process answers
+        more calls per second and the calls that wait to be picked up wait less. Why the share kept: the time a
+        call waited before pickup is spent; refusing it does not give that back to anyone (a client that keeps
+        its calls in flight sends the next at once), but a queue cut below what keeps the batch full wastes the
+        engine."""
+        pending, now = self.pending, self._clock()
+        pending.observe(now)
+        bound_s = self.settings.max_queue_wait_ms / 1000.0
+        if bound_s <= 0.0:
+            return self._pending(pending, waited_s)
+        ahead = pending.count
+        on_the_way_s = (pending.drain.wait_s(ahead) or 0.0) if ahead else 0.0
+        queued_s = self._shortest_queue_s(now)
+        allowed_s = max(bound_s - waited_s, QUEUE_SHARE_KEPT * bound_s)
+        if on_the_way_s + queued_s > allowed_s:
+            queue = f"{queued_s:.3f} s" if math.isfinite(queued_s) else "forever (it has not moved lately)"
+            raise Overloaded(
+                f"the server cannot start this call within {bound_s:.3f} s (max_queue_wait_ms): it waited about "
+                f"{waited_s:.3f} s to be picked up, and would wait {on_the_way_s:.3f} s more behind {ahead} calls on "
+                f"their way to a model's queue, then {queue} in the shortest queue; retry later",
+                # The model queues alone keep it from starting: the same reason the queue's own check gives.
+                reason=QUEUE_WAIT if queued_s > allowed_s else BACKLOG_WAIT,
+                retry_after_s=min(on_the_way_s + queued_s - allowed_s, LONGEST_RETRY_HINT_S),
+            )
+        return self._pending(pending, waited_s)
+
+    def _shortest_queue_s(self, now: float) -> float:
+        """The expected wait in the shortest model queue, looked up at most every QUEUE_LOOK_INTERVAL_S (it is an
+        estimate already, and looking costs every version's counts)."""
+        if self._shortest_at is None or now - self._shortest_at >= QUEUE_LOOK_INTERVAL_S:
+            self._shortest_at = now
+            self._shortest_s = min(
+                (self.client.expected_wait_s(served) for served in self.registry.served_versions()), default=0.0
+            )
+        return self._shortest_s
+
+    @staticmethod
+    def _pending(pending: PendingCalls, waited_s: float) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            pending.add(task, waited_s)
+
+    def _reached(self) -> float:
+        """The call of this task reached the dataplane: how long it waited before it was picked up (0 when no
+        transport said)."""
+        task = asyncio.current_task()
+        return self.pending.remove(task) if task is not None else 0.0
 
     # ----- model metadata ---------------------------------------------------------------------------
 
@@ -139,8 +208,9 @@ class Dataplane:
         one text fails the call fails with that error and the other texts are cancelled; cancelling the
         awaiting task cancels them all.
         """
+        waited_s = self._reached()
         arrival = time.monotonic()
-        served, decode = self._resolve_call(model, version, texts, options, on_resolved)
+        served, decode = self._resolve_call(model, version, texts, options, on_resolved, waited_s)
         prepared = [self._prepare(served, index, text) for index, text in enumerate(texts)]
         # All texts or none: a call refused for a full queue leaves nothing behind in it.
         handles = self.client.submit(
@@ -181,8 +251,9 @@ class Dataplane:
         callers use contextlib.aclosing, so a client that goes away mid-stream cancels now, not at
         collection) or cancelling the iterating task cancels the engine request.
         """
+        waited_s = self._reached()
         arrival = time.monotonic()
-        served, decode = self._resolve_call(model, version, [text], options, on_resolved)
+        served, decode = self._resolve_call(model, version, [text], options, on_resolved, waited_s)
         prepared = self._prepare(served, 0, text)
         name, number = served.name, served.version
         (handle,) = self.client.submit(
@@ -228,14 +299,16 @@ class Dataplane:
         texts: Sequence[str],
         options: DecodeOptions,
         on_resolved: OnResolved | None,
+        waited_s: float,
     ) -> tuple[ServedVersion, DecodeOptions]:
-        """What both translate calls check first: the model version, the texts, room in its queue (before any
-        tokenizing: refusing under overload must be cheap) and the options, resolved for the engine."""
+        """What both translate calls check first: the model version, the texts, room in its queue and time to start
+        within max_queue_wait_ms, `waited_s` of it spent before pickup (before any tokenizing: refusing under
+        overload must be cheap) and the options, resolved for the engine."""
         served = self.registry.resolve(model, version)
         if on_resolved is not None:
             on_resolved(served.name, served.version)
         self._check_texts(texts)
-        self.client.check_room(served, len(texts))
+        self.client.check_room(served, len(texts), waited_s)
         return served, self._resolved_options(served, options)
 
     def _check_texts(self, texts: Sequence[str]) -> None:

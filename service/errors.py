@@ -37,10 +37,31 @@ class ModelNotFound(AttnServeError):
     code = "NOT_FOUND"
 
 
+QUEUE_FULL = "queue_full"
+"""Overloaded because the model version's queue holds max_waiting_requests texts."""
+QUEUE_WAIT = "queue_wait"
+"""Overloaded because the call could not start within max_queue_wait_ms: the texts ahead of it in its model version's
+queue (service/engine_client/admission.py)."""
+BACKLOG_WAIT = "backlog_wait"
+"""Overloaded because the call could not start within max_queue_wait_ms, judged as soon as it was picked up: the
+calls picked up before it, still on their way to a model's queue, and the shortest queue (service/dataplane.py)."""
+OVERLOAD_REASONS = (QUEUE_FULL, QUEUE_WAIT, BACKLOG_WAIT)
+
+
 class Overloaded(AttnServeError):
-    """The model's queue is full; the client may retry later (fail fast rather than queue without bound)."""
+    """The call cannot be taken now; the client may retry later (fail fast rather than queue without bound).
+
+    `reason`: why, one of OVERLOAD_REASONS (a metric label). `retry_after_s`: how long the server expects it takes
+    until such a call would be admitted, None when it cannot say; the transports send it as the retry hint (gRPC's
+    `grpc-retry-pushback-ms` trailer, HTTP's `Retry-After`).
+    """
 
     code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, reason: str = QUEUE_FULL, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(AttnServeError):

@@ -117,6 +117,16 @@ class ServerMetrics:
         self._calls: dict[tuple[str, int | None, str, str, str], _CallStats] = {}
         self._recorders: dict[tuple[str, str], list[ModelStatsRecorder]] = {}
         r.register(_CountsCollector(self._calls, self._recorders))
+        # Overload: a prometheus-client counter's few microseconds are small next to what a refusal costs anyway.
+        self.shed_calls = Counter(
+            "attnserve_shed_calls",
+            "Calls refused at once for overload (RESOURCE_EXHAUSTED, counted in attnserve_requests_total too), by "
+            "reason: queue_full (the model version's queue holds max_waiting_requests texts), queue_wait (the call "
+            "could not start within max_queue_wait_ms, judged from its model's queue) or backlog_wait (the same, "
+            "judged when it was picked up, from the calls ahead of it), and protocol (grpc or http).",
+            ("model", "version", "reason", "protocol"),
+            registry=r,
+        )
         # Models.
         self.model_load = Gauge(
             "attnserve_model_load_seconds",
@@ -169,6 +179,10 @@ class ServerMetrics:
             stats = self._calls[key] = _CallStats()
         stats.count += 1
         stats.duration.observe(seconds)
+
+    def observe_shed(self, reason: str, model: str, version: int | None, protocol: str = "grpc") -> None:
+        """A call refused for overload, for `reason` (service.errors.OVERLOAD_REASONS)."""
+        self.shed_calls.labels(model, "" if version is None else str(version), reason, protocol).inc()
 
     def model_loaded(
         self, model: str, version: int, provider: str, load_seconds: float, threads: RuntimeThreads | None = None

@@ -143,6 +143,11 @@ class Settings(BaseSettings):
     max_waiting_requests: Annotated[int, Field(ge=1, le=10_000_000)] = 1024
     """Most texts queued per model version before new ones are refused with RESOURCE_EXHAUSTED."""
 
+    max_queue_wait_ms: Annotated[float, Field(ge=0.0, le=3_600_000.0, allow_inf_nan=False)] = 500.0
+    """Milliseconds a call may expect to wait in a model version's queue: a call that could not start within it
+    (the texts ahead of it over the rate the queue has been draining) is refused at once with RESOURCE_EXHAUSTED
+    and a retry hint, before it is tokenized; 0 = no bound but max_waiting_requests."""
+
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 32
     """Most requests in one batch for `--batching request`."""
 

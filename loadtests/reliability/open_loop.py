@@ -12,16 +12,26 @@ rate: up to which offered rate every call is still answered OK or RESOURCE_EXHAU
 ended otherwise (CANCELLED, or unseen).
 
     python -m loadtests.reliability.open_loop --rate 1000,3000,6000,12000
+
+With `--factor` the rates are multiples of the server's capacity, measured first on a fresh server (h2load closed
+loop, `--capacity-in-flight` calls in flight, for `--capacity-seconds`): the goodput (OK calls/s) of each run is
+compared with it, the well-behaved client's p50 and p99 are printed, and the server's CPU time gives what a served
+and a refused call cost it (served: the capacity run's CPU over its calls; refused: what the overload run used
+beyond its served calls, over its refusals):
+
+    python -m loadtests.reliability.open_loop --factor 2,5 --seconds 30
+    python -m loadtests.reliability.open_loop --factor 2,5 --seconds 30 -- --frontends 1
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import math
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -29,11 +39,13 @@ from tabulate import tabulate
 
 from loadtests import h2load
 from loadtests.procfs import rss_bytes
-from loadtests.servers import attnserve_server, scrape
+from loadtests.reliability.common import percentile
+from loadtests.servers import ServerProcess, attnserve_server, scrape
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 
 CONNECTIONS = 30
+SLOW_PROBE_S = 0.25
 TEXT = "samedi 21 novembre 2026"
 
 
@@ -53,6 +65,15 @@ class OpenLoopRun:
     rss_before_mb: float
     rss_after_mb: float
     after: str  # the translation of TEXT right after the load
+    probe_p99_ms: float = math.nan
+    probe_pushback_ms: list[int] = field(default_factory=list)  # retry hints the probes' refusals carried
+    shed: collections.Counter[str] = field(default_factory=collections.Counter)  # refusals by reason
+    cpu_seconds: float = math.nan  # the server's (all its processes') during the load
+
+    @property
+    def goodput(self) -> float:
+        """Calls answered OK per second of the run (the load generator's and the probes')."""
+        return self.counted.get("OK", 0) / self.seconds
 
     @property
     def refused_cleanly(self) -> bool:
@@ -76,53 +97,27 @@ def run_at(
 ) -> OpenLoopRun:
     """A fresh server, `rate` calls/s offered by h2load for `seconds` (at most CONNECTIONS x `streams` calls in
     flight), each call `texts` copies of TEXT decoded with `beam`, and `probes` calls from a Python client."""
-    work.mkdir(parents=True, exist_ok=True)
-    body = work / "translate.bin"
-    body.write_bytes(
-        h2load.grpc_body(
-            pb.TranslateRequest(model="dates", texts=[TEXT] * texts, options=pb.DecodeOptions(beam_size=beam))
-        )
-    )
-    with attnserve_server(
-        repository,
-        batching="continuous",
-        threads=1,
-        provider="cpu",
-        log_dir=work,
-        extra=server_args,
-        label=f"open-loop-{rate}",
-    ) as server:
+    body = _body_file(work, texts, beam)
+    with _server(repository, work, server_args, f"open-loop-{rate}") as server:
         assert server.metrics_url is not None and server.process is not None
-        before = _counted(scrape(server.metrics_url))
+        samples = scrape(server.metrics_url)
+        before, shed_before = _counted(samples), _shed(samples)
         rss_before = rss_bytes(server.process.pid)
+        cpu_before = server.cpu_seconds()
         load = subprocess.Popen(
-            h2load.command(
-                server.address,
-                body,
-                None,
-                connections=CONNECTIONS,
-                streams=streams,
-                seconds=seconds,
-                warmup_s=0.0,
-                rate_per_connection=max(1, rate // CONNECTIONS),
-            ),
+            _h2load(server.address, body, streams, seconds, rate),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        codes, latencies = _probe(server.address, probes, seconds)
+        codes, latencies, pushbacks = _probe(server.address, probes, seconds)
         output, _ = load.communicate()
+        cpu_after = server.cpu_seconds()
         time.sleep(2.0)  # the calls h2load reset at its end reach the counters
-        counted = _counted(scrape(server.metrics_url)) - before
+        samples = scrape(server.metrics_url)
+        counted, shed = _counted(samples) - before, _shed(samples) - shed_before
         rss_after = rss_bytes(server.process.pid)
-        with grpc.insecure_channel(server.address) as channel:
-            after = (
-                pb_grpc.TranslatorStub(channel)
-                .Translate(pb.TranslateRequest(model="dates", texts=[TEXT]), timeout=30)
-                .translations[0]
-                .hypotheses[0]
-                .text
-            )
+        after = _translate_once(server.address)
     summary = next((line for line in output.splitlines() if line.startswith("requests:")), "")
     # "requests: T total, S started, D done, OK succeeded, F failed, E errored, 0 timeout". h2load counts every
     # call answered with HTTP 200 as succeeded, whatever its grpc-status (so gRPC core's CANCELLED too); errored
@@ -138,11 +133,88 @@ def run_at(
         refused_by_transport=errored,
         unseen=max(0, answered + probes - counted.total()),
         probes=codes,
-        probe_median_ms=1e3 * sorted(latencies)[len(latencies) // 2],
+        probe_median_ms=1e3 * percentile(latencies, 50),
+        probe_p99_ms=1e3 * percentile(latencies, 99),
+        probe_pushback_ms=pushbacks,
         rss_before_mb=rss_before / 2**20,
         rss_after_mb=rss_after / 2**20,
         after=after,
+        shed=shed,
+        cpu_seconds=cpu_after - cpu_before,
     )
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The server unloaded: OK calls/s with `in_flight` calls kept in flight (closed loop), and its CPU seconds
+    per served call."""
+
+    calls_per_s: float
+    in_flight: int
+    cpu_per_call_s: float
+    counted: collections.Counter[str]
+
+
+def measure_capacity(
+    repository: Path, work: Path, server_args: tuple[str, ...], seconds: int, in_flight: int, texts: int, beam: int
+) -> Capacity:
+    """A fresh server driven closed loop by h2load (`in_flight` calls at all times, spread over its connections)
+    for `seconds`, after a warm-up of a few seconds."""
+    body = _body_file(work, texts, beam)
+    streams = max(1, in_flight // CONNECTIONS)
+    with _server(repository, work, server_args, "open-loop-capacity") as server:
+        assert server.metrics_url is not None
+        subprocess.run(_h2load(server.address, body, streams, 3, None), capture_output=True, check=False)
+        before = _counted(scrape(server.metrics_url))
+        cpu_before = server.cpu_seconds()
+        subprocess.run(_h2load(server.address, body, streams, seconds, None), capture_output=True, check=False)
+        cpu = server.cpu_seconds() - cpu_before
+        time.sleep(1.0)
+        counted = _counted(scrape(server.metrics_url)) - before
+    ok = counted.get("OK", 0)
+    return Capacity(ok / seconds, streams * CONNECTIONS, cpu / max(ok, 1), counted)
+
+
+def refused_per_cpu_second(run: OpenLoopRun, capacity: Capacity) -> float:
+    """Refusals per CPU-second of the server: the CPU the run used beyond what its served calls cost at capacity,
+    spread over its refusals (NaN when it refused nothing or the served calls account for all of it)."""
+    refused = run.counted.get("RESOURCE_EXHAUSTED", 0)
+    spare = run.cpu_seconds - run.counted.get("OK", 0) * capacity.cpu_per_call_s
+    return refused / spare if refused and spare > 0 else math.nan
+
+
+def factor_table(runs: list[tuple[float, OpenLoopRun]], capacity: Capacity) -> str:
+    """One Markdown row per overload factor."""
+    rows = [
+        [
+            f"{factor:g}x",
+            f"{run.rate:,}",
+            f"{run.goodput:,.0f} ({run.goodput / capacity.calls_per_s:.0%})",
+            f"{run.counted.get('RESOURCE_EXHAUSTED', 0):,}",
+            ", ".join(f"{reason} {count:,}" for reason, count in sorted(run.shed.items())) or "-",
+            f"{run.counted.get('CANCELLED', 0):,}",
+            f"{run.unseen:,}",
+            ", ".join(f"{code} {count}" for code, count in sorted(run.probes.items())),
+            f"{run.probe_median_ms:.0f} / {run.probe_p99_ms:.0f}",
+            f"{refused_per_cpu_second(run, capacity):,.0f}",
+            f"{run.rss_before_mb:.0f} -> {run.rss_after_mb:.0f}",
+        ]
+        for factor, run in runs
+    ]
+    headers = [
+        "offered",
+        "calls/s offered",
+        "goodput calls/s (of capacity)",
+        "RESOURCE_EXHAUSTED",
+        "by reason",
+        "CANCELLED",
+        "unseen",
+        "well-behaved client",
+        "its p50 / p99 ms",
+        "refused per CPU-s",
+        "RSS MB",
+    ]
+    return tabulate(rows, headers=headers, tablefmt="pipe", colalign=("left",) + ("right",) * 10)
 
 
 def table(runs: list[OpenLoopRun]) -> str:
@@ -200,11 +272,31 @@ def main(argv: list[str] | None = None) -> int:
         "--texts", type=int, default=1, help="texts per h2load call (default 1); more makes calls engine-bound"
     )
     parser.add_argument("--beam", type=int, default=1, help="beam size of h2load's calls (default 1: greedy)")
+    parser.add_argument(
+        "--factor",
+        default="",
+        help="offer these multiples of the measured capacity (comma-separated, e.g. 2,5) instead of --rate",
+    )
+    parser.add_argument("--capacity-seconds", type=int, default=10, help="closed-loop capacity run (default 10)")
+    parser.add_argument(
+        "--capacity-in-flight",
+        type=int,
+        default=240,
+        help="calls in flight during the capacity run (default 240: the batch's 256 rows nearly full of greedy calls)",
+    )
     parser.add_argument("--work", type=Path, default=Path("build/open-loop"), help="body file and server logs")
     parser.add_argument("server_args", nargs="*", help="extra `attnserve serve` flags (after --)")
     args = parser.parse_args(argv)
     if not h2load.available():
         parser.error(h2load.MISSING)
+    args.work.mkdir(parents=True, exist_ok=True)
+    server_args = tuple(args.server_args)
+    if args.factor:
+        try:
+            factors = [float(factor) for factor in args.factor.split(",")]
+        except ValueError:
+            parser.error(f"--factor {args.factor!r}: give multiples of the capacity, e.g. 2 or 2,5")
+        return _run_factors(args, factors, server_args)
     try:
         rates = [int(rate) for rate in args.rate.split(",")]
     except ValueError:
@@ -217,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             args.probes,
             args.repository,
             args.work,
-            tuple(args.server_args),
+            server_args,
             args.streams,
             args.texts,
             args.beam,
@@ -234,10 +326,94 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(run.refused_cleanly for run in runs) else 1
 
 
-def _probe(address: str, count: int, seconds: float) -> tuple[collections.Counter[str], list[float]]:
+def _run_factors(args: argparse.Namespace, factors: list[float], server_args: tuple[str, ...]) -> int:
+    capacity = measure_capacity(
+        args.repository, args.work, server_args, args.capacity_seconds, args.capacity_in_flight, args.texts, args.beam
+    )
+    print(
+        f"capacity: {capacity.calls_per_s:,.0f} calls/s OK with {capacity.in_flight} in flight (closed loop, "
+        f"{args.capacity_seconds} s; server counted {dict(capacity.counted)}), {1e3 * capacity.cpu_per_call_s:.3f} "
+        f"ms of server CPU per call ({1 / capacity.cpu_per_call_s:,.0f} served per CPU-second)",
+        flush=True,
+    )
+    runs = []
+    for factor in factors:
+        rate = round(factor * capacity.calls_per_s)
+        run = run_at(
+            rate,
+            args.seconds,
+            args.probes,
+            args.repository,
+            args.work,
+            server_args,
+            args.streams,
+            args.texts,
+            args.beam,
+        )
+        hints = sorted(run.probe_pushback_ms)
+        print(
+            f"{factor:g}x = {rate} calls/s for {args.seconds} s: server counted {dict(run.counted)}, shed "
+            f"{dict(run.shed)}, unseen {run.unseen}, probes {dict(run.probes)} (p50 {run.probe_median_ms:.1f} ms, "
+            f"p99 {run.probe_p99_ms:.1f} ms; retry hints {hints[:1] + hints[-1:]} ms), server CPU "
+            f"{run.cpu_seconds:.1f} s, after: {TEXT!r} -> {run.after!r}; h2load {run.h2load_summary}",
+            flush=True,
+        )
+        runs.append((factor, run))
+    print()
+    print(factor_table(runs, capacity))
+    clean = all(run.refused_cleanly for _, run in runs)
+    return 0 if clean else 1
+
+
+def _body_file(work: Path, texts: int, beam: int) -> Path:
+    work.mkdir(parents=True, exist_ok=True)
+    body = work / "translate.bin"
+    request = pb.TranslateRequest(model="dates", texts=[TEXT] * texts, options=pb.DecodeOptions(beam_size=beam))
+    body.write_bytes(h2load.grpc_body(request))
+    return body
+
+
+def _server(repository: Path, work: Path, server_args: tuple[str, ...], label: str) -> ServerProcess:
+    return attnserve_server(
+        repository, batching="continuous", threads=1, provider="cpu", log_dir=work, extra=server_args, label=label
+    )
+
+
+def _h2load(address: str, body: Path, streams: int, seconds: int, rate: int | None) -> list[str]:
+    """h2load sending Translate calls (the body file) from CONNECTIONS connections, at most `streams` in flight on
+    each, for `seconds`: at `rate` calls/s in all, or as fast as answers come back (closed loop) when None."""
+    return h2load.command(
+        address,
+        body,
+        None,
+        connections=CONNECTIONS,
+        streams=streams,
+        seconds=seconds,
+        warmup_s=0.0,
+        rate_per_connection=None if rate is None else max(1, rate // CONNECTIONS),
+    )
+
+
+def _translate_once(address: str) -> str:
+    with grpc.insecure_channel(address) as channel:
+        return (
+            pb_grpc.TranslatorStub(channel)
+            .Translate(pb.TranslateRequest(model="dates", texts=[TEXT]), timeout=30)
+            .translations[0]
+            .hypotheses[0]
+            .text
+        )
+
+
+def _probe(address: str, count: int, seconds: float) -> tuple[collections.Counter[str], list[float], list[int]]:
+    """A well-behaved client: `count` calls one at a time, spread over the run, each with a deadline of 30 s.
+    Returns their statuses, their latencies (s) and the retry hints (ms) their refusals carried."""
     codes: collections.Counter[str] = collections.Counter()
     latencies = []
+    pushbacks = []
+    slow = []
     spacing = max(seconds - 2.0, 1.0) / count
+    began = time.perf_counter()
     time.sleep(1.0)
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.TranslatorStub(channel)
@@ -248,9 +424,24 @@ def _probe(address: str, count: int, seconds: float) -> tuple[collections.Counte
                 codes["OK"] += 1
             except grpc.RpcError as error:
                 codes[error.code().name] += 1
+                trailers = dict(error.trailing_metadata() or ())
+                if "grpc-retry-pushback-ms" in trailers:
+                    pushbacks.append(int(trailers["grpc-retry-pushback-ms"]))
             latencies.append(time.perf_counter() - started)
+            if latencies[-1] > SLOW_PROBE_S:
+                slow.append(f"{latencies[-1]:.2f} s at {started - began:.1f} s")
             time.sleep(max(0.0, spacing - latencies[-1]))
-    return codes, latencies
+    if slow:
+        print(f"  probes over {SLOW_PROBE_S} s (their latency, and when they started in the run): {', '.join(slow)}")
+    return codes, latencies, pushbacks
+
+
+def _shed(samples: dict) -> collections.Counter[str]:
+    reasons: collections.Counter[str] = collections.Counter()
+    for (name, labels), value in samples.items():
+        if name == "attnserve_shed_calls_total":
+            reasons[dict(labels)["reason"]] += int(value)
+    return reasons
 
 
 def _counted(samples: dict) -> collections.Counter[str]:

@@ -100,6 +100,13 @@ class AsyncEngine:
         dequeued, running = self._core.counts  # read before `_added`, so waiting is never below zero
         return self._added - dequeued, running
 
+    def queue_progress(self) -> tuple[int, int]:
+        """(waiting, dequeued): requests queued now, and requests that have left the queue since the engine
+        started (into the batch, or cancelled or expired while waiting; a count that only grows), from one
+        snapshot of the core (any thread). Admission measures the queue's drain rate from the second."""
+        dequeued = self._core.counts.dequeued  # read before `_added`, so waiting is never below zero
+        return self._added - dequeued, dequeued
+
     @property
     def waiting(self) -> int:
         """Requests queued, not yet in the batch (any thread; see queue_counts)."""

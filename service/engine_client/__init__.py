@@ -31,9 +31,15 @@ class EngineClient(Protocol):
         """Ready to serve: models loaded (in process) or the engine process's first report applied."""
         ...
 
-    def check_room(self, served: ServedVersion, count: int) -> None:
-        """Raise Overloaded now unless `served`'s queue has room for `count` more requests (InvalidRequest
-        when it never will). Cheap, so that refusing under overload costs little."""
+    def check_room(self, served: ServedVersion, count: int, waited_s: float = 0.0) -> None:
+        """Raise Overloaded now unless `served`'s queue has room for `count` more requests and a call of them,
+        which waited `waited_s` seconds to be picked up, could start within max_queue_wait_ms (InvalidRequest when
+        they never fit; see QueueAdmission.check). Cheap, so that refusing under overload costs little."""
+        ...
+
+    def expected_wait_s(self, served: ServedVersion) -> float:
+        """Seconds a call arriving now would wait in `served`'s queue before its first text joins the batch, as
+        admission estimates it (0 while it cannot tell yet)."""
         ...
 
     def submit(self, served: ServedVersion, requests: Sequence[EngineRequest]) -> list[RequestHandle]:

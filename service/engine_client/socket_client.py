@@ -18,12 +18,14 @@ import asyncio
 import functools
 import itertools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from service.engine import EngineRequest, RequestHandle
-from service.errors import InvalidRequest, ModelLoadError, Overloaded, RequestCancelled, Unavailable, error_from_status
+from service.engine_client.admission import QueueAdmission
+from service.errors import ModelLoadError, RequestCancelled, Unavailable, error_from_status
 from service.ipc.messages import (
     Cancel,
     Channel,
@@ -82,15 +84,28 @@ def _same(channel: Channel) -> Channel:
     return channel
 
 
+@dataclass
+class _QueueView:
+    """One model version's queue as this front-end sees it: what the engine last reported (`waiting`, `dequeued`),
+    the texts this front-end has sent it since (`picked_up`: not in that count yet), and its admission state."""
+
+    admission: QueueAdmission
+    waiting: int = 0
+    dequeued: int = 0
+    picked_up: int = 0
+
+
 class SocketClient:
     """The engine process's engines behind the EngineClient protocol. Event-loop thread only.
 
-    `check_room` refuses at once from the last queue depth the engine published (cheap, no round trip); the
-    engine's own check at submission stays the exact one, for all front-ends together. `on_availability(
-    available)` is called when the engine connection comes (True) or goes (False).
+    `check_room` refuses at once from the last queue depth the engine published and the texts sent since (cheap,
+    no round trip), with the version's QueueAdmission, whose drain rate is measured from the engine's reports as
+    they arrive (`clock`: time.monotonic); the engine's own check at submission stays the exact one for the queue
+    limit, for all front-ends together. `on_availability(available)` is called when the engine connection comes
+    (True) or goes (False).
     """
 
-    def __init__(self, settings: Settings, socket_path: Path) -> None:
+    def __init__(self, settings: Settings, socket_path: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.socket_path = socket_path
         self._registry = ModelRegistry(settings.loaded_versions)
@@ -100,7 +115,8 @@ class SocketClient:
         self._channel: Channel | None = None
         self._keys = itertools.count(1)
         self._outstanding: dict[int, RequestHandle] = {}
-        self._waiting: dict[tuple[str, int], int] = {}  # queue depths the engine published
+        self._clock = clock
+        self._queues: dict[tuple[str, int], _QueueView] = {}
         self._first_report = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()  # reconnections in progress
         self._stopping = False
@@ -158,19 +174,31 @@ class SocketClient:
 
     # ----- requests ---------------------------------------------------------------------------------
 
-    def check_room(self, served: ServedVersion, count: int) -> None:
-        limit = self.settings.max_waiting_requests
-        if count > limit:
-            raise InvalidRequest(
-                f"this call brings {count} texts but model {served.label} queues at most {limit}; "
-                "send fewer texts per call"
+    def check_room(self, served: ServedVersion, count: int, waited_s: float = 0.0) -> None:
+        queue = self._queue(served.name, served.version, served.label)
+        # The engine reports every change, so no report since the last one means the queue still holds what it
+        # said: a sample now, which is how a stalled queue shows (its count does not move).
+        queue.admission.observe(self._clock(), queue.waiting, queue.dequeued)
+        queue.admission.check(count, queue.waiting, queue.picked_up, waited_s)
+
+    def expected_wait_s(self, served: ServedVersion) -> float:
+        queue = self._queue(served.name, served.version, served.label)
+        queue.admission.observe(self._clock(), queue.waiting, queue.dequeued)
+        return queue.admission.expected_wait_s(queue.waiting, queue.picked_up)
+
+    def reported_queue(self, served: ServedVersion) -> tuple[int, int]:
+        """(waiting, dequeued) of `served`'s queue as the engine last reported them ((0, 0) before any report)."""
+        queue = self._queues.get((served.name, served.version))
+        return (0, 0) if queue is None else (queue.waiting, queue.dequeued)
+
+    def _queue(self, name: str, version: int, label: str) -> _QueueView:
+        queue = self._queues.get((name, version))
+        if queue is None:
+            admission = QueueAdmission(
+                label, self.settings.max_waiting_requests, self.settings.max_queue_wait_ms / 1000.0
             )
-        waiting = self._waiting.get((served.name, served.version), 0)
-        if count > limit - waiting:
-            raise Overloaded(
-                f"model {served.label} has {waiting} requests waiting and this call brings {count}; the limit is "
-                f"{limit}; retry later"
-            )
+            queue = self._queues[(name, version)] = _QueueView(admission)
+        return queue
 
     def submit(self, served: ServedVersion, requests: Sequence[EngineRequest]) -> list[RequestHandle]:
         """Send one call's requests to the engine, all or none; the engine's refusal (Overloaded,
@@ -184,6 +212,7 @@ class SocketClient:
         for handle in handles:
             self._outstanding[handle.key] = handle
         channel.send(Submit([handle.key for handle in handles], served.name, served.version, list(requests)))
+        self._queue(served.name, served.version, served.label).picked_up += len(requests)
         return handles
 
     def _cancel(self, handle: RequestHandle) -> None:
@@ -211,7 +240,9 @@ class SocketClient:
                 if handle is not None:
                     handle.fail(error_from_status(message.code, message.message))
             elif isinstance(message, QueueDepth):
-                self._waiting[(message.name, message.version)] = message.waiting
+                queue = self._queue(message.name, message.version, f"{message.name} version {message.version}")
+                queue.waiting, queue.dequeued, queue.picked_up = message.waiting, message.dequeued, 0
+                queue.admission.observe(self._clock(), message.waiting, message.dequeued)
             elif isinstance(message, Registry):
                 self._apply(message)
             else:
@@ -252,7 +283,7 @@ class SocketClient:
         channel = self._channel
         added = self._registry.apply_report(message.report, load_text_side)
         serving = {(served.name, served.version) for served in self._registry.served_versions()}
-        self._waiting = {key: waiting for key, waiting in self._waiting.items() if key in serving}
+        self._queues = {key: queue for key, queue in self._queues.items() if key in serving}
         if channel is None:  # a report that arrived just before the connection went: still unavailable
             return
         channel.send(RegistryApplied(message.generation))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from service.errors import ALL_ERRORS, AttnServeError, InvalidRequest
+from service.errors import ALL_ERRORS, AttnServeError, InvalidRequest, Overloaded
 from service.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,18 @@ def bounded_details(details: str) -> str:
         return details
     suffix = f"... ({len(details) - MAX_DETAILS_CHARS + 40} characters cut)"
     return details[: MAX_DETAILS_CHARS - 40] + suffix
+
+
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+"""The trailer in which gRPC's retry design (A6) lets a server tell a client when to retry, in milliseconds: a
+client whose retry policy covers the status waits exactly that long before its next attempt."""
+
+
+def trailing_metadata_for(error: BaseException) -> tuple[tuple[str, str], ...]:
+    """The trailers a client gets with `error`'s status: the retry hint of an Overloaded that has one."""
+    if isinstance(error, Overloaded) and error.retry_after_s is not None:
+        return ((RETRY_PUSHBACK_KEY, str(max(1, math.ceil(error.retry_after_s * 1000.0)))),)
+    return ()
 
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -221,7 +234,7 @@ class RpcInterceptor(aio.ServerInterceptor):
                 if abort is not None:
                     # abort() sends the status at once: count the call first, so a client that reads the
                     # metrics right after its error sees it.
-                    self._observe(method, code, started, labels)
+                    self._observe(method, code, started, labels, error)
                     observed = True
                     await context.abort(*abort)  # raises AbortError, which grpc turns into the status
                 raise
@@ -247,7 +260,7 @@ class RpcInterceptor(aio.ServerInterceptor):
             except BaseException as error:
                 code, abort = self._classify(error, context, method)
                 if abort is not None:
-                    self._observe(method, code, started, labels)  # before abort() sends the status
+                    self._observe(method, code, started, labels, error)  # before abort() sends the status
                     observed = True
                     await context.abort(*abort)
                 raise
@@ -284,9 +297,9 @@ class RpcInterceptor(aio.ServerInterceptor):
     @staticmethod
     def _classify(
         error: BaseException, context: aio.ServicerContext, method: str
-    ) -> tuple[str, tuple[grpc.StatusCode, str] | None]:
-        """The status name to record for `error`, and the (status, details) to abort with, or None when
-        the error must propagate as it is (cancellation, or an abort the handler did itself)."""
+    ) -> tuple[str, tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]] | None]:
+        """The status name to record for `error`, and the (status, details, trailers) to abort with, or None
+        when the error must propagate as it is (cancellation, or an abort the handler did itself)."""
         if isinstance(error, aio.AbortError):
             return _status_name(context, "UNKNOWN"), None
         if not isinstance(error, Exception):
@@ -296,8 +309,12 @@ class RpcInterceptor(aio.ServerInterceptor):
         status, details = status_for(error)
         if not isinstance(error, AttnServeError):
             log.error("%s failed with an unexpected error", method, exc_info=error)
-        return status.name, (status, details)
+        return status.name, (status, details, trailing_metadata_for(error))
 
-    def _observe(self, method: str, code: str, started: float, labels: CallLabels) -> None:
+    def _observe(
+        self, method: str, code: str, started: float, labels: CallLabels, error: BaseException | None = None
+    ) -> None:
         if self._metrics is not None:
             self._metrics.observe_rpc(method, code, time.perf_counter() - started, labels.model, labels.version)
+            if isinstance(error, Overloaded):
+                self._metrics.observe_shed(error.reason, labels.model, labels.version)

@@ -25,6 +25,8 @@ from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.gen.inference import grpc_service_pb2 as kserve_pb
 from service.gen.inference import grpc_service_pb2_grpc as kserve_pb_grpc
+from service.grpc_api.admission import PickupAdmissionInterceptor
+from service.grpc_api.backlog import CoreBacklog, server_ids
 from service.grpc_api.errors import RpcInterceptor, check_status_table
 from service.grpc_api.kserve import KSERVE_SERVICE, KServeServicer
 from service.grpc_api.security import BearerTokens, TokenAuthInterceptor, server_credentials
@@ -38,6 +40,14 @@ log = logging.getLogger(__name__)
 TRANSLATOR_SERVICE = pb.DESCRIPTOR.services_by_name["Translator"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 LIVENESS_SERVICE = "liveness"
+
+ADMITTED_METHODS = (
+    f"/{TRANSLATOR_SERVICE}/Translate",
+    f"/{TRANSLATOR_SERVICE}/TranslateStream",
+    f"/{KSERVE_SERVICE}/ModelInfer",
+)
+"""The calls judged as soon as they are picked up (Dataplane.admit_pickup): those that decode one request. Health,
+metadata and reflection calls are never refused for load; ModelStreamInfer's requests are judged one by one."""
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -114,6 +124,9 @@ class GrpcServer:
         if self._tokens is not None:
             # After RpcInterceptor, so refused calls are counted (code UNAUTHENTICATED) like any other.
             interceptors.append(TokenAuthInterceptor(self._tokens))
+        admission = PickupAdmissionInterceptor(dataplane.admit_pickup, ADMITTED_METHODS)
+        interceptors.append(admission)
+        servers_before = server_ids()
         self._server = aio.server(
             interceptors=interceptors,
             options=[
@@ -126,6 +139,7 @@ class GrpcServer:
                 *_connection_age_options(settings),
             ],
         )
+        admission.backlog = CoreBacklog.of_new_server(servers_before, time.monotonic)
         pb_grpc.add_TranslatorServicer_to_server(TranslatorServicer(dataplane), self._server)
         kserve_pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dataplane), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

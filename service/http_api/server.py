@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from service.dataplane import Dataplane
-from service.errors import AttnServeError
+from service.errors import AttnServeError, Overloaded
 from service.grpc_api.security import BearerTokens
 from service.grpc_api.server import PortInUse
 from service.http_api.body import JSON
@@ -68,6 +69,7 @@ class _Call:
     model: str = ""
     version: int | None = None
     code: str = "OK"
+    shed_reason: str = ""  # why it was refused for overload ('' = it was not)
 
     def note(self, model: str, version: int) -> None:
         self.model, self.version = model, version
@@ -80,6 +82,10 @@ class _Route:
 
 
 _CALL = web.RequestKey("attnserve_call", _Call)
+
+ADMITTED_METHODS = frozenset({"Translate", "TranslateStream", "ModelInfer"})
+"""The endpoints (by the RPC they mirror) judged as soon as a request arrives, before its body is read
+(Dataplane.admit_pickup), as over gRPC."""
 
 
 def _call(request: web.Request) -> _Call:
@@ -195,6 +201,8 @@ class HttpServer:
                 self._metrics.observe_rpc(
                     route.method, call.code, time.perf_counter() - started, call.model, call.version, "http"
                 )
+                if call.shed_reason:
+                    self._metrics.observe_shed(call.shed_reason, call.model, call.version, "http")
         if self.dataplane.registry.draining or response.status in (408, 413):
             # Draining: clients reconnect, elsewhere. 408/413: the rest of the body is not worth reading.
             response.force_close()
@@ -211,6 +219,10 @@ class HttpServer:
                     response = _json_error(401, why, call.code)
                     response.headers["WWW-Authenticate"] = "Bearer"
                     return response
+            if route is not None and route.method in ADMITTED_METHODS:
+                # What waits before aiohttp hands a request over (the kernel's accept queue, requests behind
+                # another on a keep-alive connection) is not visible here.
+                self.dataplane.admit_pickup()
             return await handler(request)
         except web.HTTPException as error:  # the router's own answers: no such path, or not that verb
             if error.status == 404:
@@ -225,7 +237,13 @@ class HttpServer:
             status, call.code, message = http_error(error)
             if not isinstance(error, AttnServeError):
                 log.error("%s %s failed with an unexpected error", request.method, request.path, exc_info=error)
-            return _json_error(status, message, call.code)
+            response = _json_error(status, message, call.code)
+            if isinstance(error, Overloaded):
+                call.shed_reason = error.reason
+                if error.retry_after_s is not None:
+                    # Retry-After counts whole seconds (RFC 9110): rounded up, so a client never comes back early.
+                    response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+            return response
 
     # ----- lifecycle -------------------------------------------------------------------------------------
 

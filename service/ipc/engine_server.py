@@ -145,7 +145,7 @@ class EngineServer:
         self.generation = 0  # of the last Registry report sent
         self.acknowledged = asyncio.Event()  # set whenever an acknowledgement arrives or a connection ends
         self._server: asyncio.AbstractServer | None = None
-        self._published: dict[tuple[str, int], int] = {}
+        self._published: dict[tuple[str, int], tuple[int, int]] = {}  # (waiting, dequeued) last sent
         self._depths_pending = False
         self.manager.add_listener(self._on_model_event)
 
@@ -162,8 +162,8 @@ class EngineServer:
         self.connections.add(connection)
         # Queued: they leave as the first frame once the connection is made.
         connection.channel.send(Registry(self.generation, self.manager.registry.report()))
-        for (name, version), waiting in self._published.items():
-            connection.channel.send(QueueDepth(name, version, waiting))
+        for (name, version), (waiting, dequeued) in self._published.items():
+            connection.channel.send(QueueDepth(name, version, waiting, dequeued))
         return connection.channel
 
     def broadcast_registry(self) -> None:
@@ -204,11 +204,12 @@ class EngineServer:
             engine = self.manager.engine(*key)
             if engine is None:
                 continue
-            waiting = engine.waiting
-            self._published[key] = waiting
-            if published.get(key) != waiting:
+            progress = engine.queue_progress()
+            self._published[key] = progress
+            if published.get(key) != progress:
+                message = QueueDepth(served.name, served.version, *progress)
                 for connection in self.connections:
-                    connection.channel.send(QueueDepth(served.name, served.version, waiting))
+                    connection.channel.send(message)
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new requests (Unavailable), let the requests in flight finish for up to `grace_s` seconds,

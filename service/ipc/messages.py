@@ -66,12 +66,15 @@ class Registry(msgspec.Struct, tag=True, array_like=True):
 
 
 class QueueDepth(msgspec.Struct, tag=True, array_like=True):
-    """Requests waiting in model `name` version `version`'s queue (sent when it changed), so a front-end can
-    refuse a call for a full queue without asking the engine."""
+    """Requests waiting in model `name` version `version`'s queue, and requests that have left it since its engine
+    started (`dequeued`, a count that only grows), sent when either changed: a front-end refuses a call for a full
+    queue, or one that could not start in time (it measures the drain rate from `dequeued`), without asking the
+    engine."""
 
     name: str
     version: int
     waiting: int
+    dequeued: int
 
 
 class Result(msgspec.Struct, tag=True, array_like=True):

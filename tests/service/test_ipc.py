@@ -132,7 +132,7 @@ def version_dir(tiny_repository: Path) -> Path:
 
 
 def test_frames_split_anywhere_decode_to_the_same_messages() -> None:
-    messages = [Registry(3, RegistryReport(NAME, False, [])), QueueDepth(NAME, 1, 3)]
+    messages = [Registry(3, RegistryReport(NAME, False, [])), QueueDepth(NAME, 1, 3, 41)]
     frame = encode_frame(messages) + encode_frame(messages[1:])
     for cut in range(len(frame) + 1):
         received: list[object] = []

@@ -63,6 +63,11 @@ def test_unrelated_environment_is_ignored() -> None:
         (["--max-beam-size", "0"], {}, "--max-beam-size=0: max_beam_size must be 1..4096"),
         (["--drain-grace-seconds", "-1"], {}, "--drain-grace-seconds=-1: drain_grace_seconds must be 0.0..3600.0"),
         (["--batch-delay-ms", "inf"], {}, "--batch-delay-ms=inf: batch_delay_ms must be a finite number"),
+        (
+            [],
+            {"ATTNSERVE_MAX_QUEUE_WAIT_MS": "-5"},
+            "ATTNSERVE_MAX_QUEUE_WAIT_MS=-5: max_queue_wait_ms must be 0.0..3600000.0",
+        ),
         ([], {"ATTNSERVE_LOG_LEVEL": "loud"}, "log_level must be one of DEBUG, INFO"),
         (
             ["--max-receive-message-bytes", "10"],

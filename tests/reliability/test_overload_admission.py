@@ -1,0 +1,235 @@
+"""Admission by expected wait on a real server: a call that could not start within max_queue_wait_ms is answered
+RESOURCE_EXHAUSTED at once, with the retry hint, over gRPC (the `grpc-retry-pushback-ms` trailer) and HTTP (429
+with `Retry-After`), and counted by reason; the calls admitted before it are answered as usual.
+
+Driven without timing: the real gRPC and HTTP servers on free loopback ports, over the real tiny `dates` model whose
+decoder steps are held at a gate, so the engine takes nothing from its queue while the test's clock moves on by
+exactly one second. The queue's drain rate is then measured as 0 texts/s: a stalled queue, which no call can expect
+to start in, so the hint is the longest one (LONGEST_RETRY_HINT_S). The front-end side (the same decision from the
+engine process's reports) is tested in the same way below, over a real Unix socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc import aio
+
+from service.dataplane import Dataplane
+from service.engine.records import EncoderOutput
+from service.engine_client.admission import LONGEST_RETRY_HINT_S, MAX_INTERVAL_S
+from service.engine_client.in_process import InProcessClient
+from service.engine_client.socket_client import SocketClient
+from service.errors import QUEUE_WAIT, Overloaded
+from service.gen.attnserve.v1 import translator_pb2 as pb
+from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
+from service.grpc_api.server import GrpcServer
+from service.http_api.server import HttpServer
+from service.ipc.engine_server import EngineServer
+from service.metrics import ServerMetrics
+from service.runtime.model import LoadedModel, load_model
+from service.runtime.step import StepOutput
+from tests.engine.fakes import StepGate, make_request, source
+from tests.service.http_client import call
+from tests.service.server_harness import make_settings
+
+pytestmark = pytest.mark.slow  # starts servers on trained models
+
+DATES = {"model": "dates", "version": "1"}
+
+
+class HeldStepModel:
+    """The real onnxruntime step model of a version, whose decoder steps wait at `gate` while one is set."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self.gate: StepGate | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def encode(self, source_ids: np.ndarray, source_lengths: np.ndarray) -> EncoderOutput:
+        return self._model.encode(source_ids, source_lengths)
+
+    def step(self, *args: Any, **kwargs: Any) -> StepOutput:
+        if self.gate is not None:
+            self.gate.pass_through()
+        return self._model.step(*args, **kwargs)
+
+
+class Clock:
+    """The admission's clock: moved by the test only."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def dates_only(tiny_repository: Path, tmp_path: Path) -> Path:
+    repository = tmp_path / "repository"
+    shutil.copytree(tiny_repository / "dates", repository / "dates")
+    return repository
+
+
+@pytest.fixture
+def held() -> Iterator[HeldStepModel]:
+    models: list[HeldStepModel] = []
+    yield models  # type: ignore[misc]
+    for model in models:  # never leave a worker thread waiting at a gate
+        if model.gate is not None:
+            model.gate.open()
+
+
+def held_loader(models: list[HeldStepModel]):  # type: ignore[no-untyped-def]
+    def load(directory: Path) -> LoadedModel:
+        loaded = load_model(directory, provider="cpu", intra_op_threads=1)
+        model = HeldStepModel(loaded.step_model)
+        models.append(model)
+        return dataclasses.replace(loaded, step_model=model)  # type: ignore[arg-type]
+
+    return load
+
+
+async def until(condition: Callable[[], bool], turns: int = 100_000) -> None:
+    """Let the event loop run until `condition()` holds (a call reaches the engine in a few turns), else fail."""
+    for _ in range(turns):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")
+
+
+def shed(metrics: ServerMetrics, reason: str, protocol: str) -> float:
+    labels = {"model": "", "version": "", "reason": reason, "protocol": protocol}
+    return metrics.collectors.get_sample_value("attnserve_shed_calls_total", labels) or 0.0
+
+
+def test_a_call_that_could_not_start_in_time_is_refused_at_once_with_a_retry_hint(
+    dates_only: Path, held: list[HeldStepModel]
+) -> None:
+    settings = make_settings(dates_only, max_queue_wait_ms=500.0, repository_poll_seconds=0)
+
+    async def scenario() -> None:
+        clock = Clock()
+        metrics = ServerMetrics()
+        client = InProcessClient(settings, metrics, loader=held_loader(held), clock=clock)
+        dataplane = Dataplane(client, settings, clock=clock)
+        grpc_server = GrpcServer(settings, client, dataplane, metrics)
+        http_server = HttpServer(settings, dataplane, metrics)
+        await client.start()
+        await grpc_server.start()
+        await http_server.start()
+        (model,) = held
+        gate = model.gate = StepGate()
+        try:
+            async with aio.insecure_channel(f"127.0.0.1:{settings.port}") as channel:
+                stub = pb_grpc.TranslatorStub(channel)
+                request = pb.TranslateRequest(model="dates", texts=["3 mars 1999"])
+                # The first call's first decoder step is held: it is in the batch, and nothing leaves the queue.
+                first = asyncio.ensure_future(stub.Translate(request))
+                assert await asyncio.to_thread(gate.wait_blocked)
+                # Two more wait in the queue. However their checks interleaved, their samples were all at this instant.
+                queued = [asyncio.ensure_future(stub.Translate(request)) for _ in range(2)]
+                engine = client.manager.engine("dates", 1)
+                assert engine is not None
+                await until(lambda: engine.queue_progress() == (2, 1))
+                # Past the longest interval, the next call's sample starts a new one from the queue as it stands: no
+                # rate yet, so it is admitted and queued too.
+                clock.now += 2 * MAX_INTERVAL_S
+                queued.append(asyncio.ensure_future(stub.Translate(request)))
+                await until(lambda: engine.queue_progress() == (3, 1))
+                # One second later the queue has not moved: drain rate 0, so no call can start within the bound.
+                clock.now += 1.0
+                with pytest.raises(aio.AioRpcError) as refused:
+                    await stub.Translate(request)
+                error = refused.value
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "cannot start this call within 0.500 s (max_queue_wait_ms)" in (error.details() or "")
+                assert "has not moved lately" in (error.details() or "")
+                trailers = dict(error.trailing_metadata() or ())
+                assert trailers["grpc-retry-pushback-ms"] == str(round(LONGEST_RETRY_HINT_S * 1000))
+                assert shed(metrics, QUEUE_WAIT, "grpc") == 1
+                with pytest.raises(aio.AioRpcError) as refused_stream:  # a stream is refused the same way
+                    async for _ in stub.TranslateStream(request):
+                        pass
+                assert refused_stream.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert dict(refused_stream.value.trailing_metadata() or ())["grpc-retry-pushback-ms"] == "30000"
+                assert shed(metrics, QUEUE_WAIT, "grpc") == 2
+
+                reply = await asyncio.to_thread(
+                    call, "POST", f"http://127.0.0.1:{http_server.port}/v1/translate", {"texts": ["3 mars 1999"]}
+                )
+                assert reply.status == 429
+                assert reply.headers["retry-after"] == str(round(LONGEST_RETRY_HINT_S))
+                assert reply.json()["code"] == "RESOURCE_EXHAUSTED"
+                assert shed(metrics, QUEUE_WAIT, "http") == 1
+                assert engine.queue_progress() == (3, 1)  # the refused calls left nothing in the queue
+
+                # The calls admitted before are answered as usual once the engine moves again.
+                gate.open()
+                answers = await asyncio.gather(first, *queued)
+                clock.now += 2 * MAX_INTERVAL_S  # later, with nothing waiting
+                alone = await stub.Translate(request)  # what the model answers with nothing else going on
+                assert answers == [alone] * 4
+        finally:
+            gate.open()
+            await grpc_server.drain(5.0, [http_server.stop])
+
+    asyncio.run(scenario())
+
+
+def test_a_frontend_refuses_from_the_engine_processes_reports(
+    dates_only: Path, tmp_path: Path, held: list[HeldStepModel]
+) -> None:
+    """The same decision in a front-end process: its SocketClient measures the drain rate from the engine's queue
+    reports (and its own clock), and refuses without asking the engine."""
+    settings = make_settings(dates_only, max_queue_wait_ms=500.0, repository_poll_seconds=0)
+
+    async def scenario() -> None:
+        clock = Clock()
+        engine_server = EngineServer(settings, ServerMetrics(), loader=held_loader(held), engines_on_loop=False)
+        socket_path = tmp_path / "engine.sock"
+        await engine_server.start(socket_path)
+        (model,) = held
+        gate = model.gate = StepGate()
+        client = SocketClient(settings, socket_path, clock=clock)
+        await client.start()
+        try:
+            served = client.registry.resolve("dates", "")
+            text = source(*served.model.source_tokenizer.encode("3 mars 1999"))
+            (first,) = client.submit(served, [make_request(text)])
+            assert await asyncio.to_thread(gate.wait_blocked)
+            client.submit(served, [make_request(text), make_request(text)])
+            engine = engine_server.manager.engine("dates", 1)
+            assert engine is not None
+            # Until the engine has taken both in and its report has reached the front-end.
+            await until(lambda: engine.queue_progress() == (2, 1) and client.reported_queue(served) == (2, 1))
+            # The reports on the way were sampled at this same instant; past the longest interval, a sample starts a
+            # new one from the queue as it stands (nothing to refuse yet: no rate).
+            clock.now += 2 * MAX_INTERVAL_S
+            client.check_room(served, 1)
+            clock.now += 1.0
+            with pytest.raises(Overloaded) as refused:
+                client.check_room(served, 1)
+            assert refused.value.reason == QUEUE_WAIT
+            assert refused.value.retry_after_s == LONGEST_RETRY_HINT_S
+            assert "2 texts are ahead of it and the queue has not moved lately" in refused.value.message
+            gate.open()
+            assert (await first.result()).hypotheses
+        finally:
+            gate.open()
+            await client.stop(5.0)
+            await engine_server.stop(5.0)
+
+    asyncio.run(scenario())

@@ -1,0 +1,255 @@
+"""Admission by expected wait (service/engine_client/admission.py) and gRPC core's backlog
+(service/grpc_api/backlog.py): exact answers from given counts and times.
+
+The drain rate is measured from samples the test writes down (time, texts waiting, texts that have left the
+queue), so every rate, estimate and retry hint below is computed by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from service.engine_client.admission import (
+    LONGEST_RETRY_HINT_S,
+    MAX_INTERVAL_S,
+    MIN_INTERVAL_S,
+    QUEUE_SHARE_KEPT,
+    SMOOTHING_S,
+    DrainRate,
+    PendingCalls,
+    QueueAdmission,
+)
+from service.errors import QUEUE_FULL, QUEUE_WAIT, InvalidRequest, Overloaded
+from service.grpc_api.backlog import SAMPLE_INTERVAL_S, CoreBacklog
+
+
+def drained(*samples: tuple[float, int, int]) -> DrainRate:
+    rate = DrainRate()
+    for at, waiting, dequeued in samples:
+        rate.observe(at, waiting, dequeued)
+    return rate
+
+
+def admission(max_waiting: int = 1000, max_wait_s: float = 0.5, rate: float | None = 500.0) -> QueueAdmission:
+    """A QueueAdmission whose drain rate is `rate` texts/s (measured over one busy interval of 1 s)."""
+    gate = QueueAdmission("dates version 1", max_waiting, max_wait_s)
+    if rate is not None:
+        gate.observe(10.0, 50, 0)
+        gate.observe(11.0, 50, round(rate))
+        assert gate.drain.rate == pytest.approx(rate)
+    return gate
+
+
+# ----- the drain rate ---------------------------------------------------------------------------------------
+
+
+def test_the_rate_is_what_left_a_backlogged_queue_per_second() -> None:
+    assert drained((0.0, 100, 0), (0.1, 100, 50)).rate == pytest.approx(500.0)
+
+
+def test_no_rate_before_a_first_busy_interval() -> None:
+    assert DrainRate().rate is None
+    assert drained((0.0, 100, 0)).rate is None
+
+
+def test_an_interval_that_began_or_ended_with_an_empty_queue_measures_nothing() -> None:
+    # While the queue is empty, texts leave as fast as they arrive: that says nothing of what the engine can do.
+    assert drained((0.0, 0, 0), (0.5, 10, 5)).rate is None
+    assert drained((0.0, 10, 0), (0.5, 0, 10)).rate is None
+    # An empty sample in between, even a short one, restarts the interval.
+    assert drained((0.0, 10, 0), (0.01, 0, 10), (0.5, 10, 20)).rate is None
+    assert drained((0.0, 10, 0), (0.01, 0, 10), (0.5, 10, 20), (0.6, 10, 70)).rate == pytest.approx(500.0)
+
+
+def test_samples_closer_than_the_shortest_interval_extend_it() -> None:
+    half = MIN_INTERVAL_S / 2
+    rate = drained((0.0, 100, 0), (half, 100, 7))
+    assert rate.rate is None
+    rate.observe(2 * MIN_INTERVAL_S, 100, 40)  # measured from the interval's start, at 0
+    assert rate.rate == pytest.approx(40 / (2 * MIN_INTERVAL_S))
+
+
+def test_an_interval_longer_than_the_longest_measures_nothing() -> None:
+    # The queue may have been empty (and the engine idle) in between without any sample showing it.
+    assert drained((0.0, 10, 0), (MAX_INTERVAL_S + 0.5, 10, 30)).rate is None
+
+
+def test_a_count_that_goes_backwards_starts_over() -> None:
+    # A new engine for the same version counts from 0 again.
+    assert drained((0.0, 10, 500), (0.2, 10, 3)).rate is None
+    assert drained((0.0, 10, 500), (0.2, 10, 3), (0.4, 10, 103)).rate == pytest.approx(500.0)
+
+
+def test_later_intervals_are_averaged_by_their_length() -> None:
+    rate = drained((0.0, 100, 0), (0.1, 100, 50))  # 500/s
+    rate.observe(0.3, 100, 50 + 200)  # 1000/s over 0.2 s
+    weight = 1.0 - math.exp(-0.2 / SMOOTHING_S)
+    assert rate.rate == pytest.approx(500.0 + weight * (1000.0 - 500.0))
+
+
+def test_a_stalled_queue_has_rate_zero() -> None:
+    assert drained((0.0, 10, 7), (0.5, 12, 7)).rate == 0.0
+
+
+# ----- the decision ------------------------------------------------------------------------------------------
+
+
+def test_a_call_that_could_start_within_the_bound_is_admitted() -> None:
+    gate = admission(rate=500.0)
+    assert gate.estimate(waiting=250, picked_up=0) is None  # 0.5 s: exactly the bound
+    gate.check(count=1, waiting=250)
+
+
+def test_a_call_that_could_not_start_within_the_bound_is_refused_with_a_retry_hint() -> None:
+    gate = admission(rate=500.0, max_wait_s=0.5)
+    estimate = gate.estimate(waiting=300, picked_up=0)
+    assert estimate is not None
+    assert (estimate.ahead, estimate.drain_rate) == (300, 500.0)
+    assert estimate.wait_s == pytest.approx(0.6)
+    assert estimate.retry_after_s == pytest.approx(0.1)
+    with pytest.raises(Overloaded) as refused:
+        gate.check(count=1, waiting=300)
+    assert refused.value.reason == QUEUE_WAIT
+    assert refused.value.retry_after_s == pytest.approx(0.1)
+    assert refused.value.message == (
+        "model dates version 1 cannot start this call within 0.500 s (max_queue_wait_ms): 300 texts are ahead of "
+        "it and the queue drains 500 texts/s; retry later"
+    )
+
+
+def test_texts_picked_up_but_not_yet_in_the_engines_count_are_ahead_too() -> None:
+    gate = admission(rate=500.0, max_wait_s=0.5)
+    assert gate.estimate(waiting=200, picked_up=50) is None  # 250 ahead: 0.5 s
+    estimate = gate.estimate(waiting=200, picked_up=100)
+    assert estimate is not None and estimate.ahead == 300
+    with pytest.raises(Overloaded, match="300 texts are ahead of it"):
+        gate.check(count=1, waiting=200, picked_up=100)
+
+
+def test_nothing_is_refused_for_time_before_the_rate_is_known_or_when_the_bound_is_off() -> None:
+    assert admission(rate=None).estimate(waiting=999, picked_up=0) is None
+    assert admission(max_wait_s=0.0).estimate(waiting=999, picked_up=0) is None
+    admission(rate=None).check(count=1, waiting=999)
+
+
+def test_a_stalled_queue_refuses_with_the_longest_hint() -> None:
+    gate = QueueAdmission("dates version 1", 1000, 0.5)
+    gate.observe(0.0, 10, 7)
+    gate.observe(0.5, 10, 7)
+    estimate = gate.estimate(waiting=10, picked_up=0)
+    assert estimate is not None and estimate.wait_s == math.inf
+    assert estimate.retry_after_s == LONGEST_RETRY_HINT_S
+    with pytest.raises(Overloaded, match="the queue has not moved lately; retry later"):
+        gate.check(count=1, waiting=10)
+
+
+def test_the_queue_limit_still_holds_and_says_when_there_will_be_room() -> None:
+    gate = admission(max_waiting=100, rate=500.0)
+    gate.check(count=4, waiting=96)  # exactly full after it (and 96 / 500 s is within the bound)
+    with pytest.raises(Overloaded) as refused:
+        gate.check(count=4, waiting=97)
+    assert refused.value.reason == QUEUE_FULL
+    assert refused.value.retry_after_s == pytest.approx(1 / 500.0)  # one text must leave first
+    assert refused.value.message == (
+        "model dates version 1 has 97 requests waiting and this call brings 4; the limit is 100; retry later"
+    )
+    with pytest.raises(Overloaded) as unknown_rate:
+        admission(max_waiting=100, rate=None).check(count=4, waiting=97)
+    assert unknown_rate.value.retry_after_s is None
+
+
+def test_a_call_larger_than_the_queue_is_invalid_not_overload() -> None:
+    with pytest.raises(InvalidRequest, match="this call brings 101 texts but model dates version 1 queues at most 100"):
+        admission(max_waiting=100).check(count=101, waiting=0)
+
+
+def test_a_call_that_waited_to_be_picked_up_has_less_of_the_bound_left_but_never_less_than_a_share() -> None:
+    gate = admission(rate=500.0, max_wait_s=0.5)
+    assert gate.estimate(waiting=200, picked_up=0, waited_s=0.0) is None  # 0.4 s of 0.5
+    estimate = gate.estimate(waiting=200, picked_up=0, waited_s=0.2)  # 0.4 s of the 0.3 s left
+    assert estimate is not None and estimate.bound_s == pytest.approx(0.3)
+    assert estimate.retry_after_s == pytest.approx(0.1)
+    # However long it waited, the queue may still hold QUEUE_SHARE_KEPT of the bound's worth of texts.
+    kept = QUEUE_SHARE_KEPT * 0.5
+    assert gate.estimate(waiting=round(kept * 500), picked_up=0, waited_s=5.0) is None
+    assert gate.estimate(waiting=round(kept * 500) + 1, picked_up=0, waited_s=5.0) is not None
+    with pytest.raises(Overloaded, match="after it waited 5.000 s to be picked up: 51 texts are ahead of it"):
+        gate.check(count=1, waiting=51, waited_s=5.0)
+
+
+def test_an_interval_begins_at_the_first_sample_with_something_waiting() -> None:
+    assert drained((0.0, 0, 0), (0.2, 10, 0), (0.3, 10, 50)).rate == pytest.approx(500.0)
+
+
+def test_pending_calls_are_counted_until_they_reach_the_dataplane_or_end() -> None:
+    async def scenario() -> None:
+        pending = PendingCalls()
+        release = asyncio.Event()
+        reached = asyncio.get_running_loop().create_task(release.wait())
+        abandoned = asyncio.get_running_loop().create_task(release.wait())
+        pending.add(reached, waited_s=0.25)
+        pending.add(abandoned)
+        pending.add(reached, waited_s=9.0)  # once per call
+        assert pending.count == 2
+        pending.observe(0.0)
+        assert pending.remove(reached) == 0.25
+        assert pending.remove(reached) == 0.0  # idempotent
+        abandoned.cancel()  # the client went away before its call reached the dataplane
+        await asyncio.gather(abandoned, return_exceptions=True)
+        assert pending.count == 0
+        release.set()
+        await reached
+        pending.observe(0.0)
+
+    asyncio.run(scenario())
+
+
+def test_core_backlog_is_the_calls_core_holds_that_python_does_not_over_the_pickup_rate() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        counts = {"started": 0, "finished": 0}
+        backlog = CoreBacklog(7, clock, lambda server_id: (counts["started"], counts["finished"]))
+        release = asyncio.Event()
+        held = [asyncio.get_running_loop().create_task(release.wait()) for _ in range(3)]
+        for task in held:
+            backlog.picked_up(task)
+        counts["started"] = 3 + 100  # core took 103 calls; Python holds 3 of them
+        assert backlog.waited_s() == 0.0  # a backlog of 100, but no pickup rate yet
+        assert backlog.waiting == 100
+        clock.now += SAMPLE_INTERVAL_S  # 50 more picked up (and ended) while 100 still waited
+        for _ in range(50):
+            done = asyncio.get_running_loop().create_future()
+            backlog.picked_up(done)
+            done.set_result(None)
+        counts["started"] += 50
+        counts["finished"] += 50
+        await asyncio.sleep(0)  # the done callbacks run
+        assert backlog.waited_s() == pytest.approx(100 / (50 / SAMPLE_INTERVAL_S))
+        release.set()
+        await asyncio.gather(*held)
+        assert CoreBacklog(None, clock).waited_s() == 0.0  # unknown server: no backlog
+
+    asyncio.run(scenario())
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_core_backlog_that_cannot_be_read_reads_0_and_stops_reading() -> None:
+    reads: list[int] = []
+
+    def gone(server_id: int) -> tuple[int, int]:
+        reads.append(server_id)
+        raise ValueError("Failed to get the server, please ensure the server_id is valid")
+
+    backlog = CoreBacklog(7, Clock(), gone)
+    assert backlog.waited_s() == 0.0
+    assert backlog.waited_s() == 0.0
+    assert reads == [7]
