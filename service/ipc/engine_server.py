@@ -132,14 +132,16 @@ class EngineServer:
         metrics: ServerMetrics | None = None,
         *,
         loader: Callable[[Path], LoadedModel] | None = None,
-        engines_on_loop: bool = True,
     ) -> None:
-        """`loader`: see ModelManager. `engines_on_loop` (the default): the engines step on this process's event
-        loop, which does nothing else but move messages, so a step never waits for it and a result leaves in the
-        turn that produced it, without a thread hop either way."""
+        """`loader`: see ModelManager. The engines step on worker threads, or with the setting
+        `engine_steps_on_loop` on this process's event loop (see Settings)."""
         self.settings = settings
         self.manager = ModelManager(
-            settings, metrics, acknowledge=self._acknowledged_by_all, loader=loader, engines_on_loop=engines_on_loop
+            settings,
+            metrics,
+            acknowledge=self._acknowledged_by_all,
+            loader=loader,
+            engines_on_loop=settings.engine_steps_on_loop,
         )
         self.connections: set[_Connection] = set()
         self.generation = 0  # of the last Registry report sent

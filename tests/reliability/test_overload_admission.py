@@ -198,7 +198,7 @@ def test_a_frontend_refuses_from_the_engine_processes_reports(
 
     async def scenario() -> None:
         clock = Clock()
-        engine_server = EngineServer(settings, ServerMetrics(), loader=held_loader(held), engines_on_loop=False)
+        engine_server = EngineServer(settings, ServerMetrics(), loader=held_loader(held))
         socket_path = tmp_path / "engine.sock"
         await engine_server.start(socket_path)
         (model,) = held

@@ -90,10 +90,12 @@ async def connected(
         max_waiting_requests=waiting,
         source_bucket_tokens=1,
         repository_poll_seconds=0,
+        # A held step would hold the loop itself (both ends share it here): with a gate, the engine steps on a
+        # thread; without, on the loop, so both drivers cross the socket.
+        engine_steps_on_loop=gate is None,
     )
     metrics = ServerMetrics()
-    # A held step would hold the loop itself (both ends share it here): with a gate, the engine steps on a thread.
-    server = EngineServer(settings, metrics, loader=fake_loader(model), engines_on_loop=gate is None)
+    server = EngineServer(settings, metrics, loader=fake_loader(model))
     socket_path = tmp_path / "engine.sock"
     await server.start(socket_path)
     model.gate = gate
