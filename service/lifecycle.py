@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 from service.engine_client import EngineClient
 from service.errors import AttnServeError
+from service.grpc_api.server import GrpcServer, PortInUse
+from service.http_api.server import HttpServer
 from service.settings import Settings, SettingsError
 
 log = logging.getLogger("attnserve.server")
@@ -61,6 +63,25 @@ async def start_client(client: EngineClient) -> bool:
         await client.stop(0.0)
         return False
     return True
+
+
+async def open_ports(server: GrpcServer, http: HttpServer | None, client: EngineClient) -> int | None:
+    """Open the gRPC port, then the HTTP port (when there is one): the gRPC port's number, or None, with the
+    reason logged and what had started stopped again, when a port is in use."""
+    try:
+        port = await server.start()
+    except PortInUse as error:
+        log.error("cannot start: %s", error)
+        await client.stop(0.0)
+        return None
+    if http is not None:
+        try:
+            await http.start()
+        except PortInUse as error:
+            log.error("cannot start: %s", error)
+            await server.drain(0.0)
+            return None
+    return port
 
 
 def stop_event(on_hangup: Callable[[], None] | None = None) -> asyncio.Event:

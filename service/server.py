@@ -20,9 +20,9 @@ from collections.abc import Callable
 from service.dataplane import Dataplane
 from service.engine_client.in_process import InProcessClient
 from service.grpc_api.security import SecurityConfigError
-from service.grpc_api.server import GrpcServer, PortInUse
+from service.grpc_api.server import GrpcServer
 from service.http_api.server import HttpServer
-from service.lifecycle import remove_signal_handlers, settings_from, start_client, stop_event
+from service.lifecycle import open_ports, remove_signal_handlers, settings_from, start_client, stop_event
 from service.metrics import ServerMetrics
 from service.settings import Settings
 
@@ -53,19 +53,9 @@ async def serve(
     if not await start_client(client):
         return 1
     also_stop = [http.stop] if http is not None else []
-    try:
-        port = await server.start()
-    except PortInUse as error:
-        log.error("cannot start: %s", error)
-        await client.stop(0.0)
+    port = await open_ports(server, http, client)
+    if port is None:
         return 1
-    if http is not None:
-        try:
-            await http.start()
-        except PortInUse as error:
-            log.error("cannot start: %s", error)
-            await server.drain(0.0)
-            return 1
     if settings.metrics_port:
         try:
             metrics.serve(settings.metrics_port, host=settings.metrics_address)

@@ -8,9 +8,9 @@ from pathlib import Path
 from service.dataplane import Dataplane
 from service.engine_client.socket_client import SocketClient
 from service.grpc_api.security import SecurityConfigError
-from service.grpc_api.server import GrpcServer, PortInUse
+from service.grpc_api.server import GrpcServer
 from service.http_api.server import HttpServer
-from service.lifecycle import log, stop_event
+from service.lifecycle import log, open_ports, stop_event
 from service.metrics import ServerMetrics
 from service.processes.child import ENGINE_SOCKET, announce
 from service.settings import Settings
@@ -38,19 +38,8 @@ async def run_frontend(settings: Settings, runtime_dir: Path) -> int:
         await client.stop(0.0)
         return 0
     also_stop = [http.stop] if http is not None else []
-    try:
-        await server.start()
-    except PortInUse as error:
-        log.error("cannot start: %s", error)
-        await client.stop(0.0)
+    if await open_ports(server, http, client) is None:
         return 1
-    if http is not None:
-        try:
-            await http.start()
-        except PortInUse as error:
-            log.error("cannot start: %s", error)
-            await server.drain(0.0)
-            return 1
     updates: set[asyncio.Task[None]] = set()
 
     def follow_engine(available: bool) -> None:

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -632,3 +633,24 @@ def test_a_drain_answers_the_calls_in_flight_then_closes_the_port(tiny_repositor
     assert server.stop() == 0
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", settings.http_port), timeout=10).close()
+
+
+@pytest.mark.parametrize("taken", ["grpc", "http"])
+def test_a_port_in_use_stops_the_start_and_frees_the_other(
+    tiny_repository: Path, taken: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Someone else listens on one of the two ports: the server exits 1 saying why, and leaves the other port free.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        settings = make_settings(tiny_repository, **({"port": port} if taken == "grpc" else {"http_port": port}))
+        running = ServerThread(settings)
+        with pytest.raises(RuntimeError, match="exit 1"):
+            running.start()
+        running.stop()
+    assert running.exit_code == 1
+    assert "cannot start" in caplog.text
+    other = settings.http_port if taken == "grpc" else settings.port
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", other))  # free again (or never taken)
