@@ -345,7 +345,8 @@ def _error_document(body: bytes) -> tuple[str, str] | None:
     return document["code"], document["error"]
 
 
-def _sse_events(body: bytes) -> list[tuple[str, str]]:
+def sse_events(body: bytes) -> list[tuple[str, str]]:
+    """The (event type, data) of every server-sent event of `body`, in order (the data as sent: text)."""
     events = []
     for block in body.decode("utf-8").split("\n\n"):
         if not block.strip():
@@ -388,7 +389,7 @@ def check_http(item: HttpInput, status: int, headers: dict[str, str], body: byte
         return None, counted
     try:
         if item.method == "TranslateStream":
-            events = _sse_events(body)
+            events = sse_events(body)
             if not events:
                 return "a 200 stream without events", "OK"
             kind, data = events[-1]

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from loadtests.reliability.fuzz import sse_events
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -55,15 +57,4 @@ def call(
 
 def events(body: bytes) -> list[tuple[str, Any]]:
     """The (event type, parsed JSON data) of every server-sent event of `body`, in order."""
-    parsed = []
-    for block in body.decode("utf-8").split("\n\n"):
-        if not block.strip():
-            continue
-        kind, data = "message", ""
-        for line in block.split("\n"):
-            if line.startswith("event: "):
-                kind = line[len("event: ") :]
-            elif line.startswith("data: "):
-                data += line[len("data: ") :]
-        parsed.append((kind, json.loads(data)))
-    return parsed
+    return [(kind, json.loads(data)) for kind, data in sse_events(body)]
