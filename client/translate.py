@@ -246,6 +246,9 @@ async def _translate_offline(arguments: argparse.Namespace, request: pb.Translat
         default_model=model,
         loaded_versions=0 if version else 1,
         max_texts_per_request=max(len(request.texts), 1),
+        # One call with every text, queued at once: nothing else waits, so no bound on the queue or the wait.
+        max_waiting_requests=max(len(request.texts), 1),
+        max_queue_wait_ms=0.0,
     )
     configure_onnxruntime_telemetry(settings.onnxruntime_telemetry)
     client = InProcessClient(settings, only={model} if model else None)

@@ -248,7 +248,9 @@ async def _translate_as_served(version_dir: Path, texts: list[str], beam_size: i
         default_model=name,
         loaded_versions=0,
         max_texts_per_request=TEXTS_PER_CALL,
+        # Every text is queued at once and waits its turn: no bound on the queue or on the wait.
         max_waiting_requests=max(len(texts), 1),
+        max_queue_wait_ms=0.0,
     )
     client = InProcessClient(settings, only={name})
     await client.start()
