@@ -256,6 +256,10 @@ class SocketClient:
             "lost the engine process (%s): failing %d calls in flight with UNAVAILABLE", reason, len(self._outstanding)
         )
         self._registry.set_unavailable("the engine process is restarting")
+        # What the lost engine reported of its queues says nothing of the next one's, which starts empty and reports
+        # only when its counts change: a queue left as last seen (texts waiting, never moving) would look stalled
+        # and refuse every call, so the new engine would never get one.
+        self._queues = {}
         self._fail_outstanding("the engine process stopped before it finished this call; retry")
         self._notify_availability(False)
         task = asyncio.get_running_loop().create_task(self._connect(), name="engine reconnect")

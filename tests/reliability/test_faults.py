@@ -166,7 +166,8 @@ def test_expired_deadlines_leave_the_engine_and_free_their_slots(repository: Pat
     leaves the engine exactly once (at its next step at the latest), and a call behind them runs."""
     # One beam-8 text fills the batch: every text waits for the ones before it.
     CALLS = 24  # noqa: N806
-    server = ServerThread(make_settings(repository, max_active_hypotheses=8, max_waiting_requests=4096)).start()
+    settings = make_settings(repository, max_active_hypotheses=8, max_waiting_requests=4096)
+    server = ServerThread(settings).start()
     dates = {"model": "dates", "version": "1"}
     try:
         with grpc.insecure_channel(server.address) as channel:
@@ -192,12 +193,17 @@ def test_expired_deadlines_leave_the_engine_and_free_their_slots(repository: Pat
                         metric_sum(samples, "attnserve_finished_requests_total", **dates),
                     )
                 )
-                return seen[-1] == (0, 0, CALLS * 64 + 1)
+                # Nothing left in the engine, on two looks in a row. A call whose deadline passed before its
+                # handler ran never reaches the engine (a loaded machine leaves some in gRPC's backlog that long).
+                return len(seen) >= 2 and seen[-1] == seen[-2] and seen[-1][:2] == (0, 0)
 
             try:
-                wait_for(settled, what="every text of the expired calls to leave the engine exactly once")
+                wait_for(settled, what="every text of the expired calls to leave the engine")
             except AssertionError as timed_out:  # say where it stopped: (waiting, running, finished) at the end
                 raise AssertionError(f"{timed_out}; (waiting, running, finished) last seen {seen[-3:]}") from None
+            # Exactly once: a call's 64 texts enter together or not at all, and each that entered ended once.
+            finished = int(seen[-1][2]) - 1  # the call behind them
+            assert finished % 64 == 0 and 64 <= finished <= CALLS * 64, seen[-1]
             samples = scrape(server.metrics_url)
             gave_up = sum(
                 metric(samples, "attnserve_finished_requests_total", reason=reason, **dates)

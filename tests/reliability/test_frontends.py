@@ -62,6 +62,8 @@ class MultiProcessServer:
                 str(self.metrics_port),
                 "--intra-op-threads",
                 "1",
+                "--max-queue-wait-ms",  # off, as in make_settings: refusals from a measured rate depend on speed
+                "0",
                 *extra,
             ],
             cwd=PROJECT_ROOT,
