@@ -211,6 +211,17 @@ class AsyncEngine:
             self._turn_scheduled = True
             self._loop.call_soon(self._turn)
 
+    def _step(self) -> CoreOutput:
+        """One iteration of the core, by whichever driver steps it, with its numbers recorded."""
+        try:
+            output = self._core.step()
+        except Exception as exc:  # a bug in the engine itself: fail what it touched, keep serving
+            log.exception("engine iteration failed (model %s)", self.label)
+            output = self._core.recover(exc)
+        if output.stats is not None:
+            self._record(self._recorder.on_step, output.stats)
+        return output
+
     # ----- on the loop ---------------------------------------------------------------------------------
 
     def _turn(self) -> None:
@@ -225,13 +236,7 @@ class AsyncEngine:
             return
         try:
             if core.has_work:
-                try:
-                    output = core.step()
-                except Exception as exc:  # a bug in the engine itself: fail what it touched, keep serving
-                    log.exception("engine iteration failed (model %s)", self.label)
-                    output = core.recover(exc)
-                if output.stats is not None:
-                    self._record(self._recorder.on_step, output.stats)
+                output = self._step()
                 if output.answers:
                     self._deliver_safely(output)
                 if core.has_work:
@@ -255,13 +260,7 @@ class AsyncEngine:
             while not self._closing:
                 self._wake.clear()
                 if core.has_work:
-                    try:
-                        output = core.step()
-                    except Exception as exc:  # a bug in the engine itself: fail what it touched, keep serving
-                        log.exception("engine iteration failed (model %s)", self.label)
-                        output = core.recover(exc)
-                    if output.stats is not None:
-                        self._record(self._recorder.on_step, output.stats)
+                    output = self._step()
                     if output.answers:
                         self._post(output)
                     continue
