@@ -8,9 +8,13 @@ calls of those that are neither finished nor held by Python are the backlog, and
 calls up while some wait says how long the backlog takes to clear: about how long a call picked up now has
 waited (Little's law: the calls behind it arrived while it waited).
 
-Core's counts are read through grpcio's channelz functions (a JSON document per read, about half a millisecond),
-so they are read at most every SAMPLE_INTERVAL_S while there is a backlog, every QUIET_SAMPLE_INTERVAL_S while
-there is none, and only while calls are being picked up.
+Core's counts are read through grpcio's channelz functions, which walk every connection while holding the GIL: a
+read takes about 0.1 ms with a few connections and 25 ms with 2,000 (idle ones too), and holds up the event loop
+that long. So they are read only while calls are being picked up and a backlog is possible: while the event-loop
+thread has been busy (at least BUSY_SHARE of the time since the last look was its own CPU time), or the last read
+found calls waiting. A loop with time to spare picks calls up as they come, so core holds none for long. Reads are
+at most every SAMPLE_INTERVAL_S, and at most once per READ_COST_MULTIPLE times the last read's cost, so however
+many connections there are, reading takes at most a small share of the loop.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -28,10 +33,17 @@ from service.engine_client.admission import MIN_INTERVAL_S, DrainRate
 log = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL_S = MIN_INTERVAL_S
-"""Core's counts are read at most this often while there is a backlog: as often as the pickup rate can be measured."""
+"""Whether to read core's counts is decided, and they are read, at most this often: as often as the pickup rate can
+be measured."""
 
-QUIET_SAMPLE_INTERVAL_S = 0.25
-"""... and at most this often while there is none (a read costs about half a millisecond)."""
+BUSY_SHARE = 0.25
+"""The event-loop thread's CPU share over the last interval from which calls may be waiting in core's backlog.
+Measured on 2 cores, one process: about 0.01 with one client calling one call at a time, 0.7 at capacity and under
+twice its load (the rest of the time the loop waits for the GIL, which the engine's thread holds between its
+onnxruntime runs)."""
+
+READ_COST_MULTIPLE = 20
+"""Core's counts are read at most once per this many times what the last read cost (at most 5% of the loop)."""
 
 
 def server_ids() -> set[int]:
@@ -58,7 +70,8 @@ class CoreBacklog:
 
     `server_id`: the server's channelz id (None = unknown: the backlog then always reads 0). The interceptor calls
     `picked_up(task)` for every call in the task that runs it; `waited_s()` is the estimate for a call picked up
-    now. `calls` (server_calls) and `clock` are what it reads, for tests. Event-loop thread only.
+    now. `calls` (server_calls), `clock` and `cpu` (the calling thread's CPU seconds) are what it reads, for tests.
+    Event-loop thread only.
     """
 
     def __init__(
@@ -66,10 +79,15 @@ class CoreBacklog:
         server_id: int | None,
         clock: Callable[[], float],
         calls: Callable[[int], tuple[int, int]] = server_calls,
+        cpu: Callable[[], float] = time.thread_time,
     ) -> None:
         self.server_id = server_id
         self._clock = clock
         self._calls = calls
+        self._cpu = cpu
+        self._cpu_at_sample = 0.0
+        self._interval_s = SAMPLE_INTERVAL_S
+        self.reads = 0  # reads of core's counts, ever
         self._held = 0  # calls Python has picked up that have not ended
         self._picked_up = 0  # calls Python has picked up, ever
         self._sampled_at: float | None = None
@@ -102,15 +120,22 @@ class CoreBacklog:
         if self.server_id is None:
             return 0.0
         now = self._clock()
-        interval = SAMPLE_INTERVAL_S if self.waiting else QUIET_SAMPLE_INTERVAL_S
-        if self._sampled_at is None or now - self._sampled_at >= interval:
-            self._sampled_at = now
+        if self._sampled_at is None or now - self._sampled_at >= self._interval_s:
+            cpu = self._cpu()
+            busy = self._sampled_at is not None and cpu - self._cpu_at_sample >= BUSY_SHARE * (now - self._sampled_at)
+            self._sampled_at, self._cpu_at_sample = now, cpu
+            if not busy and not self.waiting:
+                self.pickup.observe(now, 0, self._picked_up)  # no backlog: an interval without a measurement
+                self._interval_s = SAMPLE_INTERVAL_S
+                return 0.0
             try:
                 started, finished = self._calls(self.server_id)
             except (KeyError, ValueError) as error:  # the server is gone from channelz, or a document we do not know
                 log.warning("gRPC core's backlog cannot be read any more (%s); admission stops counting it", error)
                 self.server_id = None
                 return 0.0
+            self.reads += 1
+            self._interval_s = max(SAMPLE_INTERVAL_S, READ_COST_MULTIPLE * (self._clock() - now))
             # Calls Python holds have started and not finished in core's count too; a call that just ended in
             # Python may not have ended in core's yet, so the difference can dip below 0 for a moment.
             self.waiting = max(0, started - finished - self._held)

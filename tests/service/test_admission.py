@@ -22,7 +22,7 @@ from service.engine_client.admission import (
     QueueAdmission,
 )
 from service.errors import QUEUE_FULL, QUEUE_WAIT, InvalidRequest, Overloaded
-from service.grpc_api.backlog import SAMPLE_INTERVAL_S, CoreBacklog
+from service.grpc_api.backlog import BUSY_SHARE, READ_COST_MULTIPLE, SAMPLE_INTERVAL_S, CoreBacklog
 
 
 def drained(*samples: tuple[float, int, int]) -> DrainRate:
@@ -208,17 +208,20 @@ def test_pending_calls_are_counted_until_they_reach_the_dataplane_or_end() -> No
 
 def test_core_backlog_is_the_calls_core_holds_that_python_does_not_over_the_pickup_rate() -> None:
     async def scenario() -> None:
-        clock = Clock()
+        clock, cpu = Clock(), Clock()
         counts = {"started": 0, "finished": 0}
-        backlog = CoreBacklog(7, clock, lambda server_id: (counts["started"], counts["finished"]))
+        backlog = CoreBacklog(7, clock, lambda server_id: (counts["started"], counts["finished"]), cpu)
         release = asyncio.Event()
         held = [asyncio.get_running_loop().create_task(release.wait()) for _ in range(3)]
         for task in held:
             backlog.picked_up(task)
+        assert backlog.waited_s() == 0.0  # the first look: nothing to judge the loop's load by
+        clock.now += SAMPLE_INTERVAL_S
+        cpu.now += BUSY_SHARE * SAMPLE_INTERVAL_S  # the loop was busy
         counts["started"] = 3 + 100  # core took 103 calls; Python holds 3 of them
         assert backlog.waited_s() == 0.0  # a backlog of 100, but no pickup rate yet
         assert backlog.waiting == 100
-        clock.now += SAMPLE_INTERVAL_S  # 50 more picked up (and ended) while 100 still waited
+        clock.now += SAMPLE_INTERVAL_S  # 50 more picked up (and ended) while 100 still waited; the loop idled
         for _ in range(50):
             done = asyncio.get_running_loop().create_future()
             backlog.picked_up(done)
@@ -226,12 +229,59 @@ def test_core_backlog_is_the_calls_core_holds_that_python_does_not_over_the_pick
         counts["started"] += 50
         counts["finished"] += 50
         await asyncio.sleep(0)  # the done callbacks run
+        # Read again although the loop was not busy: the last read found calls waiting.
         assert backlog.waited_s() == pytest.approx(100 / (50 / SAMPLE_INTERVAL_S))
+        assert backlog.reads == 2
         release.set()
         await asyncio.gather(*held)
         assert CoreBacklog(None, clock).waited_s() == 0.0  # unknown server: no backlog
 
     asyncio.run(scenario())
+
+
+def test_core_counts_are_not_read_while_the_loop_has_time_to_spare() -> None:
+    """A read walks every connection holding the GIL (25 ms with 2,000 idle ones): a loop that is mostly idle picks
+    calls up as they come, so it does not read, whatever core would say."""
+    clock, cpu = Clock(), Clock()
+    reads: list[int] = []
+
+    def calls(server_id: int) -> tuple[int, int]:
+        reads.append(server_id)
+        return 500, 0
+
+    backlog = CoreBacklog(7, clock, calls, cpu)
+    step_s = 2 * SAMPLE_INTERVAL_S  # (a whole interval, whatever the sums' rounding)
+    for _ in range(100):
+        assert backlog.waited_s() == 0.0
+        clock.now += step_s
+        cpu.now += 0.9 * BUSY_SHARE * step_s
+    assert reads == []
+    cpu.now += 0.2 * BUSY_SHARE * step_s  # now busy for more than BUSY_SHARE of the last interval
+    backlog.waited_s()
+    assert reads == [7] and backlog.waiting == 500
+
+
+def test_core_counts_are_read_at_most_once_per_multiple_of_what_a_read_costs() -> None:
+    clock, cpu = Clock(), Clock()
+    read_cost_s = 0.01  # 5x the interval's share at READ_COST_MULTIPLE
+
+    def calls(server_id: int) -> tuple[int, int]:
+        clock.now += read_cost_s
+        return 10, 0
+
+    backlog = CoreBacklog(7, clock, calls, cpu)
+    backlog.waited_s()
+    read_at: list[float] = []
+    for _ in range(100):
+        clock.now += SAMPLE_INTERVAL_S / 10
+        cpu.now += SAMPLE_INTERVAL_S / 10  # flat out
+        before = backlog.reads
+        backlog.waited_s()
+        if backlog.reads > before:
+            read_at.append(clock.now)
+    gaps = [later - earlier for earlier, later in zip(read_at, read_at[1:], strict=False)]
+    assert len(read_at) >= 2
+    assert min(gaps) >= READ_COST_MULTIPLE * read_cost_s
 
 
 class Clock:
@@ -249,7 +299,10 @@ def test_core_backlog_that_cannot_be_read_reads_0_and_stops_reading() -> None:
         reads.append(server_id)
         raise ValueError("Failed to get the server, please ensure the server_id is valid")
 
-    backlog = CoreBacklog(7, Clock(), gone)
-    assert backlog.waited_s() == 0.0
-    assert backlog.waited_s() == 0.0
+    clock, cpu = Clock(), Clock()
+    backlog = CoreBacklog(7, clock, gone, cpu)
+    for _ in range(3):
+        assert backlog.waited_s() == 0.0
+        clock.now += 2 * SAMPLE_INTERVAL_S
+        cpu.now += 2 * SAMPLE_INTERVAL_S  # flat out: a read is due each time
     assert reads == [7]
