@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import msgspec
 import numpy as np
 
 from service.engine.batch import DecodeBatch, bucketed
@@ -90,7 +91,7 @@ class BatchingPolicy(enum.StrEnum):
     """One request at a time, to completion."""
 
 
-class FinishedRequest(NamedTuple):
+class FinishedRequest(msgspec.Struct):
     """A request that finished with hypotheses: its result for the caller and its numbers for the metrics."""
 
     key: int
@@ -124,7 +125,7 @@ class QueueCounts(NamedTuple):
     running: int
 
 
-class _Waiting(NamedTuple):
+class _Waiting(msgspec.Struct, gc=False):
     key: int
     request: EngineRequest
     submitted_at: float
@@ -396,14 +397,15 @@ class EngineCore:
         self._dequeued += len(chosen)
         started = self.clock()
         try:
-            lengths = np.array([w.source_length for w in chosen], dtype=np.int64)
-            sources = [w.request.source_ids for w in chosen]
-            longest = int(lengths.max())
-            if longest == int(lengths.min()):  # one request, or sources of one length: no padding
-                source_ids = np.stack(sources)
+            source_lengths = [w.source_length for w in chosen]
+            lengths = np.array(source_lengths, dtype=np.int64)
+            sources = np.concatenate([w.request.source_ids for w in chosen])
+            longest = max(source_lengths)
+            if longest == min(source_lengths):  # one request, or sources of one length: no padding
+                source_ids = sources.reshape(len(chosen), longest)
             else:  # every source into its row in one write: the positions below each row's length, in row order
                 source_ids = np.zeros((len(chosen), longest), dtype=np.int64)
-                source_ids[np.arange(longest) < lengths[:, None]] = np.concatenate(sources)
+                source_ids[np.arange(longest) < lengths[:, None]] = sources
             encoded = self.model.encode(source_ids, lengths)
             _check_tensors("encoder memory", encoded.memory, self.model.memory_names, len(chosen), source_ids.shape[1])
             _check_tensors("encoder state", encoded.state, self.model.state_names, len(chosen), None)

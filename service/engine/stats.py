@@ -8,12 +8,17 @@ imports a metrics library, so the hot loop never touches one.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Protocol
+
+import msgspec
 
 from service.engine.records import FinishReason
 
+# Records are msgspec Structs without cycles (gc=False): one is made per request and per step in the hot loop, and
+# a Struct is made in a quarter of the time of a NamedTuple.
 
-class StepStats(NamedTuple):
+
+class StepStats(msgspec.Struct, gc=False):
     """One engine iteration that ran the encoder, the decoder step, or both.
 
     `rows`: decoder rows in the step (0 when only the encoder ran); `requests`: requests in the step;
@@ -38,7 +43,7 @@ class StepStats(NamedTuple):
     memory_generation: int = 0
 
 
-class RequestStats(NamedTuple):
+class RequestStats(msgspec.Struct, gc=False):
     """One request that finished with a result (finish reason eos or length).
 
     Times are seconds from the request's arrival: `queue_wait_s` until it entered the batch,
