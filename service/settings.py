@@ -220,12 +220,16 @@ class Settings(BaseSettings):
     under $HOME/.cache): true or false. false sets ORT_DISABLE_TELEMETRY=1 for the server and every
     process it starts; true leaves onnxruntime's own default."""
 
-    max_concurrent_streams: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    max_concurrent_streams: Annotated[int, Field(ge=0, le=2**31 - 1)] = 1000
     """Most calls one client connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS);
     0 = no limit. Calls beyond it are refused by the transport (REFUSED_STREAM, seen as UNAVAILABLE: nothing
     was done, safe to retry), also those of a client that bursts past it on a connection too new to know the
     limit; clients that know it queue on their side. Set with this times the client connections below
-    max_pending_calls, no call can reach the backlog limit where gRPC core fails calls with CANCELLED."""
+    max_pending_calls, no call can reach the backlog limit where gRPC core fails calls with CANCELLED. It is also
+    what bounds a client that opens and resets streams in a loop: gRPC core refuses new streams while this many
+    of the connection's are still allocated (without a limit such a client filled core's backlog until it failed
+    other clients' calls with CANCELLED). 1000 by default: far more than a client holds on one connection, and
+    reached only by one that bursts 1000 calls before the server's settings reach it."""
 
     max_pending_calls: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     """Calls gRPC core holds before the server's Python layer picks them up; twice this is the hard limit,
