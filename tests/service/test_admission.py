@@ -217,7 +217,7 @@ def test_core_backlog_is_the_calls_core_holds_that_python_does_not_over_the_pick
             backlog.picked_up(task)
         assert backlog.waited_s() == 0.0  # the first look: nothing to judge the loop's load by
         clock.now += SAMPLE_INTERVAL_S
-        cpu.now += BUSY_SHARE * SAMPLE_INTERVAL_S  # the loop was busy
+        cpu.now += 2 * BUSY_SHARE * SAMPLE_INTERVAL_S  # the loop was busy
         counts["started"] = 3 + 100  # core took 103 calls; Python holds 3 of them
         assert backlog.waited_s() == 0.0  # a backlog of 100, but no pickup rate yet
         assert backlog.waiting == 100
@@ -263,7 +263,7 @@ def test_core_counts_are_not_read_while_the_loop_has_time_to_spare() -> None:
 
 def test_core_counts_are_read_at_most_once_per_multiple_of_what_a_read_costs() -> None:
     clock, cpu = Clock(), Clock()
-    read_cost_s = 0.01  # 5x the interval's share at READ_COST_MULTIPLE
+    read_cost_s = 0.01  # READ_COST_MULTIPLE x this is four sampling intervals
 
     def calls(server_id: int) -> tuple[int, int]:
         clock.now += read_cost_s
