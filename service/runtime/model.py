@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,20 @@ def _create_session(ort: Any, path: Path, options: Any, providers: list[str]) ->
         ort.set_default_logger_severity(3)
 
 
+def _bare_run(session: Any) -> Callable[[list[str], dict[str, np.ndarray], Any], list[np.ndarray]]:
+    """`session.run` without the Python wrapper's checks: the session's C++ `run`, called as run(output names,
+    feeds, run options or None). The wrapper checks the feed's names against the graph, the ownership of OrtValue
+    inputs and WebGPU graph capture at every call, about 3 us, 12 times in a short request (its encoder and 11
+    decoder steps). The engine feeds numpy arrays under names checked once at load (`_check_signatures`). The
+    wrapper's other duty, falling back to the CPU provider when a CUDA provider fails, is one this runtime does not
+    want: it names its provider, and a failed run fails the requests of that step. The public `run` where a build
+    of onnxruntime lacks the C++ session."""
+    run: Callable[[list[str], dict[str, np.ndarray], Any], list[np.ndarray]] | None = getattr(
+        getattr(session, "_sess", None), "run", None
+    )
+    return run if run is not None else session.run
+
+
 class OnnxStepModel:
     """The engine's ``StepModel`` on two onnxruntime sessions (encoder, one decoder step).
 
@@ -151,6 +166,8 @@ class OnnxStepModel:
             self._decoder = _create_session(ort, directory / decoder.file, options, providers)
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt or missing graphs
             raise ModelLoadError(f"{directory}: cannot load ONNX graphs: {exc}") from exc
+        self._run_encoder = _bare_run(self._encoder)
+        self._run_decoder = _bare_run(self._decoder)
         self.provider = self._decoder.get_providers()[0]
         if require_cuda and self.provider != "CUDAExecutionProvider":
             raise ModelLoadError(f"{directory}: provider 'cuda' was asked for but onnxruntime runs on {self.provider}")
@@ -185,7 +202,9 @@ class OnnxStepModel:
                 raise ModelLoadError(f"model.json names {what} the graph lacks: {sorted(missing)}")
 
     def encode(self, source_ids: np.ndarray, source_lengths: np.ndarray) -> EncoderOutput:
-        outputs = self._encoder.run(self._encoder_outputs, {"source_ids": source_ids, "source_lengths": source_lengths})
+        outputs = self._run_encoder(
+            self._encoder_outputs, {"source_ids": source_ids, "source_lengths": source_lengths}, None
+        )
         n_memory = len(self.memory_names)
         memory = dict(zip(self.memory_names, outputs[:n_memory], strict=False))
         state = dict(zip(self.state_names, outputs[n_memory:], strict=False))
@@ -204,7 +223,7 @@ class OnnxStepModel:
             outputs = self._step_with_binding(tokens, source_lengths, memory, state, memory_version)
         else:
             feeds = {"tokens": tokens, "source_lengths": source_lengths, **memory, **state}
-            outputs = self._decoder.run(self._decoder_outputs, feeds)
+            outputs = self._run_decoder(self._decoder_outputs, feeds, None)
         new_state = dict(zip(self.state_names, outputs[3:], strict=False))
         return StepOutput(topk_log_probs=outputs[0], topk_ids=outputs[1], attention=outputs[2], state=new_state)
 
