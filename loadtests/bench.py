@@ -38,18 +38,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from loadtests.phrasebook import PhrasebookRecipe
+from loadtests.report import CONTENDER_ORDER
 
-CONTENDERS = (
-    "pytorch-eager",
-    "none",
-    "request",
-    "continuous",
-    "http",
-    "rpc-ceiling",
-    "engine-ceiling",
-    "roofline",
-    "cpu-per-call",
-)
+# The report's contenders (its tables and plots, in their order), and the `cpu-per-call` section, which the
+# report renders apart.
+CONTENDERS = (*CONTENDER_ORDER, "cpu-per-call")
 SERVER_CONTENDERS = ("rpc-ceiling", "continuous", "http", "none", "request", "pytorch-eager")
 
 
