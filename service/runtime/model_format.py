@@ -18,7 +18,7 @@ from service.errors import ModelLoadError
 from service.runtime.normalization import Normalization
 from service.runtime.repository import is_valid_model_name
 from service.runtime.tokenizers import SPECIAL_TOKENS, TokenizerKind
-from service.validation import error_text
+from service.validation import problems_text
 
 FORMAT_VERSION: Literal[1] = 1
 """The `format` this server reads; an exporter that changes the contract bumps it."""
@@ -170,10 +170,7 @@ class ModelDocument(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as error:
-            problems = "; ".join(
-                f"{'.'.join(str(part) for part in detail['loc']) or 'document'}: {error_text(detail)}"
-                for detail in error.errors()
-            )
+            problems = problems_text(error, "document")
             raise ModelLoadError(f"{path}: {problems}") from None
 
     def write(self, directory: Path) -> None:

@@ -42,7 +42,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from service.validation import error_text
+from service.validation import problems_text
 
 #: The newest version of the rules this module implements.
 RULES_VERSION: Literal[1] = 1
@@ -125,10 +125,7 @@ class Normalization(BaseModel):
         try:
             return cls.model_validate(document)
         except ValidationError as error:
-            problems = "; ".join(
-                f"{'.'.join(str(part) for part in detail['loc']) or 'spec'}: {error_text(detail)}"
-                for detail in error.errors()
-            )
+            problems = problems_text(error, "spec")
             raise NormalizationError(f"bad normalization spec: {problems}") from None
 
     @classmethod
