@@ -130,6 +130,7 @@ class _Waiting(msgspec.Struct, gc=False):
     request: EngineRequest
     submitted_at: float
     source_length: int  # the request's, read once (admission looks at it for every candidate)
+    padded_length: int  # source_length rounded up to the source bucket
     beam: int
 
 
@@ -205,7 +206,17 @@ class EngineCore:
 
     def add(self, key: int, request: EngineRequest, submitted_at: float) -> None:
         """Queue a request (passed `check()` first). Any thread."""
-        self._inbox.append(_Waiting(key, request, submitted_at, len(request.source_ids), request.options.beam_size))
+        length = len(request.source_ids)
+        self._inbox.append(
+            _Waiting(
+                key,
+                request,
+                submitted_at,
+                length,
+                bucketed(length, self.limits.source_bucket),
+                request.options.beam_size,
+            )
+        )
 
     def abort(self, key: int) -> None:
         """Drop a request (cancelled by its caller): from the queue, or from the batch at the next step."""
@@ -368,12 +379,8 @@ class EngineCore:
         else:
             most = 1
         chosen: list[_Waiting] = []
-        rows, longest = batch.live_rows, batch.longest_source
-        max_rows, max_padded, bucket = (
-            limits.max_active_hypotheses,
-            limits.max_padded_source_tokens,
-            limits.source_bucket,
-        )
+        rows, padded = batch.live_rows, bucketed(batch.longest_source, limits.source_bucket)
+        max_rows, max_padded = limits.max_active_hypotheses, limits.max_padded_source_tokens
         waiting, slot_of = self._waiting, self._slot_of
         while len(chosen) < most and waiting:
             head = waiting[0]
@@ -381,16 +388,14 @@ class EngineCore:
                 waiting.popleft()
                 continue
             new_rows = rows + head.beam
-            new_longest = head.source_length if head.source_length > longest else longest
+            new_padded = head.padded_length if head.padded_length > padded else padded  # bucketing keeps order
             # An empty batch always takes the head (it was checked to fit alone), so the loop always
             # progresses; otherwise strict FIFO: a big request at the head is not overtaken, so it cannot starve.
-            if rows > 0 and (
-                new_rows > max_rows or new_rows * max(bucket, -(-new_longest // bucket) * bucket) > max_padded
-            ):
+            if rows > 0 and (new_rows > max_rows or new_rows * new_padded > max_padded):
                 break
             waiting.popleft()
             chosen.append(head)
-            rows, longest = new_rows, new_longest
+            rows, padded = new_rows, new_padded
         if not chosen:
             return 0.0, 0, None
         self._queued -= len(chosen)
@@ -579,31 +584,31 @@ class EngineCore:
         """Report the requests in `slots` finished at `now` (their results and numbers) and retire them."""
         batch = self.batch
         slot_beam, slot_key, requests, slot_of = batch.slot_beam, batch.slot_key, self._requests, self._slot_of
-        greedy = [slot for slot in slots if slot_beam[slot] == 1]
-        greedy_of = dict(zip(greedy, greedy_hypotheses(batch, greedy, self.model.eos_id), strict=True))
+        slot_admitted_at, slot_first_step_at, slot_source_length = (
+            batch.slot_admitted_at,
+            batch.slot_first_step_at,
+            batch.slot_source_length,
+        )
+        if not batch.beam_rows:  # every request greedy: their hypotheses in one pass, one each
+            best_of = [[hypothesis] for hypothesis in greedy_hypotheses(batch, slots, self.model.eos_id)]
+        else:
+            greedy = [slot for slot in slots if slot_beam[slot] == 1]
+            greedy_of = dict(zip(greedy, greedy_hypotheses(batch, greedy, self.model.eos_id), strict=True))
+            best_of = [[greedy_of[slot]] if slot in greedy_of else beam_hypotheses(batch, slot) for slot in slots]
         finished = output.finished
-        for slot in slots:
+        for slot, hypotheses in zip(slots, best_of, strict=True):
             key = slot_key[slot]
             arrival = requests.pop(key).arrival
             del slot_of[key]
             beam = slot_beam[slot]
-            if beam == 1:
-                hypotheses = [greedy_of[slot]]
-                steps = len(hypotheses[0].token_ids)
-            else:
-                hypotheses = beam_hypotheses(batch, slot)
-                steps = int(batch.row_steps[batch.slot_rows[slot, 0]])
-            first_step_at = batch.slot_first_step_at[slot]
-            queue_wait, first_token, total = (
-                batch.slot_admitted_at[slot] - arrival,
-                first_step_at - arrival,
-                now - arrival,
-            )
+            steps = len(hypotheses[0].token_ids) if beam == 1 else int(batch.row_steps[batch.slot_rows[slot, 0]])
+            first_step_at = slot_first_step_at[slot]
+            queue_wait, first_token, total = slot_admitted_at[slot] - arrival, first_step_at - arrival, now - arrival
             # No hypothesis at all only when the model gave no candidate with a finite score until max_length.
             reason = hypotheses[0].finish_reason if hypotheses else FinishReason.LENGTH
             mean_gap = (now - first_step_at) / (steps - 1) if steps > 1 else None
             stats = RequestStats(
-                queue_wait, first_token, mean_gap, total, steps, batch.slot_source_length[slot], reason, beam
+                queue_wait, first_token, mean_gap, total, steps, slot_source_length[slot], reason, beam
             )
             finished.append(
                 FinishedRequest(key, EngineResult(hypotheses, queue_wait, first_token, total, steps), stats)

@@ -162,18 +162,27 @@ def greedy_hypotheses(batch: DecodeBatch, slots: list[int], eos_id: int) -> list
         alignments = batch.out_alignment[indices, :longest].tolist()
         log_probs = batch.row_score[row_index].tolist()
         alphas = batch.slot_alpha[indices].tolist()
+    # Alpha 0 (the default) divides by exactly 1.0: the score is the log probability, with no call per request.
+    scores = (
+        log_probs
+        if not any(alphas)
+        else [normalised_score(log_prob, n, alpha) for log_prob, n, alpha in zip(log_probs, steps, alphas, strict=True)]
+    )
+    attention = batch.slot_attention if batch.any_attention else None
     hypotheses = []
-    for index, (slot, length) in enumerate(zip(slots, steps, strict=True)):
-        own = tokens[index][:length]
-        kept = batch.slot_attention[slot]
+    for slot, length, own_tokens, own_alignment, log_prob, score in zip(
+        slots, steps, tokens, alignments, log_probs, scores, strict=True
+    ):
+        own = own_tokens[:length]
+        kept = attention[slot] if attention is not None else None
         hypotheses.append(
             Hypothesis(
-                token_ids=own,
-                score=normalised_score(log_probs[index], length, alphas[index]),
-                log_prob=log_probs[index],
-                finish_reason=FinishReason.EOS if own and own[-1] == eos_id else FinishReason.LENGTH,
-                alignment=alignments[index][:length],
-                attention=np.stack(kept) if kept is not None else None,
+                own,
+                score,
+                log_prob,
+                FinishReason.EOS if own and own[-1] == eos_id else FinishReason.LENGTH,
+                own_alignment[:length],
+                np.stack(kept) if kept is not None else None,
             )
         )
     return hypotheses
