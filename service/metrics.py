@@ -192,7 +192,11 @@ class ServerMetrics:
         self.model_load.labels(model, str(version)).set(load_seconds)
         info = {"provider": provider}
         if threads is not None:
-            info |= {"intra_op_threads": str(threads.intra_op), "spinning": "true" if threads.spinning else "false"}
+            info |= {
+                "intra_op_threads": str(threads.intra_op),
+                "spinning": "true" if threads.spinning else "false",
+                "encoder_overlap": "true" if threads.encoder_overlap else "false",
+            }
         self.model_info.labels(model, str(version)).info(info)
 
     def model_load_failed(self, model: str, version: int) -> None:

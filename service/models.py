@@ -174,6 +174,7 @@ class ModelManager:
             recorder=self.metrics.recorder(name, version) if self.metrics is not None else None,
             label=served.label,
             on_loop=self._engines_on_loop,
+            encoder_thread=model.threads.encoder_overlap,
         )
         await engine.start()
         self._engines[(name, version)] = engine
@@ -203,6 +204,7 @@ class ModelManager:
             inter_op_threads=self.settings.inter_op_threads,
             spinning=self.settings.onnx_spinning,
             cpus=self.settings.usable_cpus,
+            encoder_overlap=self.settings.encoder_overlap,
         )
 
     def _record_failure(self, name: str, version: int, entry: ModelEntry, why: str, fingerprint: Fingerprint) -> None:

@@ -125,6 +125,12 @@ class Settings(BaseSettings):
     """Let onnxruntime's threads spin between runs (session.intra_op.allow_spinning). Off by default: the
     engine runs a step every few hundred microseconds, so spinning threads never sleep and take a core."""
 
+    encoder_overlap: Annotated[Literal["auto", "on", "off"], BeforeValidator(_lower)] = "auto"
+    """Run the encoder for requests that join a running batch on a thread of its own, beside the decoder step
+    (they join after it): `auto` = on the CPU for models with a decoder graph of 16 MiB or more when the usable
+    CPUs are at least twice the intra-op threads, where the encoder call costs a good part of a step; `on`;
+    `off` (encode at the start of the step, in the stepping thread)."""
+
     engine_steps_on_loop: bool = False
     """In the engine process of `frontends` N >= 1: step the engines on its event loop, between reading the
     front-ends' messages, instead of on a worker thread each. No thread hop per step, so less CPU per call for

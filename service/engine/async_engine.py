@@ -34,6 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from service.engine.core import BatchingPolicy, CoreOutput, EngineCore, EngineLimits, FinishedRequest
@@ -68,6 +69,7 @@ class AsyncEngine:
         label: str = "unnamed",
         clock: Callable[[], float] = time.monotonic,
         on_loop: bool = False,
+        encoder_thread: bool = False,
     ) -> None:
         self.model = model
         self.on_loop = on_loop
@@ -75,7 +77,12 @@ class AsyncEngine:
         self.label = label
         self._recorder: StatsRecorder = recorder if recorder is not None else NullRecorder()
         self._clock = clock
-        self._core = EngineCore(model, limits, policy, clock=clock, label=label)
+        # With `encoder_thread`, the encoder for requests joining a running batch runs on a thread of its own,
+        # beside the decoder step (EngineCore's encoder pool); the thread starts with the first such call.
+        self._encoder_pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encoder {label}") if encoder_thread else None
+        )
+        self._core = EngineCore(model, limits, policy, clock=clock, label=label, encoder_pool=self._encoder_pool)
         self._keys = itertools.count(1)
         self._outstanding: dict[int, RequestHandle] = {}  # every unresolved handle, by key
         self._added = 0  # requests handed to the core (loop thread only)
@@ -199,6 +206,8 @@ class AsyncEngine:
             self._fail(
                 handle, Unavailable(f"model {self.label} stopped before the request finished"), FinishReason.ERROR
             )
+        if self.on_loop and self._encoder_pool is not None:  # no step runs now (steps run on this thread)
+            self._encoder_pool.shutdown(wait=False)
 
     def _kick(self) -> None:
         """There is something new for the core (arrivals, cancellations, a stop): make it look."""
@@ -269,6 +278,9 @@ class AsyncEngine:
         except BaseException as exc:  # the worker itself died: every caller must still get an answer
             log.error("the engine worker of model %s stopped on an error", self.label, exc_info=exc)
             self._post(exc)
+        finally:
+            if self._encoder_pool is not None:  # the only thread that submits to it is done
+                self._encoder_pool.shutdown(wait=False)
 
     def _post(self, item: CoreOutput | BaseException) -> None:
         """Hand an output to the event loop, scheduling a delivery only when none is pending: waking the loop

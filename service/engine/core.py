@@ -10,13 +10,20 @@
 3. **update**: advance every request from the step's outputs (search.py, whole-batch array work), retire the
    finished ones, and return what happened as a `CoreOutput`.
 
-The core knows nothing of asyncio, threads or gRPC, and reads time only from the injected `clock`: a test
-drives it step by step with a fake model and a fake clock, and asserts exact outcomes. `AsyncEngine`
-(async_engine.py) is the thin driver that runs it on a worker thread and resolves the callers' handles.
+With an `encoder_pool` (an executor of one thread), the encoder call of plan runs on the pool beside the step
+whenever the batch has rows to decode, and the new requests join the batch after the step (their first step is
+the next iteration's). For a model whose encoder call costs a good part of a step, this hides it behind the
+decoder on a spare core; into an empty batch they are still encoded at once and join the step that follows.
+
+The core knows nothing of asyncio or gRPC, starts no thread (the encoder pool is handed in), and reads time only
+from the injected `clock`: a test drives it step by step with a fake model and a fake clock, and asserts exact
+outcomes. `AsyncEngine` (async_engine.py) is the thin driver that runs it on a worker thread and resolves the
+callers' handles.
 
 Thread safety: `check()`, `add()` and `abort()` may be called from any thread (they only read the limits or
 append to deques); `counts` may be read from any thread (the driving thread replaces it whole, so a reader gets
-a consistent pair); every other method belongs to the one thread that drives the core.
+a consistent pair); every other method belongs to the one thread that drives the core. The pool's call reads
+only the chosen entries and the model's encoder (a session of its own, safe beside the decoder's run).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -39,7 +47,7 @@ from service.engine.records import EngineRequest, EngineResult, FinishReason, St
 from service.engine.search import advance_beam_group, advance_greedy, beam_hypotheses, greedy_hypotheses
 from service.engine.stats import RequestStats, StepStats
 from service.errors import AttnServeError, DeadlineExceeded, EngineFailure, InvalidRequest
-from service.runtime.step import StepOutput
+from service.runtime.step import EncoderOutput, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +156,7 @@ class EngineCore:
         *,
         clock: Callable[[], float] = time.monotonic,
         label: str = "unnamed",
+        encoder_pool: Executor | None = None,
     ) -> None:
         self.model = model
         self.limits = limits
@@ -164,6 +173,10 @@ class EngineCore:
         self._requests: dict[int, EngineRequest] = {}  # the same keys as _slot_of
         self._dequeued = 0  # see QueueCounts
         self.batch = self._new_batch()
+        self._encoder_pool = encoder_pool
+        # Requests taken from the queue whose encoder call runs on the pool during the decoder step.
+        self._encoding: tuple[list[_Waiting], Future[tuple[EncoderOutput | Exception, float]]] | None = None
+        self._joined: list[int] = []  # slots admitted since the last step: their first step is the next one
         # Published by the driving thread (replaced whole) after admission and after each step.
         self.counts = QueueCounts(0, 0)
 
@@ -254,8 +267,16 @@ class EngineCore:
         output = CoreOutput()
         now = self.clock()
         self._take_in(now, output)
-        encode_seconds, admitted, admitted_slots = self._admit_waiting(now, output)
+        chosen = self._choose_admissions(now)
         batch = self.batch
+        encode_seconds, admitted = 0.0, len(chosen)
+        if chosen and self._encoder_pool is not None and batch.live_rows:
+            # The encoder runs beside this iteration's decoder step; the new requests join after it, and their
+            # first step is the next one.
+            self._encoding = (chosen, self._encoder_pool.submit(self._encode, chosen))
+        elif chosen:  # nothing to decode meanwhile, or no pool: encode now, and they join this step
+            encoded, encode_seconds = self._encode(chosen)
+            self._join(chosen, encoded, now, output)
         batch.compact()  # holes that admissions did not fill take the last rows
         # Published before the decoder call, which may be long: who waits and who decodes is known now.
         self.counts = QueueCounts(self._dequeued, batch.requests)
@@ -268,9 +289,16 @@ class EngineCore:
             step_seconds = self.clock() - started
             if step_output is not None:  # None: every request of the step failed
                 stepped_rows = batch.rows  # fewer than `rows` when requests failed on their own and left
-                finished = self._update_from_output(step_output, self.clock(), admitted_slots, output)
-            self.counts = QueueCounts(self._dequeued, batch.requests)
+                finished = self._update_from_output(step_output, self.clock(), output)
+            else:
+                self._joined = []  # they failed with the step
+        if self._encoding is not None:
+            chosen, pending = self._encoding
+            encoded, encode_seconds = pending.result()  # _encode returns the encoder's exception, never raises
+            self._encoding = None
+            self._join(chosen, encoded, self.clock(), output)
         if rows or admitted:
+            self.counts = QueueCounts(self._dequeued, batch.requests)
             output.stats = StepStats(
                 rows=rows,
                 requests=requests,
@@ -289,6 +317,16 @@ class EngineCore:
         """After an unexpected error in `step()` (an engine bug): fail the requests in the batch, which the
         error may have left half updated, start a fresh batch, and keep the queue."""
         output = CoreOutput()
+        if self._encoding is not None:  # requests taken from the queue for an encoder call still running
+            chosen, pending = self._encoding
+            self._encoding = None
+            pending.result()
+            failure = EngineFailure(f"engine error in model {self.label}: {type(exc).__name__}: {exc}")
+            for entry in chosen:
+                self._slot_of.pop(entry.key, None)
+                self._requests.pop(entry.key, None)
+                output.failed.append((entry.key, failure, FinishReason.ERROR))
+        self._joined = []
         self.batch.compact()
         for slot in self.batch.active_slots():
             key = self.batch.slot_key[slot]
@@ -364,17 +402,17 @@ class EngineCore:
             or now >= head.submitted_at + self.limits.batch_delay_s
         )
 
-    def _admit_waiting(self, now: float, output: CoreOutput) -> tuple[float, int, list[int] | None]:
-        """Admit waiting requests first come first served while the budgets allow, and encode them in one
-        call. Returns (encoder seconds, requests taken from the queue, the slots of those in the batch)."""
+    def _choose_admissions(self, now: float) -> list[_Waiting]:
+        """Take waiting requests from the queue, first come first served, while the budgets allow (counting the
+        rows of the batch as it is before this iteration's step)."""
         batch, limits = self.batch, self.limits
         if self.policy is BatchingPolicy.CONTINUOUS:
             most = limits.max_active_hypotheses  # rows bound it anyway: every request takes >= 1 row
         elif batch.requests:
-            return 0.0, 0, None  # REQUEST and NONE: no one joins a running batch
+            return []  # REQUEST and NONE: no one joins a running batch
         elif self.policy is BatchingPolicy.REQUEST:
             if not self._request_batch_ready(now):
-                return 0.0, 0, None
+                return []
             most = limits.batch_size
         else:
             most = 1
@@ -396,10 +434,14 @@ class EngineCore:
             waiting.popleft()
             chosen.append(head)
             rows, padded = new_rows, new_padded
-        if not chosen:
-            return 0.0, 0, None
         self._queued -= len(chosen)
         self._dequeued += len(chosen)
+        return chosen
+
+    def _encode(self, chosen: list[_Waiting]) -> tuple[EncoderOutput | Exception, float]:
+        """Encode the chosen requests' sources in one call. Returns the encoder's output, or the exception it
+        raised, and the call's seconds. It reads only the entries and the model, so it may run on the encoder
+        pool's thread while the driving thread steps the decoder."""
         started = self.clock()
         try:
             source_lengths = [w.source_length for w in chosen]
@@ -415,17 +457,24 @@ class EngineCore:
             _check_tensors("encoder memory", encoded.memory, self.model.memory_names, len(chosen), source_ids.shape[1])
             _check_tensors("encoder state", encoded.state, self.model.state_names, len(chosen), None)
         except Exception as exc:
-            log.error("the encoder of model %s failed for %d requests", self.label, len(chosen), exc_info=exc)
+            return exc, self.clock() - started
+        return encoded, self.clock() - started
+
+    def _join(self, chosen: list[_Waiting], encoded: EncoderOutput | Exception, now: float, output: CoreOutput) -> None:
+        """Put the encoded requests into the batch (their first step is the next one to run), or fail them all
+        when the encoder failed."""
+        if isinstance(encoded, Exception):
+            log.error("the encoder of model %s failed for %d requests", self.label, len(chosen), exc_info=encoded)
             for entry in chosen:
                 self._slot_of.pop(entry.key, None)
                 self._requests.pop(entry.key, None)
-                output.failed.append((entry.key, self._model_failure("encoder", exc), FinishReason.ERROR))
-            return self.clock() - started, len(chosen), None
+                output.failed.append((entry.key, self._model_failure("encoder", encoded), FinishReason.ERROR))
+            return
         keys = [entry.key for entry in chosen]
-        slots = batch.admit(keys, [entry.request for entry in chosen], now, encoded.memory, encoded.state)
-        slot_of.update(zip(keys, slots, strict=True))
+        slots = self.batch.admit(keys, [entry.request for entry in chosen], now, encoded.memory, encoded.state)
+        self._slot_of.update(zip(keys, slots, strict=True))
+        self._joined += slots
         output.admitted.extend(keys)
-        return self.clock() - started, len(chosen), slots
 
     # ----- step --------------------------------------------------------------------------------------
 
@@ -542,9 +591,7 @@ class EngineCore:
 
     # ----- update: the hot loop ----------------------------------------------------------------------
 
-    def _update_from_output(
-        self, step_output: StepOutput, now: float, admitted_slots: list[int] | None, output: CoreOutput
-    ) -> int:
+    def _update_from_output(self, step_output: StepOutput, now: float, output: CoreOutput) -> int:
         """Advance every request by one token from the step's outputs; retire and report the finished ones.
 
         This runs once per decoder step for the whole batch and is the engine's hot loop: its cost per row
@@ -571,9 +618,10 @@ class EngineCore:
                 done.append(advance_beam_group(batch, width, slots, step_output, eos_id, reorder))
         for name, value in step_output.state.items():
             batch.state[name][:count] = value if reorder is None else value[reorder]
-        if admitted_slots is not None:
-            for slot in admitted_slots:
+        if self._joined:
+            for slot in self._joined:
                 batch.slot_first_step_at[slot] = now  # their first step is this one
+            self._joined = []
 
         finished = done[0] if len(done) == 1 else [slot for slots in done for slot in slots]
         if finished:

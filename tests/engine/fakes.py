@@ -124,6 +124,9 @@ class FakeStepModel:
     gate: StepGate | None = None
     fail_steps: set[int] = field(default_factory=set)  # 0-based step call indices that raise
     fail_encodes: set[int] = field(default_factory=set)  # 0-based encode call indices that raise
+    # 0-based step call indices whose new state has one column too many: it passes the step's checks (rows only)
+    # and breaks the engine's update, an engine error rather than a model failure.
+    misshapen_state_steps: set[int] = field(default_factory=set)
     eos_id: int = EOS
     bos_id: int = BOS
     memory_names: tuple[str, ...] = ("memory", "keys")
@@ -132,6 +135,7 @@ class FakeStepModel:
     threads: RuntimeThreads = ONE_THREAD  # and its runtime's threads
     step_calls: list[StepCall] = field(default_factory=list)
     encode_batches: list[int] = field(default_factory=list)
+    encode_threads: list[str] = field(default_factory=list)  # the thread each encoder call ran on
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng(self.seed)
@@ -150,6 +154,7 @@ class FakeStepModel:
         with self._lock:
             call = len(self.encode_batches)
             self.encode_batches.append(int(source_ids.shape[0]))
+            self.encode_threads.append(threading.current_thread().name)
         if call in self.fail_encodes:
             raise InjectedFailure(f"injected encoder failure on call {call}")
         assert source_ids.dtype == np.int64 and source_lengths.dtype == np.int64
@@ -208,6 +213,8 @@ class FakeStepModel:
             )
             log_probs[row], attention[row, :length], hidden[row] = lp, att, new_hidden
         order = np.argsort(-log_probs, axis=1, kind="stable")[:, : self.top_k]
+        if call in self.misshapen_state_steps:
+            hidden = np.zeros((rows, self.dim + 1), dtype=np.float32)
         return StepOutput(
             topk_log_probs=np.take_along_axis(log_probs, order, axis=1),
             topk_ids=order.astype(np.int64),
@@ -487,6 +494,7 @@ async def running(
     recorder: RecordingRecorder | None = None,
     clock: Callable[[], float] = time.monotonic,
     on_loop: bool = False,
+    encoder_thread: bool = False,
 ) -> AsyncIterator[AsyncEngine]:
     """A started engine on the fake (source bucket 1 unless `limits` says otherwise); on exit the gate (if any)
     is opened and the engine stopped."""
@@ -498,6 +506,7 @@ async def running(
         label="fake version 1",
         clock=clock,
         on_loop=on_loop,
+        encoder_thread=encoder_thread,
     )
     await engine.start()
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 
 import numpy as np
@@ -73,6 +74,32 @@ def test_a_request_joins_a_running_batch_and_a_short_one_retires_first():
     assert len(short.best.token_ids) == 2 and short.generated_tokens == 2
     # Memory is rebuilt when the set of requests changes (step 2: the short one joined; step 4: it left), only then.
     assert [step.memory_generation for step in recorder.steps if step.rows] == [1, 2, 2, 3, 3, 3]
+
+
+def test_with_an_encoder_thread_a_joining_request_is_encoded_beside_the_step_and_the_thread_ends_after_the_engine():
+    gate = StepGate()
+    model = FakeStepModel(support=NO_EOS, gate=gate)
+
+    async def main():
+        async with running(model, encoder_thread=True) as engine:
+            long = engine.submit(make_request(source(3, 4, 5), max_length=6))
+            await gate.until_blocked()  # the long request's first step is in flight
+            short = engine.submit(make_request(source(9), max_length=2))
+            gate.open()
+            results = await long.result(), await short.result()
+        return results
+
+    long, short = asyncio.run(main())
+    # The short one is encoded beside step 2 and joins after it: steps 3 and 4 carry it.
+    assert rows_per_step(model) == [1, 1, 2, 2, 1, 1]
+    assert model.encode_threads[0].startswith("engine fake version 1")  # into an empty batch: at once
+    assert model.encode_threads[1].startswith("encoder fake version 1")
+    assert len(long.best.token_ids) == 6 and len(short.best.token_ids) == 2
+    # The worker shuts the pool down as it exits, after the engine stopped: its thread ends.
+    for thread in threading.enumerate():
+        if thread.name.startswith("encoder fake version 1"):
+            thread.join(timeout=30.0)
+            assert not thread.is_alive()
 
 
 @BOTH_DRIVERS

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
 from service.engine import BatchingPolicy, EngineCore, FinishReason
-from service.errors import DeadlineExceeded
+from service.errors import DeadlineExceeded, EngineFailure
 
 from .fakes import NO_EOS, FakeClock, FakeStepModel, engine_limits, make_request, source
 
@@ -67,3 +72,66 @@ def test_request_policy_gathers_arrivals_within_the_delay():
     assert not core.step().admitted and not core.has_work
     clock.now += 0.01
     assert core.step().admitted == [1, 2] and model.encode_batches == [2]
+
+
+# ----- the encoder beside the decoder step (an encoder pool) ---------------------------------------------
+
+
+def test_a_request_joining_a_running_batch_is_encoded_on_the_pool_during_the_step_and_joins_after_it():
+    clock, model = FakeClock(), FakeStepModel(support=NO_EOS)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder") as pool:
+        core = EngineCore(model, engine_limits(source_bucket=1), clock=clock, encoder_pool=pool)
+        core.add(1, make_request(source(4), max_length=3, arrival=clock.now), clock.now)
+        assert core.step().admitted == [1]  # an empty batch: encoded at once, in this step
+        clock.now += 0.5
+        core.add(2, make_request(source(5, 6), max_length=2, arrival=clock.now), clock.now)
+        output = core.step()
+        assert output.admitted == [2] and core.counts.running == 2
+        assert output.stats is not None and output.stats.rows == 1 and output.stats.encoder_batch == 1
+        clock.now += 0.5
+        assert [done.key for done in core.step().finished] == [1]  # its 3rd token, beside 2's first
+        clock.now += 0.5
+        [done] = core.step().finished
+    assert [call.rows for call in model.step_calls] == [1, 1, 2, 1]
+    assert model.encode_batches == [1, 1]
+    assert model.encode_threads[0] == threading.current_thread().name
+    assert model.encode_threads[1].startswith("encoder")
+    # Request 2 waited for no one, and its first token came from the step after the one it was encoded beside.
+    assert done.key == 2 and done.result.queue_wait_s == 0.0
+    assert done.result.first_token_s == 0.5 and done.result.total_s == 1.0
+
+
+def test_with_an_encoder_pool_a_failing_encoder_fails_only_the_requests_it_encoded():
+    clock, model = FakeClock(), FakeStepModel(support=NO_EOS, fail_encodes={1})
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        core = EngineCore(model, engine_limits(source_bucket=1), clock=clock, encoder_pool=pool)
+        core.add(1, make_request(source(4), max_length=2), clock.now)
+        core.step()
+        core.add(2, make_request(source(5), max_length=2), clock.now)
+        core.add(3, make_request(source(6), max_length=2), clock.now)
+        output = core.step()
+        assert sorted(key for key, _, _ in output.failed) == [2, 3]
+        assert all(
+            isinstance(error, EngineFailure) and reason is FinishReason.ERROR for _, error, reason in output.failed
+        )
+        assert "the encoder of model unnamed failed" in str(output.failed[0][1])
+        assert [done.key for done in output.finished] == [1]
+    assert model.encode_batches == [1, 2] and not core.has_work
+
+
+def test_an_engine_error_during_an_overlapped_encoder_call_fails_the_requests_being_encoded():
+    clock, model = FakeClock(), FakeStepModel(support=NO_EOS)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        core = EngineCore(model, engine_limits(source_bucket=1), clock=clock, encoder_pool=pool)
+        core.add(1, make_request(source(4), max_length=5), clock.now)
+        core.step()
+        core.add(2, make_request(source(5), max_length=5), clock.now)
+        model.misshapen_state_steps.add(1)  # the next step breaks the update: an engine error, out of step()
+        with pytest.raises(ValueError):
+            core.step()
+        output = core.recover(ValueError("broken"))  # what AsyncEngine does with it
+        assert sorted(key for key, _, _ in output.failed) == [1, 2]
+        assert all(isinstance(error, EngineFailure) for _, error, _ in output.failed)
+        core.add(3, make_request(source(6), max_length=1), clock.now)
+        assert [done.key for done in core.step().finished] == [3]  # a fresh batch serves on
+    assert not core.has_work

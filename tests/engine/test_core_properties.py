@@ -10,6 +10,8 @@ shrinks a failure to a short replayable sequence. What must hold, whatever the s
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -56,11 +58,13 @@ def decode_alone(request) -> list:  # type: ignore[no-untyped-def]
 
 
 class CoreMachine(RuleBasedStateMachine):
+    encoder_pool: ThreadPoolExecutor | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self.clock = FakeClock()
         self.model = FakeStepModel(seed=5, eos_bias=-0.5)
-        self.core = EngineCore(self.model, LIMITS, clock=self.clock)
+        self.core = EngineCore(self.model, LIMITS, clock=self.clock, encoder_pool=self.encoder_pool)
         self.keys = iter(range(1, 10_000))
         self.requests: dict[int, object] = {}
         self.outcomes: dict[int, list[object]] = {}
@@ -106,10 +110,12 @@ class CoreMachine(RuleBasedStateMachine):
     def wait(self, seconds: float) -> None:
         self.clock.now += seconds
 
-    @rule(fail=st.booleans())
-    def step(self, fail: bool) -> None:
+    @rule(fail=st.booleans(), fail_encoder=st.booleans())
+    def step(self, fail: bool, fail_encoder: bool = False) -> None:
         if fail:
             self.model.fail_steps.add(len(self.model.step_calls))  # the next decoder call raises
+        if fail_encoder:
+            self.model.fail_encodes.add(len(self.model.encode_batches))  # the next encoder call raises
         calls_before = len(self.model.step_calls)
         output = self.core.step()
         for call in self.model.step_calls[calls_before:]:
@@ -130,6 +136,7 @@ class CoreMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         self.model.fail_steps.clear()
+        self.model.fail_encodes.clear()
         for _ in range(200):  # drain: everything left finishes within max_length steps of its admission
             if not self.core.has_work:
                 break
@@ -162,3 +169,14 @@ CoreMachine.TestCase.settings = settings(
     max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_the_core_answers_every_request_once_and_as_if_alone = CoreMachine.TestCase
+
+
+class CoreMachineWithEncoderPool(CoreMachine):
+    """The same sequences with the encoder beside the decoder step: requests joining a running batch are encoded on
+    the pool's thread and join after the step, and every property above still holds."""
+
+    encoder_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+
+
+CoreMachineWithEncoderPool.TestCase.settings = CoreMachine.TestCase.settings
+test_with_an_encoder_pool_the_core_answers_every_request_once_and_as_if_alone = CoreMachineWithEncoderPool.TestCase

@@ -312,7 +312,12 @@ def test_metrics_after_traffic(server: ServerThread, stub: pb_grpc.TranslatorStu
     assert grew("attnserve_encoder_batch_sources_sum", **dates) == 3
     assert metric(after, "attnserve_requests_waiting", **dates) == 0
     assert metric(after, "attnserve_requests_running", **dates) == 0
-    info = {"provider": "CPUExecutionProvider", "intra_op_threads": "1", "spinning": "false"}
+    info = {
+        "provider": "CPUExecutionProvider",
+        "intra_op_threads": "1",
+        "spinning": "false",
+        "encoder_overlap": "false",
+    }
     assert metric(after, "attnserve_model_info", **info, **dates) == 1
     assert metric(after, "attnserve_model_load_seconds", **numbers) > 0
     durations = metric(after, "attnserve_decoder_step_duration_seconds_sum", **dates)
