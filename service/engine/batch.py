@@ -370,26 +370,27 @@ class DecodeBatch:
     def compact(self) -> None:
         """Make rows [0, rows) all live: the last rows move into the holes (swap-with-last), and the source
         axis shrinks with the longest source (a long request leaving makes every step cheaper)."""
-        changed = bool(self.holes)
-        if self.holes:
-            kept = self.rows - len(self.holes)
-            gone = set(self.holes)
-            holes = [row for row in self.holes if row < kept]
-            if holes:
-                movers = [row for row in range(kept, self.rows) if row not in gone]
-                self._rows[:, holes] = self._rows[:, movers]
-                self.row_score[holes] = self.row_score[movers]
-                for tensors in (self.memory, self.state):
-                    for array in tensors.values():
-                        array[holes] = array[movers]
-                for hole, slot, beam in zip(holes, *self._rows[2:4, holes].tolist(), strict=False):
-                    self.slot_rows[slot, beam] = hole
-            self.rows = kept
-            self.holes = []
-        if self.rows and self._relayout_memory(bucketed(self.longest_source, self.source_bucket)):
-            changed = True
-        if changed:
-            self.memory_generation += 1
+        if not self.holes:
+            # No request left since the last compact (every retirement leaves holes), or admissions filled every
+            # hole, and admit lays the memory out for the longest source itself: nothing to do, at most steps.
+            return
+        kept = self.rows - len(self.holes)
+        gone = set(self.holes)
+        holes = [row for row in self.holes if row < kept]
+        if holes:
+            movers = [row for row in range(kept, self.rows) if row not in gone]
+            self._rows[:, holes] = self._rows[:, movers]
+            self.row_score[holes] = self.row_score[movers]
+            for tensors in (self.memory, self.state):
+                for array in tensors.values():
+                    array[holes] = array[movers]
+            for hole, slot, beam in zip(holes, *self._rows[2:4, holes].tolist(), strict=False):
+                self.slot_rows[slot, beam] = hole
+        self.rows = kept
+        self.holes = []
+        if self.rows:
+            self._relayout_memory(bucketed(self.longest_source, self.source_bucket))
+        self.memory_generation += 1
 
     @property
     def live_rows(self) -> int:

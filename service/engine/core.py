@@ -177,6 +177,8 @@ class EngineCore:
         # Requests taken from the queue whose encoder call runs on the pool during the decoder step.
         self._encoding: tuple[list[_Waiting], Future[tuple[EncoderOutput | Exception, float]]] | None = None
         self._joined: list[int] = []  # slots admitted since the last step: their first step is the next one
+        self._inputs_key: tuple[DecodeBatch, int, int] | None = None  # see _step_inputs
+        self._inputs: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] = ({}, {})
         # Published by the driving thread (replaced whole) after admission and after each step.
         self.counts = QueueCounts(0, 0)
 
@@ -373,7 +375,8 @@ class EngineCore:
                 )
             )
             self._drop(key, retire)
-        self.batch.retire(retire)
+        if retire:
+            self.batch.retire(retire)
 
     def _drop(self, key: int, retire: list[int]) -> None:
         slot = self._slot_of.pop(key, None)
@@ -405,6 +408,8 @@ class EngineCore:
     def _choose_admissions(self, now: float) -> list[_Waiting]:
         """Take waiting requests from the queue, first come first served, while the budgets allow (counting the
         rows of the batch as it is before this iteration's step)."""
+        if not self._queued:  # most iterations of a loaded server: nothing has arrived since the last one
+            return []
         batch, limits = self.batch, self.limits
         if self.policy is BatchingPolicy.CONTINUOUS:
             most = limits.max_active_hypotheses  # rows bound it anyway: every request takes >= 1 row
@@ -478,11 +483,25 @@ class EngineCore:
 
     # ----- step --------------------------------------------------------------------------------------
 
+    def _step_inputs(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The step's memory and state: leading slices of the batch's arrays, made again only when the batch's
+        memory generation changes (a request joined or left, or the arrays were re-laid); the views see the state
+        the last step wrote in place."""
+        batch = self.batch
+        key = (batch, batch.memory_generation, batch.rows)
+        if self._inputs_key != key:
+            count = batch.rows
+            self._inputs = (
+                {name: array[:count] for name, array in batch.memory.items()},
+                {name: array[:count] for name, array in batch.state.items()},
+            )
+            self._inputs_key = key
+        return self._inputs
+
     def _run_step(self, output: CoreOutput) -> StepOutput | None:
         batch = self.batch
         count = batch.rows
-        memory = {name: array[:count] for name, array in batch.memory.items()}
-        state = {name: array[:count] for name, array in batch.state.items()}
+        memory, state = self._step_inputs()
         try:
             step_output = self.model.step(
                 batch.row_token[:count],
