@@ -267,11 +267,15 @@ class AsyncEngine:
         core = self._core
         try:
             while not self._closing:
-                self._wake.clear()
                 if core.has_work:
                     output = self._step()
                     if output.answers:
                         self._post(output)
+                    continue
+                # Cleared only before sleeping (not at every step), then checked again: a kick that came between
+                # the check above and the clear is seen here, and one after the clear sets the event again.
+                self._wake.clear()
+                if core.has_work or self._closing:
                     continue
                 wakeup = core.next_wakeup()
                 self._wake.wait(None if wakeup is None else max(wakeup - self._clock(), 0.0))
