@@ -127,7 +127,8 @@ class CoreOutput:
 class QueueCounts(NamedTuple):
     """What the core held at one instant: `dequeued`, the requests that have left the queue since the core was
     made (admitted, the encoder failing them included; cancelled or expired while waiting); `running`, the
-    requests in the batch. A driver that counts what it added has the queue's length as added - dequeued."""
+    requests in the batch, and those being encoded beside a step to join it after. A driver that counts what it
+    added has the queue's length as added - dequeued."""
 
     dequeued: int
     running: int
@@ -174,8 +175,9 @@ class EngineCore:
         self._dequeued = 0  # see QueueCounts
         self.batch = self._new_batch()
         self._encoder_pool = encoder_pool
-        # Requests taken from the queue whose encoder call runs on the pool during the decoder step.
-        self._encoding: tuple[list[_Waiting], Future[tuple[EncoderOutput | Exception, float]]] | None = None
+        self._admitting: list[_Waiting] = []  # this iteration's admissions, from the queue until the batch
+        # Their encoder call, when it runs on the pool during the decoder step.
+        self._encoding: Future[tuple[EncoderOutput | Exception, float]] | None = None
         self._joined: list[int] = []  # slots admitted since the last step: their first step is the next one
         self._inputs_key: tuple[DecodeBatch, int, int] | None = None  # see _step_inputs
         self._inputs: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] = ({}, {})
@@ -270,18 +272,24 @@ class EngineCore:
         now = self.clock()
         self._take_in(now, output)
         chosen = self._choose_admissions(now)
+        self._admitting = chosen  # until they are in the batch (see recover)
         batch = self.batch
         encode_seconds, admitted = 0.0, len(chosen)
         if chosen and self._encoder_pool is not None and batch.live_rows:
             # The encoder runs beside this iteration's decoder step; the new requests join after it, and their
             # first step is the next one.
-            self._encoding = (chosen, self._encoder_pool.submit(self._encode, chosen))
-        elif chosen:  # nothing to decode meanwhile, or no pool: encode now, and they join this step
+            try:
+                self._encoding = self._encoder_pool.submit(self._encode, chosen)
+            except RuntimeError:  # the pool was shut down (the engine is stopping): encode here, as without one
+                self._encoding = None
+        if chosen and self._encoding is None:  # nothing to decode meanwhile, or no pool: encode now, join this step
             encoded, encode_seconds = self._encode(chosen)
             self._join(chosen, encoded, now, output)
         batch.compact()  # holes that admissions did not fill take the last rows
-        # Published before the decoder call, which may be long: who waits and who decodes is known now.
-        self.counts = QueueCounts(self._dequeued, batch.requests)
+        # Published before the decoder call, which may be long: who waits and who decodes is known now (those
+        # being encoded count as running: they have left the queue and join the batch after this step).
+        encoding = len(chosen) if self._encoding is not None else 0
+        self.counts = QueueCounts(self._dequeued, batch.requests + encoding)
         rows, requests, generation = batch.rows, batch.requests, batch.memory_generation
         padded_source_len = batch.padded_source_len if rows else 0
         step_seconds, stepped_rows, finished = 0.0, 0, 0
@@ -295,10 +303,9 @@ class EngineCore:
             else:
                 self._joined = []  # they failed with the step
         if self._encoding is not None:
-            chosen, pending = self._encoding
-            encoded, encode_seconds = pending.result()  # _encode returns the encoder's exception, never raises
+            encoded, encode_seconds = self._encoding.result()  # _encode returns the encoder's exception, never raises
+            self._join(chosen, encoded, now, output)  # they left the queue at `now`, as on the other path
             self._encoding = None
-            self._join(chosen, encoded, self.clock(), output)
         if rows or admitted:
             self.counts = QueueCounts(self._dequeued, batch.requests)
             output.stats = StepStats(
@@ -319,15 +326,21 @@ class EngineCore:
         """After an unexpected error in `step()` (an engine bug): fail the requests in the batch, which the
         error may have left half updated, start a fresh batch, and keep the queue."""
         output = CoreOutput()
-        if self._encoding is not None:  # requests taken from the queue for an encoder call still running
-            chosen, pending = self._encoding
+        if self._encoding is not None:  # let the encoder call in flight end before its requests are failed
+            self._encoding.result()
             self._encoding = None
-            pending.result()
-            failure = EngineFailure(f"engine error in model {self.label}: {type(exc).__name__}: {exc}")
-            for entry in chosen:
-                self._slot_of.pop(entry.key, None)
+        for entry in self._admitting:  # taken from the queue, not yet in the batch: the error came first
+            if self._slot_of.get(entry.key) == _QUEUED:
+                del self._slot_of[entry.key]
                 self._requests.pop(entry.key, None)
-                output.failed.append((entry.key, failure, FinishReason.ERROR))
+                output.failed.append(
+                    (
+                        entry.key,
+                        EngineFailure(f"engine error in model {self.label}: {type(exc).__name__}: {exc}"),
+                        FinishReason.ERROR,
+                    )
+                )
+        self._admitting = []
         self._joined = []
         self.batch.compact()
         for slot in self.batch.active_slots():

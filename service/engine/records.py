@@ -33,7 +33,9 @@ __all__ = [
 
 
 class StepModel(Protocol):
-    """One model version's encoder and decoder step. Blocking calls; they run on the engine's worker thread.
+    """One model version's encoder and decoder step. Blocking calls, made by the thread that steps the engine;
+    with an encoder pool (`EngineCore`'s `encoder_pool`), `encode` also runs on the pool's thread while `step`
+    runs, so the two must be safe to call at the same time (onnxruntime's are: two sessions).
 
     Rows are independent: a row's outputs depend only on that row's inputs (never on other rows, nor on
     zero padding beyond its source length). The engine relies on it to gather, reorder and compact rows.

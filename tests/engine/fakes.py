@@ -122,6 +122,7 @@ class FakeStepModel:
     support: tuple[int, ...] | None = None  # tokens with a finite probability; default: all but pad and bos
     eos_bias: float = 0.0  # added to the eos logit: negative makes hypotheses longer
     gate: StepGate | None = None
+    on_step: Callable[[], None] | None = None  # called at the start of each step, on the stepping thread
     fail_steps: set[int] = field(default_factory=set)  # 0-based step call indices that raise
     fail_encodes: set[int] = field(default_factory=set)  # 0-based encode call indices that raise
     # 0-based step call indices whose new state has one column too many: it passes the step's checks (rows only)
@@ -192,6 +193,8 @@ class FakeStepModel:
             )
         if self.gate is not None:
             self.gate.pass_through()
+        if self.on_step is not None:
+            self.on_step()
         if call in self.fail_steps:
             raise InjectedFailure(f"injected step failure on call {call}")
         assert tokens.dtype == np.int64 and source_lengths.dtype == np.int64

@@ -87,19 +87,42 @@ def test_with_an_encoder_thread_a_joining_request_is_encoded_beside_the_step_and
             short = engine.submit(make_request(source(9), max_length=2))
             gate.open()
             results = await long.result(), await short.result()
-        return results
+            worker = engine._thread
+        return results, worker
 
-    long, short = asyncio.run(main())
+    (long, short), worker = asyncio.run(main())
     # The short one is encoded beside step 2 and joins after it: steps 3 and 4 carry it.
     assert rows_per_step(model) == [1, 1, 2, 2, 1, 1]
     assert model.encode_threads[0].startswith("engine fake version 1")  # into an empty batch: at once
     assert model.encode_threads[1].startswith("encoder fake version 1")
     assert len(long.best.token_ids) == 6 and len(short.best.token_ids) == 2
-    # The worker shuts the pool down as it exits, after the engine stopped: its thread ends.
+    # The worker leaves its loop once the engine stopped and shuts the pool down on its way out: both threads end.
+    assert worker is not None
+    worker.join(timeout=30.0)  # a bound on a hang; nothing is asserted about how long it took
     for thread in threading.enumerate():
         if thread.name.startswith("encoder fake version 1"):
             thread.join(timeout=30.0)
-            assert not thread.is_alive()
+    assert not worker.is_alive()
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("encoder fake version 1")]
+
+
+def test_on_the_loop_with_an_encoder_thread_a_joining_request_is_encoded_on_that_thread():
+    model = FakeStepModel(support=NO_EOS)
+
+    async def main():
+        async with running(model, on_loop=True, encoder_thread=True) as engine:
+            long = engine.submit(make_request(source(3, 4, 5), max_length=6, stream=True))
+            tokens = long.tokens()
+            first = await anext(tokens)  # the long request decodes: the next request joins a running batch
+            short = engine.submit(make_request(source(9), max_length=2))
+            rest = [event async for event in tokens]
+            return [first, *rest], await short.result()
+
+    events, short = asyncio.run(main())
+    assert len(events) == 6 and len(short.best.token_ids) == 2
+    assert model.encode_threads[0] == "MainThread"  # the loop's thread, into an empty batch
+    assert model.encode_threads[1].startswith("encoder fake version 1")
+    assert sum(rows_per_step(model)) == 6 + 2 and 2 in rows_per_step(model)
 
 
 @BOTH_DRIVERS

@@ -79,26 +79,38 @@ def test_request_policy_gathers_arrivals_within_the_delay():
 
 def test_a_request_joining_a_running_batch_is_encoded_on_the_pool_during_the_step_and_joins_after_it():
     clock, model = FakeClock(), FakeStepModel(support=NO_EOS)
+    seen = []  # what the core published while each step ran
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder") as pool:
         core = EngineCore(model, engine_limits(source_bucket=1), clock=clock, encoder_pool=pool)
+
+        def during_step() -> None:
+            seen.append(core.counts)
+            clock.now += 0.1  # the step takes a while: the joining request's wait ends before it, not after
+
+        model.on_step = during_step
         core.add(1, make_request(source(4), max_length=3, arrival=clock.now), clock.now)
         assert core.step().admitted == [1]  # an empty batch: encoded at once, in this step
-        clock.now += 0.5
+        clock.now += 0.4
         core.add(2, make_request(source(5, 6), max_length=2, arrival=clock.now), clock.now)
         output = core.step()
-        assert output.admitted == [2] and core.counts.running == 2
-        assert output.stats is not None and output.stats.rows == 1 and output.stats.encoder_batch == 1
-        clock.now += 0.5
+        # Being encoded, request 2 has left the queue and counts as running (the batch's and the queue's sum).
+        assert seen[-1] == (2, 2) and core.counts == (2, 2)
+        assert output.admitted == [2]
+        assert output.stats is not None
+        assert (output.stats.rows, output.stats.encoder_batch, output.stats.admitted) == (1, 1, 1)
+        clock.now += 0.4
         assert [done.key for done in core.step().finished] == [1]  # its 3rd token, beside 2's first
-        clock.now += 0.5
+        clock.now += 0.4
         [done] = core.step().finished
     assert [call.rows for call in model.step_calls] == [1, 1, 2, 1]
     assert model.encode_batches == [1, 1]
     assert model.encode_threads[0] == threading.current_thread().name
     assert model.encode_threads[1].startswith("encoder")
-    # Request 2 waited for no one, and its first token came from the step after the one it was encoded beside.
+    # Request 2 left the queue at once (the step it was encoded beside does not count as waiting), and its first
+    # token came from the step after that one.
     assert done.key == 2 and done.result.queue_wait_s == 0.0
-    assert done.result.first_token_s == 0.5 and done.result.total_s == 1.0
+    assert done.result.first_token_s == pytest.approx(0.1 + 0.4 + 0.1)
+    assert done.result.total_s == pytest.approx(0.1 + 0.4 + 0.1 + 0.4 + 0.1)
 
 
 def test_with_an_encoder_pool_a_failing_encoder_fails_only_the_requests_it_encoded():

@@ -1,7 +1,9 @@
-"""The engine core as a state machine: random admit / cancel / expire / finish / failing-step sequences.
+"""The engine core as a state machine: random admit / cancel / expire / finish / failing-step / failing-encoder
+sequences, with and without an encoder pool.
 
-Driven synchronously with a fake clock (no threads, no sleeps), Hypothesis explores interleavings and
-shrinks a failure to a short replayable sequence. What must hold, whatever the sequence:
+Driven synchronously with a fake clock (no sleeps; the pool's thread is waited for within each step, so every
+sequence replays the same), Hypothesis explores interleavings and shrinks a failure to a short replayable
+sequence. What must hold, whatever the sequence:
 - every request is resolved exactly once (finished, failed, or cancelled by its caller);
 - a finished request's hypotheses are exactly those it gets when decoded alone;
 - a streamed request's token events are its hypothesis' tokens, in order, once each;
@@ -58,13 +60,14 @@ def decode_alone(request) -> list:  # type: ignore[no-untyped-def]
 
 
 class CoreMachine(RuleBasedStateMachine):
-    encoder_pool: ThreadPoolExecutor | None = None
+    with_encoder_pool = False
 
     def __init__(self) -> None:
         super().__init__()
         self.clock = FakeClock()
         self.model = FakeStepModel(seed=5, eos_bias=-0.5)
-        self.core = EngineCore(self.model, LIMITS, clock=self.clock, encoder_pool=self.encoder_pool)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder") if self.with_encoder_pool else None
+        self.core = EngineCore(self.model, LIMITS, clock=self.clock, encoder_pool=self.pool)
         self.keys = iter(range(1, 10_000))
         self.requests: dict[int, object] = {}
         self.outcomes: dict[int, list[object]] = {}
@@ -137,6 +140,13 @@ class CoreMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.model.fail_steps.clear()
         self.model.fail_encodes.clear()
+        try:
+            self._drain_and_check()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()
+
+    def _drain_and_check(self) -> None:
         for _ in range(200):  # drain: everything left finishes within max_length steps of its admission
             if not self.core.has_work:
                 break
@@ -175,7 +185,7 @@ class CoreMachineWithEncoderPool(CoreMachine):
     """The same sequences with the encoder beside the decoder step: requests joining a running batch are encoded on
     the pool's thread and join after the step, and every property above still holds."""
 
-    encoder_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+    with_encoder_pool = True
 
 
 CoreMachineWithEncoderPool.TestCase.settings = CoreMachine.TestCase.settings
