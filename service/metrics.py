@@ -75,7 +75,9 @@ class _QueueCollector(Collector):
             "attnserve_requests_waiting", "Texts queued for a model version, not yet in its batch.", labels=MODEL_LABELS
         )
         running = GaugeMetricFamily(
-            "attnserve_requests_running", "Texts being decoded in a model version's batch.", labels=MODEL_LABELS
+            "attnserve_requests_running",
+            "Texts being decoded in a model version's batch, or encoded to join it.",
+            labels=MODEL_LABELS,
         )
         waiting_limit = GaugeMetricFamily(
             "attnserve_requests_waiting_limit",

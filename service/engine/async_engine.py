@@ -101,9 +101,10 @@ class AsyncEngine:
     # ----- public surface -------------------------------------------------------------------------
 
     def queue_counts(self) -> tuple[int, int]:
-        """(waiting, running): requests queued and not yet in the batch, and requests in the batch, from one
-        snapshot of the core (any thread). `waiting` may count for a moment a request the engine has just
-        taken in, never one twice; a cancellation counts once the engine has taken it in (its next step)."""
+        """(waiting, running): requests queued and not yet taken for the batch, and requests in the batch (with
+        those being encoded beside a step to join it), from one snapshot of the core (any thread). `waiting` may
+        count for a moment a request the engine has just taken in, never one twice; a cancellation counts once the
+        engine has taken it in (its next step)."""
         dequeued, running = self._core.counts  # read before `_added`, so waiting is never below zero
         return self._added - dequeued, running
 
@@ -121,7 +122,7 @@ class AsyncEngine:
 
     @property
     def running(self) -> int:
-        """Requests in the batch (any thread)."""
+        """Requests in the batch, or being encoded to join it (any thread)."""
         return self._core.counts.running
 
     @property

@@ -175,6 +175,7 @@ class EngineCore:
         self._dequeued = 0  # see QueueCounts
         self.batch = self._new_batch()
         self._encoder_pool = encoder_pool
+        self._output: CoreOutput | None = None  # the output of the iteration in progress (see recover)
         self._admitting: list[_Waiting] = []  # this iteration's admissions, from the queue until the batch
         # Their encoder call, when it runs on the pool during the decoder step.
         self._encoding: Future[tuple[EncoderOutput | Exception, float]] | None = None
@@ -268,7 +269,8 @@ class EngineCore:
     def step(self) -> CoreOutput:
         """Plan, run and update one iteration; see the module docstring. Never raises for a model failure
         (those fail the requests concerned); any other exception is an engine bug (see `recover`)."""
-        output = CoreOutput()
+        # Kept until step() returns, so that recover() answers what an iteration that raised had already done.
+        output = self._output = CoreOutput()
         now = self.clock()
         self._take_in(now, output)
         chosen = self._choose_admissions(now)
@@ -320,12 +322,16 @@ class EngineCore:
                 retired=finished + len(output.failed),
                 memory_generation=generation,
             )
+        self._output = None
         return output
 
     def recover(self, exc: Exception) -> CoreOutput:
         """After an unexpected error in `step()` (an engine bug): fail the requests in the batch, which the
-        error may have left half updated, start a fresh batch, and keep the queue."""
-        output = CoreOutput()
+        error may have left half updated, start a fresh batch, and keep the queue. What the iteration had already
+        done before the error (requests finished, failed or streamed, which have left the batch) is answered too."""
+        output = self._output if self._output is not None else CoreOutput()
+        self._output = None
+        output.stats = None
         if self._encoding is not None:  # let the encoder call in flight end before its requests are failed
             self._encoding.result()
             self._encoding = None
@@ -354,7 +360,11 @@ class EngineCore:
                         FinishReason.ERROR,
                     )
                 )
+        generation = self.batch.memory_generation
         self.batch = self._new_batch()
+        # Memory versions are never reused: a runtime that keeps the memory on the device by version (IO binding)
+        # must not take the fresh batch's first memory for the old batch's.
+        self.batch.memory_generation = generation + 1
         self.counts = QueueCounts(self._dequeued, 0)
         return output
 

@@ -128,6 +128,9 @@ class FakeStepModel:
     # 0-based step call indices whose new state has one column too many: it passes the step's checks (rows only)
     # and breaks the engine's update, an engine error rather than a model failure.
     misshapen_state_steps: set[int] = field(default_factory=set)
+    # 0-based encode call indices whose memory has one feature too many: it passes the encoder's checks (rows and
+    # source length) and breaks the batch's admission, an engine error.
+    misshapen_memory_encodes: set[int] = field(default_factory=set)
     eos_id: int = EOS
     bos_id: int = BOS
     memory_names: tuple[str, ...] = ("memory", "keys")
@@ -167,6 +170,8 @@ class FakeStepModel:
         for row in range(batch):
             hidden[row] = np.tanh(memory[row, : source_lengths[row]].mean(axis=0))
         position = np.zeros((batch, 1), dtype=np.float32)
+        if call in self.misshapen_memory_encodes:
+            memory = np.zeros((batch, padded, self.dim + 1), dtype=np.float32)
         return EncoderOutput(
             memory={"memory": memory.astype(np.float32), "keys": keys.astype(np.float32)},
             state={"hidden": hidden, "position": position},

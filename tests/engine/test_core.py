@@ -147,3 +147,24 @@ def test_an_engine_error_during_an_overlapped_encoder_call_fails_the_requests_be
         core.add(3, make_request(source(6), max_length=1), clock.now)
         assert [done.key for done in core.step().finished] == [3]  # a fresh batch serves on
     assert not core.has_work
+
+
+def test_an_engine_error_after_requests_finished_in_the_step_still_answers_them():
+    clock, model = FakeClock(), FakeStepModel(support=NO_EOS, misshapen_memory_encodes={1})
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        core = EngineCore(model, engine_limits(source_bucket=1), clock=clock, encoder_pool=pool)
+        core.add(1, make_request(source(4), max_length=2), clock.now)
+        core.step()
+        core.add(2, make_request(source(5), max_length=2), clock.now)
+        # Request 1 finishes in this step; then request 2's admission breaks on its encoder output: an engine error.
+        with pytest.raises(ValueError):
+            core.step()
+        versions_before = [call.memory_version for call in model.step_calls]
+        output = core.recover(ValueError("broken"))
+        assert [done.key for done in output.finished] == [1]  # answered, though its step raised afterwards
+        assert [key for key, _, _ in output.failed] == [2]
+        core.add(3, make_request(source(6), max_length=1), clock.now)
+        assert [done.key for done in core.step().finished] == [3]
+    # The fresh batch's memory gets a version never used before (a device copy kept by version stays correct).
+    assert model.step_calls[-1].memory_version > max(versions_before)
+    assert not core.has_work
