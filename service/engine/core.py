@@ -322,7 +322,7 @@ class EngineCore:
                 retired=finished + len(output.failed),
                 memory_generation=generation,
             )
-        self._output = None
+        self._output, self._admitting = None, []
         return output
 
     def recover(self, exc: Exception) -> CoreOutput:

@@ -124,6 +124,20 @@ class CoreMachine(RuleBasedStateMachine):
         for call in self.model.step_calls[calls_before:]:
             assert call.rows <= LIMITS.max_active_hypotheses
             assert call.rows * call.padded_len <= LIMITS.max_padded_source_tokens
+        self.record(output)
+
+    @rule()
+    def engine_error(self) -> None:
+        """A step whose update breaks (an engine bug, not a model failure); the driver hands it to recover()."""
+        self.model.misshapen_state_steps.add(len(self.model.step_calls))  # the next decoder call's state
+        try:
+            output = self.core.step()
+        except ValueError as exc:
+            output = self.core.recover(exc)
+        self.model.misshapen_state_steps.clear()  # no decoder call ran when the batch was empty
+        self.record(output)
+
+    def record(self, output) -> None:  # type: ignore[no-untyped-def]
         for key, event in output.events:
             self.events[key].append(event)
         for done in output.finished:
