@@ -113,12 +113,20 @@ def test_a_request_joining_a_running_batch_is_encoded_on_the_pool_during_the_ste
     assert done.result.total_s == pytest.approx(0.1 + 0.4 + 0.1 + 0.4 + 0.1)
 
 
+def decoding_one_request(
+    model: FakeStepModel, clock: FakeClock, pool: ThreadPoolExecutor, max_length: int
+) -> EngineCore:
+    """A core with an encoder pool whose batch is decoding request 1 (of `max_length` tokens), one step in."""
+    core = EngineCore(model, engine_limits(source_bucket=1), clock=clock, encoder_pool=pool)
+    core.add(1, make_request(source(4), max_length=max_length), clock.now)
+    core.step()
+    return core
+
+
 def test_with_an_encoder_pool_a_failing_encoder_fails_only_the_requests_it_encoded():
     clock, model = FakeClock(), FakeStepModel(support=NO_EOS, fail_encodes={1})
     with ThreadPoolExecutor(max_workers=1) as pool:
-        core = EngineCore(model, engine_limits(source_bucket=1), clock=clock, encoder_pool=pool)
-        core.add(1, make_request(source(4), max_length=2), clock.now)
-        core.step()
+        core = decoding_one_request(model, clock, pool, max_length=2)
         core.add(2, make_request(source(5), max_length=2), clock.now)
         core.add(3, make_request(source(6), max_length=2), clock.now)
         output = core.step()
@@ -134,9 +142,7 @@ def test_with_an_encoder_pool_a_failing_encoder_fails_only_the_requests_it_encod
 def test_an_engine_error_during_an_overlapped_encoder_call_fails_the_requests_being_encoded():
     clock, model = FakeClock(), FakeStepModel(support=NO_EOS)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        core = EngineCore(model, engine_limits(source_bucket=1), clock=clock, encoder_pool=pool)
-        core.add(1, make_request(source(4), max_length=5), clock.now)
-        core.step()
+        core = decoding_one_request(model, clock, pool, max_length=5)
         core.add(2, make_request(source(5), max_length=5), clock.now)
         model.misshapen_state_steps.add(1)  # the next step breaks the update: an engine error, out of step()
         with pytest.raises(ValueError):
@@ -152,9 +158,7 @@ def test_an_engine_error_during_an_overlapped_encoder_call_fails_the_requests_be
 def test_an_engine_error_after_requests_finished_in_the_step_still_answers_them():
     clock, model = FakeClock(), FakeStepModel(support=NO_EOS, misshapen_memory_encodes={1})
     with ThreadPoolExecutor(max_workers=1) as pool:
-        core = EngineCore(model, engine_limits(source_bucket=1), clock=clock, encoder_pool=pool)
-        core.add(1, make_request(source(4), max_length=2), clock.now)
-        core.step()
+        core = decoding_one_request(model, clock, pool, max_length=2)
         core.add(2, make_request(source(5), max_length=2), clock.now)
         # Request 1 finishes in this step; then request 2's admission breaks on its encoder output: an engine error.
         with pytest.raises(ValueError):
