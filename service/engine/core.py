@@ -335,31 +335,17 @@ class EngineCore:
         if self._encoding is not None:  # let the encoder call in flight end before its requests are failed
             self._encoding.result()
             self._encoding = None
-        for entry in self._admitting:  # taken from the queue, not yet in the batch: the error came first
-            if self._slot_of.get(entry.key) == _QUEUED:
-                del self._slot_of[entry.key]
-                self._requests.pop(entry.key, None)
-                output.failed.append(
-                    (
-                        entry.key,
-                        EngineFailure(f"engine error in model {self.label}: {type(exc).__name__}: {exc}"),
-                        FinishReason.ERROR,
-                    )
-                )
-        self._admitting = []
-        self._joined = []
+        # Those taken from the queue but not yet in the batch (the error came first), then the batch's own.
         self.batch.compact()
-        for slot in self.batch.active_slots():
-            key = self.batch.slot_key[slot]
+        stranded = [entry.key for entry in self._admitting if self._slot_of.get(entry.key) == _QUEUED]
+        stranded += [self.batch.slot_key[slot] for slot in self.batch.active_slots()]
+        message = f"engine error in model {self.label}: {type(exc).__name__}: {exc}"
+        for key in stranded:
             if self._slot_of.pop(key, None) is not None:
                 self._requests.pop(key, None)
-                output.failed.append(
-                    (
-                        key,
-                        EngineFailure(f"engine error in model {self.label}: {type(exc).__name__}: {exc}"),
-                        FinishReason.ERROR,
-                    )
-                )
+                output.failed.append((key, EngineFailure(message), FinishReason.ERROR))
+        self._admitting = []
+        self._joined = []
         generation = self.batch.memory_generation
         self.batch = self._new_batch()
         # Memory versions are never reused: a runtime that keeps the memory on the device by version (IO binding)
