@@ -64,6 +64,12 @@ class FinishedCandidate(NamedTuple):
     reason: FinishReason
 
 
+GATHER_FROM = 6
+"""From this many rows or requests, the batch's tables are read and written with one numpy call each; below, a few
+scalar reads and writes per row cost less than those calls' fixed cost (a request decoded alone pays it at every
+step)."""
+
+
 def bucketed(length: int, bucket: int) -> int:
     """`length` rounded up to a multiple of `bucket` (at least one bucket)."""
     return max(bucket, -(-length // bucket) * bucket)
@@ -346,26 +352,39 @@ class DecodeBatch:
 
     def retire(self, slots: Sequence[int]) -> None:
         """Free these slots; their rows become holes (filled by the next admission, or by `compact`)."""
+        if not slots:
+            return
+        if self.beam_rows:
+            for slot in slots:
+                beam = self.slot_beam[slot]
+                if beam == 1:
+                    self.holes.append(int(self.slot_rows[slot, 0]))
+                else:
+                    self.holes.extend(self.slot_rows[slot, :beam].tolist())
+                    self.widths[beam] -= 1
+                    if not self.widths[beam]:
+                        del self.widths[beam]
+                    self.beam_rows -= beam
+                    self.slot_finished[slot] = []
+        elif len(slots) >= GATHER_FROM:  # every request greedy, one row each: their rows in one read
+            self.holes += self.slot_rows[slots, 0].tolist()
+        else:
+            self.holes += [int(self.slot_rows[slot, 0]) for slot in slots]
+        lengths, slot_source_length = self._lengths, self.slot_source_length
         for slot in slots:
-            beam = self.slot_beam[slot]
-            if beam == 1:
-                self.holes.append(int(self.slot_rows[slot, 0]))
-            else:
-                self.holes.extend(self.slot_rows[slot, :beam].tolist())
-                self.widths[beam] -= 1
-                if not self.widths[beam]:
-                    del self.widths[beam]
-                self.beam_rows -= beam
-                self.slot_finished[slot] = []
-            self._lengths[self.slot_source_length[slot]] -= 1
-            self.streaming -= self.slot_stream[slot]
-            if self.slot_attention[slot] is not None:
-                self.slot_attention[slot] = None
-                self.any_attention -= 1
-            self._free_slots.append(slot)
+            lengths[slot_source_length[slot]] -= 1
+        if self.streaming:
+            self.streaming -= sum([self.slot_stream[slot] for slot in slots])
+        if self.any_attention:
+            slot_attention = self.slot_attention
+            for slot in slots:
+                if slot_attention[slot] is not None:
+                    slot_attention[slot] = None
+                    self.any_attention -= 1
+        self._free_slots += slots
         self.requests -= len(slots)
-        if self.longest_source and not self._lengths[self.longest_source]:
-            self.longest_source = max((n for n in range(self.longest_source) if self._lengths[n]), default=0)
+        if self.longest_source and not lengths[self.longest_source]:
+            self.longest_source = max((n for n in range(self.longest_source) if lengths[n]), default=0)
 
     def compact(self) -> None:
         """Make rows [0, rows) all live: the last rows move into the holes (swap-with-last), and the source

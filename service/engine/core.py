@@ -665,13 +665,38 @@ class EngineCore:
             batch.slot_first_step_at,
             batch.slot_source_length,
         )
-        if not batch.beam_rows:  # every request greedy: their hypotheses in one pass, one each
-            best_of = [[hypothesis] for hypothesis in greedy_hypotheses(batch, slots, self.model.eos_id)]
-        else:
-            greedy = [slot for slot in slots if slot_beam[slot] == 1]
-            greedy_of = dict(zip(greedy, greedy_hypotheses(batch, greedy, self.model.eos_id), strict=True))
-            best_of = [[greedy_of[slot]] if slot in greedy_of else beam_hypotheses(batch, slot) for slot in slots]
         finished = output.finished
+        if not batch.beam_rows:  # every request greedy: their hypotheses in one pass, and one loop for the rest
+            for slot, hypothesis in zip(slots, greedy_hypotheses(batch, slots, self.model.eos_id), strict=True):
+                key = slot_key[slot]
+                arrival = requests.pop(key).arrival
+                del slot_of[key]
+                steps = len(hypothesis.token_ids)
+                first_step_at = slot_first_step_at[slot]
+                queue_wait, first_token, total = (
+                    slot_admitted_at[slot] - arrival,
+                    first_step_at - arrival,
+                    now - arrival,
+                )
+                mean_gap = (now - first_step_at) / (steps - 1) if steps > 1 else None
+                stats = RequestStats(
+                    queue_wait,
+                    first_token,
+                    mean_gap,
+                    total,
+                    steps,
+                    slot_source_length[slot],
+                    hypothesis.finish_reason,
+                    1,
+                )
+                finished.append(
+                    FinishedRequest(key, EngineResult([hypothesis], queue_wait, first_token, total, steps), stats)
+                )
+            batch.retire(slots)
+            return
+        greedy = [slot for slot in slots if slot_beam[slot] == 1]
+        greedy_of = dict(zip(greedy, greedy_hypotheses(batch, greedy, self.model.eos_id), strict=True))
+        best_of = [[greedy_of[slot]] if slot in greedy_of else beam_hypotheses(batch, slot) for slot in slots]
         for slot, hypotheses in zip(slots, best_of, strict=True):
             key = slot_key[slot]
             arrival = requests.pop(key).arrival

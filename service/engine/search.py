@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from service.engine.batch import DecodeBatch, FinishedCandidate
+from service.engine.batch import GATHER_FROM, DecodeBatch, FinishedCandidate
 from service.engine.records import FinishReason, Hypothesis, TokenEvent
 from service.runtime.step import StepOutput
 
@@ -56,11 +56,6 @@ def _normalised(log_probs: np.ndarray, lengths: np.ndarray, alphas: np.ndarray) 
 
 
 # ----- greedy --------------------------------------------------------------------------------------------
-
-GATHER_FROM = 6
-"""From this many rows (advancing) or requests (finishing), the batch's tables are read and written with one numpy
-call each; below, a few scalar reads and writes per row cost less than those calls' fixed cost (a request decoded
-alone pays it at every step)."""
 
 
 def _advance_few_greedy(batch: DecodeBatch, count: int, output: StepOutput, eos_id: int) -> list[int]:
@@ -169,19 +164,21 @@ def greedy_hypotheses(batch: DecodeBatch, slots: list[int], eos_id: int) -> list
         else [normalised_score(log_prob, n, alpha) for log_prob, n, alpha in zip(log_probs, steps, alphas, strict=True)]
     )
     attention = batch.slot_attention if batch.any_attention else None
+    eos, length_reached = FinishReason.EOS, FinishReason.LENGTH
     hypotheses = []
     for slot, length, own_tokens, own_alignment, log_prob, score in zip(
         slots, steps, tokens, alignments, log_probs, scores, strict=True
     ):
-        own = own_tokens[:length]
+        if len(own_tokens) != length:  # the gathered rows are as long as the longest: cut the shorter ones
+            own_tokens, own_alignment = own_tokens[:length], own_alignment[:length]
         kept = attention[slot] if attention is not None else None
         hypotheses.append(
             Hypothesis(
-                own,
+                own_tokens,
                 score,
                 log_prob,
-                FinishReason.EOS if own and own[-1] == eos_id else FinishReason.LENGTH,
-                own_alignment[:length],
+                eos if own_tokens and own_tokens[-1] == eos_id else length_reached,
+                own_alignment,
                 np.stack(kept) if kept is not None else None,
             )
         )
