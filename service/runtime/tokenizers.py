@@ -89,6 +89,7 @@ class Tokenizer(ABC):
 
     def __init__(self, normalization: Normalization) -> None:
         self._normalization = normalization
+        self._normalize = normalization.function()
 
     @property
     def normalization(self) -> Normalization:
@@ -103,11 +104,11 @@ class Tokenizer(ABC):
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` after the tokenizer's normalisation, without BOS or EOS; unknown characters,
         words or pieces become UNK."""
-        return self._encode_normalized(self._normalization(text))
+        return self._encode_normalized(self._normalize(text))
 
     def normalize(self, text: str) -> str:
         """The form of `text` that decode(encode(text)) gives back when every token is known."""
-        return self._render_normalized(self._normalization(text))
+        return self._render_normalized(self._normalize(text))
 
     @abstractmethod
     def _encode_normalized(self, text: str) -> list[int]:

@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.runtime.normalization import IDENTITY, LEGACY, Normalization, NormalizationError
+from service.runtime.normalization import (
+    IDENTITY,
+    LEGACY,
+    Normalization,
+    NormalizationError,
+    _character_table,
+    _pipeline,
+)
+from service.runtime.tokenizers import SPECIAL_PIECES, CharTokenizer
 
 EVERYTHING = Normalization(
     unicode="NFKC", ignorables="drop", case="fold", digits="ascii", dashes="fold", whitespace="fold"
@@ -108,3 +116,15 @@ def test_the_command_line_form_names_what_is_wrong() -> None:
         Normalization.parse("NFKC")
     with pytest.raises(NormalizationError, match="whitespace"):
         Normalization.parse("whitespace=squash")
+
+
+def test_a_tokenizer_builds_its_normalisation_when_made_not_in_its_first_encode() -> None:
+    # The table takes a pass over every code point: about 0.1 s that the first request served would wait.
+    spec = Normalization(dashes="drop")
+    _pipeline.cache_clear()
+    _character_table.cache_clear()
+    tokenizer = CharTokenizer([*SPECIAL_PIECES, "a", "b"], spec)
+    built = _character_table.cache_info()
+    assert built.currsize == 1
+    assert tokenizer.encode("a\u2013b") == tokenizer.encode("ab")
+    assert _character_table.cache_info().misses == built.misses  # the first encode found the table made
