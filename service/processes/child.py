@@ -46,7 +46,7 @@ def map_large_blocks(threshold: int = FRONTEND_MMAP_THRESHOLD_BYTES) -> bool:
     Why, in a front-end: by default glibc raises that threshold to the largest block freed so far (up to 32 MiB) and
     serves later large blocks from the heap, where what is freed stays resident between blocks still in use. A
     front-end's large blocks are its connections' buffers, which come and go with its clients: in 6-minute soaks its
-    RSS grew 0.5-1.2 MB a minute (eight processes, median 0.9) with the default, 0.2-0.5 (four) with the threshold
+    RSS grew 0.5-1.2 MB a minute (eight processes, median 0.9) with the default, 0.2-0.5 (six) with the threshold
     fixed. Not in the engine: its batches' arrays are allocated anew at every change of shape, and mapping each one
     afresh cost latency there."""
     import ctypes
