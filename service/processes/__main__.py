@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from service.lifecycle import settings_from
-from service.processes.child import map_large_blocks, stop_with_parent
+from service.processes.child import stop_with_parent
 
 
 def child_main(argv: list[str]) -> int:
@@ -27,7 +27,6 @@ def child_main(argv: list[str]) -> int:
     if role == "engine":
         from service.processes.engine import run_engine as run
     else:
-        map_large_blocks()
         from service.processes.frontend import run_frontend as run
     return asyncio.run(run(settings, Path(runtime_dir)))
 
