@@ -33,7 +33,7 @@ from service.engine import AsyncEngine
 from service.errors import ModelLoadError, ModelNotFound
 from service.metrics import ServerMetrics
 from service.registry import ModelEntry, ModelEvent, ModelEventKind, ModelRegistry, ServedVersion, notify_listeners
-from service.runtime.model import LoadedModel, load_model
+from service.runtime.model import LoadedModel, OnnxStepModel, load_model
 from service.runtime.repository import discover, is_valid_version, version_directory
 from service.settings import Settings
 
@@ -298,6 +298,10 @@ class ModelManager:
         self._vanished_warned.discard(name)
         for version in stale:
             self._retire(entry, entry.served[version])
+
+    def onnx_models(self) -> list[OnnxStepModel]:
+        """The onnxruntime step models of every engine, retired ones still draining included."""
+        return [engine.model for engine in self._engines.values() if isinstance(engine.model, OnnxStepModel)]
 
     def engine(self, name: str, version: int) -> AsyncEngine | None:
         """The engine of a loaded version, or of a retired one until it stopped (None otherwise)."""

@@ -24,6 +24,7 @@ from service.grpc_api.server import GrpcServer
 from service.http_api.server import HttpServer
 from service.lifecycle import open_ports, remove_signal_handlers, settings_from, start_client, stop_event
 from service.metrics import ServerMetrics
+from service.runtime.memory import MemoryReturner
 from service.settings import Settings
 
 log = logging.getLogger("attnserve.server")
@@ -82,6 +83,8 @@ async def serve(
         http_text,
         metrics_text,
     )
+    memory = MemoryReturner(settings.memory_return_seconds, client.manager.onnx_models)
+    memory.start()
     if on_ready is not None:
         on_ready(port)
     try:
@@ -89,6 +92,7 @@ async def serve(
         log.info("shutting down: draining for up to %.1f s", settings.drain_grace_seconds)
         await server.drain(settings.drain_grace_seconds, also_stop)
     finally:
+        await memory.stop()
         if own_signals:
             remove_signal_handlers()
         metrics.close()

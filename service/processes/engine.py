@@ -9,6 +9,7 @@ from service.ipc.engine_server import EngineServer
 from service.lifecycle import log, stop_event
 from service.metrics import ServerMetrics
 from service.processes.child import ENGINE_SOCKET, announce
+from service.runtime.memory import MemoryReturner
 from service.settings import Settings
 
 
@@ -26,8 +27,11 @@ async def run_engine(settings: Settings, runtime_dir: Path) -> int:
         return 1
     stop = stop_event(on_hangup=lambda: server.manager.refresh_soon("SIGHUP"))
     metrics_port = metrics.serve(0, "127.0.0.1") if settings.metrics_port else 0
+    memory = MemoryReturner(settings.memory_return_seconds, server.manager.onnx_models)
+    memory.start()
     announce(metrics_port=metrics_port)
     await stop.wait()
+    await memory.stop()
     await server.stop(settings.drain_grace_seconds)
     metrics.close()
     return 0

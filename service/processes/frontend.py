@@ -13,6 +13,7 @@ from service.http_api.server import HttpServer
 from service.lifecycle import log, open_ports, stop_event
 from service.metrics import ServerMetrics
 from service.processes.child import ENGINE_SOCKET, announce
+from service.runtime.memory import MemoryReturner
 from service.settings import Settings
 
 
@@ -49,8 +50,11 @@ async def run_frontend(settings: Settings, runtime_dir: Path) -> int:
 
     client.on_availability = follow_engine
     metrics_port = metrics.serve(0, "127.0.0.1") if settings.metrics_port else 0
+    memory = MemoryReturner(settings.memory_return_seconds)  # no models here: the heap only
+    memory.start()
     announce(metrics_port=metrics_port)
     await stopping
+    await memory.stop()
     await server.drain(settings.drain_grace_seconds, also_stop)
     metrics.close()
     return 0

@@ -203,6 +203,13 @@ class OnnxStepModel:
         self._memory_version = -1
         self._device_memory: dict[str, Any] = {}
         self.memory_uploads = 0
+        # Run options for the next encoder and decoder run: None, or once after shrink_arenas_at_next_run() the
+        # options that have the session's CPU arena free its unused chunks when the run ends.
+        self._shrink_options = ort.RunOptions()
+        self._shrink_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self._encoder_run_options: Any = None
+        self._decoder_run_options: Any = None
+        self.arena_shrinks = 0  # runs that shrank their session's arena
 
     def _check_signatures(self) -> None:
         encoder_in = {i.name for i in self._encoder.get_inputs()}
@@ -222,9 +229,19 @@ class OnnxStepModel:
             if missing:
                 raise ModelLoadError(f"model.json names {what} the graph lacks: {sorted(missing)}")
 
+    def shrink_arenas_at_next_run(self) -> None:
+        """Have the next encoder run and the next decoder run each free the chunks of its session's CPU arena that
+        nothing uses when it ends (service/runtime/memory.py says why). Any thread: the flags are read and cleared
+        by the threads that run the sessions; a request that races one is merely late."""
+        self._encoder_run_options = self._decoder_run_options = self._shrink_options
+
     def encode(self, source_ids: np.ndarray, source_lengths: np.ndarray) -> EncoderOutput:
+        run_options = self._encoder_run_options
+        if run_options is not None:
+            self._encoder_run_options = None
+            self.arena_shrinks += 1
         outputs = self._run_encoder(
-            self._encoder_outputs, {"source_ids": source_ids, "source_lengths": source_lengths}, None
+            self._encoder_outputs, {"source_ids": source_ids, "source_lengths": source_lengths}, run_options
         )
         n_memory = len(self.memory_names)
         memory = dict(zip(self.memory_names, outputs[:n_memory], strict=False))
@@ -244,7 +261,11 @@ class OnnxStepModel:
             outputs = self._step_with_binding(tokens, source_lengths, memory, state, memory_version)
         else:
             feeds = {"tokens": tokens, "source_lengths": source_lengths, **memory, **state}
-            outputs = self._run_decoder(self._decoder_outputs, feeds, None)
+            run_options = self._decoder_run_options
+            if run_options is not None:
+                self._decoder_run_options = None
+                self.arena_shrinks += 1
+            outputs = self._run_decoder(self._decoder_outputs, feeds, run_options)
         new_state = dict(zip(self.state_names, outputs[3:], strict=False))
         return StepOutput(topk_log_probs=outputs[0], topk_ids=outputs[1], attention=outputs[2], state=new_state)
 
