@@ -299,9 +299,14 @@ class ModelManager:
         for version in stale:
             self._retire(entry, entry.served[version])
 
-    def onnx_models(self) -> list[OnnxStepModel]:
-        """The onnxruntime step models of every engine, retired ones still draining included."""
-        return [engine.model for engine in self._engines.values() if isinstance(engine.model, OnnxStepModel)]
+    def release_unused_memory(self) -> None:
+        """Have every engine (retired ones still draining included) give back the memory it holds and does not use:
+        its batch's tables once the batch is empty, its onnxruntime sessions' arena chunks at their next run
+        (service/runtime/memory.py)."""
+        for engine in self._engines.values():
+            engine.release_unused_memory()
+            if isinstance(engine.model, OnnxStepModel):
+                engine.model.shrink_arenas_at_next_run()
 
     def engine(self, name: str, version: int) -> AsyncEngine | None:
         """The engine of a loaded version, or of a retired one until it stopped (None otherwise)."""

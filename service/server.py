@@ -83,7 +83,7 @@ async def serve(
         http_text,
         metrics_text,
     )
-    memory = MemoryReturner(settings.memory_return_seconds, client.manager.onnx_models)
+    memory = MemoryReturner(settings.memory_return_seconds, client.manager.release_unused_memory)
     memory.start()
     if on_ready is not None:
         on_ready(port)

@@ -140,6 +140,11 @@ class AsyncEngine:
             self._thread = threading.Thread(target=self._work, name=f"engine {self.label}", daemon=True)
             self._thread.start()
 
+    def release_unused_memory(self) -> None:
+        """Give back the batch's tables at the next step that finds the batch empty (EngineCore.
+        release_batch_when_empty); the model's own memory is its runtime's business. Any thread."""
+        self._core.release_batch_when_empty()
+
     def check_room(self, count: int) -> None:
         """Raise Overloaded now unless the queue has room for `count` more requests (InvalidRequest when
         it never will). Cheap: callers check before tokenizing, so refusing under overload costs little."""

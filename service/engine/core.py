@@ -184,6 +184,21 @@ class EngineCore:
         self._inputs: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] = ({}, {})
         # Published by the driving thread (replaced whole) after admission and after each step.
         self.counts = QueueCounts(0, 0)
+        self._release_batch = False  # see release_batch_when_empty
+
+    def release_batch_when_empty(self) -> None:
+        """Start a fresh batch at the next step that finds this one empty. A batch's tables keep the most rows,
+        the longest source and the widest beam they ever held (they grow, never shrink); after a burst a fresh
+        batch gives that memory back. Any thread."""
+        self._release_batch = True
+
+    def _renew_batch(self) -> None:
+        """Replace the batch with a fresh, small one."""
+        generation = self.batch.memory_generation
+        self.batch = self._new_batch()
+        # Memory versions are never reused: a runtime that keeps the memory on the device by version (IO binding)
+        # must not take the fresh batch's first memory for the old batch's.
+        self.batch.memory_generation = generation + 1
 
     def _new_batch(self) -> DecodeBatch:
         return DecodeBatch(
@@ -273,6 +288,9 @@ class EngineCore:
         output = self._output = CoreOutput()
         now = self.clock()
         self._take_in(now, output)
+        if self._release_batch and not self.batch.requests:
+            self._release_batch = False
+            self._renew_batch()
         chosen = self._choose_admissions(now)
         self._admitting = chosen  # until they are in the batch (see recover)
         batch = self.batch
@@ -346,11 +364,7 @@ class EngineCore:
                 output.failed.append((key, EngineFailure(message), FinishReason.ERROR))
         self._admitting = []
         self._joined = []
-        generation = self.batch.memory_generation
-        self.batch = self._new_batch()
-        # Memory versions are never reused: a runtime that keeps the memory on the device by version (IO binding)
-        # must not take the fresh batch's first memory for the old batch's.
-        self.batch.memory_generation = generation + 1
+        self._renew_batch()
         self.counts = QueueCounts(self._dequeued, 0)
         return output
 

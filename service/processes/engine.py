@@ -27,7 +27,7 @@ async def run_engine(settings: Settings, runtime_dir: Path) -> int:
         return 1
     stop = stop_event(on_hangup=lambda: server.manager.refresh_soon("SIGHUP"))
     metrics_port = metrics.serve(0, "127.0.0.1") if settings.metrics_port else 0
-    memory = MemoryReturner(settings.memory_return_seconds, server.manager.onnx_models)
+    memory = MemoryReturner(settings.memory_return_seconds, server.manager.release_unused_memory)
     memory.start()
     announce(metrics_port=metrics_port)
     await stop.wait()

@@ -12,9 +12,11 @@ tables, which keep the most rows they held).
 
 `MemoryReturner` does both, every `memory_return_seconds`: it asks each loaded model's sessions to free the arena
 chunks they do not use at the end of their next run (onnxruntime's `memory.enable_memory_arena_shrinkage` run
-option, `OnnxStepModel.shrink_arenas_at_next_run`), and has glibc return the free pages of its heaps (`malloc_trim`),
-which frees what the previous round's shrinking gave back. A round costs little: at 256 rows of `dates`, `malloc_trim`
-took 0.4 ms (with the GIL released) and the decoder run after it 3.2 ms instead of 1.2, while its arena grew back.
+option, `OnnxStepModel.shrink_arenas_at_next_run`) and each engine to start a fresh batch once its batch is empty
+(`EngineCore.release_batch_when_empty`: the batch's tables keep the most rows they ever held), and has glibc return
+the free pages of its heaps (`malloc_trim`), which frees what the previous round's engines gave back. A round costs
+little: at 256 rows of `dates`, `malloc_trim` took 0.4 ms (with the GIL released) and the decoder run after it 3.2 ms
+instead of 1.2, while its arena grew back.
 """
 
 from __future__ import annotations
@@ -23,17 +25,10 @@ import asyncio
 import ctypes
 import logging
 import platform
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from functools import cache
-from typing import Protocol
 
 log = logging.getLogger(__name__)
-
-
-class ShrinkableArenas(Protocol):
-    """A model whose runtime keeps memory arenas that can give back what they do not use (OnnxStepModel)."""
-
-    def shrink_arenas_at_next_run(self) -> None: ...
 
 
 @cache
@@ -56,19 +51,19 @@ def trim_heap() -> bool:
 
 
 class MemoryReturner:
-    """Every `interval_s` seconds, the process's loaded models shrink their arenas at their next run and the heap is
-    trimmed (see the module docstring). `models()` gives the models loaded at that moment (none in a front-end).
+    """Every `interval_s` seconds, the heap is trimmed and `release()` has the process's engines give back what they
+    hold and do not use (ModelManager.release_unused_memory; none in a front-end); see the module docstring.
     `sleep` is the wait between rounds (tests pass one they control)."""
 
     def __init__(
         self,
         interval_s: float,
-        models: Callable[[], Iterable[ShrinkableArenas]] = tuple,
+        release: Callable[[], None] | None = None,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.interval_s = interval_s
-        self._models = models
+        self._release = release
         self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
         self.rounds = 0
@@ -85,11 +80,11 @@ class MemoryReturner:
             self._task = None
 
     def return_now(self) -> None:
-        """One round: the heap's free pages go back (among them the arena chunks the last round's shrinking
-        freed), then every model's sessions shrink their arenas at their next run."""
+        """One round: the heap's free pages go back (among them what the engines gave back since the last round),
+        then the engines are asked to give back what they hold and do not use, at their next step and runs."""
         trim_heap()
-        for model in self._models():
-            model.shrink_arenas_at_next_run()
+        if self._release is not None:
+            self._release()
         self.rounds += 1
 
     async def _run(self) -> None:

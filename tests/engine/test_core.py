@@ -172,3 +172,31 @@ def test_an_engine_error_after_requests_finished_in_the_step_still_answers_them(
     # The fresh batch's memory gets a version never used before (a device copy kept by version stays correct).
     assert model.step_calls[-1].memory_version > max(versions_before)
     assert not core.has_work
+
+
+def test_a_batch_released_after_a_burst_is_replaced_by_a_small_one_once_empty_and_decodes_the_same():
+    def decode_alone(core: EngineCore, key: int) -> list[int]:
+        core.add(key, make_request(source(4, 5, 6), max_length=6), 0.0)
+        while True:
+            finished = core.step().finished
+            if finished:
+                return finished[0].result.hypotheses[0].token_ids
+
+    core = EngineCore(FakeStepModel(support=NO_EOS), engine_limits(source_bucket=1))
+    before = decode_alone(core, 1)
+    for key in range(100, 164):  # a burst of 64 rows: the batch's tables grow to hold them
+        core.add(key, make_request(source(4, 5, 6, 7, 8, 9, 10), max_length=6), 0.0)
+    core.step()
+    assert len(core.batch.row_token) == 64 and core.batch.requests == 64
+    burst_batch = core.batch
+    core.release_batch_when_empty()
+    core.step()  # the burst still decodes: the batch stays
+    assert core.batch is burst_batch
+    while core.batch.requests:
+        core.step()
+    generation = burst_batch.memory_generation
+    assert decode_alone(core, 2) == before  # the first step found the batch empty and started a fresh one
+    assert core.batch is not burst_batch and len(core.batch.row_token) == 16
+    assert core.batch.memory_generation > generation  # a memory version is never reused
+    core.step()
+    assert decode_alone(core, 3) == before and len(core.batch.row_token) == 16

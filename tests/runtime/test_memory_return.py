@@ -59,7 +59,7 @@ def test_a_run_that_shrinks_its_arena_answers_as_any_run_and_only_the_next_run_s
 
 
 @pytest.mark.slow  # trains models
-def test_each_round_trims_and_has_every_loaded_model_shrink_at_its_next_run(tiny_repository: Path) -> None:
+def test_each_round_trims_and_has_the_model_shrink_its_arenas_at_its_next_run(tiny_repository: Path) -> None:
     model = load_model(tiny_repository / "dates" / "1", provider="cpu", intra_op_threads=1).step_model
     source_ids = np.array([[7, 8, 9, 2]], dtype=np.int64)
 
@@ -79,7 +79,7 @@ def test_each_round_trims_and_has_every_loaded_model_shrink_at_its_next_run(tiny
             async with waiting:
                 await waiting.wait_for(lambda: waits >= count)
 
-        returner = MemoryReturner(10.0, lambda: [model], sleep=sleep)
+        returner = MemoryReturner(10.0, model.shrink_arenas_at_next_run, sleep=sleep)
         returner.start()
         await until_waiting(1)
         encode_and_step(model, source_ids)
