@@ -144,6 +144,8 @@ class _Waiting(msgspec.Struct, gc=False):
 
 
 _QUEUED = -1  # `_slot_of` value of a request that waits (active requests map to their slot)
+STALE_DEADLINES_KEPT = 64
+"""Deadline entries of ended requests the heap may hold beyond twice the requests held before it is rebuilt."""
 
 
 class EngineCore:
@@ -269,11 +271,20 @@ class EngineCore:
             return False
         return self.policy is not BatchingPolicy.REQUEST or self._request_batch_ready(now)
 
+    @property
+    def deadlines_held(self) -> int:
+        """Entries of the deadline heap, those of requests that have ended included (at most twice the requests
+        held, plus STALE_DEADLINES_KEPT, after each step)."""
+        return len(self._deadlines)
+
     def next_wakeup(self) -> float | None:
         """When an idle core has something to do next (a deadline, the end of a REQUEST batching window)."""
         times = []
-        if self._deadlines:
-            times.append(self._deadlines[0][0])
+        deadlines, slot_of = self._deadlines, self._slot_of
+        while deadlines and deadlines[0][1] not in slot_of:  # the deadline of a request that has ended
+            heapq.heappop(deadlines)
+        if deadlines:
+            times.append(deadlines[0][0])
         head = self._head()
         if head is not None and self.policy is BatchingPolicy.REQUEST:
             times.append(head.submitted_at + self.limits.batch_delay_s)
@@ -380,6 +391,13 @@ class EngineCore:
             self._queued += 1
             if waiting.request.deadline is not None:
                 heapq.heappush(self._deadlines, (waiting.request.deadline, waiting.key))
+        if len(self._deadlines) > 2 * len(self._slot_of) + STALE_DEADLINES_KEPT:
+            # A request that ends before its deadline leaves its entry in the heap (deleted lazily, when the deadline
+            # comes). Clients set deadlines of minutes, so the entries would pile up at the call rate times the
+            # deadline: rebuild the heap once they are most of it (amortised, one pass per as many calls).
+            slot_of = self._slot_of
+            self._deadlines = [entry for entry in self._deadlines if entry[1] in slot_of]
+            heapq.heapify(self._deadlines)
         retire: list[int] = []
         while self._aborts:
             self._drop(self._aborts.popleft(), retire)

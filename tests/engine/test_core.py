@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from service.engine import BatchingPolicy, EngineCore, FinishReason
+from service.engine.core import STALE_DEADLINES_KEPT
 from service.errors import DeadlineExceeded, EngineFailure
 
 from .fakes import NO_EOS, FakeClock, FakeStepModel, engine_limits, make_request, source
@@ -200,3 +201,26 @@ def test_a_batch_released_after_a_burst_is_replaced_by_a_small_one_once_empty_an
     assert core.batch.memory_generation > generation  # a memory version is never reused
     core.step()
     assert decode_alone(core, 3) == before and len(core.batch.row_token) == 16
+
+
+def test_requests_that_end_before_their_deadlines_neither_pile_up_nor_wake_the_idle_core():
+    clock = FakeClock()
+    core = EngineCore(FakeStepModel(support=NO_EOS), engine_limits(source_bucket=1), clock=clock)
+    most_held = 0
+    for wave in range(50):  # 1,000 calls with an hour's deadline each, 20 at a time, each ending in 2 steps
+        for key in range(wave * 20, wave * 20 + 20):
+            core.add(key, make_request(source(4), max_length=2, deadline=clock.now + 3600.0), clock.now)
+        finished = 0
+        while finished < 20:
+            finished += len(core.step().finished)
+            most_held = max(most_held, core.deadlines_held)
+        clock.now += 0.01
+    assert most_held <= 2 * 20 + STALE_DEADLINES_KEPT + 20
+    assert not core.has_work and core.next_wakeup() is None  # no ended request's deadline wakes it
+    # A request still held keeps its deadline, and it still fires.
+    core.add(5000, make_request(source(4), max_length=50, deadline=clock.now + 1.0), clock.now)
+    core.step()
+    assert core.next_wakeup() == clock.now + 1.0
+    clock.now += 1.0
+    [(key, _, reason)] = core.step().failed
+    assert key == 5000 and reason is FinishReason.DEADLINE
