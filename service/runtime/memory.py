@@ -5,10 +5,10 @@ what they once needed:
 - onnxruntime's CPU arena (one per session) grows in chunks and keeps every chunk;
 - glibc's malloc keeps freed blocks in its heaps, resident, for the process's next allocations.
 So without help a process's RSS is the most it has ever needed. Each alone frees nothing: what the arena gives back
-glibc keeps, and glibc can only return pages the arena has given back. Measured with one process serving `dates`:
-a 15 s burst of 64-text beam-4 calls took RSS from 112 to 166-170 MB; in the light load after it RSS stayed at
-155 MB without this, and was at 128 MB 5 s into it with rounds every 5 s (what is left is mostly the batch's own
-tables, which keep the most rows they held).
+glibc keeps, and glibc can only return pages the arena has given back. Measured with one process serving `dates`
+(`python -m loadtests.reliability.after_burst`): a 15 s burst of 64-text beam-4 calls took RSS from 112 to 150 MB; in
+the light load after it RSS stayed at 142-145 MB without this, and went back to 126-129 MB with the arenas shrunk
+and the heap trimmed, 120-123 MB with the engine's batch renewed too.
 
 `MemoryReturner` does both, every `memory_return_seconds`: it asks each loaded model's sessions to free the arena
 chunks they do not use at the end of their next run (onnxruntime's `memory.enable_memory_arena_shrinkage` run
