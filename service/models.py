@@ -301,7 +301,7 @@ class ModelManager:
 
     def release_unused_memory(self) -> None:
         """Have every engine (retired ones still draining included) give back the memory it holds and does not use:
-        its batch's tables once the batch is empty, its onnxruntime sessions' arena chunks at their next run
+        what its batch holds beyond its needs, its onnxruntime sessions' arena chunks at their next run
         (service/runtime/memory.py)."""
         for engine in self._engines.values():
             engine.release_unused_memory()

@@ -141,9 +141,9 @@ class AsyncEngine:
             self._thread.start()
 
     def release_unused_memory(self) -> None:
-        """Give back the batch's tables at the next step that finds the batch empty (EngineCore.
-        release_batch_when_empty); the model's own memory is its runtime's business. Any thread."""
-        self._core.release_batch_when_empty()
+        """Give back, at the next step, what the batch holds beyond what it needs (EngineCore.release_unused_memory);
+        the model's own memory is its runtime's business. Any thread."""
+        self._core.release_unused_memory()
 
     def check_room(self, count: int) -> None:
         """Raise Overloaded now unless the queue has room for `count` more requests (InvalidRequest when

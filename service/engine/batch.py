@@ -116,8 +116,8 @@ class DecodeBatch:
         self.memory_generation = 0
         self.longest_source = 0
         self.padded_source_len = 0  # the memory arrays' source axis: bucketed(longest_source)
-        self.memory: dict[str, np.ndarray] = {}  # [capacity, padded_source_len, ...]
-        self.state: dict[str, np.ndarray] = {}  # [capacity, ...]; the step reads [:rows]
+        self.memory: dict[str, np.ndarray] = {}  # [tensor rows, padded_source_len, ...]
+        self.state: dict[str, np.ndarray] = {}  # [tensor rows, ...]; the step reads [:rows]
         self.beam_rows = 0  # rows of requests with beam > 1
         self.any_attention = 0  # active requests that keep their attention rows
         self.streaming = 0  # active requests that stream their tokens
@@ -126,6 +126,9 @@ class DecodeBatch:
         self._free_slots: list[int] = []
         self._capacity = self._length_capacity = 0
         self._beam_capacity = 1
+        # Rows the memory and state tensors hold: the capacity, or fewer after shrink_tensors() (they are the
+        # batch's largest arrays: rows x padded source x hidden each).
+        self._tensor_rows = 0
         self._rows = np.zeros((len(ROW_FIELDS), 0), dtype=np.int64)
         self.row_score = np.zeros(0, dtype=np.float64)  # summed log probability (greedy) or beam score
         self.slot_rows = np.zeros((0, 1), dtype=np.int64)  # the rows of each slot, in beam order
@@ -182,9 +185,7 @@ class DecodeBatch:
         self.history_token = resized(self.history_token, (capacity, length, beam))
         self.history_parent = resized(self.history_parent, (capacity, length, beam))
         self.history_alignment = resized(self.history_alignment, (capacity, length, beam))
-        for tensors in (self.memory, self.state):
-            for name, array in tensors.items():
-                tensors[name] = resized(array, (capacity, *array.shape[1:]))
+        self._resize_tensors(capacity)
         self.slot_key += [0] * added
         self.slot_beam += [1] * added
         self.slot_source_length += [0] * added
@@ -196,6 +197,26 @@ class DecodeBatch:
         self._free_slots[:0] = range(capacity - 1, self._capacity - 1, -1)  # used after the free ones
         self._capacity, self._length_capacity, self._beam_capacity = capacity, length, beam
 
+    def _resize_tensors(self, rows: int) -> None:
+        """Give the memory and state tensors `rows` rows (at least the live ones), keeping those in use."""
+        for tensors in (self.memory, self.state):
+            for name, array in tensors.items():
+                new = np.zeros((rows, *array.shape[1:]), dtype=array.dtype)
+                new[: self.rows] = array[: self.rows]
+                tensors[name] = new
+        self._tensor_rows = rows
+
+    def shrink_tensors(self) -> bool:
+        """After a burst: give the memory and state tensors the next power of two above the rows in use (at least
+        16) when that is at most half what they hold, so that their memory follows the load down while the batch
+        stays busy (admission grows them again as needed). Call after compact(). Returns whether they shrank."""
+        wanted = max(16, 1 << max(self.rows - 1, 0).bit_length())
+        if self.holes or 2 * wanted > self._tensor_rows:
+            return False
+        self._resize_tensors(wanted)
+        self.memory_generation += 1  # new arrays: views of the old ones (the step's inputs, device copies) are stale
+        return True
+
     def _relayout_memory(self, padded: int) -> bool:
         """Give the memory arrays a source axis of `padded` positions (zero beyond each row's length); returns
         whether that changed anything."""
@@ -203,7 +224,7 @@ class DecodeBatch:
             return False
         keep = min(padded, self.padded_source_len)
         for name, array in self.memory.items():
-            new = np.zeros((self._capacity, padded, *array.shape[2:]), dtype=array.dtype)
+            new = np.zeros((self._tensor_rows, padded, *array.shape[2:]), dtype=array.dtype)
             new[: self.rows, :keep] = array[: self.rows, :keep]
             self.memory[name] = new
         self.padded_source_len = padded
@@ -257,6 +278,9 @@ class DecodeBatch:
             self.state = {
                 name: np.zeros((self._capacity, *value.shape[1:]), dtype=value.dtype) for name, value in state.items()
             }
+            self._tensor_rows = self._capacity
+        elif self.rows + appended > self._tensor_rows:  # shrunk after a burst (shrink_tensors): room again
+            self._resize_tensors(self._capacity)
         self._relayout_memory(bucketed(self.longest_source, self.source_bucket))
 
         filled = self.holes[:new_rows]

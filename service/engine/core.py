@@ -186,13 +186,15 @@ class EngineCore:
         self._inputs: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] = ({}, {})
         # Published by the driving thread (replaced whole) after admission and after each step.
         self.counts = QueueCounts(0, 0)
-        self._release_batch = False  # see release_batch_when_empty
+        # Asked by release_unused_memory: a fresh batch once this one is empty, and meanwhile smaller tensors.
+        self._renew_when_empty = self._shrink_tensors = False
 
-    def release_batch_when_empty(self) -> None:
-        """Start a fresh batch at the next step that finds this one empty. A batch's tables keep the most rows,
-        the longest source and the widest beam they ever held (they grow, never shrink); after a burst a fresh
-        batch gives that memory back. Any thread."""
-        self._release_batch = True
+    def release_unused_memory(self) -> None:
+        """Give back, at the next step, what the batch holds beyond what it needs. A batch's tables keep the most
+        rows, the longest source and the widest beam they ever held (they grow, never shrink): a busy batch gets
+        memory and state tensors for the next power of two above its rows (DecodeBatch.shrink_tensors), its
+        largest arrays, and the batch is replaced by a fresh one at the first step that finds it empty. Any thread."""
+        self._shrink_tensors = self._renew_when_empty = True
 
     def _renew_batch(self) -> None:
         """Replace the batch with a fresh, small one."""
@@ -299,8 +301,8 @@ class EngineCore:
         output = self._output = CoreOutput()
         now = self.clock()
         self._take_in(now, output)
-        if self._release_batch and not self.batch.requests:
-            self._release_batch = False
+        if self._renew_when_empty and not self.batch.requests:
+            self._renew_when_empty = self._shrink_tensors = False
             self._renew_batch()
         chosen = self._choose_admissions(now)
         self._admitting = chosen  # until they are in the batch (see recover)
@@ -317,6 +319,9 @@ class EngineCore:
             encoded, encode_seconds = self._encode(chosen)
             self._join(chosen, encoded, now, output)
         batch.compact()  # holes that admissions did not fill take the last rows
+        if self._shrink_tensors:  # and the batch is busy (see above): its tensors follow the load down
+            self._shrink_tensors = False
+            batch.shrink_tensors()
         # Published before the decoder call, which may be long: who waits and who decodes is known now (those
         # being encoded count as running: they have left the queue and join the batch after this step).
         encoding = len(chosen) if self._encoding is not None else 0

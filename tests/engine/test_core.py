@@ -190,7 +190,7 @@ def test_a_batch_released_after_a_burst_is_replaced_by_a_small_one_once_empty_an
     core.step()
     assert len(core.batch.row_token) == 64 and core.batch.requests == 64
     burst_batch = core.batch
-    core.release_batch_when_empty()
+    core.release_unused_memory()
     core.step()  # the burst still decodes: the batch stays
     assert core.batch is burst_batch
     while core.batch.requests:
@@ -224,3 +224,37 @@ def test_requests_that_end_before_their_deadlines_neither_pile_up_nor_wake_the_i
     clock.now += 1.0
     [(key, _, reason)] = core.step().failed
     assert key == 5000 and reason is FinishReason.DEADLINE
+
+
+def test_a_busy_batch_asked_for_memory_after_a_burst_shrinks_its_tensors_and_decodes_the_same():
+    def tensor_rows(core: EngineCore) -> int:
+        return len(core.batch.state[core.model.state_names[0]])
+
+    def step_until_done(core: EngineCore, keys: set[int]) -> dict[int, list[int]]:
+        results: dict[int, list[int]] = {}
+        while not keys <= results.keys():
+            for done in core.step().finished:
+                results[done.key] = done.result.hypotheses[0].token_ids
+        return results
+
+    alone = EngineCore(FakeStepModel(support=NO_EOS), engine_limits(source_bucket=1))
+    alone.add(1, make_request(source(4, 5, 6), max_length=40), 0.0)
+    expected = step_until_done(alone, {1})[1]
+
+    core = EngineCore(FakeStepModel(support=NO_EOS), engine_limits(source_bucket=1))
+    core.add(1, make_request(source(4, 5, 6), max_length=40), 0.0)
+    for key in range(100, 164):  # a burst of 64 short requests beside the long one
+        core.add(key, make_request(source(4, 5, 6, 7, 8, 9, 10), max_length=3), 0.0)
+    step_until_done(core, set(range(100, 164)))
+    assert core.batch.requests == 1 and tensor_rows(core) >= 65
+    core.release_unused_memory()
+    batch, generation = core.batch, core.batch.memory_generation
+    core.step()  # the batch is busy: it stays, with tensors for 16 rows
+    assert core.batch is batch and tensor_rows(core) == 16
+    assert core.batch.memory_generation > generation  # new arrays: views and device copies of the old are stale
+    # Admission grows them again as needed, and every request decodes as it does alone.
+    for key in range(200, 240):
+        core.add(key, make_request(source(4, 5, 6), max_length=40), 0.0)
+    results = step_until_done(core, {1, *range(200, 240)})
+    assert tensor_rows(core) >= 41
+    assert all(tokens == expected for tokens in results.values())
