@@ -60,7 +60,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtests.procfs import child_processes, rss_bytes
 from loadtests.reliability.common import percentile, print_table, repository_or_smoke, workload_texts
-from loadtests.servers import ServerProcess, attnserve_server
+from loadtests.servers import ServerProcess, attnserve_server, scrape
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.gen.inference import grpc_service_pb2 as kserve_pb
@@ -615,13 +615,26 @@ def main(argv: list[str] | None = None) -> int:
     load_average = Path("/proc/loadavg").read_text().split()[:3]
     try:
         load, watcher, faults, reloads, capacity, soak_start = asyncio.run(soak(args, server, repository))
+        refusals = refusals_by_reason(server)
     finally:
         server.stop()
-    return report(args, load, watcher, faults, reloads, capacity, soak_start, load_average)
+    return report(args, load, watcher, faults, reloads, capacity, soak_start, load_average, refusals)
+
+
+def refusals_by_reason(server: ServerProcess) -> Counter[str]:
+    """The server's refusals for overload by reason (`attnserve_shed_calls_total`), from the processes alive at the
+    end: a killed process's counts went with it."""
+    refused: Counter[str] = Counter()
+    if server.metrics_url is None:
+        return refused
+    for (name, labels), value in scrape(server.metrics_url).items():
+        if name == "attnserve_shed_calls_total" and value:
+            refused[dict(labels)["reason"]] += int(value)
+    return refused
 
 
 def report(args: argparse.Namespace, load: Load, watcher: Watcher, faults: list[Fault], reloads: list[str],
-           capacity: float, soak_start: float, load_average: list[str]) -> int:  # fmt: skip
+           capacity: float, soak_start: float, load_average: list[str], refusals: Counter[str]) -> int:  # fmt: skip
     calls = load.calls
     print_table(
         f"soak, minute by minute ({'one process' if not args.frontends else f'{args.frontends} front-ends + engine'};"
@@ -665,6 +678,8 @@ def report(args: argparse.Namespace, load: Load, watcher: Watcher, faults: list[
             ["faults", "; ".join(f"{fault.what}, healthy again after {fault.recovered - fault.started:.1f} s"
                                  for fault in faults) or "none"],
             ["reloads", "; ".join(reloads) or "none"],
+            ["refused by the server, by reason (processes alive at the end)",
+             ", ".join(f"{reason} {count:,}" for reason, count in refusals.most_common()) or "none"],
         ],
     )  # fmt: skip
     problems = []
