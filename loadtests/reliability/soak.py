@@ -621,20 +621,26 @@ def main(argv: list[str] | None = None) -> int:
     return report(args, load, watcher, faults, reloads, capacity, soak_start, load_average, refusals)
 
 
-def refusals_by_reason(server: ServerProcess) -> Counter[str]:
+def refusals_by_reason(server: ServerProcess) -> Counter[str] | str:
     """The server's refusals for overload by reason (`attnserve_shed_calls_total`), from the processes alive at the
-    end: a killed process's counts went with it."""
+    end: a killed process's counts went with it. Why they could not be read, instead, when the scrape failed: the
+    soak's own figures are reported either way."""
     refused: Counter[str] = Counter()
     if server.metrics_url is None:
         return refused
-    for (name, labels), value in scrape(server.metrics_url).items():
+    try:
+        samples = scrape(server.metrics_url)
+    except OSError as error:
+        return f"not read: {error}"
+    for (name, labels), value in samples.items():
         if name == "attnserve_shed_calls_total" and value:
             refused[dict(labels)["reason"]] += int(value)
     return refused
 
 
 def report(args: argparse.Namespace, load: Load, watcher: Watcher, faults: list[Fault], reloads: list[str],
-           capacity: float, soak_start: float, load_average: list[str], refusals: Counter[str]) -> int:  # fmt: skip
+           capacity: float, soak_start: float, load_average: list[str],
+           refusals: Counter[str] | str) -> int:  # fmt: skip
     calls = load.calls
     print_table(
         f"soak, minute by minute ({'one process' if not args.frontends else f'{args.frontends} front-ends + engine'};"
@@ -679,7 +685,8 @@ def report(args: argparse.Namespace, load: Load, watcher: Watcher, faults: list[
                                  for fault in faults) or "none"],
             ["reloads", "; ".join(reloads) or "none"],
             ["refused by the server, by reason (processes alive at the end)",
-             ", ".join(f"{reason} {count:,}" for reason, count in refusals.most_common()) or "none"],
+             refusals if isinstance(refusals, str)
+             else ", ".join(f"{reason} {count:,}" for reason, count in refusals.most_common()) or "none"],
         ],
     )  # fmt: skip
     problems = []
