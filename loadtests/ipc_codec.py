@@ -34,10 +34,14 @@ def sample() -> list[Message]:
     ]
 
 
+_received: list[Message] = []
+_reader = FrameReader(_received.extend)  # one reader for every frame, as one connection has
+
+
 def decode_frame(frame: bytes) -> list[Message]:
-    received: list[Message] = []
-    FrameReader(received.extend).feed(frame)
-    return received
+    _received.clear()
+    _reader.feed(frame)
+    return _received
 
 
 def _builtin(value: object) -> object:

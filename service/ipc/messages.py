@@ -157,34 +157,84 @@ def encode_frame(messages: list[Message]) -> bytes:
     return _LENGTH.pack(len(body)) + body
 
 
+READ_SPACE = 64 * 1024
+"""The least room a read is offered."""
+RESTING_BUFFER = 2 * READ_SPACE
+"""A reader's buffer at rest: one grown past twice this for a large frame is replaced once that frame is decoded."""
+
+
 class FrameReader:
-    """Splits a byte stream into frames and hands each frame's messages to `deliver`, in order."""
+    """Splits a byte stream into frames and hands each frame's messages to `deliver`, in order.
+
+    The bytes are received into the reader's own buffer (asyncio's BufferedProtocol: `get_buffer()`, then
+    `buffer_updated(n)`), which is reused from read to read. Why: a plain asyncio Protocol receives each read into a
+    new bytes object of 256 KiB that is then shrunk to what arrived. At hundreds of reads a second, that pattern
+    fragmented glibc's heap: a front-end's heap grew by about 1 MB a minute while what it held stayed flat.
+    `feed(data)` is the same for bytes received elsewhere (tests, benchmarks).
+    """
 
     def __init__(self, deliver: Callable[[list[Message]], None]) -> None:
         self._deliver = deliver
         self._buffer = bytearray()
+        self._start = 0  # the first byte not yet decoded
+        self._end = 0  # the end of the bytes received
+        self._frame_end = 0  # where the frame at _start ends, once its length has arrived (else 0)
 
-    def feed(self, data: bytes) -> None:
-        """Take the bytes just received. Raises ValueError for a frame that is too large or does not decode."""
-        buffer = self._buffer
-        buffer += data
-        start = 0
-        while len(buffer) - start >= _LENGTH.size:
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Room for the next read: READ_SPACE bytes, or the rest of a frame that has begun to arrive if that is more."""
+        buffer, start, end = self._buffer, self._start, self._end
+        room = max(READ_SPACE, self._frame_end - end)
+        if len(buffer) - end < room or (start == end and len(buffer) > 2 * RESTING_BUFFER):
+            pending = end - start
+            size = max(RESTING_BUFFER, pending + room)
+            if size <= len(buffer) <= 2 * size:
+                buffer[:pending] = buffer[start:end]  # the pending bytes to the front (same length: no resize)
+            else:
+                # A new array rather than a resize: the view handed to the last read may still exist.
+                grown = bytearray(size)
+                grown[:pending] = buffer[start:end]
+                self._buffer = buffer = grown
+            if self._frame_end:
+                self._frame_end -= start
+            self._start, self._end = 0, pending
+        return memoryview(buffer)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Decode and deliver every frame completed by the `nbytes` just written into get_buffer()'s room. Raises
+        ValueError for a frame that is too large or does not decode."""
+        self._end += nbytes
+        buffer, start, end = self._buffer, self._start, self._end
+        while end - start >= _LENGTH.size:
             (size,) = _LENGTH.unpack_from(buffer, start)
             if size > MAX_FRAME_BYTES:
                 raise ValueError(f"a frame of {size} bytes, above the {MAX_FRAME_BYTES} bytes allowed")
-            end = start + _LENGTH.size + size
-            if len(buffer) < end:
+            frame_end = start + _LENGTH.size + size
+            if end < frame_end:
+                self._frame_end = frame_end
                 break
-            with memoryview(buffer) as view:  # released before the buffer is resized below
-                messages = _decoder.decode(view[start + _LENGTH.size : end])
-            start = end
+            with memoryview(buffer) as view:
+                messages = _decoder.decode(view[start + _LENGTH.size : frame_end])
+            start = self._start = frame_end
+            self._frame_end = 0
             self._deliver(messages)
-        if start:
-            del buffer[:start]
+        if start == end:  # all decoded: the next read starts at the front, nothing to move
+            self._start = self._end = 0
+        else:
+            self._start = start
+
+    def feed(self, data: bytes) -> None:
+        """Take bytes received elsewhere, as if read into get_buffer()'s room. Raises as buffer_updated()."""
+        with memoryview(data) as remaining:
+            while remaining:
+                room = self.get_buffer()
+                count = min(len(room), len(remaining))
+                room[:count] = remaining[:count]
+                room.release()
+                self.buffer_updated(count)
+                remaining = remaining[count:]
 
 
-class Channel(asyncio.Protocol):
+class Channel(asyncio.BufferedProtocol):
     """One end of a connection: `send()` queues a message, and everything queued during one turn of the event
     loop leaves as one frame. Received messages go to `on_messages`; `on_lost(reason)` is called once when the
     connection ends (the peer closed it or died, or a frame was malformed). Use on the event-loop thread."""
@@ -228,16 +278,19 @@ class Channel(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    # asyncio.Protocol
+    # asyncio.BufferedProtocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         self.flush()  # what was queued before the connection was made
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            self._reader.feed(data)
+            self._reader.buffer_updated(nbytes)
         except (ValueError, msgspec.DecodeError) as error:
             if self._transport is not None:
                 self._transport.abort()  # connection_lost follows, with the reason below

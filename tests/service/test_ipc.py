@@ -22,7 +22,7 @@ from service.engine import AsyncEngine, EngineRequest
 from service.engine_client.socket_client import SocketClient
 from service.errors import DeadlineExceeded, Overloaded, RequestCancelled, Unavailable
 from service.ipc.engine_server import EngineServer
-from service.ipc.messages import FrameReader, QueueDepth, Registry, Submit, encode_frame
+from service.ipc.messages import READ_SPACE, RESTING_BUFFER, FrameReader, QueueDepth, Registry, Submit, encode_frame
 from service.metrics import ServerMetrics
 from service.registry import ModelEvent, ModelEventKind, RegistryReport, ServedVersion
 from service.runtime.model import LoadedModel, read_text_side
@@ -142,6 +142,31 @@ def test_frames_split_anywhere_decode_to_the_same_messages() -> None:
         reader.feed(frame[:cut])
         reader.feed(frame[cut:])
         assert received == [*messages, messages[1]]
+
+
+def test_reads_into_the_readers_buffer_decode_every_frame_and_a_large_frame_leaves_no_large_buffer() -> None:
+    """As asyncio's BufferedProtocol drives it: each read fills part of the room get_buffer() offers. Frames of every
+    size arrive whole and in order; a frame that has begun to arrive is offered room for all of its rest; once a frame
+    larger than the buffer is decoded, the room offered is back to the resting buffer's."""
+    large = [QueueDepth("x" * (3 * RESTING_BUFFER), 1, 2, 3)]
+    batches = [[QueueDepth(NAME, n, n + 1, 41)] for n in range(40)] + [large] + [[QueueDepth(NAME, 5, 6, 7)] * 3]
+    stream = b"".join(encode_frame(batch) for batch in batches)
+    large_starts = sum(len(encode_frame(batch)) for batch in batches[:40])
+    received: list[object] = []
+    reader = FrameReader(received.extend)
+    read_sizes = [1, 3, 7, 4096, 70_000, 1 << 20]  # short reads, and reads longer than the room
+    position = turn = 0
+    while position < len(stream):
+        room = reader.get_buffer(-1)
+        if large_starts + 8 <= position < large_starts + len(encode_frame(large)):
+            assert len(room) >= large_starts + len(encode_frame(large)) - position
+        count = min(len(room), read_sizes[turn % len(read_sizes)], len(stream) - position)
+        room[:count] = stream[position : position + count]
+        room.release()
+        reader.buffer_updated(count)
+        position, turn = position + count, turn + 1
+    assert received == [message for batch in batches for message in batch]
+    assert len(reader.get_buffer(-1)) == RESTING_BUFFER >= 2 * READ_SPACE
 
 
 def test_engine_records_cross_as_they_are() -> None:
