@@ -18,14 +18,6 @@ smaller memory and state tensors and an empty one is replaced), and has glibc re
 (`malloc_trim`), which frees what the previous round's engines gave back. A round costs
 little: at 256 rows of `dates`, `malloc_trim` took 0.4 ms (with the GIL released) and the decoder run after it 3.2 ms
 instead of 1.2, while its arena grew back.
-
-Processes that run engines also have glibc map every block of LARGE_BLOCK_BYTES or more apart
-(`map_large_blocks_apart`), so that freeing one gives it back at once. Why: glibc's default threshold moves up to the
-largest mapped block freed so far, after which the engine's large blocks (its batch's memory tensors, onnxruntime's
-arena chunks) come from its heaps, where what they leave behind stays resident between smaller blocks. Measured in a
-6-minute soak with the engine killed and restarted at minute 1.5: the restarted engine went 124, 122, 130, 134, 132,
-131 MB minute by minute with the moving threshold, and 123, 120, 119, 119, 119, 120 MB with it fixed, at the same
-p99 (54 ms).
 """
 
 from __future__ import annotations
@@ -59,24 +51,9 @@ def trim_heap() -> bool:
     return True
 
 
-LARGE_BLOCK_BYTES = 256 * 1024
-"""Blocks of this size or more get mappings of their own once `map_large_blocks_apart()` ran."""
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
-
-
-def map_large_blocks_apart(threshold: int = LARGE_BLOCK_BYTES) -> bool:
-    """Have glibc map every block of `threshold` bytes or more apart from its heaps, from now on, instead of a
-    threshold that follows the largest block freed (see the module docstring). False where that is not possible."""
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    mallopt: Callable[[int, int], int] | None = getattr(ctypes.CDLL(None), "mallopt", None)
-    return mallopt is not None and mallopt(_M_MMAP_THRESHOLD, threshold) == 1
-
-
 class MemoryReturner:
     """Every `interval_s` seconds, the heap is trimmed and `release()` has the process's engines give back what they
-    hold and do not use (ModelManager.release_unused_memory; none in a front-end); see the module docstring. With a
-    `release` (a process that runs engines), starting also maps large blocks apart (`map_large_blocks_apart`).
+    hold and do not use (ModelManager.release_unused_memory; none in a front-end); see the module docstring.
     `sleep` is the wait between rounds (tests pass one they control)."""
 
     def __init__(
@@ -95,8 +72,6 @@ class MemoryReturner:
     def start(self) -> None:
         """Start the rounds on the running loop; nothing happens when the interval is 0."""
         if self.interval_s > 0 and self._task is None:
-            if self._release is not None:
-                map_large_blocks_apart()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="memory return")
 
     async def stop(self) -> None:

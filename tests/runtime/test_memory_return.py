@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.runtime.memory import LARGE_BLOCK_BYTES, MemoryReturner, trim_heap
+from service.runtime.memory import MemoryReturner, trim_heap
 from service.runtime.model import OnnxStepModel, load_model
 
 GLIBC = platform.libc_ver()[0] == "glibc"
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def resident_bytes() -> int:
@@ -36,47 +33,6 @@ def test_trimming_gives_back_freed_heap_memory_that_glibc_keeps() -> None:
     after = resident_bytes()
     assert before - after >= 32 * 1024 * 1024, (before, after)
     assert kept[0] == ord("x")
-
-
-# Run in a fresh process, as a server's is at its start: in this one, earlier tests leave free chunks in the heap that
-# glibc would serve a large block from before mapping one (the threshold only applies when the heap must grow).
-_LARGE_BLOCK_PROBE = """
-import ctypes, sys
-from service.runtime.memory import map_large_blocks_apart
-
-class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (2.33 and later), process-wide counts
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-libc.mallinfo2.restype = MallInfo2
-if sys.argv[1] == "fixed":
-    assert map_large_blocks_apart()
-libc.free(libc.malloc(8 << 20))  # glibc's own threshold moves up to this block's size when it is freed
-mapped_before = libc.mallinfo2().hblkhd
-block = libc.malloc(4 << 20)
-print(libc.mallinfo2().hblkhd - mapped_before)
-libc.free(block)
-"""
-
-
-@pytest.mark.skipif(not GLIBC, reason="mallopt and mallinfo2 are glibc's")
-def test_large_blocks_keep_mappings_of_their_own_after_a_larger_one_was_freed() -> None:
-    """With glibc's own threshold, a 4 MiB block after an 8 MiB one was freed comes from the heap (where what it leaves
-    stays resident); with the threshold fixed at LARGE_BLOCK_BYTES it gets a mapping of its own (counted in
-    mallinfo2's hblkhd), which freeing it unmaps."""
-
-    def mapped_bytes(mode: str) -> int:
-        probe = subprocess.run(
-            [sys.executable, "-c", _LARGE_BLOCK_PROBE, mode], capture_output=True, text=True, check=True, cwd=ROOT
-        )
-        return int(probe.stdout)
-
-    assert LARGE_BLOCK_BYTES < 4 << 20
-    assert mapped_bytes("moving") == 0
-    assert mapped_bytes("fixed") >= 4 << 20
 
 
 def encode_and_step(model: OnnxStepModel, source_ids: np.ndarray) -> list[np.ndarray]:
