@@ -15,7 +15,9 @@ Memory and state stay in place. A request that finishes leaves holes in the rows
 its rows into the holes (in a loaded server as many join as leave, so nothing moves), and only holes left
 over are filled by moving the last rows into them before the step (`compact`). The source axis is padded
 to a length bucket, so memory is re-laid only when the bucket of the longest active source changes. Beam
-reordering within a request never touches memory: a request's rows share one source. Counters (rows, the
+reordering within a request never touches memory: a request's rows share one source. The memory and state tensors,
+the process's largest arrays, each live in a mapping of their own (`zeros_mapped_apart`), so one that is replaced
+goes back to the OS at once. Counters (rows, the
 longest source) are updated on admission and retirement; nothing here scans the batch.
 
 Only the engine's worker thread touches a DecodeBatch.
@@ -31,6 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from service.engine.records import EngineRequest, FinishReason
+from service.runtime.memory import zeros_mapped_apart
 
 #: Per-row int64 fields: the token fed next, the source length, the owning slot, the index in its beam, the
 #: tokens generated so far, the most allowed, whether the row's request streams or keeps attention, and the
@@ -201,7 +204,7 @@ class DecodeBatch:
         """Give the memory and state tensors `rows` rows (at least the live ones), keeping those in use."""
         for tensors in (self.memory, self.state):
             for name, array in tensors.items():
-                new = np.zeros((rows, *array.shape[1:]), dtype=array.dtype)
+                new = zeros_mapped_apart((rows, *array.shape[1:]), array.dtype)
                 new[: self.rows] = array[: self.rows]
                 tensors[name] = new
         self._tensor_rows = rows
@@ -224,7 +227,7 @@ class DecodeBatch:
             return False
         keep = min(padded, self.padded_source_len)
         for name, array in self.memory.items():
-            new = np.zeros((self._tensor_rows, padded, *array.shape[2:]), dtype=array.dtype)
+            new = zeros_mapped_apart((self._tensor_rows, padded, *array.shape[2:]), array.dtype)
             new[: self.rows, :keep] = array[: self.rows, :keep]
             self.memory[name] = new
         self.padded_source_len = padded
@@ -276,7 +279,8 @@ class DecodeBatch:
                 for name, value in memory.items()
             }
             self.state = {
-                name: np.zeros((self._capacity, *value.shape[1:]), dtype=value.dtype) for name, value in state.items()
+                name: zeros_mapped_apart((self._capacity, *value.shape[1:]), value.dtype)
+                for name, value in state.items()
             }
             self._tensor_rows = self._capacity
         elif self.rows + appended > self._tensor_rows:  # shrunk after a burst (shrink_tensors): room again

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.runtime.memory import MemoryReturner, trim_heap
+from service.runtime.memory import OWN_MAPPING_BYTES, MemoryReturner, trim_heap, zeros_mapped_apart
 from service.runtime.model import OnnxStepModel, load_model
 
 GLIBC = platform.libc_ver()[0] == "glibc"
@@ -33,6 +33,29 @@ def test_trimming_gives_back_freed_heap_memory_that_glibc_keeps() -> None:
     after = resident_bytes()
     assert before - after >= 32 * 1024 * 1024, (before, after)
     assert kept[0] == ord("x")
+
+
+@pytest.mark.skipif(not GLIBC, reason="the threshold that moves is glibc's")
+def test_a_large_zeroed_array_gives_its_memory_back_as_soon_as_it_is_freed() -> None:
+    # A 24 MiB block freed first moves glibc's own mmap threshold up to its size (it follows freed blocks up to 32 MiB):
+    # from then on a 16 MiB np.zeros comes from the heap and stays resident once freed.
+    np.ones(24 << 20, dtype=np.uint8)
+    array = zeros_mapped_apart((4, 4 << 20), np.uint8)
+    assert array.shape == (4, 4 << 20) and array.dtype == np.uint8 and not array.any()
+    array[:] = 1  # every page resident
+    view = array[1:]
+    before = resident_bytes()
+    del array
+    assert resident_bytes() >= before - (1 << 20)  # a view keeps it
+    assert view.all()
+    del view
+    assert before - resident_bytes() >= 15 << 20
+
+
+def test_small_zeroed_arrays_are_plain_ones() -> None:
+    small = zeros_mapped_apart((3, OWN_MAPPING_BYTES // 16), np.float32)  # 3/4 of the size that gets a mapping
+    assert small.base is None and small.shape == (3, OWN_MAPPING_BYTES // 16) and not small.any()
+    assert zeros_mapped_apart((0, 7), np.float32).shape == (0, 7)
 
 
 def encode_and_step(model: OnnxStepModel, source_ids: np.ndarray) -> list[np.ndarray]:
