@@ -17,8 +17,8 @@ over are filled by moving the last rows into them before the step (`compact`). T
 to a length bucket, so memory is re-laid only when the bucket of the longest active source changes. Beam
 reordering within a request never touches memory: a request's rows share one source. The memory and state tensors,
 the process's largest arrays, each live in a mapping of their own (`zeros_mapped_apart`), so one that is replaced
-goes back to the OS at once. Counters (rows, the
-longest source) are updated on admission and retirement; nothing here scans the batch.
+goes back to the OS at once. Counters (rows, the longest source) are updated on admission and retirement; nothing
+here scans the batch.
 
 Only the engine's worker thread touches a DecodeBatch.
 """
