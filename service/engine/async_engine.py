@@ -359,7 +359,7 @@ class AsyncEngine:
 
     def _resolve(self, handle: RequestHandle, done: FinishedRequest) -> None:
         self._forget(handle)
-        self._record(self._recorder.on_request_done, done.stats)
+        self._record(self._recorder.on_request_done, done.stats())
         handle.resolve(done.result)
 
     def _fail(self, handle: RequestHandle, error: AttnServeError, reason: FinishReason) -> bool:

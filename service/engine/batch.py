@@ -255,9 +255,10 @@ class DecodeBatch:
         widths = [option.beam_size for option in options]
         lengths = [len(request.source_ids) for request in new]
         extras = [request.stream or option.return_attention for request, option in zip(new, options, strict=True)]
+        max_lengths = [option.max_length for option in options]
         new_rows, widest = sum(widths), max(widths)
         appended = max(0, new_rows - len(self.holes))
-        longest_output = max(option.max_length for option in options)
+        longest_output = max(max_lengths)
         capacity, length = self._capacity, self._length_capacity
         if self.rows + appended > capacity or len(self._free_slots) < count:
             capacity = max(2 * capacity, self.rows + appended)
@@ -302,14 +303,14 @@ class DecodeBatch:
         if widest == 1:
             owner = None
             row_slots, row_lengths, beam_index = slots, lengths, [0] * count
-            row_max_length = [option.max_length for option in options]
+            row_max_length = max_lengths
             row_extras = extras
         else:  # the request of each new row, and the row's place in its beam
             owner = [index for index, width in enumerate(widths) for _ in range(width)]
             row_slots = [slots[index] for index in owner]
             row_lengths = [lengths[index] for index in owner]
             beam_index = [beam for width in widths for beam in range(width)]
-            row_max_length = [options[index].max_length for index in owner]
+            row_max_length = [max_lengths[index] for index in owner]
             row_extras = [extras[index] for index in owner]
         # The encoder pads to its batch's longest source: beyond each request's own length its memory is zeroed
         # (one mask for every tensor), as a step expects.
@@ -352,20 +353,22 @@ class DecodeBatch:
             self.slot_admitted_at,
             self.slot_first_step_at,
         )
-        for slot, key, request, width, length in zip(slots, keys, new, widths, lengths, strict=True):
+        slot_alpha, slot_attention, nan = self.slot_alpha, self.slot_attention, math.nan
+        streaming = attention = 0
+        for slot, key, request, option, width, length in zip(slots, keys, new, options, widths, lengths, strict=True):
             slot_key[slot] = key
             slot_beam[slot] = width
             slot_source_length[slot] = length
             slot_stream[slot] = request.stream
             slot_admitted_at[slot] = admitted_at
-            slot_first_step_at[slot] = math.nan
-            self.streaming += request.stream
-        slot_alpha, slot_attention = self.slot_alpha, self.slot_attention
-        for slot, option in zip(slots, options, strict=True):
+            slot_first_step_at[slot] = nan
             slot_alpha[slot] = option.length_penalty
+            streaming += request.stream
             if option.return_attention:
                 slot_attention[slot] = []
-                self.any_attention += 1
+                attention += 1
+        self.streaming += streaming
+        self.any_attention += attention
         if widest > 1:
             for slot, option, width in zip(slots, options, widths, strict=True):
                 if width > 1:

@@ -99,12 +99,33 @@ class BatchingPolicy(enum.StrEnum):
     """One request at a time, to completion."""
 
 
-class FinishedRequest(msgspec.Struct):
-    """A request that finished with hypotheses: its result for the caller and its numbers for the metrics."""
+class FinishedRequest(msgspec.Struct, gc=False):
+    """A request that finished with hypotheses: its result for the caller, and what its numbers for the metrics
+    need beyond the result (`stats()` makes them when the driver records them, not in the hot loop)."""
 
     key: int
     result: EngineResult
-    stats: RequestStats
+    source_tokens: int
+    beam_size: int
+    first_step_at: float  # when its first decoder step finished, and `finished_at` its last (the core's clock)
+    finished_at: float
+
+    def stats(self) -> RequestStats:
+        result = self.result
+        steps = result.generated_tokens
+        # No hypothesis at all only when the model gave no candidate with a finite score until max_length.
+        reason = result.hypotheses[0].finish_reason if result.hypotheses else FinishReason.LENGTH
+        mean_gap = (self.finished_at - self.first_step_at) / (steps - 1) if steps > 1 else None
+        return RequestStats(
+            result.queue_wait_s,
+            result.first_token_s,
+            mean_gap,
+            result.total_s,
+            steps,
+            self.source_tokens,
+            reason,
+            self.beam_size,
+        )
 
 
 @dataclass
@@ -134,16 +155,22 @@ class QueueCounts(NamedTuple):
     running: int
 
 
-class _Waiting(msgspec.Struct, gc=False):
+_QUEUED = -1  # the slot of a request that waits
+_ENDED = -2  # the slot of a request that ended (its queue entry, if any, is skipped when it reaches the head)
+
+
+class _Held(msgspec.Struct, gc=False):
+    """A request the core holds, from `add()` until it ends: in the queue (slot _QUEUED), then in the batch."""
+
     key: int
     request: EngineRequest
     submitted_at: float
     source_length: int  # the request's, read once (admission looks at it for every candidate)
     padded_length: int  # source_length rounded up to the source bucket
     beam: int
+    slot: int = _QUEUED  # its slot once in the batch; _ENDED once the core has let go of it
 
 
-_QUEUED = -1  # `_slot_of` value of a request that waits (active requests map to their slot)
 STALE_DEADLINES_KEPT = 64
 """Deadline entries of ended requests the heap may hold beyond twice the requests held before it is rebuilt."""
 
@@ -167,18 +194,19 @@ class EngineCore:
         self.clock = clock
         self.label = label
         self.draining = False  # set by the driver when stopping: the REQUEST policy then waits for nobody
-        self._inbox: deque[_Waiting] = deque()
+        self._inbox: deque[_Held] = deque()
         self._aborts: deque[int] = deque()
-        self._waiting: deque[_Waiting] = deque()
-        self._slot_of: dict[int, int] = {}  # every request the core holds: key -> slot, or _QUEUED
-        self._queued = 0  # requests waiting (entries of _waiting still in _slot_of as _QUEUED)
+        self._waiting: deque[_Held] = deque()  # the queue, with the entries of requests that ended meanwhile
+        # Every request the core holds, by key: one map for the queue and the batch, so that a request is
+        # entered and removed once, and the queue is read without a lookup (an entry's own slot says if it waits).
+        self._held: dict[int, _Held] = {}
+        self._queued = 0  # requests waiting (entries of _waiting whose slot is _QUEUED)
         self._deadlines: list[tuple[float, int]] = []  # heap of (deadline, key)
-        self._requests: dict[int, EngineRequest] = {}  # the same keys as _slot_of
         self._dequeued = 0  # see QueueCounts
         self.batch = self._new_batch()
         self._encoder_pool = encoder_pool
         self._output: CoreOutput | None = None  # the output of the iteration in progress (see recover)
-        self._admitting: list[_Waiting] = []  # this iteration's admissions, from the queue until the batch
+        self._admitting: list[_Held] = []  # this iteration's admissions, from the queue until the batch
         # Their encoder call, when it runs on the pool during the decoder step.
         self._encoding: Future[tuple[EncoderOutput | Exception, float]] | None = None
         self._joined: list[int] = []  # slots admitted since the last step: their first step is the next one
@@ -245,7 +273,7 @@ class EngineCore:
         """Queue a request (passed `check()` first). Any thread."""
         length = len(request.source_ids)
         self._inbox.append(
-            _Waiting(
+            _Held(
                 key,
                 request,
                 submitted_at,
@@ -282,8 +310,8 @@ class EngineCore:
     def next_wakeup(self) -> float | None:
         """When an idle core has something to do next (a deadline, the end of a REQUEST batching window)."""
         times = []
-        deadlines, slot_of = self._deadlines, self._slot_of
-        while deadlines and deadlines[0][1] not in slot_of:  # the deadline of a request that has ended
+        deadlines, held = self._deadlines, self._held
+        while deadlines and deadlines[0][1] not in held:  # the deadline of a request that has ended
             heapq.heappop(deadlines)
         if deadlines:
             times.append(deadlines[0][0])
@@ -371,12 +399,13 @@ class EngineCore:
             self._encoding = None
         # Those taken from the queue but not yet in the batch (the error came first), then the batch's own.
         self.batch.compact()
-        stranded = [entry.key for entry in self._admitting if self._slot_of.get(entry.key) == _QUEUED]
+        stranded = [entry.key for entry in self._admitting if entry.slot == _QUEUED]
         stranded += [self.batch.slot_key[slot] for slot in self.batch.active_slots()]
         message = f"engine error in model {self.label}: {type(exc).__name__}: {exc}"
         for key in stranded:
-            if self._slot_of.pop(key, None) is not None:
-                self._requests.pop(key, None)
+            entry = self._held.pop(key, None)
+            if entry is not None:
+                entry.slot = _ENDED
                 output.failed.append((key, EngineFailure(message), FinishReason.ERROR))
         self._admitting = []
         self._joined = []
@@ -388,31 +417,30 @@ class EngineCore:
 
     def _take_in(self, now: float, output: CoreOutput) -> None:
         """Queue arrivals, apply cancellations, fail expired requests."""
-        while self._inbox:
-            waiting = self._inbox.popleft()
-            self._waiting.append(waiting)
-            self._slot_of[waiting.key] = _QUEUED
-            self._requests[waiting.key] = waiting.request
+        inbox, waiting, held = self._inbox, self._waiting, self._held
+        while inbox:
+            entry = inbox.popleft()
+            waiting.append(entry)
+            held[entry.key] = entry
             self._queued += 1
-            if waiting.request.deadline is not None:
-                heapq.heappush(self._deadlines, (waiting.request.deadline, waiting.key))
-        if len(self._deadlines) > 2 * len(self._slot_of) + STALE_DEADLINES_KEPT:
+            if entry.request.deadline is not None:
+                heapq.heappush(self._deadlines, (entry.request.deadline, entry.key))
+        if len(self._deadlines) > 2 * len(held) + STALE_DEADLINES_KEPT:
             # A request that ends before its deadline leaves its entry in the heap (deleted lazily, when the deadline
             # comes). Clients set deadlines of minutes, so the entries would pile up at the call rate times the
             # deadline: rebuild the heap once they are most of it (amortised, one pass per as many calls).
-            slot_of = self._slot_of
-            self._deadlines = [entry for entry in self._deadlines if entry[1] in slot_of]
+            self._deadlines = [deadline for deadline in self._deadlines if deadline[1] in held]
             heapq.heapify(self._deadlines)
         retire: list[int] = []
         while self._aborts:
             self._drop(self._aborts.popleft(), retire)
         while self._deadlines and self._deadlines[0][0] <= now:
             _, key = heapq.heappop(self._deadlines)
-            slot = self._slot_of.get(key)
-            if slot is None:
+            expired = held.get(key)
+            if expired is None:
                 continue  # already finished or cancelled
-            where = "waiting" if slot == _QUEUED else "decoding"
-            waited = now - self._requests[key].arrival
+            where = "waiting" if expired.slot == _QUEUED else "decoding"
+            waited = now - expired.request.arrival
             output.failed.append(
                 (
                     key,
@@ -425,19 +453,19 @@ class EngineCore:
             self.batch.retire(retire)
 
     def _drop(self, key: int, retire: list[int]) -> None:
-        slot = self._slot_of.pop(key, None)
-        if slot is None:
+        entry = self._held.pop(key, None)
+        if entry is None:
             return
-        del self._requests[key]
+        slot, entry.slot = entry.slot, _ENDED
         if slot == _QUEUED:
             self._queued -= 1  # its queue entry is skipped when it reaches the head
             self._dequeued += 1
         else:
             retire.append(slot)
 
-    def _head(self) -> _Waiting | None:
+    def _head(self) -> _Held | None:
         """The first queued request still held (cancelled ones are dropped from the front lazily)."""
-        while self._waiting and self._slot_of.get(self._waiting[0].key) != _QUEUED:
+        while self._waiting and self._waiting[0].slot != _QUEUED:
             self._waiting.popleft()
         return self._waiting[0] if self._waiting else None
 
@@ -451,7 +479,7 @@ class EngineCore:
             or now >= head.submitted_at + self.limits.batch_delay_s
         )
 
-    def _choose_admissions(self, now: float) -> list[_Waiting]:
+    def _choose_admissions(self, now: float) -> list[_Held]:
         """Take waiting requests from the queue, first come first served, while the budgets allow (counting the
         rows of the batch as it is before this iteration's step)."""
         if not self._queued:  # most iterations of a loaded server: nothing has arrived since the last one
@@ -467,13 +495,13 @@ class EngineCore:
             most = limits.batch_size
         else:
             most = 1
-        chosen: list[_Waiting] = []
+        chosen: list[_Held] = []
         rows, padded = batch.live_rows, bucketed(batch.longest_source, limits.source_bucket)
         max_rows, max_padded = limits.max_active_hypotheses, limits.max_padded_source_tokens
-        waiting, slot_of = self._waiting, self._slot_of
+        waiting = self._waiting
         while len(chosen) < most and waiting:
             head = waiting[0]
-            if slot_of.get(head.key) != _QUEUED:  # cancelled or expired while it waited
+            if head.slot != _QUEUED:  # cancelled or expired while it waited
                 waiting.popleft()
                 continue
             new_rows = rows + head.beam
@@ -489,7 +517,7 @@ class EngineCore:
         self._dequeued += len(chosen)
         return chosen
 
-    def _encode(self, chosen: list[_Waiting]) -> tuple[EncoderOutput | Exception, float]:
+    def _encode(self, chosen: list[_Held]) -> tuple[EncoderOutput | Exception, float]:
         """Encode the chosen requests' sources in one call. Returns the encoder's output, or the exception it
         raised, and the call's seconds. It reads only the entries and the model, so it may run on the encoder
         pool's thread while the driving thread steps the decoder."""
@@ -511,19 +539,20 @@ class EngineCore:
             return exc, self.clock() - started
         return encoded, self.clock() - started
 
-    def _join(self, chosen: list[_Waiting], encoded: EncoderOutput | Exception, now: float, output: CoreOutput) -> None:
+    def _join(self, chosen: list[_Held], encoded: EncoderOutput | Exception, now: float, output: CoreOutput) -> None:
         """Put the encoded requests into the batch (their first step is the next one to run), or fail them all
         when the encoder failed."""
         if isinstance(encoded, Exception):
             log.error("the encoder of model %s failed for %d requests", self.label, len(chosen), exc_info=encoded)
             for entry in chosen:
-                self._slot_of.pop(entry.key, None)
-                self._requests.pop(entry.key, None)
+                self._held.pop(entry.key, None)
+                entry.slot = _ENDED
                 output.failed.append((entry.key, self._model_failure("encoder", encoded), FinishReason.ERROR))
             return
         keys = [entry.key for entry in chosen]
         slots = self.batch.admit(keys, [entry.request for entry in chosen], now, encoded.memory, encoded.state)
-        self._slot_of.update(zip(keys, slots, strict=True))
+        for entry, slot in zip(chosen, slots, strict=True):
+            entry.slot = slot
         self._joined += slots
         output.admitted.extend(keys)
 
@@ -627,8 +656,9 @@ class EngineCore:
     def _fail_slots(self, slots: Sequence[int], error: AttnServeError, output: CoreOutput) -> None:
         keys = [self.batch.slot_key[slot] for slot in slots]
         for key in keys:
-            self._slot_of.pop(key, None)
-            self._requests.pop(key, None)
+            entry = self._held.pop(key, None)
+            if entry is not None:
+                entry.slot = _ENDED
             output.failed.append((key, error, FinishReason.ERROR))
         self.batch.retire(list(slots))
 
@@ -696,7 +726,7 @@ class EngineCore:
     def _finish(self, slots: list[int], now: float, output: CoreOutput) -> None:
         """Report the requests in `slots` finished at `now` (their results and numbers) and retire them."""
         batch = self.batch
-        slot_beam, slot_key, requests, slot_of = batch.slot_beam, batch.slot_key, self._requests, self._slot_of
+        slot_beam, slot_key, held = batch.slot_beam, batch.slot_key, self._held
         slot_admitted_at, slot_first_step_at, slot_source_length = (
             batch.slot_admitted_at,
             batch.slot_first_step_at,
@@ -709,29 +739,16 @@ class EngineCore:
             # of `python -m loadtests.engine_overhead` took 1-2 us more (of about 70).
             for slot, hypothesis in zip(slots, greedy_hypotheses(batch, slots, self.model.eos_id), strict=True):
                 key = slot_key[slot]
-                arrival = requests.pop(key).arrival
-                del slot_of[key]
-                steps = len(hypothesis.token_ids)
+                arrival = held.pop(key).request.arrival
                 first_step_at = slot_first_step_at[slot]
-                queue_wait, first_token, total = (
+                result = EngineResult(
+                    [hypothesis],
                     slot_admitted_at[slot] - arrival,
                     first_step_at - arrival,
                     now - arrival,
+                    len(hypothesis.token_ids),
                 )
-                mean_gap = (now - first_step_at) / (steps - 1) if steps > 1 else None
-                stats = RequestStats(
-                    queue_wait,
-                    first_token,
-                    mean_gap,
-                    total,
-                    steps,
-                    slot_source_length[slot],
-                    hypothesis.finish_reason,
-                    1,
-                )
-                finished.append(
-                    FinishedRequest(key, EngineResult([hypothesis], queue_wait, first_token, total, steps), stats)
-                )
+                finished.append(FinishedRequest(key, result, slot_source_length[slot], 1, first_step_at, now))
             batch.retire(slots)
             return
         greedy = [slot for slot in slots if slot_beam[slot] == 1]
@@ -739,21 +756,14 @@ class EngineCore:
         best_of = [[greedy_of[slot]] if slot in greedy_of else beam_hypotheses(batch, slot) for slot in slots]
         for slot, hypotheses in zip(slots, best_of, strict=True):
             key = slot_key[slot]
-            arrival = requests.pop(key).arrival
-            del slot_of[key]
+            arrival = held.pop(key).request.arrival
             beam = slot_beam[slot]
             steps = len(hypotheses[0].token_ids) if beam == 1 else int(batch.row_steps[batch.slot_rows[slot, 0]])
             first_step_at = slot_first_step_at[slot]
-            queue_wait, first_token, total = slot_admitted_at[slot] - arrival, first_step_at - arrival, now - arrival
-            # No hypothesis at all only when the model gave no candidate with a finite score until max_length.
-            reason = hypotheses[0].finish_reason if hypotheses else FinishReason.LENGTH
-            mean_gap = (now - first_step_at) / (steps - 1) if steps > 1 else None
-            stats = RequestStats(
-                queue_wait, first_token, mean_gap, total, steps, slot_source_length[slot], reason, beam
+            result = EngineResult(
+                hypotheses, slot_admitted_at[slot] - arrival, first_step_at - arrival, now - arrival, steps
             )
-            finished.append(
-                FinishedRequest(key, EngineResult(hypotheses, queue_wait, first_token, total, steps), stats)
-            )
+            finished.append(FinishedRequest(key, result, slot_source_length[slot], beam, first_step_at, now))
         batch.retire(slots)
 
 
