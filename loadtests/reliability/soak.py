@@ -523,7 +523,12 @@ def minute_rows(calls: list[Call], faults: list[Fault], watcher: Watcher, soak_s
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtests.reliability.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repository", type=Path, default=Path("models"))
-    parser.add_argument("--out", type=Path, default=Path("reports/soak"), help="the server log, the repository copy")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("reports/soak"),
+        help="the server log, the repository copy, every process's samples (samples.jsonl)",
+    )
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the soak")
     parser.add_argument("--load", type=float, default=0.7, help="offered rate as a share of the measured capacity")
     parser.add_argument("--frontends", type=int, default=2, help="the server's --frontends (0: one process)")
@@ -618,7 +623,22 @@ def main(argv: list[str] | None = None) -> int:
         refusals = refusals_by_reason(server)
     finally:
         server.stop()
+    write_samples(args.out / "samples.jsonl", watcher, faults, reloads, soak_start)
     return report(args, load, watcher, faults, reloads, capacity, soak_start, load_average, refusals)
+
+
+def write_samples(path: Path, watcher: Watcher, faults: list[Fault], reloads: list[str], soak_start: float) -> None:
+    """Every process sample (seconds from the soak's start, pid, role, RSS bytes, sockets, other files) and every
+    fault, one JSON object a line: a process's memory read against what happened around it."""
+    with path.open("w") as out:
+        for fault in faults:
+            out.write(json.dumps({"fault": fault.what, "at": round(fault.started - soak_start, 1)}) + "\n")
+        for reload in reloads:
+            out.write(json.dumps({"reload": reload}) + "\n")
+        for sample in watcher.samples:
+            row = {"at": round(sample.at - soak_start, 1), "pid": sample.pid, "role": sample.role, "rss": sample.rss,
+                   "sockets": sample.sockets, "files": sample.fds}  # fmt: skip
+            out.write(json.dumps(row) + "\n")
 
 
 def refusals_by_reason(server: ServerProcess) -> Counter[str] | str:
