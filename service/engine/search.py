@@ -155,7 +155,7 @@ def greedy_hypotheses(batch: DecodeBatch, slots: list[int], eos_id: int) -> list
             alphas.append(float(batch.slot_alpha[slot]))
     else:
         indices = np.array(slots)
-        row_index = batch.slot_rows[indices, 0]
+        row_index = batch.slot_rows[:, 0][indices]  # a 1-D gather: cheaper than [indices, 0]
         steps = batch.row_steps[row_index].tolist()
         longest = max(steps)
         tokens = batch.out_token[indices, :longest].tolist()
