@@ -174,11 +174,13 @@ def test_expired_deadlines_leave_the_engine_and_free_their_slots(repository: Pat
             stub = pb_grpc.TranslatorStub(channel)
             slow = pb.TranslateRequest(model="dates", texts=["1" * 40] * 64, options=pb.DecodeOptions(beam_size=8))
             # 1,536 texts decoded one at a time: seconds of work even where a text takes two quick steps (an idle
-            # fast machine finished 384 of them within 0.3 s), so the later calls expire (an early one may finish).
+            # fast machine finished 384 of them within 0.3 s), so most calls expire. Which ones depends on the
+            # machine, not on their order: when the first calls' deadlines pass their texts leave the queue, and a
+            # fast engine may then finish a later call's 64 texts before its own deadline.
             doomed = [stub.Translate.future(slow, timeout=0.3) for _ in range(CALLS)]
             behind = call(stub, GOOD[:1], "dates")
             codes = [ending(future)[0] for future in doomed]
-            assert set(codes) <= {"OK", "DEADLINE_EXCEEDED"} and codes[-1] == "DEADLINE_EXCEEDED"
+            assert set(codes) <= {"OK", "DEADLINE_EXCEEDED"} and "DEADLINE_EXCEEDED" in codes
             code, _, response = ending(behind)
             assert code == "OK" and response is not None
 
