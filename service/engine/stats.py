@@ -1,7 +1,8 @@
 """Plain numbers the engine records, and the protocol of whoever turns them into metrics.
 
-The core fills these records; its driver hands them to a `StatsRecorder` after each iteration (on the worker
-thread) and when a request ends (on the event-loop thread, where the request is resolved exactly once). The
+The core fills a `StepStats` per iteration, which its driver hands to a `StatsRecorder` after it (on the worker
+thread); a `RequestStats` is made from the core's `FinishedRequest` when the driver resolves the request (on the
+event-loop thread, where the request is resolved exactly once), so the hot loop does not make it. The
 recorder (e.g. a Prometheus one, elsewhere) must be cheap, thread-safe and must not block. Nothing here
 imports a metrics library, so the hot loop never touches one.
 """
