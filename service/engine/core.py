@@ -156,7 +156,7 @@ class QueueCounts(NamedTuple):
 
 
 _QUEUED = -1  # the slot of a request that waits
-_ENDED = -2  # the slot of a request that ended (its queue entry, if any, is skipped when it reaches the head)
+_ENDED = -2  # the slot of a request dropped or failed (its queue entry, if any, is skipped at the head)
 
 
 class _Held(msgspec.Struct, gc=False):
@@ -168,7 +168,7 @@ class _Held(msgspec.Struct, gc=False):
     source_length: int  # the request's, read once (admission looks at it for every candidate)
     padded_length: int  # source_length rounded up to the source bucket
     beam: int
-    slot: int = _QUEUED  # its slot once in the batch; _ENDED once the core has let go of it
+    slot: int = _QUEUED  # its slot once in the batch; _ENDED once dropped or failed (a queue entry is skipped)
 
 
 STALE_DEADLINES_KEPT = 64
