@@ -107,15 +107,13 @@ class FinishedRequest(msgspec.Struct, gc=False):
     result: EngineResult
     source_tokens: int
     beam_size: int
-    first_step_at: float  # when its first decoder step finished, and `finished_at` its last (the core's clock)
-    finished_at: float
 
     def stats(self) -> RequestStats:
         result = self.result
         steps = result.generated_tokens
         # No hypothesis at all only when the model gave no candidate with a finite score until max_length.
         reason = result.hypotheses[0].finish_reason if result.hypotheses else FinishReason.LENGTH
-        mean_gap = (self.finished_at - self.first_step_at) / (steps - 1) if steps > 1 else None
+        mean_gap = (result.total_s - result.first_token_s) / (steps - 1) if steps > 1 else None
         return RequestStats(
             result.queue_wait_s,
             result.first_token_s,
@@ -403,9 +401,7 @@ class EngineCore:
         stranded += [self.batch.slot_key[slot] for slot in self.batch.active_slots()]
         message = f"engine error in model {self.label}: {type(exc).__name__}: {exc}"
         for key in stranded:
-            entry = self._held.pop(key, None)
-            if entry is not None:
-                entry.slot = _ENDED
+            if self._let_go(key) is not None:
                 output.failed.append((key, EngineFailure(message), FinishReason.ERROR))
         self._admitting = []
         self._joined = []
@@ -452,11 +448,19 @@ class EngineCore:
         if retire:
             self.batch.retire(retire)
 
-    def _drop(self, key: int, retire: list[int]) -> None:
+    def _let_go(self, key: int) -> int | None:
+        """Stop holding a request that is dropped or failed: returns the slot it had (_QUEUED while it waited), or
+        None when the core did not hold it. Its queue entry, if any, is then skipped when it reaches the head."""
         entry = self._held.pop(key, None)
         if entry is None:
-            return
+            return None
         slot, entry.slot = entry.slot, _ENDED
+        return slot
+
+    def _drop(self, key: int, retire: list[int]) -> None:
+        slot = self._let_go(key)
+        if slot is None:
+            return
         if slot == _QUEUED:
             self._queued -= 1  # its queue entry is skipped when it reaches the head
             self._dequeued += 1
@@ -545,8 +549,7 @@ class EngineCore:
         if isinstance(encoded, Exception):
             log.error("the encoder of model %s failed for %d requests", self.label, len(chosen), exc_info=encoded)
             for entry in chosen:
-                self._held.pop(entry.key, None)
-                entry.slot = _ENDED
+                self._let_go(entry.key)
                 output.failed.append((entry.key, self._model_failure("encoder", encoded), FinishReason.ERROR))
             return
         keys = [entry.key for entry in chosen]
@@ -656,9 +659,7 @@ class EngineCore:
     def _fail_slots(self, slots: Sequence[int], error: AttnServeError, output: CoreOutput) -> None:
         keys = [self.batch.slot_key[slot] for slot in slots]
         for key in keys:
-            entry = self._held.pop(key, None)
-            if entry is not None:
-                entry.slot = _ENDED
+            self._let_go(key)
             output.failed.append((key, error, FinishReason.ERROR))
         self.batch.retire(list(slots))
 
@@ -740,15 +741,14 @@ class EngineCore:
             for slot, hypothesis in zip(slots, greedy_hypotheses(batch, slots, self.model.eos_id), strict=True):
                 key = slot_key[slot]
                 arrival = held.pop(key).request.arrival
-                first_step_at = slot_first_step_at[slot]
                 result = EngineResult(
                     [hypothesis],
                     slot_admitted_at[slot] - arrival,
-                    first_step_at - arrival,
+                    slot_first_step_at[slot] - arrival,
                     now - arrival,
                     len(hypothesis.token_ids),
                 )
-                finished.append(FinishedRequest(key, result, slot_source_length[slot], 1, first_step_at, now))
+                finished.append(FinishedRequest(key, result, slot_source_length[slot], 1))
             batch.retire(slots)
             return
         greedy = [slot for slot in slots if slot_beam[slot] == 1]
@@ -759,11 +759,10 @@ class EngineCore:
             arrival = held.pop(key).request.arrival
             beam = slot_beam[slot]
             steps = len(hypotheses[0].token_ids) if beam == 1 else int(batch.row_steps[batch.slot_rows[slot, 0]])
-            first_step_at = slot_first_step_at[slot]
             result = EngineResult(
-                hypotheses, slot_admitted_at[slot] - arrival, first_step_at - arrival, now - arrival, steps
+                hypotheses, slot_admitted_at[slot] - arrival, slot_first_step_at[slot] - arrival, now - arrival, steps
             )
-            finished.append(FinishedRequest(key, result, slot_source_length[slot], beam, first_step_at, now))
+            finished.append(FinishedRequest(key, result, slot_source_length[slot], beam))
         batch.retire(slots)
 
 
