@@ -130,12 +130,14 @@ def batches(items: list, batch_size: int, rng: random.Random) -> Iterator[list]:
 def greedy_ids(model: Seq2Seq, items: list[list[int]], *, batch_size: int = 256) -> list[list[int]]:
     """Greedy outputs (eos excluded) for source id lists, batched, in the input order."""
     model.eval()
+    # Batches are made on the CPU; a model trained on a GPU decodes there too.
+    device = next(model.parameters()).device
     results: list[list[int]] = [[] for _ in items]
     order = sorted(range(len(items)), key=lambda i: len(items[i]))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         source, lengths, _, _ = make_batch([(items[i], []) for i in chunk])
-        outputs, _ = model.greedy(source, lengths)
+        outputs, _ = model.greedy(source.to(device), lengths.to(device))
         for index, tokens in zip(chunk, outputs, strict=False):
             results[index] = tokens
     return results
