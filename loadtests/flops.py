@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from service.runtime.model import LoadedModel, choose_providers
+from service.runtime.model import LoadedModel, choose_providers, with_provider_options
 from service.runtime.tokenizers import BOS, EOS, UNK
 
 
@@ -95,7 +95,7 @@ def _profiled_session(path: Path, provider: str, threads: int, prefix: str):
     options.enable_profiling = True
     options.profile_file_prefix = prefix
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=choose_providers(provider))
+    return ort.InferenceSession(str(path), options, providers=with_provider_options(choose_providers(provider)))
 
 
 def _profile_events(session, feeds: dict, outputs: list[str] | None = None) -> tuple[list, list[dict]]:
@@ -153,10 +153,16 @@ class MatmulPeak:
 
 
 def measure_matmul_peak(
-    threads: int = 1, provider: str = "cpu", sizes: tuple[int, ...] | None = None, seconds: float = 1.0
+    threads: int = 1,
+    provider: str = "cpu",
+    sizes: tuple[int, ...] | None = None,
+    seconds: float = 1.0,
+    *,
+    tf32: bool = False,
 ) -> MatmulPeak:
     """The best sgemm rate onnxruntime reaches here: a MatMul graph of n x n by n x n (float32), run
     repeatedly for about `seconds` per size; the fastest run counts (the least disturbed by other load).
+    `tf32`: on CUDA, with TF32 matrix multiplies (what `--cuda-tf32` allows); float32 otherwise.
     On CUDA the operands stay on the device (IO binding), so no host copy is timed."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -181,7 +187,9 @@ def measure_matmul_peak(
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        session = ort.InferenceSession(onnx_model.SerializeToString(), options, providers=providers)
+        session = ort.InferenceSession(
+            onnx_model.SerializeToString(), options, providers=with_provider_options(providers, tf32=tf32)
+        )
         rng = np.random.default_rng(0)
         feeds = {
             "a": rng.standard_normal((size, size), dtype=np.float32),

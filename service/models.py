@@ -205,6 +205,7 @@ class ModelManager:
             spinning=self.settings.onnx_spinning,
             cpus=self.settings.usable_cpus,
             encoder_overlap=self.settings.encoder_overlap,
+            tf32=self.settings.cuda_tf32,
         )
 
     def _record_failure(self, name: str, version: int, entry: ModelEntry, why: str, fingerprint: Fingerprint) -> None:

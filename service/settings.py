@@ -125,6 +125,12 @@ class Settings(BaseSettings):
     """Let onnxruntime's threads spin between runs (session.intra_op.allow_spinning). Off by default: the
     engine runs a step every few hundred microseconds, so spinning threads never sleep and take a core."""
 
+    cuda_tf32: bool = False
+    """On the CUDA provider, let matrix multiplies use TF32 (inputs rounded to 10 bits of mantissa). Off by
+    default: in float32 the GPU's outputs stay within rounding of the CPU's. On an H100, TF32 moved the default
+    models' step log probabilities by up to 4e-2 and added 1-4% to the engine's throughput at 256 rows, the
+    phrasebook-size model's included (docs/gpu.md)."""
+
     encoder_overlap: Annotated[Literal["auto", "on", "off"], BeforeValidator(_lower)] = "auto"
     """Run the encoder for requests that join a running batch on a thread of its own, beside the decoder step
     (they join after it): `auto` = on the CPU for models with a decoder graph of 16 MiB or more when the usable
