@@ -10,10 +10,18 @@ retry hint: how long until the queue ahead of it would be short enough, were not
 wait of the calls that are admitted stays bounded and a refused client learns at once to go elsewhere or come
 back later, instead of waiting in a backlog.
 
-The drain rate is measured, not configured: texts that left the queue per second, over intervals in which the
-queue stayed non-empty (then the engine took texts as fast as it could; while the queue is empty the count says
-how fast texts arrived, not how fast they could leave). Until a first such interval there is no estimate and
-calls are admitted (the queue limit, max_waiting_requests, still bounds the queue).
+The drain rate is measured, not configured: texts that left the queue per second, over intervals that began
+and ended with texts waiting (then the engine took texts as fast as it could; while the queue is empty the count
+says how fast texts arrived, not how fast they could leave). Until a first such interval there is no estimate
+and calls are admitted (the queue limit, max_waiting_requests, still bounds the queue).
+
+An interval that ends with the queue emptied is no measurement, but it is a floor: the engine took everything
+within it, so the rate is at least what left over the interval (taken as at least MIN_INTERVAL_S). A known rate
+below that floor is raised to it. Without the floor, the rate could stick at 0 when the engine keeps up. A
+continuous-batching engine takes every waiting text at its next step, so its queue empties at each step, and the
+only intervals that end with texts waiting are those a slow step cuts short (a new shape's first run on a GPU).
+Such an interval measures 0. From then on, the wait of any call behind a single text reads as forever, the call
+is refused, and with calls refused the queue never stays backlogged long enough to measure the rate again.
 
 Everything here is plain arithmetic on counts and a clock the caller passes in, so a test gives exact inputs
 and checks exact answers. Nothing here knows of gRPC, HTTP or processes: the engine clients feed it what they
@@ -77,24 +85,29 @@ class DrainRate:
         """Take what the queue holds at time `at` (seconds of the caller's monotonic clock): `waiting` items, and
         `dequeued` items that have left it since it was made (a count that only grows).
 
-        A sample with an empty queue ends the interval without a measurement, as does one whose count went
-        backwards (a new engine for the same version) or one more than MAX_INTERVAL_S after the interval's start;
-        other samples closer than MIN_INTERVAL_S to the start only extend it. An interval begins at the first sample
-        with something waiting."""
+        An interval begins at the first sample with something waiting. A later sample with something waiting
+        ends it with a measurement when it is at least MIN_INTERVAL_S after the start (closer ones only extend
+        it). A sample with the queue emptied ends it with a floor: a known rate below what left over the interval
+        (taken as at least MIN_INTERVAL_S) is raised to it (the module's docstring says why). An interval longer
+        than MAX_INTERVAL_S, or one whose count went backwards (a new engine for the same version), ends with
+        neither."""
         start = self._start
-        if start is None or start[1] <= 0 or waiting <= 0 or dequeued < start[2]:
+        if start is None or start[1] <= 0 or dequeued < start[2]:
             self._start = (at, waiting, dequeued)
             return
         elapsed = at - start[0]
-        if elapsed < MIN_INTERVAL_S:
-            return
-        if start[1] > 0 and elapsed <= MAX_INTERVAL_S:
-            measured = (dequeued - start[2]) / elapsed
-            if self.rate is None:
-                self.rate = measured
-            else:
-                weight = 1.0 - math.exp(-elapsed / SMOOTHING_S)
-                self.rate += weight * (measured - self.rate)
+        if waiting > 0:
+            if elapsed < MIN_INTERVAL_S:
+                return
+            if elapsed <= MAX_INTERVAL_S:
+                measured = (dequeued - start[2]) / elapsed
+                if self.rate is None:
+                    self.rate = measured
+                else:
+                    weight = 1.0 - math.exp(-elapsed / SMOOTHING_S)
+                    self.rate += weight * (measured - self.rate)
+        elif self.rate is not None and elapsed <= MAX_INTERVAL_S:
+            self.rate = max(self.rate, (dequeued - start[2]) / max(elapsed, MIN_INTERVAL_S))
         self._start = (at, waiting, dequeued)
 
     def wait_s(self, ahead: int) -> float | None:

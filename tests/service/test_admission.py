@@ -63,6 +63,36 @@ def test_an_interval_that_began_or_ended_with_an_empty_queue_measures_nothing() 
     assert drained((0.0, 10, 0), (0.01, 0, 10), (0.5, 10, 20), (0.6, 10, 70)).rate == pytest.approx(500.0)
 
 
+def test_a_queue_emptied_within_an_interval_raises_a_lower_rate_to_what_left_over_it() -> None:
+    measured_20 = ((0.0, 100, 0), (0.5, 100, 10))  # 20/s
+    # All 10 left within 0.4 s: at least 25/s.
+    assert drained(*measured_20, (0.9, 0, 20)).rate == pytest.approx(25.0)
+    # All 10 left within 0.01 s: at least 10 over MIN_INTERVAL_S, not 10 over 0.01 s.
+    assert drained(*measured_20, (0.51, 0, 20)).rate == pytest.approx(10 / MIN_INTERVAL_S)
+    # A floor under the rate already known changes nothing.
+    assert drained(*measured_20, (1.5, 0, 15)).rate == pytest.approx(20.0)
+    # Nor does one over an interval too long to say the queue was busy throughout.
+    assert drained(*measured_20, (0.5 + MAX_INTERVAL_S + 0.1, 0, 1000)).rate == pytest.approx(20.0)
+
+
+def test_a_cold_step_does_not_leave_the_rate_at_zero_once_the_engine_keeps_up_again() -> None:
+    # A first step at a new shape holds 12 texts for 0.2 s: measured 0/s. Then the engine takes every waiting
+    # text at each step, every 10 ms: the queue empties at each step, and 5 texts arrive before the next.
+    rate = drained((0.0, 12, 0), (0.2, 12, 0))
+    assert rate.rate == 0.0
+    gate = QueueAdmission("dates version 1", 1000, 0.5)
+    gate.drain = rate
+    assert gate.estimate(waiting=5, picked_up=0) is not None  # any call behind a waiting text: refused
+    rate.observe(0.21, 0, 12)  # the cold step ends and takes all 12
+    at, dequeued = 0.21, 12
+    for _ in range(10):
+        rate.observe(at + 0.001, 5, dequeued)  # the next arrivals
+        at, dequeued = at + 0.01, dequeued + 5
+        rate.observe(at, 0, dequeued)  # the step took them all
+    assert rate.rate == pytest.approx(12 / MIN_INTERVAL_S)
+    assert gate.estimate(waiting=5, picked_up=0) is None
+
+
 def test_samples_closer_than_the_shortest_interval_extend_it() -> None:
     half = MIN_INTERVAL_S / 2
     rate = drained((0.0, 100, 0), (half, 100, 7))
