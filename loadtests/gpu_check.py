@@ -64,16 +64,31 @@ NEEDED_MODULES = {
     "pydantic": "pydantic (with pydantic-core, annotated-types, typing-inspection)",
     "pydantic_settings": "pydantic-settings (with python-dotenv)",
     "pytest": "pytest",
+    # `attnserve serve` serves HTTP beside gRPC, so the server and the device tests import aiohttp.
+    "aiohttp": "aiohttp (with aiohappyeyeballs, aiosignal, attrs, frozenlist, multidict, propcache, yarl, idna)",
+    # The engine's records cross between processes as msgspec structs, so the engine imports it in every mode.
+    "msgspec": "msgspec",
+    # The report's tables of loadtests.bench, which the check imports for the machine's description.
+    "tabulate": "tabulate",
+}
+# What --phrasebook imports on top: the model is trained and exported on the spot (export/, the `train` extra).
+PHRASEBOOK_MODULES = {
+    "torch": "torch",
+    "onnx": "onnx",
+    "babel": "babel",
+    "num2words": "num2words (with docopt)",
+    "tqdm": "tqdm",
+    "sacrebleu": "sacrebleu (with portalocker, regex, colorama, lxml)",
 }
 
 
-def missing_packages() -> list[str]:
-    """The packages of NEEDED_MODULES that cannot be imported here (importing, not just finding, catches a
-    package whose own dependencies are missing, e.g. pydantic-settings without python-dotenv)."""
+def missing_packages(modules: dict[str, str] | None = None) -> list[str]:
+    """The packages of `modules` (NEEDED_MODULES by default) that cannot be imported here (importing, not just
+    finding, catches a package whose own dependencies are missing, e.g. pydantic-settings without python-dotenv)."""
     import importlib
 
     missing = []
-    for module, package in NEEDED_MODULES.items():
+    for module, package in (NEEDED_MODULES if modules is None else modules).items():
         try:
             importlib.import_module(module)
         except ImportError:
@@ -153,6 +168,18 @@ def _teacher_forced(step_model, sources: list[list[int]], forced: list[list[int]
     return steps
 
 
+def _largest_differences(device_steps: list[tuple], cpu_steps: list[tuple], forced: list[list[int]]) -> tuple:
+    """The largest |difference| of the steps' log probabilities and of their attention, over the positions a
+    row really decodes (past its eos it is fed padding tokens)."""
+    log_prob_diff = attention_diff = 0.0
+    for position, ((lp_d, at_d), (lp_c, at_c)) in enumerate(zip(device_steps, cpu_steps, strict=False)):
+        live = np.array([position < len(row) for row in forced])
+        if live.any():
+            log_prob_diff = max(log_prob_diff, float(np.abs(lp_d[live] - lp_c[live]).max()))
+            attention_diff = max(attention_diff, float(np.abs(at_d[live] - at_c[live]).max()))
+    return log_prob_diff, attention_diff
+
+
 def check_parity(provider: str, repository: Path) -> dict:
     """Greedy outputs and step outputs on `provider` against the CPU, on the default models' inputs."""
     from service.runtime.model import load_model
@@ -169,17 +196,12 @@ def check_parity(provider: str, repository: Path) -> dict:
         on_device, _ = _greedy(device.step_model, sources, limit)
         on_cpu, _ = _greedy(cpu.step_model, sources, limit)
         forced = [tokens + [EOS] for tokens in on_cpu]
-        device_steps = _teacher_forced(device.step_model, sources, forced)
         cpu_steps = _teacher_forced(cpu.step_model, sources, forced)
-        # Only positions a row really decodes count (past its eos it is fed padding tokens).
-        log_prob_diff = attention_diff = 0.0
-        for position, ((lp_d, at_d), (lp_c, at_c)) in enumerate(zip(device_steps, cpu_steps, strict=False)):
-            live = np.array([position < len(row) for row in forced])
-            if live.any():
-                log_prob_diff = max(log_prob_diff, float(np.abs(lp_d[live] - lp_c[live]).max()))
-                attention_diff = max(attention_diff, float(np.abs(at_d[live] - at_c[live]).max()))
+        log_prob_diff, attention_diff = _largest_differences(
+            _teacher_forced(device.step_model, sources, forced), cpu_steps, forced
+        )
         texts = [device.target_tokenizer.decode(tokens) for tokens in on_device]
-        result["models"][name] = {
+        entry = {
             "inputs": len(pairs),
             "greedy_identical": sum(a == b for a, b in zip(on_device, on_cpu, strict=False)),
             "exact_match": sum(text == reference for text, (_, reference) in zip(texts, pairs, strict=False))
@@ -187,6 +209,12 @@ def check_parity(provider: str, repository: Path) -> dict:
             "max_abs_log_prob": log_prob_diff,
             "max_abs_attention": attention_diff,
         }
+        if provider == "cuda":  # what `--cuda-tf32` would cost in accuracy, for the record (not judged)
+            tf32 = load_model(newest_version(repository, name), provider=provider, intra_op_threads=1, tf32=True)
+            entry["tf32_max_abs_log_prob"], entry["tf32_max_abs_attention"] = _largest_differences(
+                _teacher_forced(tf32.step_model, sources, forced), cpu_steps, forced
+            )
+        result["models"][name] = entry
     result["ok"] = all(
         entry["greedy_identical"] == entry["inputs"] and entry["max_abs_log_prob"] < 1e-3
         for entry in result["models"].values()
@@ -230,6 +258,28 @@ def build_phrasebook(cache: Path, repository: Path) -> Path:
     return model.version_dir
 
 
+def step_times(model, sources: list[np.ndarray], rows: int, steps: int) -> float:
+    """Mean seconds of one decoder step of `model` at `rows` rows (the first sources, repeated as needed), its
+    memory unchanged between steps (as in a batch that no request joins or leaves): the fixed cost of a step,
+    which is what one call in flight pays at every token."""
+    from service.runtime.tokenizers import BOS
+
+    chosen = [sources[index % len(sources)] for index in range(rows)]
+    lengths = np.array([len(ids) for ids in chosen], dtype=np.int64)
+    ids = np.zeros((rows, int(lengths.max())), dtype=np.int64)
+    for row, source in enumerate(chosen):
+        ids[row, : len(source)] = source
+    encoded = model.step_model.encode(ids, lengths)
+    tokens, state = np.full(rows, BOS, dtype=np.int64), encoded.state
+    for _ in range(5):  # warm: the first runs at a shape allocate
+        out = model.step_model.step(tokens, lengths, encoded.memory, state, memory_version=1)
+    started = time.perf_counter()
+    for _ in range(steps):
+        out = model.step_model.step(tokens, lengths, encoded.memory, state, memory_version=1)
+        tokens, state = out.topk_ids[:, 0].astype(np.int64), out.state
+    return (time.perf_counter() - started) / steps
+
+
 def run_benchmark(provider: str, repository: Path, names: tuple[str, ...], *, quick: bool, log_dir: Path) -> dict:
     """Peak, engine ceiling and served throughput per model at LEVELS clients."""
     from loadtests.ceiling import measure_ceiling, tokenize_sources
@@ -243,6 +293,10 @@ def run_benchmark(provider: str, repository: Path, names: tuple[str, ...], *, qu
     peak = measure_matmul_peak(1, provider, sizes=(256, 512) if quick else None, seconds=0.3 if quick else 1.0)
     result: dict = {"peak_gflops": peak.flops_per_s / 1e9, "peak_size": peak.size, "models": {}}
     _log(f"matrix-multiply peak: {peak.flops_per_s / 1e9:.0f} GFLOP/s")
+    if provider == "cuda":
+        tf32_peak = measure_matmul_peak(1, provider, seconds=1.0, tf32=True)
+        result["tf32_peak_gflops"] = tf32_peak.flops_per_s / 1e9
+        _log(f"matrix-multiply peak with TF32: {tf32_peak.flops_per_s / 1e9:.0f} GFLOP/s")
     texts: dict[str, tuple[str, ...]] = {}
     for name in names:
         model = load_model(newest_version(repository, name), provider=provider, intra_op_threads=1)
@@ -262,6 +316,24 @@ def run_benchmark(provider: str, repository: Path, names: tuple[str, ...], *, qu
                 "encode_ms": point.encode_s * 1e3,
             }
         result["models"][name] = {"engine_ceiling": ceilings, "served": {}}
+        if provider == "cuda":  # the fixed cost of a step on the device, with and without IO binding
+            steps = {}
+            for binding in (True, False):
+                bound = load_model(
+                    newest_version(repository, name), provider=provider, intra_op_threads=1, io_binding=binding
+                )
+                for rows in (1, 64):
+                    steps[f"{rows} rows, IO binding {'on' if binding else 'off'}"] = 1e3 * step_times(
+                        bound, sources, rows, 50 if quick else 300
+                    )
+            result["models"][name]["step_ms"] = steps
+            _log(f"{name}: decoder step ms: " + ", ".join(f"{what}: {ms:.3f}" for what, ms in steps.items()))
+        if provider == "cuda":  # what `--cuda-tf32` would buy at the largest batch
+            tf32 = load_model(newest_version(repository, name), provider=provider, intra_op_threads=1, tf32=True)
+            tf32.warm_up()
+            point = measure_ceiling(tf32, sources, LEVELS[-1], min_seconds=1.0, max_waves=20)
+            result["models"][name]["tf32_ceiling_tokens_per_s"] = point.tokens_per_s
+            _log(f"{name}: engine ceiling with TF32 at {LEVELS[-1]}: {point.tokens_per_s:.0f} tok/s")
         _log(
             f"{name}: engine ceiling "
             + ", ".join(f"{level}: {c['tokens_per_s']:.0f} tok/s" for level, c in ceilings.items())
@@ -300,11 +372,12 @@ def run_benchmark(provider: str, repository: Path, names: tuple[str, ...], *, qu
                     "p99_ms": measured.latency_p99_s * 1e3,
                     "ok": measured.ok,
                     "failures": measured.failures,
+                    "failure_messages": measured.failure_messages,
                 }
                 _log(
                     f"{name}: {level} clients: {measured.tokens_per_s:.0f} tok/s, "
                     f"{measured.requests_per_s:.0f} calls/s, p50 {measured.latency_p50_s * 1e3:.2f} ms"
-                    + (f", failures {measured.failures}" if measured.failures else "")
+                    + (f", failures {measured.failures}: {measured.failure_messages}" if measured.failures else "")
                 )
     return result
 
@@ -336,6 +409,13 @@ def markdown(report: dict) -> str:
             f"{e['max_abs_log_prob']:.2e} | {e['max_abs_attention']:.2e} |"
             for name, e in parity["models"].items()
         ]
+        with_tf32 = [
+            f"{name} {e['tf32_max_abs_log_prob']:.2e} (log prob), {e['tf32_max_abs_attention']:.2e} (attention)"
+            for name, e in parity["models"].items()
+            if "tf32_max_abs_log_prob" in e
+        ]
+        if with_tf32:
+            lines += ["", "The same differences with TF32 (`--cuda-tf32`, not judged): " + "; ".join(with_tf32) + "."]
     tests = report["steps"].get("tests")
     if tests:
         lines += ["", "## Device tests (tests/device)", "", f"{tests['summary']} ({tests['seconds']} s)"]
@@ -345,7 +425,8 @@ def markdown(report: dict) -> str:
             "",
             "## Benchmark",
             "",
-            f"Matrix-multiply peak: {bench['peak_gflops']:.0f} GFLOP/s ({bench['peak_size']}^3 float32).",
+            f"Matrix-multiply peak: {bench['peak_gflops']:.0f} GFLOP/s ({bench['peak_size']}^3 float32)"
+            + (f"; {bench['tf32_peak_gflops']:.0f} GFLOP/s with TF32." if "tf32_peak_gflops" in bench else "."),
             "",
             "| model | clients | engine ceiling tok/s | served tok/s | served calls/s | p50 ms | p99 ms |",
             "|---|---:|---:|---:|---:|---:|---:|",
@@ -358,6 +439,31 @@ def markdown(report: dict) -> str:
                     f"| {served.get('requests_per_s', math.nan):.0f} | {served.get('p50_ms', math.nan):.2f} | "
                     f"{served.get('p99_ms', math.nan):.2f} |"
                 )
+        tf32_ceilings = [
+            f"{name} {entry['tf32_ceiling_tokens_per_s']:.0f} tok/s"
+            for name, entry in bench["models"].items()
+            if "tf32_ceiling_tokens_per_s" in entry
+        ]
+        failed = [
+            f"- {name} at {level} clients: {served['failures']}; the server said: {served.get('failure_messages', {})}"
+            for name, entry in bench["models"].items()
+            for level, served in entry["served"].items()
+            if served.get("failures")
+        ]
+        if failed:
+            lines += ["", "Calls that did not end OK:", ""] + failed
+        step_lines = [
+            f"- {name}: " + ", ".join(f"{what} {ms:.3f} ms" for what, ms in entry["step_ms"].items())
+            for name, entry in bench["models"].items()
+            if "step_ms" in entry
+        ]
+        if step_lines:
+            lines += ["", "One decoder step (memory unchanged between steps):", ""] + step_lines
+        if tf32_ceilings:
+            lines += [
+                "",
+                f"Engine ceiling at {LEVELS[-1]} with TF32 (`--cuda-tf32`): " + "; ".join(tf32_ceilings) + ".",
+            ]
     errors = report.get("errors")
     if errors:
         lines += ["", "## Errors", ""] + [f"- {step}: {message}" for step, message in errors.items()]
@@ -376,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also benchmark a phrasebook-size model, built here with torch (a few minutes on a CPU)",
     )
     args = parser.parse_args(argv)
-    missing = missing_packages()
+    missing = missing_packages({**NEEDED_MODULES, **(PHRASEBOOK_MODULES if args.phrasebook else {})})
     if missing:
         print(
             f"python3 -m loadtests.gpu_check: missing Python packages: {'; '.join(missing)}. Install their wheels "

@@ -85,10 +85,12 @@ class _Share:
 class WorkerReport:
     """What one worker measured: per call finished in the window, its latency (s), status code name and
     generated tokens of the best hypothesis; `window_ends` is when its window closed (early when the
-    request cap was reached); `cut`: calls cancelled at the end; `cpu_s`: the worker's CPU seconds."""
+    request cap was reached); `cut`: calls cancelled at the end; `cpu_s`: the worker's CPU seconds;
+    `messages`: the first message the server gave with each failing status, so a report says why."""
 
     latencies: list[float] = field(default_factory=list)
     codes: list[str] = field(default_factory=list)
+    messages: dict[str, str] = field(default_factory=dict)
     tokens: list[int] = field(default_factory=list)
     window_starts: float = 0.0
     window_ends: float = 0.0
@@ -102,8 +104,9 @@ class CellMeasurement:
     """The clients' view of one cell, all processes together.
 
     `requests_per_s` and `tokens_per_s` count calls that finished OK in the window; latencies (seconds) are
-    of those calls; `failures` maps non-OK status names to counts; `cut`: calls cancelled at the window's
-    end; `client_cpu_s`: CPU seconds the client processes used for the whole cell (warm-up included).
+    of those calls; `failures` maps non-OK status names to counts, `failure_messages` to one message the
+    server gave with each; `cut`: calls cancelled at the window's end; `client_cpu_s`: CPU seconds the client
+    processes used for the whole cell (warm-up included).
     """
 
     ok: int
@@ -120,6 +123,7 @@ class CellMeasurement:
     client_cpu_s: float
     window_starts: float
     window_ends: float
+    failure_messages: dict[str, str] = field(default_factory=dict)
 
     @property
     def completed(self) -> int:
@@ -171,6 +175,7 @@ def summarize(reports: Sequence[WorkerReport]) -> CellMeasurement:
         client_cpu_s=sum(report.cpu_s for report in reports),
         window_starts=starts,
         window_ends=ends,
+        failure_messages={code: message for report in reports for code, message in report.messages.items()},
     )
 
 
@@ -193,7 +198,8 @@ def _worker_main(connection: multiprocessing.connection.Connection) -> None:
 
 
 Send = Callable[[int], Awaitable[tuple[str, int]]]
-"""Sends the workload's text number i and returns (status code name, generated tokens of the best hypothesis)."""
+"""Sends the workload's text number i and returns (status code name, generated tokens of the best hypothesis).
+A sender records the message of a failing status in the report's `messages` (the first per status is kept)."""
 
 
 async def _closed_loop(share: _Share, send: Send) -> WorkerReport:
@@ -278,10 +284,15 @@ async def _run_share(share: _Share) -> WorkerReport:
             try:
                 response = await stub.Translate(requests[position], timeout=plan.timeout_s)
             except aio.AioRpcError as error:
-                return error.code().name, 0
+                code = error.code().name
+                messages.setdefault(code, error.details() or "")
+                return code, 0
             return "OK", len(response.translations[0].hypotheses[0].target_tokens)
 
-        return await _closed_loop(share, send)
+        messages: dict[str, str] = {}
+        report = await _closed_loop(share, send)
+        report.messages = messages
+        return report
 
 
 async def _run_http_share(share: _Share) -> WorkerReport:
@@ -303,10 +314,15 @@ async def _run_http_share(share: _Share) -> WorkerReport:
             except (aiohttp.ClientError, TimeoutError):
                 return "UNAVAILABLE", 0
             if response.status != 200:
-                return str(document.get("code", f"HTTP_{response.status}")), 0
+                code = str(document.get("code", f"HTTP_{response.status}"))
+                messages.setdefault(code, str(document.get("error", "")))
+                return code, 0
             return "OK", len(document["translations"][0]["hypotheses"][0]["targetTokens"])
 
-        return await _closed_loop(share, send)
+        messages: dict[str, str] = {}
+        report = await _closed_loop(share, send)
+        report.messages = messages
+        return report
 
 
 class LoadGenerator:

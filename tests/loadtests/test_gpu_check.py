@@ -2,15 +2,60 @@
 
 from __future__ import annotations
 
+import ast
+import sys
 from pathlib import Path
 
 import pytest
 
 from loadtests import gpu_check
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_PACKAGES = {"service", "loadtests", "export", "client", "tests"}
+# On the GPU machine already (docs/gpu.md), or shipped inside a package the check names (pydantic's core).
+PRESENT_OR_INSIDE = {"numpy", "pydantic_core"}
+
+
+def third_party_imports(files: list[Path]) -> dict[str, set[str]]:
+    """Top-level modules imported anywhere in `files` (in functions too) that are neither the standard
+    library's nor this project's, each with the files that import it."""
+    found: dict[str, set[str]] = {}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in PROJECT_PACKAGES:
+                    found.setdefault(top, set()).add(str(path.relative_to(PROJECT_ROOT)))
+    return found
+
 
 def test_every_package_the_check_imports_is_installed_in_the_project_environment() -> None:
     assert gpu_check.missing_packages() == []
+    assert gpu_check.missing_packages(gpu_check.PHRASEBOOK_MODULES) == []
+
+
+def test_the_check_names_every_package_the_server_and_the_device_tests_import() -> None:
+    # The server runs on the GPU machine from the project's tree and the wheels brought along: a module the
+    # serving path imports that NEEDED_MODULES does not name is a wheel nobody brings (aiohttp was one).
+    files = [
+        *(PROJECT_ROOT / "service").rglob("*.py"),
+        *(PROJECT_ROOT / "tests" / "device").rglob("*.py"),
+        PROJECT_ROOT / "tests" / "conftest.py",
+        PROJECT_ROOT / "tests" / "service" / "server_harness.py",
+    ]
+    named = {module.split(".")[0] for module in gpu_check.NEEDED_MODULES}
+    unnamed = {
+        module: sorted(where)
+        for module, where in third_party_imports(files).items()
+        if module not in named | PRESENT_OR_INSIDE
+    }
+    assert unnamed == {}
 
 
 def test_a_missing_package_stops_the_check_with_its_name_and_writes_nothing(
