@@ -288,10 +288,17 @@ def run_benchmark(provider: str, repository: Path, names: tuple[str, ...], *, qu
     from loadtests.servers import attnserve_server
     from loadtests.workload import task_texts
     from service.runtime.model import load_model
+    from service.settings import Settings
 
     inputs = json.loads(INPUTS.read_text(encoding="utf-8"))
     peak = measure_matmul_peak(1, provider, sizes=(256, 512) if quick else None, seconds=0.3 if quick else 1.0)
-    result: dict = {"peak_gflops": peak.flops_per_s / 1e9, "peak_size": peak.size, "models": {}}
+    result: dict = {
+        "peak_gflops": peak.flops_per_s / 1e9,
+        "peak_size": peak.size,
+        # The served figures are of `attnserve serve` as this machine's defaults run it: say how.
+        "frontends": Settings.from_sources([]).frontend_processes,
+        "models": {},
+    }
     _log(f"matrix-multiply peak: {peak.flops_per_s / 1e9:.0f} GFLOP/s")
     if provider == "cuda":
         tf32_peak = measure_matmul_peak(1, provider, seconds=1.0, tf32=True)
@@ -427,6 +434,9 @@ def markdown(report: dict) -> str:
             "",
             f"Matrix-multiply peak: {bench['peak_gflops']:.0f} GFLOP/s ({bench['peak_size']}^3 float32)"
             + (f"; {bench['tf32_peak_gflops']:.0f} GFLOP/s with TF32." if "tf32_peak_gflops" in bench else "."),
+            "",
+            f"Served by `attnserve serve` with its defaults here: {bench.get('frontends', 0)} front-end processes"
+            + (" (one process)." if not bench.get("frontends") else " and the engine process."),
             "",
             "| model | clients | engine ceiling tok/s | served tok/s | served calls/s | p50 ms | p99 ms |",
             "|---|---:|---:|---:|---:|---:|---:|",
