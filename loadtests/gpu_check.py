@@ -15,8 +15,10 @@ Steps, each recorded in DIR/gpu-check.json and DIR/gpu-check.md:
 3. **tests**: tests/device (the session's provider, IO binding, the engine against the CPU, a gRPC round
    trip) under pytest with ATTNSERVE_TEST_PROVIDER set to the provider.
 4. **benchmark**: the matrix-multiply peak on the provider; per model, the engine ceiling and the served
-   throughput (attnserve serve, continuous batching, closed-loop gRPC clients) at 1, 64 and 256 clients;
-   with --phrasebook, also a phrasebook-size model (hidden 512, 8,000 pieces) built on the spot with torch.
+   throughput (attnserve serve, continuous batching, closed-loop gRPC clients) at 1, 64 and 256 clients, with
+   the server's message for each failing status; with --phrasebook, also a phrasebook-size model (hidden 512,
+   8,000 pieces) built on the spot with torch. On CUDA also TF32's parity differences, peak and ceiling
+   (what `--cuda-tf32` would change), and one decoder step's time with IO binding on and off.
 
 Exit status 0 when the provider, parity and tests checks pass (the benchmark reports figures, it does not
 judge them); 1 otherwise. Runs in about 1 minute on 2 CPU cores with --quick, a few minutes on a GPU.
@@ -55,6 +57,7 @@ LEVELS = (1, 64, 256)
 # What the check imports beyond the standard library and numpy: a machine without a registry needs their wheels.
 NEEDED_MODULES = {
     "onnxruntime": "onnxruntime-gpu",
+    "onnx": "onnx",  # the matrix-multiply peak's graph is built with it
     "grpc": "grpcio",
     "grpc_health": "grpcio-health-checking",
     "grpc_reflection": "grpcio-reflection",
@@ -74,7 +77,6 @@ NEEDED_MODULES = {
 # What --phrasebook imports on top: the model is trained and exported on the spot (export/, the `train` extra).
 PHRASEBOOK_MODULES = {
     "torch": "torch",
-    "onnx": "onnx",
     "babel": "babel",
     "num2words": "num2words (with docopt)",
     "tqdm": "tqdm",
@@ -96,6 +98,15 @@ def missing_packages(modules: dict[str, str] | None = None) -> list[str]:
     return missing
 
 
+def _load(repository: Path, name: str, provider: str, *, io_binding: bool | None = None, tf32: bool = False):
+    """The newest version of model `name` on `provider`, with one intra-op thread."""
+    from service.runtime.model import load_model
+
+    return load_model(
+        newest_version(repository, name), provider=provider, intra_op_threads=1, io_binding=io_binding, tf32=tf32
+    )
+
+
 def _log(message: str) -> None:
     print(f"[gpu-check] {message}", flush=True)
 
@@ -103,8 +114,6 @@ def _log(message: str) -> None:
 def check_provider(provider: str, repository: Path) -> dict:
     """Load each default model on `provider`; the session must really run it."""
     import onnxruntime
-
-    from service.runtime.model import load_model
 
     if provider == "cuda":
         onnxruntime.preload_dlls()
@@ -115,7 +124,7 @@ def check_provider(provider: str, repository: Path) -> dict:
         "models": {},
     }
     for name in MODELS:
-        model = load_model(newest_version(repository, name), provider=provider, intra_op_threads=1)
+        model = _load(repository, name, provider)
         result["models"][name] = {"provider": model.provider, "load_s": round(model.load_seconds, 3)}
     result["ok"] = all(entry["provider"] == EXPECTED[provider] for entry in result["models"].values())
     return result
@@ -168,7 +177,9 @@ def _teacher_forced(step_model, sources: list[list[int]], forced: list[list[int]
     return steps
 
 
-def _largest_differences(device_steps: list[tuple], cpu_steps: list[tuple], forced: list[list[int]]) -> tuple:
+def _largest_differences(
+    device_steps: list[tuple], cpu_steps: list[tuple], forced: list[list[int]]
+) -> tuple[float, float]:
     """The largest |difference| of the steps' log probabilities and of their attention, over the positions a
     row really decodes (past its eos it is fed padding tokens)."""
     log_prob_diff = attention_diff = 0.0
@@ -182,14 +193,13 @@ def _largest_differences(device_steps: list[tuple], cpu_steps: list[tuple], forc
 
 def check_parity(provider: str, repository: Path) -> dict:
     """Greedy outputs and step outputs on `provider` against the CPU, on the default models' inputs."""
-    from service.runtime.model import load_model
     from service.runtime.tokenizers import EOS
 
     inputs = json.loads(INPUTS.read_text(encoding="utf-8"))
     result: dict = {"models": {}}
     for name in MODELS:
-        device = load_model(newest_version(repository, name), provider=provider, intra_op_threads=1)
-        cpu = load_model(newest_version(repository, name), provider="cpu", intra_op_threads=1)
+        device = _load(repository, name, provider)
+        cpu = _load(repository, name, "cpu")
         pairs = inputs[name]
         sources = [device.source_tokenizer.encode(source) + [EOS] for source, _ in pairs]
         limit = device.document.limits.max_target_tokens
@@ -210,7 +220,7 @@ def check_parity(provider: str, repository: Path) -> dict:
             "max_abs_attention": attention_diff,
         }
         if provider == "cuda":  # what `--cuda-tf32` would cost in accuracy, for the record (not judged)
-            tf32 = load_model(newest_version(repository, name), provider=provider, intra_op_threads=1, tf32=True)
+            tf32 = _load(repository, name, provider, tf32=True)
             entry["tf32_max_abs_log_prob"], entry["tf32_max_abs_attention"] = _largest_differences(
                 _teacher_forced(tf32.step_model, sources, forced), cpu_steps, forced
             )
@@ -258,7 +268,7 @@ def build_phrasebook(cache: Path, repository: Path) -> Path:
     return model.version_dir
 
 
-def step_times(model, sources: list[np.ndarray], rows: int, steps: int) -> float:
+def mean_step_s(model, sources: list[np.ndarray], rows: int, steps: int) -> float:
     """Mean seconds of one decoder step of `model` at `rows` rows (the first sources, repeated as needed), its
     memory unchanged between steps (as in a batch that no request joins or leaves): the fixed cost of a step,
     which is what one call in flight pays at every token."""
@@ -287,7 +297,6 @@ def run_benchmark(provider: str, repository: Path, names: tuple[str, ...], *, qu
     from loadtests.loadgen import CellPlan, LoadGenerator
     from loadtests.servers import attnserve_server
     from loadtests.workload import task_texts
-    from service.runtime.model import load_model
     from service.settings import Settings
 
     inputs = json.loads(INPUTS.read_text(encoding="utf-8"))
@@ -301,12 +310,12 @@ def run_benchmark(provider: str, repository: Path, names: tuple[str, ...], *, qu
     }
     _log(f"matrix-multiply peak: {peak.flops_per_s / 1e9:.0f} GFLOP/s")
     if provider == "cuda":
-        tf32_peak = measure_matmul_peak(1, provider, seconds=1.0, tf32=True)
+        tf32_peak = measure_matmul_peak(1, provider, seconds=0.3 if quick else 1.0, tf32=True)
         result["tf32_peak_gflops"] = tf32_peak.flops_per_s / 1e9
         _log(f"matrix-multiply peak with TF32: {tf32_peak.flops_per_s / 1e9:.0f} GFLOP/s")
     texts: dict[str, tuple[str, ...]] = {}
     for name in names:
-        model = load_model(newest_version(repository, name), provider=provider, intra_op_threads=1)
+        model = _load(repository, name, provider)
         model.warm_up()
         if name in inputs:
             texts[name] = tuple(source for source, _ in inputs[name])
@@ -323,22 +332,20 @@ def run_benchmark(provider: str, repository: Path, names: tuple[str, ...], *, qu
                 "encode_ms": point.encode_s * 1e3,
             }
         result["models"][name] = {"engine_ceiling": ceilings, "served": {}}
-        if provider == "cuda":  # the fixed cost of a step on the device, with and without IO binding
-            steps = {}
+        if provider == "cuda":
+            # The fixed cost of a step on the device, with and without IO binding.
+            step_ms = {}
             for binding in (True, False):
-                bound = load_model(
-                    newest_version(repository, name), provider=provider, intra_op_threads=1, io_binding=binding
-                )
+                bound = _load(repository, name, provider, io_binding=binding)
                 for rows in (1, 64):
-                    steps[f"{rows} rows, IO binding {'on' if binding else 'off'}"] = 1e3 * step_times(
-                        bound, sources, rows, 50 if quick else 300
-                    )
-            result["models"][name]["step_ms"] = steps
-            _log(f"{name}: decoder step ms: " + ", ".join(f"{what}: {ms:.3f}" for what, ms in steps.items()))
-        if provider == "cuda":  # what `--cuda-tf32` would buy at the largest batch
-            tf32 = load_model(newest_version(repository, name), provider=provider, intra_op_threads=1, tf32=True)
+                    step_s = mean_step_s(bound, sources, rows, 50 if quick else 300)
+                    step_ms[f"{rows} rows, IO binding {'on' if binding else 'off'}"] = 1e3 * step_s
+            result["models"][name]["decoder_step_ms"] = step_ms
+            _log(f"{name}: decoder step ms: " + ", ".join(f"{what}: {ms:.3f}" for what, ms in step_ms.items()))
+            # What `--cuda-tf32` would buy at the largest batch.
+            tf32 = _load(repository, name, provider, tf32=True)
             tf32.warm_up()
-            point = measure_ceiling(tf32, sources, LEVELS[-1], min_seconds=1.0, max_waves=20)
+            point = measure_ceiling(tf32, sources, LEVELS[-1], min_seconds=0.2 if quick else 1.0, max_waves=20)
             result["models"][name]["tf32_ceiling_tokens_per_s"] = point.tokens_per_s
             _log(f"{name}: engine ceiling with TF32 at {LEVELS[-1]}: {point.tokens_per_s:.0f} tok/s")
         _log(
@@ -389,8 +396,14 @@ def run_benchmark(provider: str, repository: Path, names: tuple[str, ...], *, qu
     return result
 
 
+def _processes(bench: dict) -> str:
+    frontends = bench.get("frontends", 0)
+    if not frontends:
+        return "one process"
+    return f"{frontends} front-end process{'es' if frontends > 1 else ''} and the engine process"
+
+
 def markdown(report: dict) -> str:
-    # Tables written by hand, not with tabulate: this module runs on GPU machines with no registry and no venv.
     lines = [
         f"# GPU check: provider {report['provider']}",
         "",
@@ -435,8 +448,7 @@ def markdown(report: dict) -> str:
             f"Matrix-multiply peak: {bench['peak_gflops']:.0f} GFLOP/s ({bench['peak_size']}^3 float32)"
             + (f"; {bench['tf32_peak_gflops']:.0f} GFLOP/s with TF32." if "tf32_peak_gflops" in bench else "."),
             "",
-            f"Served by `attnserve serve` with its defaults here: {bench.get('frontends', 0)} front-end processes"
-            + (" (one process)." if not bench.get("frontends") else " and the engine process."),
+            f"Served by `attnserve serve` in the processes it chooses for this machine's CPUs: {_processes(bench)}.",
             "",
             "| model | clients | engine ceiling tok/s | served tok/s | served calls/s | p50 ms | p99 ms |",
             "|---|---:|---:|---:|---:|---:|---:|",
@@ -463,9 +475,9 @@ def markdown(report: dict) -> str:
         if failed:
             lines += ["", "Calls that did not end OK:", ""] + failed
         step_lines = [
-            f"- {name}: " + ", ".join(f"{what} {ms:.3f} ms" for what, ms in entry["step_ms"].items())
+            f"- {name}: " + ", ".join(f"{what} {ms:.3f} ms" for what, ms in entry["decoder_step_ms"].items())
             for name, entry in bench["models"].items()
-            if "step_ms" in entry
+            if "decoder_step_ms" in entry
         ]
         if step_lines:
             lines += ["", "One decoder step (memory unchanged between steps):", ""] + step_lines

@@ -130,6 +130,15 @@ class CellMeasurement:
         return self.ok + sum(self.failures.values())
 
 
+def first_messages(reports: Sequence[WorkerReport]) -> dict[str, str]:
+    """For each failing status, the message of the first worker (in order) that kept one."""
+    messages: dict[str, str] = {}
+    for report in reports:
+        for code, message in report.messages.items():
+            messages.setdefault(code, message)
+    return messages
+
+
 def summarize(reports: Sequence[WorkerReport]) -> CellMeasurement:
     """Combine the workers' reports; throughput is each worker's count over its own window, summed."""
     errors = [report.error for report in reports if report.error]
@@ -175,7 +184,7 @@ def summarize(reports: Sequence[WorkerReport]) -> CellMeasurement:
         client_cpu_s=sum(report.cpu_s for report in reports),
         window_starts=starts,
         window_ends=ends,
-        failure_messages={code: message for report in reports for code, message in report.messages.items()},
+        failure_messages=first_messages(reports),
     )
 
 
@@ -276,6 +285,7 @@ async def _run_share(share: _Share) -> WorkerReport:
     plan = share.plan
     requests = [grpc_request(plan, text) for text in plan.texts]
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    messages: dict[str, str] = {}
     async with aio.insecure_channel(plan.address, options=options) as channel:
         await asyncio.wait_for(channel.channel_ready(), timeout=30.0)
         stub = pb_grpc.TranslatorStub(channel)
@@ -289,7 +299,6 @@ async def _run_share(share: _Share) -> WorkerReport:
                 return code, 0
             return "OK", len(response.translations[0].hypotheses[0].target_tokens)
 
-        messages: dict[str, str] = {}
         report = await _closed_loop(share, send)
         report.messages = messages
         return report
@@ -305,13 +314,15 @@ async def _run_http_share(share: _Share) -> WorkerReport:
     url = f"http://{plan.address}/v1/translate"
     headers = {"Content-Type": "application/json"}
     timeout = aiohttp.ClientTimeout(total=plan.timeout_s)
+    messages: dict[str, str] = {}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
 
         async def send(position: int) -> tuple[str, int]:
             try:
                 async with session.post(url, data=bodies[position], headers=headers) as response:
                     document = await response.json(content_type=None)
-            except (aiohttp.ClientError, TimeoutError):
+            except (aiohttp.ClientError, TimeoutError) as error:
+                messages.setdefault("UNAVAILABLE", f"{type(error).__name__}: {error}")
                 return "UNAVAILABLE", 0
             if response.status != 200:
                 code = str(document.get("code", f"HTTP_{response.status}"))
@@ -319,7 +330,6 @@ async def _run_http_share(share: _Share) -> WorkerReport:
                 return code, 0
             return "OK", len(document["translations"][0]["hypotheses"][0]["targetTokens"])
 
-        messages: dict[str, str] = {}
         report = await _closed_loop(share, send)
         report.messages = messages
         return report

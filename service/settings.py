@@ -127,9 +127,8 @@ class Settings(BaseSettings):
 
     cuda_tf32: bool = False
     """On the CUDA provider, let matrix multiplies use TF32 (inputs rounded to 10 bits of mantissa). Off by
-    default: in float32 the GPU's outputs stay within rounding of the CPU's. On an H100, TF32 moved the default
-    models' step log probabilities by up to 4e-2 and added 1-4% to the engine's throughput at 256 rows, the
-    phrasebook-size model's included (docs/gpu.md)."""
+    default: in float32 the GPU's outputs stay within rounding of the CPU's. docs/gpu.md has what TF32 changed
+    on an H100 (far less speed than accuracy)."""
 
     encoder_overlap: Annotated[Literal["auto", "on", "off"], BeforeValidator(_lower)] = "auto"
     """Run the encoder for requests that join a running batch on a thread of its own, beside the decoder step

@@ -15,13 +15,17 @@ and ended with texts waiting (then the engine took texts as fast as it could; wh
 says how fast texts arrived, not how fast they could leave). Until a first such interval there is no estimate
 and calls are admitted (the queue limit, max_waiting_requests, still bounds the queue).
 
-An interval that ends with the queue emptied is no measurement, but it is a floor: the engine took everything
-within it, so the rate is at least what left over the interval (taken as at least MIN_INTERVAL_S). A known rate
-below that floor is raised to it. Without the floor, the rate could stick at 0 when the engine keeps up. A
-continuous-batching engine takes every waiting text at its next step, so its queue empties at each step, and the
-only intervals that end with texts waiting are those a slow step cuts short (a new shape's first run on a GPU).
-Such an interval measures 0. From then on, the wait of any call behind a single text reads as forever, the call
-is refused, and with calls refused the queue never stays backlogged long enough to measure the rate again.
+An interval that ends with the queue emptied is no measurement, but it is a floor: everything that left, left
+within it, so the queue drains at least that fast (over at least MIN_INTERVAL_S). A known rate below the floor
+moves toward it as the moving average would toward a measurement over the same time; a floor never lowers the
+rate. The move is no jump because texts that expire or are cancelled in the queue count as having left, and many
+can leave at once. Without the floor, the rate could stick at 0 while the engine keeps up. A continuous-batching
+engine takes every waiting text at its next step, so its queue empties at each step, and the only intervals that
+end with texts waiting are those a slow step cuts short (a new shape's first run on a GPU): they measure 0. From
+then on, the wait of any call behind a single text reads as forever, the call is refused, and with calls refused
+the queue never stays backlogged long enough to measure the rate again. With the floor the rate recovers within
+about SMOOTHING_S. The same holds for the other queues measured with DrainRate: the calls picked up and not yet
+in a model queue (PendingCalls) and gRPC core's backlog (service/grpc_api/backlog.py).
 
 Everything here is plain arithmetic on counts and a clock the caller passes in, so a test gives exact inputs
 and checks exact answers. Nothing here knows of gRPC, HTTP or processes: the engine clients feed it what they
@@ -75,7 +79,8 @@ class WaitEstimate:
 
 class DrainRate:
     """How fast one queue empties while it is backlogged: a moving average of the rates measured over intervals
-    that began and ended with something waiting. `rate` (items/s) is None until the first such interval."""
+    that began and ended with something waiting, raised toward the floors of intervals in which the queue emptied
+    (see the module's docstring). `rate` (items/s) is None until the first measurement."""
 
     def __init__(self) -> None:
         self.rate: float | None = None
@@ -87,10 +92,9 @@ class DrainRate:
 
         An interval begins at the first sample with something waiting. A later sample with something waiting
         ends it with a measurement when it is at least MIN_INTERVAL_S after the start (closer ones only extend
-        it). A sample with the queue emptied ends it with a floor: a known rate below what left over the interval
-        (taken as at least MIN_INTERVAL_S) is raised to it (the module's docstring says why). An interval longer
-        than MAX_INTERVAL_S, or one whose count went backwards (a new engine for the same version), ends with
-        neither."""
+        it) and at most MAX_INTERVAL_S (a longer one may hide a moment when the queue was empty). A sample with
+        the queue emptied ends it with a floor, of any length: everything that left did so within it. An interval
+        whose count went backwards (a new engine for the same version) ends with neither."""
         start = self._start
         if start is None or start[1] <= 0 or dequeued < start[2]:
             self._start = (at, waiting, dequeued)
@@ -100,15 +104,19 @@ class DrainRate:
             if elapsed < MIN_INTERVAL_S:
                 return
             if elapsed <= MAX_INTERVAL_S:
-                measured = (dequeued - start[2]) / elapsed
-                if self.rate is None:
-                    self.rate = measured
-                else:
-                    weight = 1.0 - math.exp(-elapsed / SMOOTHING_S)
-                    self.rate += weight * (measured - self.rate)
-        elif self.rate is not None and elapsed <= MAX_INTERVAL_S:
-            self.rate = max(self.rate, (dequeued - start[2]) / max(elapsed, MIN_INTERVAL_S))
+                self._average((dequeued - start[2]) / elapsed, elapsed)
+        elif self.rate is not None:
+            floor = (dequeued - start[2]) / max(elapsed, MIN_INTERVAL_S)
+            if floor > self.rate:
+                self._average(floor, elapsed)
         self._start = (at, waiting, dequeued)
+
+    def _average(self, value: float, over_s: float) -> None:
+        """Move the rate toward `value`, which holds over the last `over_s` seconds (the first value is taken)."""
+        if self.rate is None:
+            self.rate = value
+        else:
+            self.rate += (1.0 - math.exp(-over_s / SMOOTHING_S)) * (value - self.rate)
 
     def wait_s(self, ahead: int) -> float | None:
         """Seconds until `ahead` items have left at the measured rate (infinite when it is 0), 0 when nothing is

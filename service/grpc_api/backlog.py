@@ -125,7 +125,7 @@ class CoreBacklog:
             busy = self._sampled_at is not None and cpu - self._cpu_at_sample >= BUSY_SHARE * (now - self._sampled_at)
             self._sampled_at, self._cpu_at_sample = now, cpu
             if not busy and not self.waiting:
-                self.pickup.observe(now, 0, self._picked_up)  # no backlog: an interval without a measurement
+                self.pickup.observe(now, 0, self._picked_up)  # no backlog: it emptied (a floor, see DrainRate)
                 self._interval_s = SAMPLE_INTERVAL_S
                 return 0.0
             try:

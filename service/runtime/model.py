@@ -124,10 +124,8 @@ def with_provider_options(providers: list[str], *, tf32: bool = False) -> list[s
     """`providers` as onnxruntime's InferenceSession takes them, each with the options this runtime sets.
 
     CUDA: TF32 off unless `tf32`. onnxruntime's CUDA provider uses TF32 by default on Ampere and later GPUs: it
-    rounds float32 matrix-multiply inputs to 10 bits of mantissa. On an H100 the default models' step log
-    probabilities then differed from the CPU's by up to 4e-2, against 8e-5 in float32 (docs/gpu.md), and the
-    engine's throughput at 256 rows rose only 1-4%: these step graphs are launch-bound, not matmul-bound.
-    """
+    rounds float32 matrix-multiply inputs to 10 bits of mantissa, which moved the default models' step log
+    probabilities far from the CPU's for little speed (docs/gpu.md, "Precision")."""
     return [
         (name, {"use_tf32": "1" if tf32 else "0"}) if name == "CUDAExecutionProvider" else name for name in providers
     ]

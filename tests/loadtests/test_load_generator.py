@@ -35,6 +35,19 @@ def test_summarize_counts_each_worker_over_its_own_window() -> None:
     assert measured.cut == 1 and measured.client_cpu_s == 0.75 and measured.window_s == 2.0
 
 
+def test_summarize_keeps_the_first_message_of_each_failing_status() -> None:
+    first = WorkerReport(codes=["NOT_FOUND"], latencies=[0.1], tokens=[0], messages={"NOT_FOUND": "first"})
+    second = WorkerReport(
+        codes=["NOT_FOUND", "UNAVAILABLE"],
+        latencies=[0.1, 0.1],
+        tokens=[0, 0],
+        messages={"NOT_FOUND": "second", "UNAVAILABLE": "gone"},
+    )
+    for report in (first, second):
+        report.window_starts, report.window_ends = 0.0, 1.0
+    assert summarize([first, second]).failure_messages == {"NOT_FOUND": "first", "UNAVAILABLE": "gone"}
+
+
 def test_summarize_raises_the_workers_error() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         summarize([WorkerReport(error="ValueError: boom")])
@@ -83,4 +96,8 @@ def test_attnserve_cell_and_its_server_metrics(tiny_repository: Path, tmp_path: 
         # A beam request uses beam rows per step.
         beam = generator.run(CellPlan(server.address, "dates", texts, 4, 1, 0.1, 0.5, 100000))
         assert beam.ok > 0 and not beam.failures
+        # A failing status comes with the server's own message.
+        unknown = generator.run(CellPlan(server.address, "no-such-model", texts, 0, 1, 0.1, 0.3, 100000))
+        assert unknown.ok == 0 and set(unknown.failures) == {"NOT_FOUND"}
+        assert "no-such-model" in unknown.failure_messages["NOT_FOUND"]
     assert server.process is None  # stopped

@@ -63,33 +63,53 @@ def test_an_interval_that_began_or_ended_with_an_empty_queue_measures_nothing() 
     assert drained((0.0, 10, 0), (0.01, 0, 10), (0.5, 10, 20), (0.6, 10, 70)).rate == pytest.approx(500.0)
 
 
-def test_a_queue_emptied_within_an_interval_raises_a_lower_rate_to_what_left_over_it() -> None:
-    measured_20 = ((0.0, 100, 0), (0.5, 100, 10))  # 20/s
-    # All 10 left within 0.4 s: at least 25/s.
-    assert drained(*measured_20, (0.9, 0, 20)).rate == pytest.approx(25.0)
-    # All 10 left within 0.01 s: at least 10 over MIN_INTERVAL_S, not 10 over 0.01 s.
-    assert drained(*measured_20, (0.51, 0, 20)).rate == pytest.approx(10 / MIN_INTERVAL_S)
-    # A floor under the rate already known changes nothing.
-    assert drained(*measured_20, (1.5, 0, 15)).rate == pytest.approx(20.0)
-    # Nor does one over an interval too long to say the queue was busy throughout.
-    assert drained(*measured_20, (0.5 + MAX_INTERVAL_S + 0.1, 0, 1000)).rate == pytest.approx(20.0)
+def test_a_queue_emptied_within_an_interval_moves_a_lower_rate_toward_what_left_over_it() -> None:
+    at_20 = ((0.0, 100, 0), (0.5, 90, 10))  # measured: 10 left in 0.5 s, 20/s
+    # The other 90 left within the next 0.4 s: at least 225/s, averaged in over those 0.4 s.
+    assert drained(*at_20, (0.9, 0, 100)).rate == pytest.approx(20.0 + (1 - math.exp(-0.4 / SMOOTHING_S)) * 205.0)
+    # Within 0.01 s: at least 90 over MIN_INTERVAL_S (not over 0.01 s), averaged in over 0.01 s.
+    floor = 90 / MIN_INTERVAL_S
+    assert drained(*at_20, (0.51, 0, 100)).rate == pytest.approx(20.0 + (1 - math.exp(-0.01)) * (floor - 20.0))
+    # A floor holds over any length, a long one too: 90 within 2 s.
+    long_s = MAX_INTERVAL_S + 1.0
+    assert drained(*at_20, (0.5 + long_s, 0, 100)).rate == pytest.approx(
+        20.0 + (1 - math.exp(-long_s / SMOOTHING_S)) * (90 / long_s - 20.0)
+    )
+
+
+def test_a_floor_under_the_rate_changes_nothing_and_none_makes_a_first_rate() -> None:
+    at_500 = ((0.0, 100, 0), (0.1, 50, 50))
+    assert drained(*at_500, (1.1, 0, 100)).rate == pytest.approx(500.0)  # 50 within 1 s: at least 50/s
+    assert drained((0.0, 10, 0), (0.5, 0, 10)).rate is None
+
+
+def test_texts_that_leave_all_at_once_raise_the_rate_only_by_their_share_of_the_average() -> None:
+    # 1,000/s measured; then 300 waiting texts expire within 10 ms and the queue is empty: a floor of 6,000/s.
+    drain = drained((0.0, 500, 0), (0.2, 500, 200))
+    assert drain.rate == pytest.approx(1000.0)
+    drain.observe(0.21, 0, 500)
+    assert drain.rate == pytest.approx(1000.0 + (1 - math.exp(-0.01 / SMOOTHING_S)) * (300 / MIN_INTERVAL_S - 1000.0))
+    assert drain.rate < 1.06 * 1000.0
 
 
 def test_a_cold_step_does_not_leave_the_rate_at_zero_once_the_engine_keeps_up_again() -> None:
-    # A first step at a new shape holds 12 texts for 0.2 s: measured 0/s. Then the engine takes every waiting
-    # text at each step, every 10 ms: the queue empties at each step, and 5 texts arrive before the next.
-    rate = drained((0.0, 12, 0), (0.2, 12, 0))
-    assert rate.rate == 0.0
+    # A first step at a new shape holds 12 texts for 0.2 s: measured 0/s, and any call behind a waiting text is
+    # refused. Then the engine takes every waiting text at each step, every 10 ms: the queue empties at each step,
+    # and 5 texts arrive before the next.
     gate = QueueAdmission("dates version 1", 1000, 0.5)
-    gate.drain = rate
-    assert gate.estimate(waiting=5, picked_up=0) is not None  # any call behind a waiting text: refused
-    rate.observe(0.21, 0, 12)  # the cold step ends and takes all 12
-    at, dequeued = 0.21, 12
-    for _ in range(10):
-        rate.observe(at + 0.001, 5, dequeued)  # the next arrivals
+    gate.observe(0.0, 12, 0)
+    gate.observe(0.2, 12, 0)
+    assert gate.drain.rate == 0.0
+    assert gate.estimate(waiting=5, picked_up=0) is not None
+    gate.observe(0.21, 0, 12)  # the cold step ends and takes all 12
+    assert gate.estimate(waiting=5, picked_up=0) is not None  # one floor moves the average a little
+    at, dequeued, rates = 0.21, 12, []
+    for _ in range(100):  # a second of steps
+        gate.observe(at + 0.001, 5, dequeued)  # the next arrivals
         at, dequeued = at + 0.01, dequeued + 5
-        rate.observe(at, 0, dequeued)  # the step took them all
-    assert rate.rate == pytest.approx(12 / MIN_INTERVAL_S)
+        gate.observe(at, 0, dequeued)  # the step took them all
+        rates.append(gate.drain.rate)
+    assert rates == sorted(rates) and rates[-1] < 5 / MIN_INTERVAL_S  # toward the floor, never past it
     assert gate.estimate(waiting=5, picked_up=0) is None
 
 
