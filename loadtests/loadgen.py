@@ -207,15 +207,15 @@ def _worker_main(connection: multiprocessing.connection.Connection) -> None:
 
 
 Send = Callable[[int], Awaitable[tuple[str, int]]]
-"""Sends the workload's text number i and returns (status code name, generated tokens of the best hypothesis).
-A sender records the message of a failing status in the report's `messages` (the first per status is kept)."""
+"""Sends the workload's text number i and returns (status code name, generated tokens of the best hypothesis)."""
 
 
-async def _closed_loop(share: _Share, send: Send) -> WorkerReport:
+async def _closed_loop(share: _Share, send: Send, messages: dict[str, str]) -> WorkerReport:
     """The share's clients, each sending its next call as soon as the previous one is answered, measured over
-    the share's window; calls still in flight when it closes are cancelled (the server drops their requests)."""
+    the share's window; calls still in flight when it closes are cancelled (the server drops their requests).
+    `messages`: where `send` keeps the first message of each failing status; the report holds it."""
     plan = share.plan
-    report = WorkerReport(window_starts=share.window_starts, window_ends=share.window_ends)
+    report = WorkerReport(window_starts=share.window_starts, window_ends=share.window_ends, messages=messages)
     window_closed = asyncio.Event()
     in_window = 0
 
@@ -299,9 +299,7 @@ async def _run_share(share: _Share) -> WorkerReport:
                 return code, 0
             return "OK", len(response.translations[0].hypotheses[0].target_tokens)
 
-        report = await _closed_loop(share, send)
-        report.messages = messages
-        return report
+        return await _closed_loop(share, send, messages)
 
 
 async def _run_http_share(share: _Share) -> WorkerReport:
@@ -330,9 +328,7 @@ async def _run_http_share(share: _Share) -> WorkerReport:
                 return code, 0
             return "OK", len(document["translations"][0]["hypotheses"][0]["targetTokens"])
 
-        report = await _closed_loop(share, send)
-        report.messages = messages
-        return report
+        return await _closed_loop(share, send, messages)
 
 
 class LoadGenerator:
