@@ -68,7 +68,8 @@ def tokenize_sources(model: LoadedModel, texts: Sequence[str]) -> list[np.ndarra
     return sources
 
 
-def _pad(sources: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def pad_sources(sources: Sequence[Sequence[int] | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Source ids as the encoder takes them: one row each, padded with 0 to the longest, and their lengths."""
     lengths = np.array([len(ids) for ids in sources], dtype=np.int64)
     padded = np.zeros((len(sources), int(lengths.max())), dtype=np.int64)
     for row, ids in enumerate(sources):
@@ -108,7 +109,7 @@ def measure_ceiling(
     while waves < 1 or (time.perf_counter() - started < min_seconds and waves < max_waves):
         wave = [sources[(offset + i) % len(sources)] for i in range(batch)]
         offset += batch
-        ids, lengths = _pad(wave)
+        ids, lengths = pad_sources(wave)
         tick = time.perf_counter()
         encoded = step_model.encode(ids, lengths)
         encode_times.append(time.perf_counter() - tick)

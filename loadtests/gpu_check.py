@@ -132,12 +132,10 @@ def check_provider(provider: str, repository: Path) -> dict:
 
 def _greedy(step_model, sources: list[list[int]], max_length: int) -> tuple[list[list[int]], list[tuple]]:
     """Greedy decoding of `sources` in one batch; returns the tokens and each step's (log probs, attention)."""
+    from loadtests.ceiling import pad_sources
     from service.runtime.tokenizers import BOS, EOS
 
-    lengths = np.array([len(source) for source in sources], dtype=np.int64)
-    ids = np.zeros((len(sources), int(lengths.max())), dtype=np.int64)
-    for row, source in enumerate(sources):
-        ids[row, : len(source)] = source
+    ids, lengths = pad_sources(sources)
     encoded = step_model.encode(ids, lengths)
     tokens = np.full(len(sources), BOS, dtype=np.int64)
     state = encoded.state
@@ -160,12 +158,10 @@ def _greedy(step_model, sources: list[list[int]], max_length: int) -> tuple[list
 
 def _teacher_forced(step_model, sources: list[list[int]], forced: list[list[int]]) -> list[tuple]:
     """Each step's (log probs, attention) with the tokens of `forced` fed, for a like-for-like comparison."""
+    from loadtests.ceiling import pad_sources
     from service.runtime.tokenizers import BOS
 
-    lengths = np.array([len(source) for source in sources], dtype=np.int64)
-    ids = np.zeros((len(sources), int(lengths.max())), dtype=np.int64)
-    for row, source in enumerate(sources):
-        ids[row, : len(source)] = source
+    ids, lengths = pad_sources(sources)
     encoded = step_model.encode(ids, lengths)
     state, steps = encoded.state, []
     tokens = np.full(len(sources), BOS, dtype=np.int64)
@@ -272,13 +268,10 @@ def mean_step_s(model, sources: list[np.ndarray], rows: int, steps: int) -> floa
     """Mean seconds of one decoder step of `model` at `rows` rows (the first sources, repeated as needed), its
     memory unchanged between steps (as in a batch that no request joins or leaves): the fixed cost of a step,
     which is what one call in flight pays at every token."""
+    from loadtests.ceiling import pad_sources
     from service.runtime.tokenizers import BOS
 
-    chosen = [sources[index % len(sources)] for index in range(rows)]
-    lengths = np.array([len(ids) for ids in chosen], dtype=np.int64)
-    ids = np.zeros((rows, int(lengths.max())), dtype=np.int64)
-    for row, source in enumerate(chosen):
-        ids[row, : len(source)] = source
+    ids, lengths = pad_sources([sources[index % len(sources)] for index in range(rows)])
     encoded = model.step_model.encode(ids, lengths)
     tokens, state = np.full(rows, BOS, dtype=np.int64), encoded.state
     for _ in range(5):  # warm: the first runs at a shape allocate
