@@ -1,0 +1,88 @@
+"""An error's status when gRPC core has ended the call already, in the same instant as the error.
+
+The race seen in soaks with 2-50 ms deadlines: the engine gives up on a call as its deadline passes, the interceptor
+sends DEADLINE_EXCEEDED, and core, whose own timer fired too, has answered the client and fails the send. grpc logs
+a failed send with a traceback at error level; the interceptor ends such a call as a cancelled one instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import NamedTuple
+
+import grpc
+import pytest
+from grpc import aio
+from grpc._cython import cygrpc
+
+from service.errors import DeadlineExceeded
+from service.grpc_api.errors import RpcInterceptor
+
+
+class CallDetails(NamedTuple):
+    method: str
+
+
+class CallEndedByCore:
+    """Stands in for grpc's servicer context of a call that core has ended: sending a status fails as it does in
+    grpc (ExecuteBatchError, one of aio.InternalError)."""
+
+    def __init__(self) -> None:
+        self.statuses_tried: list[grpc.StatusCode] = []
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: tuple = ()) -> None:
+        self.statuses_tried.append(code)
+        raise cygrpc.ExecuteBatchError('Failed "execute_batch"')
+
+
+def _deadline_passed() -> DeadlineExceeded:
+    return DeadlineExceeded("the deadline passed after 0.004 s while decoding (model dates version 2)")
+
+
+async def _unary(request, context):
+    raise _deadline_passed()
+
+
+async def _server_stream(request, context):
+    raise _deadline_passed()
+    yield  # an async generator, as the streaming servicers are
+
+
+async def _bidi(requests, context):
+    async for _ in requests:
+        raise _deadline_passed()
+    yield
+
+
+async def _requests():
+    yield b"one"
+
+
+async def _run(kind: str, context: CallEndedByCore) -> None:
+    handlers = {
+        "unary": grpc.unary_unary_rpc_method_handler(_unary),
+        "server-stream": grpc.unary_stream_rpc_method_handler(_server_stream),
+        "bidi": grpc.stream_stream_rpc_method_handler(_bidi),
+    }
+
+    async def continuation(details):
+        return handlers[kind]
+
+    handler = await RpcInterceptor().intercept_service(continuation, CallDetails("/attnserve.v1.Translator/Translate"))
+    if kind == "unary":
+        await handler.unary_unary(b"request", context)
+    elif kind == "server-stream":
+        async for _ in handler.unary_stream(b"request", context):
+            pass
+    else:
+        async for _ in handler.stream_stream(_requests(), context):
+            pass
+
+
+@pytest.mark.parametrize("kind", ["unary", "server-stream", "bidi"])
+def test_a_status_core_could_not_send_ends_the_call_as_cancelled(kind):
+    context = CallEndedByCore()
+    with pytest.raises(asyncio.CancelledError) as ended:
+        asyncio.run(_run(kind, context))
+    assert context.statuses_tried == [grpc.StatusCode.DEADLINE_EXCEEDED]  # the status was tried, once
+    assert isinstance(ended.value.__cause__, aio.InternalError)
