@@ -92,6 +92,7 @@ class Call:
     started: float  # time.monotonic()
     ended: float
     status: str  # a gRPC status name; HTTP calls: the status in the error body, or CONNECTION_LOST
+    message: str = ""  # what the server (or the client's transport) said of a call that did not end OK
 
 
 @dataclass
@@ -123,22 +124,30 @@ def _infer_request(model: str, text: str, **parameters: bool | int) -> kserve_pb
     return request
 
 
-async def _http(clients: Clients, path: str, body: dict) -> str:
+Ending = tuple[str, str]
+"""How a call ended: a status name, and what was said with it (empty for OK)."""
+
+OK: Ending = ("OK", "")
+
+
+async def _http(clients: Clients, path: str, body: dict) -> Ending:
     async with clients.session.post(path, json=body) as response:
         data = await response.read()
         if response.status != 200:
-            return str(json.loads(data).get("code", f"HTTP {response.status}"))
+            error = json.loads(data)
+            return str(error.get("code", f"HTTP {response.status}")), str(error.get("error", ""))
         if path.endswith(":stream"):
             events = [block for block in data.decode().split("\n\n") if block.strip()]
             if not events:
-                return "EMPTY_STREAM"
+                return "EMPTY_STREAM", ""
             if events[-1].startswith("event: error"):
-                return str(json.loads(events[-1].split("data: ", 1)[1])["code"])
-        return "OK"
+                error = json.loads(events[-1].split("data: ", 1)[1])
+                return str(error["code"]), str(error.get("error", ""))
+        return OK
 
 
-async def one_call(kind: str, clients: Clients) -> str:
-    """Make one call of `kind`; returns how it ended (a status name)."""
+async def one_call(kind: str, clients: Clients) -> Ending:
+    """Make one call of `kind`; returns how it ended."""
     model, text = clients.text()
     rng = clients.rng
     try:
@@ -160,7 +169,7 @@ async def one_call(kind: str, clients: Clients) -> str:
                                                           timeout=CALL_TIMEOUT_S)  # fmt: skip
             async for response in responses:
                 if response.error_message:
-                    return response.error_message.split(":", 1)[0]
+                    return response.error_message.split(":", 1)[0], response.error_message
         elif kind == "http":
             return await _http(clients, "/v1/translate", {"model": model, "texts": [text]})
         elif kind == "http-stream":
@@ -184,21 +193,22 @@ async def one_call(kind: str, clients: Clients) -> str:
                     async for _ in pending:
                         pass
             except asyncio.CancelledError:
-                return "CANCELLED"
+                return "CANCELLED", ""
         elif kind == "short-deadline":
             request = pb.TranslateRequest(model=model, texts=[text], options=pb.DecodeOptions(beam_size=4))
             await clients.stub().Translate(request, timeout=rng.uniform(0.002, 0.05))
         else:
             raise ValueError(kind)
     except aio.AioRpcError as error:
+        details = error.details() or ""
         if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and kind != "short-deadline":
-            return "HANG" if not (error.details() or "").startswith("the deadline passed") else "DEADLINE_EXCEEDED"
-        return error.code().name
+            return ("HANG" if not details.startswith("the deadline passed") else "DEADLINE_EXCEEDED"), details
+        return error.code().name, details
     except TimeoutError:
-        return "HANG"
-    except aiohttp.ClientError:
-        return "CONNECTION_LOST"
-    return "OK"
+        return "HANG", "the client's own timeout fired"
+    except aiohttp.ClientError as error:
+        return "CONNECTION_LOST", repr(error)
+    return OK
 
 
 # ----- the load ------------------------------------------------------------------------------------------------
@@ -215,10 +225,10 @@ class Load:
         started = time.monotonic()
         self.in_flight += 1
         try:
-            status = await one_call(kind, self.clients)
+            status, message = await one_call(kind, self.clients)
         finally:
             self.in_flight -= 1
-        self.calls.append(Call(kind, started, time.monotonic(), status))
+        self.calls.append(Call(kind, started, time.monotonic(), status, message))
 
     def _kind(self) -> str:
         return self.clients.rng.choices(list(KINDS), list(KINDS.values()))[0]
@@ -712,6 +722,8 @@ def report(args: argparse.Namespace, load: Load, watcher: Watcher, faults: list[
     problems = []
     if lost:
         problems.append(f"{len(lost)} calls lost: {Counter((call.kind, call.status) for call in lost).most_common(8)}")
+        first_said = {(call.kind, call.status): call.message for call in reversed(lost)}
+        problems += [f"  first {kind} {status}: {message!r}" for (kind, status), message in first_said.items()]
     for figure in figures:
         if figure.judged and not figure.growth_mb_per_minute <= args.max_rss_growth:
             problems.append(f"{figure.role} {figure.pid}: RSS grew {figure.growth_mb_per_minute:.2f} MB/min")
