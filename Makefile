@@ -140,6 +140,13 @@ browser-tools:
 		then :; else apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
 		chromium chromium-driver curl; fi
 
+# The proxy for clients you do not control (deploy/proxy/nghttpx.conf; tests/reliability/test_reset_proxy.py and
+# `python -m loadtests.reliability.misbehaving --proxy nghttpx`): Debian's nghttp2-proxy, installed only when missing.
+.PHONY: proxy-tools
+proxy-tools:
+	@if command -v nghttpx >/dev/null 2>&1; then :; else apt-get update && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nghttp2-proxy; fi
+
 # Deployment (docs/deploy.md). Prometheus and promtool come from Debian's `prometheus` package, installed only
 # when missing (CI runs as root; elsewhere run it with sudo or install the package yourself).
 .PHONY: prometheus-tools deploy-check monitor
@@ -172,7 +179,7 @@ image-check: $(STAMP) container-tools
 	$(BIN)/python -m deploy.images check
 
 # What CI runs (.ci/run): the test suite, then every further check the issues ask CI to make.
-ci: prometheus-tools browser-tools h2load-tools lint test deploy-check loadtest-smoke bench-quick newcomer image-check
+ci: prometheus-tools browser-tools h2load-tools proxy-tools lint test deploy-check loadtest-smoke bench-quick newcomer image-check
 	$(MAKE) gpu-check GPU_CHECK_ARGS='--provider cpu --quick'
 
 # The GPU check (docs/gpu.md): provider, parity against the CPU, the device tests and a short benchmark, in one

@@ -3,6 +3,7 @@ memory: what each costs the clients that behave.
 
     python -m loadtests.reliability.misbehaving                      # models/, one process
     python -m loadtests.reliability.misbehaving --seconds 10 -- --frontends 1
+    python -m loadtests.reliability.misbehaving --proxy nghttpx      # the gRPC port behind nghttpx
 
 Phases, each `--seconds` long (loopback only, every count bounded):
 - baseline: nobody else;
@@ -14,6 +15,12 @@ Phases, each `--seconds` long (loopback only, every count bounded):
 - oversized metadata: calls carrying 64 KiB of metadata, one after another (gRPC core's limit is 16 KiB);
 - streams opened and reset: streams opened and at once cancelled (RST_STREAM), in a loop, on one connection after
   another as the server closes them (the HTTP/2 "rapid reset" pattern), at most `--resets`.
+
+With `--proxy nghttpx` every gRPC client, the well-behaved one too, connects through nghttpx (nghttp2's HTTP/2
+proxy, Debian's nghttp2-proxy) on a loopback port in front of the server's gRPC port: the deployment
+docs/reliability.md advises where clients you do not control connect. nghttp2 limits the streams a client may reset
+(a burst of 1,000, then 33 a second) and closes a connection past that, which gRPC core cannot do. The HTTP
+requests of the trickle phase still go to the server's HTTP port.
 
 The well-behaved client calls Translate one call at a time (a new call 20 ms after the last answer) on its own
 connection. Printed per phase: what the misbehaving clients did, the well-behaved client's statuses, p50 and p99
@@ -28,7 +35,9 @@ import argparse
 import collections
 import contextlib
 import resource
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -41,7 +50,7 @@ import grpc
 from loadtests.procfs import rss_bytes
 from loadtests.reliability import raw_http2 as h2
 from loadtests.reliability.common import MemorySampler, percentile, repository_or_smoke
-from loadtests.servers import attnserve_server
+from loadtests.servers import attnserve_server, free_port
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 
@@ -241,6 +250,49 @@ def reset_streams(address: str, most: int, seconds: float) -> str:
     return f"{resets:,} streams opened and reset on {connections} connections ({closed} closed by the server)"
 
 
+PROXY_CONF = Path(__file__).resolve().parents[2] / "deploy" / "proxy" / "nghttpx.conf"
+"""The proxy's configuration as shipped."""
+
+
+@contextlib.contextmanager
+def nghttpx_in_front(backend: str, work: Path) -> Iterator[tuple[str, int]]:
+    """nghttpx with the shipped configuration (PROXY_CONF) but for its addresses: on a free loopback port,
+    proxying to `backend` (host:port), its log in `work`. Yields its address and pid once it accepts connections."""
+    port = free_port()
+    host, backend_port = backend.rsplit(":", 1)
+    addresses = ("frontend=", "backend=", "errorlog-file=")
+    lines = [line for line in PROXY_CONF.read_text().splitlines() if not line.startswith(addresses)]
+    lines += [
+        f"frontend=127.0.0.1,{port};no-tls",
+        f"backend={host},{backend_port};;proto=h2",
+        f"errorlog-file={work / 'nghttpx.log'}",
+    ]
+    conf = work / "nghttpx.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    # One process to watch and stop: by default a parent process that only supervises starts the one that works.
+    command = ["nghttpx", f"--conf={conf}", "--single-process"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"nghttpx exited with status {process.returncode}; see {work / 'nghttpx.log'}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nghttpx did not listen on {address} within 10 s")
+            time.sleep(0.05)
+        yield address, process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class _Drainer:
     """Reads and drops whatever the server sends on a socket (so its writes never block), noting when it closes."""
 
@@ -275,19 +327,25 @@ def _still_open(sock: socket.socket) -> bool:
 
 
 def run_phase(
-    name: str, address: str, pid: int, misbehave: Callable[[], str], prepare: Callable[[], None] | None = None
+    name: str,
+    address: str,
+    pids: tuple[int, ...],
+    misbehave: Callable[[], str],
+    prepare: Callable[[], None] | None = None,
 ) -> Phase:
-    """`prepare()`, then `misbehave()` (which says what it did) while the well-behaved client calls."""
-    phase = Phase(name, rss_before=rss_bytes(pid))
-    sampler = MemorySampler(pid, interval_s=0.5).start()
+    """`prepare()`, then `misbehave()` (which says what it did) while the well-behaved client calls. Memory: the
+    RSS of `pids` together (the server, and the proxy in front of it if any); the peak adds each one's peak."""
+    phase = Phase(name, rss_before=sum(rss_bytes(pid) for pid in pids))
+    samplers = [MemorySampler(pid, interval_s=0.5).start() for pid in pids]
     if prepare is not None:
         prepare()
     with Probe(address) as probe:
         phase.did = misbehave()
-    sampler.stop()
+    for sampler in samplers:
+        sampler.stop()
     phase.codes, phase.latencies = probe.codes, probe.latencies
-    phase.rss_peak = max([value for _, value in sampler.samples] or [phase.rss_before])
-    phase.rss_after = rss_bytes(pid)
+    phase.rss_peak = max(phase.rss_before, sum(max(value for _, value in s.samples) for s in samplers if s.samples))
+    phase.rss_after = sum(rss_bytes(pid) for pid in pids)
     return phase
 
 
@@ -307,8 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--silent-connections", type=int, default=20, help="never-reading connections (default 20)")
     parser.add_argument("--silent-streams", type=int, default=100, help="calls on each (default 100)")
     parser.add_argument("--trickle", type=int, default=50, help="trickled gRPC calls, and HTTP requests (default 50)")
-    parser.add_argument("--resets", type=int, default=200_000, help="most streams opened and reset (default 200000)")
+    parser.add_argument("--resets", type=int, default=5_000_000, help="most streams opened and reset (default 5000000)")
     parser.add_argument("--work", type=Path, default=Path("build/misbehaving"), help="server logs")
+    parser.add_argument(
+        "--proxy", choices=["none", "nghttpx"], default="none", help="what the gRPC clients connect through"
+    )
     parser.add_argument("server_args", nargs="*", help="extra `attnserve serve` flags (after --)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -323,34 +384,41 @@ def main(argv: list[str] | None = None) -> int:
         label="misbehaving",
         http=True,
     )
+    if args.proxy == "nghttpx" and shutil.which("nghttpx") is None:
+        parser.error("--proxy nghttpx needs nghttpx: apt-get install nghttp2-proxy (Debian, Ubuntu)")
     seconds = args.seconds
-    with _more_files(args.idle + 1000), server:
+    with _more_files(args.idle + 1000), server, contextlib.ExitStack() as proxy:
         assert server.process is not None
-        address, pid = server.address, server.process.pid
+        address = server.address
+        pids: tuple[int, ...] = (server.process.pid,)
+        if args.proxy == "nghttpx":
+            address, proxy_pid = proxy.enter_context(nghttpx_in_front(server.address, args.work))
+            pids += (proxy_pid,)
+            print(f"gRPC clients connect through nghttpx (pid {proxy_pid}) on {address}", flush=True)
         idle = IdleConnections(address, args.idle)
         phases = [
-            run_phase("baseline", address, pid, lambda: time.sleep(seconds) or "nothing else"),  # type: ignore[func-returns-value]
-            run_phase("idle connections", address, pid, lambda: idle.hold(seconds), idle.open),
+            run_phase("baseline", address, pids, lambda: time.sleep(seconds) or "nothing else"),  # type: ignore[func-returns-value]
+            run_phase("idle connections", address, pids, lambda: idle.hold(seconds), idle.open),
             run_phase(
                 "never-reading streams",
                 address,
-                pid,
+                pids,
                 lambda: silent_streams(address, args.silent_connections, args.silent_streams, seconds),
             ),
             run_phase(
                 "trickled requests",
                 address,
-                pid,
+                pids,
                 lambda: trickled_requests(address, server.http_address, args.trickle, seconds),
             ),
-            run_phase("oversized metadata", address, pid, lambda: oversized_metadata(address, seconds)),
-            run_phase("streams opened and reset", address, pid, lambda: reset_streams(address, args.resets, seconds)),
-            run_phase("after", address, pid, lambda: time.sleep(seconds) or "nothing else"),  # type: ignore[func-returns-value]
+            run_phase("oversized metadata", address, pids, lambda: oversized_metadata(address, seconds)),
+            run_phase("streams opened and reset", address, pids, lambda: reset_streams(address, args.resets, seconds)),
+            run_phase("after", address, pids, lambda: time.sleep(seconds) or "nothing else"),  # type: ignore[func-returns-value]
         ]
     baseline = phases[0].p99_ms
     print(
         "\n| phase | what the misbehaving clients did | well-behaved calls | p50 ms | p99 ms | p99 / baseline "
-        "| RSS MB before / peak / after |"
+        "| RSS MB before / peak / after (server, and proxy) |"
     )
     print("|---|---|---|---:|---:|---:|---|")
     for phase in phases:

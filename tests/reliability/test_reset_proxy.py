@@ -1,0 +1,86 @@
+"""The proxy shipped for clients you do not control (deploy/proxy/nghttpx.conf), in front of a real server: what
+the server answers passes through it unchanged, and it closes a connection that opens and resets streams in a loop
+("rapid reset"), which gRPC core cannot do. `python -m loadtests.reliability.misbehaving --proxy nghttpx` measures
+what a well-behaved client sees meanwhile (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from loadtests.reliability import raw_http2 as h2
+from loadtests.reliability.misbehaving import nghttpx_in_front
+from service.gen.attnserve.v1 import translator_pb2 as pb
+from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
+from tests.service.server_harness import ServerThread
+
+pytestmark = [
+    pytest.mark.slow,  # starts a server on trained models
+    pytest.mark.skipif(
+        shutil.which("nghttpx") is None,
+        reason="nghttpx is not installed: run `make proxy-tools` (Debian's nghttp2-proxy)",
+    ),
+]
+
+TRANSLATE = "/attnserve.v1.Translator/Translate"
+RESET_BURST = 1000
+"""The streams nghttp2 lets one connection reset before it limits the rate (to 33 a second)."""
+
+
+@pytest.fixture(scope="module")
+def proxy(server: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with nghttpx_in_front(server.address, tmp_path_factory.mktemp("proxy")) as (address, _):
+        yield address
+
+
+def answer(address: str, request: pb.TranslateRequest) -> pb.TranslateResponse | tuple[grpc.StatusCode, str]:
+    """The server's answer on a connection of its own: the response, or the status and its details."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return pb_grpc.TranslatorStub(channel).Translate(request, timeout=30)
+        except grpc.RpcError as error:
+            return error.code(), error.details()
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        pb.TranslateRequest(model="dates", texts=["3 mars 1999"], options=pb.DecodeOptions(return_attention=True)),
+        pb.TranslateRequest(
+            model="dates", texts=["3 mars 1999", "12 juin 2001"], options=pb.DecodeOptions(beam_size=4)
+        ),
+        pb.TranslateRequest(model="nope", texts=["3 mars 1999"]),  # NOT_FOUND
+        pb.TranslateRequest(model="dates", texts=["3 mars 1999"], options=pb.DecodeOptions(beam_size=10_000)),
+    ],
+    ids=["greedy-attention", "beam", "unknown-model", "beam-too-wide"],
+)
+def test_answers_and_errors_pass_through_the_proxy_unchanged(
+    server: ServerThread, proxy: str, request_: pb.TranslateRequest
+) -> None:
+    assert answer(proxy, request_) == answer(server.address, request_)
+
+
+def test_the_proxy_closes_a_connection_that_resets_streams_in_a_loop(server: ServerThread, proxy: str) -> None:
+    headers = h2.grpc_headers(proxy, TRANSLATE)
+    resets = b"".join(
+        h2.frame(h2.HEADERS, h2.END_HEADERS, stream, headers)
+        + h2.frame(h2.RST_STREAM, 0, stream, h2.CANCEL.to_bytes(4, "big"))
+        for stream in range(1, 4 * RESET_BURST, 2)  # twice the burst
+    )
+    sock = h2.connect(proxy)  # its reads time out after 10 s: a proxy that never closed it fails the test
+    closed = False
+    try:
+        sock.sendall(resets)
+        buffer = bytearray()
+        while True:
+            h2.read_frames(sock, buffer)
+    except ConnectionError:  # closed, or reset (the proxy closed it with resets still unread)
+        closed = True
+    finally:
+        sock.close()
+    assert closed
+    request = pb.TranslateRequest(model="dates", texts=["3 mars 1999"])
+    assert answer(proxy, request) == answer(server.address, request)  # others are served as before
