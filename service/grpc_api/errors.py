@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from service.errors import ALL_ERRORS, AttnServeError, InvalidRequest, Overloaded
+from service.errors import ALL_ERRORS, AttnServeError, DeadlineExceeded, InvalidRequest, Overloaded
 from service.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,12 @@ class RpcInterceptor(aio.ServerInterceptor):
             code, observed = "OK", False
             try:
                 _check_decoded(method, request)
-                return await behavior(request, context)
+                response = await behavior(request, context)
+                if context.time_remaining() == 0:
+                    # The answer is ready only after the deadline: the client has given up (its deadline is no
+                    # later than ours), and core ends the call as its timer fires, so sending it would only fail.
+                    raise DeadlineExceeded("the deadline passed as the answer was ready")
+                return response
             except BaseException as error:
                 code, abort = self._classify(error, context, method)
                 if abort is not None:

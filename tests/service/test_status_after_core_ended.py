@@ -64,11 +64,9 @@ async def _run(kind: str, context: CallEndedByCore) -> None:
         "server-stream": grpc.unary_stream_rpc_method_handler(_server_stream),
         "bidi": grpc.stream_stream_rpc_method_handler(_bidi),
     }
-
-    async def continuation(details):
-        return handlers[kind]
-
-    handler = await RpcInterceptor().intercept_service(continuation, CallDetails("/attnserve.v1.Translator/Translate"))
+    handler = await RpcInterceptor().intercept_service(
+        _returning(handlers[kind]), CallDetails("/attnserve.v1.Translator/Translate")
+    )
     if kind == "unary":
         await handler.unary_unary(b"request", context)
     elif kind == "server-stream":
@@ -86,3 +84,41 @@ def test_a_status_core_could_not_send_ends_the_call_as_cancelled(kind):
         asyncio.run(_run(kind, context))
     assert context.statuses_tried == [grpc.StatusCode.DEADLINE_EXCEEDED]  # the status was tried, once
     assert isinstance(ended.value.__cause__, aio.InternalError)
+
+
+class CallPastItsDeadline:
+    """Stands in for grpc's servicer context of a call whose deadline has passed, but that core has not ended yet:
+    a status can still be sent."""
+
+    def __init__(self) -> None:
+        self.statuses_sent: list[tuple[grpc.StatusCode, str]] = []
+
+    def time_remaining(self) -> float:
+        return 0.0
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: tuple = ()) -> None:
+        self.statuses_sent.append((code, details))
+        raise aio.AbortError("Locally aborted.")
+
+
+def test_an_answer_ready_only_after_the_deadline_is_not_sent_the_call_ends_with_deadline_exceeded():
+    async def answers(request, context):
+        return b"the answer"
+
+    async def run(context):
+        handler = await RpcInterceptor().intercept_service(
+            _returning(grpc.unary_unary_rpc_method_handler(answers)), CallDetails("/attnserve.v1.Translator/Translate")
+        )
+        return await handler.unary_unary(b"request", context)
+
+    context = CallPastItsDeadline()
+    with pytest.raises(aio.AbortError):
+        asyncio.run(run(context))
+    assert context.statuses_sent == [(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed as the answer was ready")]
+
+
+def _returning(handler):
+    async def continuation(details):
+        return handler
+
+    return continuation
