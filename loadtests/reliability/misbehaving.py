@@ -271,15 +271,20 @@ def nghttpx_in_front(backend: str, work: Path) -> Iterator[tuple[str, int]]:
     conf.write_text("\n".join(lines) + "\n")
     # One process to watch and stop: by default a parent process that only supervises starts the one that works.
     command = ["nghttpx", f"--conf={conf}", "--single-process"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    output = work / "nghttpx.out"  # what it prints before its log is open (a configuration it cannot read)
+    with output.open("wb") as printed:
+        process = subprocess.Popen(command, stdout=printed, stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 10
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"nghttpx exited with status {process.returncode}; see {work / 'nghttpx.log'}")
+                raise RuntimeError(
+                    f"nghttpx exited with status {process.returncode}; see {output} and {work / 'nghttpx.log'}"
+                )
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
+                if process.poll() is None:  # it, and not something else that took the port meanwhile
+                    break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"nghttpx did not listen on {address} within 10 s")
             time.sleep(0.05)

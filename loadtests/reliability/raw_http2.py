@@ -68,14 +68,31 @@ def grpc_message(message: bytes) -> bytes:
 
 
 def connect(address: str, *, initial_window: int | None = None, timeout_s: float = 10.0) -> socket.socket:
-    """A TCP connection that has sent the client preface, its SETTINGS (INITIAL_WINDOW_SIZE when given) and an
-    acknowledgement of the server's SETTINGS (sent before reading them: a client that never reads still
-    acknowledges, so the server has no reason to drop it for that)."""
+    """A TCP connection that has sent the client preface and its SETTINGS (INITIAL_WINDOW_SIZE when given), read
+    the server's SETTINGS and acknowledged them, as a client must (RFC 9113, 6.5.3): a peer that times out unanswered
+    settings (nghttpx does, after 10 s) would otherwise close it. Only the frames up to the server's SETTINGS are
+    read; whatever the server sends after them stays in the socket for the caller."""
     host, port = address.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=timeout_s)
     settings = b"" if initial_window is None else struct.pack(">HI", SETTINGS_INITIAL_WINDOW_SIZE, initial_window)
-    sock.sendall(PREFACE + frame(SETTINGS, 0, 0, settings) + frame(SETTINGS, ACK, 0))
+    sock.sendall(PREFACE + frame(SETTINGS, 0, 0, settings))
+    while True:
+        header = _read_exactly(sock, 9)
+        _read_exactly(sock, int.from_bytes(header[:3], "big"))
+        if header[3] == SETTINGS and not header[4] & ACK:
+            break
+    sock.sendall(frame(SETTINGS, ACK, 0))
     return sock
+
+
+def _read_exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        data += chunk
+    return data
 
 
 def read_frames(sock: socket.socket, buffer: bytearray) -> list[tuple[int, int, int, bytes]]:

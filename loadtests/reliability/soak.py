@@ -723,7 +723,7 @@ def report(args: argparse.Namespace, load: Load, watcher: Watcher, faults: list[
     if lost:
         problems.append(f"{len(lost)} calls lost: {Counter((call.kind, call.status) for call in lost).most_common(8)}")
         first_said = {(call.kind, call.status): call.message for call in reversed(lost)}
-        problems += [f"  first {kind} {status}: {message!r}" for (kind, status), message in first_said.items()]
+        problems += [f"  first {kind} {status}: {message[:200]!r}" for (kind, status), message in first_said.items()]
     for figure in figures:
         if figure.judged and not figure.growth_mb_per_minute <= args.max_rss_growth:
             problems.append(f"{figure.role} {figure.pid}: RSS grew {figure.growth_mb_per_minute:.2f} MB/min")

@@ -172,7 +172,7 @@ async def send_status(context: aio.ServicerContext, abort: Abort) -> None:
     try:
         await context.abort(*abort)
     except aio.InternalError as failure:
-        log.debug("gRPC had ended the call before its %s status could be sent", abort[0].name)
+        log.debug("gRPC had ended the call before its %s status could be sent: %s", abort[0].name, failure)
         raise asyncio.CancelledError from failure
 
 
@@ -248,7 +248,8 @@ class RpcInterceptor(aio.ServerInterceptor):
             try:
                 _check_decoded(method, request)
                 response = await behavior(request, context)
-                if context.time_remaining() == 0:
+                remaining = context.time_remaining()  # None: the call has no deadline
+                if remaining is not None and remaining <= 0:
                     # The answer is ready only after the deadline: the client has given up (its deadline is no
                     # later than ours), and core ends the call as its timer fires, so sending it would only fail.
                     raise DeadlineExceeded("the deadline passed as the answer was ready")

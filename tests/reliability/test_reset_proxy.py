@@ -28,6 +28,8 @@ pytestmark = [
 TRANSLATE = "/attnserve.v1.Translator/Translate"
 RESET_BURST = 1000
 """The streams nghttp2 lets one connection reset before it limits the rate (to 33 a second)."""
+INTERNAL_ERROR = 0x2
+"""The HTTP/2 error code of the GOAWAY with which nghttp2 ends a connection past its reset limit."""
 
 
 @pytest.fixture(scope="module")
@@ -63,24 +65,55 @@ def test_answers_and_errors_pass_through_the_proxy_unchanged(
     assert answer(proxy, request_) == answer(server.address, request_)
 
 
-def test_the_proxy_closes_a_connection_that_resets_streams_in_a_loop(server: ServerThread, proxy: str) -> None:
-    headers = h2.grpc_headers(proxy, TRANSLATE)
-    resets = b"".join(
+def streamed(
+    address: str, request: pb.TranslateRequest
+) -> list[pb.TranslateStreamResponse] | tuple[grpc.StatusCode, str]:
+    """TranslateStream's messages on a connection of its own, or the status and its details."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return list(pb_grpc.TranslatorStub(channel).TranslateStream(request, timeout=30))
+        except grpc.RpcError as error:
+            return error.code(), error.details()
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [pb.TranslateRequest(model="dates", texts=["3 mars 1999"]), pb.TranslateRequest(model="nope", texts=["3 mars"])],
+    ids=["tokens", "unknown-model"],
+)
+def test_streamed_answers_pass_through_the_proxy_unchanged(
+    server: ServerThread, proxy: str, request_: pb.TranslateRequest
+) -> None:
+    assert streamed(proxy, request_) == streamed(server.address, request_)
+
+
+def reset_then_ping(address: str, resets: int) -> str:
+    """Open and at once reset `resets` streams on a new connection, then PING: what ended the wait, 'ping acknowledged'
+    or 'goaway N' (N its error code; a connection closed without one raises). Reads time out after 10 s."""
+    headers = h2.grpc_headers(address, TRANSLATE)
+    frames = b"".join(
         h2.frame(h2.HEADERS, h2.END_HEADERS, stream, headers)
         + h2.frame(h2.RST_STREAM, 0, stream, h2.CANCEL.to_bytes(4, "big"))
-        for stream in range(1, 4 * RESET_BURST, 2)  # twice the burst
+        for stream in range(1, 2 * resets, 2)
     )
-    sock = h2.connect(proxy)  # its reads time out after 10 s: a proxy that never closed it fails the test
-    closed = False
-    try:
-        sock.sendall(resets)
+    with h2.connect(address) as sock:
+        sock.sendall(frames + h2.frame(h2.PING, 0, 0, b"resets.."))
         buffer = bytearray()
         while True:
-            h2.read_frames(sock, buffer)
-    except ConnectionError:  # closed, or reset (the proxy closed it with resets still unread)
-        closed = True
-    finally:
-        sock.close()
-    assert closed
+            for kind, flags, _, payload in h2.read_frames(sock, buffer):
+                if kind == h2.GOAWAY:
+                    return f"goaway {int.from_bytes(payload[4:8], 'big')}"
+                if kind == h2.PING and flags & h2.ACK:
+                    return "ping acknowledged"
+
+
+def test_a_connection_that_resets_fewer_streams_than_the_burst_stays_open(proxy: str) -> None:
+    assert reset_then_ping(proxy, RESET_BURST // 2) == "ping acknowledged"
+
+
+def test_the_proxy_closes_a_connection_that_resets_streams_in_a_loop(server: ServerThread, proxy: str) -> None:
+    """Past the burst nghttp2 ends the connection with GOAWAY INTERNAL_ERROR (its reset limit), not SETTINGS_TIMEOUT
+    or any other reason; the server goes on answering everyone else."""
+    assert reset_then_ping(proxy, 2 * RESET_BURST) == f"goaway {INTERNAL_ERROR}"
     request = pb.TranslateRequest(model="dates", texts=["3 mars 1999"])
-    assert answer(proxy, request) == answer(server.address, request)  # others are served as before
+    assert answer(proxy, request) == answer(server.address, request)

@@ -17,6 +17,7 @@ from grpc._cython import cygrpc
 
 from service.errors import DeadlineExceeded
 from service.grpc_api.errors import RpcInterceptor
+from service.metrics import ServerMetrics
 
 
 class CallDetails(NamedTuple):
@@ -86,35 +87,55 @@ def test_a_status_core_could_not_send_ends_the_call_as_cancelled(kind):
     assert isinstance(ended.value.__cause__, aio.InternalError)
 
 
-class CallPastItsDeadline:
-    """Stands in for grpc's servicer context of a call whose deadline has passed, but that core has not ended yet:
-    a status can still be sent."""
+class CallWithTimeLeft:
+    """Stands in for grpc's servicer context of a call that core has not ended: `remaining` seconds to its deadline
+    (None: it has none; 0: the deadline has passed, as grpc reports it), and a status can still be sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, remaining: float | None) -> None:
+        self.remaining = remaining
         self.statuses_sent: list[tuple[grpc.StatusCode, str]] = []
 
-    def time_remaining(self) -> float:
-        return 0.0
+    def time_remaining(self) -> float | None:
+        return self.remaining
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: tuple = ()) -> None:
         self.statuses_sent.append((code, details))
         raise aio.AbortError("Locally aborted.")
 
 
-def test_an_answer_ready_only_after_the_deadline_is_not_sent_the_call_ends_with_deadline_exceeded():
+async def _answer(context: CallWithTimeLeft, metrics: ServerMetrics | None = None) -> bytes:
     async def answers(request, context):
         return b"the answer"
 
-    async def run(context):
-        handler = await RpcInterceptor().intercept_service(
-            _returning(grpc.unary_unary_rpc_method_handler(answers)), CallDetails("/attnserve.v1.Translator/Translate")
-        )
-        return await handler.unary_unary(b"request", context)
+    handler = await RpcInterceptor(metrics).intercept_service(
+        _returning(grpc.unary_unary_rpc_method_handler(answers)), CallDetails("/attnserve.v1.Translator/Translate")
+    )
+    return await handler.unary_unary(b"request", context)
 
-    context = CallPastItsDeadline()
+
+def test_an_answer_ready_only_after_the_deadline_is_not_sent_the_call_ends_with_deadline_exceeded():
+    context, metrics = CallWithTimeLeft(remaining=0.0), ServerMetrics()
     with pytest.raises(aio.AbortError):
-        asyncio.run(run(context))
+        asyncio.run(_answer(context, metrics))
     assert context.statuses_sent == [(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed as the answer was ready")]
+    assert _calls_by_code(metrics) == {"DEADLINE_EXCEEDED": 1}  # counted once, as what the client saw
+
+
+@pytest.mark.parametrize("remaining", [None, 0.001, 30.0], ids=["no-deadline", "a-millisecond-left", "seconds-left"])
+def test_an_answer_ready_before_the_deadline_is_sent(remaining):
+    context, metrics = CallWithTimeLeft(remaining), ServerMetrics()
+    assert asyncio.run(_answer(context, metrics)) == b"the answer"
+    assert context.statuses_sent == []
+    assert _calls_by_code(metrics) == {"OK": 1}
+
+
+def _calls_by_code(metrics: ServerMetrics) -> dict[str, float]:
+    return {
+        sample.labels["code"]: sample.value
+        for family in metrics.collectors.collect()
+        for sample in family.samples
+        if sample.name == "attnserve_requests_total"
+    }
 
 
 def _returning(handler):
