@@ -57,7 +57,7 @@ def cells(driver: Any) -> int:
 def shown_score(hypothesis: pb.Hypothesis) -> str:
     """The score as the page shows it: the page reads it from the HTTP API's JSON, where a float32 is written as the
     shortest decimal that reads back as the same float32 (-4.41015 for the float32 nearest it), and rounds that to
-    4 places. Rounding the float32's own value (-4.4101498...) can land on the other side of a last digit."""
+    4 places. Rounding the float32's own value (-4.41015005...) can land on the other side of a last digit."""
     return f"{json_format.MessageToDict(hypothesis)['score']:.4f}"
 
 
