@@ -262,6 +262,8 @@ class RpcInterceptor(aio.ServerInterceptor):
                     self._observe(method, code, started, labels, error)
                     observed = True
                     await send_status(context, abort)
+                if isinstance(error, aio.InternalError):  # a failed send: see _classify
+                    raise asyncio.CancelledError from error
                 raise
             finally:
                 if not observed:
@@ -288,6 +290,8 @@ class RpcInterceptor(aio.ServerInterceptor):
                     self._observe(method, code, started, labels, error)  # before abort() sends the status
                     observed = True
                     await send_status(context, abort)
+                if isinstance(error, aio.InternalError):  # a failed send: see _classify
+                    raise asyncio.CancelledError from error
                 raise
             finally:
                 await responses.aclose()
@@ -313,6 +317,8 @@ class RpcInterceptor(aio.ServerInterceptor):
                 _, abort = self._classify(error, context, method)
                 if abort is not None:
                     await send_status(context, abort)
+                if isinstance(error, aio.InternalError):  # a failed send: see _classify
+                    raise asyncio.CancelledError from error
                 raise
             finally:
                 await responses.aclose()
@@ -325,6 +331,10 @@ class RpcInterceptor(aio.ServerInterceptor):
         when the error must propagate as it is (cancellation, or an abort the handler did itself)."""
         if isinstance(error, aio.AbortError):
             return _status_name(context, "UNKNOWN"), None
+        if isinstance(error, aio.InternalError):
+            # The handler's own send (a write, an abort) failed: core had ended the call meanwhile (its deadline
+            # fired, the client went away). There is nobody to answer, and nothing went wrong here (send_status).
+            return "CANCELLED", None
         if not isinstance(error, Exception):
             # asyncio.CancelledError (the client went away, or the server is stopping), GeneratorExit:
             # there is nobody to send a status to.

@@ -8,6 +8,7 @@ a failed send with a traceback at error level; the interceptor ends such a call 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import NamedTuple
 
 import grpc
@@ -143,3 +144,37 @@ def _returning(handler):
         return handler
 
     return continuation
+
+
+async def _writes_to_an_ended_call(request, context):
+    raise cygrpc.ExecuteBatchError('Failed "execute_batch"')  # what grpc raises from a write core cannot make
+
+
+async def _streams_to_an_ended_call(request, context):
+    raise cygrpc.ExecuteBatchError('Failed "execute_batch"')
+    yield
+
+
+@pytest.mark.parametrize("kind", ["unary", "server-stream"])
+def test_a_handler_whose_own_send_core_could_not_make_ends_as_cancelled_without_an_error_log(kind, caplog):
+    handler = (
+        grpc.unary_unary_rpc_method_handler(_writes_to_an_ended_call)
+        if kind == "unary"
+        else grpc.unary_stream_rpc_method_handler(_streams_to_an_ended_call)
+    )
+    metrics = ServerMetrics()
+
+    async def run():
+        wrapped = await RpcInterceptor(metrics).intercept_service(
+            _returning(handler), CallDetails("/attnserve.v1.Translator/Translate")
+        )
+        if kind == "unary":
+            await wrapped.unary_unary(b"request", CallEndedByCore())
+        else:
+            async for _ in wrapped.unary_stream(b"request", CallEndedByCore()):
+                pass
+
+    with caplog.at_level(logging.DEBUG, logger="service.grpc_api.errors"), pytest.raises(asyncio.CancelledError):
+        asyncio.run(run())
+    assert _calls_by_code(metrics) == {"CANCELLED": 1}
+    assert [record for record in caplog.records if record.levelno >= logging.WARNING] == []
