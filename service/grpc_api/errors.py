@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc import aio
@@ -176,6 +176,18 @@ async def send_status(context: aio.ServicerContext, abort: Abort) -> None:
         raise asyncio.CancelledError from failure
 
 
+async def end_failed_call(context: aio.ServicerContext, error: BaseException, abort: Abort | None) -> NoReturn:
+    """End a call whose handler raised `error`: with `abort`'s status when there is one (send_status); as a
+    cancelled call when the handler's own send failed because core had ended the call (`aio.InternalError`, as in
+    send_status); else by raising `error` on (a cancellation, or an abort the handler did itself). It suspends only
+    to send a status, never for GeneratorExit or a cancellation, so a streaming wrapper being closed may await it."""
+    if abort is not None:
+        await send_status(context, abort)
+    if isinstance(error, aio.InternalError):
+        raise asyncio.CancelledError from error
+    raise error
+
+
 class RpcInterceptor(aio.ServerInterceptor):
     """Maps exceptions to statuses with STATUS_BY_CODE and reports each finished RPC to the metrics.
 
@@ -261,10 +273,7 @@ class RpcInterceptor(aio.ServerInterceptor):
                     # metrics right after its error sees it.
                     self._observe(method, code, started, labels, error)
                     observed = True
-                    await send_status(context, abort)
-                if isinstance(error, aio.InternalError):  # a failed send: see _classify
-                    raise asyncio.CancelledError from error
-                raise
+                await end_failed_call(context, error, abort)
             finally:
                 if not observed:
                     self._observe(method, code, started, labels)
@@ -289,10 +298,7 @@ class RpcInterceptor(aio.ServerInterceptor):
                 if abort is not None:
                     self._observe(method, code, started, labels, error)  # before abort() sends the status
                     observed = True
-                    await send_status(context, abort)
-                if isinstance(error, aio.InternalError):  # a failed send: see _classify
-                    raise asyncio.CancelledError from error
-                raise
+                await end_failed_call(context, error, abort)
             finally:
                 await responses.aclose()
                 if not observed:
@@ -315,11 +321,7 @@ class RpcInterceptor(aio.ServerInterceptor):
                     yield response
             except BaseException as error:
                 _, abort = self._classify(error, context, method)
-                if abort is not None:
-                    await send_status(context, abort)
-                if isinstance(error, aio.InternalError):  # a failed send: see _classify
-                    raise asyncio.CancelledError from error
-                raise
+                await end_failed_call(context, error, abort)
             finally:
                 await responses.aclose()
 
