@@ -301,11 +301,12 @@ class ModelManager:
             self._retire(entry, entry.served[version])
 
     def release_unused_memory(self) -> None:
-        """Have every engine (retired ones still draining included) whose load has fallen give back the memory it
-        holds and does not use: what its batch holds beyond its needs, its onnxruntime sessions' arena chunks at
-        their next run (service/runtime/memory.py)."""
+        """Have every engine (retired ones still draining included) give back the memory it holds and does not use:
+        what its batch holds beyond its needs, its onnxruntime sessions' arena chunks at their next run
+        (service/runtime/memory.py)."""
         for engine in self._engines.values():
-            if engine.release_unused_memory() and isinstance(engine.model, OnnxStepModel):
+            engine.release_unused_memory()
+            if isinstance(engine.model, OnnxStepModel):
                 engine.model.shrink_arenas_at_next_run()
 
     def engine(self, name: str, version: int) -> AsyncEngine | None:

@@ -198,10 +198,9 @@ class Settings(BaseSettings):
     first; taken out of drain_grace_seconds."""
 
     memory_return_seconds: Annotated[float, Field(ge=0.0, le=86400.0, allow_inf_nan=False)] = 10.0
-    """Seconds between returns to the OS of the memory each process holds but no longer uses (glibc's heap is
-    trimmed; an engine whose largest step of the interval fell to half of what its memory is held for has its
-    batch give back tables beyond its rows and its onnxruntime arenas shrink at their next run), so that RSS
-    follows what the load needs now rather than the most it ever needed; 0 = never."""
+    """Seconds between returns to the OS of the memory each process holds but no longer uses (onnxruntime's arenas
+    shrink at their next run, the engines' batches give back tables beyond their rows, glibc's heap is trimmed), so
+    that RSS follows what the load needs now rather than the most it ever needed; 0 = never."""
 
     log_level: Annotated[LogLevel, BeforeValidator(_upper)] = "INFO"
     """Python logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL."""

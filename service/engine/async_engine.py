@@ -140,11 +140,10 @@ class AsyncEngine:
             self._thread = threading.Thread(target=self._work, name=f"engine {self.label}", daemon=True)
             self._thread.start()
 
-    def release_unused_memory(self) -> bool:
-        """Give back, at the next step, what the batch holds beyond what it needs, once the load has fallen
-        (EngineCore.release_unused_memory); True when it did, so that the caller has the model's runtime give
-        back its own memory too. Any thread."""
-        return self._core.release_unused_memory()
+    def release_unused_memory(self) -> None:
+        """Give back, at the next step, what the batch holds beyond what it needs (EngineCore.release_unused_memory);
+        the model's own memory is its runtime's business. Any thread."""
+        self._core.release_unused_memory()
 
     def check_room(self, count: int) -> None:
         """Raise Overloaded now unless the queue has room for `count` more requests (InvalidRequest when

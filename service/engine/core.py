@@ -172,10 +172,6 @@ class _Held(msgspec.Struct, gc=False):
 STALE_DEADLINES_KEPT = 64
 """Deadline entries of ended requests the heap may hold beyond twice the requests held before it is rebuilt."""
 
-LOAD_FELL_TO = 0.5
-"""`release_unused_memory` gives memory back once the largest step since the last round (rows x padded source
-length) is at most this share of the largest the memory is held for: the load has fallen, not merely varied."""
-
 
 class EngineCore:
     """Continuous batching for one model version over a StepModel; see the module docstring."""
@@ -218,34 +214,13 @@ class EngineCore:
         self.counts = QueueCounts(0, 0)
         # Asked by release_unused_memory: a fresh batch once this one is empty, and meanwhile smaller tensors.
         self._renew_when_empty = self._shrink_tensors = False
-        # The largest step (rows x padded source length) since release_unused_memory's last round, and the one
-        # the memory is held for: the largest since memory was last given back.
-        self._largest_step_since_round = 0
-        self._largest_step_held_for = 0
 
-    def release_unused_memory(self) -> bool:
-        """Give back, at the next step, what the batch holds beyond what it needs, once the load has fallen: when
-        the largest step since the last call is at most LOAD_FELL_TO of the largest since memory was last given
-        back. Returns whether it did, so that the caller has the model's runtime give back its own too.
-
-        A batch's tables keep the most rows, the longest source and the widest beam they ever held (they grow,
-        never shrink): a busy batch gets memory and state tensors for the next power of two above its rows
-        (DecodeBatch.shrink_tensors), its largest arrays, and the batch is replaced by a fresh one at the first
-        step that finds it empty. Why only once the load has fallen: under a steady load the next steps would
-        take it all again within a second or two, and each time the step that grows it back runs slower; every
-        10 s that made the engine's memory a sawtooth of 6-9 MB.
-
-        Any thread, called periodically (service/runtime/memory.py): the driving thread raises the largest step,
-        and a step that lands between this read and its reset is not counted, which at most delays a release
-        by one round."""
-        largest, self._largest_step_since_round = self._largest_step_since_round, 0
-        held_for = self._largest_step_held_for
-        if largest > LOAD_FELL_TO * held_for or held_for == 0:  # the load holds (or nothing is held beyond it)
-            self._largest_step_held_for = max(held_for, largest)
-            return False
-        self._largest_step_held_for = largest
+    def release_unused_memory(self) -> None:
+        """Give back, at the next step, what the batch holds beyond what it needs. A batch's tables keep the most
+        rows, the longest source and the widest beam they ever held (they grow, never shrink): a busy batch gets
+        memory and state tensors for the next power of two above its rows (DecodeBatch.shrink_tensors), its
+        largest arrays, and the batch is replaced by a fresh one at the first step that finds it empty. Any thread."""
         self._shrink_tensors = self._renew_when_empty = True
-        return True
 
     def _renew_batch(self) -> None:
         """Replace the batch with a fresh, small one."""
@@ -379,8 +354,6 @@ class EngineCore:
         self.counts = QueueCounts(self._dequeued, batch.requests + encoding)
         rows, requests, generation = batch.rows, batch.requests, batch.memory_generation
         padded_source_len = batch.padded_source_len if rows else 0
-        if rows * padded_source_len > self._largest_step_since_round:  # what release_unused_memory weighs
-            self._largest_step_since_round = rows * padded_source_len
         step_seconds, stepped_rows, finished = 0.0, 0, 0
         if rows:
             started = self.clock()

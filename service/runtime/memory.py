@@ -10,17 +10,14 @@ glibc keeps, and glibc can only return pages the arena has given back. Measured 
 the light load after it RSS stayed at 142-145 MB without this, and went back to 126-129 MB with the arenas shrunk
 and the heap trimmed, 120-123 MB with the engine's batch renewed too.
 
-`MemoryReturner` does both, every `memory_return_seconds`. It has glibc return the free pages of its heaps
-(`malloc_trim`), which frees what the previous round's engines gave back, and asks each engine whose load has
-fallen (its largest step of the interval, rows x padded source length, at most half of the largest its memory is
-held for: `EngineCore.release_unused_memory`) to give back what its batch holds beyond its needs (a batch's tables
-keep the most rows they ever held, so a busy batch gets smaller memory and state tensors and an empty one is
-replaced), and has that engine's model's sessions free the arena chunks they do not use at the end of their next
-run (onnxruntime's `memory.enable_memory_arena_shrinkage` run option, `OnnxStepModel.shrink_arenas_at_next_run`).
-Only after the load fell: under a steady load the next runs took back within a second or two what a shrink had
-given, so the engine's RSS was a sawtooth (6-9 MB every 10 s in the soak), and each run that grows the arena again
-is slower: at 256 rows of `dates`, the decoder run after a shrink took 3.2 ms instead of 1.2. `malloc_trim` took
-0.4 ms there (with the GIL released).
+`MemoryReturner` does both, every `memory_return_seconds`: it asks each loaded model's sessions to free the arena
+chunks they do not use at the end of their next run (onnxruntime's `memory.enable_memory_arena_shrinkage` run
+option, `OnnxStepModel.shrink_arenas_at_next_run`), and each engine to give back what its batch holds beyond its
+needs (`EngineCore.release_unused_memory`: a batch's tables keep the most rows they ever held, so a busy batch gets
+smaller memory and state tensors and an empty one is replaced), and has glibc return the free pages of its heaps
+(`malloc_trim`), which frees what the previous round's engines gave back. A round costs
+little: at 256 rows of `dates`, `malloc_trim` took 0.4 ms (with the GIL released) and the decoder run after it 3.2 ms
+instead of 1.2, while its arena grew back.
 
 The engine's largest arrays, its batch's memory and state tensors, are made by `zeros_mapped_apart`: each in a
 mapping of its own, which the OS takes back the moment the array is freed. Why: glibc maps a large block apart only

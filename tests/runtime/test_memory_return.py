@@ -9,11 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.models import ModelManager
 from service.runtime.memory import OWN_MAPPING_BYTES, MemoryReturner, trim_heap, zeros_mapped_apart
 from service.runtime.model import OnnxStepModel, load_model
-from service.settings import Settings
-from tests.engine.fakes import make_request, source
 
 GLIBC = platform.libc_ver()[0] == "glibc"
 
@@ -117,39 +114,6 @@ def test_each_round_trims_and_has_the_model_shrink_its_arenas_at_its_next_run(ti
             encode_and_step(model, source_ids)
             assert model.arena_shrinks == 2 * round_
         await returner.stop()
-
-    asyncio.run(scenario())
-
-
-@pytest.mark.slow  # trains models
-def test_a_models_arenas_shrink_only_after_a_round_in_which_its_engines_load_fell(tiny_repository: Path) -> None:
-    settings = Settings(model_repository=tiny_repository, metrics_port=0, repository_poll_seconds=0)
-
-    async def scenario() -> None:
-        manager = ModelManager(settings, only={"dates"})
-        await manager.start()
-        try:
-            engine = manager.engine("dates", 1)
-            assert engine is not None and isinstance(engine.model, OnnxStepModel)
-            model = engine.model
-
-            async def translate() -> None:
-                await engine.submit(make_request(source(7, 8, 9, 10), max_length=3)).result()
-
-            # Whatever the warm-up held the memory for, two rounds of the same call settle it on that call.
-            await translate()
-            manager.release_unused_memory()
-            await translate()
-            manager.release_unused_memory()  # the same load as the round before: nothing is given back
-            shrinks = model.arena_shrinks
-            await translate()
-            assert model.arena_shrinks == shrinks
-            manager.release_unused_memory()  # the load held in this round too
-            manager.release_unused_memory()  # no call in this one: the load has fallen
-            await translate()
-            assert model.arena_shrinks == shrinks + 2  # its encoder run and its decoder's first run shrank
-        finally:
-            await manager.stop(5.0)
 
     asyncio.run(scenario())
 
