@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -41,6 +42,28 @@ def configure_onnxruntime_telemetry(enabled: bool) -> None:
     loaded = sys.modules.get("onnxruntime")
     if loaded is not None:  # loaded before the settings were known (in-process use): stop its events at least
         loaded.disable_telemetry_events()
+
+
+YOUNGEST_GENERATION_THRESHOLD = 7000
+"""Allocations, net of deallocations, between collections of the garbage collector's youngest generation (Python's
+default is 700); see settle_garbage_collector."""
+
+
+def settle_garbage_collector() -> None:
+    """Once a server process has started (its models loaded, its ports open): move every object it holds into the
+    garbage collector's permanent generation, which collections never traverse, and collect the youngest
+    generation ten times less often. A process, not a test: frozen objects are never collected.
+
+    Why: the imported modules, protobuf descriptors and loaded models are some 70,000 objects that live as long as
+    the process, and every full collection traversed them all, holding the interpreter lock, so the event loop and
+    the engine's thread both stopped. Measured with one process serving `dates` under h2load (closed loop, 240
+    calls in flight, 20 s): a full collection about every second, 25 ms each; frozen, 2.4 ms each. Each call
+    leaves short-lived cycles behind, so the youngest generation filled 130 times a second; at 7,000, all of the
+    collector's work went from 1.36 s to 0.36 s in 22 s. Objects made later (a reloaded version's) are collected
+    as usual. The collection first: cyclic garbage frozen with the rest would never be freed."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(YOUNGEST_GENERATION_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _configure_logging(level: str) -> None:
