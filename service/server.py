@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         from service.processes.supervisor import supervise
 
         return supervise(settings, list(sys.argv[1:] if argv is None else argv), frontends)
-    return asyncio.run(serve(settings, on_ready=lambda _port: settle_garbage_collector()))
+    settle_garbage_collector()
+    return asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

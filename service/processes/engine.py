@@ -6,7 +6,7 @@ from pathlib import Path
 
 from service.errors import AttnServeError
 from service.ipc.engine_server import EngineServer
-from service.lifecycle import log, settle_garbage_collector, stop_event
+from service.lifecycle import log, stop_event
 from service.metrics import ServerMetrics
 from service.processes.child import ENGINE_SOCKET, announce
 from service.runtime.memory import MemoryReturner
@@ -29,7 +29,6 @@ async def run_engine(settings: Settings, runtime_dir: Path) -> int:
     metrics_port = metrics.serve(0, "127.0.0.1") if settings.metrics_port else 0
     memory = MemoryReturner(settings.memory_return_seconds, server.manager.release_unused_memory)
     memory.start()
-    settle_garbage_collector()
     announce(metrics_port=metrics_port)
     await stop.wait()
     await memory.stop()

@@ -10,7 +10,7 @@ from service.engine_client.socket_client import SocketClient
 from service.grpc_api.security import SecurityConfigError
 from service.grpc_api.server import GrpcServer
 from service.http_api.server import HttpServer
-from service.lifecycle import log, open_ports, settle_garbage_collector, stop_event
+from service.lifecycle import log, open_ports, stop_event
 from service.metrics import ServerMetrics
 from service.processes.child import ENGINE_SOCKET, announce
 from service.runtime.memory import MemoryReturner
@@ -52,7 +52,6 @@ async def run_frontend(settings: Settings, runtime_dir: Path) -> int:
     metrics_port = metrics.serve(0, "127.0.0.1") if settings.metrics_port else 0
     memory = MemoryReturner(settings.memory_return_seconds)  # no models here: the heap only
     memory.start()
-    settle_garbage_collector()
     announce(metrics_port=metrics_port)
     await stopping
     await memory.stop()

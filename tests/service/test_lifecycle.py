@@ -1,6 +1,6 @@
 """onnxruntime's telemetry: off unless the onnxruntime_telemetry setting turns it on. That a server starts quietly
 with a home it cannot write (as on a read-only root) is tests/deploy/test_images.py's and `make image-check`'s.
-The garbage collector settled once a server process has started."""
+The garbage collector settled before a server process starts."""
 
 from __future__ import annotations
 
