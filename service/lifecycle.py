@@ -56,8 +56,8 @@ def settle_garbage_collector() -> None:
     Why before the models load: a version retired by a reload must be freed, and a frozen object in a reference
     cycle never is. The collection first, for the same reason. Why the collector's thresholds stay Python's:
     collecting the youngest generation ten times less often saved most of the rest of its work, but it keeps
-    garbage cycles alive ten times longer, and in the three soaks run with it the engines' memory grew 1.4-3.1
-    MB/min, over the 1 MB/min bar (docs/reliability.md)."""
+    garbage cycles alive ten times longer, and in the two soaks run with it three engines of four grew 1.4-3.1
+    MB/min, over the 1 MB/min bar (docs/benchmarks.md)."""
     gc.collect()
     gc.freeze()
 
