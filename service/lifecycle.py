@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -42,24 +41,6 @@ def configure_onnxruntime_telemetry(enabled: bool) -> None:
     loaded = sys.modules.get("onnxruntime")
     if loaded is not None:  # loaded before the settings were known (in-process use): stop its events at least
         loaded.disable_telemetry_events()
-
-
-def settle_garbage_collector() -> None:
-    """Before a server process starts (its modules imported, nothing of its own made yet): move every object the
-    imports made into the garbage collector's permanent generation, which collections never traverse. A process,
-    not a test: frozen objects are never collected.
-
-    Why: the imported modules, classes and protobuf descriptors are some 66,000 objects that live as long as the
-    process, and every full collection traversed them all, holding the interpreter lock, so the event loop and the
-    engine's thread both stopped. Measured with one process serving `dates` under h2load (closed loop, 240 calls in
-    flight, 20 s): a full collection about every second, 25 ms each; frozen, 2.4 ms each (docs/benchmarks.md).
-    Why before the models load: a version retired by a reload must be freed, and a frozen object in a reference
-    cycle never is. The collection first, for the same reason. Why the collector's thresholds stay Python's:
-    collecting the youngest generation ten times less often saved most of the rest of its work, but it keeps
-    garbage cycles alive ten times longer, and in the two soaks run with it three engines of four grew 1.4-3.1
-    MB/min, over the 1 MB/min bar (docs/benchmarks.md)."""
-    gc.collect()
-    gc.freeze()
 
 
 def _configure_logging(level: str) -> None:

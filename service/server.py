@@ -22,14 +22,7 @@ from service.engine_client.in_process import InProcessClient
 from service.grpc_api.security import SecurityConfigError
 from service.grpc_api.server import GrpcServer
 from service.http_api.server import HttpServer
-from service.lifecycle import (
-    open_ports,
-    remove_signal_handlers,
-    settings_from,
-    settle_garbage_collector,
-    start_client,
-    stop_event,
-)
+from service.lifecycle import open_ports, remove_signal_handlers, settings_from, start_client, stop_event
 from service.metrics import ServerMetrics
 from service.runtime.memory import MemoryReturner
 from service.settings import Settings
@@ -116,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         from service.processes.supervisor import supervise
 
         return supervise(settings, list(sys.argv[1:] if argv is None else argv), frontends)
-    settle_garbage_collector()
     return asyncio.run(serve(settings))
 
 

@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from service.lifecycle import settings_from, settle_garbage_collector
+from service.lifecycle import settings_from
 from service.processes.child import stop_with_parent
 
 
@@ -28,7 +28,6 @@ def child_main(argv: list[str]) -> int:
         from service.processes.engine import run_engine as run
     else:
         from service.processes.frontend import run_frontend as run
-    settle_garbage_collector()
     return asyncio.run(run(settings, Path(runtime_dir)))
 
 
