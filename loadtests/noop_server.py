@@ -1,6 +1,7 @@
 """The RPC ceiling: a server with attnserve's gRPC API that decodes nothing and returns a fixed translation.
 
-It runs the same stack as `attnserve serve` (grpc.aio, the attnserve.v1.Translator service, gRPC health) and
+It runs the same stack as `attnserve serve` (grpc.aio on the same event loop, uvloop's by default; the
+attnserve.v1.Translator service, gRPC health) and
 answers every Translate with one fixed hypothesis per text, so a client measured against it shows what the
 RPC path alone costs on the machine: the most requests per second any model could be served at.
 
@@ -13,11 +14,14 @@ import argparse
 import asyncio
 import sys
 from collections.abc import AsyncIterator
+from typing import get_args
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from service import event_loop
+from service.event_loop import EventLoopChoice
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.lifecycle import stop_event
@@ -102,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.noop_server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50061)
+    parser.add_argument(
+        "--event-loop", choices=get_args(EventLoopChoice), default="auto", help="as attnserve serve's (default auto)"
+    )
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.host, args.port))
+    event_loop.run(serve(args.host, args.port), args.event_loop)
     return 0
 
 

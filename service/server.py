@@ -17,6 +17,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from service import event_loop
 from service.dataplane import Dataplane
 from service.engine_client.in_process import InProcessClient
 from service.grpc_api.security import SecurityConfigError
@@ -75,13 +76,14 @@ async def serve(
     metrics_text = f", metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else ""
     http_text = f", HTTP on :{http.port}" if http is not None else ""
     log.info(
-        "attnserve listening on %s:%d (default model %s) serving %s%s%s",
+        "attnserve listening on %s:%d (default model %s) serving %s%s%s, on %s's event loop",
         settings.host,
         port,
         registry.default_model,
         models,
         http_text,
         metrics_text,
+        event_loop.running_loop_name(),
     )
     memory = MemoryReturner(settings.memory_return_seconds, client.manager.release_unused_memory)
     memory.start()
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         from service.processes.supervisor import supervise
 
         return supervise(settings, list(sys.argv[1:] if argv is None else argv), frontends)
-    return asyncio.run(serve(settings))
+    return event_loop.run(serve(settings), settings.event_loop)
 
 
 if __name__ == "__main__":

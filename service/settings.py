@@ -26,6 +26,7 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from service.engine.core import BatchingPolicy, EngineLimits
+from service.event_loop import EventLoopChoice, uvloop_installed
 from service.runtime.model import usable_cpus
 from service.runtime.providers import Provider
 from service.validation import error_text
@@ -141,6 +142,11 @@ class Settings(BaseSettings):
     front-ends' messages, instead of on a worker thread each. No thread hop per step, so less CPU per call for
     models whose steps cost little; but a step holds up the process's messages, so models with costly steps lose
     throughput (the phrasebook model served 246 calls/s against 420 on threads). Off by default."""
+
+    event_loop: Annotated[EventLoopChoice, BeforeValidator(_lower)] = "auto"
+    """The asyncio event loop of every server process: `uvloop` (libuv's, in C: about a fifth more calls/s at 64
+    in flight on two cores, docs/benchmarks.md), `asyncio` (Python's own), or `auto` (uvloop where it is
+    installed, as it is with attnserve on Linux and macOS; else asyncio's own)."""
 
     batching: Annotated[BatchingPolicy, BeforeValidator(_lower)] = BatchingPolicy.CONTINUOUS
     """How requests share decoder steps: `continuous` (join and leave at every step), `request`
@@ -302,6 +308,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"tls_cert_file={_show(self.tls_cert_file)} and tls_key_file={_show(self.tls_key_file)}: "
                 "set both (TLS) or neither (plaintext)"
+            )
+        if self.event_loop == "uvloop" and not uvloop_installed():
+            raise ValueError(
+                "event_loop=uvloop, but uvloop is not installed: pip install uvloop, or use auto or asyncio"
             )
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Callable
+from typing import cast
 
 import msgspec
 import numpy as np
@@ -281,8 +282,8 @@ class Channel(asyncio.BufferedProtocol):
     # asyncio.BufferedProtocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream's transport: asyncio's subclasses asyncio.Transport, uvloop's has its methods without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
         self.flush()  # what was queued before the connection was made
 
     def get_buffer(self, sizehint: int) -> memoryview:

@@ -3,10 +3,10 @@ supervisor (service/processes/supervisor.py starts them)."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 
+from service import event_loop
 from service.lifecycle import settings_from
 from service.processes.child import stop_with_parent
 
@@ -28,7 +28,7 @@ def child_main(argv: list[str]) -> int:
         from service.processes.engine import run_engine as run
     else:
         from service.processes.frontend import run_frontend as run
-    return asyncio.run(run(settings, Path(runtime_dir)))
+    return event_loop.run(run(settings, Path(runtime_dir)), settings.event_loop)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
+from service import event_loop
 from service.lifecycle import stop_event
 from service.processes.merged_metrics import ChildrenMetrics
 from service.settings import Settings
@@ -93,11 +94,12 @@ class Supervisor:
                     await self._stop_children(self.frontends + [self.engine], loop.time() + STOP_MARGIN_S)
                     return self._exit_status(child)
             log.info(
-                "attnserve listening on %s%s with %d front-end processes and one engine process%s",
+                "attnserve listening on %s%s with %d front-end processes and one engine process%s, on %s's event loop",
                 self.settings.grpc_address,
                 f" (HTTP on :{self.settings.http_port})" if self.settings.http_port else "",
                 len(self.frontends),
                 f", metrics on :{self.settings.metrics_port}/metrics" if self.settings.metrics_port else "",
+                event_loop.running_loop_name(),
             )
             watchers = [loop.create_task(self._watch(child)) for child in [self.engine, *self.frontends]]
             await stop.wait()
@@ -214,4 +216,4 @@ class Supervisor:
 
 def supervise(settings: Settings, flags: list[str], frontends: int) -> int:
     """Run the server as an engine process and `frontends` front-end processes; returns the exit status."""
-    return asyncio.run(Supervisor(settings, flags, frontends).run())
+    return event_loop.run(Supervisor(settings, flags, frontends).run(), settings.event_loop)

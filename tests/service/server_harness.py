@@ -19,6 +19,7 @@ from pathlib import Path
 from loadtests.servers import free_port, serve_command, wait_until_serving
 from loadtests.servers import metric as metric_sum
 from loadtests.servers import scrape as _scrape_page
+from service import event_loop
 from service.server import serve
 from service.settings import Settings
 
@@ -128,7 +129,8 @@ class ServerThread:
             return await serve(self.settings, stop=self._stop, on_ready=lambda _port: self._ready.set())
 
         try:
-            self.exit_code = asyncio.run(main())
+            # On the loop the settings choose, as `attnserve serve` runs it (uvloop's by default).
+            self.exit_code = event_loop.run(main(), self.settings.event_loop)
         except BaseException as error:  # surfaced by start()
             self._error = error
         finally:

@@ -1,0 +1,100 @@
+"""The event loop a server process runs on (service/event_loop.py, the `event_loop` setting): uvloop's by default,
+asyncio's own on request, and the same answers on both."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service import event_loop
+from service.gen.attnserve.v1 import translator_pb2 as pb
+from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
+from service.settings import Settings, SettingsError
+from tests.service.server_harness import free_port, start_subprocess, wait_until_serving
+
+needs_uvloop = pytest.mark.skipif(not event_loop.uvloop_installed(), reason="uvloop is not installed (Windows)")
+
+DATES = ["samedi 21 novembre 2026", "3 mars 1999", "14 juillet 1789"]
+
+
+async def _loop_name() -> str:
+    return event_loop.running_loop_name()
+
+
+@needs_uvloop
+def test_each_choice_runs_its_loop() -> None:
+    import uvloop
+
+    async def loop_type() -> type:
+        return type(asyncio.get_running_loop())
+
+    assert event_loop.run(_loop_name(), "uvloop") == "uvloop"
+    assert event_loop.run(_loop_name(), "auto") == "uvloop"
+    assert event_loop.run(_loop_name(), "asyncio") == "asyncio"
+    assert issubclass(event_loop.run(loop_type(), "uvloop"), uvloop.Loop)
+    assert not issubclass(event_loop.run(loop_type(), "asyncio"), uvloop.Loop)
+
+
+@needs_uvloop
+def test_a_run_leaves_the_process_event_loop_policy_alone() -> None:
+    policy = asyncio.get_event_loop_policy()
+    event_loop.run(_loop_name(), "uvloop")
+    assert asyncio.get_event_loop_policy() is policy
+    assert asyncio.run(_loop_name()) == "asyncio"
+
+
+def test_without_uvloop_auto_falls_back_and_uvloop_by_name_is_a_settings_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(event_loop.importlib.util, "find_spec", lambda name, *rest: None)
+    assert event_loop.resolved("auto") == "asyncio"
+    assert event_loop.run(_loop_name(), "auto") == "asyncio"
+    assert Settings(event_loop="auto").event_loop == "auto"
+    with pytest.raises(SettingsError, match="event_loop=uvloop, but uvloop is not installed"):
+        Settings(event_loop="uvloop")
+    with pytest.raises(RuntimeError, match="uvloop is not installed"):
+        event_loop.resolved("uvloop")
+
+
+def test_the_setting_takes_the_three_loops_and_nothing_else() -> None:
+    assert Settings().event_loop == "auto"
+    assert Settings.from_sources(["--event-loop", "ASYNCIO"], environ={}).event_loop == "asyncio"
+    assert Settings.from_sources([], environ={"ATTNSERVE_EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
+    with pytest.raises(SettingsError, match="event_loop must be one of auto, uvloop, asyncio"):
+        Settings(event_loop="tokio")
+
+
+def _serve_once(repository: Path, *flags: str) -> tuple[list[str], str]:
+    """`attnserve serve` as a child process with `flags`: the best translation of each of DATES, and its output
+    once SIGTERM has drained it (exit status 0 asserted)."""
+    port = free_port()
+    process = start_subprocess(repository, port, *flags)
+    try:
+        wait_until_serving(f"127.0.0.1:{port}", process=process)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            response = pb_grpc.TranslatorStub(channel).Translate(pb.TranslateRequest(texts=DATES), timeout=30)
+        texts = [translation.hypotheses[0].text for translation in response.translations]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return texts, process.stdout.read().decode("utf-8", "replace") if process.stdout else ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [["--frontends", "0"], ["--frontends", "1"]], ids=["one process", "front-end"])
+def test_the_server_says_its_loop_and_answers_the_same_on_both(tiny_repository: Path, processes: list[str]) -> None:
+    # With a front-end, the supervisor, the engine process and the front-end each run on the loop, and their
+    # messages cross a Unix socket through the loop's transports.
+    on_asyncio, asyncio_output = _serve_once(tiny_repository, *processes, "--event-loop", "asyncio")
+    assert "on asyncio's event loop" in asyncio_output, asyncio_output
+    if not event_loop.uvloop_installed():
+        return
+    on_uvloop, uvloop_output = _serve_once(tiny_repository, *processes)  # the default: auto
+    assert "on uvloop's event loop" in uvloop_output, uvloop_output
+    assert on_uvloop == on_asyncio
+    assert all(on_asyncio)
