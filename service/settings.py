@@ -144,9 +144,10 @@ class Settings(BaseSettings):
     throughput (the phrasebook model served 246 calls/s against 420 on threads). Off by default."""
 
     event_loop: Annotated[EventLoopChoice, BeforeValidator(_lower)] = "auto"
-    """The asyncio event loop of every server process: `uvloop` (libuv's, in C: about a fifth more calls/s at 64
-    in flight on two cores, docs/benchmarks.md), `asyncio` (Python's own), or `auto` (uvloop where it is
-    installed, as it is with attnserve on Linux and macOS; else asyncio's own)."""
+    """The asyncio event loop of the server's processes: `auto` = uvloop's (libuv's, in C) for the processes that
+    serve RPCs (one process, the front-ends: 5-27% more calls/s at 64 in flight on two cores) and asyncio's own
+    for the engine process of `frontends` N, where uvloop measured slower (docs/benchmarks.md); `uvloop` or
+    `asyncio` = that loop in every process. Without uvloop installed (Windows), auto is asyncio's loop."""
 
     batching: Annotated[BatchingPolicy, BeforeValidator(_lower)] = BatchingPolicy.CONTINUOUS
     """How requests share decoder steps: `continuous` (join and leave at every step), `request`

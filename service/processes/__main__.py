@@ -3,12 +3,16 @@ supervisor (service/processes/supervisor.py starts them)."""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 
 from service import event_loop
 from service.lifecycle import settings_from
 from service.processes.child import stop_with_parent
+
+log = logging.getLogger("attnserve.processes")
 
 
 def child_main(argv: list[str]) -> int:
@@ -28,7 +32,13 @@ def child_main(argv: list[str]) -> int:
         from service.processes.engine import run_engine as run
     else:
         from service.processes.frontend import run_frontend as run
-    return event_loop.run(run(settings, Path(runtime_dir)), settings.event_loop)
+    name = "front-end" if role == "frontend" else "engine"
+
+    async def announced() -> int:
+        log.info("%s process %d on %s's event loop", name, os.getpid(), event_loop.running_loop_name())
+        return await run(settings, Path(runtime_dir))
+
+    return event_loop.run(announced(), settings.event_loop, serves_rpcs=role == "frontend")
 
 
 if __name__ == "__main__":

@@ -94,12 +94,14 @@ class Supervisor:
                     await self._stop_children(self.frontends + [self.engine], loop.time() + STOP_MARGIN_S)
                     return self._exit_status(child)
             log.info(
-                "attnserve listening on %s%s with %d front-end processes and one engine process%s, on %s's event loop",
+                "attnserve listening on %s%s with %d front-end processes and one engine process%s; front-ends on %s's "
+                "event loop, the engine process on %s's",
                 self.settings.grpc_address,
                 f" (HTTP on :{self.settings.http_port})" if self.settings.http_port else "",
                 len(self.frontends),
                 f", metrics on :{self.settings.metrics_port}/metrics" if self.settings.metrics_port else "",
-                event_loop.running_loop_name(),
+                event_loop.resolved(self.settings.event_loop),
+                event_loop.resolved(self.settings.event_loop, serves_rpcs=False),
             )
             watchers = [loop.create_task(self._watch(child)) for child in [self.engine, *self.frontends]]
             await stop.wait()
@@ -216,4 +218,4 @@ class Supervisor:
 
 def supervise(settings: Settings, flags: list[str], frontends: int) -> int:
     """Run the server as an engine process and `frontends` front-end processes; returns the exit status."""
-    return event_loop.run(Supervisor(settings, flags, frontends).run(), settings.event_loop)
+    return event_loop.run(Supervisor(settings, flags, frontends).run(), settings.event_loop, serves_rpcs=False)

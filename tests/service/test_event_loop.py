@@ -4,6 +4,7 @@ asyncio's own on request, and the same answers on both."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def test_each_choice_runs_its_loop() -> None:
     assert event_loop.run(_loop_name(), "uvloop") == "uvloop"
     assert event_loop.run(_loop_name(), "auto") == "uvloop"
     assert event_loop.run(_loop_name(), "asyncio") == "asyncio"
+    # The engine process and the supervisor: auto is asyncio's loop there (uvloop measured slower).
+    assert event_loop.run(_loop_name(), "auto", serves_rpcs=False) == "asyncio"
+    assert event_loop.run(_loop_name(), "uvloop", serves_rpcs=False) == "uvloop"
     assert issubclass(event_loop.run(loop_type(), "uvloop"), uvloop.Loop)
     assert not issubclass(event_loop.run(loop_type(), "asyncio"), uvloop.Loop)
 
@@ -86,15 +90,27 @@ def _serve_once(repository: Path, *flags: str) -> tuple[list[str], str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("processes", [["--frontends", "0"], ["--frontends", "1"]], ids=["one process", "front-end"])
-def test_the_server_says_its_loop_and_answers_the_same_on_both(tiny_repository: Path, processes: list[str]) -> None:
-    # With a front-end, the supervisor, the engine process and the front-end each run on the loop, and their
-    # messages cross a Unix socket through the loop's transports.
-    on_asyncio, asyncio_output = _serve_once(tiny_repository, *processes, "--event-loop", "asyncio")
+def test_one_process_says_its_loop_and_answers_the_same_on_both(tiny_repository: Path) -> None:
+    on_asyncio, asyncio_output = _serve_once(tiny_repository, "--frontends", "0", "--event-loop", "asyncio")
     assert "on asyncio's event loop" in asyncio_output, asyncio_output
     if not event_loop.uvloop_installed():
         return
-    on_uvloop, uvloop_output = _serve_once(tiny_repository, *processes)  # the default: auto
+    on_uvloop, uvloop_output = _serve_once(tiny_repository, "--frontends", "0")  # the default: auto
     assert "on uvloop's event loop" in uvloop_output, uvloop_output
     assert on_uvloop == on_asyncio
     assert all(on_asyncio)
+
+
+@pytest.mark.slow
+@needs_uvloop
+def test_with_a_front_end_auto_puts_it_on_uvloop_and_the_engine_process_on_asyncio(tiny_repository: Path) -> None:
+    # The front-end and the engine process exchange their messages over a Unix socket through each loop's
+    # transports: on mixed loops, on one loop, and on the other.
+    answers = {}
+    for choice, front_end, engine in [("auto", "uvloop", "asyncio"), ("uvloop", "uvloop", "uvloop"), ("asyncio",) * 3]:
+        answers[choice], output = _serve_once(tiny_repository, "--frontends", "1", "--event-loop", choice)
+        assert re.search(rf"front-end process \d+ on {front_end}'s event loop", output), output
+        assert re.search(rf"engine process \d+ on {engine}'s event loop", output), output
+        assert f"front-ends on {front_end}'s event loop, the engine process on {engine}'s" in output, output
+    assert answers["auto"] == answers["uvloop"] == answers["asyncio"]
+    assert all(answers["auto"])
