@@ -3,13 +3,13 @@
 Why uvloop: a call's cost beyond its work is mostly the event loop's: gRPC's completion events, the tasks and
 futures of each call, and the socket reads that wake the loop. uvloop does the same in C on libuv and leaves the
 Python code as it is. Measured on two cores (`python -m loadtests.rpc_cost`, docs/benchmarks.md): a bare grpc.aio
-server answered about a third more calls/s at 64 in flight on it, and attnserve in one process 5-27% more.
+server answered about a third more calls/s at 64 in flight on it, and attnserve in one process 14-21% more.
 
-Why not everywhere: the engine process of `--frontends N` moves messages between the front-ends and its engines'
-worker threads, and there uvloop measured 20-30% fewer calls/s at 64 in flight (the front-end on uvloop and the
-engine process on asyncio's loop gave the most). So `auto` means uvloop for a process that serves RPCs (one
-process, a front-end) and asyncio's own loop for the engine process and the supervisor; `uvloop` and `asyncio`
-put every process on that loop. Without uvloop installed (Windows) `auto` is asyncio's loop everywhere.
+Why not everywhere: the engine process of `--frontends N` moves messages between the front-ends and its
+engines' worker threads, and there uvloop measured 20-30% fewer calls/s at 64 in flight. So `auto` means uvloop
+for a process that serves RPCs (one process, a front-end) and asyncio's own loop for the engine process and the
+supervisor; `uvloop` and `asyncio` put every process on that loop. Without uvloop installed (Windows) `auto` is
+asyncio's loop everywhere.
 
 Everything the server does runs unchanged on both loops (the test suite runs its servers as `auto` does).
 """

@@ -145,7 +145,7 @@ class Settings(BaseSettings):
 
     event_loop: Annotated[EventLoopChoice, BeforeValidator(_lower)] = "auto"
     """The asyncio event loop of the server's processes: `auto` = uvloop's (libuv's, in C) for the processes that
-    serve RPCs (one process, the front-ends: 5-27% more calls/s at 64 in flight on two cores) and asyncio's own
+    serve RPCs (one process, the front-ends: 14-21% more calls/s at 64 in flight on two cores) and asyncio's own
     for the engine process of `frontends` N, where uvloop measured slower (docs/benchmarks.md); `uvloop` or
     `asyncio` = that loop in every process. Without uvloop installed (Windows), auto is asyncio's loop."""
 
