@@ -1,5 +1,6 @@
-"""The event loop a server process runs on (service/event_loop.py, the `event_loop` setting): uvloop's by default,
-asyncio's own on request, and the same answers on both."""
+"""The event loop a server process runs on (service/event_loop.py, the `event_loop` setting): by default uvloop's
+where RPCs are served and asyncio's own in the engine process, either everywhere on request, and the same answers
+on every choice."""
 
 from __future__ import annotations
 
