@@ -12,8 +12,13 @@ back later, instead of waiting in a backlog.
 
 The drain rate is measured, not configured: texts that left the queue per second, over intervals that began
 and ended with texts waiting (then the engine took texts as fast as it could; while the queue is empty the count
-says how fast texts arrived, not how fast they could leave). Until a first such interval there is no estimate
-and calls are admitted (the queue limit, max_waiting_requests, still bounds the queue).
+says how fast texts arrived, not how fast they could leave). Until such intervals add up to TRUSTED_AFTER_S there
+is no estimate and calls are admitted (the queue limit, max_waiting_requests, still bounds the queue); the first
+estimate is what left over all of them, per second of them, and later intervals move it as a moving average.
+One short interval is not enough: a continuous-batching engine's queue empties at every step it keeps up with,
+so a queue that is backlogged at two samples 50 ms apart is rare under a normal load, and the first time it
+happens may well be a hiccup (a step the OS preempted, a collection) that measures 0. Taken alone, such a first
+interval once had a server that was keeping up with 64 calls in flight refuse 778 of them.
 
 An interval that ends with the queue emptied is no measurement, but it is a floor: everything that left, left
 within it, so the queue drains at least that fast (over at least MIN_INTERVAL_S). A known rate below the floor
@@ -49,6 +54,11 @@ MAX_INTERVAL_S = 1.0
 """The longest: samples further apart than this may hide a moment when the queue was empty (and the engine idle)
 between them, so such an interval gives no measurement."""
 
+TRUSTED_AFTER_S = 0.5
+"""A queue's rate is known once its measured intervals add up to this much: ten of the shortest, so that no single
+interval (a hiccup, a cold step) sets the rate alone; half the moving average's time constant, so that a queue that
+is backlogged for real has a rate well before its calls have waited the default bound (500 ms)."""
+
 SMOOTHING_S = 1.0
 """Time constant of the drain rate's moving average: a sample over `dt` seconds weighs 1 - exp(-dt / this)."""
 
@@ -80,11 +90,13 @@ class WaitEstimate:
 class DrainRate:
     """How fast one queue empties while it is backlogged: a moving average of the rates measured over intervals
     that began and ended with something waiting, raised toward the floors of intervals in which the queue emptied
-    (see the module's docstring). `rate` (items/s) is None until the first measurement."""
+    (see the module's docstring). `rate` (items/s) is None until the measured intervals add up to
+    TRUSTED_AFTER_S; it is then what left over them, per second, and a moving average from there on."""
 
     def __init__(self) -> None:
         self.rate: float | None = None
         self._start: tuple[float, int, int] | None = None  # (at, waiting, dequeued) where the interval began
+        self._untrusted = (0, 0.0)  # (items that left, seconds) over the intervals measured while rate is None
 
     def observe(self, at: float, waiting: int, dequeued: int) -> None:
         """Take what the queue holds at time `at` (seconds of the caller's monotonic clock): `waiting` items, and
@@ -104,19 +116,27 @@ class DrainRate:
             if elapsed < MIN_INTERVAL_S:
                 return
             if elapsed <= MAX_INTERVAL_S:
-                self._average((dequeued - start[2]) / elapsed, elapsed)
+                self._measured(dequeued - start[2], elapsed)
         elif self.rate is not None:
             floor = (dequeued - start[2]) / max(elapsed, MIN_INTERVAL_S)
             if floor > self.rate:
                 self._average(floor, elapsed)
         self._start = (at, waiting, dequeued)
 
+    def _measured(self, left: int, over_s: float) -> None:
+        """`left` items left the queue over `over_s` seconds in which it stayed backlogged."""
+        if self.rate is not None:
+            self._average(left / over_s, over_s)
+            return
+        left_before, seconds_before = self._untrusted
+        self._untrusted = (left_before + left, seconds_before + over_s)
+        if self._untrusted[1] >= TRUSTED_AFTER_S:
+            self.rate = self._untrusted[0] / self._untrusted[1]
+
     def _average(self, value: float, over_s: float) -> None:
-        """Move the rate toward `value`, which holds over the last `over_s` seconds (the first value is taken)."""
-        if self.rate is None:
-            self.rate = value
-        else:
-            self.rate += (1.0 - math.exp(-over_s / SMOOTHING_S)) * (value - self.rate)
+        """Move the known rate toward `value`, which holds over the last `over_s` seconds."""
+        assert self.rate is not None
+        self.rate += (1.0 - math.exp(-over_s / SMOOTHING_S)) * (value - self.rate)
 
     def wait_s(self, ahead: int) -> float | None:
         """Seconds until `ahead` items have left at the measured rate (infinite when it is 0), 0 when nothing is

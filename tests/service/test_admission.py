@@ -17,6 +17,7 @@ from service.engine_client.admission import (
     MIN_INTERVAL_S,
     QUEUE_SHARE_KEPT,
     SMOOTHING_S,
+    TRUSTED_AFTER_S,
     DrainRate,
     PendingCalls,
     QueueAdmission,
@@ -46,12 +47,35 @@ def admission(max_waiting: int = 1000, max_wait_s: float = 0.5, rate: float | No
 
 
 def test_the_rate_is_what_left_a_backlogged_queue_per_second() -> None:
-    assert drained((0.0, 100, 0), (0.1, 100, 50)).rate == pytest.approx(500.0)
+    assert drained((0.0, 100, 0), (0.5, 100, 250)).rate == pytest.approx(500.0)
 
 
 def test_no_rate_before_a_first_busy_interval() -> None:
     assert DrainRate().rate is None
     assert drained((0.0, 100, 0)).rate is None
+
+
+def test_no_rate_until_the_measured_intervals_add_up_to_the_trusted_length_then_what_left_over_all_of_them() -> None:
+    # The first measured interval is a hiccup: nothing left for 50 ms. Alone it would refuse every call.
+    drain = drained((0.0, 100, 0), (0.05, 100, 0))
+    assert drain.rate is None
+    # Intervals that ended with the queue emptied are floors, not measurements: they do not count toward it.
+    drain.observe(0.06, 0, 30)
+    assert drain.rate is None
+    # Measured intervals of 0.1 s add up: 0.05 + 4 x 0.1 = 0.45 s, still short of TRUSTED_AFTER_S.
+    at, dequeued = 1.0, 30
+    drain.observe(at, 100, dequeued)
+    for _ in range(4):
+        at, dequeued = at + 0.1, dequeued + 300
+        drain.observe(at, 100, dequeued)
+    assert drain.rate is None
+    at, dequeued = at + 0.05, dequeued + 150  # now 0.5 s: 1,350 texts left over them
+    drain.observe(at, 100, dequeued)
+    assert TRUSTED_AFTER_S == 0.5
+    assert drain.rate == pytest.approx(1350 / 0.5)
+    # From then on, a moving average.
+    drain.observe(at + 0.1, 100, dequeued)
+    assert drain.rate == pytest.approx(2700.0 * math.exp(-0.1 / SMOOTHING_S))
 
 
 def test_an_interval_that_began_or_ended_with_an_empty_queue_measures_nothing() -> None:
@@ -60,7 +84,7 @@ def test_an_interval_that_began_or_ended_with_an_empty_queue_measures_nothing() 
     assert drained((0.0, 10, 0), (0.5, 0, 10)).rate is None
     # An empty sample in between, even a short one, restarts the interval.
     assert drained((0.0, 10, 0), (0.01, 0, 10), (0.5, 10, 20)).rate is None
-    assert drained((0.0, 10, 0), (0.01, 0, 10), (0.5, 10, 20), (0.6, 10, 70)).rate == pytest.approx(500.0)
+    assert drained((0.0, 10, 0), (0.01, 0, 10), (0.5, 10, 20), (1.0, 10, 270)).rate == pytest.approx(500.0)
 
 
 def test_a_queue_emptied_within_an_interval_moves_a_lower_rate_toward_what_left_over_it() -> None:
@@ -78,32 +102,32 @@ def test_a_queue_emptied_within_an_interval_moves_a_lower_rate_toward_what_left_
 
 
 def test_a_floor_under_the_rate_changes_nothing_and_none_makes_a_first_rate() -> None:
-    at_500 = ((0.0, 100, 0), (0.1, 50, 50))
-    assert drained(*at_500, (1.1, 0, 100)).rate == pytest.approx(500.0)  # 50 within 1 s: at least 50/s
+    at_500 = ((0.0, 100, 0), (0.5, 50, 250))
+    assert drained(*at_500, (1.5, 0, 300)).rate == pytest.approx(500.0)  # 50 within 1 s: at least 50/s
     assert drained((0.0, 10, 0), (0.5, 0, 10)).rate is None
 
 
 def test_texts_that_leave_all_at_once_raise_the_rate_only_by_their_share_of_the_average() -> None:
     # 1,000/s measured; then 300 waiting texts expire within 10 ms and the queue is empty: a floor of 6,000/s.
-    drain = drained((0.0, 500, 0), (0.2, 500, 200))
+    drain = drained((0.0, 500, 0), (0.5, 500, 500))
     assert drain.rate == pytest.approx(1000.0)
-    drain.observe(0.21, 0, 500)
+    drain.observe(0.51, 0, 800)
     assert drain.rate == pytest.approx(1000.0 + (1 - math.exp(-0.01 / SMOOTHING_S)) * (300 / MIN_INTERVAL_S - 1000.0))
     assert drain.rate < 1.06 * 1000.0
 
 
 def test_a_cold_step_does_not_leave_the_rate_at_zero_once_the_engine_keeps_up_again() -> None:
-    # A first step at a new shape holds 12 texts for 0.2 s: measured 0/s, and any call behind a waiting text is
-    # refused. Then the engine takes every waiting text at each step, every 10 ms: the queue empties at each step,
-    # and 5 texts arrive before the next.
+    # A first step at a new shape (on a GPU, seconds) holds 12 texts for 0.6 s: measured 0/s over more than
+    # TRUSTED_AFTER_S, and any call behind a waiting text is refused. Then the engine takes every waiting text at
+    # each step, every 10 ms: the queue empties at each step, and 5 texts arrive before the next.
     gate = QueueAdmission("dates version 1", 1000, 0.5)
     gate.observe(0.0, 12, 0)
-    gate.observe(0.2, 12, 0)
+    gate.observe(0.6, 12, 0)
     assert gate.drain.rate == 0.0
     assert gate.estimate(waiting=5, picked_up=0) is not None
-    gate.observe(0.21, 0, 12)  # the cold step ends and takes all 12
+    gate.observe(0.61, 0, 12)  # the cold step ends and takes all 12
     assert gate.estimate(waiting=5, picked_up=0) is not None  # one floor moves the average a little
-    at, dequeued, rates = 0.21, 12, []
+    at, dequeued, rates = 0.61, 12, []
     for _ in range(100):  # a second of steps
         gate.observe(at + 0.001, 5, dequeued)  # the next arrivals
         at, dequeued = at + 0.01, dequeued + 5
@@ -117,8 +141,8 @@ def test_samples_closer_than_the_shortest_interval_extend_it() -> None:
     half = MIN_INTERVAL_S / 2
     rate = drained((0.0, 100, 0), (half, 100, 7))
     assert rate.rate is None
-    rate.observe(2 * MIN_INTERVAL_S, 100, 40)  # measured from the interval's start, at 0
-    assert rate.rate == pytest.approx(40 / (2 * MIN_INTERVAL_S))
+    rate.observe(TRUSTED_AFTER_S, 100, 40)  # measured from the interval's start, at 0
+    assert rate.rate == pytest.approx(40 / TRUSTED_AFTER_S)
 
 
 def test_an_interval_longer_than_the_longest_measures_nothing() -> None:
@@ -128,13 +152,13 @@ def test_an_interval_longer_than_the_longest_measures_nothing() -> None:
 
 def test_a_count_that_goes_backwards_starts_over() -> None:
     # A new engine for the same version counts from 0 again.
-    assert drained((0.0, 10, 500), (0.2, 10, 3)).rate is None
-    assert drained((0.0, 10, 500), (0.2, 10, 3), (0.4, 10, 103)).rate == pytest.approx(500.0)
+    assert drained((0.0, 10, 500), (0.25, 10, 3)).rate is None
+    assert drained((0.0, 10, 500), (0.25, 10, 3), (0.75, 10, 253)).rate == pytest.approx(500.0)
 
 
 def test_later_intervals_are_averaged_by_their_length() -> None:
-    rate = drained((0.0, 100, 0), (0.1, 100, 50))  # 500/s
-    rate.observe(0.3, 100, 50 + 200)  # 1000/s over 0.2 s
+    rate = drained((0.0, 100, 0), (0.5, 100, 250))  # 500/s
+    rate.observe(0.7, 100, 250 + 200)  # 1000/s over 0.2 s
     weight = 1.0 - math.exp(-0.2 / SMOOTHING_S)
     assert rate.rate == pytest.approx(500.0 + weight * (1000.0 - 500.0))
 
@@ -230,7 +254,7 @@ def test_a_call_that_waited_to_be_picked_up_has_less_of_the_bound_left_but_never
 
 
 def test_an_interval_begins_at_the_first_sample_with_something_waiting() -> None:
-    assert drained((0.0, 0, 0), (0.2, 10, 0), (0.3, 10, 50)).rate == pytest.approx(500.0)
+    assert drained((0.0, 0, 0), (0.25, 10, 0), (0.75, 10, 250)).rate == pytest.approx(500.0)
 
 
 def test_pending_calls_are_counted_until_they_reach_the_dataplane_or_end() -> None:
@@ -271,7 +295,7 @@ def test_core_backlog_is_the_calls_core_holds_that_python_does_not_over_the_pick
         counts["started"] = 3 + 100  # core took 103 calls; Python holds 3 of them
         assert backlog.waited_s() == 0.0  # a backlog of 100, but no pickup rate yet
         assert backlog.waiting == 100
-        clock.now += SAMPLE_INTERVAL_S  # 50 more picked up (and ended) while 100 still waited; the loop idled
+        clock.now += TRUSTED_AFTER_S  # 50 more picked up (and ended) while 100 still waited; the loop idled
         for _ in range(50):
             done = asyncio.get_running_loop().create_future()
             backlog.picked_up(done)
@@ -280,7 +304,7 @@ def test_core_backlog_is_the_calls_core_holds_that_python_does_not_over_the_pick
         counts["finished"] += 50
         await asyncio.sleep(0)  # the done callbacks run
         # Read again although the loop was not busy: the last read found calls waiting.
-        assert backlog.waited_s() == pytest.approx(100 / (50 / SAMPLE_INTERVAL_S))
+        assert backlog.waited_s() == pytest.approx(100 / (50 / TRUSTED_AFTER_S))
         assert backlog.reads == 2
         release.set()
         await asyncio.gather(*held)
