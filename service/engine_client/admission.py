@@ -20,17 +20,22 @@ so a queue that is backlogged at two samples 50 ms apart is rare under a normal 
 happens may well be a hiccup (a step the OS preempted, a collection) that measures 0. Taken alone, such a first
 interval once had a server that was keeping up with 64 calls in flight refuse 778 of them.
 
-An interval that ends with the queue emptied is no measurement, but it is a floor: everything that left, left
-within it, so the queue drains at least that fast (over at least MIN_INTERVAL_S). A known rate below the floor
-moves toward it as the moving average would toward a measurement over the same time; a floor never lowers the
-rate. The move is no jump because texts that expire or are cancelled in the queue count as having left, and many
-can leave at once. Without the floor, the rate could stick at 0 while the engine keeps up. A continuous-batching
-engine takes every waiting text at its next step, so its queue empties at each step, and the only intervals that
-end with texts waiting are those a slow step cuts short (a new shape's first run on a GPU): they measure 0. From
-then on, the wait of any call behind a single text reads as forever, the call is refused, and with calls refused
-the queue never stays backlogged long enough to measure the rate again. With the floor the rate recovers within
-about SMOOTHING_S. The same holds for the other queues measured with DrainRate: the calls picked up and not yet
-in a model queue (PendingCalls) and gRPC core's backlog (service/grpc_api/backlog.py).
+An interval that ends with the queue emptied is no measurement, but it gives a floor: what left over a span of at
+least MIN_INTERVAL_S, per second, is a rate the queue has drained at, so it drains at least that fast. The span
+runs from the end of the last measurement or floor to a sample that finds the queue emptied, so under a steady load
+whose samples come every fraction of a millisecond the floor is the throughput over the last 50 ms or so, not the
+few texts of the last sample's interval. A known rate below the floor moves toward it as the moving average would
+toward a measurement over the same span; a floor never lowers the rate. The move is no jump because texts that
+expire or are cancelled in the queue count as having left, and many can leave at once. Without the floor, the rate
+could stick at 0 while the engine keeps up. A continuous-batching engine takes every waiting text at its next step,
+so its queue empties at each step, and the only intervals that end with texts waiting are those a slow step cuts
+short (a new shape's first run on a GPU): they measure 0. From then on, the wait of any call behind a single text
+reads as forever, the call is refused, and with calls refused the queue never stays backlogged long enough to
+measure the rate again. With the floor the rate recovers within about SMOOTHING_S. (Floors taken over each sample's
+interval alone, as they were, said 200 texts/s of a queue that drained 2,500: a rate at 0 took 1.1 s to admit a
+call behind 64 texts, refusing every such call meanwhile.) The same holds for the other queues measured with
+DrainRate: the calls picked up and not yet in a model queue (PendingCalls) and gRPC core's backlog
+(service/grpc_api/backlog.py).
 
 Everything here is plain arithmetic on counts and a clock the caller passes in, so a test gives exact inputs
 and checks exact answers. Nothing here knows of gRPC, HTTP or processes: the engine clients feed it what they
@@ -89,13 +94,14 @@ class WaitEstimate:
 
 class DrainRate:
     """How fast one queue empties while it is backlogged: a moving average of the rates measured over intervals
-    that began and ended with something waiting, raised toward the floors of intervals in which the queue emptied
-    (see the module's docstring). `rate` (items/s) is None until the measured intervals add up to
+    that began and ended with something waiting, raised toward floors: what left per second over spans that ended
+    with the queue emptied (see the module's docstring). `rate` (items/s) is None until the measured intervals add up to
     TRUSTED_AFTER_S; it is then what left over them, per second, and a moving average from there on."""
 
     def __init__(self) -> None:
         self.rate: float | None = None
         self._start: tuple[float, int, int] | None = None  # (at, waiting, dequeued) where the interval began
+        self._floor_from: tuple[float, int] | None = None  # (at, dequeued) where the span of the next floor began
         self._untrusted = (0, 0.0)  # (items that left, seconds) over the intervals measured while rate is None
 
     def observe(self, at: float, waiting: int, dequeued: int) -> None:
@@ -105,10 +111,14 @@ class DrainRate:
         An interval begins at the first sample with something waiting. A later sample with something waiting
         ends it with a measurement when it is at least MIN_INTERVAL_S after the start (closer ones only extend
         it) and at most MAX_INTERVAL_S (a longer one may hide a moment when the queue was empty). A sample with
-        the queue emptied ends it with a floor, of any length: everything that left did so within it. An interval
-        whose count went backwards (a new engine for the same version) ends with neither."""
-        start = self._start
-        if start is None or start[1] <= 0 or dequeued < start[2]:
+        the queue emptied ends it, and gives a floor once the span since the last measurement or floor is at least
+        MIN_INTERVAL_S long. A count that went backwards (a new engine for the same version) ends the interval and
+        the span with neither."""
+        start, floor_from = self._start, self._floor_from
+        if start is None or floor_from is None or dequeued < start[2] or dequeued < floor_from[1]:
+            self._start, self._floor_from = (at, waiting, dequeued), (at, dequeued)
+            return
+        if start[1] <= 0:
             self._start = (at, waiting, dequeued)
             return
         elapsed = at - start[0]
@@ -117,10 +127,14 @@ class DrainRate:
                 return
             if elapsed <= MAX_INTERVAL_S:
                 self._measured(dequeued - start[2], elapsed)
-        elif self.rate is not None:
-            floor = (dequeued - start[2]) / max(elapsed, MIN_INTERVAL_S)
-            if floor > self.rate:
-                self._average(floor, elapsed)
+            self._floor_from = (at, dequeued)
+        else:
+            span = at - floor_from[0]
+            if span >= MIN_INTERVAL_S:
+                floor = (dequeued - floor_from[1]) / span
+                if self.rate is not None and floor > self.rate:
+                    self._average(floor, span)
+                self._floor_from = (at, dequeued)
         self._start = (at, waiting, dequeued)
 
     def _measured(self, left: int, over_s: float) -> None:

@@ -91,9 +91,13 @@ def test_a_queue_emptied_within_an_interval_moves_a_lower_rate_toward_what_left_
     at_20 = ((0.0, 100, 0), (0.5, 90, 10))  # measured: 10 left in 0.5 s, 20/s
     # The other 90 left within the next 0.4 s: at least 225/s, averaged in over those 0.4 s.
     assert drained(*at_20, (0.9, 0, 100)).rate == pytest.approx(20.0 + (1 - math.exp(-0.4 / SMOOTHING_S)) * 205.0)
-    # Within 0.01 s: at least 90 over MIN_INTERVAL_S (not over 0.01 s), averaged in over 0.01 s.
-    floor = 90 / MIN_INTERVAL_S
-    assert drained(*at_20, (0.51, 0, 100)).rate == pytest.approx(20.0 + (1 - math.exp(-0.01)) * (floor - 20.0))
+    # Within 0.01 s: a span shorter than MIN_INTERVAL_S gives no floor yet; it goes on to the next time the queue
+    # is found emptied, here 0.05 s after the measurement, by when 8 more came and left: 98 over 0.05 s.
+    drain = drained(*at_20, (0.51, 0, 100))
+    assert drain.rate == pytest.approx(20.0)
+    drain.observe(0.52, 8, 100)
+    drain.observe(0.55, 0, 108)
+    assert drain.rate == pytest.approx(20.0 + (1 - math.exp(-0.05 / SMOOTHING_S)) * (98 / 0.05 - 20.0))
     # A floor holds over any length, a long one too: 90 within 2 s.
     long_s = MAX_INTERVAL_S + 1.0
     assert drained(*at_20, (0.5 + long_s, 0, 100)).rate == pytest.approx(
@@ -108,12 +112,15 @@ def test_a_floor_under_the_rate_changes_nothing_and_none_makes_a_first_rate() ->
 
 
 def test_texts_that_leave_all_at_once_raise_the_rate_only_by_their_share_of_the_average() -> None:
-    # 1,000/s measured; then 300 waiting texts expire within 10 ms and the queue is empty: a floor of 6,000/s.
+    # 1,000/s measured; then 300 waiting texts expire within 10 ms and the queue is empty; 5 more come and go by
+    # 0.55 s: 305 left over the 0.05 s span, a floor of 6,100/s, which weighs what 0.05 s of the average does.
     drain = drained((0.0, 500, 0), (0.5, 500, 500))
     assert drain.rate == pytest.approx(1000.0)
     drain.observe(0.51, 0, 800)
-    assert drain.rate == pytest.approx(1000.0 + (1 - math.exp(-0.01 / SMOOTHING_S)) * (300 / MIN_INTERVAL_S - 1000.0))
-    assert drain.rate < 1.06 * 1000.0
+    drain.observe(0.54, 5, 800)
+    drain.observe(0.55, 0, 805)
+    assert drain.rate == pytest.approx(1000.0 + (1 - math.exp(-0.05 / SMOOTHING_S)) * (305 / 0.05 - 1000.0))
+    assert drain.rate < 1.25 * 1000.0
 
 
 def test_a_cold_step_does_not_leave_the_rate_at_zero_once_the_engine_keeps_up_again() -> None:
@@ -126,15 +133,44 @@ def test_a_cold_step_does_not_leave_the_rate_at_zero_once_the_engine_keeps_up_ag
     assert gate.drain.rate == 0.0
     assert gate.estimate(waiting=5, picked_up=0) is not None
     gate.observe(0.61, 0, 12)  # the cold step ends and takes all 12
-    assert gate.estimate(waiting=5, picked_up=0) is not None  # one floor moves the average a little
+    assert gate.estimate(waiting=5, picked_up=0) is not None  # no floor yet: a span of 0.01 s
     at, dequeued, rates = 0.61, 12, []
     for _ in range(100):  # a second of steps
         gate.observe(at + 0.001, 5, dequeued)  # the next arrivals
         at, dequeued = at + 0.01, dequeued + 5
         gate.observe(at, 0, dequeued)  # the step took them all
         rates.append(gate.drain.rate)
-    assert rates == sorted(rates) and rates[-1] < 5 / MIN_INTERVAL_S  # toward the floor, never past it
+    assert rates == sorted(rates) and rates[-1] < 5 / 0.01  # toward the throughput, never past it
     assert gate.estimate(waiting=5, picked_up=0) is None
+
+
+def test_a_rate_at_zero_recovers_from_the_throughput_not_from_the_last_samples_few_texts() -> None:
+    # A stall of 0.6 s (rate 0), then a steady 2,500 texts/s: a step every 4 ms takes the 10 texts that arrived
+    # since the last, one every 0.4 ms, each arrival a sample. A call behind 64 texts fits the 0.5 s bound once
+    # the rate is 128/s. Floors over each sample's interval alone (10 texts in 0.4 ms, counted over 50 ms: 200/s)
+    # took 1.1 s of steps to get there; over spans of at least MIN_INTERVAL_S they see the 2,500/s.
+    gate = QueueAdmission("dates version 1", 1000, 0.5)
+    gate.observe(0.0, 12, 0)
+    gate.observe(0.6, 12, 0)
+    assert gate.drain.rate == 0.0
+    floors: list[float] = []
+    step, dequeued, admitted_after = 0, 0, None
+    while admitted_after is None and step < 1000:
+        start = 0.6 + step * 0.004
+        for arrived in range(1, 10):
+            gate.observe(start + arrived * 0.0004, arrived, dequeued)
+        step, dequeued = step + 1, dequeued + 10
+        before = gate.drain.rate
+        gate.observe(0.6 + step * 0.004, 0, dequeued)
+        if gate.drain.rate != before:
+            floors.append(gate.drain.rate)
+        if gate.estimate(waiting=64, picked_up=0) is None:
+            admitted_after = step * 0.004
+    # The first floor comes at the 13th step (52 ms: 130 texts, 2,500/s) and lifts the rate to 127.5/s; the second,
+    # 13 steps later, past 128/s.
+    weight = 1 - math.exp(-0.052 / SMOOTHING_S)
+    assert floors == pytest.approx([weight * 2500.0, weight * 2500.0 * (2 - weight)])
+    assert admitted_after == pytest.approx(26 * 0.004)
 
 
 def test_samples_closer_than_the_shortest_interval_extend_it() -> None:
