@@ -12,13 +12,15 @@ back later, instead of waiting in a backlog.
 
 The drain rate is measured, not configured: texts that left the queue per second, over intervals that began
 and ended with texts waiting (then the engine took texts as fast as it could; while the queue is empty the count
-says how fast texts arrived, not how fast they could leave). Until such intervals add up to TRUSTED_AFTER_S there
-is no estimate and calls are admitted (the queue limit, max_waiting_requests, still bounds the queue); the first
-estimate is what left over all of them, per second of them, and later intervals move it as a moving average.
-One short interval is not enough: a continuous-batching engine's queue empties at every step it keeps up with,
-so a queue that is backlogged at two samples 50 ms apart is rare under a normal load, and the first time it
-happens may well be a hiccup (a step the OS preempted, a collection) that measures 0. Taken alone, such a first
-interval once had a server that was keeping up with 64 calls in flight refuse 778 of them.
+says how fast texts arrived, not how fast they could leave). Until there are TRUSTED_AFTER_INTERVALS such
+intervals adding up to TRUSTED_AFTER_S there is no estimate and calls are admitted (the queue limit,
+max_waiting_requests, still bounds the queue); the first estimate is what left over all of them, per second of
+them, and later intervals move it as a moving average. One interval is not enough: a continuous-batching engine's
+queue empties at every step it keeps up with, so a queue that is backlogged at two samples 50 ms apart is rare
+under a normal load, and the first time it happens may well be a hiccup that measures 0: a step the OS preempted,
+a collection, or the whole process stopped for a while (a container whose CPU quota ran out, a paused host), which
+no sample sees until it is over and which reads as one long interval in which nothing moved. Taken alone, such a
+first interval once had a server that was keeping up with 64 calls in flight refuse 778 of them.
 
 An interval that ends with the queue emptied is no measurement, but it gives a floor: what left over a span of at
 least MIN_INTERVAL_S, per second, is a rate the queue has drained at, so it drains at least that fast. The span
@@ -60,9 +62,13 @@ MAX_INTERVAL_S = 1.0
 between them, so such an interval gives no measurement."""
 
 TRUSTED_AFTER_S = 0.5
-"""A queue's rate is known once its measured intervals add up to this much: ten of the shortest, so that no single
-interval (a hiccup, a cold step) sets the rate alone; half the moving average's time constant, so that a queue that
-is backlogged for real has a rate well before its calls have waited the default bound (500 ms)."""
+"""A queue's rate is known once its measured intervals add up to this much (ten of the shortest): half the moving
+average's time constant, so that a queue that is backlogged for real has a rate well before its calls have waited
+the default bound (500 ms)."""
+
+TRUSTED_AFTER_INTERVALS = 3
+"""... and number at least this many, so that no single interval sets the rate alone, however long (a process
+stopped for 0.6 s measures one interval of 0.6 s)."""
 
 SMOOTHING_S = 1.0
 """Time constant of the drain rate's moving average: a sample over `dt` seconds weighs 1 - exp(-dt / this)."""
@@ -95,14 +101,15 @@ class WaitEstimate:
 class DrainRate:
     """How fast one queue empties while it is backlogged: a moving average of the rates measured over intervals
     that began and ended with something waiting, raised toward floors: what left per second over spans that ended
-    with the queue emptied (see the module's docstring). `rate` (items/s) is None until the measured intervals add up to
-    TRUSTED_AFTER_S; it is then what left over them, per second, and a moving average from there on."""
+    with the queue emptied (see the module's docstring). `rate` (items/s) is None until there are
+    TRUSTED_AFTER_INTERVALS measured intervals adding up to TRUSTED_AFTER_S; it is then what left over them, per
+    second, and a moving average from there on."""
 
     def __init__(self) -> None:
         self.rate: float | None = None
         self._start: tuple[float, int, int] | None = None  # (at, waiting, dequeued) where the interval began
         self._floor_from: tuple[float, int] | None = None  # (at, dequeued) where the span of the next floor began
-        self._untrusted = (0, 0.0)  # (items that left, seconds) over the intervals measured while rate is None
+        self._untrusted = (0, 0.0, 0)  # (items that left, seconds, intervals) measured while rate is None
 
     def observe(self, at: float, waiting: int, dequeued: int) -> None:
         """Take what the queue holds at time `at` (seconds of the caller's monotonic clock): `waiting` items, and
@@ -142,9 +149,9 @@ class DrainRate:
         if self.rate is not None:
             self._average(left / over_s, over_s)
             return
-        left_before, seconds_before = self._untrusted
-        self._untrusted = (left_before + left, seconds_before + over_s)
-        if self._untrusted[1] >= TRUSTED_AFTER_S:
+        left_before, seconds_before, intervals_before = self._untrusted
+        self._untrusted = (left_before + left, seconds_before + over_s, intervals_before + 1)
+        if self._untrusted[1] >= TRUSTED_AFTER_S and self._untrusted[2] >= TRUSTED_AFTER_INTERVALS:
             self.rate = self._untrusted[0] / self._untrusted[1]
 
     def _average(self, value: float, over_s: float) -> None:

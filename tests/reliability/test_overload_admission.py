@@ -3,9 +3,10 @@ RESOURCE_EXHAUSTED at once, with the retry hint, over gRPC (the `grpc-retry-push
 with `Retry-After`), and counted by reason; the calls admitted before it are answered as usual.
 
 Driven without timing: the real gRPC and HTTP servers on free loopback ports, over the real tiny `dates` model whose
-decoder steps are held at a gate, so the engine takes nothing from its queue while the test's clock moves on by
-exactly one second. The queue's drain rate is then measured as 0 texts/s: a stalled queue, which no call can expect
-to start in, so the hint is the longest one (LONGEST_RETRY_HINT_S). The front-end side (the same decision from the
+decoder steps are held at a gate, so the engine takes nothing from its queue while the test's clock moves on a
+quarter of a second at each call. Once those intervals are enough for a rate (TRUSTED_AFTER_INTERVALS), the queue's
+drain rate is measured as 0 texts/s: a stalled queue, which no call can expect to start in, so the hint is the
+longest one (LONGEST_RETRY_HINT_S). The front-end side (the same decision from the
 engine process's reports) is tested in the same way below, over a real Unix socket.
 """
 
@@ -25,7 +26,7 @@ from grpc import aio
 
 from service.dataplane import Dataplane
 from service.engine.records import EncoderOutput
-from service.engine_client.admission import LONGEST_RETRY_HINT_S, MAX_INTERVAL_S
+from service.engine_client.admission import LONGEST_RETRY_HINT_S, MAX_INTERVAL_S, TRUSTED_AFTER_INTERVALS
 from service.engine_client.in_process import InProcessClient
 from service.engine_client.socket_client import SocketClient
 from service.errors import QUEUE_WAIT, Overloaded
@@ -145,12 +146,14 @@ def test_a_call_that_could_not_start_in_time_is_refused_at_once_with_a_retry_hin
                 assert engine is not None
                 await until(lambda: engine.queue_progress() == (2, 1))
                 # Past the longest interval, the next call's sample starts a new one from the queue as it stands: no
-                # rate yet, so it is admitted and queued too.
+                # rate yet, so it is admitted and queued too. So are the calls a quarter of a second apart after it:
+                # each ends an interval in which nothing left, but they are too few yet for a rate.
                 clock.now += 2 * MAX_INTERVAL_S
-                queued.append(asyncio.ensure_future(stub.Translate(request)))
-                await until(lambda: engine.queue_progress() == (3, 1))
-                # One second later the queue has not moved: drain rate 0, so no call can start within the bound.
-                clock.now += 1.0
+                for waiting in range(3, 3 + TRUSTED_AFTER_INTERVALS):
+                    queued.append(asyncio.ensure_future(stub.Translate(request)))
+                    await until(lambda waiting=waiting: engine.queue_progress() == (waiting, 1))
+                    clock.now += 0.25
+                # One interval more: the queue has not moved, drain rate 0, so no call can start within the bound.
                 with pytest.raises(aio.AioRpcError) as refused:
                     await stub.Translate(request)
                 error = refused.value
@@ -174,14 +177,15 @@ def test_a_call_that_could_not_start_in_time_is_refused_at_once_with_a_retry_hin
                 assert reply.headers["retry-after"] == str(round(LONGEST_RETRY_HINT_S))
                 assert reply.json()["code"] == "RESOURCE_EXHAUSTED"
                 assert shed(metrics, QUEUE_WAIT, "http") == 1
-                assert engine.queue_progress() == (3, 1)  # the refused calls left nothing in the queue
+                # The refused calls left nothing in the queue.
+                assert engine.queue_progress() == (2 + TRUSTED_AFTER_INTERVALS, 1)
 
                 # The calls admitted before are answered as usual once the engine moves again.
                 gate.open()
                 answers = await asyncio.gather(first, *queued)
                 clock.now += 2 * MAX_INTERVAL_S  # later, with nothing waiting
                 alone = await stub.Translate(request)  # what the model answers with nothing else going on
-                assert answers == [alone] * 4
+                assert answers == [alone] * (3 + TRUSTED_AFTER_INTERVALS)
         finally:
             gate.open()
             await grpc_server.drain(5.0, [http_server.stop])
@@ -218,8 +222,9 @@ def test_a_frontend_refuses_from_the_engine_processes_reports(
             # The reports on the way were sampled at this same instant; past the longest interval, a sample starts a
             # new one from the queue as it stands (nothing to refuse yet: no rate).
             clock.now += 2 * MAX_INTERVAL_S
-            client.check_room(served, 1)
-            clock.now += 1.0
+            for _ in range(TRUSTED_AFTER_INTERVALS):  # intervals in which nothing left, too few yet for a rate
+                client.check_room(served, 1)
+                clock.now += 0.25
             with pytest.raises(Overloaded) as refused:
                 client.check_room(served, 1)
             assert refused.value.reason == QUEUE_WAIT

@@ -17,6 +17,7 @@ from service.engine_client.admission import (
     MIN_INTERVAL_S,
     QUEUE_SHARE_KEPT,
     SMOOTHING_S,
+    TRUSTED_AFTER_INTERVALS,
     TRUSTED_AFTER_S,
     DrainRate,
     PendingCalls,
@@ -33,12 +34,26 @@ def drained(*samples: tuple[float, int, int]) -> DrainRate:
     return rate
 
 
+STEP_S = 0.25
+"""The intervals of `backlogged` (a binary fraction: its sums are exact)."""
+
+
+def backlogged(rate: float, until: float, waiting: int = 100, dequeued: int = 0) -> list[tuple[float, int, int]]:
+    """Samples of a queue backlogged (`waiting` items at each) over TRUSTED_AFTER_INTERVALS intervals of STEP_S that
+    end at `until`, `rate` items/s leaving it from `dequeued`: after them its rate is known, and exactly `rate`."""
+    start = until - STEP_S * TRUSTED_AFTER_INTERVALS
+    return [
+        (start + STEP_S * step, waiting, dequeued + round(rate * STEP_S * step))
+        for step in range(TRUSTED_AFTER_INTERVALS + 1)
+    ]
+
+
 def admission(max_waiting: int = 1000, max_wait_s: float = 0.5, rate: float | None = 500.0) -> QueueAdmission:
-    """A QueueAdmission whose drain rate is `rate` texts/s (measured over one busy interval of 1 s)."""
+    """A QueueAdmission whose drain rate is `rate` texts/s (measured over busy intervals that end at 11 s)."""
     gate = QueueAdmission("dates version 1", max_waiting, max_wait_s)
     if rate is not None:
-        gate.observe(10.0, 50, 0)
-        gate.observe(11.0, 50, round(rate))
+        for at, waiting, dequeued in backlogged(rate, until=11.0, waiting=50):
+            gate.observe(at, waiting, dequeued)
         assert gate.drain.rate == pytest.approx(rate)
     return gate
 
@@ -47,7 +62,10 @@ def admission(max_waiting: int = 1000, max_wait_s: float = 0.5, rate: float | No
 
 
 def test_the_rate_is_what_left_a_backlogged_queue_per_second() -> None:
-    assert drained((0.0, 100, 0), (0.5, 100, 250)).rate == pytest.approx(500.0)
+    # Three intervals of 0.25 s in which 100, 150 and 125 left: 375 over 0.75 s.
+    samples = ((0.0, 100, 0), (0.25, 100, 100), (0.5, 100, 250), (0.75, 100, 375))
+    assert TRUSTED_AFTER_INTERVALS == 3
+    assert drained(*samples).rate == pytest.approx(500.0)
 
 
 def test_no_rate_before_a_first_busy_interval() -> None:
@@ -55,27 +73,35 @@ def test_no_rate_before_a_first_busy_interval() -> None:
     assert drained((0.0, 100, 0)).rate is None
 
 
-def test_no_rate_until_the_measured_intervals_add_up_to_the_trusted_length_then_what_left_over_all_of_them() -> None:
-    # The first measured interval is a hiccup: nothing left for 50 ms. Alone it would refuse every call.
-    drain = drained((0.0, 100, 0), (0.05, 100, 0))
+def test_one_interval_sets_no_rate_however_long_it_is() -> None:
+    # Nothing left over the first measured interval: a hiccup, or the process stopped for 0.6 s, which no sample
+    # sees until it is over. Alone it would refuse every call behind a waiting text.
+    drain = drained((0.0, 100, 0), (0.6, 100, 0))
     assert drain.rate is None
-    # Intervals that ended with the queue emptied are floors, not measurements: they do not count toward it.
-    drain.observe(0.06, 0, 30)
+    # Intervals that ended with the queue emptied are floors, not measurements: they do not count.
+    drain.observe(0.61, 0, 30)
     assert drain.rate is None
-    # Measured intervals of 0.1 s add up: 0.05 + 4 x 0.1 = 0.45 s, still short of TRUSTED_AFTER_S.
-    at, dequeued = 1.0, 30
-    drain.observe(at, 100, dequeued)
-    for _ in range(4):
-        at, dequeued = at + 0.1, dequeued + 300
-        drain.observe(at, 100, dequeued)
+    # A second measured interval: two.
+    drain.observe(1.0, 100, 30)
+    drain.observe(1.1, 100, 330)
     assert drain.rate is None
-    at, dequeued = at + 0.05, dequeued + 150  # now 0.5 s: 1,350 texts left over them
-    drain.observe(at, 100, dequeued)
-    assert TRUSTED_AFTER_S == 0.5
-    assert drain.rate == pytest.approx(1350 / 0.5)
+    # A third: 600 left over the three, 0.8 s in all.
+    drain.observe(1.2, 100, 630)
+    assert drain.rate == pytest.approx(600 / 0.8)
     # From then on, a moving average.
-    drain.observe(at + 0.1, 100, dequeued)
-    assert drain.rate == pytest.approx(2700.0 * math.exp(-0.1 / SMOOTHING_S))
+    drain.observe(1.3, 100, 630)
+    assert drain.rate == pytest.approx(750.0 * math.exp(-0.1 / SMOOTHING_S))
+
+
+def test_short_intervals_set_no_rate_until_they_add_up_to_the_trusted_length() -> None:
+    interval_s = 1 / 16  # longer than MIN_INTERVAL_S; eight of them make TRUSTED_AFTER_S
+    assert interval_s >= MIN_INTERVAL_S and 8 * interval_s == TRUSTED_AFTER_S
+    drain = drained((0.0, 100, 0))
+    for step in range(1, 8):
+        drain.observe(step * interval_s, 100, 25 * step)
+        assert drain.rate is None
+    drain.observe(8 * interval_s, 100, 8 * 25)
+    assert drain.rate == pytest.approx(25 / interval_s)
 
 
 def test_an_interval_that_began_or_ended_with_an_empty_queue_measures_nothing() -> None:
@@ -84,57 +110,64 @@ def test_an_interval_that_began_or_ended_with_an_empty_queue_measures_nothing() 
     assert drained((0.0, 10, 0), (0.5, 0, 10)).rate is None
     # An empty sample in between, even a short one, restarts the interval.
     assert drained((0.0, 10, 0), (0.01, 0, 10), (0.5, 10, 20)).rate is None
-    assert drained((0.0, 10, 0), (0.01, 0, 10), (0.5, 10, 20), (1.0, 10, 270)).rate == pytest.approx(500.0)
+    samples = ((0.0, 10, 0), (0.01, 0, 10), *backlogged(500, until=1.25, waiting=10, dequeued=20))
+    assert drained(*samples).rate == pytest.approx(500.0)
 
 
 def test_a_queue_emptied_within_an_interval_moves_a_lower_rate_toward_what_left_over_it() -> None:
-    at_20 = ((0.0, 100, 0), (0.5, 90, 10))  # measured: 10 left in 0.5 s, 20/s
+    at_20 = backlogged(20, until=0.75, waiting=90)  # measured: 20/s, 15 left by 0.75 s
     # The other 90 left within the next 0.4 s: at least 225/s, averaged in over those 0.4 s.
-    assert drained(*at_20, (0.9, 0, 100)).rate == pytest.approx(20.0 + (1 - math.exp(-0.4 / SMOOTHING_S)) * 205.0)
+    assert drained(*at_20, (1.15, 0, 105)).rate == pytest.approx(20.0 + (1 - math.exp(-0.4 / SMOOTHING_S)) * 205.0)
     # Within 0.01 s: a span shorter than MIN_INTERVAL_S gives no floor yet; it goes on to the next time the queue
     # is found emptied, here 0.05 s after the measurement, by when 8 more came and left: 98 over 0.05 s.
-    drain = drained(*at_20, (0.51, 0, 100))
+    drain = drained(*at_20, (0.76, 0, 105))
     assert drain.rate == pytest.approx(20.0)
-    drain.observe(0.52, 8, 100)
-    drain.observe(0.55, 0, 108)
+    drain.observe(0.77, 8, 105)
+    drain.observe(0.8, 0, 113)
     assert drain.rate == pytest.approx(20.0 + (1 - math.exp(-0.05 / SMOOTHING_S)) * (98 / 0.05 - 20.0))
     # A floor holds over any length, a long one too: 90 within 2 s.
     long_s = MAX_INTERVAL_S + 1.0
-    assert drained(*at_20, (0.5 + long_s, 0, 100)).rate == pytest.approx(
+    assert drained(*at_20, (0.75 + long_s, 0, 105)).rate == pytest.approx(
         20.0 + (1 - math.exp(-long_s / SMOOTHING_S)) * (90 / long_s - 20.0)
     )
 
 
 def test_a_floor_under_the_rate_changes_nothing_and_none_makes_a_first_rate() -> None:
-    at_500 = ((0.0, 100, 0), (0.5, 50, 250))
-    assert drained(*at_500, (1.5, 0, 300)).rate == pytest.approx(500.0)  # 50 within 1 s: at least 50/s
+    at_500 = backlogged(500, until=0.75, waiting=50)  # 375 left by 0.75 s
+    assert drained(*at_500, (1.75, 0, 425)).rate == pytest.approx(500.0)  # 50 within 1 s: at least 50/s
     assert drained((0.0, 10, 0), (0.5, 0, 10)).rate is None
 
 
 def test_texts_that_leave_all_at_once_raise_the_rate_only_by_their_share_of_the_average() -> None:
     # 1,000/s measured; then 300 waiting texts expire within 10 ms and the queue is empty; 5 more come and go by
-    # 0.55 s: 305 left over the 0.05 s span, a floor of 6,100/s, which weighs what 0.05 s of the average does.
-    drain = drained((0.0, 500, 0), (0.5, 500, 500))
+    # 0.8 s: 305 left over the 0.05 s span, a floor of 6,100/s, which weighs what 0.05 s of the average does.
+    drain = drained(*backlogged(1000, until=0.75, waiting=500))
     assert drain.rate == pytest.approx(1000.0)
-    drain.observe(0.51, 0, 800)
-    drain.observe(0.54, 5, 800)
-    drain.observe(0.55, 0, 805)
+    drain.observe(0.76, 0, 1050)
+    drain.observe(0.79, 5, 1050)
+    drain.observe(0.8, 0, 1055)
     assert drain.rate == pytest.approx(1000.0 + (1 - math.exp(-0.05 / SMOOTHING_S)) * (305 / 0.05 - 1000.0))
     assert drain.rate < 1.25 * 1000.0
 
 
-def test_a_cold_step_does_not_leave_the_rate_at_zero_once_the_engine_keeps_up_again() -> None:
-    # A first step at a new shape (on a GPU, seconds) holds 12 texts for 0.6 s: measured 0/s over more than
-    # TRUSTED_AFTER_S, and any call behind a waiting text is refused. Then the engine takes every waiting text at
-    # each step, every 10 ms: the queue empties at each step, and 5 texts arrive before the next.
-    gate = QueueAdmission("dates version 1", 1000, 0.5)
-    gate.observe(0.0, 12, 0)
-    gate.observe(0.6, 12, 0)
+def stalled(gate: QueueAdmission, waiting: int, until: float) -> None:
+    """`waiting` texts sat in `gate`'s queue, none leaving, over TRUSTED_AFTER_INTERVALS intervals ending at `until`
+    (the samples of calls arriving meanwhile): its rate is then known, and 0."""
+    for at, queued, dequeued in backlogged(0.0, until=until, waiting=waiting):
+        gate.observe(at, queued, dequeued)
     assert gate.drain.rate == 0.0
+
+
+def test_a_cold_step_does_not_leave_the_rate_at_zero_once_the_engine_keeps_up_again() -> None:
+    # A first step at a new shape (on a GPU, seconds) holds 12 texts for 0.75 s: measured 0/s, and any call behind
+    # a waiting text is refused. Then the engine takes every waiting text at each step, every 10 ms: the queue
+    # empties at each step, and 5 texts arrive before the next.
+    gate = QueueAdmission("dates version 1", 1000, 0.5)
+    stalled(gate, 12, until=0.75)
     assert gate.estimate(waiting=5, picked_up=0) is not None
-    gate.observe(0.61, 0, 12)  # the cold step ends and takes all 12
+    gate.observe(0.76, 0, 12)  # the cold step ends and takes all 12
     assert gate.estimate(waiting=5, picked_up=0) is not None  # no floor yet: a span of 0.01 s
-    at, dequeued, rates = 0.61, 12, []
+    at, dequeued, rates = 0.76, 12, []
     for _ in range(100):  # a second of steps
         gate.observe(at + 0.001, 5, dequeued)  # the next arrivals
         at, dequeued = at + 0.01, dequeued + 5
@@ -145,23 +178,21 @@ def test_a_cold_step_does_not_leave_the_rate_at_zero_once_the_engine_keeps_up_ag
 
 
 def test_a_rate_at_zero_recovers_from_the_throughput_not_from_the_last_samples_few_texts() -> None:
-    # A stall of 0.6 s (rate 0), then a steady 2,500 texts/s: a step every 4 ms takes the 10 texts that arrived
+    # A stall of 0.75 s (rate 0), then a steady 2,500 texts/s: a step every 4 ms takes the 10 texts that arrived
     # since the last, one every 0.4 ms, each arrival a sample. A call behind 64 texts fits the 0.5 s bound once
     # the rate is 128/s. Floors over each sample's interval alone (10 texts in 0.4 ms, counted over 50 ms: 200/s)
     # took 1.1 s of steps to get there; over spans of at least MIN_INTERVAL_S they see the 2,500/s.
     gate = QueueAdmission("dates version 1", 1000, 0.5)
-    gate.observe(0.0, 12, 0)
-    gate.observe(0.6, 12, 0)
-    assert gate.drain.rate == 0.0
+    stalled(gate, 12, until=0.75)
     floors: list[float] = []
     step, dequeued, admitted_after = 0, 0, None
     while admitted_after is None and step < 1000:
-        start = 0.6 + step * 0.004
+        start = 0.75 + step * 0.004
         for arrived in range(1, 10):
             gate.observe(start + arrived * 0.0004, arrived, dequeued)
         step, dequeued = step + 1, dequeued + 10
         before = gate.drain.rate
-        gate.observe(0.6 + step * 0.004, 0, dequeued)
+        gate.observe(0.75 + step * 0.004, 0, dequeued)
         if gate.drain.rate != before:
             floors.append(gate.drain.rate)
         if gate.estimate(waiting=64, picked_up=0) is None:
@@ -177,8 +208,11 @@ def test_samples_closer_than_the_shortest_interval_extend_it() -> None:
     half = MIN_INTERVAL_S / 2
     rate = drained((0.0, 100, 0), (half, 100, 7))
     assert rate.rate is None
-    rate.observe(TRUSTED_AFTER_S, 100, 40)  # measured from the interval's start, at 0
-    assert rate.rate == pytest.approx(40 / TRUSTED_AFTER_S)
+    rate.observe(0.25, 100, 40)  # measured from the interval's start, at 0: one interval, not two
+    rate.observe(0.5, 100, 140)
+    assert rate.rate is None
+    rate.observe(0.75, 100, 240)
+    assert rate.rate == pytest.approx(240 / 0.75)
 
 
 def test_an_interval_longer_than_the_longest_measures_nothing() -> None:
@@ -189,18 +223,19 @@ def test_an_interval_longer_than_the_longest_measures_nothing() -> None:
 def test_a_count_that_goes_backwards_starts_over() -> None:
     # A new engine for the same version counts from 0 again.
     assert drained((0.0, 10, 500), (0.25, 10, 3)).rate is None
-    assert drained((0.0, 10, 500), (0.25, 10, 3), (0.75, 10, 253)).rate == pytest.approx(500.0)
+    samples = ((0.0, 10, 500), (0.25, 10, 3), (0.5, 10, 128), (0.75, 10, 253), (1.0, 10, 378))
+    assert drained(*samples).rate == pytest.approx(500.0)
 
 
 def test_later_intervals_are_averaged_by_their_length() -> None:
-    rate = drained((0.0, 100, 0), (0.5, 100, 250))  # 500/s
-    rate.observe(0.7, 100, 250 + 200)  # 1000/s over 0.2 s
+    rate = drained(*backlogged(500, until=0.75))  # 500/s; 375 left by 0.75 s
+    rate.observe(0.95, 100, 375 + 200)  # 1000/s over 0.2 s
     weight = 1.0 - math.exp(-0.2 / SMOOTHING_S)
     assert rate.rate == pytest.approx(500.0 + weight * (1000.0 - 500.0))
 
 
 def test_a_stalled_queue_has_rate_zero() -> None:
-    assert drained((0.0, 10, 7), (0.5, 12, 7)).rate == 0.0
+    assert drained(*backlogged(0.0, until=0.75, waiting=10, dequeued=7)).rate == 0.0
 
 
 # ----- the decision ------------------------------------------------------------------------------------------
@@ -246,8 +281,7 @@ def test_nothing_is_refused_for_time_before_the_rate_is_known_or_when_the_bound_
 
 def test_a_stalled_queue_refuses_with_the_longest_hint() -> None:
     gate = QueueAdmission("dates version 1", 1000, 0.5)
-    gate.observe(0.0, 10, 7)
-    gate.observe(0.5, 10, 7)
+    stalled(gate, 10, until=0.75)
     estimate = gate.estimate(waiting=10, picked_up=0)
     assert estimate is not None and estimate.wait_s == math.inf
     assert estimate.retry_after_s == LONGEST_RETRY_HINT_S
@@ -290,7 +324,9 @@ def test_a_call_that_waited_to_be_picked_up_has_less_of_the_bound_left_but_never
 
 
 def test_an_interval_begins_at_the_first_sample_with_something_waiting() -> None:
-    assert drained((0.0, 0, 0), (0.25, 10, 0), (0.75, 10, 250)).rate == pytest.approx(500.0)
+    # Begun at 0.25 s: 375 over 0.75 s. (Begun at 0, with the queue empty, it would read 375 over 1 s.)
+    samples = ((0.0, 0, 0), (0.25, 10, 0), (0.5, 10, 125), (0.75, 10, 250), (1.0, 10, 375))
+    assert drained(*samples).rate == pytest.approx(500.0)
 
 
 def test_pending_calls_are_counted_until_they_reach_the_dataplane_or_end() -> None:
@@ -331,17 +367,20 @@ def test_core_backlog_is_the_calls_core_holds_that_python_does_not_over_the_pick
         counts["started"] = 3 + 100  # core took 103 calls; Python holds 3 of them
         assert backlog.waited_s() == 0.0  # a backlog of 100, but no pickup rate yet
         assert backlog.waiting == 100
-        clock.now += TRUSTED_AFTER_S  # 50 more picked up (and ended) while 100 still waited; the loop idled
-        for _ in range(50):
-            done = asyncio.get_running_loop().create_future()
-            backlog.picked_up(done)
-            done.set_result(None)
-        counts["started"] += 50
-        counts["finished"] += 50
-        await asyncio.sleep(0)  # the done callbacks run
-        # Read again although the loop was not busy: the last read found calls waiting.
-        assert backlog.waited_s() == pytest.approx(100 / (50 / TRUSTED_AFTER_S))
-        assert backlog.reads == 2
+        for interval in range(TRUSTED_AFTER_INTERVALS):
+            clock.now += STEP_S  # 50 more picked up (and ended) while 100 still waited; the loop idled
+            for _ in range(50):
+                done = asyncio.get_running_loop().create_future()
+                backlog.picked_up(done)
+                done.set_result(None)
+            counts["started"] += 50
+            counts["finished"] += 50
+            await asyncio.sleep(0)  # the done callbacks run
+            # Read again although the loop was not busy: the last read found calls waiting. A rate, and so an
+            # estimate, once the intervals are enough.
+            waited_s = backlog.waited_s()
+            assert waited_s == (0.0 if interval < TRUSTED_AFTER_INTERVALS - 1 else pytest.approx(100 / (50 / STEP_S)))
+        assert backlog.reads == 1 + TRUSTED_AFTER_INTERVALS
         release.set()
         await asyncio.gather(*held)
         assert CoreBacklog(None, clock).waited_s() == 0.0  # unknown server: no backlog
