@@ -109,7 +109,8 @@ class DrainRate:
         self.rate: float | None = None
         self._start: tuple[float, int, int] | None = None  # (at, waiting, dequeued) where the interval began
         self._floor_from: tuple[float, int] | None = None  # (at, dequeued) where the span of the next floor began
-        self._untrusted = (0, 0.0, 0)  # (items that left, seconds, intervals) measured while rate is None
+        # What the intervals measured while the rate is not known yet add up to: items that left, seconds, intervals.
+        self._untrusted_left, self._untrusted_s, self._untrusted_intervals = 0, 0.0, 0
 
     def observe(self, at: float, waiting: int, dequeued: int) -> None:
         """Take what the queue holds at time `at` (seconds of the caller's monotonic clock): `waiting` items, and
@@ -149,10 +150,11 @@ class DrainRate:
         if self.rate is not None:
             self._average(left / over_s, over_s)
             return
-        left_before, seconds_before, intervals_before = self._untrusted
-        self._untrusted = (left_before + left, seconds_before + over_s, intervals_before + 1)
-        if self._untrusted[1] >= TRUSTED_AFTER_S and self._untrusted[2] >= TRUSTED_AFTER_INTERVALS:
-            self.rate = self._untrusted[0] / self._untrusted[1]
+        self._untrusted_left += left
+        self._untrusted_s += over_s
+        self._untrusted_intervals += 1
+        if self._untrusted_s >= TRUSTED_AFTER_S and self._untrusted_intervals >= TRUSTED_AFTER_INTERVALS:
+            self.rate = self._untrusted_left / self._untrusted_s
 
     def _average(self, value: float, over_s: float) -> None:
         """Move the known rate toward `value`, which holds over the last `over_s` seconds."""
