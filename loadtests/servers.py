@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,6 +226,16 @@ def metric(samples: dict, name: str, **labels: str) -> float:
         for (sample_name, sample_labels), value in samples.items()
         if sample_name == name and wanted <= set(sample_labels)
     )
+
+
+def shed_by_reason(samples: dict) -> Counter[str]:
+    """The calls a server refused for overload (`attnserve_shed_calls_total`) by reason, over its other labels
+    (model, version, protocol); between two scrapes, the difference of theirs."""
+    refused: Counter[str] = Counter()
+    for (name, labels), value in samples.items():
+        if name == "attnserve_shed_calls_total" and value:
+            refused[dict(labels)["reason"]] += int(value)
+    return refused
 
 
 @dataclass(frozen=True)

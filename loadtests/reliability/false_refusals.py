@@ -36,7 +36,7 @@ from tabulate import tabulate
 
 from loadtests import h2load
 from loadtests.call_cost import counted_errors, default_attnserve, model_text
-from loadtests.servers import PROJECT_ROOT, scrape
+from loadtests.servers import PROJECT_ROOT, scrape, shed_by_reason
 
 MODEL = "dates"
 
@@ -62,19 +62,6 @@ class TreeFigures:
             reasons,
             " ".join(str(count) for count in self.refused),
         ]
-
-
-def shed_by_reason(before: dict, after: dict) -> dict[str, int]:
-    """Calls the server refused for overload between two scrapes, by reason."""
-    shed: dict[str, int] = {}
-    for key, value in after.items():
-        sample, labels = key
-        if sample == "attnserve_shed_calls_total":
-            grown = int(value - before.get(key, 0.0))
-            if grown:
-                reason = dict(labels).get("reason", "")
-                shed[reason] = shed.get(reason, 0) + grown
-    return shed
 
 
 def measure_one(
@@ -111,7 +98,7 @@ def measure_one(
         resumed.wait(args.seconds + args.pause + 10)
         after = scrape(server.metrics_url) if server.metrics_url else {}
     errors = counted_errors(before, after)
-    return sum(errors.values()), shed_by_reason(before, after), run.calls_per_s
+    return sum(errors.values()), dict(shed_by_reason(after) - shed_by_reason(before)), run.calls_per_s
 
 
 def main(argv: list[str] | None = None) -> int:

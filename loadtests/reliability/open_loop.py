@@ -40,7 +40,7 @@ from tabulate import tabulate
 from loadtests import h2load
 from loadtests.procfs import rss_bytes
 from loadtests.reliability.common import percentile
-from loadtests.servers import ServerProcess, attnserve_server, scrape
+from loadtests.servers import ServerProcess, attnserve_server, scrape, shed_by_reason
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 
@@ -101,7 +101,7 @@ def run_at(
     with _server(repository, work, server_args, f"open-loop-{rate}") as server:
         assert server.metrics_url is not None and server.process is not None
         samples = scrape(server.metrics_url)
-        before, shed_before = _counted(samples), _shed(samples)
+        before, shed_before = _counted(samples), shed_by_reason(samples)
         rss_before = rss_bytes(server.process.pid)
         cpu_before = server.cpu_seconds()
         load = subprocess.Popen(
@@ -115,7 +115,7 @@ def run_at(
         cpu_after = server.cpu_seconds()
         time.sleep(2.0)  # the calls h2load reset at its end reach the counters
         samples = scrape(server.metrics_url)
-        counted, shed = _counted(samples) - before, _shed(samples) - shed_before
+        counted, shed = _counted(samples) - before, shed_by_reason(samples) - shed_before
         rss_after = rss_bytes(server.process.pid)
         after = _translate_once(server.address)
     summary = next((line for line in output.splitlines() if line.startswith("requests:")), "")
@@ -434,14 +434,6 @@ def _probe(address: str, count: int, seconds: float) -> tuple[collections.Counte
     if slow:
         print(f"  probes over {SLOW_PROBE_S} s (their latency, and when they started in the run): {', '.join(slow)}")
     return codes, latencies, pushbacks
-
-
-def _shed(samples: dict) -> collections.Counter[str]:
-    reasons: collections.Counter[str] = collections.Counter()
-    for (name, labels), value in samples.items():
-        if name == "attnserve_shed_calls_total":
-            reasons[dict(labels)["reason"]] += int(value)
-    return reasons
 
 
 def _counted(samples: dict) -> collections.Counter[str]:

@@ -60,7 +60,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtests.procfs import child_processes, rss_bytes
 from loadtests.reliability.common import percentile, print_table, repository_or_smoke, workload_texts
-from loadtests.servers import ServerProcess, attnserve_server, scrape
+from loadtests.servers import ServerProcess, attnserve_server, scrape, shed_by_reason
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.gen.inference import grpc_service_pb2 as kserve_pb
@@ -655,17 +655,12 @@ def refusals_by_reason(server: ServerProcess) -> Counter[str] | str:
     """The server's refusals for overload by reason (`attnserve_shed_calls_total`), from the processes alive at the
     end: a killed process's counts went with it. Why they could not be read, instead, when the scrape failed: the
     soak's own figures are reported either way."""
-    refused: Counter[str] = Counter()
     if server.metrics_url is None:
-        return refused
+        return Counter()
     try:
-        samples = scrape(server.metrics_url)
+        return shed_by_reason(scrape(server.metrics_url))
     except OSError as error:
         return f"not read: {error}"
-    for (name, labels), value in samples.items():
-        if name == "attnserve_shed_calls_total" and value:
-            refused[dict(labels)["reason"]] += int(value)
-    return refused
 
 
 def report(args: argparse.Namespace, load: Load, watcher: Watcher, faults: list[Fault], reloads: list[str],

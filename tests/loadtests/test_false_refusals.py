@@ -1,5 +1,5 @@
-"""loadtests/reliability/false_refusals.py: the refusals it counts, read from scrapes, and a whole run against a
-real server that it stops and continues mid-window."""
+"""loadtests/reliability/false_refusals.py: the refusals it counts, read from scrapes
+(loadtests.servers.shed_by_reason), and a whole run against a real server that it stops and continues mid-window."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from loadtests import h2load
 from loadtests.reliability import false_refusals
+from loadtests.servers import shed_by_reason
 
 
 def _shed(reason: str, protocol: str = "grpc") -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -16,15 +17,16 @@ def _shed(reason: str, protocol: str = "grpc") -> tuple[str, tuple[tuple[str, st
     return "attnserve_shed_calls_total", labels
 
 
-def test_refusals_are_what_the_shed_counters_grew_by_per_reason() -> None:
+def test_refusals_are_the_shed_counters_by_reason_and_between_scrapes_what_they_grew_by() -> None:
     before = {_shed("queue_wait"): 5.0, _shed("queue_full"): 2.0}
     after = {
         _shed("queue_wait"): 12.0,
         _shed("queue_wait", "http"): 3.0,  # a counter born between the scrapes counts from 0
-        _shed("queue_full"): 2.0,  # did not grow: left out
+        _shed("queue_full"): 2.0,  # did not grow
         ("attnserve_requests_total", (("code", "RESOURCE_EXHAUSTED"),)): 10.0,  # not a shed counter
     }
-    assert false_refusals.shed_by_reason(before, after) == {"queue_wait": 10}
+    assert shed_by_reason(after) == {"queue_wait": 15, "queue_full": 2}
+    assert shed_by_reason(after) - shed_by_reason(before) == {"queue_wait": 10}
 
 
 @pytest.mark.slow
