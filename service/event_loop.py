@@ -5,11 +5,12 @@ futures of each call, and the socket reads that wake the loop. uvloop does the s
 Python code as it is. Measured on two cores (`python -m loadtests.rpc_cost`, docs/benchmarks.md): a bare grpc.aio
 server answered about a third more calls/s at 64 in flight on it, and attnserve in one process 14-21% more.
 
-Why not everywhere: the engine process of `--frontends N` moves messages between the front-ends and its
-engines' worker threads, and there uvloop measured 20-30% fewer calls/s at 64 in flight. So `auto` means uvloop
-for a process that serves RPCs (one process, a front-end) and asyncio's own loop for the engine process and the
-supervisor; `uvloop` and `asyncio` put every process on that loop. Without uvloop installed (Windows) `auto` is
-asyncio's loop everywhere.
+Why not everywhere: in the engine process of `--frontends N`, which moves messages between the front-ends and its
+engines' worker threads, uvloop measured 20-30% fewer calls/s at 64 in flight. Not its own code: the engines'
+decoder steps took about a tenth longer at the same batches, for reasons not found (docs/benchmarks.md). So `auto`
+means uvloop for a process that serves RPCs (one process, a front-end) and asyncio's own loop for the engine
+process and the supervisor; `uvloop` and `asyncio` put every process on that loop. Without uvloop installed
+(Windows) `auto` is asyncio's loop everywhere.
 
 Everything the server does runs unchanged on both loops (the test suite runs its servers as `auto` does).
 """
