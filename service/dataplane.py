@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +19,7 @@ import numpy as np
 from service.engine.records import DecodeOptions, EngineRequest, EngineResult, FinishReason, Hypothesis
 from service.engine_client import EngineClient
 from service.engine_client.admission import LONGEST_RETRY_HINT_S, QUEUE_SHARE_KEPT, PendingCalls
+from service.engine_client.gate import FairGate
 from service.errors import BACKLOG_WAIT, QUEUE_WAIT, InvalidRequest, Overloaded
 from service.registry import ModelDescription, ServedVersion
 from service.runtime.tokenizers import EOS, EOS_PIECE, UNK, Tokenizer
@@ -107,6 +108,7 @@ class Dataplane:
         self.registry = client.registry
         self.settings = settings
         self.pending = PendingCalls()
+        self.gate = FairGate(settings.max_active_calls, clock)
         self._clock = clock
         self._shortest_at: float | None = None
         self._shortest_s = 0.0
@@ -200,35 +202,44 @@ class Dataplane:
         deadline: float | None = None,
         *,
         on_resolved: OnResolved | None = None,
+        client: Callable[[], Hashable] | None = None,
     ) -> TranslateOutcome:
         """Translate every text with model `model` ('' = default) version `version` ('' = latest).
 
         `options` as the client sent them (0 = default). `deadline`: time.monotonic() seconds, None = none.
-        Raises InvalidRequest, ModelNotFound, Overloaded, DeadlineExceeded, Unavailable, EngineFailure. If
-        one text fails the call fails with that error and the other texts are cancelled; cancelling the
-        awaiting task cancels them all.
+        `client` names whose line the call waits its turn in when max_active_calls are in the engines (the
+        transport's name for the connection; called only then; None: one line for all such calls). Raises
+        InvalidRequest, ModelNotFound, Overloaded, DeadlineExceeded, Unavailable, EngineFailure. If one text fails
+        the call fails with that error and the other texts are cancelled; cancelling the awaiting task cancels
+        them all.
         """
         waited_s = self._reached()
         arrival = time.monotonic()
         served, decode = self._resolve_call(model, version, texts, options, on_resolved, waited_s)
         prepared = [self._prepare(served, index, text) for index, text in enumerate(texts)]
-        # All texts or none: a call refused for a full queue leaves nothing behind in it.
-        handles = self.client.submit(
-            served,
-            [
-                EngineRequest(text.source_ids, decode, deadline=deadline, stream=False, arrival=arrival)
-                for text in prepared
-            ],
-        )
+        gate = self.gate
+        if not gate.try_enter():
+            await gate.wait_turn(client() if client is not None else None, self.settings.max_queue_wait_ms / 1000.0)
         try:
-            if len(handles) == 1:  # most calls: no task of its own to wait in
-                results = [await handles[0].result()]
-            else:
-                results = await asyncio.gather(*(handle.result() for handle in handles))
-        except BaseException:
-            for handle in handles:  # idempotent; a resolved handle ignores it
-                handle.cancel()
-            raise
+            # All texts or none: a call refused for a full queue leaves nothing behind in it.
+            handles = self.client.submit(
+                served,
+                [
+                    EngineRequest(text.source_ids, decode, deadline=deadline, stream=False, arrival=arrival)
+                    for text in prepared
+                ],
+            )
+            try:
+                if len(handles) == 1:  # most calls: no task of its own to wait in
+                    results = [await handles[0].result()]
+                else:
+                    results = await asyncio.gather(*(handle.result() for handle in handles))
+            except BaseException:
+                for handle in handles:  # idempotent; a resolved handle ignores it
+                    handle.cancel()
+                raise
+        finally:
+            gate.leave()  # done with the engines: the next call's turn, before this one's answer is built
         translations = [
             TextTranslation(self._hypotheses(served, text, result, options.replace_unknowns))
             for text, result in zip(prepared, results, strict=True)

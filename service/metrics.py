@@ -20,6 +20,7 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -103,6 +104,44 @@ class _QueueCollector(Collector):
         yield GaugeMetricFamily("attnserve_requests_waiting_limit", "", labels=MODEL_LABELS)
 
 
+class Turns(Protocol):
+    """What the metrics read of the dataplane's turns (service.engine_client.gate.FairGate)."""
+
+    @property
+    def inside(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def clients_waiting(self) -> int: ...
+
+
+class _TurnsCollector(Collector):
+    """Reports the dataplane's turns (service.engine_client.gate.FairGate) when /metrics is scraped: the calls in
+    the engines and those waiting their turn. Runs on the HTTP server's thread and only reads counters."""
+
+    def __init__(self, gate: Turns) -> None:
+        self._gate = gate
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gate = self._gate
+        yield GaugeMetricFamily(
+            "attnserve_calls_active",
+            "Translation calls in the engines (token streams not counted); at max_active_calls the next ones wait "
+            "their turn.",
+            value=gate.inside,
+        )
+        yield GaugeMetricFamily(
+            "attnserve_calls_waiting_turn",
+            "Translation calls waiting their turn to enter the engines, in one line per client connection.",
+            value=gate.waiting,
+        )
+        yield GaugeMetricFamily(
+            "attnserve_clients_waiting_turn",
+            "Client connections with calls waiting their turn.",
+            value=gate.clients_waiting,
+        )
+
+
 class ServerMetrics:
     """Every metric family of one server process, on a private CollectorRegistry.
 
@@ -162,6 +201,10 @@ class ServerMetrics:
         self._http_server: object | None = None
 
     # ----- producers --------------------------------------------------------------------------------
+
+    def watch_turns(self, gate: Turns) -> None:
+        """Report `gate`'s calls in the engines and waiting their turn (once per process: the dataplane's)."""
+        self.collectors.register(_TurnsCollector(gate))
 
     def observe_rpc(
         self,

@@ -45,6 +45,7 @@ async def serve(
     metrics = ServerMetrics()
     client = InProcessClient(settings, metrics)
     dataplane = Dataplane(client, settings)
+    metrics.watch_turns(dataplane.gate)
     try:
         # Before loading any model: a TLS or token file that does not load fails the start at once.
         server = GrpcServer(settings, client, dataplane, metrics)

@@ -131,7 +131,7 @@ def run_at(
         h2load_summary=summary,
         counted=counted,
         refused_by_transport=errored,
-        unseen=max(0, answered + probes - counted.total()),
+        unseen=max(0, answered + codes.total() - counted.total()),
         probes=codes,
         probe_median_ms=1e3 * percentile(latencies, 50),
         probe_p99_ms=1e3 * percentile(latencies, 99),
@@ -406,8 +406,11 @@ def _translate_once(address: str) -> str:
 
 
 def _probe(address: str, count: int, seconds: float) -> tuple[collections.Counter[str], list[float], list[int]]:
-    """A well-behaved client: `count` calls one at a time, spread over the run, each with a deadline of 30 s.
-    Returns their statuses, their latencies (s) and the retry hints (ms) their refusals carried."""
+    """A well-behaved client: at most `count` calls one at a time, spread over the run, each with a deadline of
+    30 s, and none started after the load's `seconds` (the load starts as this does). A call that waits longer
+    than the spacing is followed at once by the next, so under a long wait fewer than `count` are made: every one
+    of them is a call made under load. Returns their statuses, their latencies (s) and the retry hints (ms) their
+    refusals carried."""
     codes: collections.Counter[str] = collections.Counter()
     latencies = []
     pushbacks = []
@@ -418,6 +421,8 @@ def _probe(address: str, count: int, seconds: float) -> tuple[collections.Counte
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.TranslatorStub(channel)
         for _ in range(count):
+            if time.perf_counter() - began >= seconds - 0.5:
+                break  # the load is ending: a call now would measure an idle server
             started = time.perf_counter()
             try:
                 stub.Translate(pb.TranslateRequest(model="dates", texts=["3 mars 1999"]), timeout=30)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 from grpc import aio
@@ -218,6 +218,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             call.options,
             call.deadline(deadline_from_context(context), time.monotonic()),
             on_resolved=note_model,
+            client=context.peer,
         )
         return infer_response_to_grpc(call, outcome)
 
@@ -242,7 +243,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     except InvalidRequest as error:  # a message that does not parse: answered in-band, read on
                         outbox.put_nowait(_stream_error(None, error))
                         continue
-                    task = asyncio.create_task(self._answer_on_stream(request, stream_deadline, outbox))
+                    task = asyncio.create_task(self._answer_on_stream(request, stream_deadline, outbox, context.peer))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
                 await asyncio.gather(*pending)  # _answer_on_stream reports its own failures in-band
@@ -273,13 +274,17 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         request: pb.ModelInferRequest,
         stream_deadline: float | None,
         outbox: asyncio.Queue[pb.ModelStreamInferResponse | None],
+        client: Callable[[], str],
     ) -> None:
-        """Decode one request of a ModelStreamInfer call and queue its responses (or its error)."""
+        """Decode one request of a ModelStreamInfer call and queue its responses (or its error); `client` names
+        the stream's connection for the dataplane's turns."""
         try:
             call = self._accept(request, streaming=True)
             deadline = call.deadline(stream_deadline, time.monotonic())
             if not call.stream_tokens:
-                outcome = await self.dataplane.translate(call.model, call.version, call.texts, call.options, deadline)
+                outcome = await self.dataplane.translate(
+                    call.model, call.version, call.texts, call.options, deadline, client=client
+                )
                 self._send_last(call, infer_response_to_grpc(call, outcome), outbox)
                 return
             updates = self.dataplane.translate_stream(call.model, call.version, call.texts[0], call.options, deadline)

@@ -132,6 +132,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             options_from_grpc(request.options),
             deadline_from_context(context),
             on_resolved=note_model,
+            client=context.peer,
         )
         return outcome_to_grpc(outcome)
 

@@ -50,3 +50,11 @@ def json_document(body: bytes, what: str) -> Any:
         raise HttpRequestError(f"the request body is not valid JSON ({error}); it should be {what}") from None
     except RecursionError:  # the parser recurses once per nested array or object
         raise HttpRequestError(f"the request body is JSON nested too deeply to read; it should be {what}") from None
+
+
+def connection_of(request: web.Request) -> str:
+    """The request's connection, named as the dataplane's turns know clients (one line per connection):
+    'http:host:port' of the peer, or 'http:' once the connection is gone."""
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return f"http:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "http:"

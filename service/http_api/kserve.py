@@ -30,7 +30,7 @@ from aiohttp import web
 
 from service.dataplane import Dataplane, TranslateOutcome
 from service.errors import InvalidRequest
-from service.http_api.body import JSON, OCTET_STREAM, json_document, read_body
+from service.http_api.body import JSON, OCTET_STREAM, connection_of, json_document, read_body
 from service.http_api.errors import HttpRequestError
 from service.kserve import (
     BYTES,
@@ -326,7 +326,13 @@ class KServeRest:
         body = await read_body(request, self.settings, (JSON, OCTET_STREAM))
         call, binary = infer_call_from_rest(body, request.headers.get(HEADER_LENGTH), name, version)
         outcome = await self.dataplane.translate(
-            call.model, call.version, call.texts, call.options, call.deadline(None, time.monotonic()), on_resolved=note
+            call.model,
+            call.version,
+            call.texts,
+            call.options,
+            call.deadline(None, time.monotonic()),
+            on_resolved=note,
+            client=lambda: connection_of(request),
         )
         data, header_length = infer_response_to_rest(call, outcome, binary)
         if header_length is None:

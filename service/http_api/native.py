@@ -27,7 +27,7 @@ from service.dataplane import Dataplane
 from service.errors import AttnServeError, InvalidRequest
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.grpc_api.servicer import model_to_grpc, options_from_grpc, outcome_to_grpc, update_to_grpc
-from service.http_api.body import JSON, read_body
+from service.http_api.body import JSON, connection_of, read_body
 from service.http_api.errors import HttpRequestError, error_body, http_error
 from service.settings import Settings
 
@@ -87,6 +87,7 @@ class NativeRest:
             options_from_grpc(message.options),
             None,
             on_resolved=self._note(request),
+            client=lambda: connection_of(request),
         )
         return _json(outcome_to_grpc(outcome))
 

@@ -23,6 +23,7 @@ async def run_frontend(settings: Settings, runtime_dir: Path) -> int:
     metrics = ServerMetrics()
     client = SocketClient(settings, runtime_dir / ENGINE_SOCKET)
     dataplane = Dataplane(client, settings)
+    metrics.watch_turns(dataplane.gate)
     try:
         server = GrpcServer(settings, client, dataplane, metrics, share_port=True)
         http = HttpServer(settings, dataplane, metrics, share_port=True) if settings.http_port else None

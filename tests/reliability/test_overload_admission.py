@@ -38,6 +38,7 @@ from service.ipc.engine_server import EngineServer
 from service.metrics import ServerMetrics
 from service.runtime.model import LoadedModel, load_model
 from service.runtime.step import StepOutput
+from service.runtime.tokenizers import EOS
 from tests.engine.fakes import StepGate, make_request, source
 from tests.service.http_client import call
 from tests.service.server_harness import make_settings
@@ -236,5 +237,84 @@ def test_a_frontend_refuses_from_the_engine_processes_reports(
             gate.open()
             await client.stop(5.0)
             await engine_server.stop(5.0)
+
+    asyncio.run(scenario())
+
+
+class EncodeRecorder(HeldStepModel):
+    """A held step model that also writes down the sources it encodes, in order."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__(model)
+        self.encoded: list[tuple[int, ...]] = []
+
+    def encode(self, source_ids: np.ndarray, source_lengths: np.ndarray) -> EncoderOutput:
+        for row, length in zip(source_ids, source_lengths, strict=True):
+            self.encoded.append(tuple(int(token) for token in row[:length]))
+        return super().encode(source_ids, source_lengths)
+
+
+def test_calls_beyond_max_active_calls_take_turns_one_connection_after_another(dates_only: Path) -> None:
+    """One call in the engines at a time (max_active_calls 1), its decoder held: connection A queues three more calls,
+    then connection B one. They go into the engine in the order a1, b1, a2, a3 (B waits behind one call of A, not
+    three), as the order in which the engine encoded their sources shows; the gauges show the turns meanwhile."""
+    settings = make_settings(dates_only, max_active_calls=1, repository_poll_seconds=0)
+    recorders: list[EncodeRecorder] = []
+
+    def load(directory: Path) -> LoadedModel:
+        loaded = load_model(directory, provider="cpu", intra_op_threads=1)
+        recorder = EncodeRecorder(loaded.step_model)
+        recorders.append(recorder)
+        return dataclasses.replace(loaded, step_model=recorder)  # type: ignore[arg-type]
+
+    texts = {"first": "1 mars 1999", "a1": "2 mars 1999", "a2": "3 mars 1999", "a3": "4 mars 1999", "b1": "5 mai 2001"}
+
+    async def scenario() -> None:
+        metrics = ServerMetrics()
+        client = InProcessClient(settings, metrics, loader=load)
+        dataplane = Dataplane(client, settings)
+        metrics.watch_turns(dataplane.gate)
+        server = GrpcServer(settings, client, dataplane, metrics)
+        await client.start()
+        await server.start()
+        (model,) = recorders
+        steps = model.gate = StepGate()
+        model.encoded.clear()  # the warm-up's
+        gauge = metrics.collectors.get_sample_value
+        tokenizer = client.registry.resolve("dates", "").model.source_tokenizer
+        sources = {(*tokenizer.encode(text), EOS): name for name, text in texts.items()}  # as the engine gets them
+        try:
+            address = f"127.0.0.1:{settings.port}"
+            # Channels to one address share their connection unless each keeps its own subchannels.
+            own = [("grpc.use_local_subchannel_pool", 1)]
+            async with (
+                aio.insecure_channel(address, options=own) as channel_a,
+                aio.insecure_channel(address, options=own) as channel_b,
+            ):
+                a, b = pb_grpc.TranslatorStub(channel_a), pb_grpc.TranslatorStub(channel_b)
+
+                def translate(stub: pb_grpc.TranslatorStub, name: str) -> asyncio.Future[pb.TranslateResponse]:
+                    return asyncio.ensure_future(stub.Translate(pb.TranslateRequest(texts=[texts[name]])))
+
+                calls = {"first": translate(a, "first")}
+                await steps.until_blocked()
+                for name in ("a1", "a2", "a3"):
+                    calls[name] = translate(a, name)
+                    await until(lambda name=name: dataplane.gate.waiting == int(name[1]))
+                calls["b1"] = translate(b, "b1")
+                await until(lambda: dataplane.gate.waiting == 4)
+                assert gauge("attnserve_calls_active") == 1
+                assert gauge("attnserve_calls_waiting_turn") == 4
+                assert gauge("attnserve_clients_waiting_turn") == 2
+                steps.open()
+                answers = {name: await call for name, call in calls.items()}
+                alone = {name: await translate(a, name) for name in texts}  # each with nothing else going on
+                assert answers == alone
+        finally:
+            steps.open()
+            await server.drain(5.0)
+        # The first five encodes are the calls above, in the order they went in; then the ones alone.
+        assert [sources.get(source) for source in model.encoded[:5]] == ["first", "a1", "b1", "a2", "a3"]
+        assert (gauge("attnserve_calls_active"), gauge("attnserve_calls_waiting_turn")) == (0, 0)
 
     asyncio.run(scenario())

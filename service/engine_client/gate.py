@@ -1,0 +1,114 @@
+"""Turns: at most `limit` translation calls of this process in the engines at once, the others waiting their turn,
+one client after another.
+
+Why a limit at all: a Python gRPC server takes a new call from gRPC core once per turn of its event loop (grpcio
+keeps one request for the next call outstanding), and a loop turn runs everything that is ready. With hundreds of
+calls in progress, a turn is long, calls are taken about as fast as they are answered, and the rest wait in core's
+backlog, in the order they came, where nothing of ours can see them or choose among them. A client that keeps
+thousands of calls in flight then makes every other client wait behind all of them (1.3 s per call at 3,000, on
+two cores). With few calls in progress, turns are short, calls are taken faster than they are answered, and the
+backlog moves here, where it is cheap to hold (a future per call) and visible.
+
+Why turns by client: here the waiting calls can be ordered. Each client (a connection, as the transport names
+it) has its own line, and the lines are served round-robin, one call each, so a client waits behind its own calls
+and one call of each other client, not behind everyone's. A client calling one call at a time is served within a
+few calls of arriving, however many another keeps in flight.
+
+What is refused: a call that would wait longer than the bound (max_queue_wait_ms) even as its client's only
+waiting call (the server is behind across many clients, and a refusal tells one of them to go elsewhere). A
+client's further calls wait behind its own, whatever their number: refusing them would cost about as much as
+serving them, since a client that keeps its calls in flight sends the next one at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+from collections.abc import Callable, Hashable
+
+from service.engine_client.admission import LONGEST_RETRY_HINT_S, DrainRate
+from service.errors import QUEUE_WAIT, Overloaded
+
+
+class FairGate:
+    """At most `limit` calls inside at once (0 = no limit); the others wait in their client's line, the lines served
+    round-robin. `clock` (seconds, monotonic) times the rate at which waiting calls go in, for the bound.
+
+    Per call: `try_enter()`, and when it says no, `await wait_turn(client, bound_s)`; then exactly one `leave()`
+    once the call is done with the engines. Event-loop thread only.
+    """
+
+    def __init__(self, limit: int, clock: Callable[[], float]) -> None:
+        self.limit = limit
+        self.inside = 0
+        self.waiting = 0  # calls in the lines, cancelled ones not counted
+        self.drain = DrainRate()  # how fast waiting calls go in, while some wait
+        self._clock = clock
+        self._lines: dict[Hashable, collections.deque[asyncio.Future[None]]] = {}
+        self._rotation: collections.deque[Hashable] = collections.deque()  # clients with a line, next served first
+        self._let_in = 0  # calls that went in from a line, ever
+
+    @property
+    def clients_waiting(self) -> int:
+        return len(self._rotation)
+
+    def try_enter(self) -> bool:
+        """Go in at once when there is room and no one waits (the common case: no future, no await)."""
+        if self.waiting or (self.limit and self.inside >= self.limit):
+            return False
+        self.inside += 1
+        return True
+
+    async def wait_turn(self, client: Hashable, bound_s: float = 0.0) -> None:
+        """Wait in `client`'s line until let in. Raises Overloaded (reason QUEUE_WAIT, with a retry hint) when
+        `client` has no call waiting yet and one call of each client waiting ahead would take longer than `bound_s`
+        (> 0) to go in at the rate calls have been going in. A cancelled wait leaves the line, or gives its place
+        back when it had just been let in."""
+        self.drain.observe(self._clock(), self.waiting, self._let_in)
+        line = self._lines.get(client)
+        if line is None:
+            ahead = len(self._rotation)
+            wait_s = self.drain.wait_s(ahead) if bound_s > 0.0 and ahead else None
+            if wait_s is not None and wait_s > bound_s:
+                took = f"{wait_s:.3f} s" if math.isfinite(wait_s) else "forever (none has gone in lately)"
+                raise Overloaded(
+                    f"the server cannot start this call within {bound_s:.3f} s (max_queue_wait_ms): {ahead} other "
+                    f"clients wait their turn, and one call of each would take {took} to go in",
+                    reason=QUEUE_WAIT,
+                    retry_after_s=min(wait_s - bound_s, LONGEST_RETRY_HINT_S),
+                )
+            line = self._lines[client] = collections.deque()
+            self._rotation.append(client)
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        line.append(turn)
+        self.waiting += 1
+        try:
+            await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self.leave()  # let in, but cancelled before it could go on: the place goes to the next
+            else:
+                turn.cancel()  # skipped when its line comes round
+                self.waiting -= 1
+            raise
+
+    def leave(self) -> None:
+        """A call that went in is done with the engines: let in the next ones, one per client in turn."""
+        self.inside -= 1
+        rotation, lines = self._rotation, self._lines
+        while rotation and (not self.limit or self.inside < self.limit):
+            client = rotation.popleft()
+            line = lines[client]
+            turn = line.popleft()
+            while turn.cancelled() and line:
+                turn = line.popleft()
+            if line:
+                rotation.append(client)  # back of the rotation: every other client waiting goes first
+            else:
+                del lines[client]
+            if not turn.cancelled():
+                turn.set_result(None)
+                self.inside += 1
+                self.waiting -= 1
+                self._let_in += 1
