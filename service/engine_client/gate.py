@@ -7,7 +7,8 @@ calls in progress, a turn is long, calls are taken about as fast as they are ans
 backlog, in the order they came, where nothing of ours can see them or choose among them. A client that keeps
 thousands of calls in flight then makes every other client wait behind all of them (1.3 s per call at 3,000, on
 two cores). With few calls in progress, turns are short, calls are taken faster than they are answered, and the
-backlog moves here, where it is cheap to hold (a future per call) and visible.
+backlog moves here, where it is cheap to hold (a future per call) and visible. (Measured in one process; a
+front-end process with the engine in another took calls no faster with it: docs/reliability.md, Turns.)
 
 Why turns by client: here the waiting calls can be ordered. Each client (a connection, as the transport names
 it) has its own line, and the lines are served round-robin, one call each, so a client waits behind its own calls
@@ -16,8 +17,9 @@ few calls of arriving, however many another keeps in flight.
 
 What is refused: a call that would wait longer than the bound (max_queue_wait_ms) even as its client's only
 waiting call (the server is behind across many clients, and a refusal tells one of them to go elsewhere). A
-client's further calls wait behind its own, whatever their number: refusing them would cost about as much as
-serving them, since a client that keeps its calls in flight sends the next one at once.
+client's further calls wait behind its own, whatever their number. Refusing those too was measured: a client that
+keeps its calls in flight sends the next one at once, the process spent its time refusing, and core's backlog,
+with every other client's wait, came back.
 """
 
 from __future__ import annotations
