@@ -174,11 +174,11 @@ class Settings(BaseSettings):
 
     max_active_calls: Annotated[int, Field(ge=0, le=1_000_000)] = 64
     """Most translation calls this process has in its engines at once; the others wait their turn, in one line per
-    client connection, the lines served round-robin, so a client with many calls in flight waits behind its own
-    and not others behind it. Few calls in progress also keep the event loop's turns short, so calls leave gRPC
-    core's backlog, where they wait in arrival order, about as soon as they come. A call that would wait longer
-    than max_queue_wait_ms even as its client's only waiting call is refused (RESOURCE_EXHAUSTED). Token streams
-    do not count. 0 = no limit."""
+    client connection, new lines first and then the others round-robin, so a client with many calls in flight
+    waits behind its own and not others behind it. Few calls in progress also keep the event loop's turns short,
+    so calls leave gRPC core's backlog, where they wait in arrival order, about as soon as they come. A client's
+    first waiting call is refused (RESOURCE_EXHAUSTED) when the new lines ahead would keep it waiting longer than
+    max_queue_wait_ms. Token streams do not count. 0 = no limit."""
 
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 32
     """Most requests in one batch for `--batching request`."""

@@ -11,9 +11,13 @@ backlog moves here, where it is cheap to hold (a future per call) and visible. (
 front-end process with the engine in another took calls no faster with it: docs/reliability.md, Turns.)
 
 Why turns by client: here the waiting calls can be ordered. Each client (a connection, as the transport names
-it) has its own line, and the lines are served round-robin, one call each, so a client waits behind its own calls
-and one call of each other client, not behind everyone's. A client calling one call at a time is served within a
-few calls of arriving, however many another keeps in flight.
+it) has its own line, and the lines are served one call each in turn, so a client waits behind its own calls, not
+behind everyone's. A line that has just begun (its client had no call waiting) is served before the lines that
+have had a turn and still hold calls, as fq_codel serves new flows before old ones: a client calling one call at a
+time goes in at the next place that frees, however many calls others keep waiting, and however long theirs take
+(with 64 calls of 8 texts at beam 4 inside, a place frees far more often than one of 20 busy clients' calls each
+would go in). A line that keeps calls after its turn joins the others at the back, so busy clients share what is
+left round-robin.
 
 What is refused: a call that would wait longer than the bound (max_queue_wait_ms) even as its client's only
 waiting call (the server is behind across many clients, and a refusal tells one of them to go elsewhere). A
@@ -34,8 +38,9 @@ from service.errors import QUEUE_WAIT, Overloaded
 
 
 class FairGate:
-    """At most `limit` calls inside at once (0 = no limit); the others wait in their client's line, the lines served
-    round-robin. `clock` (seconds, monotonic) times the rate at which waiting calls go in, for the bound.
+    """At most `limit` calls inside at once (0 = no limit); the others wait in their client's line, new lines first,
+    then the others round-robin. `clock` (seconds, monotonic) times the rate at which waiting calls go in, for the
+    bound.
 
     Per call: `try_enter()`, and when it says no, `await wait_turn(client, bound_s)`; then exactly one `leave()`
     once the call is done with the engines. Event-loop thread only.
@@ -48,12 +53,14 @@ class FairGate:
         self.drain = DrainRate()  # how fast waiting calls go in, while some wait
         self._clock = clock
         self._lines: dict[Hashable, collections.deque[asyncio.Future[None]]] = {}
-        self._rotation: collections.deque[Hashable] = collections.deque()  # clients with a line, next served first
+        # Clients with a line, next served first: those whose line has had no turn yet, then the others.
+        self._new: collections.deque[Hashable] = collections.deque()
+        self._rotation: collections.deque[Hashable] = collections.deque()
         self._let_in = 0  # calls that went in from a line, ever
 
     @property
     def clients_waiting(self) -> int:
-        return len(self._rotation)
+        return len(self._new) + len(self._rotation)
 
     def try_enter(self) -> bool:
         """Go in at once when there is room and no one waits (the common case: no future, no await)."""
@@ -64,24 +71,24 @@ class FairGate:
 
     async def wait_turn(self, client: Hashable, bound_s: float = 0.0) -> None:
         """Wait in `client`'s line until let in. Raises Overloaded (reason QUEUE_WAIT, with a retry hint) when
-        `client` has no call waiting yet and one call of each client waiting ahead would take longer than `bound_s`
-        (> 0) to go in at the rate calls have been going in. A cancelled wait leaves the line, or gives its place
-        back when it had just been let in."""
+        `client` has no call waiting yet and the new lines ahead of its own, one call each, would take longer than
+        `bound_s` (> 0) to go in at the rate calls have been going in. A cancelled wait leaves the line, or gives
+        its place back when it had just been let in."""
         self.drain.observe(self._clock(), self.waiting, self._let_in)
         line = self._lines.get(client)
         if line is None:
-            ahead = len(self._rotation)
+            ahead = len(self._new)
             wait_s = self.drain.wait_s(ahead) if bound_s > 0.0 and ahead else None
             if wait_s is not None and wait_s > bound_s:
                 took = f"{wait_s:.3f} s" if math.isfinite(wait_s) else "forever (none has gone in lately)"
                 raise Overloaded(
                     f"the server cannot start this call within {bound_s:.3f} s (max_queue_wait_ms): {ahead} other "
-                    f"clients wait their turn, and one call of each would take {took} to go in",
+                    f"clients' first calls wait their turn, and would take {took} to go in",
                     reason=QUEUE_WAIT,
                     retry_after_s=min(wait_s - bound_s, LONGEST_RETRY_HINT_S),
                 )
             line = self._lines[client] = collections.deque()
-            self._rotation.append(client)
+            self._new.append(client)
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         line.append(turn)
         self.waiting += 1
@@ -96,17 +103,18 @@ class FairGate:
             raise
 
     def leave(self) -> None:
-        """A call that went in is done with the engines: let in the next ones, one per client in turn."""
+        """A call that went in is done with the engines: let in the next ones, one per client in turn, new lines
+        first."""
         self.inside -= 1
-        rotation, lines = self._rotation, self._lines
-        while rotation and (not self.limit or self.inside < self.limit):
-            client = rotation.popleft()
+        new, rotation, lines = self._new, self._rotation, self._lines
+        while (new or rotation) and (not self.limit or self.inside < self.limit):
+            client = new.popleft() if new else rotation.popleft()
             line = lines[client]
             turn = line.popleft()
             while turn.cancelled() and line:
                 turn = line.popleft()
             if line:
-                rotation.append(client)  # back of the rotation: every other client waiting goes first
+                rotation.append(client)  # back of the rotation: every other line goes first
             else:
                 del lines[client]
             if not turn.cancelled():

@@ -89,6 +89,35 @@ def test_a_client_calling_one_at_a_time_waits_behind_one_call_of_each_other_clie
     assert order.index("polite") == 1 and len(order) == 51
 
 
+def test_a_new_line_goes_before_the_lines_that_have_had_a_turn() -> None:
+    """Two busy clients, three calls each, have each had a turn; a client arriving then with one call goes in at the
+    next place that frees, before either of them; then the busy ones take turns again."""
+
+    async def scenario() -> list[Hashable]:
+        gate = gate_of(1)
+        assert gate.try_enter()
+        order: list[Hashable] = []
+
+        async def call(client: str) -> None:
+            await gate.wait_turn(client)
+            order.append(client)  # stays in until the test lets the next one in
+
+        tasks = [asyncio.create_task(call(client)) for client in ("x", "y") for _ in range(3)]
+        await settle()
+        for _ in range(2):  # x's first call, then y's: both lines have had their turn
+            gate.leave()
+            await settle()
+        tasks.append(asyncio.create_task(call("polite")))
+        await settle()
+        while len(order) < 7:
+            gate.leave()
+            await settle()
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(scenario()) == ["x", "y", "polite", "x", "y", "x", "y"]
+
+
 def test_a_cancelled_wait_leaves_its_line_and_takes_no_place() -> None:
     async def scenario() -> None:
         gate = gate_of(1)
@@ -151,7 +180,7 @@ def test_a_clients_first_call_is_refused_when_one_call_of_each_waiting_client_wo
         assert gate.drain.rate == 4.0
         assert refused.value.reason == QUEUE_WAIT
         assert refused.value.retry_after_s == 2.25 - 0.5
-        assert "9 other clients wait their turn" in str(refused.value)
+        assert "9 other clients' first calls wait their turn" in str(refused.value)
         assert (gate.clients_waiting, gate.waiting) == (9, 9)  # the refused call left nothing behind
         tasks.append(asyncio.create_task(gate.wait_turn("client 9", 0.5)))  # a second call of a waiting client
         await settle()
