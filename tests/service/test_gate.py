@@ -19,6 +19,15 @@ def gate_of(limit: int, clock: list[float] | None = None) -> FairGate:
     return FairGate(limit, lambda: now[0])
 
 
+async def take_turn(gate: FairGate, client: Hashable, order: list[Hashable], leave: bool = True) -> None:
+    """Wait for `client`'s turn and write it down in `order`; then leave at once, or with `leave` False stay in
+    until the test frees the place."""
+    await gate.wait_turn(client)
+    order.append(client)
+    if leave:
+        gate.leave()
+
+
 async def settle() -> None:
     """Let every task that can run, run (a few loop turns; no wall clock)."""
     for _ in range(5):
@@ -71,15 +80,9 @@ def test_a_client_calling_one_at_a_time_waits_behind_one_call_of_each_other_clie
         gate = gate_of(1)
         assert gate.try_enter()
         order: list[Hashable] = []
-
-        async def call(client: str) -> None:
-            await gate.wait_turn(client)
-            order.append(client)
-            gate.leave()
-
-        tasks = [asyncio.create_task(call("greedy")) for _ in range(50)]
+        tasks = [asyncio.create_task(take_turn(gate, "greedy", order)) for _ in range(50)]
         await settle()
-        tasks.append(asyncio.create_task(call("polite")))
+        tasks.append(asyncio.create_task(take_turn(gate, "polite", order)))
         await settle()
         gate.leave()
         await asyncio.gather(*tasks)
@@ -97,17 +100,14 @@ def test_a_new_line_goes_before_the_lines_that_have_had_a_turn() -> None:
         gate = gate_of(1)
         assert gate.try_enter()
         order: list[Hashable] = []
-
-        async def call(client: str) -> None:
-            await gate.wait_turn(client)
-            order.append(client)  # stays in until the test lets the next one in
-
-        tasks = [asyncio.create_task(call(client)) for client in ("x", "y") for _ in range(3)]
+        tasks = [
+            asyncio.create_task(take_turn(gate, client, order, leave=False)) for client in ("x", "y") for _ in range(3)
+        ]
         await settle()
         for _ in range(2):  # x's first call, then y's: both lines have had their turn
             gate.leave()
             await settle()
-        tasks.append(asyncio.create_task(call("polite")))
+        tasks.append(asyncio.create_task(take_turn(gate, "polite", order, leave=False)))
         await settle()
         while len(order) < 7:
             gate.leave()
