@@ -318,3 +318,63 @@ def test_calls_beyond_max_active_calls_take_turns_one_connection_after_another(d
         assert (gauge("attnserve_calls_active"), gauge("attnserve_calls_waiting_turn")) == (0, 0)
 
     asyncio.run(scenario())
+
+
+def test_a_call_that_waited_its_turn_is_judged_against_the_queue_as_it_goes_in(
+    dates_only: Path, held: list[HeldStepModel]
+) -> None:
+    """One call in the engines at a time, its decoder held. Connection B's call waits its turn, admitted by a queue
+    with no rate yet. Token streams (which take no turns) then fill the queue while the clock moves on, until the
+    queue has measurably not moved. When the call in the engine is cancelled, B's call goes in and is judged against
+    the queue as it is now: RESOURCE_EXHAUSTED, and its place is free again."""
+    settings = make_settings(dates_only, max_active_calls=1, max_queue_wait_ms=500.0, repository_poll_seconds=0)
+
+    async def scenario() -> None:
+        clock = Clock()
+        metrics = ServerMetrics()
+        client = InProcessClient(settings, metrics, loader=held_loader(held), clock=clock)
+        dataplane = Dataplane(client, settings, clock=clock)
+        server = GrpcServer(settings, client, dataplane, metrics)
+        await client.start()
+        await server.start()
+        (model,) = held
+        steps = model.gate = StepGate()
+        streams: list[asyncio.Task[list[pb.TranslateStreamResponse]]] = []
+        try:
+            address = f"127.0.0.1:{settings.port}"
+            own = [("grpc.use_local_subchannel_pool", 1)]
+            async with (
+                aio.insecure_channel(address, options=own) as channel_a,
+                aio.insecure_channel(address, options=own) as channel_b,
+            ):
+                a, b = pb_grpc.TranslatorStub(channel_a), pb_grpc.TranslatorStub(channel_b)
+                request = pb.TranslateRequest(model="dates", texts=["3 mars 1999"])
+                first = asyncio.ensure_future(a.Translate(request))
+                await steps.until_blocked()
+                waiting = asyncio.ensure_future(b.Translate(request))
+                await until(lambda: dataplane.gate.waiting == 1)
+                engine = client.manager.engine("dates", 1)
+                assert engine is not None
+
+                async def stream() -> list[pb.TranslateStreamResponse]:
+                    return [update async for update in a.TranslateStream(request)]
+
+                clock.now += 2 * MAX_INTERVAL_S
+                for queued in range(1, 2 + TRUSTED_AFTER_INTERVALS):
+                    streams.append(asyncio.ensure_future(stream()))
+                    await until(lambda queued=queued: engine.queue_progress() == (queued, 1))
+                    clock.now += 0.25
+                first.cancel()  # its place frees: B's call goes in, and meets the queue as it stands
+                with pytest.raises(aio.AioRpcError) as refused:
+                    await waiting
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "has not moved lately" in (refused.value.details() or "")
+                assert (dataplane.gate.inside, dataplane.gate.waiting) == (0, 0)
+                steps.open()
+                for answered in await asyncio.gather(*streams):
+                    assert answered[-1].final
+        finally:
+            steps.open()
+            await server.drain(5.0)
+
+    asyncio.run(scenario())
