@@ -217,18 +217,15 @@ class Dataplane:
         arrival = time.monotonic()
         served, decode = self._resolve_call(model, version, texts, options, on_resolved, waited_s)
         prepared = [self._prepare(served, index, text) for index, text in enumerate(texts)]
-        gate = self.gate
+        gate, turn_began = self.gate, None
         if not gate.try_enter():
             turn_began = self._clock()
             await gate.wait_turn(client() if client is not None else None, self.settings.max_queue_wait_ms / 1000.0)
-            try:
+        try:
+            if turn_began is not None:
                 # The queue was judged before the wait; the call goes in now, behind what went in meanwhile, with
                 # the time it waited for its turn spent too.
                 self.client.check_room(served, len(texts), waited_s + self._clock() - turn_began)
-            except BaseException:
-                gate.leave()
-                raise
-        try:
             # All texts or none: a call refused for a full queue leaves nothing behind in it.
             handles = self.client.submit(
                 served,

@@ -13,9 +13,10 @@ engine process's reports) is tested in the same way below, over a real Unix sock
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +94,12 @@ def held() -> Iterator[HeldStepModel]:
             model.gate.open()
 
 
-def held_loader(models: list[HeldStepModel]):  # type: ignore[no-untyped-def]
+def held_loader(models: list[HeldStepModel], held_type: type[HeldStepModel] = HeldStepModel):  # type: ignore[no-untyped-def]
+    """A model loader that wraps each version's step model in `held_type`, appended to `models`."""
+
     def load(directory: Path) -> LoadedModel:
         loaded = load_model(directory, provider="cpu", intra_op_threads=1)
-        model = HeldStepModel(loaded.step_model)
+        model = held_type(loaded.step_model)
         models.append(model)
         return dataclasses.replace(loaded, step_model=model)  # type: ignore[arg-type]
 
@@ -241,6 +244,18 @@ def test_a_frontend_refuses_from_the_engine_processes_reports(
     asyncio.run(scenario())
 
 
+@contextlib.asynccontextmanager
+async def two_connections(address: str) -> AsyncIterator[tuple[pb_grpc.TranslatorStub, pb_grpc.TranslatorStub]]:
+    """Two clients on connections of their own (channels to one address share their connection unless each keeps
+    its own subchannels), as the dataplane's turns tell clients apart."""
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    async with (
+        aio.insecure_channel(address, options=own) as first,
+        aio.insecure_channel(address, options=own) as second,
+    ):
+        yield pb_grpc.TranslatorStub(first), pb_grpc.TranslatorStub(second)
+
+
 class EncodeRecorder(HeldStepModel):
     """A held step model that also writes down the sources it encodes, in order."""
 
@@ -259,39 +274,27 @@ def test_calls_beyond_max_active_calls_take_turns_one_connection_after_another(d
     then connection B one. They go into the engine in the order a1, b1, a2, a3 (B waits behind one call of A, not
     three), as the order in which the engine encoded their sources shows; the gauges show the turns meanwhile."""
     settings = make_settings(dates_only, max_active_calls=1, repository_poll_seconds=0)
-    recorders: list[EncodeRecorder] = []
-
-    def load(directory: Path) -> LoadedModel:
-        loaded = load_model(directory, provider="cpu", intra_op_threads=1)
-        recorder = EncodeRecorder(loaded.step_model)
-        recorders.append(recorder)
-        return dataclasses.replace(loaded, step_model=recorder)  # type: ignore[arg-type]
+    recorders: list[HeldStepModel] = []
 
     texts = {"first": "1 mars 1999", "a1": "2 mars 1999", "a2": "3 mars 1999", "a3": "4 mars 1999", "b1": "5 mai 2001"}
 
     async def scenario() -> None:
         metrics = ServerMetrics()
-        client = InProcessClient(settings, metrics, loader=load)
+        client = InProcessClient(settings, metrics, loader=held_loader(recorders, EncodeRecorder))
         dataplane = Dataplane(client, settings)
         metrics.watch_turns(dataplane.gate)
         server = GrpcServer(settings, client, dataplane, metrics)
         await client.start()
         await server.start()
         (model,) = recorders
+        assert isinstance(model, EncodeRecorder)
         steps = model.gate = StepGate()
         model.encoded.clear()  # the warm-up's
         gauge = metrics.collectors.get_sample_value
         tokenizer = client.registry.resolve("dates", "").model.source_tokenizer
         sources = {(*tokenizer.encode(text), EOS): name for name, text in texts.items()}  # as the engine gets them
         try:
-            address = f"127.0.0.1:{settings.port}"
-            # Channels to one address share their connection unless each keeps its own subchannels.
-            own = [("grpc.use_local_subchannel_pool", 1)]
-            async with (
-                aio.insecure_channel(address, options=own) as channel_a,
-                aio.insecure_channel(address, options=own) as channel_b,
-            ):
-                a, b = pb_grpc.TranslatorStub(channel_a), pb_grpc.TranslatorStub(channel_b)
+            async with two_connections(f"127.0.0.1:{settings.port}") as (a, b):
 
                 def translate(stub: pb_grpc.TranslatorStub, name: str) -> asyncio.Future[pb.TranslateResponse]:
                     return asyncio.ensure_future(stub.Translate(pb.TranslateRequest(texts=[texts[name]])))
@@ -341,13 +344,7 @@ def test_a_call_that_waited_its_turn_is_judged_against_the_queue_as_it_goes_in(
         steps = model.gate = StepGate()
         streams: list[asyncio.Task[list[pb.TranslateStreamResponse]]] = []
         try:
-            address = f"127.0.0.1:{settings.port}"
-            own = [("grpc.use_local_subchannel_pool", 1)]
-            async with (
-                aio.insecure_channel(address, options=own) as channel_a,
-                aio.insecure_channel(address, options=own) as channel_b,
-            ):
-                a, b = pb_grpc.TranslatorStub(channel_a), pb_grpc.TranslatorStub(channel_b)
+            async with two_connections(f"127.0.0.1:{settings.port}") as (a, b):
                 request = pb.TranslateRequest(model="dates", texts=["3 mars 1999"])
                 first = asyncio.ensure_future(a.Translate(request))
                 await steps.until_blocked()
