@@ -101,10 +101,20 @@ class Dataplane:
 
     `pending`: the translation calls the transports have picked up (`admit_pickup`) that have not reached
     translate() or translate_stream() yet. `clock` (time.monotonic) times what admission measures.
+    `narrow_when_backlogged`: the gate lets fewer calls in while calls wait in gRPC core (FairGate.follow_backlog);
+    for a front-end process. One process keeps its full limit: there core's backlog moves into the lines without it,
+    and narrowing cost a fifth of its goodput under overload (docs/reliability.md, Turns).
     """
 
-    def __init__(self, client: EngineClient, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        client: EngineClient,
+        settings: Settings,
+        clock: Callable[[], float] = time.monotonic,
+        narrow_when_backlogged: bool = False,
+    ) -> None:
         self.client = client
+        self._narrow_when_backlogged = narrow_when_backlogged
         self.registry = client.registry
         self.settings = settings
         self.pending = PendingCalls()
@@ -115,7 +125,7 @@ class Dataplane:
 
     # ----- admission at pickup ----------------------------------------------------------------------
 
-    def admit_pickup(self, waited_s: float = 0.0) -> None:
+    def admit_pickup(self, waited_s: float | None = None) -> None:
         """A transport has just picked up a translation call, in the task that will run it, after the call waited
         about `waited_s` seconds to be picked up: refuse it now (Overloaded, reason BACKLOG_WAIT, with a retry
         hint) when the calls picked up before it (at the rate they have been reaching translate()) and the
@@ -126,7 +136,14 @@ class Dataplane:
         more calls per second and the calls that wait to be picked up wait less. Why the share kept: the time a
         call waited before pickup is spent; refusing it does not give that back to anyone (a client that keeps
         its calls in flight sends the next at once), but a queue cut below what keeps the batch full wastes the
-        engine."""
+        engine.
+
+        `waited_s` None: the transport cannot tell how long calls wait to be picked up (HTTP); when it can, the
+        gate of a front-end follows it (FairGate.follow_backlog)."""
+        if waited_s is None:
+            waited_s = 0.0
+        elif self._narrow_when_backlogged:
+            self.gate.follow_backlog(waited_s)
         pending, now = self.pending, self._clock()
         pending.observe(now)
         bound_s = self.settings.max_queue_wait_ms / 1000.0

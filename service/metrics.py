@@ -113,6 +113,8 @@ class Turns(Protocol):
     def waiting(self) -> int: ...
     @property
     def clients_waiting(self) -> int: ...
+    @property
+    def limit(self) -> int: ...
 
 
 class _TurnsCollector(Collector):
@@ -129,6 +131,12 @@ class _TurnsCollector(Collector):
             "Translation calls in the engines (token streams not counted); at max_active_calls the next ones wait "
             "their turn.",
             value=gate.inside,
+        )
+        yield GaugeMetricFamily(
+            "attnserve_calls_active_limit",
+            "The most translation calls let into the engines at once now (0 = no limit): max_active_calls, or a "
+            "quarter of it in a front-end process while calls wait in gRPC core to be picked up.",
+            value=gate.limit,
         )
         yield GaugeMetricFamily(
             "attnserve_calls_waiting_turn",

@@ -39,7 +39,7 @@ class PickupAdmissionInterceptor(aio.ServerInterceptor):
     Place it last, after the token check: a call the token check refuses gets UNAUTHENTICATED whatever this says.
     """
 
-    def __init__(self, admit: Callable[[float], None], methods: Collection[str]) -> None:
+    def __init__(self, admit: Callable[[float | None], None], methods: Collection[str]) -> None:
         self._admit = admit
         self.backlog: CoreBacklog | None = None
         self._methods = frozenset(methods)
@@ -60,7 +60,7 @@ class PickupAdmissionInterceptor(aio.ServerInterceptor):
         if handler is None or method not in self._methods or handler.request_streaming:
             return handler
         try:
-            self._admit(backlog.waited_s() if backlog is not None else 0.0)
+            self._admit(backlog.waited_s() if backlog is not None else None)
         except Overloaded as refusal:
             _refusal.set(refusal)
             return self._refusing_handler(method, handler)

@@ -22,7 +22,7 @@ async def run_frontend(settings: Settings, runtime_dir: Path) -> int:
     drain."""
     metrics = ServerMetrics()
     client = SocketClient(settings, runtime_dir / ENGINE_SOCKET)
-    dataplane = Dataplane(client, settings)
+    dataplane = Dataplane(client, settings, narrow_when_backlogged=True)  # FairGate.follow_backlog
     metrics.watch_turns(dataplane.gate)
     try:
         server = GrpcServer(settings, client, dataplane, metrics, share_port=True)

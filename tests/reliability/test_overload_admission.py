@@ -307,6 +307,7 @@ def test_calls_beyond_max_active_calls_take_turns_one_connection_after_another(d
                 calls["b1"] = translate(b, "b1")
                 await until(lambda: dataplane.gate.waiting == 4)
                 assert gauge("attnserve_calls_active") == 1
+                assert gauge("attnserve_calls_active_limit") == 1
                 assert gauge("attnserve_calls_waiting_turn") == 4
                 assert gauge("attnserve_clients_waiting_turn") == 2
                 steps.open()

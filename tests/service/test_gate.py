@@ -10,7 +10,7 @@ from collections.abc import Hashable
 import pytest
 
 from service.engine_client.admission import TRUSTED_AFTER_INTERVALS
-from service.engine_client.gate import FairGate
+from service.engine_client.gate import NARROW_AT_S, WIDEN_AT_S, FairGate
 from service.errors import QUEUE_WAIT, Overloaded
 
 
@@ -210,3 +210,53 @@ def test_without_a_bound_no_call_is_refused() -> None:
         assert gate.waiting == 0
 
     asyncio.run(scenario())
+
+
+def test_the_gate_narrows_while_calls_wait_in_core_and_widens_once_the_overload_is_over() -> None:
+    """Limit 8: calls that waited NARROW_AT_S in core narrow it to 2; calls that waited no longer than WIDEN_AT_S
+    widen it back only once no call waits its turn; the places freed meanwhile go to waiting calls only up to 2."""
+
+    async def scenario() -> None:
+        gate = gate_of(8)
+        for _ in range(4):
+            assert gate.try_enter()
+        gate.follow_backlog(NARROW_AT_S - 0.01)
+        assert (gate.limit, gate.narrowed) == (8, False)
+        gate.follow_backlog(NARROW_AT_S)
+        assert (gate.limit, gate.narrowed) == (2, True)
+        assert not gate.try_enter()  # 4 inside, room for 2
+        order: list[str] = []
+        waiting = [asyncio.ensure_future(take_turn(gate, client, order, leave=False)) for client in "abc"]
+        await settle()
+        gate.follow_backlog(WIDEN_AT_S)  # core is empty, but calls wait their turn: still narrow
+        assert gate.limit == 2
+        for _ in range(3):
+            gate.leave()
+        await settle()
+        assert (order, gate.inside, gate.waiting) == (["a"], 2, 2)  # 1 + a: the narrowed limit
+        gate.follow_backlog(WIDEN_AT_S + 0.01)  # neither narrowing nor widening: as it was
+        assert gate.limit == 2
+        for _ in range(2):
+            gate.leave()
+        await settle()
+        for _ in range(2):
+            gate.leave()
+        await asyncio.gather(*waiting)
+        assert (order, gate.inside, gate.waiting) == (["a", "b", "c"], 0, 0)
+        gate.follow_backlog(WIDEN_AT_S)
+        assert (gate.limit, gate.narrowed) == (8, False)
+
+    asyncio.run(scenario())
+
+
+def test_a_gate_without_a_limit_is_never_narrowed() -> None:
+    gate = gate_of(0)
+    gate.follow_backlog(10.0)
+    assert (gate.limit, gate.narrowed) == (0, False)
+    assert all(gate.try_enter() for _ in range(100))
+
+
+def test_a_limit_of_one_narrows_to_one() -> None:
+    gate = gate_of(1)
+    gate.follow_backlog(NARROW_AT_S)
+    assert gate.limit == 1 and gate.try_enter()
