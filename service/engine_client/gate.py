@@ -148,10 +148,6 @@ class FairGate:
         """A call that went in is done with the engines: let in the next ones, one per client in turn, new lines
         first."""
         self.inside -= 1
-        self._admit_waiting()
-
-    def _admit_waiting(self) -> None:
-        """While there is room, let in the next waiting calls, one per client in turn, new lines first."""
         new, rotation, lines = self._new, self._rotation, self._lines
         while (new or rotation) and (not self.limit or self.inside < self.limit):
             client = new.popleft() if new else rotation.popleft()
