@@ -240,9 +240,17 @@ class Dataplane:
             await gate.wait_turn(client() if client is not None else None, self.settings.max_queue_wait_ms / 1000.0)
         try:
             if turn_began is not None:
-                # The queue was judged before the wait; the call goes in now, behind what went in meanwhile, with
-                # the time it waited for its turn spent too.
-                self.client.check_room(served, len(texts), waited_s + self._clock() - turn_began)
+                waited_s += self._clock() - turn_began
+                if self._replaced_meanwhile(served, model, version):
+                    # A hot reload retired the version while the call waited its turn. Its engine stops once the
+                    # calls inside it are done, and a call waiting here is not one of them: the call goes to the
+                    # version that serves now, tokenized for it.
+                    served, decode = self._resolve_call(model, version, texts, options, on_resolved, waited_s)
+                    prepared = [self._prepare(served, index, text) for index, text in enumerate(texts)]
+                else:
+                    # The queue was judged before the wait; the call goes in now, behind what went in meanwhile,
+                    # with the time it waited for its turn spent too.
+                    self.client.check_room(served, len(texts), waited_s)
             # All texts or none: a call refused for a full queue leaves nothing behind in it.
             handles = self.client.submit(
                 served,
@@ -322,6 +330,12 @@ class Dataplane:
             yield StreamUpdate(name, number, "", hypotheses[0].text if hypotheses else "", index, True, hypotheses)
         finally:
             handle.cancel()  # no-op once resolved; otherwise the client went away mid-stream
+
+    def _replaced_meanwhile(self, served: ServedVersion, model: str, version: str) -> bool:
+        """The call's model and version fields no longer resolve to `served`: a hot reload replaced it (or, for a
+        version asked for by number, retired it: resolving again then raises what a new call would get)."""
+        now = self.registry.resolve(model, version)
+        return (now.name, now.version) != (served.name, served.version)
 
     # ----- validation and conversion ----------------------------------------------------------------
 

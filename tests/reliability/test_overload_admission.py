@@ -376,3 +376,45 @@ def test_a_call_that_waited_its_turn_is_judged_against_the_queue_as_it_goes_in(
             await server.drain(5.0)
 
     asyncio.run(scenario())
+
+
+def test_a_call_that_waited_its_turn_through_a_hot_reload_goes_to_the_version_serving_now(
+    dates_only: Path, held: list[HeldStepModel]
+) -> None:
+    """One call in the engines at a time, its decoder held. Connection B's call for the latest `dates` waits its
+    turn, resolved to version 1. Version 2 is published and loaded: version 1 is retired and stops taking requests
+    while the held call drains. When the held call is cancelled, B's call goes in and is answered by version 2, as
+    a call sent alone now is (before, it went to the stopping version 1 and was answered UNAVAILABLE: lost)."""
+    settings = make_settings(dates_only, max_active_calls=1, repository_poll_seconds=0)
+
+    async def scenario() -> None:
+        metrics = ServerMetrics()
+        client = InProcessClient(settings, metrics, loader=held_loader(held))
+        dataplane = Dataplane(client, settings)
+        server = GrpcServer(settings, client, dataplane, metrics)
+        await client.start()
+        await server.start()
+        (first_version,) = held
+        steps = first_version.gate = StepGate()
+        try:
+            async with two_connections(f"127.0.0.1:{settings.port}") as (a, b):
+                request = pb.TranslateRequest(model="dates", texts=["3 mars 1999"])
+                first = asyncio.ensure_future(a.Translate(request))
+                await steps.until_blocked()
+                waiting = asyncio.ensure_future(b.Translate(request))
+                await until(lambda: dataplane.gate.waiting == 1)
+                shutil.copytree(dates_only / "dates" / "1", dates_only / "dates" / "2")
+                await client.manager.refresh()
+                assert sorted(client.registry.entry("dates").served) == [2]  # type: ignore[union-attr]
+                retired = client.manager.engine("dates", 1)
+                assert retired is not None and retired.outstanding == 1  # draining the held call
+                first.cancel()
+                answer = await waiting
+                assert (answer.model, answer.version) == ("dates", "2")
+                assert answer == await b.Translate(request)
+                assert (dataplane.gate.inside, dataplane.gate.waiting) == (0, 0)
+        finally:
+            steps.open()
+            await server.drain(5.0)
+
+    asyncio.run(scenario())
