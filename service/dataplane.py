@@ -139,11 +139,15 @@ class Dataplane:
         engine.
 
         `waited_s` None: the transport cannot tell how long calls wait to be picked up (HTTP); when it can, the
-        gate of a front-end follows it (FairGate.follow_backlog)."""
+        gate of a front-end follows it (FairGate.follow_backlog), and when none has for a while, widens
+        (FairGate.follow_unreported)."""
+        if self._narrow_when_backlogged:
+            if waited_s is None:
+                self.gate.follow_unreported()
+            else:
+                self.gate.follow_backlog(waited_s)
         if waited_s is None:
             waited_s = 0.0
-        elif self._narrow_when_backlogged:
-            self.gate.follow_backlog(waited_s)
         pending, now = self.pending, self._clock()
         pending.observe(now)
         bound_s = self.settings.max_queue_wait_ms / 1000.0

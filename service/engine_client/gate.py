@@ -62,6 +62,12 @@ answers them, and under a client that keeps its calls in flight core's backlog b
 soon as core was empty, the well-behaved client's waits went back to 1-1.3 s every few seconds)."""
 
 
+UNREPORTED_AFTER_S = 1.0
+"""A narrowed gate also widens when no pickup has reported core's backlog for this long and none waits its turn,
+at the next call picked up by a transport that cannot report it (HTTP): without it a front-end that had a gRPC
+overload and then only HTTP calls would stay narrowed, as nothing would tell it the overload was over."""
+
+
 class FairGate:
     """At most `limit` calls inside at once (0 = no limit); the others wait in their client's line, new lines first,
     then the others round-robin. `clock` (seconds, monotonic) times the rate at which waiting calls go in, for the
@@ -84,6 +90,7 @@ class FairGate:
         self._new: collections.deque[Hashable] = collections.deque()
         self._rotation: collections.deque[Hashable] = collections.deque()
         self._let_in = 0  # calls that went in from a line, ever
+        self._reported_at = -math.inf  # when follow_backlog last heard from a transport
 
     @property
     def narrowed(self) -> bool:
@@ -95,10 +102,17 @@ class FairGate:
         effect without a limit."""
         if not self.full_limit:
             return
+        self._reported_at = self._clock()
         if waited_s >= NARROW_AT_S:
             self.limit = max(1, int(self.full_limit * NARROWED_SHARE))
         elif waited_s <= WIDEN_AT_S and self.narrowed and not self.waiting:
             self.limit = self.full_limit  # none waits: no one to let in
+
+    def follow_unreported(self) -> None:
+        """A call was just picked up by a transport that cannot tell how long it waited (HTTP): widen a narrowed
+        gate when no transport has reported a wait for UNREPORTED_AFTER_S and none waits its turn."""
+        if self.narrowed and not self.waiting and self._clock() - self._reported_at >= UNREPORTED_AFTER_S:
+            self.limit = self.full_limit
 
     @property
     def clients_waiting(self) -> int:

@@ -10,7 +10,7 @@ from collections.abc import Hashable
 import pytest
 
 from service.engine_client.admission import TRUSTED_AFTER_INTERVALS
-from service.engine_client.gate import NARROW_AT_S, WIDEN_AT_S, FairGate
+from service.engine_client.gate import NARROW_AT_S, UNREPORTED_AFTER_S, WIDEN_AT_S, FairGate
 from service.errors import QUEUE_WAIT, Overloaded
 
 
@@ -244,6 +244,39 @@ def test_the_gate_narrows_while_calls_wait_in_core_and_widens_once_the_overload_
         await asyncio.gather(*waiting)
         assert (order, gate.inside, gate.waiting) == (["a", "b", "c"], 0, 0)
         gate.follow_backlog(WIDEN_AT_S)
+        assert (gate.limit, gate.narrowed) == (8, False)
+
+    asyncio.run(scenario())
+
+
+def test_a_narrowed_gate_widens_once_no_transport_has_reported_a_wait_for_a_while() -> None:
+    """Narrowed by a gRPC pickup at time 0, then only pickups that cannot report (HTTP): still narrowed just before
+    UNREPORTED_AFTER_S, and while a call waits its turn; widened at the first such pickup after it with none waiting.
+    A report in between starts the quiet time again."""
+
+    async def scenario() -> None:
+        clock = [0.0]
+        gate = gate_of(8, clock)
+        gate.follow_backlog(NARROW_AT_S)
+        for _ in range(2):
+            assert gate.try_enter()
+        waiting = asyncio.ensure_future(take_turn(gate, "a", []))
+        await settle()
+        clock[0] = UNREPORTED_AFTER_S - 0.01
+        gate.follow_unreported()
+        assert gate.limit == 2
+        clock[0] = UNREPORTED_AFTER_S
+        gate.follow_unreported()
+        assert gate.limit == 2  # a call waits its turn
+        gate.follow_backlog(WIDEN_AT_S + 0.01)  # reported: neither narrowing nor widening, but heard
+        gate.leave()
+        await waiting
+        assert gate.waiting == 0
+        clock[0] = UNREPORTED_AFTER_S + (UNREPORTED_AFTER_S - 0.01)
+        gate.follow_unreported()
+        assert gate.limit == 2  # not yet quiet for long enough since that report
+        clock[0] = 2 * UNREPORTED_AFTER_S
+        gate.follow_unreported()
         assert (gate.limit, gate.narrowed) == (8, False)
 
     asyncio.run(scenario())
