@@ -18,7 +18,7 @@ import dataclasses
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -256,6 +256,29 @@ async def two_connections(address: str) -> AsyncIterator[tuple[pb_grpc.Translato
         yield pb_grpc.TranslatorStub(first), pb_grpc.TranslatorStub(second)
 
 
+class HeldAndWaiting(NamedTuple):
+    a: pb_grpc.TranslatorStub
+    b: pb_grpc.TranslatorStub
+    request: pb.TranslateRequest
+    held: asyncio.Future[pb.TranslateResponse]  # A's call, in the engine, its decoder held
+    waiting: asyncio.Future[pb.TranslateResponse]  # B's call, the same request, waiting its turn
+
+
+@contextlib.asynccontextmanager
+async def a_call_held_and_one_waiting(
+    address: str, steps: StepGate, dataplane: Dataplane
+) -> AsyncIterator[HeldAndWaiting]:
+    """With max_active_calls 1: connection A's call in the engine, held at `steps`, and connection B's call waiting
+    its turn behind it."""
+    async with two_connections(address) as (a, b):
+        request = pb.TranslateRequest(model="dates", texts=["3 mars 1999"])
+        held = asyncio.ensure_future(a.Translate(request))
+        await steps.until_blocked()
+        waiting = asyncio.ensure_future(b.Translate(request))
+        await until(lambda: dataplane.gate.waiting == 1)
+        yield HeldAndWaiting(a, b, request, held, waiting)
+
+
 class EncodeRecorder(HeldStepModel):
     """A held step model that also writes down the sources it encodes, in order."""
 
@@ -345,12 +368,8 @@ def test_a_call_that_waited_its_turn_is_judged_against_the_queue_as_it_goes_in(
         steps = model.gate = StepGate()
         streams: list[asyncio.Task[list[pb.TranslateStreamResponse]]] = []
         try:
-            async with two_connections(f"127.0.0.1:{settings.port}") as (a, b):
-                request = pb.TranslateRequest(model="dates", texts=["3 mars 1999"])
-                first = asyncio.ensure_future(a.Translate(request))
-                await steps.until_blocked()
-                waiting = asyncio.ensure_future(b.Translate(request))
-                await until(lambda: dataplane.gate.waiting == 1)
+            async with a_call_held_and_one_waiting(f"127.0.0.1:{settings.port}", steps, dataplane) as calls:
+                a, request, first, waiting = calls.a, calls.request, calls.held, calls.waiting
                 engine = client.manager.engine("dates", 1)
                 assert engine is not None
 
@@ -397,21 +416,16 @@ def test_a_call_that_waited_its_turn_through_a_hot_reload_goes_to_the_version_se
         (first_version,) = held
         steps = first_version.gate = StepGate()
         try:
-            async with two_connections(f"127.0.0.1:{settings.port}") as (a, b):
-                request = pb.TranslateRequest(model="dates", texts=["3 mars 1999"])
-                first = asyncio.ensure_future(a.Translate(request))
-                await steps.until_blocked()
-                waiting = asyncio.ensure_future(b.Translate(request))
-                await until(lambda: dataplane.gate.waiting == 1)
+            async with a_call_held_and_one_waiting(f"127.0.0.1:{settings.port}", steps, dataplane) as calls:
                 shutil.copytree(dates_only / "dates" / "1", dates_only / "dates" / "2")
                 await client.manager.refresh()
                 assert sorted(client.registry.entry("dates").served) == [2]  # type: ignore[union-attr]
                 retired = client.manager.engine("dates", 1)
                 assert retired is not None and retired.outstanding == 1  # draining the held call
-                first.cancel()
-                answer = await waiting
+                calls.held.cancel()
+                answer = await calls.waiting
                 assert (answer.model, answer.version) == ("dates", "2")
-                assert answer == await b.Translate(request)
+                assert answer == await calls.b.Translate(calls.request)
                 assert (dataplane.gate.inside, dataplane.gate.waiting) == (0, 0)
         finally:
             steps.open()
