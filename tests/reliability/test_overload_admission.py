@@ -397,18 +397,30 @@ def test_a_call_that_waited_its_turn_is_judged_against_the_queue_as_it_goes_in(
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("layout", ["one process", "front-end"])
 def test_a_call_that_waited_its_turn_through_a_hot_reload_goes_to_the_version_serving_now(
-    dates_only: Path, held: list[HeldStepModel]
+    dates_only: Path, tmp_path: Path, held: list[HeldStepModel], layout: str
 ) -> None:
     """One call in the engines at a time, its decoder held. Connection B's call for the latest `dates` waits its
     turn, resolved to version 1. Version 2 is published and loaded: version 1 is retired and stops taking requests
     while the held call drains. When the held call is cancelled, B's call goes in and is answered by version 2, as
-    a call sent alone now is (before, it went to the stopping version 1 and was answered UNAVAILABLE: lost)."""
+    a call sent alone now is (before, it went to the stopping version 1 and was answered UNAVAILABLE: lost). In one
+    process, and in a front-end whose engine runs behind a real Unix socket (there the retired version stops once
+    the front-end has acknowledged the report that retired it)."""
     settings = make_settings(dates_only, max_active_calls=1, repository_poll_seconds=0)
 
     async def scenario() -> None:
         metrics = ServerMetrics()
-        client = InProcessClient(settings, metrics, loader=held_loader(held))
+        client: InProcessClient | SocketClient
+        engine_server: EngineServer | None = None
+        if layout == "front-end":
+            engine_server = EngineServer(settings, ServerMetrics(), loader=held_loader(held))
+            await engine_server.start(tmp_path / "engine.sock")
+            manager = engine_server.manager
+            client = SocketClient(settings, tmp_path / "engine.sock")
+        else:
+            client = InProcessClient(settings, metrics, loader=held_loader(held))
+            manager = client.manager
         dataplane = Dataplane(client, settings)
         server = GrpcServer(settings, client, dataplane, metrics)
         await client.start()
@@ -418,9 +430,9 @@ def test_a_call_that_waited_its_turn_through_a_hot_reload_goes_to_the_version_se
         try:
             async with a_call_held_and_one_waiting(f"127.0.0.1:{settings.port}", steps, dataplane) as calls:
                 shutil.copytree(dates_only / "dates" / "1", dates_only / "dates" / "2")
-                await client.manager.refresh()
-                assert sorted(client.registry.entry("dates").served) == [2]  # type: ignore[union-attr]
-                retired = client.manager.engine("dates", 1)
+                await manager.refresh()
+                await until(lambda: sorted(client.registry.entry("dates").served) == [2])  # type: ignore[union-attr]
+                retired = manager.engine("dates", 1)
                 assert retired is not None and retired.outstanding == 1  # draining the held call
                 calls.held.cancel()
                 answer = await calls.waiting
@@ -430,5 +442,7 @@ def test_a_call_that_waited_its_turn_through_a_hot_reload_goes_to_the_version_se
         finally:
             steps.open()
             await server.drain(5.0)
+            if engine_server is not None:
+                await engine_server.stop(5.0)
 
     asyncio.run(scenario())
