@@ -245,10 +245,11 @@ class Dataplane:
         try:
             if turn_began is not None:
                 waited_s += self._clock() - turn_began
-                if self._replaced_meanwhile(served, model, version):
+                if self._retired_meanwhile(served):
                     # A hot reload retired the version while the call waited its turn. Its engine stops once the
                     # calls inside it are done, and a call waiting here is not one of them: the call goes to the
-                    # version that serves now, tokenized for it.
+                    # version that serves now, tokenized for it (or, naming the retired version by number, gets
+                    # what a new call naming it gets).
                     served, decode = self._resolve_call(model, version, texts, options, on_resolved, waited_s)
                     prepared = [self._prepare(served, index, text) for index, text in enumerate(texts)]
                 else:
@@ -335,11 +336,12 @@ class Dataplane:
         finally:
             handle.cancel()  # no-op once resolved; otherwise the client went away mid-stream
 
-    def _replaced_meanwhile(self, served: ServedVersion, model: str, version: str) -> bool:
-        """The call's model and version fields no longer resolve to `served`: a hot reload replaced it (or, for a
-        version asked for by number, retired it: resolving again then raises what a new call would get)."""
-        now = self.registry.resolve(model, version)
-        return (now.name, now.version) != (served.name, served.version)
+    def _retired_meanwhile(self, served: ServedVersion) -> bool:
+        """`served` is no longer among its model's served versions: a hot reload retired it. Not what resolving
+        again would tell: a newer version that merely joined it (loaded_versions > 1) retires nothing, and while the
+        server drains, resolving refuses, but the engines still take the calls let in until they stop."""
+        entry = self.registry.entry(served.name)
+        return entry is None or served.version not in entry.served
 
     # ----- validation and conversion ----------------------------------------------------------------
 

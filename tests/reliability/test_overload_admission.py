@@ -28,6 +28,7 @@ from grpc import aio
 from service.dataplane import Dataplane
 from service.engine.records import EncoderOutput
 from service.engine_client.admission import LONGEST_RETRY_HINT_S, MAX_INTERVAL_S, TRUSTED_AFTER_INTERVALS
+from service.engine_client.gate import NARROW_AT_S, UNREPORTED_AFTER_S
 from service.engine_client.in_process import InProcessClient
 from service.engine_client.socket_client import SocketClient
 from service.errors import QUEUE_WAIT, Overloaded
@@ -37,9 +38,11 @@ from service.grpc_api.server import GrpcServer
 from service.http_api.server import HttpServer
 from service.ipc.engine_server import EngineServer
 from service.metrics import ServerMetrics
+from service.models import ModelManager
 from service.runtime.model import LoadedModel, load_model
 from service.runtime.step import StepOutput
 from service.runtime.tokenizers import EOS
+from service.settings import Settings
 from tests.engine.fakes import StepGate, make_request, source
 from tests.service.http_client import call
 from tests.service.server_harness import make_settings
@@ -259,24 +262,30 @@ async def two_connections(address: str) -> AsyncIterator[tuple[pb_grpc.Translato
 class HeldAndWaiting(NamedTuple):
     a: pb_grpc.TranslatorStub
     b: pb_grpc.TranslatorStub
-    request: pb.TranslateRequest
     held: asyncio.Future[pb.TranslateResponse]  # A's call, in the engine, its decoder held
-    waiting: asyncio.Future[pb.TranslateResponse]  # B's call, the same request, waiting its turn
+    waiting: asyncio.Future[pb.TranslateResponse]  # B's call, waiting its turn
+
+
+LATEST_DATES = pb.TranslateRequest(model="dates", texts=["3 mars 1999"])
 
 
 @contextlib.asynccontextmanager
 async def a_call_held_and_one_waiting(
-    address: str, steps: StepGate, dataplane: Dataplane
+    address: str, steps: StepGate, dataplane: Dataplane, waiting_request: pb.TranslateRequest = LATEST_DATES
 ) -> AsyncIterator[HeldAndWaiting]:
-    """With max_active_calls 1: connection A's call in the engine, held at `steps`, and connection B's call waiting
-    its turn behind it."""
+    """With max_active_calls 1: connection A's call (LATEST_DATES) in the engine, held at `steps`, and connection B's
+    call (`waiting_request`) waiting its turn behind it. Calls still going on the way out are cancelled."""
     async with two_connections(address) as (a, b):
-        request = pb.TranslateRequest(model="dates", texts=["3 mars 1999"])
-        held = asyncio.ensure_future(a.Translate(request))
-        await steps.until_blocked()
-        waiting = asyncio.ensure_future(b.Translate(request))
-        await until(lambda: dataplane.gate.waiting == 1)
-        yield HeldAndWaiting(a, b, request, held, waiting)
+        calls = [asyncio.ensure_future(a.Translate(LATEST_DATES))]
+        try:
+            await steps.until_blocked()  # only then B's call: it must not overtake A's
+            calls.append(asyncio.ensure_future(b.Translate(waiting_request)))
+            await until(lambda: dataplane.gate.waiting == 1)
+            yield HeldAndWaiting(a, b, *calls)
+        finally:
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
 
 
 class EncodeRecorder(HeldStepModel):
@@ -369,7 +378,7 @@ def test_a_call_that_waited_its_turn_is_judged_against_the_queue_as_it_goes_in(
         streams: list[asyncio.Task[list[pb.TranslateStreamResponse]]] = []
         try:
             async with a_call_held_and_one_waiting(f"127.0.0.1:{settings.port}", steps, dataplane) as calls:
-                a, request, first, waiting = calls.a, calls.request, calls.held, calls.waiting
+                a, request, first, waiting = calls.a, LATEST_DATES, calls.held, calls.waiting
                 engine = client.manager.engine("dates", 1)
                 assert engine is not None
 
@@ -403,46 +412,149 @@ def test_a_call_that_waited_its_turn_through_a_hot_reload_goes_to_the_version_se
 ) -> None:
     """One call in the engines at a time, its decoder held. Connection B's call for the latest `dates` waits its
     turn, resolved to version 1. Version 2 is published and loaded: version 1 is retired and stops taking requests
-    while the held call drains. When the held call is cancelled, B's call goes in and is answered by version 2, as
-    a call sent alone now is (before, it went to the stopping version 1 and was answered UNAVAILABLE: lost). In one
-    process, and in a front-end whose engine runs behind a real Unix socket (there the retired version stops once
-    the front-end has acknowledged the report that retired it)."""
+    while the held call drains. When the held call is cancelled, B's call goes in, is encoded by version 2 and
+    answered as a call sent alone now is (before, it went to the stopping version 1 and was answered UNAVAILABLE:
+    lost). In one process, and in a front-end whose engine runs behind a real Unix socket (there the retired
+    version stops once the front-end has acknowledged the report that retired it)."""
     settings = make_settings(dates_only, max_active_calls=1, repository_poll_seconds=0)
 
     async def scenario() -> None:
-        metrics = ServerMetrics()
-        client: InProcessClient | SocketClient
-        engine_server: EngineServer | None = None
-        if layout == "front-end":
-            engine_server = EngineServer(settings, ServerMetrics(), loader=held_loader(held))
-            await engine_server.start(tmp_path / "engine.sock")
-            manager = engine_server.manager
-            client = SocketClient(settings, tmp_path / "engine.sock")
-        else:
-            client = InProcessClient(settings, metrics, loader=held_loader(held))
-            manager = client.manager
-        dataplane = Dataplane(client, settings)
-        server = GrpcServer(settings, client, dataplane, metrics)
-        await client.start()
-        await server.start()
-        (first_version,) = held
-        steps = first_version.gate = StepGate()
-        try:
+        async with serving(settings, tmp_path, held, layout) as (client, manager, dataplane, server):
+            first_version = held[0]
+            assert isinstance(first_version, EncodeRecorder)
+            steps = first_version.gate = StepGate()
+            source = sources_of(client, LATEST_DATES)
             async with a_call_held_and_one_waiting(f"127.0.0.1:{settings.port}", steps, dataplane) as calls:
                 shutil.copytree(dates_only / "dates" / "1", dates_only / "dates" / "2")
                 await manager.refresh()
                 await until(lambda: sorted(client.registry.entry("dates").served) == [2])  # type: ignore[union-attr]
                 retired = manager.engine("dates", 1)
                 assert retired is not None and retired.outstanding == 1  # draining the held call
+                second_version = held[1]
+                assert isinstance(second_version, EncodeRecorder)
+                second_version.encoded.clear()  # its warm-up's
                 calls.held.cancel()
                 answer = await calls.waiting
                 assert (answer.model, answer.version) == ("dates", "2")
-                assert answer == await calls.b.Translate(calls.request)
+                assert answer == await calls.b.Translate(LATEST_DATES)
+                assert (first_version.encoded.count(source), second_version.encoded) == (1, [source, source])
                 assert (dataplane.gate.inside, dataplane.gate.waiting) == (0, 0)
-        finally:
-            steps.open()
-            await server.drain(5.0)
-            if engine_server is not None:
-                await engine_server.stop(5.0)
 
     asyncio.run(scenario())
+
+
+def test_a_call_that_waited_its_turn_for_a_version_a_reload_retired_is_told_so_and_frees_its_place(
+    dates_only: Path, tmp_path: Path, held: list[HeldStepModel]
+) -> None:
+    """As above, but B's call names version 1. Retired while it waited, that version is not served when its turn
+    comes: NOT_FOUND, as a new call naming it gets, and its place in the gate is free again."""
+    settings = make_settings(dates_only, max_active_calls=1, repository_poll_seconds=0)
+    version_1 = pb.TranslateRequest(model="dates", version="1", texts=["3 mars 1999"])
+
+    async def scenario() -> None:
+        async with serving(settings, tmp_path, held, "one process") as (client, manager, dataplane, server):
+            steps = held[0].gate = StepGate()
+            address = f"127.0.0.1:{settings.port}"
+            async with a_call_held_and_one_waiting(address, steps, dataplane, version_1) as calls:
+                shutil.copytree(dates_only / "dates" / "1", dates_only / "dates" / "2")
+                await manager.refresh()
+                calls.held.cancel()
+                with pytest.raises(aio.AioRpcError) as refused:
+                    await calls.waiting
+                with pytest.raises(aio.AioRpcError) as new_call:
+                    await calls.b.Translate(version_1)
+                assert refused.value.code() == new_call.value.code() == grpc.StatusCode.NOT_FOUND
+                assert refused.value.details() == new_call.value.details()
+                assert (dataplane.gate.inside, dataplane.gate.waiting) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_call_waiting_its_turn_when_the_server_begins_to_drain_is_answered(
+    dates_only: Path, tmp_path: Path, held: list[HeldStepModel]
+) -> None:
+    """A call let in while the server drains is decoded: draining refuses new calls, not those already taken."""
+    settings = make_settings(dates_only, max_active_calls=1, repository_poll_seconds=0)
+
+    async def scenario() -> None:
+        async with serving(settings, tmp_path, held, "one process") as (client, manager, dataplane, server):
+            steps = held[0].gate = StepGate()
+            async with a_call_held_and_one_waiting(f"127.0.0.1:{settings.port}", steps, dataplane) as calls:
+                draining = asyncio.ensure_future(server.drain(30.0))
+                await until(lambda: client.registry.draining)
+                steps.open()
+                alone = await calls.held
+                assert await calls.waiting == alone
+                await draining
+
+    asyncio.run(scenario())
+
+
+def test_a_narrowed_front_end_widens_at_an_http_call_once_no_grpc_call_has_reported_a_wait(
+    dates_only: Path, tmp_path: Path, held: list[HeldStepModel]
+) -> None:
+    """Dataplane.admit_pickup as the transports call it: gRPC with how long the call waited in core, HTTP with None.
+    A front-end's dataplane narrows at a gRPC pickup that waited NARROW_AT_S and widens at the first HTTP pickup
+    UNREPORTED_AFTER_S later; one process's dataplane (narrow_when_backlogged off) never narrows."""
+    settings = make_settings(dates_only, max_active_calls=8, repository_poll_seconds=0)
+
+    async def scenario() -> None:
+        clock = Clock()
+        client = InProcessClient(settings, ServerMetrics(), loader=held_loader(held), clock=clock)
+        await client.start()
+        try:
+            front_end = Dataplane(client, settings, clock=clock, narrow_when_backlogged=True)
+            one_process = Dataplane(client, settings, clock=clock)
+            for dataplane in (front_end, one_process):
+                dataplane.admit_pickup(NARROW_AT_S)
+            assert (front_end.gate.limit, one_process.gate.limit) == (2, 8)
+            clock.now += UNREPORTED_AFTER_S - 0.01
+            front_end.admit_pickup(None)
+            assert front_end.gate.limit == 2
+            clock.now += 0.01
+            front_end.admit_pickup(None)
+            assert front_end.gate.limit == 8
+        finally:
+            await client.stop(5.0)
+
+    asyncio.run(scenario())
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    settings: Settings, tmp_path: Path, held: list[HeldStepModel], layout: str
+) -> AsyncIterator[tuple[InProcessClient | SocketClient, ModelManager, Dataplane, GrpcServer]]:
+    """A gRPC server on the real `dates` model, each version's step model an EncodeRecorder appended to `held`: in
+    one process, or (layout "front-end") a front-end's stack with its engine behind a real Unix socket. Drained on
+    the way out, with every held step let through."""
+    client: InProcessClient | SocketClient
+    engine_server: EngineServer | None = None
+    metrics = ServerMetrics()
+    if layout == "front-end":
+        engine_server = EngineServer(settings, ServerMetrics(), loader=held_loader(held, EncodeRecorder))
+        await engine_server.start(tmp_path / "engine.sock")
+        manager = engine_server.manager
+        client = SocketClient(settings, tmp_path / "engine.sock")
+    else:
+        client = InProcessClient(settings, metrics, loader=held_loader(held, EncodeRecorder))
+        manager = client.manager
+    dataplane = Dataplane(client, settings)
+    server = GrpcServer(settings, client, dataplane, metrics)
+    await client.start()
+    await server.start()
+    try:
+        yield client, manager, dataplane, server
+    finally:
+        for model in held:
+            if model.gate is not None:
+                model.gate.open()
+        await server.drain(5.0)
+        if engine_server is not None:
+            await engine_server.stop(5.0)
+
+
+def sources_of(client: InProcessClient | SocketClient, request: pb.TranslateRequest) -> tuple[int, ...]:
+    """The source ids the engine gets for `request`'s one text (as EncodeRecorder writes them down)."""
+    tokenizer = client.registry.resolve(request.model, request.version).model.source_tokenizer
+    (text,) = request.texts
+    return (*tokenizer.encode(text), EOS)
