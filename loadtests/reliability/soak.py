@@ -19,7 +19,10 @@ Every call has a deadline (30 s unless it is a short-deadline call). Faults, fro
   does (written under a hidden name, renamed into place), the server gets SIGHUP, and the run waits for the new
   version to be served; versions older than the two newest are removed;
 - every --kill-every minutes, with --frontends N > 0, a front-end process and the engine process in turn get
-  SIGKILL; the supervisor starts them again. A fault's window runs from the kill until the server is healthy again.
+  SIGKILL; the supervisor starts them again. A fault's window runs from the kill until the server is healthy again;
+- every --pause-every seconds (none by default), the engine process (the server itself with --frontends 0) is
+  stopped for --pause-for seconds (SIGSTOP, then SIGCONT), as a long collector pause or a starved CPU would stop
+  it. Not a fault: calls queue up meanwhile, and each must still end as it would without the pause.
 
 How each call may end: OK; RESOURCE_EXHAUSTED (refused, truthfully); CANCELLED for the calls the client cancelled;
 DEADLINE_EXCEEDED for the short-deadline calls; UNAVAILABLE (or a lost HTTP connection) only for calls that overlap
@@ -376,6 +379,20 @@ async def kill_and_wait(server: ServerProcess, role: str, turn: int, faults: lis
     fault.recovered = time.monotonic()
 
 
+async def pause(server: ServerProcess, seconds: float, pauses: list[str]) -> None:
+    """Stop the engine process (the server itself in one process) for `seconds`, then let it go on."""
+    roles = server_processes(server)
+    victim = next((pid for pid, role in roles.items() if role == "engine"), None)
+    if victim is None:
+        victim = next(pid for pid, role in roles.items() if role == "server")
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    pauses.append(f"{roles.get(victim)} {victim}")
+
+
 def _versions(folder: Path) -> list[int]:
     return sorted(int(entry.name) for entry in folder.iterdir() if entry.name.isdigit())
 
@@ -544,6 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frontends", type=int, default=2, help="the server's --frontends (0: one process)")
     parser.add_argument("--kill-every", type=float, default=2.0, help="minutes between kills (0: none)")
     parser.add_argument("--reload-every", type=float, default=1.0, help="minutes between hot reloads (0: none)")
+    parser.add_argument("--pause-every", type=float, default=0.0, help="seconds between engine pauses (0: none)")
+    parser.add_argument("--pause-for", type=float, default=0.5, help="seconds each pause lasts")
     parser.add_argument("--capacity-seconds", type=float, default=30.0, help="length of the capacity measurement")
     parser.add_argument("--capacity-clients", type=int, default=24, help="closed-loop clients measuring capacity")
     parser.add_argument("--max-in-flight", type=int, default=256, help="the most calls the load holds at once")
@@ -555,8 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SoakRun = tuple[Load, Watcher, list[Fault], list[str], float, float]
-"""The load (its calls), the process samples, the faults, the reloads, the capacity and the soak's start."""
+SoakRun = tuple[Load, Watcher, list[Fault], list[str], list[str], float, float]
+"""The load (its calls), the process samples, the faults, the reloads, the pauses, the capacity and the soak's
+start."""
 
 
 async def soak(args: argparse.Namespace, server: ServerProcess, repository: Path) -> SoakRun:
@@ -578,6 +598,7 @@ async def soak(args: argparse.Namespace, server: ServerProcess, repository: Path
         watching = asyncio.get_running_loop().create_task(watcher.run(done))
         faults: list[Fault] = []
         reloads: list[str] = []
+        pauses: list[str] = []
         soak_start = time.monotonic()
 
         async def at(seconds: float, action: Callable[[], Awaitable[None]]) -> None:
@@ -597,6 +618,9 @@ async def soak(args: argparse.Namespace, server: ServerProcess, repository: Path
                 for number, moment in enumerate(_moments(period, period, args.minutes * 60 - 30)):
                     role = "frontend" if number % 2 == 0 else "engine"
                     schedule.append((moment, functools.partial(kill_and_wait, server, role, number // 2, faults)))
+            if args.pause_every > 0:
+                for moment in _moments(args.pause_every, args.pause_every, args.minutes * 60 - args.pause_for):
+                    schedule.append((moment, functools.partial(pause, server, args.pause_for, pauses)))
             for moment, action in sorted(schedule, key=lambda item: item[0]):
                 await at(moment, action)
 
@@ -605,7 +629,7 @@ async def soak(args: argparse.Namespace, server: ServerProcess, repository: Path
         await watching
     for channel in channels:
         await channel.close()
-    return load, watcher, faults, reloads, capacity, soak_start
+    return load, watcher, faults, reloads, pauses, capacity, soak_start
 
 
 def _moments(first: float, period: float, until: float) -> list[float]:
@@ -629,12 +653,12 @@ def main(argv: list[str] | None = None) -> int:
                               extra=extra, label="soak-server", http=True).start()  # fmt: skip
     load_average = Path("/proc/loadavg").read_text().split()[:3]
     try:
-        load, watcher, faults, reloads, capacity, soak_start = asyncio.run(soak(args, server, repository))
+        load, watcher, faults, reloads, pauses, capacity, soak_start = asyncio.run(soak(args, server, repository))
         refusals = refusals_by_reason(server)
     finally:
         server.stop()
     write_samples(args.out / "samples.jsonl", watcher, faults, reloads, soak_start)
-    return report(args, load, watcher, faults, reloads, capacity, soak_start, load_average, refusals)
+    return report(args, load, watcher, faults, reloads, pauses, capacity, soak_start, load_average, refusals)
 
 
 def write_samples(path: Path, watcher: Watcher, faults: list[Fault], reloads: list[str], soak_start: float) -> None:
@@ -664,7 +688,7 @@ def refusals_by_reason(server: ServerProcess) -> Counter[str] | str:
 
 
 def report(args: argparse.Namespace, load: Load, watcher: Watcher, faults: list[Fault], reloads: list[str],
-           capacity: float, soak_start: float, load_average: list[str],
+           pauses: list[str], capacity: float, soak_start: float, load_average: list[str],
            refusals: Counter[str] | str) -> int:  # fmt: skip
     calls = load.calls
     print_table(
@@ -709,6 +733,8 @@ def report(args: argparse.Namespace, load: Load, watcher: Watcher, faults: list[
             ["faults", "; ".join(f"{fault.what}, healthy again after {fault.recovered - fault.started:.1f} s"
                                  for fault in faults) or "none"],
             ["reloads", "; ".join(reloads) or "none"],
+            ["pauses", f"{len(pauses)} of {args.pause_for:g} s ({', '.join(sorted(set(pauses)))})" if pauses
+             else "none"],
             ["refused by the server, by reason (processes alive at the end)",
              refusals if isinstance(refusals, str)
              else ", ".join(f"{reason} {count:,}" for reason, count in refusals.most_common()) or "none"],
