@@ -61,7 +61,6 @@ Not as soon as core's backlog has moved here: with the full limit the loop again
 answers them, and under a client that keeps its calls in flight core's backlog builds again (measured: widened as
 soon as core was empty, the well-behaved client's waits went back to 1-1.3 s every few seconds)."""
 
-
 UNREPORTED_AFTER_S = 1.0
 """A narrowed gate also widens when no pickup has reported core's backlog for this long and none waits its turn,
 at the next call picked up by a transport that cannot report it (HTTP): without it a front-end that had a gRPC

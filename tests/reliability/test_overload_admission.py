@@ -323,8 +323,7 @@ def test_calls_beyond_max_active_calls_take_turns_one_connection_after_another(d
         steps = model.gate = StepGate()
         model.encoded.clear()  # the warm-up's
         gauge = metrics.collectors.get_sample_value
-        tokenizer = client.registry.resolve("dates", "").model.source_tokenizer
-        sources = {(*tokenizer.encode(text), EOS): name for name, text in texts.items()}  # as the engine gets them
+        sources = {source_ids(client, text): name for name, text in texts.items()}
         try:
             async with two_connections(f"127.0.0.1:{settings.port}") as (a, b):
 
@@ -423,7 +422,8 @@ def test_a_call_that_waited_its_turn_through_a_hot_reload_goes_to_the_version_se
             first_version = held[0]
             assert isinstance(first_version, EncodeRecorder)
             steps = first_version.gate = StepGate()
-            source = sources_of(client, LATEST_DATES)
+            (text,) = LATEST_DATES.texts
+            source = source_ids(client, text)
             async with a_call_held_and_one_waiting(f"127.0.0.1:{settings.port}", steps, dataplane) as calls:
                 shutil.copytree(dates_only / "dates" / "1", dates_only / "dates" / "2")
                 await manager.refresh()
@@ -553,8 +553,7 @@ async def serving(
             await engine_server.stop(5.0)
 
 
-def sources_of(client: InProcessClient | SocketClient, request: pb.TranslateRequest) -> tuple[int, ...]:
-    """The source ids the engine gets for `request`'s one text (as EncodeRecorder writes them down)."""
-    tokenizer = client.registry.resolve(request.model, request.version).model.source_tokenizer
-    (text,) = request.texts
+def source_ids(client: InProcessClient | SocketClient, text: str) -> tuple[int, ...]:
+    """The source ids the engine gets for `text` sent to the latest `dates` (as EncodeRecorder writes them down)."""
+    tokenizer = client.registry.resolve("dates", "").model.source_tokenizer
     return (*tokenizer.encode(text), EOS)
