@@ -8,12 +8,21 @@ client (service/engine_client/socket_client.py) in a front-end process. Callers 
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import AsyncIterator, Callable
 
 from service.engine.records import EngineResult, TokenEvent
 from service.errors import AttnServeError
 
 _END_OF_STREAM = object()
+
+
+def _raised(error: BaseException) -> BaseException:
+    """A copy of a handle's stored error, to raise: the same class, message and attributes, and no traceback yet.
+    Raised itself, the stored error would take a traceback holding every frame it passed through, among them the
+    handle's own and its callers': a reference cycle from the handle back to itself. Only the garbage collector's
+    full passes free such cycles, and in an engine process they come minutes apart."""
+    return copy.copy(error)
 
 
 class RequestHandle:
@@ -35,7 +44,7 @@ class RequestHandle:
         self._waiters: list[asyncio.Future[None]] | None = None
         self._events: asyncio.Queue[object] | None = asyncio.Queue() if stream else None
         self._stream_taken = False
-        self._on_cancel = on_cancel
+        self._on_cancel: Callable[[RequestHandle], None] | None = on_cancel  # None once resolved
         self._when_resolved: Callable[[RequestHandle], None] | None = None
         self._outcome: EngineResult | AttnServeError | None = None
 
@@ -69,7 +78,7 @@ class RequestHandle:
                 raise
         outcome = self._outcome
         if isinstance(outcome, AttnServeError):
-            raise outcome
+            raise _raised(outcome)
         assert outcome is not None
         return outcome
 
@@ -91,7 +100,7 @@ class RequestHandle:
     def cancel(self) -> None:
         """Cancel the request (idempotent): result() raises RequestCancelled at once; its rows leave the
         batch at the next step. No effect once the request is resolved."""
-        if self._outcome is None:
+        if self._on_cancel is not None:
             self._on_cancel(self)
 
     def when_resolved(self, callback: Callable[[RequestHandle], None]) -> None:
@@ -115,7 +124,7 @@ class RequestHandle:
             if item is _END_OF_STREAM:
                 return
             if isinstance(item, BaseException):
-                raise item
+                raise _raised(item)
             assert isinstance(item, TokenEvent)
             yield item
 
@@ -140,6 +149,9 @@ class RequestHandle:
         if self._outcome is not None:
             return False
         self._outcome = outcome
+        # A resolved handle holds nothing of its owner's: a handle outlives its request (its caller's frames, an
+        # error's traceback), and through `on_cancel` it would keep a retired version's engine, sessions and batch.
+        self._on_cancel = None
         if self._waiters is not None:
             for waiter in self._waiters:
                 if not waiter.done():  # a waiter whose task was cancelled is done already
