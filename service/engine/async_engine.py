@@ -45,6 +45,9 @@ from service.errors import AttnServeError, EngineFailure, InvalidRequest, Overlo
 
 log = logging.getLogger(__name__)
 
+WORKER_EXIT_WAIT_S = 1.0
+"""How long stop() waits for the worker thread to exit once the grace period is over (see stop())."""
+
 _Stat = TypeVar("_Stat")
 
 
@@ -196,6 +199,7 @@ class AsyncEngine:
             self._lifecycle = _Lifecycle.STOPPING
             self._core.draining = True
             self._kick()
+        grace_ends = time.monotonic() + max(grace_s, 0.0)
         if self._lifecycle is _Lifecycle.STOPPING and self._outstanding:  # a second stop() waits as well
             try:
                 await asyncio.wait_for(self._all_resolved.wait(), max(grace_s, 0.0))
@@ -214,6 +218,11 @@ class AsyncEngine:
             )
         if self.on_loop and self._encoder_pool is not None:  # no step runs now (steps run on this thread)
             self._encoder_pool.shutdown(wait=False)
+        if self._thread is not None and self._thread.is_alive():
+            # The worker thread holds the engine until it exits, so a retired version's engine, sessions and batch
+            # would outlive stop() by a moment no one can see: wait for it. It exits at once, or after the step in
+            # flight; one stuck past the grace period is not waited for longer than WORKER_EXIT_WAIT_S.
+            await asyncio.to_thread(self._thread.join, max(grace_ends - time.monotonic(), WORKER_EXIT_WAIT_S))
 
     def _kick(self) -> None:
         """There is something new for the core (arrivals, cancellations, a stop): make it look."""

@@ -10,6 +10,8 @@ Both ends run on one event loop here; tests/reliability/test_frontends.py runs t
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -307,6 +309,37 @@ def test_a_reload_never_refuses_a_call_on_its_way(tmp_path: Path, version_dir: P
             await until(lambda: pair.server.manager.engine(NAME, 1) is None)  # drained and stopped
 
     asyncio.run(main())
+
+
+def test_a_retired_version_is_freed_as_it_stops_though_a_stream_of_it_ended_in_an_error(
+    tmp_path: Path, version_dir: Path
+) -> None:
+    """A stream cancelled in the engine ends its forwarding with the error raised by `tokens()`. Its handle then
+    lives on in a reference cycle (the error's traceback) until the garbage collector's next full pass, which in
+    an engine process comes minutes apart; a resolved handle holds nothing of its engine, so the engine of a
+    retired version (and with it the version's sessions and batch) is freed the moment it stops. The collector is
+    off here: only reference counting frees anything."""
+    gate = StepGate()
+
+    async def main() -> None:
+        model = FakeStepModel(vocab_size=12, support=NO_EOS)
+        async with connected(tmp_path, version_dir, model, gate=gate) as pair:
+            [stream] = pair.submit(make_request(source(3, 4), max_length=8, stream=True))
+            await gate.until_blocked()  # decoding in the engine, on its worker thread
+            stream.cancel()
+            await until(lambda: pair.finished("cancelled") == 1)
+            version_one = weakref.ref(pair.engine)
+            gate.open()
+            (pair.server.settings.model_repository / NAME / "2").symlink_to(version_dir, target_is_directory=True)
+            await pair.server.manager.refresh()
+            await until(lambda: pair.server.manager.engine(NAME, 1) is None)  # drained and stopped
+            assert version_one() is None
+
+    gc.disable()
+    try:
+        asyncio.run(main())
+    finally:
+        gc.enable()
 
 
 def test_a_lost_engine_fails_the_calls_in_flight_with_unavailable(tmp_path: Path, version_dir: Path) -> None:
