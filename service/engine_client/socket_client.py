@@ -141,8 +141,13 @@ class SocketClient:
             self._channel = channel  # before connecting: the engine's first report may arrive before we resume
             try:
                 await loop.create_unix_connection(functools.partial(_same, channel), str(self.socket_path))
-            except (FileNotFoundError, ConnectionRefusedError):
-                # The engine process is starting or restarting: its socket appears once its models are loaded.
+            except OSError as error:
+                # The engine process is starting or restarting: its socket appears once its models are loaded
+                # (FileNotFoundError, ConnectionRefusedError). A process that dies while it accepts resets the
+                # connection (ConnectionResetError), and one that is swamped may have a full backlog
+                # (BlockingIOError): all pass, so every error is tried again. A soak lost a front-end to the reset:
+                # its reconnection ended there, and all its calls were refused until it was killed 4 minutes later.
+                log.debug("connecting to the engine process failed (%s); trying again in %.2f s", error, delay)
                 self._channel = None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_LONGEST_S)

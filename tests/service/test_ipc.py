@@ -10,12 +10,14 @@ Both ends run on one event loop here; tests/reliability/test_frontends.py runs t
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,6 +36,8 @@ from tests.engine.fakes import NO_EOS, FakeStepModel, StepGate, make_request, ou
 pytestmark = pytest.mark.slow  # trains models or starts servers
 
 NAME = "dates"
+HANG_S = 60.0
+"""A generous bound on a wait that would otherwise hang when what the test proves is broken."""
 
 
 @dataclass
@@ -367,6 +371,45 @@ def test_a_lost_engine_fails_the_calls_in_flight_with_unavailable(tmp_path: Path
             gate.open()
             [again] = pair.submit(make_request(source(3, 4)))
             assert (await again.result()).hypotheses
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("refusal", [ConnectionResetError, BlockingIOError], ids=["reset", "backlog full"])
+def test_a_front_end_keeps_reconnecting_through_any_error_of_the_socket(
+    tmp_path: Path, version_dir: Path, refusal: type[OSError]
+) -> None:
+    """An engine process that dies while it accepts resets the front-end's connection attempt; one that is swamped
+    may have a full backlog. Either passes, so the front-end tries again, as it does while the socket is missing
+    or refuses. (A soak lost a front-end to the reset: its reconnection ended there.) The loop's connect fails
+    with `refusal` for the first two attempts after the engine is lost, then goes through."""
+
+    async def main() -> None:
+        async with connected(tmp_path, version_dir, FakeStepModel(vocab_size=12)) as pair:
+            loop = asyncio.get_running_loop()
+            connect = loop.create_unix_connection
+            attempts: list[str] = []
+
+            async def failing_twice(*args: Any, **kwargs: Any) -> Any:
+                attempts.append(refusal.__name__ if len(attempts) < 2 else "connected")
+                if len(attempts) <= 2:
+                    raise refusal(errno.ECONNRESET if refusal is ConnectionResetError else errno.EAGAIN, "refused")
+                return await connect(*args, **kwargs)
+
+            loop.create_unix_connection = failing_twice  # type: ignore[method-assign]
+            for connection in list(pair.server.connections):  # as when the engine process dies
+                connection.channel.abort()
+
+            async def reconnected() -> None:
+                while pair.availability != [True, False, True]:
+                    pair.availability_changed.clear()
+                    await pair.availability_changed.wait()
+
+            # A bound on a hang, not a measurement: before, the reconnection ended at the first error.
+            await asyncio.wait_for(reconnected(), HANG_S)
+            assert attempts == [refusal.__name__, refusal.__name__, "connected"]
+            [handle] = pair.submit(make_request(source(3, 4), max_length=3))
+            assert (await handle.result()).hypotheses
 
     asyncio.run(main())
 
