@@ -14,11 +14,12 @@ lets them through.
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -551,3 +552,16 @@ def same_hypotheses(left: list[Hypothesis], right: list[Hypothesis]) -> bool:
         if a.attention is not None and not np.array_equal(a.attention, b.attention):
             return False
     return True
+
+
+@contextmanager
+def collector_off() -> Iterator[None]:
+    """Python's garbage collector off for the block (as it was after), so only reference counting frees anything:
+    for tests that an object is freed at once, not at the collector's next pass."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import random
 import threading
 import time
@@ -37,6 +36,7 @@ from .fakes import (
     RecordingRecorder,
     StepGate,
     TickingClock,
+    collector_off,
     engine_limits,
     make_request,
     outcome,
@@ -598,12 +598,9 @@ def test_a_stopped_engine_is_freed_at_once_though_handles_it_resolved_live_on(on
         await engine.stop(grace_s=5.0)
         return weakref.ref(engine), [finished, cancelled, streamed]
 
-    gc.disable()
-    try:
+    with collector_off():
         engine, handles = asyncio.run(main())
         assert engine() is None
-    finally:
-        gc.enable()
     assert [handle.done for handle in handles] == [True, True, True]
     assert isinstance(handles[0].outcome(), EngineResult)
     assert [type(handle.outcome()) for handle in handles[1:]] == [RequestCancelled, RequestCancelled]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import gc
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,7 +30,7 @@ from service.metrics import ServerMetrics
 from service.registry import ModelEvent, ModelEventKind, RegistryReport, ServedVersion
 from service.runtime.model import LoadedModel, read_text_side
 from service.settings import Settings
-from tests.engine.fakes import NO_EOS, FakeStepModel, StepGate, make_request, outcome, source
+from tests.engine.fakes import NO_EOS, FakeStepModel, StepGate, collector_off, make_request, outcome, source
 
 pytestmark = pytest.mark.slow  # trains models or starts servers
 
@@ -339,11 +338,8 @@ def test_a_retired_version_is_freed_as_it_stops_though_a_stream_of_it_ended_in_a
             await until(lambda: pair.server.manager.engine(NAME, 1) is None)  # drained and stopped
             assert version_one() is None
 
-    gc.disable()
-    try:
+    with collector_off():
         asyncio.run(main())
-    finally:
-        gc.enable()
 
 
 def test_a_lost_engine_fails_the_calls_in_flight_with_unavailable(tmp_path: Path, version_dir: Path) -> None:
