@@ -22,7 +22,8 @@ privileges, the image's non-root user):
   translations from both default models, KServe v2 ServerReady and ModelReady, GetModel's provider;
 - the metrics page counts exactly the calls made;
 - SIGTERM while calls are in flight: every call finishes with its result, the container exits 0;
-- the log holds no warning or error (onnxruntime's telemetry, the usual culprit on a read-only root, is off);
+- the log holds no warning or error (onnxruntime's telemetry, the usual culprit on a read-only root, is off), and
+  says the server runs on jemalloc's malloc (the image installs it; `memory_allocator` auto preloads it);
 - the CPU image (models from a volume) is under IMAGE_SIZE_LIMIT_MB.
 """
 
@@ -591,6 +592,7 @@ def noisy_lines(log_text: str) -> list[str]:
 def check_quiet_log(container: Container) -> None:
     output = container.logs()
     expect("attnserve listening on" in output and "draining" in output, f"unexpected log:\n{output}")
+    expect("and jemalloc's malloc" in output, f"the server does not run on jemalloc's malloc:\n{output}")
     noisy = noisy_lines(output)
     expect(not noisy, "the log holds warnings or errors:\n" + "\n".join(noisy))
 

@@ -25,6 +25,7 @@ from service.grpc_api.server import GrpcServer
 from service.http_api.server import HttpServer
 from service.lifecycle import open_ports, remove_signal_handlers, settings_from, start_client, stop_event
 from service.metrics import ServerMetrics
+from service.runtime import allocator
 from service.runtime.memory import MemoryReturner
 from service.settings import Settings
 
@@ -77,7 +78,7 @@ async def serve(
     metrics_text = f", metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else ""
     http_text = f", HTTP on :{http.port}" if http is not None else ""
     log.info(
-        "attnserve listening on %s:%d (default model %s) serving %s%s%s, on %s's event loop",
+        "attnserve listening on %s:%d (default model %s) serving %s%s%s, on %s's event loop and %s",
         settings.host,
         port,
         registry.default_model,
@@ -85,6 +86,7 @@ async def serve(
         http_text,
         metrics_text,
         event_loop.running_loop_name(),
+        allocator.active_allocator(),
     )
     memory = MemoryReturner(settings.memory_return_seconds, client.manager.release_unused_memory)
     memory.start()
@@ -103,10 +105,13 @@ async def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`attnserve serve [flags]`; returns the process exit status."""
+    """`attnserve serve [flags]`; returns the process exit status. The command's own process: before anything
+    starts, it may start itself again on the malloc `memory_allocator` chooses (os.execve, same pid); programs that
+    serve inside themselves call `serve()`."""
     settings = settings_from(argv)
     if settings is None:
         return 2
+    allocator.exec_with_allocator(settings.memory_allocator)
     frontends = settings.frontend_processes
     if frontends:
         from service.processes.supervisor import supervise

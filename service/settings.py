@@ -27,6 +27,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 
 from service.engine.core import BatchingPolicy, EngineLimits
 from service.event_loop import EventLoopChoice, uvloop_installed
+from service.runtime.allocator import AllocatorChoice, jemalloc_library
 from service.runtime.model import usable_cpus
 from service.runtime.providers import Provider
 from service.validation import error_text
@@ -217,6 +218,12 @@ class Settings(BaseSettings):
     shrink at their next run, the engines' batches give back tables beyond their rows, glibc's heap is trimmed), so
     that RSS follows what the load needs now rather than the most it ever needed; 0 = never."""
 
+    memory_allocator: Annotated[AllocatorChoice, BeforeValidator(_lower)] = "auto"
+    """The malloc of the server's processes: `auto` = jemalloc where it is installed (Debian: libjemalloc2; the
+    images have it), else the C library's; `jemalloc` or `system` = that one. jemalloc gives back the pages a
+    burst or a hot reload used once they are free, where glibc kept some for minutes (docs/reliability.md). The
+    server starts itself again, under the same pid, with the library preloaded (LD_PRELOAD)."""
+
     log_level: Annotated[LogLevel, BeforeValidator(_upper)] = "INFO"
     """Python logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
 
@@ -321,6 +328,11 @@ class Settings(BaseSettings):
         if self.event_loop == "uvloop" and not uvloop_installed():
             raise ValueError(
                 "event_loop=uvloop, but uvloop is not installed: pip install uvloop, or use auto or asyncio"
+            )
+        if self.memory_allocator == "jemalloc" and jemalloc_library() is None:
+            raise ValueError(
+                "memory_allocator=jemalloc, but jemalloc is not installed (Debian, Ubuntu: apt-get install "
+                "libjemalloc2), or use auto or system"
             )
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError(

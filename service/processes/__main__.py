@@ -11,6 +11,7 @@ from pathlib import Path
 from service import event_loop
 from service.lifecycle import settings_from
 from service.processes.child import stop_with_parent
+from service.runtime.allocator import active_allocator
 
 log = logging.getLogger("attnserve.processes")
 
@@ -35,7 +36,13 @@ def child_main(argv: list[str]) -> int:
     name = "front-end" if role == "frontend" else "engine"
 
     async def announced() -> int:
-        log.info("%s process %d on %s's event loop", name, os.getpid(), event_loop.running_loop_name())
+        log.info(
+            "%s process %d on %s's event loop and %s",
+            name,
+            os.getpid(),
+            event_loop.running_loop_name(),
+            active_allocator(),
+        )
         return await run(settings, Path(runtime_dir))
 
     return event_loop.run(announced(), settings.event_loop, serves_rpcs=role == "frontend")

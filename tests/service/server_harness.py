@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import grpc
 
 # The same helpers the load tools use, re-exported for the tests (metric_sum: the sum over the samples whose
 # labels include the given ones).
@@ -20,6 +23,8 @@ from loadtests.servers import free_port, serve_command, wait_until_serving
 from loadtests.servers import metric as metric_sum
 from loadtests.servers import scrape as _scrape_page
 from service import event_loop
+from service.gen.attnserve.v1 import translator_pb2 as pb
+from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.server import serve
 from service.settings import Settings
 
@@ -32,6 +37,7 @@ __all__ = [
     "metric",
     "metric_sum",
     "scrape",
+    "serve_once",
     "start_subprocess",
     "wait_for",
     "wait_until_serving",
@@ -161,3 +167,31 @@ def start_subprocess(repository: Path, port: int, *extra: str) -> subprocess.Pop
     return subprocess.Popen(
         command, cwd=PROJECT_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
+
+
+SERVE_ONCE_TEXTS = ["samedi 21 novembre 2026", "3 mars 1999", "14 juillet 1789"]
+"""What `serve_once` translates (the `dates` model's inputs)."""
+
+
+def serve_once(
+    repository: Path, *flags: str, while_serving: Callable[[subprocess.Popen[bytes]], None] | None = None
+) -> tuple[list[str], str]:
+    """`attnserve serve` as a child process with `flags`: the best translation of each of SERVE_ONCE_TEXTS, and its
+    output once SIGTERM has drained it (exit status 0 asserted). `while_serving(process)` runs once it serves."""
+    port = free_port()
+    process = start_subprocess(repository, port, *flags)
+    try:
+        wait_until_serving(f"127.0.0.1:{port}", process=process)
+        if while_serving is not None:
+            while_serving(process)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            request = pb.TranslateRequest(texts=SERVE_ONCE_TEXTS)
+            response = pb_grpc.TranslatorStub(channel).Translate(request, timeout=30)
+        texts = [translation.hypotheses[0].text for translation in response.translations]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return texts, process.stdout.read().decode("utf-8", "replace") if process.stdout else ""

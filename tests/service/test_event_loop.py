@@ -6,21 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-import signal
 from pathlib import Path
 
-import grpc
 import pytest
 
 from service import event_loop
-from service.gen.attnserve.v1 import translator_pb2 as pb
-from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.settings import Settings, SettingsError
-from tests.service.server_harness import free_port, start_subprocess, wait_until_serving
+from tests.service.server_harness import serve_once
 
 needs_uvloop = pytest.mark.skipif(not event_loop.uvloop_installed(), reason="uvloop is not installed (Windows)")
-
-DATES = ["samedi 21 novembre 2026", "3 mars 1999", "14 juillet 1789"]
 
 
 async def _loop_name() -> str:
@@ -71,32 +65,13 @@ def test_the_setting_takes_the_three_loops_and_nothing_else() -> None:
         Settings(event_loop="tokio")
 
 
-def _serve_once(repository: Path, *flags: str) -> tuple[list[str], str]:
-    """`attnserve serve` as a child process with `flags`: the best translation of each of DATES, and its output
-    once SIGTERM has drained it (exit status 0 asserted)."""
-    port = free_port()
-    process = start_subprocess(repository, port, *flags)
-    try:
-        wait_until_serving(f"127.0.0.1:{port}", process=process)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            response = pb_grpc.TranslatorStub(channel).Translate(pb.TranslateRequest(texts=DATES), timeout=30)
-        texts = [translation.hypotheses[0].text for translation in response.translations]
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    return texts, process.stdout.read().decode("utf-8", "replace") if process.stdout else ""
-
-
 @pytest.mark.slow
 def test_one_process_says_its_loop_and_answers_the_same_on_both(tiny_repository: Path) -> None:
-    on_asyncio, asyncio_output = _serve_once(tiny_repository, "--frontends", "0", "--event-loop", "asyncio")
+    on_asyncio, asyncio_output = serve_once(tiny_repository, "--frontends", "0", "--event-loop", "asyncio")
     assert "on asyncio's event loop" in asyncio_output, asyncio_output
     if not event_loop.uvloop_installed():
         return
-    on_uvloop, uvloop_output = _serve_once(tiny_repository, "--frontends", "0")  # the default: auto
+    on_uvloop, uvloop_output = serve_once(tiny_repository, "--frontends", "0")  # the default: auto
     assert "on uvloop's event loop" in uvloop_output, uvloop_output
     assert on_uvloop == on_asyncio
     assert all(on_asyncio)
@@ -109,7 +84,7 @@ def test_with_a_front_end_auto_puts_it_on_uvloop_and_the_engine_process_on_async
     # transports: on mixed loops, on one loop, and on the other.
     answers = {}
     for choice, front_end, engine in [("auto", "uvloop", "asyncio"), ("uvloop", "uvloop", "uvloop"), ("asyncio",) * 3]:
-        answers[choice], output = _serve_once(tiny_repository, "--frontends", "1", "--event-loop", choice)
+        answers[choice], output = serve_once(tiny_repository, "--frontends", "1", "--event-loop", choice)
         assert re.search(rf"front-end process \d+ on {front_end}'s event loop", output), output
         assert re.search(rf"engine process \d+ on {engine}'s event loop", output), output
         assert f"front-ends on {front_end}'s event loop, the engine process on {engine}'s" in output, output
