@@ -1,13 +1,14 @@
 """Which malloc the server's processes run on: jemalloc where it is installed, else the C library's.
 
-Why: what grew in the engine process over a soak was never memory it held but pages glibc's malloc kept. Its
+Why: what was left of the engine process's growth over a soak, once retired model versions were freed, was not
+memory it held but pages glibc's malloc kept. Its
 per-thread arenas hold the onnxruntime arenas' chunks, the batches' arrays and the new sessions of each hot reload
 between longer-lived blocks; `malloc_trim` gives back only whole free pages, so each reload's or burst's step came
 back down only in part, and a young engine climbed for minutes before it levelled (docs/reliability.md, "The soak,
 with faults"). jemalloc keeps allocations of like sizes together and returns the pages it has not used for a while
 (its background thread, `dirty_decay_ms`, 10 s by default), so the same steps come back down whole. In `make soak`
-(10 minutes with faults) the engines went from +1.0 to +2.1 MB/min (2 runs in 3 over the 1 MB/min bar) to -0.6 and
-+0.0, with no change to the code. NVIDIA Triton's documentation gives the same advice for onnxruntime's CPU memory.
+(10 minutes with faults) the engines grew -0.2 to +2.1 MB/min on glibc (2 runs in 3 over the 1 MB/min bar) and
+-0.6 and +0.0 on jemalloc, with no change to the code.
 
 How: a process picks its malloc when it starts (LD_PRELOAD), so `attnserve serve` starts itself again, at once and
 under the same pid, with `libjemalloc.so.2` preloaded (`exec_with_allocator`); the processes it starts (front-ends,
@@ -41,7 +42,10 @@ EXEC_MARK = "ATTNSERVE_ALLOCATOR_EXEC"
 
 def jemalloc_library() -> str | None:
     """The name to preload jemalloc by (as the dynamic loader finds it, e.g. libjemalloc.so.2), or None where it is
-    not installed (Debian and Ubuntu: the libjemalloc2 package)."""
+    not installed (Debian and Ubuntu: the libjemalloc2 package) or the system is not Linux (LD_PRELOAD is the
+    dynamic loader's of Linux; macOS has its own)."""
+    if not sys.platform.startswith("linux"):
+        return None
     return ctypes.util.find_library(JEMALLOC)
 
 

@@ -19,6 +19,10 @@ smaller memory and state tensors and an empty one is replaced), and has glibc re
 little: at 256 rows of `dates`, `malloc_trim` took 0.4 ms (with the GIL released) and the decoder run after it 3.2 ms
 instead of 1.2, while its arena grew back.
 
+On jemalloc's malloc (the `memory_allocator` setting, service/runtime/allocator.py) the heap's part is jemalloc's
+own: its background thread returns the pages it has not used for a while, and `malloc_trim`, glibc's, finds nothing
+to trim. The arenas and the engines' batches are asked as before.
+
 The engine's largest arrays, its batch's memory and state tensors, are made by `zeros_mapped_apart`: each in a
 mapping of its own, which the OS takes back the moment the array is freed. Why: glibc maps a large block apart only
 below a threshold that moves up to the largest mapped block freed so far, so once a batch has freed one large
