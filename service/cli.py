@@ -28,6 +28,7 @@ def usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     import importlib
 
+    own_process = argv is None  # run as the program (its arguments from sys.argv), not called by another
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -47,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"attnserve {command} is not installed here (no module {exc.name!r})", file=sys.stderr)
             return 2
         raise
-    return int(getattr(module, function_name)(rest) or 0)
+    function = getattr(module, function_name)
+    if command == "serve":  # only the program itself may start its process again on another malloc (allocator.py)
+        return int(function(rest, own_process=own_process) or 0)
+    return int(function(rest) or 0)
 
 
 if __name__ == "__main__":

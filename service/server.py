@@ -104,14 +104,19 @@ async def serve(
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`attnserve serve [flags]`; returns the process exit status. The command's own process: before anything
-    starts, it may start itself again on the malloc `memory_allocator` chooses (os.execve, same pid); programs that
-    serve inside themselves call `serve()`."""
+def main(argv: list[str] | None = None, *, own_process: bool = False) -> int:
+    """`attnserve serve [flags]`; returns the process exit status. With `own_process` (the command run as a program,
+    service/cli.py), before anything starts, the process may start itself again on the malloc `memory_allocator`
+    chooses (os.execve, same pid, same arguments)."""
     settings = settings_from(argv)
     if settings is None:
         return 2
-    allocator.exec_with_allocator(settings.memory_allocator)
+    if own_process:
+        try:
+            allocator.exec_with_allocator(settings.memory_allocator)
+        except allocator.AllocatorError as error:
+            print(f"attnserve serve: {error}", file=sys.stderr)
+            return 2
     frontends = settings.frontend_processes
     if frontends:
         from service.processes.supervisor import supervise
@@ -121,4 +126,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(own_process=True))

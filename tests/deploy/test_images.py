@@ -19,10 +19,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from deploy.images import noisy_lines
+from deploy.images import mallocs_said, noisy_lines
 from deploy.tool import DOCKERFILES, REPOSITORY_ROOT
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
+from service.runtime.allocator import jemalloc_library
 from tests.deploy.dockerfiles import dockerignore_patterns, is_ignored, parse_dockerfile
 from tests.service.server_harness import free_port, wait_until_serving
 
@@ -173,6 +174,10 @@ def test_the_build_stage_installs_a_torch_free_server_that_serves(tiny_repositor
         # Quiet on a read-only root: onnxruntime's telemetry (on in its own default) would warn that it cannot
         # persist its device id.
         assert "attnserve listening on" in log and noisy_lines(log) == [], log
+        # The console script starts itself again on jemalloc where it is installed (as in the image).
+        malloc = "jemalloc's malloc" if jemalloc_library() is not None else "the C library's malloc"
+        mallocs = mallocs_said(log)
+        assert mallocs and set(mallocs) == {malloc}, log
     finally:
         if process.poll() is None:
             process.kill()
