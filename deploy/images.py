@@ -397,9 +397,9 @@ class Container:
 
 
 def start_container(image: str, volume: Path | None, label: str) -> Container:
-    from loadtests.servers import free_port
+    from loadtests.servers import free_ports
 
-    container = Container(f"attnserve-image-check-{label}-{os.getpid()}", image, free_port(), free_port(), free_port())
+    container = Container(f"attnserve-image-check-{label}-{os.getpid()}", image, *free_ports(3))
     arguments = [
         "run",
         "--detach",

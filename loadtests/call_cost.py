@@ -33,7 +33,7 @@ from pathlib import Path
 
 from loadtests import h2load
 from loadtests.procfs import cpu_seconds
-from loadtests.servers import PROJECT_ROOT, ServerProcess, free_port, scrape, serve_command
+from loadtests.servers import PROJECT_ROOT, ServerProcess, free_ports, scrape, serve_command
 from service.gen.attnserve.v1 import translator_pb2 as pb
 
 IN_FLIGHT = 64
@@ -288,7 +288,7 @@ def default_attnserve(
 ) -> ServerProcess:
     """`attnserve serve` from the checkout `tree` with its default settings but the repository, ports, provider,
     log level, front-end processes and `extra` flags."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     command = [*serve_command(repository, port, metrics_port, provider), "--log-level", "WARNING"]
     command += ["--frontends", str(frontends), *extra]
     process = ServerProcess(label, command, port, metrics_port, log_dir / f"{label.replace(' ', '_')}.log")

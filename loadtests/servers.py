@@ -4,6 +4,7 @@ Prometheus metrics, and stop (SIGTERM to the process we started, nothing else).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -23,9 +24,18 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 def free_port() -> int:
     """A loopback TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> tuple[int, ...]:
+    """`count` different loopback TCP ports nobody listens on right now. Each is held until all are picked: ports
+    picked one after another can repeat (a port closed is free again at once, and the OS may pick it next), and a
+    server given the same port twice refuses to start."""
+    with contextlib.ExitStack() as held:
+        probes = [held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return tuple(int(probe.getsockname()[1]) for probe in probes)
 
 
 def wait_until_serving(address: str, timeout_s: float = 120.0, process: subprocess.Popen | None = None) -> None:
@@ -156,8 +166,8 @@ def attnserve_server(
     http: bool = False,
 ) -> ServerProcess:
     """`attnserve serve` with `--batching` on free loopback ports (gRPC and metrics; HTTP too with `http`)."""
-    port, metrics_port = free_port(), free_port()
-    http_port = free_port() if http else 0
+    port, metrics_port, http_port = free_ports(3)
+    http_port = http_port if http else 0
     command = [
         *serve_command(repository, port, metrics_port, provider, http_port),
         "--intra-op-threads",

@@ -25,7 +25,7 @@ from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.runtime.allocator import jemalloc_library
 from tests.deploy.dockerfiles import dockerignore_patterns, is_ignored, parse_dockerfile
-from tests.service.server_harness import free_port, wait_until_serving
+from tests.service.server_harness import free_ports, wait_until_serving
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +145,7 @@ def test_the_build_stage_installs_a_torch_free_server_that_serves(tiny_repositor
         if instruction == "ENV":
             environment.update(_env_pairs(arguments))
     environment["PATH"] = environment["PATH"].replace("/opt/attnserve", str(venv)).replace("$PATH", "/usr/bin:/bin")
-    port, metrics_port, http_port = free_port(), free_port(), free_port()
+    port, metrics_port, http_port = free_ports(3)
     environment.update(
         ATTNSERVE_MODEL_REPOSITORY=str(tiny_repository),
         ATTNSERVE_HOST="127.0.0.1",  # loopback only in tests

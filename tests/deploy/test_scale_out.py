@@ -22,7 +22,7 @@ from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.grpc_api.server import _connection_age_options
 from tests.service.server_harness import (
     ServerThread,
-    free_port,
+    free_ports,
     make_settings,
     start_subprocess,
     wait_for,
@@ -150,7 +150,7 @@ def test_sigterm_under_load_loses_no_call_and_load_is_spread(tiny_repository: Pa
     channel: grpc.Channel | None = None
     try:
         for _ in range(3):
-            port, metrics_port = free_port(), free_port()
+            port, metrics_port = free_ports(2)
             process = start_subprocess(
                 tiny_repository,
                 port,

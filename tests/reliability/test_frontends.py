@@ -32,6 +32,7 @@ from tests.service.server_harness import (
     PROJECT_ROOT,
     ServerThread,
     free_port,
+    free_ports,
     make_settings,
     start_subprocess,
     wait_until_serving,
@@ -47,9 +48,7 @@ class MultiProcessServer:
     """`attnserve serve --frontends N` as a child process, with its port and metrics URL."""
 
     def __init__(self, repository: Path, *extra: str, frontends: int = FRONTENDS) -> None:
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.http_port = free_port()
+        self.port, self.metrics_port, self.http_port = free_ports(3)
         # Output to a file, not a pipe: a test that reads it only at the end would block the processes'
         # logging once a pipe's buffer is full (a killed engine makes every front-end log).
         self.log = tempfile.TemporaryFile()

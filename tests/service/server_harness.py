@@ -19,7 +19,7 @@ import grpc
 
 # The same helpers the load tools use, re-exported for the tests (metric_sum: the sum over the samples whose
 # labels include the given ones).
-from loadtests.servers import free_port, serve_command, wait_until_serving
+from loadtests.servers import free_port, free_ports, serve_command, wait_until_serving
 from loadtests.servers import metric as metric_sum
 from loadtests.servers import scrape as _scrape_page
 from service import event_loop
@@ -32,6 +32,7 @@ __all__ = [
     "PROJECT_ROOT",
     "ServerThread",
     "free_port",
+    "free_ports",
     "has_sample",
     "make_settings",
     "metric",
@@ -65,12 +66,13 @@ def has_sample(samples: Samples, name: str, **labels: str) -> bool:
 
 def make_settings(repository: Path, **overrides: object) -> Settings:
     """Settings for a loopback test server with free gRPC, HTTP and metrics ports."""
+    port, metrics_port, http_port = free_ports(3)
     values: dict[str, object] = dict(
         model_repository=repository,
         host="127.0.0.1",
-        port=free_port(),
-        metrics_port=free_port(),
-        http_port=free_port(),
+        port=port,
+        metrics_port=metrics_port,
+        http_port=http_port,
         provider="cpu",
         intra_op_threads=1,
         drain_grace_seconds=10.0,
