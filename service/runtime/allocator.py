@@ -55,18 +55,35 @@ def jemalloc_library() -> str | None:
     return None
 
 
-def _address(function: object) -> int | None:
-    return ctypes.cast(function, ctypes.c_void_p).value  # type: ignore[arg-type]
+PROBE_BYTES = 1 << 20
+"""The block `jemalloc_active` asks the process's malloc for."""
 
 
 def jemalloc_active() -> bool:
-    """True when this process's malloc is jemalloc's: jemalloc is loaded and the `malloc` the process calls is its
-    (a library preloaded before it, such as another malloc or a memory profiler, would have its own)."""
+    """True when this process's malloc is jemalloc's. Loaded is not enough (a library preloaded before it, another
+    malloc or a memory profiler, would be what the process calls), and comparing function addresses is wrong in a
+    program that is not position-independent (Debian's python3: there `malloc` resolves to the program's own
+    stub). So it asks: a block from the process's malloc must show in jemalloc's count of this thread's bytes."""
     try:
         jemalloc = ctypes.CDLL(JEMALLOC_SONAME, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)  # only if already loaded
     except OSError:
         return False
-    return _address(ctypes.CDLL(None).malloc) == _address(jemalloc.malloc)
+    process = ctypes.CDLL(None)
+    process.malloc.restype = ctypes.c_void_p
+    process.malloc.argtypes = [ctypes.c_size_t]
+    process.free.argtypes = [ctypes.c_void_p]
+
+    def allocated_by_this_thread() -> int | None:
+        count, size = ctypes.c_uint64(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint64))
+        if jemalloc.mallctl(b"thread.allocated", ctypes.byref(count), ctypes.byref(size), None, 0) != 0:
+            return None  # a jemalloc built without statistics
+        return count.value
+
+    before = allocated_by_this_thread()
+    block = process.malloc(PROBE_BYTES)
+    after = allocated_by_this_thread()
+    process.free(block)
+    return before is not None and after is not None and after - before >= PROBE_BYTES
 
 
 def active_allocator() -> str:

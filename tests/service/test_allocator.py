@@ -139,11 +139,28 @@ def test_an_exec_that_fails_leaves_auto_on_the_system_malloc_and_fails_jemalloc_
         allocator.exec_with_allocator("jemalloc")
 
 
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+"""Debian's interpreter, where there is one: a program that is not position-independent, in which `malloc`
+resolves to the program's own stub (so an address comparison would say jemalloc is not active)."""
+
+
 @needs_jemalloc
-def test_jemalloc_is_told_active_only_where_it_is_the_processs_malloc() -> None:
+@pytest.mark.parametrize(
+    "interpreter",
+    [
+        pytest.param(sys.executable, id="this-interpreter"),
+        pytest.param(
+            str(SYSTEM_PYTHON),
+            id="debian-python3",
+            marks=pytest.mark.skipif(not SYSTEM_PYTHON.is_file(), reason="no /usr/bin/python3"),
+        ),
+    ],
+)
+def test_jemalloc_is_told_active_only_where_it_is_the_processs_malloc(interpreter: str) -> None:
     library = allocator.jemalloc_library()
     assert library is not None
-    probe = [sys.executable, "-c", "from service.runtime.allocator import jemalloc_active; print(jemalloc_active())"]
+    # Imports only the standard library, so any Python 3.11+ runs it from the project's root.
+    probe = [interpreter, "-c", "from service.runtime.allocator import jemalloc_active; print(jemalloc_active())"]
     environment = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
     plain = subprocess.run(probe, env=environment, capture_output=True, text=True, check=True, cwd=PROJECT_ROOT)
     preloaded = subprocess.run(
