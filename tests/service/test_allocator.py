@@ -169,6 +169,10 @@ def test_jemalloc_is_told_active_only_where_it_is_the_processs_malloc(interprete
     assert (plain.stdout.strip(), preloaded.stdout.strip()) == ("False", "True")
 
 
+AUTO = ("--memory-allocator", "auto")
+"""Said outright, so that an ATTNSERVE_MEMORY_ALLOCATOR in the test run's environment does not decide."""
+
+
 def _maps_jemalloc(pid: int) -> bool:
     return "libjemalloc" in Path(f"/proc/{pid}/maps").read_text()
 
@@ -192,7 +196,7 @@ def test_one_process_starts_itself_again_on_jemalloc_in_place_and_answers_as_on_
 
         return inspect
 
-    on_jemalloc, output = serve_once(tiny_repository, "--frontends", "0", while_serving=look("auto"))
+    on_jemalloc, output = serve_once(tiny_repository, *AUTO, "--frontends", "0", while_serving=look("auto"))
     assert "and jemalloc's malloc" in output, output
     flags = ("--frontends", "0", "--memory-allocator", "system")
     on_system, system_output = serve_once(tiny_repository, *flags, while_serving=look("system"))
@@ -213,7 +217,7 @@ def test_the_supervisor_front_ends_and_engine_process_all_run_on_jemalloc(tiny_r
             role = "engine" if "service.processes engine" in " ".join(_command_line(child)) else "front-end"
             processes[role] = _maps_jemalloc(child)
 
-    texts, output = serve_once(tiny_repository, "--frontends", "1", while_serving=inspect)
+    texts, output = serve_once(tiny_repository, *AUTO, "--frontends", "1", while_serving=inspect)
     assert processes == {"supervisor": True, "front-end": True, "engine": True}
     assert re.search(r"front-end process \d+ on \w+'s event loop and jemalloc's malloc", output), output
     assert re.search(r"engine process \d+ on \w+'s event loop and jemalloc's malloc", output), output
