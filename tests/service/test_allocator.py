@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtests.procfs import child_processes
 from service import settings as settings_module
 from service.runtime import allocator
 from service.runtime.allocator import EXEC_MARK, JEMALLOC_CONF, environment_for
@@ -177,11 +178,6 @@ def _maps_jemalloc(pid: int) -> bool:
     return "libjemalloc" in Path(f"/proc/{pid}/maps").read_text()
 
 
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(child) for child in path.read_text().split()]
-
-
 @pytest.mark.slow
 @needs_jemalloc
 def test_one_process_starts_itself_again_on_jemalloc_in_place_and_answers_as_on_the_system_malloc(
@@ -213,7 +209,7 @@ def test_the_supervisor_front_ends_and_engine_process_all_run_on_jemalloc(tiny_r
 
     def inspect(process: subprocess.Popen[bytes]) -> None:
         processes["supervisor"] = _maps_jemalloc(process.pid)
-        for child in _children(process.pid):
+        for child in child_processes(process.pid):
             role = "engine" if "service.processes engine" in " ".join(_command_line(child)) else "front-end"
             processes[role] = _maps_jemalloc(child)
 
