@@ -92,17 +92,21 @@ def active_allocator() -> str:
     return "jemalloc's malloc" if jemalloc_active() else "the C library's malloc"
 
 
+class AllocatorError(RuntimeError):
+    """jemalloc was asked for by name (memory_allocator=jemalloc) and the process could not be put on it."""
+
+
 def environment_for(choice: AllocatorChoice, environ: Mapping[str, str], library: str | None) -> dict[str, str] | None:
     """The environment to start a server on `choice`'s malloc with, given jemalloc's `library` (None: not
     installed); None when the current environment is already right. `jemalloc` without the library raises
-    RuntimeError (the settings check that first). jemalloc goes last in LD_PRELOAD: whatever the user preloads
+    AllocatorError (the settings check that first). jemalloc goes last in LD_PRELOAD: whatever the user preloads
     comes before it, so a memory profiler still sees every call and passes it on to jemalloc. A MALLOC_CONF of the
     user's is kept."""
     if choice == "system":
         return None
     if library is None:
         if choice == "jemalloc":
-            raise RuntimeError("memory_allocator=jemalloc, but jemalloc is not installed (Debian: libjemalloc2)")
+            raise AllocatorError("memory_allocator=jemalloc, but jemalloc is not installed (Debian: libjemalloc2)")
         return None
     preloaded = [entry for entry in environ.get("LD_PRELOAD", "").replace(" ", ":").split(":") if entry]
     if any(Path(entry).name == JEMALLOC_SONAME for entry in preloaded):
@@ -112,10 +116,6 @@ def environment_for(choice: AllocatorChoice, environ: Mapping[str, str], library
     environment.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     environment[EXEC_MARK] = "1"
     return environment
-
-
-class AllocatorError(RuntimeError):
-    """jemalloc was asked for by name (memory_allocator=jemalloc) and the process could not be put on it."""
 
 
 def exec_with_allocator(choice: AllocatorChoice) -> None:
