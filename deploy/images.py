@@ -1,7 +1,7 @@
-"""Build the serving images with podman, and check the CPU image as it runs.
+"""Build the serving images and the reset guard's with podman, and check the CPU image and the guard as they run.
 
-    python -m deploy.images build     # `make images`: the CPU image (volume and baked models) and the GPU image
-    python -m deploy.images check     # `make image-check` (CI): build the CPU images, then run and check both
+    python -m deploy.images build     # `make images`: the CPU images (volume, baked models), the guard's, the GPU one
+    python -m deploy.images check     # `make image-check` (CI): build the CPU images and the guard's, run and check
 
 The Dockerfiles in deploy/docker are built as they are. Their base images come from Docker Hub; where it
 cannot be reached, the CPU image's base, python:3.11-slim-bookworm, is stood in for by an image made from
@@ -25,6 +25,12 @@ privileges, the image's non-root user):
 - the log holds no warning or error (onnxruntime's telemetry, the usual culprit on a read-only root, is off), and
   says the server runs on jemalloc's malloc (the image installs it; `memory_allocator` auto preloads it);
 - the CPU image (models from a volume) is under IMAGE_SIZE_LIMIT_MB.
+
+And for the reset guard's image (deploy/docker/Dockerfile.proxy: nghttpx, the sidecar of
+deploy/k8s/components/reset-guard), run restricted in front of the CPU image: both models' translations pass
+through it; a connection that resets 500 streams stays open and one that resets 2,000 is ended with GOAWAY (the
+image's nghttp2 has the reset limit); stopped with calls in flight (its stop signal, SIGQUIT), it lets each finish
+with its result and exits 0.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy.tool import DOCKERFILES, REPOSITORY_ROOT, DeployToolError, require_tool
+from deploy.tool import DOCKERFILES, PROXY_DOCKERFILE, REPOSITORY_ROOT, DeployToolError, require_tool
 
 CPU_DOCKERFILE, GPU_DOCKERFILE = DOCKERFILES
 VERSION = tomllib.loads((REPOSITORY_ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -56,6 +62,7 @@ CPU_IMAGE = f"localhost/attnserve:{VERSION}-cpu"
 CPU_BAKED_IMAGE = f"localhost/attnserve:{VERSION}-cpu-models"
 GPU_IMAGE = f"localhost/attnserve:{VERSION}-gpu"
 CPU_BUILD_STAGE = f"localhost/attnserve-build-stage:{VERSION}-cpu"
+PROXY_IMAGE = f"localhost/attnserve-proxy:{VERSION}"
 BAKED_MODELS = "models"
 """The build context folder baked into CPU_BAKED_IMAGE, and mounted as the volume of CPU_IMAGE: the default models."""
 IMAGE_SIZE_LIMIT_MB = 300
@@ -334,6 +341,16 @@ def build_cpu_images(timings: dict[str, float]) -> None:
         build(CPU_DOCKERFILE, CPU_BAKED_IMAGE, {**arguments, "MODEL_REPOSITORY": BAKED_MODELS})
     for image in (CPU_IMAGE, CPU_BAKED_IMAGE):
         log(f"{image}: {image_size_mb(image):.0f} MB")
+
+
+def build_proxy_image(timings: dict[str, float]) -> None:
+    """The reset guard's image, on its Dockerfile's Debian base or, where that cannot be pulled, on the stand-in
+    (Debian bookworm too)."""
+    real = qualified(dockerfile_default(PROXY_DOCKERFILE, "DEBIAN_IMAGE"))
+    base = real if pull(real) else make_standin(timings)
+    with timed(f"build {PROXY_IMAGE}", timings):
+        build(PROXY_DOCKERFILE, PROXY_IMAGE, {"DEBIAN_IMAGE": base})
+    log(f"{PROXY_IMAGE}: {image_size_mb(PROXY_IMAGE):.0f} MB")
 
 
 def build_gpu_image(timings: dict[str, float]) -> bool:
@@ -628,24 +645,148 @@ def check_image(image: str, volume: Path | None, label: str, timings: dict[str, 
         podman("rm", "--force", container.name, check=False)
 
 
+PROXY_RESET_BURST = 1000
+"""The streams nghttp2 lets one connection reset before it limits the rate (then 33 a second)."""
+HTTP2_INTERNAL_ERROR = 0x2
+"""The error code of the GOAWAY with which nghttp2 ends a connection past its reset limit."""
+
+
+def start_proxy(server: Container, label: str) -> Container:
+    """The reset guard's image in front of `server`'s gRPC port, restricted as the sidecar runs (read-only root,
+    every capability dropped, no new privileges, the image's non-root user), on a free loopback port; returned
+    once it accepts connections."""
+    import socket
+
+    from loadtests.servers import free_port
+
+    proxy = Container(f"attnserve-image-check-{label}-{os.getpid()}", PROXY_IMAGE, free_port(), 0, 0)
+    podman(
+        "run",
+        "--detach",
+        "--name",
+        proxy.name,
+        "--network",
+        "host",
+        *ulimit_flags(),
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        PROXY_IMAGE,
+        f"--frontend=127.0.0.1,{proxy.port};no-tls",
+        f"--backend={server.address.replace(':', ',')};;proto=h2",
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        expect(bool(proxy.state().get("Running")), f"{PROXY_IMAGE} stopped:\n{proxy.logs()}")
+        try:
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=1):
+                return proxy
+        except OSError:
+            expect(time.monotonic() < deadline, f"{PROXY_IMAGE} did not listen within 30 s:\n{proxy.logs()}")
+            time.sleep(0.1)
+
+
+def check_proxy_in_front(proxy: Container) -> None:
+    """Through the proxy: the translations, and a connection that resets streams in a loop closed by nghttp2 (its
+    burst allowed, twice it not), while calls still pass."""
+    import grpc
+
+    from deploy.reflection import ReflectionClient
+    from loadtests.reliability import raw_http2 as h2
+
+    translate = "/attnserve.v1.Translator/Translate"
+    with grpc.insecure_channel(proxy.address) as channel:
+        client = ReflectionClient(channel)
+        for model, (text, expected) in TRANSLATIONS.items():
+            reply = client.call("attnserve.v1.Translator/Translate", {"model": model, "texts": [text]})
+            got = reply["translations"][0]["hypotheses"][0]["text"]
+            expect(got == expected, f"through the proxy, {model}: {text!r} -> {got!r}, expected {expected!r}")
+        within = h2.reset_then_ping(proxy.address, translate, PROXY_RESET_BURST // 2)
+        expect(within == "ping acknowledged", f"{PROXY_RESET_BURST // 2} resets: {within}")
+        past = h2.reset_then_ping(proxy.address, translate, 2 * PROXY_RESET_BURST)
+        expect(past == f"goaway {HTTP2_INTERNAL_ERROR}", f"{2 * PROXY_RESET_BURST} resets: {past}, not GOAWAY")
+        model, (text, expected) = next(iter(TRANSLATIONS.items()))
+        reply = client.call("attnserve.v1.Translator/Translate", {"model": model, "texts": [text]})
+        expect(reply["translations"][0]["hypotheses"][0]["text"] == expected, "no answer after the resets")
+    log(f"  proxy: translations pass; {PROXY_RESET_BURST // 2} resets allowed, {2 * PROXY_RESET_BURST} end in GOAWAY")
+
+
+def check_proxy_stops_gracefully(proxy: Container) -> None:
+    """`podman stop` (the image's stop signal, SIGQUIT) with calls in flight through the proxy: each finishes with
+    its result, and the proxy exits 0."""
+    import grpc
+
+    from deploy.reflection import ReflectionClient
+
+    model, (text, expected) = next(iter(TRANSLATIONS.items()))
+    with grpc.insecure_channel(proxy.address) as channel:
+        client = ReflectionClient(channel)
+        translate, _ = client.method("attnserve.v1.Translator/Translate")
+        request = client.request(
+            "attnserve.v1.Translator/Translate",
+            {"model": model, "texts": [text] * DRAIN_TEXTS, "options": {"beam_size": 8, "num_hypotheses": 2}},
+        )
+        futures = [translate.future(request, timeout=300) for _ in range(DRAIN_CALLS)]
+        deadline = time.monotonic() + SERVING_TIMEOUT_S
+        while not any(future.done() for future in futures):  # then every call has reached the server
+            expect(time.monotonic() < deadline, "no call through the proxy finished")
+            time.sleep(0.05)
+        in_flight = sum(not future.done() for future in futures)
+        podman("stop", "--time", "120", proxy.name)  # returns once the container has stopped
+        replies = [future.result() for future in futures]  # raises if a call failed
+    expect(in_flight > 0, "every call finished before the proxy was stopped; its drain was not exercised")
+    for reply in replies:
+        texts = [translation.hypotheses[0].text for translation in reply.translations]
+        expect(texts == [expected] * DRAIN_TEXTS, f"a call drained through the proxy answered {texts[:2]}...")
+    status = int(podman("wait", proxy.name).strip())
+    expect(status == 0, f"the proxy's exit status {status} after its stop signal:\n{proxy.logs()}")
+    log(f"  proxy stop: {in_flight} of {DRAIN_CALLS} calls in flight, all answered, exit status 0")
+
+
+def check_proxy(timings: dict[str, float]) -> None:
+    """The reset guard's image in front of the CPU image, both run as deploy/k8s runs them."""
+    server = start_container(CPU_IMAGE, REPOSITORY_ROOT / BAKED_MODELS, "guarded")
+    proxy: Container | None = None
+    try:
+        with timed(f"check {PROXY_IMAGE} in front of {CPU_IMAGE}", timings):
+            wait_serving(server)
+            proxy = start_proxy(server, "proxy")
+            check_proxy_in_front(proxy)
+            check_proxy_stops_gracefully(proxy)
+    except Exception:
+        if proxy is not None:
+            log(f"{PROXY_IMAGE}: the container's log:\n{proxy.logs()}")
+        raise
+    finally:
+        for container in (proxy, server):
+            if container is not None:
+                podman("rm", "--force", container.name, check=False)
+
+
 def check(timings: dict[str, float]) -> None:
     build_cpu_images(timings)
     size = image_size_mb(CPU_IMAGE)
     expect(size < IMAGE_SIZE_LIMIT_MB, f"{CPU_IMAGE} is {size:.0f} MB, over {IMAGE_SIZE_LIMIT_MB} MB")
     check_image(CPU_IMAGE, REPOSITORY_ROOT / BAKED_MODELS, "volume", timings)
     check_image(CPU_BAKED_IMAGE, None, "baked", timings)
+    build_proxy_image(timings)
+    check_proxy(timings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.images", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("build", help="build the CPU images, and the GPU image where its base can be pulled")
+    commands.add_parser(
+        "build", help="build the CPU images, the reset guard's, and the GPU image where its base can be pulled"
+    )
     commands.add_parser("check", help="build the CPU images, then run and check them")
     arguments = parser.parse_args(argv)
     timings: dict[str, float] = {}
     started = time.monotonic()
     actions: dict[str, Callable[[dict[str, float]], object]] = {
-        "build": lambda t: (build_cpu_images(t), build_gpu_image(t)),
+        "build": lambda t: (build_cpu_images(t), build_proxy_image(t), build_gpu_image(t)),
         "check": check,
     }
     try:

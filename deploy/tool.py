@@ -14,7 +14,7 @@ What `check` runs, and with which tool:
 - `promtool check rules` on the alerting rules, and on every dashboard query and autoscaler query written as a
   recording rule (so each one is parsed by Prometheus' own parser); `promtool check config` on the local
   Prometheus configuration;
-- hadolint on both Dockerfiles.
+- hadolint on the Dockerfiles (the serving images' and the reset guard's).
 
 The live checks (promtool check metrics on a real /metrics, a real Prometheus evaluating every panel and alert,
 the image's install step, the scale-out drain) are tests: tests/deploy.
@@ -40,12 +40,15 @@ import yaml
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = REPOSITORY_ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-OVERLAYS = {name: K8S / "overlays" / name for name in ("cpu", "gpu", "cpu-baked")}
+OVERLAYS = {name: K8S / "overlays" / name for name in ("cpu", "gpu", "cpu-baked", "cpu-guarded")}
 PLAIN_MANIFESTS = (K8S / "model-loader.yaml",)
 """Manifests applied as they are (no kustomization)."""
 MONITORING = DEPLOY / "monitoring"
 SCHEMAS = DEPLOY / "schemas"
 DOCKERFILES = (DEPLOY / "docker" / "Dockerfile", DEPLOY / "docker" / "Dockerfile.gpu")
+"""The serving images' Dockerfiles: CPU, GPU."""
+PROXY_DOCKERFILE = DEPLOY / "docker" / "Dockerfile.proxy"
+"""The reset guard's image (nghttpx), the sidecar of deploy/k8s/components/reset-guard."""
 PROMETHEUS_RULE = K8S / "base" / "prometheusrule.yaml"
 PROMETHEUS_CONFIG = MONITORING / "prometheus.yml"
 DASHBOARD = MONITORING / "grafana" / "attnserve-dashboard.json"
@@ -469,10 +472,11 @@ def check(log: Callable[[str], None] = print) -> list[Problem]:
                 )
             )
         log(f"{'FAIL' if result.returncode else 'ok  '} promtool check config deploy/monitoring/prometheus.yml")
-    result = run_tool([require_tool("hadolint"), *map(str, DOCKERFILES)])
+    dockerfiles = (*DOCKERFILES, PROXY_DOCKERFILE)
+    result = run_tool([require_tool("hadolint"), *map(str, dockerfiles)])
     if result.returncode != 0:
         problems.append(Problem("deploy/docker", "hadolint", (result.stdout + result.stderr).strip()))
-    log(f"{'FAIL' if result.returncode else 'ok  '} hadolint {' '.join(p.name for p in DOCKERFILES)}")
+    log(f"{'FAIL' if result.returncode else 'ok  '} hadolint {' '.join(p.name for p in dockerfiles)}")
     return problems
 
 

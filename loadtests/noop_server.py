@@ -1,7 +1,7 @@
 """The RPC ceiling: a server with attnserve's gRPC API that decodes nothing and returns a fixed translation.
 
-It runs the same stack as `attnserve serve` (grpc.aio on the same event loop, uvloop's by default; the
-attnserve.v1.Translator service, gRPC health) and
+It runs the same stack as `attnserve serve` (grpc.aio on the same event loop, uvloop's by default, with gRPC core's
+call limits as the server sets them; the attnserve.v1.Translator service, gRPC health) and
 answers every Translate with one fixed hypothesis per text, so a client measured against it shows what the
 RPC path alone costs on the machine: the most requests per second any model could be served at.
 
@@ -24,7 +24,9 @@ from service import event_loop
 from service.event_loop import EventLoopChoice
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
+from service.grpc_api.server import call_limit_options
 from service.lifecycle import stop_event
+from service.settings import Settings
 
 MODEL_NAME = "noop"
 #: The fixed answer: about the size of a real one (a dates translation with its pieces).
@@ -84,9 +86,13 @@ class NoopTranslator(pb_grpc.TranslatorServicer):
         return self._info
 
 
-async def serve(host: str, port: int, stop: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set (or SIGTERM/SIGINT when None)."""
-    server = aio.server()
+async def serve(
+    host: str, port: int, stop: asyncio.Event | None = None, *, max_concurrent_streams: int | None = None
+) -> None:
+    """Serve until `stop` is set (or SIGTERM/SIGINT when None), with gRPC core's call limits as `attnserve serve`
+    sets them (its per-connection stream limit `max_concurrent_streams` when given)."""
+    settings = Settings() if max_concurrent_streams is None else Settings(max_concurrent_streams=max_concurrent_streams)
+    server = aio.server(options=call_limit_options(settings))
     pb_grpc.add_TranslatorServicer_to_server(NoopTranslator(), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -109,8 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--event-loop", choices=get_args(EventLoopChoice), default="auto", help="as attnserve serve's (default auto)"
     )
+    parser.add_argument(
+        "--max-concurrent-streams",
+        type=int,
+        default=None,
+        help="calls per connection, as attnserve serve's (default: its default; 0 = no limit)",
+    )
     args = parser.parse_args(argv)
-    event_loop.run(serve(args.host, args.port), args.event_loop)
+    event_loop.run(serve(args.host, args.port, max_concurrent_streams=args.max_concurrent_streams), args.event_loop)
     return 0
 
 

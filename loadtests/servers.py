@@ -186,9 +186,10 @@ def attnserve_server(
     return ServerProcess(name, command, port, metrics_port, log_dir / f"{name}.log", http_port=http_port)
 
 
-def noop_server(log_dir: Path) -> ServerProcess:
+def noop_server(log_dir: Path, extra: tuple[str, ...] = ()) -> ServerProcess:
+    """The RPC ceiling (loadtests.noop_server) on a free loopback port; `extra`: more of its flags."""
     port = free_port()
-    command = [sys.executable, "-m", "loadtests.noop_server", "--port", str(port)]
+    command = [sys.executable, "-m", "loadtests.noop_server", "--port", str(port), *extra]
     return ServerProcess("rpc-ceiling", command, port, 0, log_dir / "rpc-ceiling.log")
 
 

@@ -4,6 +4,7 @@ memory: what each costs the clients that behave.
     python -m loadtests.reliability.misbehaving                      # models/, one process
     python -m loadtests.reliability.misbehaving --seconds 10 -- --frontends 1
     python -m loadtests.reliability.misbehaving --proxy nghttpx      # the gRPC port behind nghttpx
+    python -m loadtests.reliability.misbehaving --server noop        # a bare grpc.aio server: gRPC's own share
 
 Phases, each `--seconds` long (loopback only, every count bounded):
 - baseline: nobody else;
@@ -21,6 +22,11 @@ proxy, Debian's nghttp2-proxy) on a loopback port in front of the server's gRPC 
 docs/reliability.md advises where clients you do not control connect. nghttp2 limits the streams a client may reset
 (a burst of 1,000, then 33 a second) and closes a connection past that, which gRPC core cannot do. The HTTP
 requests of the trickle phase still go to the server's HTTP port.
+
+With `--server noop` the same clients meet the RPC ceiling (loadtests.noop_server) instead: grpc.aio with gRPC core's
+limits as attnserve sets them and none of attnserve's code, answering each Translate at once (it has no HTTP port;
+the trickle phase sends gRPC calls only). What a phase costs the well-behaved client there is what it costs gRPC
+itself.
 
 The well-behaved client calls Translate one call at a time (a new call 20 ms after the last answer) on its own
 connection, from a process of its own. Printed per phase: what the misbehaving clients did, the well-behaved
@@ -53,7 +59,7 @@ import grpc
 from loadtests.procfs import rss_bytes
 from loadtests.reliability import raw_http2 as h2
 from loadtests.reliability.common import MemorySampler, percentile, repository_or_smoke
-from loadtests.servers import attnserve_server, free_port
+from loadtests.servers import attnserve_server, free_port, noop_server
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 
@@ -286,21 +292,19 @@ PROXY_CONF = Path(__file__).resolve().parents[2] / "deploy" / "proxy" / "nghttpx
 
 @contextlib.contextmanager
 def nghttpx_in_front(backend: str, work: Path) -> Iterator[tuple[str, int]]:
-    """nghttpx with the shipped configuration (PROXY_CONF) but for its addresses: on a free loopback port,
-    proxying to `backend` (host:port), its log in `work`. Yields its address and pid once it accepts connections."""
+    """nghttpx with the shipped configuration (PROXY_CONF), on a free loopback port, proxying to `backend`
+    (host:port), its log in `work`. Yields its address and pid once it accepts connections."""
     port = free_port()
     host, backend_port = backend.rsplit(":", 1)
-    addresses = ("frontend=", "backend=", "errorlog-file=")
-    lines = [line for line in PROXY_CONF.read_text().splitlines() if not line.startswith(addresses)]
-    lines += [
-        f"frontend=127.0.0.1,{port};no-tls",
-        f"backend={host},{backend_port};;proto=h2",
-        f"errorlog-file={work / 'nghttpx.log'}",
-    ]
-    conf = work / "nghttpx.conf"
-    conf.write_text("\n".join(lines) + "\n")
+    addresses = [f"--frontend=127.0.0.1,{port};no-tls", f"--backend={host},{backend_port};;proto=h2"]
     # One process to watch and stop: by default a parent process that only supervises starts the one that works.
-    command = ["nghttpx", f"--conf={conf}", "--single-process"]
+    command = [
+        "nghttpx",
+        f"--conf={PROXY_CONF}",
+        "--single-process",
+        *addresses,
+        f"--errorlog-file={work / 'nghttpx.log'}",
+    ]
     output = work / "nghttpx.out"  # what it prints before its log is open (a configuration it cannot read)
     with output.open("wb") as printed:
         process = subprocess.Popen(command, stdout=printed, stderr=subprocess.STDOUT)
@@ -405,20 +409,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--proxy", choices=["none", "nghttpx"], default="none", help="what the gRPC clients connect through"
     )
-    parser.add_argument("server_args", nargs="*", help="extra `attnserve serve` flags (after --)")
+    parser.add_argument(
+        "--server",
+        choices=["attnserve", "noop"],
+        default="attnserve",
+        help="what the clients meet: attnserve on --repository, or the RPC ceiling, a bare grpc.aio server",
+    )
+    parser.add_argument("server_args", nargs="*", help="extra flags of the server (after --)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    repository = repository_or_smoke(args.repository)
-    server = attnserve_server(
-        repository,
-        batching="continuous",
-        threads=1,
-        provider="cpu",
-        log_dir=args.work,
-        extra=tuple(args.server_args),
-        label="misbehaving",
-        http=True,
-    )
+    if args.server == "noop":
+        server = noop_server(args.work, extra=tuple(args.server_args))
+    else:
+        server = attnserve_server(
+            repository_or_smoke(args.repository),
+            batching="continuous",
+            threads=1,
+            provider="cpu",
+            log_dir=args.work,
+            extra=tuple(args.server_args),
+            label="misbehaving",
+            http=True,
+        )
     if args.proxy == "nghttpx" and shutil.which("nghttpx") is None:
         parser.error("--proxy nghttpx needs nghttpx: apt-get install nghttp2-proxy (Debian, Ubuntu)")
     seconds = args.seconds

@@ -112,3 +112,23 @@ def read_frames(sock: socket.socket, buffer: bytearray) -> list[tuple[int, int, 
         frames.append((kind, flags, stream, bytes(buffer[9 : 9 + length])))
         del buffer[: 9 + length]
     return frames
+
+
+def reset_then_ping(address: str, path: str, resets: int) -> str:
+    """Open and at once reset `resets` streams of `path` on a new connection, then PING: what ended the wait,
+    'ping acknowledged' or 'goaway N' (N its error code; a connection closed without one raises ConnectionError).
+    Reads time out after 10 s. What a proxy that limits resets per connection does with a burst of them."""
+    headers = grpc_headers(address, path)
+    frames = b"".join(
+        frame(HEADERS, END_HEADERS, stream, headers) + frame(RST_STREAM, 0, stream, CANCEL.to_bytes(4, "big"))
+        for stream in range(1, 2 * resets, 2)
+    )
+    with connect(address) as sock:
+        sock.sendall(frames + frame(PING, 0, 0, b"resets.."))
+        buffer = bytearray()
+        while True:
+            for kind, flags, _, payload in read_frames(sock, buffer):
+                if kind == GOAWAY:
+                    return f"goaway {int.from_bytes(payload[4:8], 'big')}"
+                if kind == PING and flags & ACK:
+                    return "ping acknowledged"

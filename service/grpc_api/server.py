@@ -90,6 +90,14 @@ def _stream_limit_options(settings: Settings) -> list[tuple[str, int]]:
     return [("grpc.max_concurrent_streams", settings.max_concurrent_streams)]
 
 
+def call_limit_options(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC core's limits on the calls it takes: per connection, and held before Python picks them up.
+
+    Public so that the RPC-ceiling server (loadtests.noop_server) runs core as this server does: what a
+    misbehaving client costs a bare grpc.aio server under the same limits is the share that belongs to gRPC."""
+    return [*_stream_limit_options(settings), *_backlog_options(settings)]
+
+
 class GrpcServer:
     """The process's gRPC server over a started engine client. Use on the event-loop thread.
 
@@ -132,8 +140,7 @@ class GrpcServer:
             options=[
                 ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
                 ("grpc.max_send_message_length", settings.max_send_message_bytes),
-                *_stream_limit_options(settings),
-                *_backlog_options(settings),
+                *call_limit_options(settings),
                 # Without this, Linux lets a second server bind the same port and silently share traffic.
                 ("grpc.so_reuseport", 1 if share_port else 0),
                 *_connection_age_options(settings),

@@ -19,6 +19,7 @@ from deploy import tool
 from deploy.tool import (
     DASHBOARD,
     DOCKERFILES,
+    PROXY_DOCKERFILE,
     REPOSITORY_ROOT,
     alerting_rules,
     alerts,
@@ -169,12 +170,9 @@ def test_every_custom_resource_has_a_vendored_schema(rendered: dict[str, list[di
         ("monitoring.coreos.com/v1", "PrometheusRule"),
         ("keda.sh/v1alpha1", "ScaledObject"),
     }
-    custom = {
-        (o["apiVersion"], o["kind"])
-        for objects in rendered.values()
-        for o in objects
-        if "." in o["apiVersion"].split("/")[0]
-    }
+    groups = {(o["apiVersion"], o["kind"]): o["apiVersion"].split("/")[0] for objs in rendered.values() for o in objs}
+    # Kubernetes' own groups (apps, networking.k8s.io, ...) are kubernetes-validate's; the others are custom.
+    custom = {key for key, group in groups.items() if "." in group and not group.endswith(".k8s.io")}
     assert custom == set(schemas)
     unknown = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
     assert validate_object(unknown, schemas) != []  # never silently skipped
@@ -267,6 +265,89 @@ def test_gpu_overlay_requests_a_gpu_on_gpu_nodes(rendered: dict[str, list[dict[s
     cpu_pod = find_object(rendered["cpu"], "Deployment")["spec"]["template"]["spec"]
     assert "nvidia.com/gpu" not in _container(rendered["cpu"])["resources"].get("limits", {})
     assert "nodeSelector" not in cpu_pod and "tolerations" not in cpu_pod
+
+
+# ----- the reset guard (components/reset-guard, in overlays/cpu-guarded) ------------------------------------------
+
+
+def _args(container: dict[str, Any]) -> dict[str, str]:
+    """nghttpx's --option=value arguments of a container, by option."""
+    return dict(argument.removeprefix("--").split("=", 1) for argument in container["args"])
+
+
+def test_the_reset_guard_takes_the_grpc_port_and_passes_calls_to_the_server(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    objects, plain = rendered["cpu-guarded"], rendered["cpu"]
+    settings, plain_settings = _settings_of(objects), _settings_of(plain)
+    pod = find_object(objects, "Deployment")["spec"]["template"]["spec"]
+    guard, server = (next(c for c in pod["containers"] if c["name"] == name) for name in ("reset-guard", "attnserve"))
+    service = find_object(objects, "Service")
+    # Clients change nothing: the Service's gRPC port is where the guard listens, the server's former port.
+    (grpc_port,) = [port for port in service["spec"]["ports"] if port["name"] == "grpc"]
+    assert grpc_port == next(port for port in find_object(plain, "Service")["spec"]["ports"] if port["name"] == "grpc")
+    guard_ports = {port["name"]: port["containerPort"] for port in guard["ports"]}
+    assert guard_ports == {"grpc": plain_settings.port}
+    assert _args(guard) == {
+        "frontend": f"0.0.0.0,{plain_settings.port};no-tls",
+        "backend": f"127.0.0.1,{settings.port};;proto=h2",
+    }
+    # The server listens on another port, named apart, and its probes ask it there.
+    assert settings.port != plain_settings.port
+    server_ports = {port["name"]: port["containerPort"] for port in server["ports"]}
+    assert server_ports == {"grpc-server": settings.port, "metrics": settings.metrics_port, "http": settings.http_port}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert server[probe]["grpc"]["port"] == settings.port, probe
+    # The rest of the server's settings and of its container are the plain overlay's.
+    assert settings.model_copy(update={"port": plain_settings.port}) == plain_settings
+    unchanged = ("image", "env", "resources", "securityContext", "lifecycle", "volumeMounts", "startupProbe")
+    assert {key: server[key] for key in unchanged} == {key: _container(plain)[key] for key in unchanged}
+    assert guard["image"].startswith("attnserve-proxy:")
+
+
+def test_the_reset_guard_runs_restricted_and_drains_with_the_server(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    objects = rendered["cpu-guarded"]
+    deployment = find_object(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (guard,) = [c for c in pod["containers"] if c["name"] == "reset-guard"]
+    server = _container(objects)
+    assert guard["securityContext"] == server["securityContext"]
+    assert guard["resources"]["requests"]["cpu"] and guard["resources"]["limits"]["memory"]
+    # It accepts as long as the server does; its stop signal (the image's) is nghttpx's graceful one.
+    assert guard["lifecycle"]["preStop"] == server["lifecycle"]["preStop"]
+    instructions = dict(parse_dockerfile(PROXY_DOCKERFILE)[-1]["instructions"])
+    assert instructions["STOPSIGNAL"] == "SIGQUIT"
+    assert instructions["USER"] == "10001:10001"
+    # In --single-process mode nghttpx ignores SIGQUIT; its main process passes it on to the worker.
+    assert "--single-process" not in instructions["ENTRYPOINT"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert guard[probe]["tcpSocket"]["port"] == "grpc", probe
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == (
+        "attnserve"
+    )
+
+
+def test_the_network_policy_keeps_clients_off_the_servers_own_grpc_port(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    objects = rendered["cpu-guarded"]
+    policy = find_object(objects, "NetworkPolicy")
+    pod_labels = find_object(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert "from" not in rule  # from anywhere, to these ports only
+    open_ports = {port["port"] for port in rule["ports"]}
+    assert open_ports == {"grpc", "metrics", "http"}
+    # Each named port is a container port of the pod, and the server's own gRPC port is not among them.
+    pod = find_object(objects, "Deployment")["spec"]["template"]["spec"]
+    named = {port["name"]: port["containerPort"] for c in pod["containers"] for port in c["ports"]}
+    assert open_ports <= set(named)
+    assert _settings_of(objects).port not in {named[name] for name in open_ports}
+    # The Service's ports are the ones the policy opens.
+    assert {port["targetPort"] for port in find_object(objects, "Service")["spec"]["ports"]} == open_ports
 
 
 # ----- balancing, autoscaling, disruption, monitoring objects -------------------------------------------------------
@@ -467,9 +548,9 @@ def test_dashboard_configmap_carries_the_json(rendered: dict[str, list[dict[str,
 # ----- Dockerfiles ----------------------------------------------------------------------------------------------------
 
 
-def test_hadolint_accepts_both_dockerfiles() -> None:
+def test_hadolint_accepts_the_dockerfiles() -> None:
     hadolint = require_binary("hadolint")
-    result = tool.run_tool([hadolint, *map(str, DOCKERFILES)])
+    result = tool.run_tool([hadolint, *map(str, DOCKERFILES), str(PROXY_DOCKERFILE)])
     assert result.returncode == 0, result.stdout + result.stderr
 
 

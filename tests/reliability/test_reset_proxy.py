@@ -87,33 +87,13 @@ def test_streamed_answers_pass_through_the_proxy_unchanged(
     assert streamed(proxy, request_) == streamed(server.address, request_)
 
 
-def reset_then_ping(address: str, resets: int) -> str:
-    """Open and at once reset `resets` streams on a new connection, then PING: what ended the wait, 'ping acknowledged'
-    or 'goaway N' (N its error code; a connection closed without one raises). Reads time out after 10 s."""
-    headers = h2.grpc_headers(address, TRANSLATE)
-    frames = b"".join(
-        h2.frame(h2.HEADERS, h2.END_HEADERS, stream, headers)
-        + h2.frame(h2.RST_STREAM, 0, stream, h2.CANCEL.to_bytes(4, "big"))
-        for stream in range(1, 2 * resets, 2)
-    )
-    with h2.connect(address) as sock:
-        sock.sendall(frames + h2.frame(h2.PING, 0, 0, b"resets.."))
-        buffer = bytearray()
-        while True:
-            for kind, flags, _, payload in h2.read_frames(sock, buffer):
-                if kind == h2.GOAWAY:
-                    return f"goaway {int.from_bytes(payload[4:8], 'big')}"
-                if kind == h2.PING and flags & h2.ACK:
-                    return "ping acknowledged"
-
-
 def test_a_connection_that_resets_fewer_streams_than_the_burst_stays_open(proxy: str) -> None:
-    assert reset_then_ping(proxy, RESET_BURST // 2) == "ping acknowledged"
+    assert h2.reset_then_ping(proxy, TRANSLATE, RESET_BURST // 2) == "ping acknowledged"
 
 
 def test_the_proxy_closes_a_connection_that_resets_streams_in_a_loop(server: ServerThread, proxy: str) -> None:
     """Past the burst nghttp2 ends the connection with GOAWAY INTERNAL_ERROR (its reset limit), not SETTINGS_TIMEOUT
     or any other reason; the server goes on answering everyone else."""
-    assert reset_then_ping(proxy, 2 * RESET_BURST) == f"goaway {INTERNAL_ERROR}"
+    assert h2.reset_then_ping(proxy, TRANSLATE, 2 * RESET_BURST) == f"goaway {INTERNAL_ERROR}"
     request = pb.TranslateRequest(model="dates", texts=["3 mars 1999"])
     assert answer(proxy, request) == answer(server.address, request)
