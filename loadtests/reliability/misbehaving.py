@@ -5,6 +5,7 @@ memory: what each costs the clients that behave.
     python -m loadtests.reliability.misbehaving --seconds 10 -- --frontends 1
     python -m loadtests.reliability.misbehaving --proxy nghttpx      # the gRPC port behind nghttpx
     python -m loadtests.reliability.misbehaving --server noop        # a bare grpc.aio server: gRPC's own share
+    python -m loadtests.reliability.misbehaving --phases resets      # the baseline, the resets, the after phase
 
 Phases, each `--seconds` long (loopback only, every count bounded):
 - baseline: nobody else;
@@ -66,6 +67,8 @@ from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 TRANSLATE = "/attnserve.v1.Translator/Translate"
 PROBE_TEXT = "3 mars 1999"
 PROBE_GAP_S = 0.02
+MISBEHAVIOURS = ("idle", "silent", "trickle", "metadata", "resets")
+"""The phases' names for --phases, in the order they run."""
 
 
 @dataclass
@@ -405,6 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--silent-streams", type=int, default=100, help="calls on each (default 100)")
     parser.add_argument("--trickle", type=int, default=50, help="trickled gRPC calls, and HTTP requests (default 50)")
     parser.add_argument("--resets", type=int, default=5_000_000, help="most streams opened and reset (default 5000000)")
+    parser.add_argument(
+        "--phases",
+        type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+        default=list(MISBEHAVIOURS),
+        help=f"the misbehaviours to run, between the baseline and the after phase (default all: "
+        f"{','.join(MISBEHAVIOURS)})",
+    )
     parser.add_argument("--work", type=Path, default=Path("build/misbehaving"), help="server logs")
     parser.add_argument(
         "--proxy", choices=["none", "nghttpx"], default="none", help="what the gRPC clients connect through"
@@ -417,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("server_args", nargs="*", help="extra flags of the server (after --)")
     args = parser.parse_args(argv)
+    unknown = set(args.phases) - set(MISBEHAVIOURS)
+    if unknown:
+        parser.error(f"unknown phases {sorted(unknown)}: choose among {', '.join(MISBEHAVIOURS)}")
     args.work.mkdir(parents=True, exist_ok=True)
     if args.server == "noop":
         server = noop_server(args.work, extra=tuple(args.server_args))
@@ -443,25 +456,32 @@ def main(argv: list[str] | None = None) -> int:
             pids += (proxy_pid,)
             print(f"gRPC clients connect through nghttpx (pid {proxy_pid}) on {address}", flush=True)
         idle = IdleConnections(address, args.idle)
-        phases = [
-            run_phase("baseline", address, pids, lambda: time.sleep(seconds) or "nothing else"),  # type: ignore[func-returns-value]
-            run_phase("idle connections", address, pids, lambda: idle.hold(seconds), idle.open),
-            run_phase(
+        misbehaviours: dict[str, tuple[str, Callable[[], str], Callable[[], None] | None]] = {
+            "idle": ("idle connections", lambda: idle.hold(seconds), idle.open),
+            "silent": (
                 "never-reading streams",
-                address,
-                pids,
                 lambda: silent_streams(address, args.silent_connections, args.silent_streams, seconds),
+                None,
             ),
-            run_phase(
+            "trickle": (
                 "trickled requests",
-                address,
-                pids,
                 lambda: trickled_requests(address, server.http_address, args.trickle, seconds),
+                None,
             ),
-            run_phase("oversized metadata", address, pids, lambda: oversized_metadata(address, seconds)),
-            run_phase("streams opened and reset", address, pids, lambda: reset_streams(address, args.resets, seconds)),
-            run_phase("after", address, pids, lambda: time.sleep(seconds) or "nothing else"),  # type: ignore[func-returns-value]
-        ]
+            "metadata": ("oversized metadata", lambda: oversized_metadata(address, seconds), None),
+            "resets": ("streams opened and reset", lambda: reset_streams(address, args.resets, seconds), None),
+        }
+        assert list(misbehaviours) == list(MISBEHAVIOURS)
+
+        def quiet() -> str:
+            time.sleep(seconds)
+            return "nothing else"
+
+        phases = [run_phase("baseline", address, pids, quiet)]
+        for key in [key for key in misbehaviours if key in args.phases]:  # always in the order above
+            name, misbehave, prepare = misbehaviours[key]
+            phases.append(run_phase(name, address, pids, misbehave, prepare))
+        phases.append(run_phase("after", address, pids, quiet))
     baseline = phases[0].p99_ms
     print(
         "\n| phase | what the misbehaving clients did | well-behaved calls | p50 ms | p99 ms | p99 / baseline "
