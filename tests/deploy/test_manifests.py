@@ -610,7 +610,7 @@ def test_dockerignore_keeps_what_the_images_copy() -> None:
         for line in (REPOSITORY_ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    for needed in ("pyproject.toml", "README.md", "service", "deploy/docker", "models"):
+    for needed in ("pyproject.toml", "README.md", "service", "deploy/docker", "deploy/proxy", "models"):
         assert needed not in ignored
     for heavy in (".git", ".venv", "runs", "tests"):
         assert heavy in ignored
