@@ -347,7 +347,10 @@ def build_proxy_image(timings: dict[str, float]) -> None:
     """The reset guard's image, on its Dockerfile's Debian base or, where that cannot be pulled, on the stand-in
     (Debian bookworm too)."""
     real = qualified(dockerfile_default(PROXY_DOCKERFILE, "DEBIAN_IMAGE"))
-    base = real if pull(real) else make_standin(timings)
+    base = real
+    if not pull(real):
+        log(f"{real} cannot be pulled: the reset guard's image is built on the stand-in (Debian bookworm too)")
+        base = make_standin(timings)
     with timed(f"build {PROXY_IMAGE}", timings):
         build(PROXY_DOCKERFILE, PROXY_IMAGE, {"DEBIAN_IMAGE": base})
     log(f"{PROXY_IMAGE}: {image_size_mb(PROXY_IMAGE):.0f} MB")
@@ -563,9 +566,11 @@ def check_metrics(container: Container) -> None:
         expect(provider == 1.0, f"{url}: attnserve_model_info of {model}: {provider}")
 
 
-def check_drain(container: Container) -> int:
-    """SIGTERM with calls in flight (one request at a time, so they queue): each finishes with its result and
-    the container exits 0. Returns the container's exit status."""
+def stopped_with_calls_in_flight(container: Container, stop: Sequence[str], how: str) -> int:
+    """Calls queued through `container` (the server takes one request at a time, so they queue), then `podman
+    *stop` once the first has finished, so that every call has reached the server and the rest are in flight: each
+    must finish with its result and the container exit 0. `how` names the stop in messages. Returns how many calls
+    were in flight."""
     import grpc
 
     from deploy.reflection import ReflectionClient
@@ -581,19 +586,24 @@ def check_drain(container: Container) -> int:
         futures = [translate.future(request, timeout=300) for _ in range(DRAIN_CALLS)]
         deadline = time.monotonic() + SERVING_TIMEOUT_S
         while not any(future.done() for future in futures):  # then every call has reached the server
-            expect(time.monotonic() < deadline, "no drain-check call finished")
+            expect(time.monotonic() < deadline, f"no call finished before {how}")
             time.sleep(0.05)
         in_flight = sum(not future.done() for future in futures)
-        podman("kill", "--signal", "TERM", container.name)
+        podman(*stop)
         replies = [future.result() for future in futures]  # raises if a call failed
-    expect(in_flight > 0, "every call finished before SIGTERM; the drain was not exercised")
+    expect(in_flight > 0, f"every call finished before {how}; the drain was not exercised")
     for reply in replies:
         texts = [translation.hypotheses[0].text for translation in reply.translations]
-        expect(texts == [expected] * DRAIN_TEXTS, f"a drained call answered {texts[:2]}...")
+        expect(texts == [expected] * DRAIN_TEXTS, f"a call drained at {how} answered {texts[:2]}...")
     status = int(podman("wait", container.name).strip())
-    expect(status == 0, f"exit status {status} after SIGTERM:\n{container.logs()}")
+    expect(status == 0, f"exit status {status} after {how}:\n{container.logs()}")
+    return in_flight
+
+
+def check_drain(container: Container) -> None:
+    """SIGTERM with calls in flight: each finishes with its result and the container exits 0."""
+    in_flight = stopped_with_calls_in_flight(container, ("kill", "--signal", "TERM", container.name), "SIGTERM")
     log(f"  drain: {in_flight} of {DRAIN_CALLS} calls in flight at SIGTERM, all answered, exit status 0")
-    return status
 
 
 _NOT_QUIET = re.compile(r" (WARNING|ERROR|CRITICAL) |\[[WEF]:onnxruntime|Traceback|Warning:")
@@ -716,32 +726,8 @@ def check_proxy_in_front(proxy: Container) -> None:
 def check_proxy_stops_gracefully(proxy: Container) -> None:
     """`podman stop` (the image's stop signal, SIGQUIT) with calls in flight through the proxy: each finishes with
     its result, and the proxy exits 0."""
-    import grpc
-
-    from deploy.reflection import ReflectionClient
-
-    model, (text, expected) = next(iter(TRANSLATIONS.items()))
-    with grpc.insecure_channel(proxy.address) as channel:
-        client = ReflectionClient(channel)
-        translate, _ = client.method("attnserve.v1.Translator/Translate")
-        request = client.request(
-            "attnserve.v1.Translator/Translate",
-            {"model": model, "texts": [text] * DRAIN_TEXTS, "options": {"beam_size": 8, "num_hypotheses": 2}},
-        )
-        futures = [translate.future(request, timeout=300) for _ in range(DRAIN_CALLS)]
-        deadline = time.monotonic() + SERVING_TIMEOUT_S
-        while not any(future.done() for future in futures):  # then every call has reached the server
-            expect(time.monotonic() < deadline, "no call through the proxy finished")
-            time.sleep(0.05)
-        in_flight = sum(not future.done() for future in futures)
-        podman("stop", "--time", "120", proxy.name)  # returns once the container has stopped
-        replies = [future.result() for future in futures]  # raises if a call failed
-    expect(in_flight > 0, "every call finished before the proxy was stopped; its drain was not exercised")
-    for reply in replies:
-        texts = [translation.hypotheses[0].text for translation in reply.translations]
-        expect(texts == [expected] * DRAIN_TEXTS, f"a call drained through the proxy answered {texts[:2]}...")
-    status = int(podman("wait", proxy.name).strip())
-    expect(status == 0, f"the proxy's exit status {status} after its stop signal:\n{proxy.logs()}")
+    # `podman stop` returns once the container has stopped (SIGKILL after --time, which the status would show).
+    in_flight = stopped_with_calls_in_flight(proxy, ("stop", "--time", "120", proxy.name), "the proxy's stop")
     log(f"  proxy stop: {in_flight} of {DRAIN_CALLS} calls in flight, all answered, exit status 0")
 
 
