@@ -566,11 +566,13 @@ def check_metrics(container: Container) -> None:
         expect(provider == 1.0, f"{url}: attnserve_model_info of {model}: {provider}")
 
 
-def stopped_with_calls_in_flight(container: Container, stop: Sequence[str], how: str) -> int:
+def stopped_with_calls_in_flight(
+    container: Container, stop: Sequence[str], how: str, also_stopped: Sequence[Container] = ()
+) -> int:
     """Calls queued through `container` (the server takes one request at a time, so they queue), then `podman
     *stop` once the first has finished, so that every call has reached the server and the rest are in flight: each
-    must finish with its result and the container exit 0. `how` names the stop in messages. Returns how many calls
-    were in flight."""
+    must finish with its result, and `container` and `also_stopped` exit 0. `how` names the stop in messages.
+    Returns how many calls were in flight."""
     import grpc
 
     from deploy.reflection import ReflectionClient
@@ -595,8 +597,9 @@ def stopped_with_calls_in_flight(container: Container, stop: Sequence[str], how:
     for reply in replies:
         texts = [translation.hypotheses[0].text for translation in reply.translations]
         expect(texts == [expected] * DRAIN_TEXTS, f"a call drained at {how} answered {texts[:2]}...")
-    status = int(podman("wait", container.name).strip())
-    expect(status == 0, f"exit status {status} after {how}:\n{container.logs()}")
+    for stopped in (container, *also_stopped):
+        status = int(podman("wait", stopped.name).strip())
+        expect(status == 0, f"{stopped.image}: exit status {status} after {how}:\n{stopped.logs()}")
     return in_flight
 
 
@@ -655,10 +658,8 @@ def check_image(image: str, volume: Path | None, label: str, timings: dict[str, 
         podman("rm", "--force", container.name, check=False)
 
 
-PROXY_RESET_BURST = 1000
-"""The streams nghttp2 lets one connection reset before it limits the rate (then 33 a second)."""
-HTTP2_INTERNAL_ERROR = 0x2
-"""The error code of the GOAWAY with which nghttp2 ends a connection past its reset limit."""
+POD_STOP_S = 40
+"""What a pod of deploy/k8s has left to stop after its 5 s preStop: terminationGracePeriodSeconds 45."""
 
 
 def start_proxy(server: Container, label: str) -> Container:
@@ -669,7 +670,8 @@ def start_proxy(server: Container, label: str) -> Container:
 
     from loadtests.servers import free_port
 
-    proxy = Container(f"attnserve-image-check-{label}-{os.getpid()}", PROXY_IMAGE, free_port(), 0, 0)
+    name = f"attnserve-image-check-{label}-{os.getpid()}"
+    proxy = Container(name, PROXY_IMAGE, port=free_port(), metrics_port=0, http_port=0)
     podman(
         "run",
         "--detach",
@@ -706,29 +708,33 @@ def check_proxy_in_front(proxy: Container) -> None:
     from deploy.reflection import ReflectionClient
     from loadtests.reliability import raw_http2 as h2
 
-    translate = "/attnserve.v1.Translator/Translate"
+    translate = "attnserve.v1.Translator/Translate"
     with grpc.insecure_channel(proxy.address) as channel:
         client = ReflectionClient(channel)
         for model, (text, expected) in TRANSLATIONS.items():
-            reply = client.call("attnserve.v1.Translator/Translate", {"model": model, "texts": [text]})
+            reply = client.call(translate, {"model": model, "texts": [text]})
             got = reply["translations"][0]["hypotheses"][0]["text"]
             expect(got == expected, f"through the proxy, {model}: {text!r} -> {got!r}, expected {expected!r}")
-        within = h2.reset_then_ping(proxy.address, translate, PROXY_RESET_BURST // 2)
-        expect(within == "ping acknowledged", f"{PROXY_RESET_BURST // 2} resets: {within}")
-        past = h2.reset_then_ping(proxy.address, translate, 2 * PROXY_RESET_BURST)
-        expect(past == f"goaway {HTTP2_INTERNAL_ERROR}", f"{2 * PROXY_RESET_BURST} resets: {past}, not GOAWAY")
+        burst, path = h2.NGHTTP2_RESET_BURST, f"/{translate}"
+        within = h2.reset_then_ping(proxy.address, path, burst // 2)
+        expect(within == "ping acknowledged", f"{burst // 2} resets: {within}")
+        past = h2.reset_then_ping(proxy.address, path, 2 * burst)
+        expect(past == f"goaway {h2.INTERNAL_ERROR}", f"{2 * burst} resets: {past}, not GOAWAY INTERNAL_ERROR")
         model, (text, expected) = next(iter(TRANSLATIONS.items()))
-        reply = client.call("attnserve.v1.Translator/Translate", {"model": model, "texts": [text]})
+        reply = client.call(translate, {"model": model, "texts": [text]})
         expect(reply["translations"][0]["hypotheses"][0]["text"] == expected, "no answer after the resets")
-    log(f"  proxy: translations pass; {PROXY_RESET_BURST // 2} resets allowed, {2 * PROXY_RESET_BURST} end in GOAWAY")
+    log(f"  proxy: translations pass; {burst // 2} resets allowed, {2 * burst} end in GOAWAY")
 
 
-def check_proxy_stops_gracefully(proxy: Container) -> None:
-    """`podman stop` (the image's stop signal, SIGQUIT) with calls in flight through the proxy: each finishes with
-    its result, and the proxy exits 0."""
-    # `podman stop` returns once the container has stopped (SIGKILL after --time, which the status would show).
-    in_flight = stopped_with_calls_in_flight(proxy, ("stop", "--time", "120", proxy.name), "the proxy's stop")
-    log(f"  proxy stop: {in_flight} of {DRAIN_CALLS} calls in flight, all answered, exit status 0")
+def check_proxy_stops_gracefully(proxy: Container, server: Container) -> None:
+    """The pod's end as Kubernetes brings it: both containers told to stop at once (each image's stop signal:
+    SIGQUIT for the proxy, SIGTERM for the server) with calls in flight through the proxy, and killed after
+    POD_STOP_S (the grace period the pod has left after its preStop): each call finishes with its result, both
+    exit 0."""
+    # `podman stop` returns once the containers have stopped (SIGKILL after --time, which the statuses would show).
+    stop = ("stop", "--time", str(POD_STOP_S), proxy.name, server.name)
+    in_flight = stopped_with_calls_in_flight(proxy, stop, "the pod's stop", also_stopped=(server,))
+    log(f"  pod stop: {in_flight} of {DRAIN_CALLS} calls in flight through the proxy, all answered, both exit 0")
 
 
 def check_proxy(timings: dict[str, float]) -> None:
@@ -740,7 +746,7 @@ def check_proxy(timings: dict[str, float]) -> None:
             wait_serving(server)
             proxy = start_proxy(server, "proxy")
             check_proxy_in_front(proxy)
-            check_proxy_stops_gracefully(proxy)
+            check_proxy_stops_gracefully(proxy, server)
     except Exception:
         if proxy is not None:
             log(f"{PROXY_IMAGE}: the container's log:\n{proxy.logs()}")

@@ -471,14 +471,13 @@ def main(argv: list[str] | None = None) -> int:
             "metadata": ("oversized metadata", lambda: oversized_metadata(address, seconds), None),
             "resets": ("streams opened and reset", lambda: reset_streams(address, args.resets, seconds), None),
         }
-        assert list(misbehaviours) == list(MISBEHAVIOURS)
 
         def quiet() -> str:
             time.sleep(seconds)
             return "nothing else"
 
         phases = [run_phase("baseline", address, pids, quiet)]
-        for key in [key for key in misbehaviours if key in args.phases]:  # always in the order above
+        for key in [key for key in MISBEHAVIOURS if key in args.phases]:  # always in that order
             name, misbehave, prepare = misbehaviours[key]
             phases.append(run_phase(name, address, pids, misbehave, prepare))
         phases.append(run_phase("after", address, pids, quiet))

@@ -15,7 +15,10 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8
 END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
-CANCEL = 0x8
+CANCEL, INTERNAL_ERROR = 0x8, 0x2
+NGHTTP2_RESET_BURST = 1000
+"""The streams nghttp2 (nghttpx, the reset guard) lets one connection reset before it limits the rate to 33 a second
+and ends the connection past that with GOAWAY INTERNAL_ERROR."""
 SETTINGS_INITIAL_WINDOW_SIZE = 0x4
 
 

@@ -28,6 +28,7 @@ from service.errors import AttnServeError, InvalidRequest
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.grpc_api.errors import note_model, status_for
+from service.grpc_api.peers import turn_line
 from service.grpc_api.servicer import deadline_from_context
 from service.kserve import (
     BYTES,
@@ -218,7 +219,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             call.options,
             call.deadline(deadline_from_context(context), time.monotonic()),
             on_resolved=note_model,
-            client=context.peer,
+            client=turn_line(context),
         )
         return infer_response_to_grpc(call, outcome)
 
@@ -243,7 +244,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     except InvalidRequest as error:  # a message that does not parse: answered in-band, read on
                         outbox.put_nowait(_stream_error(None, error))
                         continue
-                    task = asyncio.create_task(self._answer_on_stream(request, stream_deadline, outbox, context.peer))
+                    task = asyncio.create_task(
+                        self._answer_on_stream(request, stream_deadline, outbox, turn_line(context))
+                    )
                     pending.add(task)
                     task.add_done_callback(pending.discard)
                 await asyncio.gather(*pending)  # _answer_on_stream reports its own failures in-band

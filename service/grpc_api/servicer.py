@@ -25,6 +25,7 @@ from service.errors import InvalidRequest
 from service.gen.attnserve.v1 import translator_pb2 as pb
 from service.gen.attnserve.v1 import translator_pb2_grpc as pb_grpc
 from service.grpc_api.errors import note_model
+from service.grpc_api.peers import turn_line
 from service.registry import ModelDescription
 
 # ----- converters -------------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             options_from_grpc(request.options),
             deadline_from_context(context),
             on_resolved=note_model,
-            client=context.peer,
+            client=turn_line(context),
         )
         return outcome_to_grpc(outcome)
 

@@ -216,7 +216,7 @@ def test_cpu_derived_choices_follow_the_cpu_request(
     assert settings.frontend_processes == frontends, f"{cores} cores requested"
 
 
-@pytest.mark.parametrize("name", OVERLAY_NAMES)
+@pytest.mark.parametrize("name", [*OVERLAY_NAMES, "cpu-guarded"])
 def test_probes_draining_and_security(rendered: dict[str, list[dict[str, Any]]], name: str) -> None:
     objects = rendered[name]
     settings = _settings_of(objects)
@@ -322,11 +322,31 @@ def test_the_reset_guard_runs_restricted_and_drains_with_the_server(
     assert instructions["USER"] == "10001:10001"
     # In --single-process mode nghttpx ignores SIGQUIT; its main process passes it on to the worker.
     assert "--single-process" not in instructions["ENTRYPOINT"]
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert guard[probe]["tcpSocket"]["port"] == "grpc", probe
+    # Ready only when a health check through it reaches the server; alive while it accepts, whatever the server does.
+    guard_port = {port["name"]: port["containerPort"] for port in guard["ports"]}["grpc"]
+    assert guard["readinessProbe"]["grpc"] == {"port": guard_port}
+    assert guard["livenessProbe"]["tcpSocket"]["port"] == "grpc"
+    assert [c["name"] for c in pod["containers"]] == ["attnserve", "reset-guard"]  # overlays patch the server first
     assert deployment["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == (
         "attnserve"
     )
+
+
+def test_the_guards_configuration_leaves_its_addresses_to_the_command_line() -> None:
+    """nghttpx adds the frontends and backends of its command line to those of its configuration file: one left in
+    the file would listen beside the sidecar's, or send calls to a second backend."""
+    conf = tool.DEPLOY / "proxy" / "nghttpx.conf"
+    options = dict(
+        line.split("=", 1) for line in conf.read_text().splitlines() if line.strip() and not line.startswith("#")
+    )
+    assert not {"frontend", "backend"} & set(options)
+    # The forwarded client address the server keys its turns on (service/grpc_api/peers.py), never the client's.
+    assert options["add-x-forwarded-for"] == options["strip-incoming-x-forwarded-for"] == "yes"
+    instructions = parse_dockerfile(PROXY_DOCKERFILE)[-1]["instructions"]
+    (copied,) = [arguments.split() for instruction, arguments in instructions if instruction == "COPY"]
+    assert copied == ["deploy/proxy/nghttpx.conf", "/etc/nghttpx/nghttpx.conf"]
+    entrypoint = json.loads(dict(instructions)["ENTRYPOINT"])
+    assert f"--conf={copied[1]}" in entrypoint
 
 
 def test_the_network_policy_keeps_clients_off_the_servers_own_grpc_port(
@@ -353,7 +373,7 @@ def test_the_network_policy_keeps_clients_off_the_servers_own_grpc_port(
 # ----- balancing, autoscaling, disruption, monitoring objects -------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", OVERLAY_NAMES)
+@pytest.mark.parametrize("name", [*OVERLAY_NAMES, "cpu-guarded"])
 def test_objects_select_the_server_pods(rendered: dict[str, list[dict[str, Any]]], name: str) -> None:
     objects = rendered[name]
     deployment = find_object(objects, "Deployment")
@@ -364,8 +384,10 @@ def test_objects_select_the_server_pods(rendered: dict[str, list[dict[str, Any]]
     service = find_object(objects, "Service")
     assert service["spec"]["clusterIP"] == "None"  # headless: DNS returns every ready pod for round_robin
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    container_ports = {port["name"] for port in _container(objects)["ports"]}
-    assert {port["targetPort"] for port in service["spec"]["ports"]} == container_ports
+    pod = deployment["spec"]["template"]["spec"]
+    container_ports = {port["name"] for container in pod["containers"] for port in container["ports"]}
+    # Every Service port names a container port of the pod (the reset guard's, for gRPC, where it stands in front).
+    assert {port["targetPort"] for port in service["spec"]["ports"]} <= container_ports
     assert "replicas" not in deployment["spec"]  # owned by the autoscaler
 
     budget = find_object(objects, "PodDisruptionBudget")

@@ -26,10 +26,7 @@ pytestmark = [
 ]
 
 TRANSLATE = "/attnserve.v1.Translator/Translate"
-RESET_BURST = 1000
-"""The streams nghttp2 lets one connection reset before it limits the rate (to 33 a second)."""
-INTERNAL_ERROR = 0x2
-"""The HTTP/2 error code of the GOAWAY with which nghttp2 ends a connection past its reset limit."""
+RESET_BURST = h2.NGHTTP2_RESET_BURST
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +91,6 @@ def test_a_connection_that_resets_fewer_streams_than_the_burst_stays_open(proxy:
 def test_the_proxy_closes_a_connection_that_resets_streams_in_a_loop(server: ServerThread, proxy: str) -> None:
     """Past the burst nghttp2 ends the connection with GOAWAY INTERNAL_ERROR (its reset limit), not SETTINGS_TIMEOUT
     or any other reason; the server goes on answering everyone else."""
-    assert h2.reset_then_ping(proxy, TRANSLATE, 2 * RESET_BURST) == f"goaway {INTERNAL_ERROR}"
+    assert h2.reset_then_ping(proxy, TRANSLATE, 2 * RESET_BURST) == f"goaway {h2.INTERNAL_ERROR}"
     request = pb.TranslateRequest(model="dates", texts=["3 mars 1999"])
     assert answer(proxy, request) == answer(server.address, request)
