@@ -665,9 +665,7 @@ POD_STOP_S = 40
 def start_proxy(server: Container, label: str) -> Container:
     """The reset guard's image in front of `server`'s gRPC port, restricted as the sidecar runs (read-only root,
     every capability dropped, no new privileges, the image's non-root user), on a free loopback port; returned
-    once it accepts connections."""
-    import socket
-
+    once the server's health answers SERVING through it."""
     from loadtests.servers import free_port
 
     name = f"attnserve-image-check-{label}-{os.getpid()}"
@@ -689,15 +687,8 @@ def start_proxy(server: Container, label: str) -> Container:
         f"--frontend=127.0.0.1,{proxy.port};no-tls",
         f"--backend={server.address.replace(':', ',')};;proto=h2",
     )
-    deadline = time.monotonic() + 30
-    while True:
-        expect(bool(proxy.state().get("Running")), f"{PROXY_IMAGE} stopped:\n{proxy.logs()}")
-        try:
-            with socket.create_connection(("127.0.0.1", proxy.port), timeout=1):
-                return proxy
-        except OSError:
-            expect(time.monotonic() < deadline, f"{PROXY_IMAGE} did not listen within 30 s:\n{proxy.logs()}")
-            time.sleep(0.1)
+    wait_serving(proxy)
+    return proxy
 
 
 def check_proxy_in_front(proxy: Container) -> None:
